@@ -1,0 +1,4 @@
+//! CPU compute kernels: the reference implementation every device kernel is checked against, and
+//! the CPU engine's hot path. Shapes are given in comments; all tensors are row-major f32 slices.
+
+pub mod quant;

@@ -1,0 +1,216 @@
+//! What a client asks for, validated once: `GenerateRequest { prompt, SamplingParams, StopCriteria }`,
+//! and what the engine streams back (`TokenEvent`). Nothing downstream re-checks these values.
+//! This module must never import device, backend or Triton code.
+
+use std::fmt;
+
+/// Engine-wide unique id of one generation request (one sequence; beam search is not supported).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct SeqId(pub u64);
+
+impl fmt::Display for SeqId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "seq{}", self.0)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RequestError {
+    /// A field is out of its allowed range. `bound` says what is allowed, e.g. "must be >= 0".
+    #[error("invalid value for '{field}': {value} ({bound})")]
+    InvalidValue { field: &'static str, value: String, bound: String },
+    #[error("prompt is empty: at least one token is required")]
+    EmptyPrompt,
+    #[error("prompt has {num_prompt_tokens} tokens, which exceeds the model's context of {max_model_len} tokens")]
+    PromptTooLong { num_prompt_tokens: usize, max_model_len: usize },
+    #[error("token id {token_id} in '{field}' is out of range: vocabulary size is {vocab_size}")]
+    TokenOutOfRange { field: &'static str, token_id: i64, vocab_size: usize },
+    #[error("the model has no tokenizer, so '{field}' cannot be used; send token ids instead")]
+    NoTokenizer { field: &'static str },
+    #[error("tokenizer error: {0}")]
+    Tokenizer(String),
+}
+
+impl RequestError {
+    pub fn invalid(field: &'static str, value: impl fmt::Display, bound: impl Into<String>) -> Self {
+        RequestError::InvalidValue { field, value: value.to_string(), bound: bound.into() }
+    }
+}
+
+/// Sampling parameters of one request. Defaults mean greedy decoding with no penalties.
+/// `temperature == 0` means greedy (argmax) regardless of the other filters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    pub temperature: f32,
+    /// 0 disables top-k.
+    pub top_k: usize,
+    /// 1.0 disables top-p.
+    pub top_p: f32,
+    /// 0.0 disables min-p.
+    pub min_p: f32,
+    /// 1.0 disables; > 1 discourages tokens seen in prompt or output (CTRL-style, as HF/vLLM).
+    pub repetition_penalty: f32,
+    /// Subtracted once from the logit of every token present in the output so far (OpenAI-style).
+    pub presence_penalty: f32,
+    /// Subtracted `count` times from the logit of every token present in the output so far.
+    pub frequency_penalty: f32,
+    /// Per-request RNG seed: same seed and inputs give the same output. None: drawn by the engine.
+    pub seed: Option<u64>,
+    /// Number of top log-probabilities to return per generated token (None: no logprobs).
+    pub logprobs: Option<usize>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: None,
+            logprobs: None,
+        }
+    }
+}
+
+/// Largest top-N logprobs a request may ask for.
+pub const MAX_LOGPROBS: usize = 20;
+
+impl SamplingParams {
+    /// Checks every bound; the error names the field, its value and the allowed range.
+    pub fn validate(&self) -> Result<(), RequestError> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(RequestError::invalid("temperature", self.temperature, "must be a finite number >= 0"));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(RequestError::invalid("top_p", self.top_p, "must be in (0, 1]"));
+        }
+        if !(self.min_p >= 0.0 && self.min_p <= 1.0) {
+            return Err(RequestError::invalid("min_p", self.min_p, "must be in [0, 1]"));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return Err(RequestError::invalid("repetition_penalty", self.repetition_penalty, "must be a finite number > 0"));
+        }
+        if !(self.presence_penalty.is_finite() && (-2.0..=2.0).contains(&self.presence_penalty)) {
+            return Err(RequestError::invalid("presence_penalty", self.presence_penalty, "must be in [-2, 2]"));
+        }
+        if !(self.frequency_penalty.is_finite() && (-2.0..=2.0).contains(&self.frequency_penalty)) {
+            return Err(RequestError::invalid("frequency_penalty", self.frequency_penalty, "must be in [-2, 2]"));
+        }
+        if let Some(n) = self.logprobs {
+            if n > MAX_LOGPROBS {
+                return Err(RequestError::invalid("logprobs", n, format!("must be <= {MAX_LOGPROBS}")));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+}
+
+/// When generation stops. The first condition met wins.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct StopCriteria {
+    /// Maximum number of generated tokens (>= 1).
+    pub max_tokens: usize,
+    /// No EOS/stop token or stop string ends generation before this many tokens were generated.
+    pub min_tokens: usize,
+    /// Token ids that end generation (in addition to the model's EOS ids unless `ignore_eos`).
+    pub stop_token_ids: Vec<u32>,
+    /// Strings that end generation; the matched string is not part of the returned text.
+    pub stop_strings: Vec<String>,
+    /// Do not stop at the model's EOS token(s).
+    pub ignore_eos: bool,
+}
+
+impl StopCriteria {
+    pub fn validate(&self) -> Result<(), RequestError> {
+        if self.max_tokens == 0 {
+            return Err(RequestError::invalid("max_tokens", self.max_tokens, "must be >= 1"));
+        }
+        if self.min_tokens > self.max_tokens {
+            return Err(RequestError::invalid(
+                "min_tokens",
+                self.min_tokens,
+                format!("must be <= max_tokens ({})", self.max_tokens),
+            ));
+        }
+        if let Some(s) = self.stop_strings.iter().find(|s| s.is_empty()) {
+            return Err(RequestError::invalid("stop", format!("{s:?}"), "stop strings must not be empty"));
+        }
+        Ok(())
+    }
+}
+
+/// The prompt of a request: already tokenized, or text for the engine's tokenizer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    TokenIds(Vec<u32>),
+    Text(String),
+}
+
+/// One validated generation request as the engine receives it.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: Prompt,
+    pub sampling: SamplingParams,
+    pub stop: StopCriteria,
+    /// Produce incremental text deltas (UTF-8 safe) with each token event.
+    pub detokenize: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// `max_tokens` reached (or the model's context is full).
+    Length,
+    /// An EOS/stop token or a stop string was produced.
+    Stop,
+    /// The request was aborted (cancelled by the client or the server is shutting down).
+    Abort,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Length => "length",
+            FinishReason::Stop => "stop",
+            FinishReason::Abort => "abort",
+        }
+    }
+}
+
+/// Log-probability information of one generated token.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TokenLogprobs {
+    /// Log-probability of the sampled token under the model's (unprocessed) distribution.
+    pub logprob: f32,
+    /// The `n` most likely tokens and their log-probabilities, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// What the engine emits for a request. A request's stream ends with exactly one event whose
+/// `finish` is set (or an `Error` event).
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenEvent {
+    /// Prompt accepted: the tokenized prompt (useful when the request carried text).
+    Started { prompt_ids: Vec<u32> },
+    /// One generated token. `text` is the UTF-8 safe delta it completes (may be empty while a
+    /// multi-byte character or a possible stop string is still pending).
+    Token {
+        token_id: u32,
+        text: String,
+        logprobs: Option<TokenLogprobs>,
+        /// Set on the last event of the request.
+        finish: Option<FinishReason>,
+    },
+    /// The request ended without a token (aborted before producing one, or the final text flush).
+    Finished { text: String, reason: FinishReason },
+    /// The request failed; no more events follow.
+    Error(String),
+}

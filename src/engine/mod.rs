@@ -1,1 +1,450 @@
-//! engine (in progress).
+//! The engine thread: the one owner of the scheduler, the KV cache (inside the executor) and every
+//! request's sampling and detokenization state. Other threads talk to it only through a cheap,
+//! cloneable `EngineHandle` (submit, abort) over a channel; each request's events come back on its
+//! own channel. Loop: intake → schedule → execute → sample → update → emit.
+//!
+//! Guarantees: every accepted request receives exactly one final event (`finish` set, `Finished`
+//! or `Error`), also on abort, executor failure and shutdown; a removed request's KV blocks are
+//! freed at once (`Scheduler::remove`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+
+use crate::executor::Executor;
+use crate::request::{FinishReason, GenerateRequest, Prompt, RequestError, SeqId, TokenEvent};
+use crate::sampling::Sampler;
+use crate::scheduler::{SchedulePlan, Scheduler, SchedulerConfig};
+use crate::tokenizer::{IncrementalDecoder, StopStringMatcher, Tokenizer};
+
+/// What the engine knows about its model that request validation needs.
+#[derive(Clone)]
+pub struct ModelInfo {
+    pub vocab_size: usize,
+    /// Prompt + generated tokens may not exceed this.
+    pub max_model_len: usize,
+    pub eos_token_ids: Vec<u32>,
+    pub tokenizer: Option<Arc<Tokenizer>>,
+}
+
+/// Counters, read with `EngineHandle::stats`.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct EngineStats {
+    pub num_steps: u64,
+    pub num_preemptions: u64,
+    pub num_prompt_tokens: u64,
+    pub num_generated_tokens: u64,
+    pub num_finished: u64,
+    pub num_aborted: u64,
+}
+
+enum Command {
+    Submit(Box<Submission>),
+    Abort(SeqId),
+    Stats(Sender<EngineStats>),
+    Shutdown,
+}
+
+struct Submission {
+    seq_id: SeqId,
+    prompt_ids: Vec<u32>,
+    request: GenerateRequest,
+    events: Sender<TokenEvent>,
+}
+
+/// A cheap, cloneable handle to the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    commands: Sender<Command>,
+    next_id: Arc<AtomicU64>,
+    info: Arc<ModelInfo>,
+}
+
+/// The events of one request. Dropping it before the final event aborts the request.
+pub struct RequestStream {
+    pub seq_id: SeqId,
+    pub prompt_ids: Vec<u32>,
+    events: Receiver<TokenEvent>,
+    commands: Sender<Command>,
+    finished: bool,
+}
+
+impl RequestStream {
+    /// Next event; None after the final one (or if the engine is gone).
+    pub fn recv(&mut self) -> Option<TokenEvent> {
+        if self.finished {
+            return None;
+        }
+        match self.events.recv() {
+            Ok(ev) => {
+                self.finished = is_final(&ev);
+                Some(ev)
+            }
+            Err(_) => {
+                self.finished = true;
+                None
+            }
+        }
+    }
+
+    /// The underlying channel, for `select!` with other channels. Callers using it directly
+    /// must call `mark_finished` after the final event, or the drop sends a harmless abort.
+    pub fn receiver(&self) -> &Receiver<TokenEvent> {
+        &self.events
+    }
+
+    pub fn mark_finished(&mut self) {
+        self.finished = true;
+    }
+}
+
+impl Iterator for RequestStream {
+    type Item = TokenEvent;
+    fn next(&mut self) -> Option<TokenEvent> {
+        self.recv()
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = self.commands.send(Command::Abort(self.seq_id));
+        }
+    }
+}
+
+pub fn is_final(ev: &TokenEvent) -> bool {
+    matches!(ev, TokenEvent::Token { finish: Some(_), .. } | TokenEvent::Finished { .. } | TokenEvent::Error(_))
+}
+
+impl EngineHandle {
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// Validates and tokenizes the request on the caller's thread, then queues it.
+    pub fn submit(&self, request: GenerateRequest) -> Result<RequestStream, RequestError> {
+        let info = &self.info;
+        let prompt_ids = match &request.prompt {
+            Prompt::TokenIds(ids) => ids.clone(),
+            Prompt::Text(text) => {
+                let tok = info.tokenizer.as_ref().ok_or(RequestError::NoTokenizer { field: "text_input" })?;
+                tok.encode(text, true).map_err(|e| RequestError::Tokenizer(e.to_string()))?
+            }
+        };
+        if prompt_ids.is_empty() {
+            return Err(RequestError::EmptyPrompt);
+        }
+        if let Some(&bad) = prompt_ids.iter().find(|&&id| id as usize >= info.vocab_size) {
+            return Err(RequestError::TokenOutOfRange { field: "input_ids", token_id: bad.into(), vocab_size: info.vocab_size });
+        }
+        // At least one token must fit after the prompt.
+        if prompt_ids.len() >= info.max_model_len {
+            return Err(RequestError::PromptTooLong { num_prompt_tokens: prompt_ids.len(), max_model_len: info.max_model_len });
+        }
+        request.sampling.validate()?;
+        request.stop.validate()?;
+        if request.detokenize && info.tokenizer.is_none() && !request.stop.stop_strings.is_empty() {
+            return Err(RequestError::NoTokenizer { field: "stop" });
+        }
+        let seq_id = SeqId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let sub = Submission { seq_id, prompt_ids: prompt_ids.clone(), request, events: tx };
+        self.commands
+            .send(Command::Submit(Box::new(sub)))
+            .map_err(|_| RequestError::invalid("engine", "stopped", "the engine is not running"))?;
+        Ok(RequestStream { seq_id, prompt_ids, events: rx, commands: self.commands.clone(), finished: false })
+    }
+
+    /// Aborts a request; its stream ends with `Finished { reason: Abort }` and its KV blocks are
+    /// freed in the engine's next intake (before the next step).
+    pub fn abort(&self, seq_id: SeqId) {
+        let _ = self.commands.send(Command::Abort(seq_id));
+    }
+
+    pub fn stats(&self) -> Option<EngineStats> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.commands.send(Command::Stats(tx)).ok()?;
+        rx.recv().ok()
+    }
+}
+
+/// Owns the engine thread; dropping it shuts the engine down (in-flight requests get a final
+/// `Abort` event) and joins the thread.
+pub struct Engine {
+    handle: EngineHandle,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Engine {
+    pub fn start(
+        executor: Box<dyn Executor>,
+        scheduler_config: SchedulerConfig,
+        info: ModelInfo,
+    ) -> crate::Result<Engine> {
+        let scheduler = Scheduler::new(scheduler_config)?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let info = Arc::new(info);
+        let worker = Worker { executor, scheduler, info: info.clone(), seqs: HashMap::new(), stats: EngineStats::default(), seed_base: seed_base() };
+        let thread = std::thread::Builder::new()
+            .name("ferrum-engine".into())
+            .spawn(move || worker.run(rx))
+            .map_err(|e| crate::Error::Engine(format!("cannot start the engine thread: {e}")))?;
+        Ok(Engine { handle: EngineHandle { commands: tx, next_id: Arc::new(AtomicU64::new(1)), info }, thread: Some(thread) })
+    }
+
+    pub fn handle(&self) -> EngineHandle {
+        self.handle.clone()
+    }
+
+    pub fn shutdown(&mut self) {
+        let _ = self.handle.commands.send(Command::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn seed_base() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0x5eed, |d| d.as_nanos() as u64)
+}
+
+/// Per-request state kept by the engine thread.
+struct SeqState {
+    sampler: Sampler,
+    detok: Option<IncrementalDecoder>,
+    stop_strings: Option<StopStringMatcher>,
+    events: Sender<TokenEvent>,
+    num_generated: usize,
+    max_tokens: usize,
+    min_tokens: usize,
+    /// Ids that end generation: stop_token_ids plus EOS unless ignore_eos.
+    stop_ids: Vec<u32>,
+}
+
+struct Worker {
+    executor: Box<dyn Executor>,
+    scheduler: Scheduler,
+    info: Arc<ModelInfo>,
+    seqs: HashMap<SeqId, SeqState>,
+    stats: EngineStats,
+    seed_base: u64,
+}
+
+impl Worker {
+    fn run(mut self, commands: Receiver<Command>) {
+        loop {
+            // Intake: block while idle, otherwise take whatever arrived since the last step.
+            if !self.scheduler.has_work() {
+                match commands.recv() {
+                    Ok(cmd) => {
+                        if !self.handle(cmd) {
+                            break;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            let mut shutdown = false;
+            loop {
+                match commands.try_recv() {
+                    Ok(cmd) => {
+                        if !self.handle(cmd) {
+                            shutdown = true;
+                            break;
+                        }
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        shutdown = true;
+                        break;
+                    }
+                }
+            }
+            if shutdown {
+                break;
+            }
+            if !self.scheduler.has_work() {
+                continue;
+            }
+            let plan = self.scheduler.schedule();
+            if plan.seqs.is_empty() {
+                // Nothing fits right now (cannot happen with validated requests, but never spin).
+                match commands.recv_timeout(Duration::from_millis(5)) {
+                    Ok(cmd) => {
+                        if !self.handle(cmd) {
+                            break;
+                        }
+                    }
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+                continue;
+            }
+            self.step(plan);
+        }
+        // Shutdown: every in-flight request gets its final event.
+        let ids: Vec<SeqId> = self.seqs.keys().copied().collect();
+        for id in ids {
+            self.finish_aborted(id);
+        }
+    }
+
+    /// Returns false on shutdown.
+    fn handle(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Submit(sub) => self.admit(*sub),
+            Command::Abort(id) => self.finish_aborted(id),
+            Command::Stats(tx) => {
+                let _ = tx.send(self.stats.clone());
+            }
+            Command::Shutdown => return false,
+        }
+        true
+    }
+
+    fn admit(&mut self, sub: Submission) {
+        let Submission { seq_id, prompt_ids, request, events } = sub;
+        let info = &self.info;
+        let max_tokens = request.stop.max_tokens.min(info.max_model_len - prompt_ids.len());
+        if let Err(e) = self.scheduler.add(seq_id, prompt_ids.clone(), max_tokens) {
+            let _ = events.send(TokenEvent::Error(e.to_string()));
+            return;
+        }
+        let seed = request.sampling.seed.unwrap_or(self.seed_base ^ seq_id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let sampler = Sampler::new(&request.sampling, seed, &prompt_ids, info.vocab_size);
+        let detok = match (&info.tokenizer, request.detokenize) {
+            (Some(t), true) => Some(IncrementalDecoder::new(t.clone(), &prompt_ids, true)),
+            _ => None,
+        };
+        let stop_strings = (detok.is_some() && !request.stop.stop_strings.is_empty())
+            .then(|| StopStringMatcher::new(request.stop.stop_strings.clone()));
+        let mut stop_ids = request.stop.stop_token_ids.clone();
+        if !request.stop.ignore_eos {
+            stop_ids.extend(&info.eos_token_ids);
+        }
+        self.stats.num_prompt_tokens += prompt_ids.len() as u64;
+        let _ = events.send(TokenEvent::Started { prompt_ids: prompt_ids.clone() });
+        self.seqs.insert(
+            seq_id,
+            SeqState {
+                sampler,
+                detok,
+                stop_strings,
+                events,
+                num_generated: 0,
+                max_tokens,
+                min_tokens: request.stop.min_tokens,
+                stop_ids,
+            },
+        );
+    }
+
+    fn finish_aborted(&mut self, id: SeqId) {
+        self.scheduler.remove(id);
+        if let Some(state) = self.seqs.remove(&id) {
+            self.stats.num_aborted += 1;
+            let _ = state.events.send(TokenEvent::Finished { text: String::new(), reason: FinishReason::Abort });
+        }
+    }
+
+    fn step(&mut self, plan: SchedulePlan) {
+        self.stats.num_steps += 1;
+        self.stats.num_preemptions += plan.preempted.len() as u64;
+        let mut logits = match self.executor.execute(&plan) {
+            Ok(l) => l,
+            Err(e) => {
+                // A failed step fails the requests in it; the engine keeps serving the rest.
+                for s in &plan.seqs {
+                    self.scheduler.remove(s.seq_id);
+                    if let Some(state) = self.seqs.remove(&s.seq_id) {
+                        let _ = state.events.send(TokenEvent::Error(format!("execution failed: {e}")));
+                    }
+                }
+                return;
+            }
+        };
+        let mut sampled = Vec::new();
+        let mut done = Vec::new();
+        let sampling = plan.seqs.iter().filter(|s| s.sample);
+        for (row_idx, s) in sampling.enumerate() {
+            let Some(state) = self.seqs.get_mut(&s.seq_id) else { continue };
+            let suppressed: &[u32] = if state.num_generated < state.min_tokens { &state.stop_ids } else { &[] };
+            let out = state.sampler.sample(logits.row_mut(row_idx), suppressed);
+            let token_id = out.token_id;
+            state.sampler.accept(token_id);
+            state.num_generated += 1;
+            self.stats.num_generated_tokens += 1;
+            sampled.push((s.seq_id, token_id));
+
+            let mut finish = None;
+            let mut stopped_by_string = false;
+            let mut text = String::new();
+            if state.stop_ids.contains(&token_id) {
+                finish = Some(FinishReason::Stop);
+            } else if let Some(detok) = &mut state.detok {
+                // A tokenizer error on one token degrades to no text for it; never kill the request.
+                let delta = detok.step(token_id).unwrap_or_default();
+                match &mut state.stop_strings {
+                    Some(m) => {
+                        let r = m.push(&delta);
+                        text = r.emit;
+                        if r.stopped {
+                            finish = Some(FinishReason::Stop);
+                            stopped_by_string = true;
+                        }
+                    }
+                    None => text = delta,
+                }
+            }
+            if finish.is_none() && state.num_generated >= state.max_tokens {
+                finish = Some(FinishReason::Length);
+            }
+            if finish.is_some() && !stopped_by_string {
+                // Flush what the detokenizer / stop matcher still held back.
+                if let Some(m) = &mut state.stop_strings {
+                    text.push_str(&m.flush());
+                }
+                if let Some(detok) = &mut state.detok {
+                    let rest = detok.flush();
+                    text.push_str(&rest);
+                }
+            }
+            let ev = TokenEvent::Token { token_id, text, logprobs: out.logprobs, finish };
+            let delivered = state.events.send(ev).is_ok();
+            if finish.is_some() {
+                done.push((s.seq_id, true));
+            } else if !delivered {
+                done.push((s.seq_id, false)); // the client is gone: abort
+            }
+        }
+        self.scheduler.update(&plan, &sampled);
+        for (id, completed) in done {
+            self.scheduler.remove(id);
+            self.seqs.remove(&id);
+            if completed {
+                self.stats.num_finished += 1;
+            } else {
+                self.stats.num_aborted += 1;
+            }
+        }
+    }
+}
+
+/// Time helper for benchmarks and logs.
+pub fn elapsed_ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+pub mod options;
+pub use options::{Device, EngineOptions, LoadedEngine};

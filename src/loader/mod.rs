@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use crate::ops::quant::BlockQ8;
 
 pub mod gguf;
+pub mod random;
 pub mod safetensors;
 
 /// How a tensor is split across tensor-parallel ranks at load time.

@@ -1,10 +1,192 @@
-//! Architectures as data: every checkpoint is normalized into a `DecoderSpec`, and one generic
-//! decoder runs all of them.
+//! Architectures as data: every checkpoint is normalized into a `DecoderSpec`
+//! (`arch::from_hf_config` / `arch::from_gguf`), its weights are loaded format-agnostically into
+//! `DecoderWeights` (`weights`), and one generic decoder (`decoder`) runs all of them.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::loader::gguf::GgufFile;
+use crate::loader::safetensors::{SafetensorsSource, read_json};
+use crate::loader::{LoadError, Shard, TensorSource};
+use crate::model::spec::{PosEmbedding, RopeScaling};
+use crate::tokenizer::Tokenizer;
+
+pub mod arch;
+pub mod decoder;
+pub mod presets;
+pub mod spec;
+pub mod weights;
+
+pub use arch::{ArchInfo, GlobalTensor, LayerTensor, TensorNames};
+pub use spec::DecoderSpec;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("unsupported architecture '{0}'")]
+    #[error("unsupported architecture: {0}")]
     UnsupportedArchitecture(String),
-    #[error("config: {0}")]
+    #[error("{0}")]
     Config(String),
+    #[error("{path}: no model found: expected a .gguf file or a folder with config.json")]
+    NotAModel { path: PathBuf },
+    #[error("tensor '{tensor}': {reason}")]
+    Tensor { tensor: String, reason: String },
+}
+
+/// Which format a checkpoint came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckpointFormat {
+    /// A Hugging Face folder: config.json + safetensors.
+    HuggingFace { dir: PathBuf },
+    Gguf { file: PathBuf },
+    /// Random weights at a preset's shapes (benchmarks).
+    Random { preset: String },
+}
+
+/// An opened checkpoint: spec, tensor source and tokenizer; weights not yet read.
+pub struct Checkpoint {
+    pub format: CheckpointFormat,
+    pub arch: ArchInfo,
+    pub source: Box<dyn TensorSource>,
+    pub tokenizer: Option<Arc<Tokenizer>>,
+    /// EOS ids from the checkpoint config (used when there is no tokenizer).
+    pub config_eos_ids: Vec<u32>,
+}
+
+impl Checkpoint {
+    /// Opens a `.gguf` file or a Hugging Face checkpoint folder. `tokenizer_override` points at
+    /// a folder with tokenizer.json to use instead of the checkpoint's own tokenizer.
+    pub fn open(path: &Path, tokenizer_override: Option<&Path>) -> crate::Result<Checkpoint> {
+        let mut ckpt = if path.is_file() {
+            if path.extension().and_then(|e| e.to_str()) != Some("gguf") {
+                return Err(ModelError::NotAModel { path: path.to_path_buf() }.into());
+            }
+            Self::open_gguf(path)?
+        } else if path.join("config.json").is_file() {
+            Self::open_hf(path)?
+        } else if path.is_dir() {
+            // A folder holding exactly one .gguf file (the Triton model repository layout).
+            let ggufs = list_ggufs(path)?;
+            match ggufs.as_slice() {
+                [one] => Self::open_gguf(one)?,
+                _ => return Err(ModelError::NotAModel { path: path.to_path_buf() }.into()),
+            }
+        } else {
+            return Err(LoadError::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+            }
+            .into());
+        };
+        if let Some(dir) = tokenizer_override {
+            ckpt.tokenizer = Some(Arc::new(Tokenizer::from_hf_dir(dir)?.ok_or_else(|| {
+                ModelError::Config(format!("tokenizer override {}: no tokenizer.json there", dir.display()))
+            })?));
+        }
+        Ok(ckpt)
+    }
+
+    fn open_hf(dir: &Path) -> crate::Result<Checkpoint> {
+        let config = read_json(&dir.join("config.json"))?;
+        let arch = arch::from_hf_config(&config)?;
+        let source = SafetensorsSource::open_dir(dir)?;
+        let tokenizer = Tokenizer::from_hf_dir(dir)?.map(Arc::new);
+        let config_eos_ids = match config.get("eos_token_id") {
+            Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+            _ => vec![],
+        };
+        let mut ckpt = Checkpoint {
+            format: CheckpointFormat::HuggingFace { dir: dir.to_path_buf() },
+            arch,
+            source: Box::new(source),
+            tokenizer,
+            config_eos_ids,
+        };
+        ckpt.fix_up_from_tensors()?;
+        Ok(ckpt)
+    }
+
+    fn open_gguf(file: &Path) -> crate::Result<Checkpoint> {
+        let gguf = GgufFile::open(file)?;
+        let arch = arch::from_gguf(gguf.metadata())?;
+        let tokenizer = Tokenizer::from_gguf_metadata(gguf.metadata())?.map(Arc::new);
+        let config_eos_ids = gguf
+            .metadata()
+            .get("tokenizer.ggml.eos_token_id")
+            .and_then(|v| v.as_u64())
+            .map(|v| vec![v as u32])
+            .unwrap_or_default();
+        let mut ckpt = Checkpoint {
+            format: CheckpointFormat::Gguf { file: file.to_path_buf() },
+            arch,
+            source: Box::new(gguf),
+            tokenizer,
+            config_eos_ids,
+        };
+        ckpt.fix_up_from_tensors()?;
+        Ok(ckpt)
+    }
+
+    /// Settles what the config leaves implicit from the tensors present: a missing LM head means
+    /// tied embeddings; GGUF bias tensors switch biases on; GGUF rope frequency factors.
+    fn fix_up_from_tensors(&mut self) -> Result<(), LoadError> {
+        let names = self.arch.names;
+        let rope_freqs = match names.global(GlobalTensor::RopeFreqs) {
+            Some(n) if self.source.contains(&n) => Some(self.source.get(&n, Shard::Replicated)?.data),
+            _ => None,
+        };
+        let has = |n: Option<String>| n.is_some_and(|n| self.source.contains(&n));
+        let spec = &mut self.arch.spec;
+        if !has(names.global(GlobalTensor::LmHead)) {
+            spec.tie_embeddings = true;
+        }
+        if names == TensorNames::Gguf {
+            spec.biases.qkv = has(names.layer(0, LayerTensor::QBias));
+            spec.biases.attn_out = has(names.layer(0, LayerTensor::AttnOutBias));
+            spec.biases.mlp = has(names.layer(0, LayerTensor::DownBias));
+            spec.biases.lm_head = has(names.global(GlobalTensor::LmHeadBias));
+        }
+        if let (Some(factors), PosEmbedding::Rope(rope)) = (rope_freqs, &mut spec.pos) {
+            if rope.scaling == RopeScaling::None {
+                rope.scaling = RopeScaling::FreqFactors { factors };
+            }
+        }
+        Ok(())
+    }
+
+    /// A checkpoint of random weights at the shapes of a named preset (see `presets::PRESETS`).
+    pub fn random(preset: &str, seed: u64) -> crate::Result<Checkpoint> {
+        let arch = presets::preset(preset).ok_or_else(|| {
+            ModelError::Config(format!("unknown preset '{preset}'; known: {}", presets::PRESETS.join(", ")))
+        })?;
+        let source = crate::loader::random::RandomSource::new(weights::expected_tensors(&arch), seed);
+        Ok(Checkpoint {
+            format: CheckpointFormat::Random { preset: preset.to_string() },
+            arch,
+            source: Box::new(source),
+            tokenizer: None,
+            config_eos_ids: vec![],
+        })
+    }
+
+    /// EOS token ids: the tokenizer's, else the config's.
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        match &self.tokenizer {
+            Some(t) if !t.eos_token_ids().is_empty() => t.eos_token_ids().to_vec(),
+            _ => self.config_eos_ids.clone(),
+        }
+    }
+}
+
+fn list_ggufs(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
+    let io = |source| LoadError::Io { path: dir.to_path_buf(), source };
+    let mut out = vec![];
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let p = entry.map_err(io)?.path();
+        if p.extension().and_then(|e| e.to_str()) == Some("gguf") {
+            out.push(p);
+        }
+    }
+    out.sort();
+    Ok(out)
 }

@@ -1,0 +1,343 @@
+//! The `ferrum` command line: generate, tokenize, inspect, bench. Its flags and the `--json`
+//! output of `generate` are a stable contract that scripts and tests rely on.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use triton_ferrum::engine::{Device, EngineOptions, is_final};
+use triton_ferrum::model::Checkpoint;
+use triton_ferrum::ops::linear::WeightFormat;
+use triton_ferrum::request::{GenerateRequest, Prompt, SamplingParams, StopCriteria, TokenEvent};
+use triton_ferrum::tokenizer::ChatMessage;
+
+mod bench;
+
+#[derive(Parser)]
+#[command(name = "ferrum", version, about = "ferrum LLM inference engine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a completion for one prompt.
+    Generate(GenerateArgs),
+    /// Print the token ids of a text as a JSON array.
+    Tokenize(TokenizeArgs),
+    /// Print the architecture, DecoderSpec, parameter count and memory needs of a model.
+    Inspect(InspectArgs),
+    /// Measure prefill/decode speed (tokens/s, ms/token) on real or random weights.
+    Bench(bench::BenchArgs),
+}
+
+/// Options shared by every command that runs the engine.
+#[derive(Args, Clone)]
+pub struct EngineArgs {
+    /// A .gguf file or a Hugging Face checkpoint folder.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// A folder with tokenizer.json to use instead of the model's tokenizer.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// auto | cpu | cuda | cuda:N
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    device: Device,
+    /// Weight format in memory: f32 | q8 (default: q8 for GGUF, f32 for Hugging Face folders).
+    #[arg(long, value_parser = parse_format)]
+    weight_format: Option<WeightFormat>,
+    /// Longest prompt + output in tokens (default: the model's, capped at 8192).
+    #[arg(long)]
+    max_model_len: Option<usize>,
+    #[arg(long, default_value_t = 64)]
+    max_num_seqs: usize,
+    #[arg(long, default_value_t = 2048)]
+    max_num_batched_tokens: usize,
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// KV cache capacity in tokens (default: 1 GiB worth on the CPU).
+    #[arg(long)]
+    max_tokens_in_paged_kv_cache: Option<usize>,
+}
+
+impl EngineArgs {
+    fn options(&self, model: PathBuf) -> EngineOptions {
+        EngineOptions {
+            tokenizer: self.tokenizer.clone(),
+            device: self.device,
+            weight_format: self.weight_format,
+            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            block_size: self.block_size,
+            max_tokens_in_paged_kv_cache: self.max_tokens_in_paged_kv_cache,
+            max_model_len: self.max_model_len,
+            progress: true,
+            ..EngineOptions::new(model)
+        }
+    }
+}
+
+fn parse_device(s: &str) -> Result<Device, String> {
+    s.parse()
+}
+
+fn parse_format(s: &str) -> Result<WeightFormat, String> {
+    match s {
+        "f32" => Ok(WeightFormat::F32),
+        "q8" => Ok(WeightFormat::Q8),
+        _ => Err(format!("invalid weight format '{s}': expected f32 or q8")),
+    }
+}
+
+fn parse_ids(s: &str) -> Result<Vec<u32>, String> {
+    s.split(',')
+        .map(|t| t.trim().parse::<u32>().map_err(|e| format!("invalid token id '{t}' in --prompt-ids: {e}")))
+        .collect()
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    engine: EngineArgs,
+    #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
+    prompt: Option<String>,
+    /// Comma-separated token ids (works without a tokenizer).
+    #[arg(long, value_parser = parse_ids)]
+    prompt_ids: Option<Vec<u32>>,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    min_tokens: usize,
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Return the top-K log-probabilities of every generated token.
+    #[arg(long)]
+    logprobs: Option<usize>,
+    /// Stop string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Format the prompt with the model's chat template as one user message.
+    #[arg(long)]
+    chat: bool,
+    /// Print exactly one JSON object instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    text: String,
+    /// Do not add special tokens (BOS).
+    #[arg(long)]
+    no_special: bool,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(a) => generate(a),
+        Command::Tokenize(a) => tokenize(a),
+        Command::Inspect(a) => inspect(a),
+        Command::Bench(a) => bench::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type CliResult = Result<(), Box<dyn std::error::Error>>;
+
+fn generate(a: GenerateArgs) -> CliResult {
+    let model = a.engine.model.clone().ok_or("--model is required")?;
+    let loaded = triton_ferrum::engine::options::start(&a.engine.options(model))?;
+    let handle = loaded.engine.handle();
+    let tokenizer = handle.info().tokenizer.clone();
+    let prompt = match (a.prompt_ids, a.prompt) {
+        (Some(ids), _) => Prompt::TokenIds(ids),
+        (None, Some(text)) if a.chat => {
+            let tok = tokenizer.as_ref().ok_or("--chat needs a model with a tokenizer")?;
+            let rendered = tok.apply_chat_template(&[ChatMessage { role: "user".into(), content: text }], true)?;
+            // The template already contains any BOS token: encode without adding specials.
+            Prompt::TokenIds(tok.encode(&rendered, false)?)
+        }
+        (None, Some(text)) => Prompt::Text(text),
+        (None, None) => return Err("one of --prompt or --prompt-ids is required".into()),
+    };
+    let request = GenerateRequest {
+        prompt,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            min_p: a.min_p,
+            repetition_penalty: a.repetition_penalty,
+            presence_penalty: a.presence_penalty,
+            frequency_penalty: a.frequency_penalty,
+            seed: a.seed,
+            logprobs: a.logprobs,
+        },
+        stop: StopCriteria {
+            max_tokens: a.max_tokens,
+            min_tokens: a.min_tokens,
+            stop_token_ids: vec![],
+            stop_strings: a.stop,
+            ignore_eos: a.ignore_eos,
+        },
+        detokenize: tokenizer.is_some(),
+    };
+    let mut stream = handle.submit(request)?;
+    let prompt_ids = stream.prompt_ids.clone();
+    let mut output_ids = vec![];
+    let mut text = String::new();
+    let mut logprobs = vec![];
+    let mut finish_reason = None;
+    let stdout = std::io::stdout();
+    while let Some(ev) = stream.recv() {
+        let last = is_final(&ev);
+        match ev {
+            TokenEvent::Started { .. } => {}
+            TokenEvent::Token { token_id, text: delta, logprobs: lp, finish } => {
+                output_ids.push(token_id);
+                if let Some(lp) = lp {
+                    logprobs.push(lp.top.iter().map(|&(id, p)| json!([id, p])).collect::<Vec<_>>());
+                }
+                if !a.json {
+                    let mut out = stdout.lock();
+                    let _ = out.write_all(delta.as_bytes());
+                    let _ = out.flush();
+                }
+                text.push_str(&delta);
+                finish_reason = finish;
+            }
+            TokenEvent::Finished { text: delta, reason } => {
+                text.push_str(&delta);
+                finish_reason = Some(reason);
+            }
+            TokenEvent::Error(e) => return Err(e.into()),
+        }
+        if last {
+            break;
+        }
+    }
+    let finish_reason = finish_reason.ok_or("the engine stopped before the request finished")?;
+    if a.json {
+        let mut obj = json!({
+            "prompt_ids": prompt_ids,
+            "output_ids": output_ids,
+            "finish_reason": finish_reason.as_str(),
+        });
+        if tokenizer.is_some() {
+            obj["text"] = json!(text);
+        }
+        if a.logprobs.is_some() {
+            obj["logprobs"] = json!(logprobs);
+        }
+        println!("{obj}");
+    } else {
+        println!();
+    }
+    Ok(())
+}
+
+fn tokenize(a: TokenizeArgs) -> CliResult {
+    let ckpt = Checkpoint::open(&a.model, None)?;
+    let tok = ckpt.tokenizer.ok_or_else(|| format!("{}: the model has no tokenizer", a.model.display()))?;
+    let ids = tok.encode(&a.text, !a.no_special)?;
+    println!("{}", serde_json::to_string(&ids)?);
+    Ok(())
+}
+
+fn inspect(a: InspectArgs) -> CliResult {
+    let t0 = Instant::now();
+    let ckpt = Checkpoint::open(&a.model, None)?;
+    let spec = &ckpt.arch.spec;
+    let num_params = spec.num_params();
+    let tensors = ckpt.source.names().len();
+    let kv_per_token_f32 = spec.num_layers * 2 * spec.kv_dim() * 4;
+    let memory = json!({
+        "f32": num_params * 4,
+        "f16": num_params * 2,
+        "bf16": num_params * 2,
+        "q8": num_params * 5 / 4,
+    });
+    let tokenizer = ckpt.tokenizer.as_ref().map(|t| {
+        json!({
+            "vocab_size": t.vocab_size(),
+            "bos_token_id": t.bos_token_id(),
+            "eos_token_ids": t.eos_token_ids(),
+            "chat_template": t.chat_template().is_some(),
+        })
+    });
+    let default_format = triton_ferrum::engine::options::default_weight_format(&ckpt);
+    let obj = json!({
+        "model": a.model.display().to_string(),
+        "format": format!("{:?}", ckpt.format),
+        "architecture": spec.arch,
+        "spec": spec,
+        "num_params": num_params,
+        "num_tensors": tensors,
+        "weight_bytes": memory,
+        "default_weight_format": format!("{default_format:?}").to_lowercase(),
+        "kv_cache_bytes_per_token_f32": kv_per_token_f32,
+        "tokenizer": tokenizer,
+    });
+    if a.json {
+        println!("{obj}");
+        return Ok(());
+    }
+    println!("model:         {}", a.model.display());
+    println!("format:        {:?}", ckpt.format);
+    println!("architecture:  {}", spec.arch);
+    println!("parameters:    {num_params} ({:.1} M)", num_params as f64 / 1e6);
+    println!("tensors:       {tensors}");
+    println!(
+        "memory:        f32 {:.1} MiB, f16/bf16 {:.1} MiB, q8 {:.1} MiB (default here: {})",
+        (num_params * 4) as f64 / 1048576.0,
+        (num_params * 2) as f64 / 1048576.0,
+        (num_params * 5 / 4) as f64 / 1048576.0,
+        format!("{default_format:?}").to_lowercase()
+    );
+    println!("kv cache:      {kv_per_token_f32} bytes/token (f32)");
+    match &tokenizer {
+        Some(t) => println!("tokenizer:     {t}"),
+        None => println!("tokenizer:     none (use --prompt-ids)"),
+    }
+    println!("spec:\n{}", serde_json::to_string_pretty(spec)?);
+    eprintln!("({:.0} ms)", t0.elapsed().as_secs_f64() * 1e3);
+    Ok(())
+}

@@ -1,0 +1,273 @@
+//! `DecoderSpec`: every supported architecture, normalized into data.
+//!
+//! The generic decoder (`model::decoder`) reads only this spec; an architecture module
+//! (`model::arch::*`) only maps a checkpoint's config to a spec and names its tensors. New
+//! architectures are new combinations of these enums, never a new copy of the forward pass.
+//!
+//! One decoder layer, in spec terms:
+//! ```text
+//!   Sequential:            h = x + attn(norm1(x));        y = h + mlp(norm2(h))
+//!   Parallel{shared}:      n = norm1(x);                  y = x + attn(n) + mlp(n)
+//!   Parallel{not shared}:  y = x + attn(norm1(x)) + mlp(norm2(x))
+//! ```
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Norm {
+    /// x / rms(x) * w
+    Rms { eps: f32 },
+    /// (x - mean) / std * w (+ b)
+    Layer { eps: f32, bias: bool },
+}
+
+/// How rotary embedding pairs dimensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RopeStyle {
+    /// Pairs (i, i + rotary_dim/2): Hugging Face Llama/GPT-NeoX `rotate_half`.
+    NeoX,
+    /// Pairs (2i, 2i+1): GPT-J, and llama.cpp's GGUF Llama (whose converter permutes Q/K rows).
+    GptJ,
+}
+
+/// Frequency scaling for long contexts, applied to the inverse frequencies at load.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor` (equivalently, every inverse frequency).
+    Linear { factor: f32 },
+    /// Llama 3.1 wavelength-dependent scaling.
+    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position_embeddings: usize },
+    /// Per-dimension divisors stored in the checkpoint (GGUF `rope_freqs.weight`), one per pair.
+    FreqFactors { factors: Vec<f32> },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Rope {
+    pub theta: f32,
+    /// Number of leading head dimensions rotated (== head_dim for full rotary).
+    pub rotary_dim: usize,
+    pub style: RopeStyle,
+    pub scaling: RopeScaling,
+}
+
+impl Rope {
+    /// Inverse frequency of each rotated pair: `[rotary_dim / 2]`, with scaling applied.
+    pub fn inv_freqs(&self) -> Vec<f32> {
+        let num_pairs = self.rotary_dim / 2;
+        let base: Vec<f64> = (0..num_pairs)
+            .map(|i| 1.0 / (self.theta as f64).powf((2 * i) as f64 / self.rotary_dim as f64))
+            .collect();
+        let scaled: Vec<f64> = match &self.scaling {
+            RopeScaling::None => base,
+            RopeScaling::Linear { factor } => base.iter().map(|f| f / *factor as f64).collect(),
+            RopeScaling::FreqFactors { factors } => {
+                base.iter().zip(factors.iter().chain(std::iter::repeat(&1.0))).map(|(f, d)| f / *d as f64).collect()
+            }
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                let (factor, low, high) = (*factor as f64, *low_freq_factor as f64, *high_freq_factor as f64);
+                let old_len = *original_max_position_embeddings as f64;
+                let low_freq_wavelen = old_len / low;
+                let high_freq_wavelen = old_len / high;
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_freq_wavelen {
+                            f
+                        } else if wavelen > low_freq_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old_len / wavelen - low) / (high - low);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        };
+        scaled.into_iter().map(|f| f as f32).collect()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum PosEmbedding {
+    Rope(Rope),
+    /// Attention bias `slope_h * (key_pos - query_pos)`; slopes from `alibi_bias_max` (8 for BLOOM).
+    Alibi { max_bias: f32 },
+    /// A learned `[num_positions, hidden]` table added to the token embeddings (GPT-2).
+    Learned { num_positions: usize },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Residual {
+    Sequential,
+    Parallel { shared_norm: bool },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    Silu,
+    /// GELU, tanh approximation (GPT-2 `gelu_new`, `gelu_pytorch_tanh`).
+    GeluTanh,
+    /// GELU, exact (erf).
+    Gelu,
+    Relu,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mlp {
+    /// down(act(gate(x)) * up(x))
+    Gated,
+    /// down(act(up(x)))
+    Plain,
+}
+
+/// Which linear layers carry a bias.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Biases {
+    pub qkv: bool,
+    pub attn_out: bool,
+    pub mlp: bool,
+    pub lm_head: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DecoderSpec {
+    /// Architecture family name, e.g. "llama", "mistral", "qwen2".
+    pub arch: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub intermediate_size: usize,
+    pub max_position_embeddings: usize,
+    pub norm: Norm,
+    pub pos: PosEmbedding,
+    pub residual: Residual,
+    pub act: Activation,
+    pub mlp: Mlp,
+    pub biases: Biases,
+    pub tie_embeddings: bool,
+    /// A norm applied to the token embeddings before the first layer (BLOOM).
+    pub embedding_norm: bool,
+    /// Attention only sees the last `window` positions (Mistral).
+    pub sliding_window: Option<usize>,
+    /// Scores are `q·k * attn_scale` (normally 1/sqrt(head_dim)).
+    pub attn_scale: f32,
+    /// Clamp q, k and v to [-c, c] after projection (MPT `clip_qkv`).
+    pub clip_qkv: Option<f32>,
+}
+
+impl DecoderSpec {
+    pub fn q_dim(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+
+    /// Checks the numbers agree with each other; the message names the fields and values.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_layers", self.num_layers),
+            ("num_heads", self.num_heads),
+            ("num_kv_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+            ("intermediate_size", self.intermediate_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(format!("{name} must be > 0, got 0"));
+            }
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return Err(format!(
+                "num_heads ({}) must be a multiple of num_kv_heads ({})",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if let PosEmbedding::Rope(rope) = &self.pos {
+            if rope.rotary_dim == 0 || rope.rotary_dim > self.head_dim || rope.rotary_dim % 2 != 0 {
+                return Err(format!(
+                    "rotary_dim must be even and in [2, head_dim={}], got {}",
+                    self.head_dim, rope.rotary_dim
+                ));
+            }
+            if !(rope.theta.is_finite() && rope.theta > 0.0) {
+                return Err(format!("rope theta must be > 0, got {}", rope.theta));
+            }
+        }
+        if self.sliding_window == Some(0) {
+            return Err("sliding_window must be > 0, got 0".into());
+        }
+        Ok(())
+    }
+
+    /// Number of parameters (embeddings counted once when tied).
+    pub fn num_params(&self) -> u64 {
+        let h = self.hidden_size as u64;
+        let (q, kv, inter) = (self.q_dim() as u64, self.kv_dim() as u64, self.intermediate_size as u64);
+        let norm_params = match self.norm {
+            Norm::Rms { .. } | Norm::Layer { bias: false, .. } => h,
+            Norm::Layer { bias: true, .. } => 2 * h,
+        };
+        let num_layer_norms = match self.residual {
+            Residual::Parallel { shared_norm: true } => 1,
+            _ => 2,
+        };
+        let b = self.biases;
+        let attn = h * (q + 2 * kv) + q * h + if b.qkv { q + 2 * kv } else { 0 } + if b.attn_out { h } else { 0 };
+        let mlp = match self.mlp {
+            Mlp::Gated => 3 * h * inter + if b.mlp { 2 * inter + h } else { 0 },
+            Mlp::Plain => 2 * h * inter + if b.mlp { inter + h } else { 0 },
+        };
+        let per_layer = attn + mlp + num_layer_norms * norm_params;
+        let vocab = self.vocab_size as u64;
+        let embed = vocab * h;
+        let head = if self.tie_embeddings { 0 } else { vocab * h } + if b.lm_head { vocab } else { 0 };
+        let pos = match self.pos {
+            PosEmbedding::Learned { num_positions } => num_positions as u64 * h,
+            _ => 0,
+        };
+        let extra_norms = norm_params * (1 + u64::from(self.embedding_norm));
+        self.num_layers as u64 * per_layer + embed + head + pos + extra_norms
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
+        let rope = Rope {
+            theta: 500000.0,
+            rotary_dim: 128,
+            style: RopeStyle::NeoX,
+            scaling: RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192,
+            },
+        };
+        let plain = Rope { scaling: RopeScaling::None, ..rope.clone() };
+        let (scaled, base) = (rope.inv_freqs(), plain.inv_freqs());
+        assert_eq!(scaled[0], base[0], "highest frequency is unchanged");
+        let last = base.len() - 1;
+        assert!((scaled[last] - base[last] / 8.0).abs() < 1e-12, "lowest frequency is divided by factor");
+        assert!(scaled.iter().zip(&base).all(|(s, b)| s <= b && *s >= b / 8.0 - 1e-12));
+    }
+}

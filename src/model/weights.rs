@@ -1,0 +1,379 @@
+//! The weights of the generic decoder, loaded from any `TensorSource`.
+//!
+//! Layout choices made at load (so the forward pass does fewer, larger matrix products):
+//! - q, k and v are concatenated into one `[q_dim + 2 * kv_dim, hidden]` matrix (`qkv`);
+//! - gated MLPs concatenate gate and up into one `[2 * intermediate, hidden]` matrix (`gate_up`).
+//! Each part is read with its own `Shard`, so tensor parallelism slices heads consistently.
+//! Every tensor's shape is checked against the spec before it is read.
+
+use crate::loader::{HostTensor, LoadError, Q8Tensor, Shard, TensorSource};
+use crate::model::arch::{ArchInfo, GlobalTensor, LayerTensor};
+use crate::model::spec::{DecoderSpec, Mlp, Norm, PosEmbedding, Residual};
+use crate::ops::linear::{Weight, WeightFormat};
+use crate::ops::quant::{BlockQ8, QK};
+
+pub struct NormWeights {
+    /// [hidden]
+    pub weight: Vec<f32>,
+    /// [hidden]
+    pub bias: Option<Vec<f32>>,
+}
+
+pub struct LayerWeights {
+    pub attn_norm: NormWeights,
+    /// None when the spec shares one norm between attention and MLP.
+    pub mlp_norm: Option<NormWeights>,
+    /// [q_dim + 2 * kv_dim, hidden]
+    pub qkv: Weight,
+    pub qkv_bias: Option<Vec<f32>>,
+    /// [hidden, q_dim]
+    pub attn_out: Weight,
+    pub attn_out_bias: Option<Vec<f32>>,
+    /// Gated: [2 * intermediate, hidden] (gate rows, then up rows). Plain: [intermediate, hidden].
+    pub gate_up: Weight,
+    pub gate_up_bias: Option<Vec<f32>>,
+    /// [hidden, intermediate]
+    pub down: Weight,
+    pub down_bias: Option<Vec<f32>>,
+}
+
+pub struct DecoderWeights {
+    /// [vocab, hidden]; also the LM head when embeddings are tied.
+    pub embedding: Weight,
+    /// [num_positions, hidden]
+    pub position_embedding: Option<Vec<f32>>,
+    pub embedding_norm: Option<NormWeights>,
+    pub final_norm: NormWeights,
+    /// [vocab, hidden]; None when tied to `embedding`.
+    pub lm_head: Option<Weight>,
+    pub lm_head_bias: Option<Vec<f32>>,
+    pub layers: Vec<LayerWeights>,
+}
+
+impl DecoderWeights {
+    pub fn lm_head(&self) -> &Weight {
+        self.lm_head.as_ref().unwrap_or(&self.embedding)
+    }
+
+    pub fn size_in_bytes(&self) -> usize {
+        let v = |o: &Option<Vec<f32>>| o.as_ref().map_or(0, |v| v.len() * 4);
+        let n = |o: &NormWeights| o.weight.len() * 4 + v(&o.bias);
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                n(&l.attn_norm)
+                    + l.mlp_norm.as_ref().map_or(0, n)
+                    + l.qkv.size_in_bytes()
+                    + v(&l.qkv_bias)
+                    + l.attn_out.size_in_bytes()
+                    + v(&l.attn_out_bias)
+                    + l.gate_up.size_in_bytes()
+                    + v(&l.gate_up_bias)
+                    + l.down.size_in_bytes()
+                    + v(&l.down_bias)
+            })
+            .sum();
+        self.embedding.size_in_bytes()
+            + v(&self.position_embedding)
+            + self.embedding_norm.as_ref().map_or(0, n)
+            + n(&self.final_norm)
+            + self.lm_head.as_ref().map_or(0, Weight::size_in_bytes)
+            + v(&self.lm_head_bias)
+            + layers
+    }
+
+    /// Reads every weight of `arch` from `src`. `on_layer(i)` is called after each layer (progress).
+    pub fn load(
+        src: &dyn TensorSource,
+        arch: &ArchInfo,
+        format: WeightFormat,
+        mut on_layer: impl FnMut(usize),
+    ) -> Result<DecoderWeights, LoadError> {
+        let spec = &arch.spec;
+        let l = Loader { src, arch, format };
+        let h = spec.hidden_size;
+        let embedding = l.matrix(&[l.global(GlobalTensor::TokenEmbedding)?], &[spec.vocab_size], h)?;
+        let position_embedding = match spec.pos {
+            PosEmbedding::Learned { num_positions } => {
+                Some(l.vector(&l.global(GlobalTensor::PositionEmbedding)?, num_positions * h)?)
+            }
+            _ => None,
+        };
+        let embedding_norm = if spec.embedding_norm {
+            Some(l.norm_global(GlobalTensor::EmbeddingNorm, GlobalTensor::EmbeddingNormBias)?)
+        } else {
+            None
+        };
+        let final_norm = l.norm_global(GlobalTensor::FinalNorm, GlobalTensor::FinalNormBias)?;
+        let lm_head = if spec.tie_embeddings {
+            None
+        } else {
+            Some(l.matrix(&[l.global(GlobalTensor::LmHead)?], &[spec.vocab_size], h)?)
+        };
+        let lm_head_bias = if spec.biases.lm_head {
+            Some(l.vector(&l.global(GlobalTensor::LmHeadBias)?, spec.vocab_size)?)
+        } else {
+            None
+        };
+        let mut layers = Vec::with_capacity(spec.num_layers);
+        for i in 0..spec.num_layers {
+            layers.push(l.layer(i)?);
+            on_layer(i);
+        }
+        Ok(DecoderWeights { embedding, position_embedding, embedding_norm, final_norm, lm_head, lm_head_bias, layers })
+    }
+}
+
+struct Loader<'a> {
+    src: &'a dyn TensorSource,
+    arch: &'a ArchInfo,
+    format: WeightFormat,
+}
+
+impl Loader<'_> {
+    fn spec(&self) -> &DecoderSpec {
+        &self.arch.spec
+    }
+
+    fn global(&self, t: GlobalTensor) -> Result<String, LoadError> {
+        self.arch.names.global(t).ok_or_else(|| self.bad(&format!("{t:?}"), "this architecture has no such tensor"))
+    }
+
+    fn layer_name(&self, i: usize, t: LayerTensor) -> Result<String, LoadError> {
+        self.arch.names.layer(i, t).ok_or_else(|| self.bad(&format!("layer {i} {t:?}"), "this architecture has no such tensor"))
+    }
+
+    fn bad(&self, tensor: &str, reason: &str) -> LoadError {
+        LoadError::BadTensor { path: self.src.describe().into(), tensor: tensor.to_string(), reason: reason.to_string() }
+    }
+
+    fn check_shape(&self, name: &str, expected: &[usize]) -> Result<(), LoadError> {
+        let info = self
+            .src
+            .info(name)
+            .ok_or_else(|| LoadError::MissingTensor { path: self.src.describe().into(), tensor: name.to_string() })?;
+        if info.shape != expected {
+            return Err(LoadError::ShapeMismatch {
+                path: self.src.describe().into(),
+                tensor: name.to_string(),
+                expected: expected.to_vec(),
+                actual: info.shape,
+            });
+        }
+        Ok(())
+    }
+
+    /// A 1-D tensor of `len` elements (also accepts a 2-D table flattened, for position embeddings).
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, LoadError> {
+        let info = self
+            .src
+            .info(name)
+            .ok_or_else(|| LoadError::MissingTensor { path: self.src.describe().into(), tensor: name.to_string() })?;
+        let numel: usize = info.shape.iter().product();
+        if numel != len {
+            return Err(LoadError::ShapeMismatch {
+                path: self.src.describe().into(),
+                tensor: name.to_string(),
+                expected: vec![len],
+                actual: info.shape,
+            });
+        }
+        Ok(self.src.get(name, Shard::Replicated)?.data)
+    }
+
+    fn norm_global(&self, w: GlobalTensor, b: GlobalTensor) -> Result<NormWeights, LoadError> {
+        let h = self.spec().hidden_size;
+        let weight = self.vector(&self.global(w)?, h)?;
+        let bias = match self.spec().norm {
+            Norm::Layer { bias: true, .. } => Some(self.vector(&self.global(b)?, h)?),
+            _ => None,
+        };
+        Ok(NormWeights { weight, bias })
+    }
+
+    fn norm_layer(&self, i: usize, w: LayerTensor, b: LayerTensor) -> Result<NormWeights, LoadError> {
+        let h = self.spec().hidden_size;
+        let weight = self.vector(&self.layer_name(i, w)?, h)?;
+        let bias = match self.spec().norm {
+            Norm::Layer { bias: true, .. } => Some(self.vector(&self.layer_name(i, b)?, h)?),
+            _ => None,
+        };
+        Ok(NormWeights { weight, bias })
+    }
+
+    /// Row-concatenation of 2-D tensors `names[j]: [rows[j], cols]` into one weight.
+    fn matrix(&self, names: &[String], rows: &[usize], cols: usize) -> Result<Weight, LoadError> {
+        for (name, &r) in names.iter().zip(rows) {
+            self.check_shape(name, &[r, cols])?;
+        }
+        let total_rows: usize = rows.iter().sum();
+        let use_q8 = self.format == WeightFormat::Q8 && cols % QK == 0;
+        if use_q8 {
+            let mut blocks: Vec<BlockQ8> = Vec::with_capacity(total_rows * cols / QK);
+            for name in names {
+                match self.src.get_q8(name, Shard::Replicated)? {
+                    Some(q) => blocks.extend_from_slice(&q.blocks),
+                    None => {
+                        let t = self.src.get(name, Shard::Replicated)?;
+                        let w = Weight::from_f32(t, WeightFormat::Q8).map_err(|e| self.bad(name, &e.to_string()))?;
+                        match w {
+                            Weight::Q8(q) => blocks.extend_from_slice(&q.blocks),
+                            Weight::F32 { .. } => return Err(self.bad(name, "could not be converted to q8")),
+                        }
+                    }
+                }
+            }
+            return Ok(Weight::from_q8(Q8Tensor { rows: total_rows, cols, blocks }));
+        }
+        let mut data = Vec::with_capacity(total_rows * cols);
+        for name in names {
+            data.extend_from_slice(&self.src.get(name, Shard::Replicated)?.data);
+        }
+        Weight::from_f32(HostTensor { shape: vec![total_rows, cols], data }, WeightFormat::F32)
+            .map_err(|e| self.bad(&names.join("+"), &e.to_string()))
+    }
+
+    fn opt_bias(&self, present: bool, parts: &[(usize, LayerTensor)], i: usize) -> Result<Option<Vec<f32>>, LoadError> {
+        if !present {
+            return Ok(None);
+        }
+        let mut out = vec![];
+        for &(len, t) in parts {
+            out.extend(self.vector(&self.layer_name(i, t)?, len)?);
+        }
+        Ok(Some(out))
+    }
+
+    fn layer(&self, i: usize) -> Result<LayerWeights, LoadError> {
+        use LayerTensor::*;
+        let spec = self.spec();
+        let (h, q, kv, inter) = (spec.hidden_size, spec.q_dim(), spec.kv_dim(), spec.intermediate_size);
+        let name = |t| self.layer_name(i, t);
+        let attn_norm = self.norm_layer(i, AttnNorm, AttnNormBias)?;
+        let mlp_norm = match spec.residual {
+            Residual::Parallel { shared_norm: true } => None,
+            _ => Some(self.norm_layer(i, MlpNorm, MlpNormBias)?),
+        };
+        let qkv = self.matrix(&[name(Q)?, name(K)?, name(V)?], &[q, kv, kv], h)?;
+        let qkv_bias = self.opt_bias(spec.biases.qkv, &[(q, QBias), (kv, KBias), (kv, VBias)], i)?;
+        let attn_out = self.matrix(&[name(AttnOut)?], &[h], q)?;
+        let attn_out_bias = self.opt_bias(spec.biases.attn_out, &[(h, AttnOutBias)], i)?;
+        let (gate_up, gate_up_bias) = match spec.mlp {
+            Mlp::Gated => (
+                self.matrix(&[name(Gate)?, name(Up)?], &[inter, inter], h)?,
+                self.opt_bias(spec.biases.mlp, &[(inter, GateBias), (inter, UpBias)], i)?,
+            ),
+            Mlp::Plain => {
+                (self.matrix(&[name(Up)?], &[inter], h)?, self.opt_bias(spec.biases.mlp, &[(inter, UpBias)], i)?)
+            }
+        };
+        let down = self.matrix(&[name(Down)?], &[h], inter)?;
+        let down_bias = self.opt_bias(spec.biases.mlp, &[(h, DownBias)], i)?;
+        Ok(LayerWeights { attn_norm, mlp_norm, qkv, qkv_bias, attn_out, attn_out_bias, gate_up, gate_up_bias, down, down_bias })
+    }
+}
+
+/// Every tensor (name, shape) that `DecoderWeights::load` reads for `arch`: used to build random
+/// checkpoints for benchmarks, and kept honest by a test that loads from exactly this list.
+pub fn expected_tensors(arch: &ArchInfo) -> Vec<(String, Vec<usize>)> {
+    use LayerTensor::*;
+    let spec = &arch.spec;
+    let names = arch.names;
+    let (h, q, kv, inter, vocab) = (spec.hidden_size, spec.q_dim(), spec.kv_dim(), spec.intermediate_size, spec.vocab_size);
+    let mut out = vec![];
+    let mut global = |t: GlobalTensor, shape: Vec<usize>| {
+        if let Some(n) = names.global(t) {
+            out.push((n, shape));
+        }
+    };
+    global(GlobalTensor::TokenEmbedding, vec![vocab, h]);
+    if let PosEmbedding::Learned { num_positions } = spec.pos {
+        global(GlobalTensor::PositionEmbedding, vec![num_positions, h]);
+    }
+    let norm_bias = matches!(spec.norm, Norm::Layer { bias: true, .. });
+    if spec.embedding_norm {
+        global(GlobalTensor::EmbeddingNorm, vec![h]);
+        if norm_bias {
+            global(GlobalTensor::EmbeddingNormBias, vec![h]);
+        }
+    }
+    global(GlobalTensor::FinalNorm, vec![h]);
+    if norm_bias {
+        global(GlobalTensor::FinalNormBias, vec![h]);
+    }
+    if !spec.tie_embeddings {
+        global(GlobalTensor::LmHead, vec![vocab, h]);
+    }
+    if spec.biases.lm_head {
+        global(GlobalTensor::LmHeadBias, vec![vocab]);
+    }
+    for i in 0..spec.num_layers {
+        let mut layer = |t: LayerTensor, shape: Vec<usize>| {
+            if let Some(n) = names.layer(i, t) {
+                out.push((n, shape));
+            }
+        };
+        layer(AttnNorm, vec![h]);
+        if norm_bias {
+            layer(AttnNormBias, vec![h]);
+        }
+        if !matches!(spec.residual, Residual::Parallel { shared_norm: true }) {
+            layer(MlpNorm, vec![h]);
+            if norm_bias {
+                layer(MlpNormBias, vec![h]);
+            }
+        }
+        layer(Q, vec![q, h]);
+        layer(K, vec![kv, h]);
+        layer(V, vec![kv, h]);
+        if spec.biases.qkv {
+            layer(QBias, vec![q]);
+            layer(KBias, vec![kv]);
+            layer(VBias, vec![kv]);
+        }
+        layer(AttnOut, vec![h, q]);
+        if spec.biases.attn_out {
+            layer(AttnOutBias, vec![h]);
+        }
+        if spec.mlp == Mlp::Gated {
+            layer(Gate, vec![inter, h]);
+            if spec.biases.mlp {
+                layer(GateBias, vec![inter]);
+            }
+        }
+        layer(Up, vec![inter, h]);
+        layer(Down, vec![h, inter]);
+        if spec.biases.mlp {
+            layer(UpBias, vec![inter]);
+            layer(DownBias, vec![h]);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loader::random::RandomSource;
+    use crate::model::presets;
+
+    #[test]
+    fn loader_reads_exactly_the_expected_tensors() {
+        for name in ["tiny-llama", "tiny-qwen2"] {
+            let arch = presets::preset(name).unwrap();
+            let expected = expected_tensors(&arch);
+            let src = RandomSource::new(expected.clone(), 1);
+            let w = DecoderWeights::load(&src, &arch, WeightFormat::F32, |_| {}).unwrap();
+            assert_eq!(w.layers.len(), arch.spec.num_layers);
+            // Removing any one tensor must make loading fail: the loader really reads each.
+            for skip in 0..expected.len() {
+                let mut fewer = expected.clone();
+                let (missing, _) = fewer.remove(skip);
+                let src = RandomSource::new(fewer, 1);
+                let err = DecoderWeights::load(&src, &arch, WeightFormat::F32, |_| {}).err();
+                assert!(err.is_some_and(|e| e.to_string().contains(&missing)), "{name}: loading without {missing} must fail");
+            }
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! Shared helpers for integration tests: fixture locations and the real-model path.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+
+use triton_ferrum::engine::{Engine, EngineHandle, EngineOptions, is_final, options};
+use triton_ferrum::ops::linear::WeightFormat;
+use triton_ferrum::request::{GenerateRequest, Prompt, SamplingParams, StopCriteria, TokenEvent, TokenLogprobs};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixtures() -> PathBuf {
+    repo().join("tests/fixtures")
+}
+
+/// The SmolLM2-135M-Instruct Q4_1 GGUF: `$FERRUM_SMOLLM2_GGUF`, else `models/` in the repo.
+/// Fails (never skips) when missing: run `ci/fetch_models.sh`.
+pub fn smollm2_gguf() -> PathBuf {
+    let p = std::env::var_os("FERRUM_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    assert!(p.is_file(), "{} not found: run ci/fetch_models.sh (or set FERRUM_SMOLLM2_GGUF)", p.display());
+    p
+}
+
+pub struct TestEngine {
+    pub engine: Engine,
+}
+
+impl TestEngine {
+    pub fn start(model: &Path, format: Option<WeightFormat>, tweak: impl FnOnce(&mut EngineOptions)) -> Self {
+        let mut opts = EngineOptions::new(model);
+        opts.weight_format = format;
+        tweak(&mut opts);
+        TestEngine { engine: options::start(&opts).unwrap().engine }
+    }
+
+    pub fn handle(&self) -> EngineHandle {
+        self.engine.handle()
+    }
+}
+
+/// Output of one request, collected from its event stream.
+#[derive(Debug, Clone, Default)]
+pub struct Collected {
+    pub prompt_ids: Vec<u32>,
+    pub output_ids: Vec<u32>,
+    pub text: String,
+    pub logprobs: Vec<TokenLogprobs>,
+    pub finish: Option<String>,
+    pub num_final_events: usize,
+}
+
+pub fn greedy(prompt: Vec<u32>, max_tokens: usize, logprobs: Option<usize>) -> GenerateRequest {
+    GenerateRequest {
+        prompt: Prompt::TokenIds(prompt),
+        sampling: SamplingParams { logprobs, ..SamplingParams::default() },
+        stop: StopCriteria { max_tokens, ignore_eos: true, ..StopCriteria::default() },
+        detokenize: false,
+    }
+}
+
+pub fn collect(handle: &EngineHandle, req: GenerateRequest) -> Collected {
+    let mut stream = handle.submit(req).unwrap();
+    let mut c = Collected { prompt_ids: stream.prompt_ids.clone(), ..Collected::default() };
+    while let Some(ev) = stream.recv() {
+        if is_final(&ev) {
+            c.num_final_events += 1;
+        }
+        match ev {
+            TokenEvent::Started { .. } => {}
+            TokenEvent::Token { token_id, text, logprobs, finish } => {
+                c.output_ids.push(token_id);
+                c.text.push_str(&text);
+                c.logprobs.extend(logprobs);
+                if let Some(f) = finish {
+                    c.finish = Some(f.as_str().to_string());
+                }
+            }
+            TokenEvent::Finished { text, reason } => {
+                c.text.push_str(&text);
+                c.finish = Some(reason.as_str().to_string());
+            }
+            TokenEvent::Error(e) => panic!("request failed: {e}"),
+        }
+    }
+    c
+}
+
+/// The comparison rule against a reference: greedy tokens identical; where float noise makes them
+/// diverge, each side's token must be in the other's top-5 at that step, and comparison stops.
+/// Logprobs of the matched prefix must agree within `tol`. Returns the number of matched tokens.
+pub fn compare_greedy(
+    what: &str,
+    ours: &[u32],
+    our_top: &[TokenLogprobs],
+    want: &[u32],
+    want_top: &[Vec<(u32, f32)>],
+    tol: f32,
+) -> usize {
+    assert_eq!(ours.len(), want.len(), "{what}: length {} vs reference {}", ours.len(), want.len());
+    for step in 0..want.len() {
+        let ref_top = &want_top[step];
+        let our = &our_top[step];
+        if ours[step] != want[step] {
+            let in_ref = ref_top.iter().any(|&(id, _)| id == ours[step]);
+            let in_ours = our.top.iter().any(|&(id, _)| id == want[step]);
+            assert!(
+                in_ref && in_ours,
+                "{what}: step {step}: token {} vs reference {} and not in each other's top-5 (ours {:?}, ref {:?})",
+                ours[step],
+                want[step],
+                our.top,
+                ref_top
+            );
+            return step;
+        }
+        // Compare logprobs of tokens present in both top lists.
+        for &(id, lp) in ref_top {
+            if let Some(&(_, our_lp)) = our.top.iter().find(|(i, _)| *i == id) {
+                assert!((lp - our_lp).abs() <= tol, "{what}: step {step}: logprob of {id}: {our_lp} vs reference {lp} (tol {tol})");
+            }
+        }
+    }
+    want.len()
+}

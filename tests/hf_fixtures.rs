@@ -1,0 +1,101 @@
+//! Tiny random Hugging Face checkpoints (scripts/make_fixtures.py) against transformers' greedy
+//! tokens, top-5 logprobs and last-position logits: Llama GQA + llama3 rope (f32), Llama MHA
+//! tied + linear rope + explicit head_dim (bf16), Mistral with sliding window (f16), Qwen2 with
+//! qkv bias (f32, sharded safetensors).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use triton_ferrum::model::Checkpoint;
+use triton_ferrum::model::decoder::{BatchInput, Decoder};
+use triton_ferrum::ops::attention::{AttnSeq, KvLayerCache};
+use triton_ferrum::ops::linear::WeightFormat;
+
+/// Logprob tolerance: both sides compute in f32 from identical weights; differences come from
+/// summation order only.
+const LOGPROB_TOL: f32 = 2e-3;
+const LOGIT_TOL: f32 = 2e-3;
+
+fn golden(name: &str) -> Value {
+    let p = fixtures().join(format!("golden/{name}.json"));
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn top5(v: &Value) -> Vec<Vec<(u32, f32)>> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|step| step.as_array().unwrap().iter().map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap() as f32)).collect())
+        .collect()
+}
+
+fn check_model(name: &str) {
+    let g = golden(name);
+    let dir = fixtures().join("models").join(name);
+    let engine = TestEngine::start(&dir, Some(WeightFormat::F32), |_| {});
+    let handle = engine.handle();
+    for (i, case) in g["cases"].as_array().unwrap().iter().enumerate() {
+        let prompt = ids(&case["prompt_ids"]);
+        let want = ids(&case["greedy_ids"]);
+        let got = collect(&handle, greedy(prompt, want.len(), Some(5)));
+        assert_eq!(got.num_final_events, 1);
+        compare_greedy(&format!("{name} case {i}"), &got.output_ids, &got.logprobs, &want, &top5(&case["top5"]), LOGPROB_TOL);
+    }
+}
+
+/// Full last-position logits of each prompt, through the decoder directly.
+fn check_last_logits(name: &str) {
+    let g = golden(name);
+    let ckpt = Checkpoint::open(&fixtures().join("models").join(name), None).unwrap();
+    let weights = triton_ferrum::engine::options::load_weights(&ckpt, WeightFormat::F32, false).unwrap();
+    let spec = ckpt.arch.spec.clone();
+    let decoder = Decoder::new(spec.clone(), weights);
+    let block_size = 4;
+    for (i, case) in g["cases"].as_array().unwrap().iter().enumerate() {
+        let prompt = ids(&case["prompt_ids"]);
+        let n = prompt.len();
+        let num_blocks = n.div_ceil(block_size);
+        // Blocks in reverse order, to exercise the block table.
+        let table: Vec<u32> = (0..num_blocks as u32).rev().collect();
+        let mut kv: Vec<KvLayerCache> = (0..spec.num_layers).map(|_| KvLayerCache::new(num_blocks, block_size, spec.kv_dim())).collect();
+        let positions: Vec<usize> = (0..n).collect();
+        let slots: Vec<usize> = positions.iter().map(|&p| table[p / block_size] as usize * block_size + p % block_size).collect();
+        let seqs = [AttnSeq { q_start: 0, q_len: n, context_len: n, block_table: &table }];
+        let input = BatchInput { token_ids: &prompt, positions: &positions, slots: &slots, seqs: &seqs, logits_rows: &[n - 1] };
+        let logits = decoder.forward(&mut kv, block_size, &input);
+        let want: Vec<f32> = case["last_logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        assert_eq!(logits.len(), want.len());
+        let max_diff = logits.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(max_diff <= LOGIT_TOL, "{name} case {i}: max |logit diff| {max_diff} > {LOGIT_TOL}");
+    }
+}
+
+#[test]
+fn llama_gqa_llama3_rope() {
+    check_model("llama_gqa_llama3");
+    check_last_logits("llama_gqa_llama3");
+}
+
+#[test]
+fn llama_mha_tied_linear_rope_bf16() {
+    check_model("llama_mha_tied");
+    check_last_logits("llama_mha_tied");
+}
+
+#[test]
+fn mistral_sliding_window_f16() {
+    check_model("mistral_sw");
+    check_last_logits("mistral_sw");
+}
+
+#[test]
+fn qwen2_qkv_bias_sharded() {
+    check_model("qwen2");
+    check_last_logits("qwen2");
+}

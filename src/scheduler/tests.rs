@@ -162,7 +162,10 @@ fn preemption_picks_the_newest_and_the_victim_recomputes_its_generated_tokens() 
     assert_eq!(plan.seqs.len(), 3);
     assert_eq!(s.kv().num_free_blocks(), 1);
 
-    // seq1 takes the last free block; seq2 needs one, so the newest (seq3) is preempted.
+    // seq4 arrives; it must queue behind seq3 once seq3 is preempted.
+    s.add(SeqId(4), prompt(4, 4), 1).unwrap();
+    // seq1 takes the last free block; seq2 needs one, so the newest (seq3) is preempted, and
+    // nothing is admitted in a step that preempted.
     let plan = step(&mut s, 71);
     assert_eq!(plan.preempted, vec![SeqId(3)]);
     assert_eq!(summary(&plan), vec![(1, 4, 1, true), (2, 4, 1, true)]);
@@ -173,7 +176,7 @@ fn preemption_picks_the_newest_and_the_victim_recomputes_its_generated_tokens() 
         "generated tokens are kept"
     );
     assert_eq!(s.kv().block_table(SeqId(3)), &[] as &[BlockId]);
-    assert_eq!((s.num_running(), s.num_waiting()), (2, 1));
+    assert_eq!((s.num_running(), s.num_waiting()), (2, 2));
 
     // No blocks for seq3's 5 tokens (2 blocks) while seq1 and seq2 hold all 4.
     let plan = step(&mut s, 72);
@@ -184,14 +187,16 @@ fn preemption_picks_the_newest_and_the_victim_recomputes_its_generated_tokens() 
     assert!(s.reached_cap(SeqId(1)) && s.reached_cap(SeqId(2)));
     assert_eq!(
         (s.num_running(), s.num_waiting(), s.num_capped()),
-        (0, 1, 2)
+        (0, 2, 2)
     );
     assert_eq!(s.kv().num_free_blocks(), 4);
     assert!(s.remove(SeqId(1)) && s.remove(SeqId(2)));
 
-    // seq3 recomputes prompt + its generated token from position 0.
+    // seq3, at the front of the queue, recomputes prompt + its generated token from position 0;
+    // seq4 comes after it.
     let plan = step(&mut s, 73);
-    assert_eq!(summary(&plan), vec![(3, 0, 5, true)]);
+    assert_eq!(summary(&plan), vec![(3, 0, 5, true), (4, 0, 4, true)]);
+    assert!(s.reached_cap(SeqId(4)) && s.remove(SeqId(4)));
     let mut expected = prompt(3, 4);
     expected.push(70);
     assert_eq!(plan.seqs[0].token_ids, expected);
@@ -325,4 +330,20 @@ fn a_missing_sampled_token_is_sampled_again_next_step() {
     // Tokens for sequences that were not sampled are ignored; the first of duplicates counts.
     s.update(&plan, &[(SeqId(1), 40), (SeqId(1), 41), (SeqId(7), 1)]);
     assert_eq!(s.tokens(SeqId(1)).unwrap()[3..], [40]);
+}
+
+#[test]
+fn stale_plans_are_ignored() {
+    let mut s = Scheduler::new(cfg(4, 8, 4, 16)).unwrap();
+    s.add(SeqId(1), prompt(1, 12), 5).unwrap();
+    let plan1 = step(&mut s, 1); // chunk 0..8
+    let plan2 = step(&mut s, 2); // chunk 8..12, sampled
+    assert_eq!(summary(&plan2), vec![(1, 8, 4, true)]);
+    let tokens = s.tokens(SeqId(1)).unwrap().to_vec();
+    for stale in [&plan1, &plan2] {
+        s.update(stale, &[(SeqId(1), 9)]);
+        s.check_invariants().unwrap();
+        assert_eq!(s.num_computed_tokens(SeqId(1)), Some(12));
+        assert_eq!(s.tokens(SeqId(1)).unwrap(), tokens.as_slice());
+    }
 }

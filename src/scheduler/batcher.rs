@@ -1,0 +1,464 @@
+//! `Scheduler`: in-flight batching over the paged KV cache. Owns every sequence's token list
+//! and `num_computed_tokens`, the waiting queue, the running list and the `KvCacheManager`.
+//! It never samples, detokenizes or decides when a sequence stops (the engine does, keyed by
+//! `SeqId`), and never touches a device.
+
+use std::collections::{HashMap, VecDeque};
+
+use super::{ScheduleError, SchedulePlan, ScheduledSeq, SchedulerConfig};
+use crate::kv_cache::KvCacheManager;
+use crate::request::SeqId;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SeqStatus {
+    /// In the waiting queue; holds no KV blocks and `num_computed_tokens == 0`.
+    Waiting,
+    /// In the running list; holds the KV blocks of its computed (and scheduled) positions.
+    Running,
+    /// Reached its token cap: in neither list, holds no blocks (they are freed at once, since
+    /// nothing of it will be computed again); waits for the engine's `remove`.
+    Capped,
+}
+
+/// One request's scheduling state: `tokens` (prompt + generated) plus `num_computed_tokens`.
+/// Prefill, chunked prefill, decode and recompute are all "compute
+/// `tokens[num_computed_tokens..]`, then sample if that reached the end".
+#[derive(Debug, Clone)]
+struct Sequence {
+    tokens: Vec<u32>,
+    num_prompt_tokens: usize,
+    /// `min(num_prompt_tokens + max_tokens, max_model_len)`: `tokens.len()` never exceeds it.
+    max_num_tokens: usize,
+    /// Positions `0 .. num_computed_tokens` have their K/V in the cache. Always < `tokens.len()`.
+    num_computed_tokens: usize,
+    status: SeqStatus,
+}
+
+impl Sequence {
+    /// The sequence holds all the tokens it may hold; nothing left to compute or sample.
+    fn reached_cap(&self) -> bool {
+        self.tokens.len() >= self.max_num_tokens
+    }
+}
+
+/// In-flight batching scheduler (vLLM v1 style), see the module docs of `scheduler`.
+#[derive(Debug)]
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    kv: KvCacheManager,
+    seqs: HashMap<SeqId, Sequence>,
+    /// FIFO of sequences to admit; preempted sequences are pushed at the front.
+    waiting: VecDeque<SeqId>,
+    /// Admitted sequences, oldest admission first (the last one is the preemption victim).
+    running: Vec<SeqId>,
+    num_preemptions: u64,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig) -> Result<Self, ScheduleError> {
+        cfg.validate()?;
+        let kv = KvCacheManager::new(cfg.num_blocks, cfg.block_size)?;
+        Ok(Scheduler {
+            cfg,
+            kv,
+            seqs: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            num_preemptions: 0,
+        })
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    /// Queues a new request. Errors (never panics) when the id is already in use, the prompt is
+    /// empty, `max_tokens` is 0, or the prompt leaves no room for a generated token
+    /// (`prompt_len >= max_model_len`). The validated config makes that last check also cover
+    /// "needs more blocks than num_blocks" and, without chunked prefill, "longer than
+    /// max_num_batched_tokens", since both limits are >= max_model_len.
+    /// The sequence never grows beyond `min(prompt_len + max_tokens, max_model_len)` tokens.
+    pub fn add(
+        &mut self,
+        seq_id: SeqId,
+        prompt_ids: Vec<u32>,
+        max_tokens: usize,
+    ) -> Result<(), ScheduleError> {
+        if self.seqs.contains_key(&seq_id) {
+            return Err(ScheduleError::DuplicateSeqId { seq_id });
+        }
+        if prompt_ids.is_empty() {
+            return Err(ScheduleError::EmptyPrompt { seq_id });
+        }
+        if max_tokens == 0 {
+            return Err(ScheduleError::InvalidRequest {
+                seq_id,
+                field: "max_tokens",
+                value: 0,
+                bound: "must be >= 1".into(),
+            });
+        }
+        let num_prompt_tokens = prompt_ids.len();
+        if num_prompt_tokens >= self.cfg.max_model_len {
+            return Err(ScheduleError::InvalidRequest {
+                seq_id,
+                field: "prompt length",
+                value: num_prompt_tokens,
+                bound: format!(
+                    "must be < max_model_len ({}) to leave room for a generated token",
+                    self.cfg.max_model_len
+                ),
+            });
+        }
+        let max_num_tokens = num_prompt_tokens
+            .saturating_add(max_tokens)
+            .min(self.cfg.max_model_len);
+        self.seqs.insert(
+            seq_id,
+            Sequence {
+                tokens: prompt_ids,
+                num_prompt_tokens,
+                max_num_tokens,
+                num_computed_tokens: 0,
+                status: SeqStatus::Waiting,
+            },
+        );
+        self.waiting.push_back(seq_id);
+        Ok(())
+    }
+
+    /// Removes a sequence in any state and frees its KV blocks at once. Returns false if unknown.
+    /// Used for aborts and for normal completion (the engine decides when a sequence stops).
+    pub fn remove(&mut self, seq_id: SeqId) -> bool {
+        let Some(seq) = self.seqs.remove(&seq_id) else {
+            return false;
+        };
+        match seq.status {
+            SeqStatus::Waiting => self.waiting.retain(|&id| id != seq_id),
+            SeqStatus::Running => self.running.retain(|&id| id != seq_id),
+            SeqStatus::Capped => {}
+        }
+        self.kv.free(seq_id);
+        true
+    }
+
+    /// Plans one step.
+    ///
+    /// 1. Running sequences, oldest admission first, each get their uncomputed tokens (normally
+    ///    1), chunked to the remaining budget when chunked prefill is on. If KV blocks run out,
+    ///    the newest running sequence is preempted (blocks freed, `num_computed_tokens = 0`,
+    ///    generated tokens kept, pushed to the front of the waiting queue) until the allocation
+    ///    succeeds or the sequence itself was the newest and got preempted.
+    /// 2. Only if nobody was preempted: waiting sequences in FIFO order while the budget,
+    ///    `max_num_seqs` and free blocks allow. A prompt longer than the remaining budget is
+    ///    chunked (or, without chunked prefill, waits and blocks the queue behind it).
+    ///
+    /// Sequences that reached their token cap left the running list in `update` and are never
+    /// scheduled again.
+    pub fn schedule(&mut self) -> SchedulePlan {
+        let mut budget = self.cfg.max_num_batched_tokens;
+        let mut scheduled = Vec::new();
+        let mut preempted = Vec::new();
+
+        let mut run_idx = 0;
+        while run_idx < self.running.len() && budget > 0 {
+            let seq_id = self.running[run_idx];
+            let Some((start_pos, chunk_len)) = self.next_chunk(seq_id, budget) else {
+                run_idx += 1;
+                continue;
+            };
+            let mut allocated = false;
+            loop {
+                if self.kv.allocate_slots(seq_id, start_pos + chunk_len) {
+                    allocated = true;
+                    break;
+                }
+                // The victim is the newest running sequence; it is at index >= run_idx, so it
+                // has not been scheduled in this step.
+                let Some(victim_id) = self.running.pop() else {
+                    break;
+                };
+                self.preempt(victim_id);
+                preempted.push(victim_id);
+                if victim_id == seq_id {
+                    break;
+                }
+            }
+            if !allocated {
+                // `seq_id` itself was preempted, so it was the last running sequence.
+                break;
+            }
+            if let Some(s) = self.scheduled_seq(seq_id, start_pos, chunk_len) {
+                budget -= s.token_ids.len();
+                scheduled.push(s);
+            }
+            run_idx += 1;
+        }
+
+        if preempted.is_empty() {
+            while let Some(&seq_id) = self.waiting.front() {
+                if budget == 0 || self.running.len() >= self.cfg.max_num_seqs {
+                    break;
+                }
+                let Some((start_pos, chunk_len)) = self.next_chunk(seq_id, budget) else {
+                    break; // without chunked prefill the head waits for a step with more budget
+                };
+                if !self.kv.allocate_slots(seq_id, start_pos + chunk_len) {
+                    break;
+                }
+                self.waiting.pop_front();
+                self.running.push(seq_id);
+                if let Some(seq) = self.seqs.get_mut(&seq_id) {
+                    seq.status = SeqStatus::Running;
+                }
+                if let Some(s) = self.scheduled_seq(seq_id, start_pos, chunk_len) {
+                    budget -= s.token_ids.len();
+                    scheduled.push(s);
+                }
+            }
+        }
+
+        // Running sequences first, in admission order: decodes, and at most one sequence still
+        // prefilling, which is the newest (it took the whole remaining budget, so nothing was
+        // admitted after it). Then this step's admissions, all prefill chunks.
+        let seqs = scheduled;
+        let num_batched_tokens = seqs.iter().map(|s| s.token_ids.len()).sum();
+        SchedulePlan {
+            seqs,
+            preempted,
+            num_batched_tokens,
+        }
+    }
+
+    /// Applies one step's results: advances each planned sequence's `num_computed_tokens` by its
+    /// chunk and appends its sampled token when the chunk reached the end of its tokens.
+    /// Entries for sequences removed (or re-added) since `schedule()` are ignored, as are
+    /// tokens for sequences that were not to be sampled. If a sampled token is missing, the last
+    /// position is left uncomputed so the next step computes and samples it again.
+    pub fn update(&mut self, plan: &SchedulePlan, sampled: &[(SeqId, u32)]) {
+        let mut sampled_by_seq: HashMap<SeqId, u32> = HashMap::with_capacity(sampled.len());
+        for &(seq_id, token_id) in sampled {
+            sampled_by_seq.entry(seq_id).or_insert(token_id);
+        }
+        let mut newly_capped = Vec::new();
+        for s in &plan.seqs {
+            let Some(seq) = self.seqs.get_mut(&s.seq_id) else {
+                continue;
+            };
+            let is_current = seq.status == SeqStatus::Running
+                && seq.num_computed_tokens == s.start_pos
+                && s.end_pos() <= seq.tokens.len();
+            if !is_current {
+                continue;
+            }
+            seq.num_computed_tokens = s.end_pos();
+            if seq.num_computed_tokens == seq.tokens.len() {
+                match sampled_by_seq.get(&s.seq_id) {
+                    Some(&token_id) if !seq.reached_cap() => seq.tokens.push(token_id),
+                    _ => seq.num_computed_tokens -= 1,
+                }
+                if seq.reached_cap() {
+                    seq.status = SeqStatus::Capped;
+                    newly_capped.push(s.seq_id);
+                }
+            }
+        }
+        if !newly_capped.is_empty() {
+            self.running.retain(|id| !newly_capped.contains(id));
+            for seq_id in newly_capped {
+                self.kv.free(seq_id);
+            }
+        }
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Running sequences (those holding KV blocks and a seat of `max_num_seqs`).
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Sequences at their token cap that the engine has not removed yet.
+    pub fn num_capped(&self) -> usize {
+        self.seqs.len() - self.waiting.len() - self.running.len()
+    }
+
+    /// True while some sequence is waiting or running (sequences at their token cap only wait
+    /// for the engine's `remove`).
+    pub fn has_work(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    pub fn kv(&self) -> &KvCacheManager {
+        &self.kv
+    }
+
+    /// Total preemptions since creation (for metrics).
+    pub fn num_preemptions(&self) -> u64 {
+        self.num_preemptions
+    }
+
+    /// Prompt + generated tokens of a sequence, or None if unknown.
+    pub fn tokens(&self, seq_id: SeqId) -> Option<&[u32]> {
+        self.seqs.get(&seq_id).map(|s| s.tokens.as_slice())
+    }
+
+    /// Tokens whose K/V are in the cache, or None if unknown.
+    pub fn num_computed_tokens(&self, seq_id: SeqId) -> Option<usize> {
+        self.seqs.get(&seq_id).map(|s| s.num_computed_tokens)
+    }
+
+    /// The sequence holds `min(prompt_len + max_tokens, max_model_len)` tokens, so it will never
+    /// be scheduled again and its KV blocks are already free; the engine should finish it
+    /// (reason "length") and `remove` it.
+    pub fn reached_cap(&self, seq_id: SeqId) -> bool {
+        self.seqs.get(&seq_id).is_some_and(Sequence::reached_cap)
+    }
+
+    /// Checks every invariant: each sequence is in at most one of waiting/running, with the
+    /// matching status, and in neither exactly when it reached its cap (then it holds no
+    /// blocks); `running.len() <= max_num_seqs`; `num_prompt_tokens <= tokens.len() <= cap <=
+    /// max_model_len`; `num_computed_tokens < tokens.len()`; waiting sequences hold no blocks
+    /// and have nothing computed; running ones hold between `ceil(num_computed / block_size)`
+    /// and `ceil(tokens.len() / block_size)` blocks; only running sequences hold blocks; and
+    /// the KV manager's own checks (ref counts match block-table membership, no block owned
+    /// twice, free + used == total).
+    pub fn check_invariants(&self) -> Result<(), String> {
+        self.kv.check_invariants()?;
+        if self.running.len() > self.cfg.max_num_seqs {
+            return Err(format!(
+                "{} running > max_num_seqs {}",
+                self.running.len(),
+                self.cfg.max_num_seqs
+            ));
+        }
+        let mut seen: HashMap<SeqId, SeqStatus> = HashMap::with_capacity(self.seqs.len());
+        let queued = self.waiting.iter().map(|&id| (id, SeqStatus::Waiting));
+        for (seq_id, status) in
+            queued.chain(self.running.iter().map(|&id| (id, SeqStatus::Running)))
+        {
+            if seen.insert(seq_id, status).is_some() {
+                return Err(format!("{seq_id} is queued twice"));
+            }
+            if !self.seqs.contains_key(&seq_id) {
+                return Err(format!("{seq_id} is queued but unknown"));
+            }
+        }
+        for (&seq_id, seq) in &self.seqs {
+            let listed = seen.get(&seq_id).copied().unwrap_or(SeqStatus::Capped);
+            if seq.status != listed {
+                return Err(format!(
+                    "{seq_id} has status {:?} but is listed as {listed:?}",
+                    seq.status
+                ));
+            }
+            if (seq.status == SeqStatus::Capped) != seq.reached_cap() {
+                return Err(format!(
+                    "{seq_id} has status {:?} with {} of at most {} tokens",
+                    seq.status,
+                    seq.tokens.len(),
+                    seq.max_num_tokens
+                ));
+            }
+            self.check_sequence(seq_id, seq)?;
+        }
+        for (seq_id, _) in self.kv.tables() {
+            if seen.get(&seq_id) != Some(&SeqStatus::Running) {
+                return Err(format!("{seq_id} holds KV blocks but is not running"));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_sequence(&self, seq_id: SeqId, seq: &Sequence) -> Result<(), String> {
+        let num_tokens = seq.tokens.len();
+        if !(seq.num_prompt_tokens <= num_tokens
+            && num_tokens <= seq.max_num_tokens
+            && seq.max_num_tokens <= self.cfg.max_model_len)
+        {
+            return Err(format!(
+                "{seq_id}: prompt {} <= tokens {num_tokens} <= cap {} <= max_model_len {} violated",
+                seq.num_prompt_tokens, seq.max_num_tokens, self.cfg.max_model_len
+            ));
+        }
+        if seq.num_computed_tokens >= num_tokens {
+            return Err(format!(
+                "{seq_id}: {} computed of {num_tokens} tokens",
+                seq.num_computed_tokens
+            ));
+        }
+        let num_held = self.kv.block_table(seq_id).len();
+        match seq.status {
+            SeqStatus::Capped if num_held != 0 => {
+                Err(format!("{seq_id} is capped but holds {num_held} blocks"))
+            }
+            SeqStatus::Waiting if seq.num_computed_tokens != 0 || num_held != 0 => Err(format!(
+                "{seq_id} is waiting with {} computed tokens and {num_held} blocks",
+                seq.num_computed_tokens
+            )),
+            SeqStatus::Running => {
+                let min_blocks = self.kv.num_blocks_for(seq.num_computed_tokens);
+                let max_blocks = self.kv.num_blocks_for(num_tokens);
+                if (min_blocks..=max_blocks).contains(&num_held) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{seq_id}: holds {num_held} blocks, expected {min_blocks}..={max_blocks} for \
+                         {} computed of {num_tokens} tokens",
+                        seq.num_computed_tokens
+                    ))
+                }
+            }
+            SeqStatus::Waiting | SeqStatus::Capped => Ok(()),
+        }
+    }
+
+    /// The chunk `seq_id` would compute next under `budget`: (start_pos, chunk_len), or None if
+    /// it is unknown, at its cap, or (without chunked prefill) does not fit the budget.
+    fn next_chunk(&self, seq_id: SeqId, budget: usize) -> Option<(usize, usize)> {
+        let seq = self.seqs.get(&seq_id)?;
+        if seq.reached_cap() {
+            return None;
+        }
+        let num_remaining = seq.tokens.len() - seq.num_computed_tokens;
+        let chunk_len = if num_remaining <= budget {
+            num_remaining
+        } else if self.cfg.enable_chunked_prefill {
+            budget
+        } else {
+            return None;
+        };
+        (chunk_len > 0).then_some((seq.num_computed_tokens, chunk_len))
+    }
+
+    fn scheduled_seq(
+        &self,
+        seq_id: SeqId,
+        start_pos: usize,
+        chunk_len: usize,
+    ) -> Option<ScheduledSeq> {
+        let seq = self.seqs.get(&seq_id)?;
+        let end_pos = start_pos + chunk_len;
+        Some(ScheduledSeq {
+            seq_id,
+            token_ids: seq.tokens.get(start_pos..end_pos)?.to_vec(),
+            start_pos,
+            block_table: self.kv.block_table(seq_id).to_vec(),
+            sample: end_pos == seq.tokens.len(),
+        })
+    }
+
+    /// Preemption by recompute: free all blocks, forget computed positions, keep the tokens, and
+    /// put the sequence at the front of the waiting queue. The caller removed it from `running`.
+    fn preempt(&mut self, seq_id: SeqId) {
+        self.kv.free(seq_id);
+        if let Some(seq) = self.seqs.get_mut(&seq_id) {
+            seq.num_computed_tokens = 0;
+            seq.status = SeqStatus::Waiting;
+        }
+        self.waiting.push_front(seq_id);
+        self.num_preemptions += 1;
+    }
+}

@@ -1,0 +1,195 @@
+//! `SchedulerConfig`: the limits of in-flight batching, validated once by `validate()`.
+
+use super::ScheduleError;
+
+/// Limits the scheduler enforces on every step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// Most sequences running (holding KV blocks) at once, hence most sequences per step.
+    pub max_num_seqs: usize,
+    /// Token budget of one step: the sum of all scheduled chunks' lengths.
+    pub max_num_batched_tokens: usize,
+    /// Token positions per KV-cache block.
+    pub block_size: usize,
+    /// Physical KV-cache blocks (the engine sizes this from device memory).
+    pub num_blocks: usize,
+    /// Most tokens (prompt + generated) one sequence may ever hold.
+    pub max_model_len: usize,
+    /// Split prompts longer than the step's remaining budget across steps. When off, a prompt is
+    /// prefilled in one step or waits.
+    pub enable_chunked_prefill: bool,
+}
+
+/// Default number of full-length sequences the default KV cache holds.
+const DEFAULT_NUM_FULL_SEQS: usize = 8;
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        let block_size: usize = 16;
+        let max_model_len: usize = 4096;
+        SchedulerConfig {
+            max_num_seqs: 256,
+            max_num_batched_tokens: 2048,
+            block_size,
+            // Room for DEFAULT_NUM_FULL_SEQS sequences of max_model_len tokens (2048 blocks);
+            // the engine replaces this with what device memory allows.
+            num_blocks: DEFAULT_NUM_FULL_SEQS * max_model_len.div_ceil(block_size),
+            max_model_len,
+            enable_chunked_prefill: true,
+        }
+    }
+}
+
+impl SchedulerConfig {
+    /// Checks every bound; the error names the field, its value and the bound. Beyond plain
+    /// ranges it guarantees progress: one sequence of `max_model_len` tokens fits the cache (so
+    /// the oldest running sequence can always grow once the others are preempted), every running
+    /// sequence can get a token each step (`max_num_batched_tokens >= max_num_seqs`), and without
+    /// chunked prefill any sequence (including a recompute after preemption) fits one step.
+    pub fn validate(&self) -> Result<(), ScheduleError> {
+        let invalid = |field: &'static str, value: usize, bound: String| {
+            Err(ScheduleError::InvalidConfig {
+                field,
+                value,
+                bound,
+            })
+        };
+        if self.max_num_seqs == 0 {
+            return invalid("max_num_seqs", self.max_num_seqs, "must be >= 1".into());
+        }
+        if self.max_num_batched_tokens < self.max_num_seqs {
+            return invalid(
+                "max_num_batched_tokens",
+                self.max_num_batched_tokens,
+                format!("must be >= max_num_seqs ({})", self.max_num_seqs),
+            );
+        }
+        if self.block_size == 0 {
+            return invalid("block_size", self.block_size, "must be >= 1".into());
+        }
+        if self.max_model_len < 2 {
+            return invalid(
+                "max_model_len",
+                self.max_model_len,
+                "must be >= 2 (one prompt token and one generated token)".into(),
+            );
+        }
+        let max_blocks = u32::MAX as usize;
+        if self.num_blocks > max_blocks {
+            return invalid(
+                "num_blocks",
+                self.num_blocks,
+                format!("must be <= {max_blocks}"),
+            );
+        }
+        let num_blocks_per_seq = self.max_model_len.div_ceil(self.block_size);
+        if self.num_blocks < num_blocks_per_seq {
+            return invalid(
+                "num_blocks",
+                self.num_blocks,
+                format!(
+                    "must be >= {num_blocks_per_seq} so one sequence of max_model_len ({}) tokens \
+                     fits in blocks of {} tokens",
+                    self.max_model_len, self.block_size
+                ),
+            );
+        }
+        if !self.enable_chunked_prefill && self.max_num_batched_tokens < self.max_model_len {
+            return invalid(
+                "max_num_batched_tokens",
+                self.max_num_batched_tokens,
+                format!(
+                    "must be >= max_model_len ({}) when enable_chunked_prefill is false",
+                    self.max_model_len
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_valid() {
+        let cfg = SchedulerConfig::default();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.num_blocks, 2048);
+    }
+
+    #[test]
+    fn errors_name_field_value_and_bound() {
+        let base = SchedulerConfig::default();
+        let cases = [
+            (
+                SchedulerConfig {
+                    max_num_seqs: 0,
+                    ..base.clone()
+                },
+                "max_num_seqs",
+                "0",
+                ">= 1",
+            ),
+            (
+                SchedulerConfig {
+                    max_num_batched_tokens: 100,
+                    ..base.clone()
+                },
+                "max_num_batched_tokens",
+                "100",
+                ">= max_num_seqs (256)",
+            ),
+            (
+                SchedulerConfig {
+                    block_size: 0,
+                    ..base.clone()
+                },
+                "block_size",
+                "0",
+                ">= 1",
+            ),
+            (
+                SchedulerConfig {
+                    max_model_len: 1,
+                    ..base.clone()
+                },
+                "max_model_len",
+                "1",
+                ">= 2",
+            ),
+            (
+                SchedulerConfig {
+                    num_blocks: 255,
+                    ..base.clone()
+                },
+                "num_blocks",
+                "255",
+                ">= 256",
+            ),
+            (
+                SchedulerConfig {
+                    enable_chunked_prefill: false,
+                    ..base.clone()
+                },
+                "max_num_batched_tokens",
+                "2048",
+                ">= max_model_len (4096)",
+            ),
+        ];
+        for (cfg, field, value, bound) in cases {
+            let msg = cfg.validate().unwrap_err().to_string();
+            assert!(
+                msg.contains(field) && msg.contains(value) && msg.contains(bound),
+                "{msg}"
+            );
+        }
+        let ok = SchedulerConfig {
+            num_blocks: 256,
+            ..base
+        };
+        ok.validate().unwrap();
+    }
+}

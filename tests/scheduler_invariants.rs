@@ -1,0 +1,499 @@
+//! Seeded randomized test of the scheduler and KV cache: random arrivals (prompts up to the
+//! model length, longer than the step budget), random max_tokens, aborts of waiting, running and
+//! just-scheduled sequences, a tiny KV cache so preemption is frequent, and a fake model that
+//! samples random tokens (sometimes none) and finishes sequences at their cap or at a random
+//! "EOS". After every step the scheduler's own invariant check runs, and this test checks the
+//! plan against an independent mirror of every sequence's tokens and computed prefix.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, HashSet};
+
+use triton_ferrum::request::SeqId;
+use triton_ferrum::scheduler::{SchedulePlan, Scheduler, SchedulerConfig};
+
+/// SplitMix64: small, seeded, good enough for test traffic.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `lo ..= hi`.
+    fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + (self.next_u64() % (hi - lo + 1) as u64) as usize
+    }
+
+    /// True with probability `percent / 100`.
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next_u64() % 100 < percent
+    }
+}
+
+/// What the test knows about a live sequence, independently of the scheduler.
+struct Mirror {
+    tokens: Vec<u32>,
+    num_prompt_tokens: usize,
+    /// min(prompt + max_tokens, max_model_len).
+    cap: usize,
+    /// Expected `start_pos` of the next chunk (0 after a preemption).
+    num_computed: usize,
+    arrival_step: usize,
+}
+
+#[derive(Debug, Default)]
+struct Stats {
+    num_added: usize,
+    num_rejected: usize,
+    num_aborted: usize,
+    num_aborted_after_schedule: usize,
+    num_finished_at_cap: usize,
+    num_finished_at_model_len: usize,
+    num_finished_eos: usize,
+    num_preemptions: usize,
+    num_recomputes_with_generated: usize,
+    num_partial_prefill_chunks: usize,
+    num_missing_samples: usize,
+    num_near_full_budget_steps: usize,
+    max_age_steps: usize,
+}
+
+struct Harness {
+    cfg: SchedulerConfig,
+    sched: Scheduler,
+    live: BTreeMap<SeqId, Mirror>,
+    rng: Rng,
+    next_id: u64,
+    step_idx: usize,
+    stats: Stats,
+}
+
+impl Harness {
+    fn new(cfg: SchedulerConfig, seed: u64) -> Self {
+        let sched = Scheduler::new(cfg.clone()).unwrap();
+        Harness {
+            cfg,
+            sched,
+            live: BTreeMap::new(),
+            rng: Rng(seed),
+            next_id: 1,
+            step_idx: 0,
+            stats: Stats::default(),
+        }
+    }
+
+    fn random_live_id(&mut self) -> Option<SeqId> {
+        if self.live.is_empty() {
+            return None;
+        }
+        let idx = self.rng.range(0, self.live.len() - 1);
+        self.live.keys().nth(idx).copied()
+    }
+
+    fn arrive(&mut self) {
+        let max_prompt = self.cfg.max_model_len - 1;
+        let num_prompt_tokens = match self.rng.range(0, 9) {
+            0..=5 => self.rng.range(1, 8),
+            6..=8 => self
+                .rng
+                .range(1, (2 * self.cfg.max_num_batched_tokens).min(max_prompt)),
+            _ => self.rng.range(max_prompt / 2, max_prompt),
+        };
+        let max_tokens = if self.rng.chance(10) {
+            self.rng.range(50, 500)
+        } else {
+            self.rng.range(1, 30)
+        };
+        let seq_id = SeqId(self.next_id);
+        self.next_id += 1;
+        let prompt: Vec<u32> = (0..num_prompt_tokens)
+            .map(|_| self.rng.next_u64() as u32 % 50_000)
+            .collect();
+        self.sched.add(seq_id, prompt.clone(), max_tokens).unwrap();
+        let cap = (num_prompt_tokens + max_tokens).min(self.cfg.max_model_len);
+        self.live.insert(
+            seq_id,
+            Mirror {
+                tokens: prompt,
+                num_prompt_tokens,
+                cap,
+                num_computed: 0,
+                arrival_step: self.step_idx,
+            },
+        );
+        self.stats.num_added += 1;
+    }
+
+    fn try_impossible_add(&mut self) {
+        let num_waiting = self.sched.num_waiting();
+        let too_long = vec![
+            1u32;
+            self.rng
+                .range(self.cfg.max_model_len, self.cfg.max_model_len + 10)
+        ];
+        let err = self
+            .sched
+            .add(SeqId(u64::MAX), too_long, 5)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_model_len"), "{err}");
+        assert!(self.sched.add(SeqId(u64::MAX), vec![], 5).is_err());
+        if let Some(seq_id) = self.random_live_id() {
+            assert!(
+                self.sched.add(seq_id, vec![1], 5).is_err(),
+                "duplicate id accepted"
+            );
+        }
+        assert_eq!(
+            self.sched.num_waiting(),
+            num_waiting,
+            "a rejected add changed the queue"
+        );
+        self.stats.num_rejected += 1;
+    }
+
+    fn abort(&mut self, seq_id: SeqId) {
+        assert!(self.sched.remove(seq_id));
+        assert!(
+            self.sched.kv().block_table(seq_id).is_empty(),
+            "{seq_id}: blocks kept after remove"
+        );
+        assert!(!self.sched.remove(seq_id));
+        self.live.remove(&seq_id);
+    }
+
+    /// One engine step. `chaos` enables arrivals, aborts and missing samples.
+    fn step(&mut self, chaos: bool) -> SchedulePlan {
+        if chaos {
+            if self.live.len() < 4 * self.cfg.max_num_seqs && self.rng.chance(35) {
+                self.arrive();
+            }
+            if self.rng.chance(3) {
+                self.try_impossible_add();
+            }
+            if self.rng.chance(4) {
+                if let Some(seq_id) = self.random_live_id() {
+                    self.abort(seq_id);
+                    self.stats.num_aborted += 1;
+                }
+            }
+        }
+        let had_work = self.sched.has_work();
+        assert_eq!(
+            had_work,
+            !self.live.is_empty(),
+            "has_work disagrees with the live set"
+        );
+
+        let plan = self.sched.schedule();
+        self.check("after schedule");
+        self.check_plan(&plan, had_work);
+
+        // The fake model: a random token per sampled entry, occasionally none.
+        let mut sampled = Vec::new();
+        for s in &plan.seqs {
+            let mirror = self.live.get_mut(&s.seq_id).unwrap();
+            mirror.num_computed = s.end_pos();
+            if s.sample {
+                if chaos && self.rng.chance(2) {
+                    mirror.num_computed -= 1; // the scheduler must recompute and resample it
+                    self.stats.num_missing_samples += 1;
+                } else {
+                    let token_id = self.rng.next_u64() as u32 % 50_000;
+                    sampled.push((s.seq_id, token_id));
+                    mirror.tokens.push(token_id);
+                }
+            }
+        }
+        // A sequence aborted between schedule and update: its results must be ignored.
+        if chaos && self.rng.chance(3) && !plan.seqs.is_empty() {
+            let idx = self.rng.range(0, plan.seqs.len() - 1);
+            self.abort(plan.seqs[idx].seq_id);
+            self.stats.num_aborted_after_schedule += 1;
+        }
+        let lens_before: Vec<(SeqId, usize)> = self
+            .live
+            .keys()
+            .map(|&id| (id, self.sched.tokens(id).unwrap().len()))
+            .collect();
+        self.sched.update(&plan, &sampled);
+        self.check("after update");
+        for (seq_id, len_before) in lens_before {
+            assert!(
+                self.sched.tokens(seq_id).unwrap().len() >= len_before,
+                "{seq_id}: tokens shrank"
+            );
+        }
+        self.compare_mirrors();
+        self.finish_sequences(chaos);
+        self.check("after removes");
+        self.step_idx += 1;
+        plan
+    }
+
+    fn check(&self, when: &str) {
+        if let Err(e) = self.sched.check_invariants() {
+            panic!("step {} {when}: {e}", self.step_idx);
+        }
+        let kv = self.sched.kv();
+        let num_used: usize = self.live.keys().map(|&id| kv.block_table(id).len()).sum();
+        assert_eq!(
+            num_used + kv.num_free_blocks(),
+            self.cfg.num_blocks,
+            "step {}: block accounting",
+            self.step_idx
+        );
+        assert!(self.sched.num_running() <= self.cfg.max_num_seqs);
+    }
+
+    fn check_plan(&mut self, plan: &SchedulePlan, had_work: bool) {
+        let step = self.step_idx;
+        assert_eq!(
+            plan.num_batched_tokens,
+            plan.seqs.iter().map(|s| s.token_ids.len()).sum::<usize>()
+        );
+        assert!(
+            plan.num_batched_tokens <= self.cfg.max_num_batched_tokens,
+            "step {step}: budget exceeded"
+        );
+        assert!(
+            plan.seqs.len() <= self.cfg.max_num_seqs,
+            "step {step}: too many sequences"
+        );
+        assert!(
+            !had_work || !plan.is_empty(),
+            "step {step}: work pending but nothing scheduled"
+        );
+        if 4 * plan.num_batched_tokens >= 3 * self.cfg.max_num_batched_tokens {
+            self.stats.num_near_full_budget_steps += 1;
+        }
+
+        for &seq_id in &plan.preempted {
+            let mirror = self.live.get_mut(&seq_id).unwrap();
+            mirror.num_computed = 0;
+            assert!(
+                self.sched.kv().block_table(seq_id).is_empty(),
+                "{seq_id}: preempted but holds blocks"
+            );
+            self.stats.num_preemptions += 1;
+        }
+        let mut seen_ids = HashSet::new();
+        let mut seen_blocks = HashSet::new();
+        let block_size = self.cfg.block_size;
+        for s in &plan.seqs {
+            let seq_id = s.seq_id;
+            assert!(
+                seen_ids.insert(seq_id),
+                "step {step}: {seq_id} scheduled twice"
+            );
+            assert!(
+                !plan.preempted.contains(&seq_id),
+                "step {step}: {seq_id} preempted and scheduled"
+            );
+            let mirror = &self.live[&seq_id];
+            assert!(!s.token_ids.is_empty());
+            assert_eq!(
+                s.start_pos, mirror.num_computed,
+                "step {step}: {seq_id} start_pos"
+            );
+            let end = s.end_pos();
+            assert!(
+                end <= mirror.tokens.len(),
+                "step {step}: {seq_id} computes unknown tokens"
+            );
+            assert_eq!(
+                s.token_ids,
+                mirror.tokens[s.start_pos..end],
+                "step {step}: {seq_id} token ids"
+            );
+            assert_eq!(
+                s.sample,
+                end == mirror.tokens.len(),
+                "step {step}: {seq_id} sample flag"
+            );
+            assert!(
+                mirror.tokens.len() < mirror.cap,
+                "step {step}: {seq_id} scheduled at its cap"
+            );
+            assert!(
+                s.block_table.len() * block_size >= end,
+                "step {step}: {seq_id} table too short"
+            );
+            assert_eq!(
+                s.block_table,
+                self.sched.kv().block_table(seq_id),
+                "step {step}: {seq_id} stale table"
+            );
+            for b in &s.block_table {
+                assert!(b.idx() < self.cfg.num_blocks);
+                assert!(
+                    seen_blocks.insert(*b),
+                    "step {step}: {b} in two block tables"
+                );
+            }
+            for pos in 0..end {
+                let slot = self.sched.kv().slot(seq_id, pos).unwrap();
+                assert_eq!(
+                    slot,
+                    s.block_table[pos / block_size].idx() * block_size + pos % block_size
+                );
+            }
+            if s.start_pos == 0
+                && mirror.tokens.len() > mirror.num_prompt_tokens
+                && end > mirror.num_prompt_tokens
+            {
+                self.stats.num_recomputes_with_generated += 1;
+            }
+            if !s.sample {
+                self.stats.num_partial_prefill_chunks += 1;
+            }
+            if !self.cfg.enable_chunked_prefill {
+                assert!(
+                    s.sample,
+                    "step {step}: {seq_id} chunked while chunked prefill is off"
+                );
+            }
+        }
+    }
+
+    fn compare_mirrors(&self) {
+        for (&seq_id, mirror) in &self.live {
+            assert_eq!(
+                self.sched.tokens(seq_id).unwrap(),
+                mirror.tokens.as_slice(),
+                "{seq_id}: tokens"
+            );
+            let at_cap = mirror.tokens.len() >= mirror.cap;
+            assert_eq!(self.sched.reached_cap(seq_id), at_cap, "{seq_id}: cap");
+            assert_eq!(
+                self.sched.num_computed_tokens(seq_id),
+                Some(mirror.num_computed),
+                "{seq_id}"
+            );
+        }
+    }
+
+    /// The engine's part: remove sequences at their cap, and some at a random "EOS".
+    fn finish_sequences(&mut self, chaos: bool) {
+        let ids: Vec<SeqId> = self.live.keys().copied().collect();
+        for seq_id in ids {
+            let mirror = &self.live[&seq_id];
+            let age = self.step_idx - mirror.arrival_step;
+            self.stats.max_age_steps = self.stats.max_age_steps.max(age);
+            let at_cap = mirror.tokens.len() >= mirror.cap;
+            let has_generated = mirror.tokens.len() > mirror.num_prompt_tokens;
+            if at_cap {
+                if mirror.cap == self.cfg.max_model_len {
+                    self.stats.num_finished_at_model_len += 1;
+                }
+                self.stats.num_finished_at_cap += 1;
+                self.abort(seq_id);
+            } else if chaos && has_generated && self.rng.chance(2) {
+                self.stats.num_finished_eos += 1;
+                self.abort(seq_id);
+            }
+        }
+    }
+
+    /// Runs `num_steps` random steps, then drains without new arrivals.
+    fn run(mut self, num_steps: usize, max_drain_steps: usize) -> Stats {
+        for _ in 0..num_steps {
+            self.step(true);
+        }
+        let mut num_drain_steps = 0;
+        while self.sched.has_work() {
+            assert!(
+                num_drain_steps < max_drain_steps,
+                "not drained after {max_drain_steps} steps"
+            );
+            self.step(false);
+            num_drain_steps += 1;
+        }
+        assert!(
+            self.live.is_empty(),
+            "unfinished requests: {:?}",
+            self.live.keys().collect::<Vec<_>>()
+        );
+        assert_eq!(self.sched.kv().num_free_blocks(), self.cfg.num_blocks);
+        assert_eq!(
+            (
+                self.sched.num_running(),
+                self.sched.num_waiting(),
+                self.sched.num_capped()
+            ),
+            (0, 0, 0)
+        );
+        assert!(self.sched.schedule().is_empty());
+        assert_eq!(
+            self.stats.num_preemptions as u64,
+            self.sched.num_preemptions()
+        );
+        self.stats
+    }
+}
+
+fn assert_busy(stats: &Stats, chunked: bool) {
+    println!("{stats:#?}");
+    assert!(stats.num_added > 1000, "too few requests");
+    assert!(stats.num_preemptions > 50, "preemption was not exercised");
+    assert!(
+        stats.num_recomputes_with_generated > 20,
+        "recompute of generated tokens not exercised"
+    );
+    assert!(stats.num_finished_at_cap > 300);
+    assert!(
+        stats.num_finished_at_model_len > 5,
+        "max_model_len cap not exercised"
+    );
+    assert!(stats.num_finished_eos > 50);
+    assert!(stats.num_aborted > 100 && stats.num_aborted_after_schedule > 50);
+    assert!(stats.num_missing_samples > 20);
+    assert!(
+        stats.num_near_full_budget_steps > 100,
+        "the token budget was never the limit"
+    );
+    if chunked {
+        assert!(
+            stats.num_partial_prefill_chunks > 100,
+            "chunked prefill not exercised"
+        );
+    }
+    // FIFO admission and oldest-first growth: nobody waits forever.
+    assert!(
+        stats.max_age_steps < 3000,
+        "a request lived {} steps",
+        stats.max_age_steps
+    );
+}
+
+#[test]
+fn randomized_invariants_with_chunked_prefill() {
+    let cfg = SchedulerConfig {
+        max_num_seqs: 8,
+        max_num_batched_tokens: 32,
+        block_size: 4,
+        num_blocks: 24,
+        max_model_len: 96,
+        enable_chunked_prefill: true,
+    };
+    let stats = Harness::new(cfg, 0x5EED_0001).run(12_000, 20_000);
+    assert_busy(&stats, true);
+}
+
+#[test]
+fn randomized_invariants_without_chunked_prefill() {
+    let cfg = SchedulerConfig {
+        max_num_seqs: 6,
+        max_num_batched_tokens: 64,
+        block_size: 8,
+        num_blocks: 10,
+        max_model_len: 64,
+        enable_chunked_prefill: false,
+    };
+    let stats = Harness::new(cfg, 0x5EED_0002).run(12_000, 20_000);
+    assert_busy(&stats, false);
+}

@@ -1,33 +1,35 @@
 //! The truncation filters of random sampling (top-k, top-p, min-p) and the final draw, over a
-//! reusable candidate list of temperature-scaled logits. Owns only that scratch list; it never
+//! reusable candidate list of temperature-scaled probabilities. Owns only that scratch list; it never
 //! sees penalties, suppression or logprobs, and never allocates after the list has grown to the
 //! vocabulary size once.
 //!
 //! Determinism: candidates are either in token-id order (as built) or fully sorted by
-//! (logit descending, token id ascending), a strict total order, so for a given input and random
+//! (weight descending, token id ascending), a strict total order, so for a given input and random
 //! number the drawn token never depends on the internals of `select_nth_unstable`/`sort_unstable`.
 //!
-//! Cost for a vocab of V tokens: building is one pass; top-k is `select_nth_unstable` (O(V)) plus a
+//! Cost for a vocab of V tokens: building is one pass and the only `exp` of the path; top-k is `select_nth_unstable` (O(V)) plus a
 //! sort of k; top-p without a preceding top-k selects a growing window (64, 512, ...) of the most
 //! likely tokens until the window's mass reaches `top_p`, so a small nucleus costs O(V), not a sort
-//! of V; min-p is one pass; the draw is two passes over the survivors.
+//! of V; min-p and the draw are one or two cheap passes over the survivors.
 
 use std::cmp::Ordering;
 
+use super::exp::exp_nonpositive;
 use super::rng::Rng;
 
-/// One token still in the running. `logit` is temperature-scaled and shifted so that the most
-/// likely token of the vocabulary has 0 (all values are <= 0 and never NaN).
+/// One token still in the running. `weight` is its unnormalized probability at the request's
+/// temperature, `exp((raw - max_raw) / temperature)`: in [0, 1], 1 for the most likely token.
+/// Exponentiating once at build time spares every later filter (and the draw) its own exp pass.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Candidate {
     pub token_id: u32,
-    pub logit: f32,
+    pub weight: f32,
 }
 
-/// Most likely first; equal logits: lower token id first.
+/// Most likely first; equal weights: lower token id first.
 fn by_rank(a: &Candidate, b: &Candidate) -> Ordering {
-    b.logit
-        .total_cmp(&a.logit)
+    b.weight
+        .total_cmp(&a.weight)
         .then(a.token_id.cmp(&b.token_id))
 }
 
@@ -59,9 +61,10 @@ pub struct Candidates {
 }
 
 impl Candidates {
-    /// Refills the list with every token of non-zero probability at `temperature` (> 0):
-    /// `logit = (raw - max_raw) / temperature`. Subtracting the max first keeps tiny temperatures
-    /// from overflowing to infinity; `-inf` raw logits (suppressed) are left out.
+    /// Refills the list with every token and its weight at `temperature` (> 0). Subtracting the
+    /// max before scaling keeps tiny temperatures from overflowing. Tokens of weight 0 (suppressed
+    /// `-inf` logits, underflow at low temperature; every token for a NaN temperature) stay in the
+    /// list but can never be drawn. One branch-free pass, so it vectorizes.
     // logits: [vocab_size], no NaN (the sampler has sanitized them)
     pub fn fill(&mut self, logits: &[f32], temperature: f32) {
         self.items.clear();
@@ -70,28 +73,28 @@ impl Candidates {
         if max_raw == f32::NEG_INFINITY {
             return;
         }
-        let inv_temperature = 1.0 / temperature;
-        for (token_idx, &raw) in logits.iter().enumerate() {
-            let logit = (raw - max_raw) * inv_temperature;
-            // Also drops NaN, should a caller pass a non-positive temperature.
-            if logit > f32::NEG_INFINITY {
-                self.items.push(Candidate {
+        // Divide, not multiply by 1/temperature: that is infinite for a subnormal temperature.
+        self.items.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(token_idx, &raw)| Candidate {
                     token_id: token_idx as u32,
-                    logit,
-                });
-            }
+                    weight: exp_nonpositive((raw - max_raw) / temperature),
+                }),
+        );
+    }
+
+    fn max_weight(&self) -> f32 {
+        if self.sorted {
+            self.items.first().map_or(0.0, |c| c.weight)
+        } else {
+            self.items.iter().map(|c| c.weight).fold(0.0, f32::max)
         }
     }
 
-    fn max_logit(&self) -> f32 {
-        if self.sorted {
-            self.items.first().map_or(f32::NEG_INFINITY, |c| c.logit)
-        } else {
-            self.items
-                .iter()
-                .map(|c| c.logit)
-                .fold(f32::NEG_INFINITY, f32::max)
-        }
+    fn total_weight(&self) -> f64 {
+        self.items.iter().map(|c| f64::from(c.weight)).sum()
     }
 
     pub fn apply(&mut self, filter: Filter) {
@@ -120,13 +123,7 @@ impl Candidates {
         if p.is_nan() || p >= 1.0 || self.items.len() <= 1 {
             return;
         }
-        let max = self.max_logit();
-        let total: f64 = self
-            .items
-            .iter()
-            .map(|c| f64::from((c.logit - max).exp()))
-            .sum();
-        let target = f64::from(p) * total * (1.0 - TOP_P_REL_TOL);
+        let target = f64::from(p) * self.total_weight() * (1.0 - TOP_P_REL_TOL);
         let num_items = self.items.len();
         let mut window = if self.sorted {
             num_items
@@ -142,7 +139,7 @@ impl Candidates {
             }
             let mut mass = 0.0f64;
             let num_keep = self.items[..window].iter().position(|c| {
-                mass += f64::from((c.logit - max).exp());
+                mass += f64::from(c.weight);
                 mass >= target
             });
             if let Some(last_idx) = num_keep {
@@ -163,32 +160,28 @@ impl Candidates {
         if min_p.is_nan() || min_p <= 0.0 {
             return;
         }
-        // prob < min_p * max_prob  <=>  logit - max_logit < ln(min_p); retain keeps the order.
-        let threshold = self.max_logit() + min_p.ln();
-        self.items.retain(|c| c.logit >= threshold);
+        // Probabilities and weights differ by one common factor; retain keeps the order.
+        let threshold = min_p * self.max_weight();
+        self.items.retain(|c| c.weight >= threshold);
     }
 
     /// Draws one token from the renormalized distribution of the survivors with one uniform
-    /// number from `rng` (always exactly one, so streams stay aligned). None if the list is empty.
+    /// number from `rng` (always exactly one, so streams stay aligned). None if no candidate has a
+    /// non-zero weight.
     pub fn draw(&mut self, rng: &mut Rng) -> Option<u32> {
-        let max = self.max_logit();
-        let mut total = 0.0f64;
-        for c in &mut self.items {
-            // Reuse `logit` to hold the unnormalized probability.
-            c.logit = (c.logit - max).exp();
-            total += f64::from(c.logit);
-        }
+        let total = self.total_weight();
         let threshold = rng.next_f64() * total;
         let mut mass = 0.0f64;
-        // The running sum repeats `total`'s additions exactly, so it ends at `total` > threshold;
-        // a zero-probability token can never be the first to cross it.
+        // The running sum repeats `total`'s additions in order, so when `total` > 0 it ends at
+        // `total` > `threshold` and the loop returns; the token where the sum first exceeds
+        // `threshold` has weight > 0. With `total` == 0 (nothing possible) no token is drawn.
         for c in &self.items {
-            mass += f64::from(c.logit);
+            mass += f64::from(c.weight);
             if mass > threshold {
                 return Some(c.token_id);
             }
         }
-        self.items.last().map(|c| c.token_id)
+        None
     }
 }
 
@@ -250,31 +243,33 @@ mod tests {
     }
 
     #[test]
-    fn fill_drops_suppressed_and_scales() {
+    fn fill_weights_are_scaled_probabilities() {
         let c = filled(&[1.0, f32::NEG_INFINITY, 3.0], 2.0);
-        assert_eq!(
-            c.items,
-            [
-                Candidate {
-                    token_id: 0,
-                    logit: -1.0
-                },
-                Candidate {
-                    token_id: 2,
-                    logit: 0.0
-                }
-            ]
-        );
-        // A tiny temperature must not produce inf/NaN: the max maps to 0, the rest to -inf (dropped).
-        let c = filled(&[1.0, 30.0, 2.0], 1e-38);
-        assert_eq!(
-            c.items,
-            [Candidate {
+        let expected = [
+            Candidate {
+                token_id: 0,
+                weight: exp_nonpositive(-1.0),
+            },
+            Candidate {
                 token_id: 1,
-                logit: 0.0
-            }]
-        );
+                weight: 0.0,
+            },
+            Candidate {
+                token_id: 2,
+                weight: 1.0,
+            },
+        ];
+        assert_eq!(c.items, expected);
+        // Tiny temperatures (even subnormal) must not produce inf/NaN: the max keeps weight 1, the
+        // rest underflow to 0.
+        for temperature in [1e-38, 1e-45] {
+            let c = filled(&[1.0, 30.0, 2.0], temperature);
+            let weights: Vec<f32> = c.items.iter().map(|c| c.weight).collect();
+            assert_eq!(weights, [0.0, 1.0, 0.0], "{temperature}");
+        }
         assert!(filled(&[f32::NEG_INFINITY; 3], 1.0).items.is_empty());
+        let mut c = filled(&[1.0, 2.0], f32::NAN);
+        assert_eq!(c.draw(&mut Rng::new(0)), None);
     }
 
     #[test]
@@ -379,6 +374,10 @@ mod tests {
             "{num_seen:?}"
         );
         c.fill(&[f32::NEG_INFINITY], 1.0);
+        assert_eq!(c.draw(&mut rng), None);
+        // All weights 0 (every token suppressed but one that underflows): nothing is drawn.
+        c.fill(&[f32::NEG_INFINITY, 0.0, f32::NEG_INFINITY], 1.0);
+        c.items[1].weight = 0.0;
         assert_eq!(c.draw(&mut rng), None);
     }
 }

@@ -17,6 +17,7 @@
 //! If no token is possible (every logit `-inf` after step 1), the lowest id that is not
 //! suppressed is returned: a degenerate row must not crash the engine.
 
+mod exp;
 mod filters;
 mod logprobs;
 mod penalties;
@@ -126,11 +127,12 @@ impl Sampler {
     // logits: [vocab_size]
     pub fn sample(&mut self, logits: &mut [f32], suppressed_ids: &[u32]) -> Sampled {
         for logit in logits.iter_mut() {
-            if logit.is_nan() {
-                *logit = f32::NEG_INFINITY;
-            } else if *logit == f32::INFINITY {
-                *logit = f32::MAX;
-            }
+            // Branch-free (vectorizes): NaN -> -inf, +inf -> f32::MAX.
+            *logit = if logit.is_nan() {
+                f32::NEG_INFINITY
+            } else {
+                logit.min(f32::MAX)
+            };
         }
         for &token_id in suppressed_ids {
             if let Some(logit) = logits.get_mut(token_id as usize) {

@@ -1015,6 +1015,19 @@ fn smollm2_gguf_matches_python_gguf_reference() {
             );
         }
     }
+    // Every tensor reads, with its shape and finite values.
+    let mut num_params = 0;
+    for name in file.names() {
+        let t = file.get(&name, Shard::Replicated).unwrap();
+        assert_eq!(t.data.len(), t.numel(), "{name}");
+        assert!(t.data.iter().all(|v| v.is_finite()), "{name}");
+        num_params += t.numel();
+    }
+    assert_eq!(num_params, 134_515_008); // as counted by gguf-py
+    assert_eq!(
+        file.info("token_embd.weight").unwrap().shape,
+        vec![49152, 576]
+    );
     assert!(
         file.get_q8("blk.0.ffn_down.weight", Shard::Replicated)
             .unwrap()

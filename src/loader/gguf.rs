@@ -15,6 +15,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
+use rayon::prelude::*;
 
 use super::mmap::{FileBytes, memory_label};
 use super::shard::{Run, plan_shard};
@@ -33,6 +34,8 @@ pub const MAX_DIMS: usize = 4;
 const MAX_ARRAY_DEPTH: usize = 8;
 /// Elements per K-quant super-block.
 const QK_K: usize = 256;
+/// Elements dequantized per parallel task.
+const PAR_CHUNK_ELEMS: usize = 1 << 16;
 
 /// GGML tensor type ids, as written in GGUF tensor infos.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -602,7 +605,12 @@ impl GgufFile {
             other => self.tensor_err(info, other.to_string()),
         };
         if run.start % block_size == 0 && run.len % block_size == 0 {
-            dequantize(ty, src, out).map_err(map)
+            // Large runs (embeddings, whole projections) are dequantized in parallel chunks.
+            let num_chunk_blocks = PAR_CHUNK_ELEMS.div_ceil(block_size);
+            out.par_chunks_mut(num_chunk_blocks * block_size)
+                .zip(src.par_chunks(num_chunk_blocks * type_size))
+                .try_for_each(|(out, src)| dequantize(ty, src, out))
+                .map_err(map)
         } else {
             let mut tmp = vec![0.0f32; (end_block - first_block) * block_size];
             dequantize(ty, src, &mut tmp).map_err(map)?;

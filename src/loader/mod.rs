@@ -17,8 +17,10 @@ use std::path::PathBuf;
 use crate::ops::quant::BlockQ8;
 
 pub mod gguf;
+pub mod mmap;
 pub mod random;
 pub mod safetensors;
+mod shard;
 
 /// How a tensor is split across tensor-parallel ranks at load time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,241 @@
+//! Tensor-parallel slicing shared by every `TensorSource`: turns a full shape and a `Shard` into
+//! the output shape and the runs of contiguous elements (of the full, row-major tensor) to read.
+//!
+//! It only does index arithmetic; it never reads tensor data and never panics on a bad shard
+//! (rank out of range, dimension not divisible): those become `LoadError::BadShard`.
+
+use std::path::Path;
+
+use super::{LoadError, Shard};
+
+/// A run of `len` contiguous elements starting at element `start` of the full tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Run {
+    pub start: usize,
+    pub len: usize,
+}
+
+/// What a shard reads: its shape, and the runs whose concatenation is its row-major data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ShardPlan {
+    pub shape: Vec<usize>,
+    pub runs: Vec<Run>,
+}
+
+impl ShardPlan {
+    pub fn numel(&self) -> usize {
+        self.runs.iter().map(|r| r.len).sum()
+    }
+}
+
+/// Plans the read of `shard` from a tensor of `shape` (PyTorch order, whose element count is
+/// known to fit `usize`).
+///
+/// `Column` splits dim 0 (one contiguous run); `Row` splits the last dim (one run per row) and
+/// leaves 0-D and 1-D tensors whole.
+pub(crate) fn plan_shard(
+    path: &Path,
+    tensor: &str,
+    shape: &[usize],
+    shard: Shard,
+) -> Result<ShardPlan, LoadError> {
+    let numel: usize = shape.iter().product();
+    let whole = || ShardPlan {
+        shape: shape.to_vec(),
+        runs: vec![Run {
+            start: 0,
+            len: numel,
+        }],
+    };
+    let bad = || LoadError::BadShard {
+        path: path.to_path_buf(),
+        tensor: tensor.to_string(),
+        shape: shape.to_vec(),
+        shard,
+    };
+    let split = |dim: usize, rank: usize, world_size: usize| -> Result<(usize, usize), LoadError> {
+        if world_size == 0 || rank >= world_size || dim % world_size != 0 {
+            return Err(bad());
+        }
+        let part = dim / world_size;
+        Ok((rank * part, part))
+    };
+    match shard {
+        Shard::Replicated => Ok(whole()),
+        Shard::Column { rank, world_size } => {
+            let Some(&dim0) = shape.first() else {
+                return Err(bad());
+            };
+            let (first, part) = split(dim0, rank, world_size)?;
+            // Elements per index of dim 0.
+            let inner: usize = shape[1..].iter().product();
+            let mut out_shape = shape.to_vec();
+            out_shape[0] = part;
+            Ok(ShardPlan {
+                shape: out_shape,
+                runs: vec![Run {
+                    start: first * inner,
+                    len: part * inner,
+                }],
+            })
+        }
+        Shard::Row { rank, world_size } => {
+            if shape.len() < 2 {
+                // A bias is not split along the input dimension; validate the shard anyway.
+                split(0, rank, world_size)?;
+                return Ok(whole());
+            }
+            let last = shape.len() - 1;
+            let cols = shape[last];
+            let (first, part) = split(cols, rank, world_size)?;
+            let num_rows: usize = shape[..last].iter().product();
+            let mut out_shape = shape.to_vec();
+            out_shape[last] = part;
+            let runs = if part == cols {
+                vec![Run {
+                    start: 0,
+                    len: numel,
+                }]
+            } else {
+                (0..num_rows)
+                    .map(|row_idx| Run {
+                        start: row_idx * cols + first,
+                        len: part,
+                    })
+                    .collect()
+            };
+            Ok(ShardPlan {
+                shape: out_shape,
+                runs,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn gather(shape: &[usize], shard: Shard) -> Result<(Vec<usize>, Vec<usize>), LoadError> {
+        let plan = plan_shard(Path::new("t"), "w", shape, shard)?;
+        let data: Vec<usize> = plan
+            .runs
+            .iter()
+            .flat_map(|r| r.start..r.start + r.len)
+            .collect();
+        assert_eq!(data.len(), plan.numel());
+        assert_eq!(plan.shape.iter().product::<usize>(), plan.numel());
+        Ok((plan.shape, data))
+    }
+
+    #[test]
+    fn column_splits_dim0_row_splits_last_dim() {
+        // w: [4, 6], element value = its flat index.
+        let (s, d) = gather(
+            &[4, 6],
+            Shard::Column {
+                rank: 1,
+                world_size: 2,
+            },
+        )
+        .unwrap();
+        assert_eq!(s, vec![2, 6]);
+        assert_eq!(d, (12..24).collect::<Vec<_>>());
+        let (s, d) = gather(
+            &[4, 6],
+            Shard::Row {
+                rank: 2,
+                world_size: 3,
+            },
+        )
+        .unwrap();
+        assert_eq!(s, vec![4, 2]);
+        assert_eq!(d, vec![4, 5, 10, 11, 16, 17, 22, 23]);
+        let (s, d) = gather(
+            &[6],
+            Shard::Column {
+                rank: 2,
+                world_size: 3,
+            },
+        )
+        .unwrap();
+        assert_eq!((s, d), (vec![2], vec![4, 5]));
+        // A 1-D tensor is not split by Row.
+        let (s, d) = gather(
+            &[6],
+            Shard::Row {
+                rank: 1,
+                world_size: 4,
+            },
+        )
+        .unwrap();
+        assert_eq!((s, d), (vec![6], (0..6).collect()));
+        let (s, d) = gather(&[2, 3], Shard::Replicated).unwrap();
+        assert_eq!((s, d), (vec![2, 3], (0..6).collect()));
+        // 3-D: Row splits the last dim of every row.
+        let (s, d) = gather(
+            &[2, 2, 4],
+            Shard::Row {
+                rank: 1,
+                world_size: 2,
+            },
+        )
+        .unwrap();
+        assert_eq!(s, vec![2, 2, 2]);
+        assert_eq!(d, vec![2, 3, 6, 7, 10, 11, 14, 15]);
+    }
+
+    #[test]
+    fn bad_shards_are_errors() {
+        for shard in [
+            Shard::Column {
+                rank: 0,
+                world_size: 3,
+            },
+            Shard::Column {
+                rank: 2,
+                world_size: 2,
+            },
+            Shard::Column {
+                rank: 0,
+                world_size: 0,
+            },
+            Shard::Row {
+                rank: 0,
+                world_size: 4,
+            },
+            Shard::Row {
+                rank: 5,
+                world_size: 2,
+            },
+        ] {
+            let err = gather(&[4, 6], shard).unwrap_err();
+            assert!(
+                matches!(err, LoadError::BadShard { .. }),
+                "{shard:?}: {err}"
+            );
+            assert!(err.to_string().contains("'w'"), "{err}");
+        }
+        assert!(
+            gather(
+                &[],
+                Shard::Column {
+                    rank: 0,
+                    world_size: 1
+                }
+            )
+            .is_err()
+        );
+        assert!(
+            gather(
+                &[6],
+                Shard::Row {
+                    rank: 4,
+                    world_size: 4
+                }
+            )
+            .is_err()
+        );
+    }
+}

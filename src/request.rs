@@ -18,13 +18,26 @@ impl fmt::Display for SeqId {
 pub enum RequestError {
     /// A field is out of its allowed range. `bound` says what is allowed, e.g. "must be >= 0".
     #[error("invalid value for '{field}': {value} ({bound})")]
-    InvalidValue { field: &'static str, value: String, bound: String },
+    InvalidValue {
+        field: &'static str,
+        value: String,
+        bound: String,
+    },
     #[error("prompt is empty: at least one token is required")]
     EmptyPrompt,
-    #[error("prompt has {num_prompt_tokens} tokens, which exceeds the model's context of {max_model_len} tokens")]
-    PromptTooLong { num_prompt_tokens: usize, max_model_len: usize },
+    #[error(
+        "prompt has {num_prompt_tokens} tokens, which exceeds the model's context of {max_model_len} tokens"
+    )]
+    PromptTooLong {
+        num_prompt_tokens: usize,
+        max_model_len: usize,
+    },
     #[error("token id {token_id} in '{field}' is out of range: vocabulary size is {vocab_size}")]
-    TokenOutOfRange { field: &'static str, token_id: i64, vocab_size: usize },
+    TokenOutOfRange {
+        field: &'static str,
+        token_id: i64,
+        vocab_size: usize,
+    },
     #[error("the model has no tokenizer, so '{field}' cannot be used; send token ids instead")]
     NoTokenizer { field: &'static str },
     #[error("tokenizer error: {0}")]
@@ -32,8 +45,16 @@ pub enum RequestError {
 }
 
 impl RequestError {
-    pub fn invalid(field: &'static str, value: impl fmt::Display, bound: impl Into<String>) -> Self {
-        RequestError::InvalidValue { field, value: value.to_string(), bound: bound.into() }
+    pub fn invalid(
+        field: &'static str,
+        value: impl fmt::Display,
+        bound: impl Into<String>,
+    ) -> Self {
+        RequestError::InvalidValue {
+            field,
+            value: value.to_string(),
+            bound: bound.into(),
+        }
     }
 }
 
@@ -83,26 +104,54 @@ impl SamplingParams {
     /// Checks every bound; the error names the field, its value and the allowed range.
     pub fn validate(&self) -> Result<(), RequestError> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(RequestError::invalid("temperature", self.temperature, "must be a finite number >= 0"));
+            return Err(RequestError::invalid(
+                "temperature",
+                self.temperature,
+                "must be a finite number >= 0",
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(RequestError::invalid("top_p", self.top_p, "must be in (0, 1]"));
+            return Err(RequestError::invalid(
+                "top_p",
+                self.top_p,
+                "must be in (0, 1]",
+            ));
         }
         if !(self.min_p >= 0.0 && self.min_p <= 1.0) {
-            return Err(RequestError::invalid("min_p", self.min_p, "must be in [0, 1]"));
+            return Err(RequestError::invalid(
+                "min_p",
+                self.min_p,
+                "must be in [0, 1]",
+            ));
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
-            return Err(RequestError::invalid("repetition_penalty", self.repetition_penalty, "must be a finite number > 0"));
+            return Err(RequestError::invalid(
+                "repetition_penalty",
+                self.repetition_penalty,
+                "must be a finite number > 0",
+            ));
         }
         if !(self.presence_penalty.is_finite() && (-2.0..=2.0).contains(&self.presence_penalty)) {
-            return Err(RequestError::invalid("presence_penalty", self.presence_penalty, "must be in [-2, 2]"));
+            return Err(RequestError::invalid(
+                "presence_penalty",
+                self.presence_penalty,
+                "must be in [-2, 2]",
+            ));
         }
         if !(self.frequency_penalty.is_finite() && (-2.0..=2.0).contains(&self.frequency_penalty)) {
-            return Err(RequestError::invalid("frequency_penalty", self.frequency_penalty, "must be in [-2, 2]"));
+            return Err(RequestError::invalid(
+                "frequency_penalty",
+                self.frequency_penalty,
+                "must be in [-2, 2]",
+            ));
         }
         if let Some(n) = self.logprobs {
             if n > MAX_LOGPROBS {
-                return Err(RequestError::invalid("logprobs", n, format!("must be <= {MAX_LOGPROBS}")));
+                return Err(RequestError::invalid(
+                    "logprobs",
+                    n,
+                    format!("must be <= {MAX_LOGPROBS}"),
+                ));
             }
         }
         Ok(())
@@ -131,7 +180,11 @@ pub struct StopCriteria {
 impl StopCriteria {
     pub fn validate(&self) -> Result<(), RequestError> {
         if self.max_tokens == 0 {
-            return Err(RequestError::invalid("max_tokens", self.max_tokens, "must be >= 1"));
+            return Err(RequestError::invalid(
+                "max_tokens",
+                self.max_tokens,
+                "must be >= 1",
+            ));
         }
         if self.min_tokens > self.max_tokens {
             return Err(RequestError::invalid(
@@ -141,7 +194,11 @@ impl StopCriteria {
             ));
         }
         if let Some(s) = self.stop_strings.iter().find(|s| s.is_empty()) {
-            return Err(RequestError::invalid("stop", format!("{s:?}"), "stop strings must not be empty"));
+            return Err(RequestError::invalid(
+                "stop",
+                format!("{s:?}"),
+                "stop strings must not be empty",
+            ));
         }
         Ok(())
     }

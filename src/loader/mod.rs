@@ -90,19 +90,48 @@ pub trait TensorSource: Send + Sync {
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: not a {format} file: {reason}")]
-    BadFormat { path: PathBuf, format: &'static str, reason: String },
+    BadFormat {
+        path: PathBuf,
+        format: &'static str,
+        reason: String,
+    },
     #[error("{path}: tensor '{tensor}': {reason}")]
-    BadTensor { path: PathBuf, tensor: String, reason: String },
+    BadTensor {
+        path: PathBuf,
+        tensor: String,
+        reason: String,
+    },
     #[error("{path}: tensor '{tensor}' not found")]
     MissingTensor { path: PathBuf, tensor: String },
     #[error("{path}: tensor '{tensor}' has unsupported type {dtype}")]
-    UnsupportedType { path: PathBuf, tensor: String, dtype: String },
+    UnsupportedType {
+        path: PathBuf,
+        tensor: String,
+        dtype: String,
+    },
     #[error("{path}: tensor '{tensor}' has shape {actual:?}, expected {expected:?}")]
-    ShapeMismatch { path: PathBuf, tensor: String, expected: Vec<usize>, actual: Vec<usize> },
+    ShapeMismatch {
+        path: PathBuf,
+        tensor: String,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
     #[error("{path}: tensor '{tensor}' of shape {shape:?} cannot be split {shard:?}")]
-    BadShard { path: PathBuf, tensor: String, shape: Vec<usize>, shard: Shard },
+    BadShard {
+        path: PathBuf,
+        tensor: String,
+        shape: Vec<usize>,
+        shard: Shard,
+    },
     #[error("{path}: metadata '{key}': {reason}")]
-    BadMetadata { path: PathBuf, key: String, reason: String },
+    BadMetadata {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
 }

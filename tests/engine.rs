@@ -40,6 +40,7 @@ fn batch_invariance_under_chunking_and_preemption() {
         // 28 blocks * 4 = 112 token slots: far less than the ~400 the 16 requests need together.
         o.max_tokens_in_paged_kv_cache = Some(112);
         o.max_num_seqs = 16;
+        o.max_model_len = Some(64);
     });
     let handle = batched.handle();
     let mut streams = vec![];
@@ -75,6 +76,7 @@ fn abort_ends_stream_and_frees_blocks() {
     let e = TestEngine::start(&model_dir(), Some(WeightFormat::F32), |o| {
         o.block_size = 4;
         o.max_tokens_in_paged_kv_cache = Some(64);
+        o.max_model_len = Some(64);
     });
     let handle = e.handle();
     let mut s = handle.submit(greedy(prompt(10, 1), 50, None)).unwrap();

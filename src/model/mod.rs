@@ -86,7 +86,7 @@ impl Checkpoint {
     }
 
     fn open_hf(dir: &Path) -> crate::Result<Checkpoint> {
-        let config = read_json(&dir.join("config.json"))?;
+        let config = read_json(dir.join("config.json"))?;
         let arch = arch::from_hf_config(&config)?;
         let source = SafetensorsSource::open_dir(dir)?;
         let tokenizer = Tokenizer::from_hf_dir(dir)?.map(Arc::new);

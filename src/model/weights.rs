@@ -3,6 +3,7 @@
 //! Layout choices made at load (so the forward pass does fewer, larger matrix products):
 //! - q, k and v are concatenated into one `[q_dim + 2 * kv_dim, hidden]` matrix (`qkv`);
 //! - gated MLPs concatenate gate and up into one `[2 * intermediate, hidden]` matrix (`gate_up`).
+//!
 //! Each part is read with its own `Shard`, so tensor parallelism slices heads consistently.
 //! Every tensor's shape is checked against the spec before it is read.
 
@@ -353,6 +354,7 @@ pub fn expected_tensors(arch: &ArchInfo) -> Vec<(String, Vec<usize>)> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::loader::random::RandomSource;

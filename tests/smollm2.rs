@@ -64,8 +64,10 @@ fn greedy_matches_transformers_q8() {
 #[test]
 fn chat_prompt_gives_a_sensible_answer() {
     let g = golden();
-    let chat = &g["chat"];
-    let engine = TestEngine::start(&smollm2_gguf(), None, |o| o.max_model_len = Some(512));
+    let chat = g["cases"].as_array().unwrap().iter().find(|c| c.get("chat_text").is_some()).unwrap();
+    // f32 weights: the reference's exact arithmetic. (With q8 weights the first answer token is a
+    // near-tie, 0.08 nats apart in the reference, that 8-bit activations flip — as llama.cpp does.)
+    let engine = TestEngine::start(&smollm2_gguf(), Some(WeightFormat::F32), |o| o.max_model_len = Some(512));
     let handle = engine.handle();
     let tok = handle.info().tokenizer.clone().unwrap();
     let messages = [triton_ferrum::tokenizer::ChatMessage { role: "user".into(), content: "What is the capital of France?".into() }];

@@ -54,6 +54,8 @@ pub struct EngineOptions {
     /// Longest prompt + output. None: the model's maximum (capped at 8192 on the CPU).
     pub max_model_len: Option<usize>,
     pub enable_chunked_prefill: bool,
+    /// CPU threads for the CPU engine (0: one per core).
+    pub num_threads: usize,
     /// Show a progress bar while loading weights (only when stderr is a terminal).
     pub progress: bool,
 }
@@ -71,6 +73,7 @@ impl EngineOptions {
             max_tokens_in_paged_kv_cache: None,
             max_model_len: None,
             enable_chunked_prefill: true,
+            num_threads: 0,
             progress: false,
         }
     }
@@ -125,7 +128,7 @@ pub fn start_checkpoint(ckpt: Checkpoint, opts: &EngineOptions) -> crate::Result
         .unwrap_or_else(|| (DEFAULT_CPU_KV_BYTES / bytes_per_token).min(opts.max_num_seqs * max_model_len).max(max_model_len));
     let num_kv_blocks = kv_tokens.div_ceil(opts.block_size);
     let weight_bytes = weights.size_in_bytes();
-    let executor = CpuExecutor::new(Decoder::new(spec.clone(), weights), num_kv_blocks, opts.block_size);
+    let executor = CpuExecutor::new(Decoder::new(spec.clone(), weights), num_kv_blocks, opts.block_size, opts.num_threads)?;
     debug_assert_eq!(device, Device::Cpu);
     let device_name = crate::executor::Executor::describe(&executor);
     let scheduler = SchedulerConfig {

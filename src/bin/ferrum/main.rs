@@ -62,6 +62,9 @@ pub struct EngineArgs {
     /// KV cache capacity in tokens (default: 1 GiB worth on the CPU).
     #[arg(long)]
     max_tokens_in_paged_kv_cache: Option<usize>,
+    /// CPU threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
 }
 
 impl EngineArgs {
@@ -75,6 +78,7 @@ impl EngineArgs {
             block_size: self.block_size,
             max_tokens_in_paged_kv_cache: self.max_tokens_in_paged_kv_cache,
             max_model_len: self.max_model_len,
+            num_threads: self.threads,
             progress: true,
             ..EngineOptions::new(model)
         }

@@ -23,8 +23,10 @@ Golden format (one file per model):
 `top5[i]` is log_softmax of the raw logits that produced `greedy_ids[i]`;
 `last_logits` are the raw logits at the last prompt position (the ones that
 produced `greedy_ids[0]`). smollm2.json has no `last_logits` (vocab 49152)
-but adds `prompt` (text) per case, and for the chat case `messages`,
-`chat_text` and `greedy_text`.
+but adds `prompt` (text) and `greedy_text` (decoded greedy_ids) per case, and
+for the chat case `messages`, `chat_text` (rendered template, == `prompt`) and
+`answer_text` (greedy tokens before the first EOS, decoded); top-level
+`add_special_tokens`/`adds_bos` record how the plain prompts were tokenized.
 """
 
 from __future__ import annotations
@@ -455,18 +457,41 @@ def default_gguf() -> Path:
         return repo_copy
 
 
+def load_gguf_float32(gguf_path: Path):
+    """Dequantize a GGUF into a float32 transformers model (eager attention).
+
+    Same conversion as `from_pretrained(dir, gguf_file=...)` (transformers'
+    `load_gguf_checkpoint`: dequantize, undo llama.cpp's q/k row permutation,
+    rename tensors), done by hand because `from_pretrained` insists on the
+    `accelerate` package for GGUF files, which nothing else here needs.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)["tensors"]
+    result = model.load_state_dict(tensors, strict=False)
+    allowed_missing = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(result.missing_keys) - allowed_missing or result.unexpected_keys:
+        raise SystemExit(f"GGUF tensors do not match the model: {result}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+        if model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
+            raise SystemExit("lm_head is not tied to embed_tokens after loading the GGUF")
+    model.eval()
+    return model
+
+
 def make_smollm2(gguf_path: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     print(f"[smollm2] {gguf_path}")
     if not gguf_path.exists():
         raise SystemExit(f"{gguf_path} not found: run ci/fetch_models.sh")
     gguf_dir, gguf_name = str(gguf_path.resolve().parent), gguf_path.resolve().name
     tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf_dir, gguf_file=gguf_name, dtype=torch.float32, attn_implementation="eager"
-    )
-    model.eval()
+    model = load_gguf_float32(gguf_path.resolve())
     vocab_size = model.config.vocab_size
 
     # What does the tokenizer add by default? Recorded so the Rust side can match.
@@ -497,7 +522,12 @@ def make_smollm2(gguf_path: Path) -> None:
         **case,
         "greedy_text": tok.decode(case["greedy_ids"]),
     }
-    print(f"  chat {chat_text!r} -> {case['greedy_text']!r}")
+    # The assistant's answer: greedy tokens before the first end-of-turn (EOS).
+    answer_ids = case["greedy_ids"]
+    if tok.eos_token_id in answer_ids:
+        answer_ids = answer_ids[: answer_ids.index(tok.eos_token_id)]
+    case["answer_text"] = tok.decode(answer_ids)
+    print(f"  chat {chat_text!r} -> {case['greedy_text']!r} (answer {case['answer_text']!r})")
     cases.append(case)
 
     golden = {

@@ -27,10 +27,13 @@ fn top5(v: &Value) -> Vec<Vec<(u32, f32)>> {
         .collect()
 }
 
-/// f32: the exact dequantized weights, as transformers uses them; only summation order differs.
+/// f32: the exact dequantized weights, as transformers uses them; only summation order differs
+/// (tolerance 5e-3 nats).
 /// q8: exact Q4_1 weights but 8-bit activations on the decode path (llama.cpp-style), so a looser
-/// logprob tolerance; the token rule is the same.
-fn check(format: WeightFormat, tol: f32) {
+/// logprob tolerance: llama.cpp (llama-cpp-python 0.3.36, same GGUF) differs from this reference
+/// by up to 0.49 nats in the top-5 logprobs of these cases, so q8 is held to 0.75 nats; the token
+/// rule is the same.
+fn check(format: WeightFormat, tol: f32, min_matched_pct: usize) {
     let g = golden();
     let engine = TestEngine::start(&smollm2_gguf(), Some(format), |o| o.max_model_len = Some(512));
     let handle = engine.handle();
@@ -48,17 +51,21 @@ fn check(format: WeightFormat, tol: f32) {
         total += want.len();
     }
     // Divergence is allowed only where float noise flips a near-tie; most tokens must match.
-    assert!(total_matched * 10 >= total * 7, "{format:?}: only {total_matched}/{total} tokens matched before divergence");
+    // (llama.cpp, with the same 8-bit activations as q8, matches 66 of the 96 plain-prompt tokens.)
+    assert!(
+        total_matched * 100 >= total * min_matched_pct,
+        "{format:?}: only {total_matched}/{total} tokens matched before divergence (need {min_matched_pct}%)"
+    );
 }
 
 #[test]
 fn greedy_matches_transformers_f32() {
-    check(WeightFormat::F32, 5e-3);
+    check(WeightFormat::F32, 5e-3, 95);
 }
 
 #[test]
 fn greedy_matches_transformers_q8() {
-    check(WeightFormat::Q8, 0.15);
+    check(WeightFormat::Q8, 0.75, 50);
 }
 
 #[test]

@@ -118,7 +118,14 @@ impl Drop for RequestStream {
 }
 
 pub fn is_final(ev: &TokenEvent) -> bool {
-    matches!(ev, TokenEvent::Token { finish: Some(_), .. } | TokenEvent::Finished { .. } | TokenEvent::Error(_))
+    matches!(
+        ev,
+        TokenEvent::Token {
+            finish: Some(_),
+            ..
+        } | TokenEvent::Finished { .. }
+            | TokenEvent::Error(_)
+    )
 }
 
 impl EngineHandle {
@@ -132,19 +139,32 @@ impl EngineHandle {
         let prompt_ids = match &request.prompt {
             Prompt::TokenIds(ids) => ids.clone(),
             Prompt::Text(text) => {
-                let tok = info.tokenizer.as_ref().ok_or(RequestError::NoTokenizer { field: "text_input" })?;
-                tok.encode(text, true).map_err(|e| RequestError::Tokenizer(e.to_string()))?
+                let tok = info.tokenizer.as_ref().ok_or(RequestError::NoTokenizer {
+                    field: "text_input",
+                })?;
+                tok.encode(text, true)
+                    .map_err(|e| RequestError::Tokenizer(e.to_string()))?
             }
         };
         if prompt_ids.is_empty() {
             return Err(RequestError::EmptyPrompt);
         }
-        if let Some(&bad) = prompt_ids.iter().find(|&&id| id as usize >= info.vocab_size) {
-            return Err(RequestError::TokenOutOfRange { field: "input_ids", token_id: bad.into(), vocab_size: info.vocab_size });
+        if let Some(&bad) = prompt_ids
+            .iter()
+            .find(|&&id| id as usize >= info.vocab_size)
+        {
+            return Err(RequestError::TokenOutOfRange {
+                field: "input_ids",
+                token_id: bad.into(),
+                vocab_size: info.vocab_size,
+            });
         }
         // At least one token must fit after the prompt.
         if prompt_ids.len() >= info.max_model_len {
-            return Err(RequestError::PromptTooLong { num_prompt_tokens: prompt_ids.len(), max_model_len: info.max_model_len });
+            return Err(RequestError::PromptTooLong {
+                num_prompt_tokens: prompt_ids.len(),
+                max_model_len: info.max_model_len,
+            });
         }
         request.sampling.validate()?;
         request.stop.validate()?;
@@ -153,11 +173,22 @@ impl EngineHandle {
         }
         let seq_id = SeqId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = crossbeam_channel::unbounded();
-        let sub = Submission { seq_id, prompt_ids: prompt_ids.clone(), request, events: tx };
+        let sub = Submission {
+            seq_id,
+            prompt_ids: prompt_ids.clone(),
+            request,
+            events: tx,
+        };
         self.commands
             .send(Command::Submit(Box::new(sub)))
             .map_err(|_| RequestError::invalid("engine", "stopped", "the engine is not running"))?;
-        Ok(RequestStream { seq_id, prompt_ids, events: rx, commands: self.commands.clone(), finished: false })
+        Ok(RequestStream {
+            seq_id,
+            prompt_ids,
+            events: rx,
+            commands: self.commands.clone(),
+            finished: false,
+        })
     }
 
     /// Aborts a request; its stream ends with `Finished { reason: Abort }` and its KV blocks are
@@ -189,12 +220,26 @@ impl Engine {
         let scheduler = Scheduler::new(scheduler_config)?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let info = Arc::new(info);
-        let worker = Worker { executor, scheduler, info: info.clone(), seqs: HashMap::new(), stats: EngineStats::default(), seed_base: seed_base() };
+        let worker = Worker {
+            executor,
+            scheduler,
+            info: info.clone(),
+            seqs: HashMap::new(),
+            stats: EngineStats::default(),
+            seed_base: seed_base(),
+        };
         let thread = std::thread::Builder::new()
             .name("ferrum-engine".into())
             .spawn(move || worker.run(rx))
             .map_err(|e| crate::Error::Engine(format!("cannot start the engine thread: {e}")))?;
-        Ok(Engine { handle: EngineHandle { commands: tx, next_id: Arc::new(AtomicU64::new(1)), info }, thread: Some(thread) })
+        Ok(Engine {
+            handle: EngineHandle {
+                commands: tx,
+                next_id: Arc::new(AtomicU64::new(1)),
+                info,
+            },
+            thread: Some(thread),
+        })
     }
 
     pub fn handle(&self) -> EngineHandle {
@@ -216,7 +261,9 @@ impl Drop for Engine {
 }
 
 fn seed_base() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0x5eed, |d| d.as_nanos() as u64)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0x5eed, |d| d.as_nanos() as u64)
 }
 
 /// Per-request state kept by the engine thread.
@@ -314,14 +361,25 @@ impl Worker {
     }
 
     fn admit(&mut self, sub: Submission) {
-        let Submission { seq_id, prompt_ids, request, events } = sub;
+        let Submission {
+            seq_id,
+            prompt_ids,
+            request,
+            events,
+        } = sub;
         let info = &self.info;
-        let max_tokens = request.stop.max_tokens.min(info.max_model_len - prompt_ids.len());
+        let max_tokens = request
+            .stop
+            .max_tokens
+            .min(info.max_model_len - prompt_ids.len());
         if let Err(e) = self.scheduler.add(seq_id, prompt_ids.clone(), max_tokens) {
             let _ = events.send(TokenEvent::Error(e.to_string()));
             return;
         }
-        let seed = request.sampling.seed.unwrap_or(self.seed_base ^ seq_id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let seed = request
+            .sampling
+            .seed
+            .unwrap_or(self.seed_base ^ seq_id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let sampler = Sampler::new(&request.sampling, seed, &prompt_ids, info.vocab_size);
         let detok = match (&info.tokenizer, request.detokenize) {
             (Some(t), true) => Some(IncrementalDecoder::new(t.clone(), &prompt_ids, true)),
@@ -334,7 +392,9 @@ impl Worker {
             stop_ids.extend(&info.eos_token_ids);
         }
         self.stats.num_prompt_tokens += prompt_ids.len() as u64;
-        let _ = events.send(TokenEvent::Started { prompt_ids: prompt_ids.clone() });
+        let _ = events.send(TokenEvent::Started {
+            prompt_ids: prompt_ids.clone(),
+        });
         self.seqs.insert(
             seq_id,
             SeqState {
@@ -354,7 +414,10 @@ impl Worker {
         self.scheduler.remove(id);
         if let Some(state) = self.seqs.remove(&id) {
             self.stats.num_aborted += 1;
-            let _ = state.events.send(TokenEvent::Finished { text: String::new(), reason: FinishReason::Abort });
+            let _ = state.events.send(TokenEvent::Finished {
+                text: String::new(),
+                reason: FinishReason::Abort,
+            });
         }
     }
 
@@ -368,7 +431,9 @@ impl Worker {
                 for s in &plan.seqs {
                     self.scheduler.remove(s.seq_id);
                     if let Some(state) = self.seqs.remove(&s.seq_id) {
-                        let _ = state.events.send(TokenEvent::Error(format!("execution failed: {e}")));
+                        let _ = state
+                            .events
+                            .send(TokenEvent::Error(format!("execution failed: {e}")));
                     }
                 }
                 return;
@@ -378,8 +443,14 @@ impl Worker {
         let mut done = Vec::new();
         let sampling = plan.seqs.iter().filter(|s| s.sample);
         for (row_idx, s) in sampling.enumerate() {
-            let Some(state) = self.seqs.get_mut(&s.seq_id) else { continue };
-            let suppressed: &[u32] = if state.num_generated < state.min_tokens { &state.stop_ids } else { &[] };
+            let Some(state) = self.seqs.get_mut(&s.seq_id) else {
+                continue;
+            };
+            let suppressed: &[u32] = if state.num_generated < state.min_tokens {
+                &state.stop_ids
+            } else {
+                &[]
+            };
             let out = state.sampler.sample(logits.row_mut(row_idx), suppressed);
             let token_id = out.token_id;
             state.sampler.accept(token_id);
@@ -420,7 +491,12 @@ impl Worker {
                     text.push_str(&rest);
                 }
             }
-            let ev = TokenEvent::Token { token_id, text, logprobs: out.logprobs, finish };
+            let ev = TokenEvent::Token {
+                token_id,
+                text,
+                logprobs: out.logprobs,
+                finish,
+            };
             let delivered = state.events.send(ev).is_ok();
             if finish.is_some() {
                 done.push((s.seq_id, true));

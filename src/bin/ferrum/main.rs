@@ -118,8 +118,8 @@ struct GenerateArgs {
     )]
     prompt: Option<String>,
     /// Comma-separated token ids (works without a tokenizer).
-    #[arg(long, value_parser = parse_ids)]
-    prompt_ids: Option<Vec<u32>>,
+    #[arg(long)]
+    prompt_ids: Option<String>,
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
     #[arg(long, default_value_t = 0)]
@@ -200,7 +200,7 @@ fn generate(a: GenerateArgs) -> CliResult {
     let handle = loaded.engine.handle();
     let tokenizer = handle.info().tokenizer.clone();
     let prompt = match (a.prompt_ids, a.prompt) {
-        (Some(ids), _) => Prompt::TokenIds(ids),
+        (Some(ids), _) => Prompt::TokenIds(parse_ids(&ids)?),
         (None, Some(text)) if a.chat => {
             let tok = tokenizer
                 .as_ref()

@@ -295,7 +295,7 @@ pub fn linear_with(
     match w {
         Weight::F32 { data, .. } => {
             let accumulate = fill_bias(y, rows, bias);
-            gemm_xwt(x, m, cols, data, rows, y, rows, accumulate);
+            gemm_xwt(x, m, cols, data, rows, y, rows, accumulate, true);
         }
         Weight::Q8(t) => {
             let kernel = match kernel {
@@ -343,6 +343,7 @@ fn gemm_xwt(
     y: &mut [f32],
     y_row_stride: usize,
     accumulate: bool,
+    parallel: bool,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -354,7 +355,7 @@ fn gemm_xwt(
             && y.len() >= (m - 1) * y_row_stride + n
     );
     let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 {
+    let parallelism = if parallel && threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
@@ -517,24 +518,57 @@ fn dequantize_rows(w: &[BlockQ8], out: &mut [f32]) {
 fn q8_dequant_gemm(x: &[f32], m: usize, t: &Q8Tensor, bias: Option<&[f32]>, y: &mut [f32]) {
     let (rows, cols) = (t.rows, t.cols);
     let num_row_blocks = cols / QK;
-    let accumulate = fill_bias(y, rows, bias);
-    let tile_rows = (TILE_ELEMS / cols).clamp(16, rows.max(16));
-    let rows_per_dequant_task = (4096 / cols).max(1);
-    with_scratch(|scratch| {
-        let tile = &mut scratch.tile;
-        tile.resize(tile_rows * cols, 0.0);
-        let mut row0 = 0;
-        while row0 < rows {
-            let num_rows = tile_rows.min(rows - row0);
-            let tile = &mut tile[..num_rows * cols];
-            let w_tile = &t.blocks[row0 * num_row_blocks..(row0 + num_rows) * num_row_blocks];
-            tile.par_chunks_mut(rows_per_dequant_task * cols)
-                .zip(w_tile.par_chunks(rows_per_dequant_task * num_row_blocks))
-                .for_each(|(out, w)| dequantize_rows(w, out));
-            gemm_xwt(x, m, cols, tile, num_rows, &mut y[row0..], rows, accumulate);
-            row0 += num_rows;
+    // Row ranges are split across threads; each thread walks its range in L2-sized tiles
+    // (dequantize, then a single-threaded gemm into its own [m, range] output), so a call costs
+    // one parallel dispatch instead of two per tile.
+    let num_tasks = 2 * rayon::current_num_threads().max(1);
+    let task_rows = rows.div_ceil(num_tasks).max(1);
+    let tile_rows = (TILE_ELEMS / cols).clamp(1, task_rows);
+    let row_starts: Vec<usize> = (0..rows).step_by(task_rows).collect();
+    let parts: Vec<(usize, Vec<f32>)> = row_starts
+        .into_par_iter()
+        .map(|row0| {
+            let n = task_rows.min(rows - row0);
+            let mut out = vec![0.0f32; m * n];
+            with_scratch(|scratch| {
+                let tile = &mut scratch.tile;
+                tile.resize(tile_rows * cols, 0.0);
+                let mut r = 0;
+                while r < n {
+                    let nr = tile_rows.min(n - r);
+                    let w =
+                        &t.blocks[(row0 + r) * num_row_blocks..(row0 + r + nr) * num_row_blocks];
+                    dequantize_rows(w, &mut tile[..nr * cols]);
+                    gemm_xwt(
+                        x,
+                        m,
+                        cols,
+                        &tile[..nr * cols],
+                        nr,
+                        &mut out[r..],
+                        n,
+                        false,
+                        false,
+                    );
+                    r += nr;
+                }
+            });
+            (row0, out)
+        })
+        .collect();
+    for (row0, out) in parts {
+        let n = out.len() / m;
+        for (y_row, part) in y.chunks_exact_mut(rows).zip(out.chunks_exact(n)) {
+            y_row[row0..row0 + n].copy_from_slice(part);
         }
-    });
+    }
+    if let Some(b) = bias {
+        for y_row in y.chunks_exact_mut(rows) {
+            for (v, b) in y_row.iter_mut().zip(b) {
+                *v += b;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -32,9 +32,11 @@ use crate::loader::{HostTensor, Q8Tensor};
 
 /// Largest `m` (number of activation rows) that uses the int8 dot-product kernel for `BlockQ8`
 /// weights by default; above it weight tiles are dequantized and multiplied with `gemm`.
-/// Measured on the SmolLM2 shapes (2 cores, AVX2): summed over one token's matmuls, int8 is ahead
-/// by ~1.4x at m = 8 and behind by ~10% at m = 12 (`examples/linear_bench.rs --ms 6,8,12`).
-pub const MAX_DECODE_M: usize = 8;
+/// Measured end to end on SmolLM2 (`ferrum bench`, 2 cores, AVX2), once the dequantize + gemm
+/// path ran its tiles in parallel: batch 2/4/8 decode steps took 24/49/79 ms with dequantize +
+/// gemm against 38/59/122 ms with the int8 kernel, whose multi-row loop re-reads each weight
+/// block per activation row. So only single-row decode uses the int8 kernel.
+pub const MAX_DECODE_M: usize = 1;
 
 /// Number of f32 elements of a dequantized weight tile in the prefill path (256 KiB: stays in L2
 /// while `gemm` sweeps it).

@@ -136,3 +136,32 @@ fn chat_prompt_gives_a_sensible_answer() {
         "streamed deltas must equal the full decode"
     );
 }
+
+#[test]
+fn stop_strings_and_streamed_text() {
+    let engine = TestEngine::start(&smollm2_gguf(), Some(WeightFormat::F32), |o| {
+        o.max_model_len = Some(256)
+    });
+    let handle = engine.handle();
+    let req = |stop: Vec<String>| GenerateRequest {
+        prompt: Prompt::Text("The capital of France is".into()),
+        sampling: SamplingParams::default(),
+        stop: StopCriteria {
+            max_tokens: 12,
+            stop_strings: stop,
+            ..StopCriteria::default()
+        },
+        detokenize: true,
+    };
+    let free = collect(&handle, req(vec![]));
+    assert!(free.text.starts_with(" Paris."), "{:?}", free.text);
+    // A stop string spanning the boundary between " Paris" and "." ends generation there and is
+    // not part of the text.
+    let c = collect(&handle, req(vec!["s.".into()]));
+    assert_eq!(c.finish.as_deref(), Some("stop"));
+    assert_eq!(c.text, " Pari");
+    assert_eq!(c.num_final_events, 1);
+    // A stop string that never occurs changes nothing.
+    let c = collect(&handle, req(vec!["zzz".into()]));
+    assert_eq!(c.text, free.text);
+}

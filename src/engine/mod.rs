@@ -53,7 +53,25 @@ struct Submission {
     seq_id: SeqId,
     prompt_ids: Vec<u32>,
     request: GenerateRequest,
-    events: Sender<TokenEvent>,
+    events: EventSink,
+}
+
+/// Where a request's events go: its own channel (`submit`), or a channel shared by many
+/// requests with each event tagged by its `SeqId` (`submit_to`, e.g. one response thread
+/// serving every request of a Triton model).
+enum EventSink {
+    Own(Sender<TokenEvent>),
+    Shared(Sender<(SeqId, TokenEvent)>),
+}
+
+impl EventSink {
+    /// False when the receiving side is gone.
+    fn send(&self, seq_id: SeqId, ev: TokenEvent) -> bool {
+        match self {
+            EventSink::Own(tx) => tx.send(ev).is_ok(),
+            EventSink::Shared(tx) => tx.send((seq_id, ev)).is_ok(),
+        }
+    }
 }
 
 /// A cheap, cloneable handle to the engine thread.
@@ -118,7 +136,14 @@ impl Drop for RequestStream {
 }
 
 pub fn is_final(ev: &TokenEvent) -> bool {
-    matches!(ev, TokenEvent::Token { finish: Some(_), .. } | TokenEvent::Finished { .. } | TokenEvent::Error(_))
+    matches!(
+        ev,
+        TokenEvent::Token {
+            finish: Some(_),
+            ..
+        } | TokenEvent::Finished { .. }
+            | TokenEvent::Error(_)
+    )
 }
 
 impl EngineHandle {
@@ -128,23 +153,63 @@ impl EngineHandle {
 
     /// Validates and tokenizes the request on the caller's thread, then queues it.
     pub fn submit(&self, request: GenerateRequest) -> Result<RequestStream, RequestError> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (seq_id, prompt_ids) = self.enqueue(request, EventSink::Own(tx))?;
+        Ok(RequestStream {
+            seq_id,
+            prompt_ids,
+            events: rx,
+            commands: self.commands.clone(),
+            finished: false,
+        })
+    }
+
+    /// Like `submit`, but the request's events go to `events`, a channel shared with other
+    /// requests, tagged with the returned `SeqId`. The caller owns the request's lifetime: it
+    /// must `abort` a request it stops listening to. Returns the id and the prompt's token ids.
+    pub fn submit_to(
+        &self,
+        request: GenerateRequest,
+        events: Sender<(SeqId, TokenEvent)>,
+    ) -> Result<(SeqId, Vec<u32>), RequestError> {
+        self.enqueue(request, EventSink::Shared(events))
+    }
+
+    fn enqueue(
+        &self,
+        request: GenerateRequest,
+        events: EventSink,
+    ) -> Result<(SeqId, Vec<u32>), RequestError> {
         let info = &self.info;
         let prompt_ids = match &request.prompt {
             Prompt::TokenIds(ids) => ids.clone(),
             Prompt::Text(text) => {
-                let tok = info.tokenizer.as_ref().ok_or(RequestError::NoTokenizer { field: "text_input" })?;
-                tok.encode(text, true).map_err(|e| RequestError::Tokenizer(e.to_string()))?
+                let tok = info.tokenizer.as_ref().ok_or(RequestError::NoTokenizer {
+                    field: "text_input",
+                })?;
+                tok.encode(text, true)
+                    .map_err(|e| RequestError::Tokenizer(e.to_string()))?
             }
         };
         if prompt_ids.is_empty() {
             return Err(RequestError::EmptyPrompt);
         }
-        if let Some(&bad) = prompt_ids.iter().find(|&&id| id as usize >= info.vocab_size) {
-            return Err(RequestError::TokenOutOfRange { field: "input_ids", token_id: bad.into(), vocab_size: info.vocab_size });
+        if let Some(&bad) = prompt_ids
+            .iter()
+            .find(|&&id| id as usize >= info.vocab_size)
+        {
+            return Err(RequestError::TokenOutOfRange {
+                field: "input_ids",
+                token_id: bad.into(),
+                vocab_size: info.vocab_size,
+            });
         }
         // At least one token must fit after the prompt.
         if prompt_ids.len() >= info.max_model_len {
-            return Err(RequestError::PromptTooLong { num_prompt_tokens: prompt_ids.len(), max_model_len: info.max_model_len });
+            return Err(RequestError::PromptTooLong {
+                num_prompt_tokens: prompt_ids.len(),
+                max_model_len: info.max_model_len,
+            });
         }
         request.sampling.validate()?;
         request.stop.validate()?;
@@ -152,12 +217,16 @@ impl EngineHandle {
             return Err(RequestError::NoTokenizer { field: "stop" });
         }
         let seq_id = SeqId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let sub = Submission { seq_id, prompt_ids: prompt_ids.clone(), request, events: tx };
+        let sub = Submission {
+            seq_id,
+            prompt_ids: prompt_ids.clone(),
+            request,
+            events,
+        };
         self.commands
             .send(Command::Submit(Box::new(sub)))
             .map_err(|_| RequestError::invalid("engine", "stopped", "the engine is not running"))?;
-        Ok(RequestStream { seq_id, prompt_ids, events: rx, commands: self.commands.clone(), finished: false })
+        Ok((seq_id, prompt_ids))
     }
 
     /// Aborts a request; its stream ends with `Finished { reason: Abort }` and its KV blocks are
@@ -189,12 +258,26 @@ impl Engine {
         let scheduler = Scheduler::new(scheduler_config)?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let info = Arc::new(info);
-        let worker = Worker { executor, scheduler, info: info.clone(), seqs: HashMap::new(), stats: EngineStats::default(), seed_base: seed_base() };
+        let worker = Worker {
+            executor,
+            scheduler,
+            info: info.clone(),
+            seqs: HashMap::new(),
+            stats: EngineStats::default(),
+            seed_base: seed_base(),
+        };
         let thread = std::thread::Builder::new()
             .name("ferrum-engine".into())
             .spawn(move || worker.run(rx))
             .map_err(|e| crate::Error::Engine(format!("cannot start the engine thread: {e}")))?;
-        Ok(Engine { handle: EngineHandle { commands: tx, next_id: Arc::new(AtomicU64::new(1)), info }, thread: Some(thread) })
+        Ok(Engine {
+            handle: EngineHandle {
+                commands: tx,
+                next_id: Arc::new(AtomicU64::new(1)),
+                info,
+            },
+            thread: Some(thread),
+        })
     }
 
     pub fn handle(&self) -> EngineHandle {
@@ -216,7 +299,9 @@ impl Drop for Engine {
 }
 
 fn seed_base() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0x5eed, |d| d.as_nanos() as u64)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0x5eed, |d| d.as_nanos() as u64)
 }
 
 /// Per-request state kept by the engine thread.
@@ -224,7 +309,7 @@ struct SeqState {
     sampler: Sampler,
     detok: Option<IncrementalDecoder>,
     stop_strings: Option<StopStringMatcher>,
-    events: Sender<TokenEvent>,
+    events: EventSink,
     num_generated: usize,
     max_tokens: usize,
     min_tokens: usize,
@@ -314,14 +399,25 @@ impl Worker {
     }
 
     fn admit(&mut self, sub: Submission) {
-        let Submission { seq_id, prompt_ids, request, events } = sub;
+        let Submission {
+            seq_id,
+            prompt_ids,
+            request,
+            events,
+        } = sub;
         let info = &self.info;
-        let max_tokens = request.stop.max_tokens.min(info.max_model_len - prompt_ids.len());
+        let max_tokens = request
+            .stop
+            .max_tokens
+            .min(info.max_model_len - prompt_ids.len());
         if let Err(e) = self.scheduler.add(seq_id, prompt_ids.clone(), max_tokens) {
-            let _ = events.send(TokenEvent::Error(e.to_string()));
+            events.send(seq_id, TokenEvent::Error(e.to_string()));
             return;
         }
-        let seed = request.sampling.seed.unwrap_or(self.seed_base ^ seq_id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let seed = request
+            .sampling
+            .seed
+            .unwrap_or(self.seed_base ^ seq_id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let sampler = Sampler::new(&request.sampling, seed, &prompt_ids, info.vocab_size);
         let detok = match (&info.tokenizer, request.detokenize) {
             (Some(t), true) => Some(IncrementalDecoder::new(t.clone(), &prompt_ids, true)),
@@ -334,7 +430,12 @@ impl Worker {
             stop_ids.extend(&info.eos_token_ids);
         }
         self.stats.num_prompt_tokens += prompt_ids.len() as u64;
-        let _ = events.send(TokenEvent::Started { prompt_ids: prompt_ids.clone() });
+        events.send(
+            seq_id,
+            TokenEvent::Started {
+                prompt_ids: prompt_ids.clone(),
+            },
+        );
         self.seqs.insert(
             seq_id,
             SeqState {
@@ -354,7 +455,13 @@ impl Worker {
         self.scheduler.remove(id);
         if let Some(state) = self.seqs.remove(&id) {
             self.stats.num_aborted += 1;
-            let _ = state.events.send(TokenEvent::Finished { text: String::new(), reason: FinishReason::Abort });
+            state.events.send(
+                id,
+                TokenEvent::Finished {
+                    text: String::new(),
+                    reason: FinishReason::Abort,
+                },
+            );
         }
     }
 
@@ -368,7 +475,10 @@ impl Worker {
                 for s in &plan.seqs {
                     self.scheduler.remove(s.seq_id);
                     if let Some(state) = self.seqs.remove(&s.seq_id) {
-                        let _ = state.events.send(TokenEvent::Error(format!("execution failed: {e}")));
+                        state.events.send(
+                            s.seq_id,
+                            TokenEvent::Error(format!("execution failed: {e}")),
+                        );
                     }
                 }
                 return;
@@ -378,8 +488,14 @@ impl Worker {
         let mut done = Vec::new();
         let sampling = plan.seqs.iter().filter(|s| s.sample);
         for (row_idx, s) in sampling.enumerate() {
-            let Some(state) = self.seqs.get_mut(&s.seq_id) else { continue };
-            let suppressed: &[u32] = if state.num_generated < state.min_tokens { &state.stop_ids } else { &[] };
+            let Some(state) = self.seqs.get_mut(&s.seq_id) else {
+                continue;
+            };
+            let suppressed: &[u32] = if state.num_generated < state.min_tokens {
+                &state.stop_ids
+            } else {
+                &[]
+            };
             let out = state.sampler.sample(logits.row_mut(row_idx), suppressed);
             let token_id = out.token_id;
             state.sampler.accept(token_id);
@@ -420,8 +536,13 @@ impl Worker {
                     text.push_str(&rest);
                 }
             }
-            let ev = TokenEvent::Token { token_id, text, logprobs: out.logprobs, finish };
-            let delivered = state.events.send(ev).is_ok();
+            let ev = TokenEvent::Token {
+                token_id,
+                text,
+                logprobs: out.logprobs,
+                finish,
+            };
+            let delivered = state.events.send(s.seq_id, ev);
             if finish.is_some() {
                 done.push((s.seq_id, true));
             } else if !delivered {

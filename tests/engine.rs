@@ -9,14 +9,18 @@ use std::time::Duration;
 use common::*;
 use triton_ferrum::engine::is_final;
 use triton_ferrum::ops::linear::WeightFormat;
-use triton_ferrum::request::{FinishReason, Prompt, RequestError, SamplingParams, StopCriteria, TokenEvent};
+use triton_ferrum::request::{
+    FinishReason, Prompt, RequestError, SamplingParams, StopCriteria, TokenEvent,
+};
 
 fn model_dir() -> std::path::PathBuf {
     fixtures().join("models/llama_gqa_llama3")
 }
 
 fn prompt(len: usize, salt: u32) -> Vec<u32> {
-    (0..len as u32).map(|i| (i * 37 + salt * 101 + 5) % 300 + 3).collect()
+    (0..len as u32)
+        .map(|i| (i * 37 + salt * 101 + 5) % 300 + 3)
+        .collect()
 }
 
 /// Greedy outputs of 16 mixed-length requests arriving at different steps equal their outputs
@@ -30,7 +34,13 @@ fn batch_invariance_under_chunking_and_preemption() {
     let reference: Vec<Vec<u32>> = lens
         .iter()
         .enumerate()
-        .map(|(i, &n)| collect(&alone.handle(), greedy(prompt(n, i as u32), max_tokens, None)).output_ids)
+        .map(|(i, &n)| {
+            collect(
+                &alone.handle(),
+                greedy(prompt(n, i as u32), max_tokens, None),
+            )
+            .output_ids
+        })
         .collect();
     drop(alone);
 
@@ -45,7 +55,9 @@ fn batch_invariance_under_chunking_and_preemption() {
     let handle = batched.handle();
     let mut streams = vec![];
     for (i, &n) in lens.iter().enumerate() {
-        let mut s = handle.submit(greedy(prompt(n, i as u32), max_tokens, None)).unwrap();
+        let mut s = handle
+            .submit(greedy(prompt(n, i as u32), max_tokens, None))
+            .unwrap();
         // Let the engine take a few steps between arrivals.
         if i % 4 == 3 {
             let ev = s.recv().unwrap();
@@ -64,10 +76,17 @@ fn batch_invariance_under_chunking_and_preemption() {
             }
         }
         assert_eq!(finals, 1, "request {i}: exactly one final event");
-        assert_eq!(out, reference[i], "request {i} (prompt len {}) differs when batched", lens[i]);
+        assert_eq!(
+            out, reference[i],
+            "request {i} (prompt len {}) differs when batched",
+            lens[i]
+        );
     }
     let stats = handle.stats().unwrap();
-    assert!(stats.num_preemptions > 0, "the KV cache was sized to force preemption: {stats:?}");
+    assert!(
+        stats.num_preemptions > 0,
+        "the KV cache was sized to force preemption: {stats:?}"
+    );
     assert_eq!(stats.num_finished, 16);
 }
 
@@ -87,8 +106,14 @@ fn abort_ends_stream_and_frees_blocks() {
         last = Some(ev);
     }
     match last {
-        Some(TokenEvent::Finished { reason: FinishReason::Abort, .. }) => {}
-        Some(TokenEvent::Token { finish: Some(FinishReason::Length), .. }) => panic!("abort was not applied"),
+        Some(TokenEvent::Finished {
+            reason: FinishReason::Abort,
+            ..
+        }) => {}
+        Some(TokenEvent::Token {
+            finish: Some(FinishReason::Length),
+            ..
+        }) => panic!("abort was not applied"),
         other => panic!("unexpected last event {other:?}"),
     }
     // The whole cache (16 blocks) must be usable again: a request needing all of it completes.
@@ -123,7 +148,11 @@ fn same_seed_same_output_and_different_seed_differs() {
     let handle = e.handle();
     let run = |seed| {
         let mut req = greedy(prompt(6, 5), 24, None);
-        req.sampling = SamplingParams { temperature: 1.5, seed: Some(seed), ..SamplingParams::default() };
+        req.sampling = SamplingParams {
+            temperature: 1.5,
+            seed: Some(seed),
+            ..SamplingParams::default()
+        };
         collect(&handle, req).output_ids
     };
     let a = run(42);
@@ -155,27 +184,49 @@ fn stop_token_min_tokens_and_max_tokens() {
 
 #[test]
 fn invalid_requests_get_errors_naming_the_field() {
-    let e = TestEngine::start(&model_dir(), Some(WeightFormat::F32), |o| o.max_model_len = Some(64));
+    let e = TestEngine::start(&model_dir(), Some(WeightFormat::F32), |o| {
+        o.max_model_len = Some(64)
+    });
     let handle = e.handle();
     let err = |req| handle.submit(req).err().unwrap();
-    assert!(matches!(err(greedy(vec![], 4, None)), RequestError::EmptyPrompt));
+    assert!(matches!(
+        err(greedy(vec![], 4, None)),
+        RequestError::EmptyPrompt
+    ));
     let e1 = err(greedy(prompt(64, 1), 4, None));
-    assert!(e1.to_string().contains("64") && e1.to_string().contains("context"), "{e1}");
+    assert!(
+        e1.to_string().contains("64") && e1.to_string().contains("context"),
+        "{e1}"
+    );
     let e2 = err(greedy(vec![1, 99999], 4, None));
     assert!(e2.to_string().contains("99999"), "{e2}");
     let mut r = greedy(prompt(3, 1), 4, None);
     r.sampling.top_p = 1.5;
     let e3 = err(r);
-    assert!(e3.to_string().contains("top_p") && e3.to_string().contains("1.5"), "{e3}");
+    assert!(
+        e3.to_string().contains("top_p") && e3.to_string().contains("1.5"),
+        "{e3}"
+    );
     let mut r = greedy(prompt(3, 1), 4, None);
     r.sampling.temperature = -1.0;
     assert!(err(r).to_string().contains("temperature"));
     let mut r = greedy(prompt(3, 1), 4, None);
-    r.stop = StopCriteria { max_tokens: 0, ..StopCriteria::default() };
+    r.stop = StopCriteria {
+        max_tokens: 0,
+        ..StopCriteria::default()
+    };
     assert!(err(r).to_string().contains("max_tokens"));
     let mut r = greedy(prompt(3, 1), 4, None);
     r.prompt = Prompt::Text("hello".into());
-    assert!(err(r).to_string().contains("tokenizer"), "fixture has no tokenizer");
+    assert!(
+        err(r).to_string().contains("tokenizer"),
+        "fixture has no tokenizer"
+    );
     // The engine still serves after all of that.
-    assert_eq!(collect(&handle, greedy(prompt(3, 1), 2, None)).output_ids.len(), 2);
+    assert_eq!(
+        collect(&handle, greedy(prompt(3, 1), 2, None))
+            .output_ids
+            .len(),
+        2
+    );
 }

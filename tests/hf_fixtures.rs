@@ -20,18 +20,31 @@ const LOGIT_TOL: f32 = 2e-3;
 
 fn golden(name: &str) -> Value {
     let p = fixtures().join(format!("golden/{name}.json"));
-    serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+    )
+    .unwrap()
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn top5(v: &Value) -> Vec<Vec<(u32, f32)>> {
     v.as_array()
         .unwrap()
         .iter()
-        .map(|step| step.as_array().unwrap().iter().map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap() as f32)).collect())
+        .map(|step| {
+            step.as_array()
+                .unwrap()
+                .iter()
+                .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap() as f32))
+                .collect()
+        })
         .collect()
 }
 
@@ -45,7 +58,14 @@ fn check_model(name: &str) {
         let want = ids(&case["greedy_ids"]);
         let got = collect(&handle, greedy(prompt, want.len(), Some(5)));
         assert_eq!(got.num_final_events, 1);
-        compare_greedy(&format!("{name} case {i}"), &got.output_ids, &got.logprobs, &want, &top5(&case["top5"]), LOGPROB_TOL);
+        compare_greedy(
+            &format!("{name} case {i}"),
+            &got.output_ids,
+            &got.logprobs,
+            &want,
+            &top5(&case["top5"]),
+            LOGPROB_TOL,
+        );
     }
 }
 
@@ -53,7 +73,8 @@ fn check_model(name: &str) {
 fn check_last_logits(name: &str) {
     let g = golden(name);
     let ckpt = Checkpoint::open(&fixtures().join("models").join(name), None).unwrap();
-    let weights = triton_ferrum::engine::options::load_weights(&ckpt, WeightFormat::F32, false).unwrap();
+    let weights =
+        triton_ferrum::engine::options::load_weights(&ckpt, WeightFormat::F32, false).unwrap();
     let spec = ckpt.arch.spec.clone();
     let decoder = Decoder::new(spec.clone(), weights);
     let block_size = 4;
@@ -63,16 +84,44 @@ fn check_last_logits(name: &str) {
         let num_blocks = n.div_ceil(block_size);
         // Blocks in reverse order, to exercise the block table.
         let table: Vec<u32> = (0..num_blocks as u32).rev().collect();
-        let mut kv: Vec<KvLayerCache> = (0..spec.num_layers).map(|_| KvLayerCache::new(num_blocks, block_size, spec.kv_dim())).collect();
+        let mut kv: Vec<KvLayerCache> = (0..spec.num_layers)
+            .map(|_| KvLayerCache::new(num_blocks, block_size, spec.kv_dim()))
+            .collect();
         let positions: Vec<usize> = (0..n).collect();
-        let slots: Vec<usize> = positions.iter().map(|&p| table[p / block_size] as usize * block_size + p % block_size).collect();
-        let seqs = [AttnSeq { q_start: 0, q_len: n, context_len: n, block_table: &table }];
-        let input = BatchInput { token_ids: &prompt, positions: &positions, slots: &slots, seqs: &seqs, logits_rows: &[n - 1] };
+        let slots: Vec<usize> = positions
+            .iter()
+            .map(|&p| table[p / block_size] as usize * block_size + p % block_size)
+            .collect();
+        let seqs = [AttnSeq {
+            q_start: 0,
+            q_len: n,
+            context_len: n,
+            block_table: &table,
+        }];
+        let input = BatchInput {
+            token_ids: &prompt,
+            positions: &positions,
+            slots: &slots,
+            seqs: &seqs,
+            logits_rows: &[n - 1],
+        };
         let logits = decoder.forward(&mut kv, block_size, &input);
-        let want: Vec<f32> = case["last_logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        let want: Vec<f32> = case["last_logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
         assert_eq!(logits.len(), want.len());
-        let max_diff = logits.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        assert!(max_diff <= LOGIT_TOL, "{name} case {i}: max |logit diff| {max_diff} > {LOGIT_TOL}");
+        let max_diff = logits
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            max_diff <= LOGIT_TOL,
+            "{name} case {i}: max |logit diff| {max_diff} > {LOGIT_TOL}"
+        );
     }
 }
 

@@ -18,7 +18,9 @@ pub enum Device {
     /// The GPU when one is usable, else the CPU.
     Auto,
     Cpu,
-    Cuda { ordinal: usize },
+    Cuda {
+        ordinal: usize,
+    },
 }
 
 impl FromStr for Device {
@@ -30,7 +32,9 @@ impl FromStr for Device {
             "cuda" => Ok(Device::Cuda { ordinal: 0 }),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(ordinal)) => Ok(Device::Cuda { ordinal }),
-                _ => Err(format!("invalid device '{s}': expected auto, cpu, cuda or cuda:N")),
+                _ => Err(format!(
+                    "invalid device '{s}': expected auto, cpu, cuda or cuda:N"
+                )),
             },
         }
     }
@@ -54,6 +58,8 @@ pub struct EngineOptions {
     /// Longest prompt + output. None: the model's maximum (capped at 8192 on the CPU).
     pub max_model_len: Option<usize>,
     pub enable_chunked_prefill: bool,
+    /// CPU threads for the CPU engine (0: one per core).
+    pub num_threads: usize,
     /// Show a progress bar while loading weights (only when stderr is a terminal).
     pub progress: bool,
 }
@@ -71,6 +77,7 @@ impl EngineOptions {
             max_tokens_in_paged_kv_cache: None,
             max_model_len: None,
             enable_chunked_prefill: true,
+            num_threads: 0,
             progress: false,
         }
     }
@@ -115,17 +122,29 @@ pub fn start(opts: &EngineOptions) -> crate::Result<LoadedEngine> {
 /// Starts an engine on an already opened checkpoint (`opts.model` is not read again).
 pub fn start_checkpoint(ckpt: Checkpoint, opts: &EngineOptions) -> crate::Result<LoadedEngine> {
     let device = resolve_device(opts.device)?;
-    let format = opts.weight_format.unwrap_or_else(|| default_weight_format(&ckpt));
+    let format = opts
+        .weight_format
+        .unwrap_or_else(|| default_weight_format(&ckpt));
     let weights = load_weights(&ckpt, format, opts.progress)?;
     let spec = ckpt.arch.spec.clone();
-    let max_model_len = opts.max_model_len.unwrap_or(spec.max_position_embeddings.min(8192)).min(spec.max_position_embeddings);
+    let max_model_len = opts
+        .max_model_len
+        .unwrap_or(spec.max_position_embeddings.min(8192))
+        .min(spec.max_position_embeddings);
     let bytes_per_token = CpuExecutor::kv_bytes_per_token(&spec);
-    let kv_tokens = opts
-        .max_tokens_in_paged_kv_cache
-        .unwrap_or_else(|| (DEFAULT_CPU_KV_BYTES / bytes_per_token).min(opts.max_num_seqs * max_model_len).max(max_model_len));
+    let kv_tokens = opts.max_tokens_in_paged_kv_cache.unwrap_or_else(|| {
+        (DEFAULT_CPU_KV_BYTES / bytes_per_token)
+            .min(opts.max_num_seqs * max_model_len)
+            .max(max_model_len)
+    });
     let num_kv_blocks = kv_tokens.div_ceil(opts.block_size);
     let weight_bytes = weights.size_in_bytes();
-    let executor = CpuExecutor::new(Decoder::new(spec.clone(), weights), num_kv_blocks, opts.block_size);
+    let executor = CpuExecutor::new(
+        Decoder::new(spec.clone(), weights),
+        num_kv_blocks,
+        opts.block_size,
+        opts.num_threads,
+    )?;
     debug_assert_eq!(device, Device::Cpu);
     let device_name = crate::executor::Executor::describe(&executor);
     let scheduler = SchedulerConfig {
@@ -157,13 +176,19 @@ pub fn start_checkpoint(ckpt: Checkpoint, opts: &EngineOptions) -> crate::Result
 }
 
 /// Loads the decoder weights, with a progress bar over layers when asked and on a terminal.
-pub fn load_weights(ckpt: &Checkpoint, format: WeightFormat, progress: bool) -> crate::Result<DecoderWeights> {
+pub fn load_weights(
+    ckpt: &Checkpoint,
+    format: WeightFormat,
+    progress: bool,
+) -> crate::Result<DecoderWeights> {
     use std::io::IsTerminal;
     let bar = (progress && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(ckpt.arch.spec.num_layers as u64);
         bar.set_style(
-            indicatif::ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} layers ({elapsed})")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "loading {msg} [{bar:30}] {pos}/{len} layers ({elapsed})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         bar.set_message(ckpt.source.describe());
         bar

@@ -14,7 +14,10 @@ pub struct RandomSource {
 impl RandomSource {
     /// `tensors`: every name and shape (PyTorch order) the model will ask for.
     pub fn new(tensors: impl IntoIterator<Item = (String, Vec<usize>)>, seed: u64) -> Self {
-        RandomSource { tensors: tensors.into_iter().collect(), seed }
+        RandomSource {
+            tensors: tensors.into_iter().collect(),
+            seed,
+        }
     }
 }
 
@@ -35,23 +38,36 @@ impl TensorSource for RandomSource {
     }
 
     fn info(&self, name: &str) -> Option<TensorInfo> {
-        self.tensors.get(name).map(|shape| TensorInfo { shape: shape.clone(), dtype: SourceDType::F32 })
+        self.tensors.get(name).map(|shape| TensorInfo {
+            shape: shape.clone(),
+            dtype: SourceDType::F32,
+        })
     }
 
     fn get(&self, name: &str, shard: Shard) -> Result<HostTensor, LoadError> {
         let shape = self
             .tensors
             .get(name)
-            .ok_or_else(|| LoadError::MissingTensor { path: self.describe().into(), tensor: name.to_string() })?;
+            .ok_or_else(|| LoadError::MissingTensor {
+                path: self.describe().into(),
+                tensor: name.to_string(),
+            })?;
         if shard != Shard::Replicated {
-            return Err(LoadError::BadShard { path: self.describe().into(), tensor: name.into(), shape: shape.clone(), shard });
+            return Err(LoadError::BadShard {
+                path: self.describe().into(),
+                tensor: name.into(),
+                shape: shape.clone(),
+                shard,
+            });
         }
         let numel: usize = shape.iter().product();
         let is_norm = name.contains("norm") && name.ends_with("weight");
         let data = if is_norm {
             vec![1.0; numel]
         } else {
-            let name_hash = name.bytes().fold(self.seed, |h, b| splitmix(h ^ u64::from(b)));
+            let name_hash = name
+                .bytes()
+                .fold(self.seed, |h, b| splitmix(h ^ u64::from(b)));
             (0..numel as u64)
                 .map(|i| {
                     // Sum of two uniforms: triangular on (-1, 1), std 1/sqrt(6); scaled to ~0.02.
@@ -62,7 +78,10 @@ impl TensorSource for RandomSource {
                 })
                 .collect()
         };
-        Ok(HostTensor { shape: shape.clone(), data })
+        Ok(HostTensor {
+            shape: shape.clone(),
+            data,
+        })
     }
 
     fn get_q8(&self, _name: &str, _shard: Shard) -> Result<Option<Q8Tensor>, LoadError> {

@@ -41,12 +41,22 @@ impl Decoder {
             PosEmbedding::Alibi { max_bias } => Some(alibi_slopes(spec.num_heads, max_bias)),
             _ => None,
         };
-        Decoder { spec, weights, inv_freqs, alibi_slopes }
+        Decoder {
+            spec,
+            weights,
+            inv_freqs,
+            alibi_slopes,
+        }
     }
 
     /// Runs the batch through every layer, writing each token's k/v into `kv` at its slot.
     /// Returns logits `[logits_rows.len(), vocab_size]`.
-    pub fn forward(&self, kv: &mut [KvLayerCache], block_size: usize, input: &BatchInput<'_>) -> Vec<f32> {
+    pub fn forward(
+        &self,
+        kv: &mut [KvLayerCache],
+        block_size: usize,
+        input: &BatchInput<'_>,
+    ) -> Vec<f32> {
         let spec = &self.spec;
         let w = &self.weights;
         let h = spec.hidden_size;
@@ -74,7 +84,15 @@ impl Decoder {
         };
         let mut scratch = Scratch::new(spec, num_tokens);
         for (layer, cache) in w.layers.iter().zip(kv.iter_mut()) {
-            self.layer(layer, cache, block_size, rope.as_ref(), input, &mut x, &mut scratch);
+            self.layer(
+                layer,
+                cache,
+                block_size,
+                rope.as_ref(),
+                input,
+                &mut x,
+                &mut scratch,
+            );
         }
 
         // Final norm and LM head only for the rows that sample.
@@ -86,7 +104,13 @@ impl Decoder {
         let mut normed = vec![0.0f32; num_rows * h];
         self.norm(&w.final_norm, &last, &mut normed);
         let mut logits = vec![0.0f32; num_rows * spec.vocab_size];
-        linear(&normed, num_rows, w.lm_head(), w.lm_head_bias.as_deref(), &mut logits);
+        linear(
+            &normed,
+            num_rows,
+            w.lm_head(),
+            w.lm_head_bias.as_deref(),
+            &mut logits,
+        );
         logits
     }
 
@@ -118,7 +142,13 @@ impl Decoder {
         }
         if let (Some(rope), PosEmbedding::Rope(r)) = (rope, &spec.pos) {
             rope.apply(&mut s.qkv, qkv_dim, spec.num_heads, spec.head_dim, r.style);
-            rope.apply(&mut s.qkv[q_dim..], qkv_dim, spec.num_kv_heads, spec.head_dim, r.style);
+            rope.apply(
+                &mut s.qkv[q_dim..],
+                qkv_dim,
+                spec.num_kv_heads,
+                spec.head_dim,
+                r.style,
+            );
         }
         for (row, &slot) in s.qkv.chunks(qkv_dim).zip(input.slots) {
             cache.write(slot, &row[q_dim..q_dim + kv_dim], &row[q_dim + kv_dim..]);
@@ -133,7 +163,13 @@ impl Decoder {
             alibi_slopes: self.alibi_slopes.as_deref(),
         };
         paged_attention(&mut s.attn, &s.qkv, qkv_dim, cache, input.seqs, &params);
-        linear(&s.attn, m, &lw.attn_out, lw.attn_out_bias.as_deref(), &mut s.attn_proj);
+        linear(
+            &s.attn,
+            m,
+            &lw.attn_out,
+            lw.attn_out_bias.as_deref(),
+            &mut s.attn_proj,
+        );
 
         // MLP block and residuals.
         match spec.residual {
@@ -160,7 +196,13 @@ impl Decoder {
     /// mlp_out = down(act(gate(normed)) * up(normed)) or down(act(up(normed)))
     fn mlp(&self, lw: &LayerWeights, m: usize, s: &mut Scratch) {
         let inter = self.spec.intermediate_size;
-        linear(&s.normed, m, &lw.gate_up, lw.gate_up_bias.as_deref(), &mut s.gate_up);
+        linear(
+            &s.normed,
+            m,
+            &lw.gate_up,
+            lw.gate_up_bias.as_deref(),
+            &mut s.gate_up,
+        );
         match self.spec.mlp {
             Mlp::Gated => activation::gated(self.spec.act, &s.gate_up, inter, &mut s.act),
             Mlp::Plain => {

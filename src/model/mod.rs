@@ -36,10 +36,16 @@ pub enum ModelError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CheckpointFormat {
     /// A Hugging Face folder: config.json + safetensors.
-    HuggingFace { dir: PathBuf },
-    Gguf { file: PathBuf },
+    HuggingFace {
+        dir: PathBuf,
+    },
+    Gguf {
+        file: PathBuf,
+    },
     /// Random weights at a preset's shapes (benchmarks).
-    Random { preset: String },
+    Random {
+        preset: String,
+    },
 }
 
 /// An opened checkpoint: spec, tensor source and tokenizer; weights not yet read.
@@ -58,7 +64,10 @@ impl Checkpoint {
     pub fn open(path: &Path, tokenizer_override: Option<&Path>) -> crate::Result<Checkpoint> {
         let mut ckpt = if path.is_file() {
             if path.extension().and_then(|e| e.to_str()) != Some("gguf") {
-                return Err(ModelError::NotAModel { path: path.to_path_buf() }.into());
+                return Err(ModelError::NotAModel {
+                    path: path.to_path_buf(),
+                }
+                .into());
             }
             Self::open_gguf(path)?
         } else if path.join("config.json").is_file() {
@@ -68,18 +77,29 @@ impl Checkpoint {
             let ggufs = list_ggufs(path)?;
             match ggufs.as_slice() {
                 [one] => Self::open_gguf(one)?,
-                _ => return Err(ModelError::NotAModel { path: path.to_path_buf() }.into()),
+                _ => {
+                    return Err(ModelError::NotAModel {
+                        path: path.to_path_buf(),
+                    }
+                    .into());
+                }
             }
         } else {
             return Err(LoadError::Io {
                 path: path.to_path_buf(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such file or directory",
+                ),
             }
             .into());
         };
         if let Some(dir) = tokenizer_override {
             ckpt.tokenizer = Some(Arc::new(Tokenizer::from_hf_dir(dir)?.ok_or_else(|| {
-                ModelError::Config(format!("tokenizer override {}: no tokenizer.json there", dir.display()))
+                ModelError::Config(format!(
+                    "tokenizer override {}: no tokenizer.json there",
+                    dir.display()
+                ))
             })?));
         }
         Ok(ckpt)
@@ -91,12 +111,20 @@ impl Checkpoint {
         let source = SafetensorsSource::open_dir(dir)?;
         let tokenizer = Tokenizer::from_hf_dir(dir)?.map(Arc::new);
         let config_eos_ids = match config.get("eos_token_id") {
-            Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+            Some(serde_json::Value::Number(n)) => {
+                n.as_u64().map(|v| vec![v as u32]).unwrap_or_default()
+            }
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as u32)
+                .collect(),
             _ => vec![],
         };
         let mut ckpt = Checkpoint {
-            format: CheckpointFormat::HuggingFace { dir: dir.to_path_buf() },
+            format: CheckpointFormat::HuggingFace {
+                dir: dir.to_path_buf(),
+            },
             arch,
             source: Box::new(source),
             tokenizer,
@@ -117,7 +145,9 @@ impl Checkpoint {
             .map(|v| vec![v as u32])
             .unwrap_or_default();
         let mut ckpt = Checkpoint {
-            format: CheckpointFormat::Gguf { file: file.to_path_buf() },
+            format: CheckpointFormat::Gguf {
+                file: file.to_path_buf(),
+            },
             arch,
             source: Box::new(gguf),
             tokenizer,
@@ -132,7 +162,9 @@ impl Checkpoint {
     fn fix_up_from_tensors(&mut self) -> Result<(), LoadError> {
         let names = self.arch.names;
         let rope_freqs = match names.global(GlobalTensor::RopeFreqs) {
-            Some(n) if self.source.contains(&n) => Some(self.source.get(&n, Shard::Replicated)?.data),
+            Some(n) if self.source.contains(&n) => {
+                Some(self.source.get(&n, Shard::Replicated)?.data)
+            }
             _ => None,
         };
         let has = |n: Option<String>| n.is_some_and(|n| self.source.contains(&n));
@@ -157,11 +189,17 @@ impl Checkpoint {
     /// A checkpoint of random weights at the shapes of a named preset (see `presets::PRESETS`).
     pub fn random(preset: &str, seed: u64) -> crate::Result<Checkpoint> {
         let arch = presets::preset(preset).ok_or_else(|| {
-            ModelError::Config(format!("unknown preset '{preset}'; known: {}", presets::PRESETS.join(", ")))
+            ModelError::Config(format!(
+                "unknown preset '{preset}'; known: {}",
+                presets::PRESETS.join(", ")
+            ))
         })?;
-        let source = crate::loader::random::RandomSource::new(weights::expected_tensors(&arch), seed);
+        let source =
+            crate::loader::random::RandomSource::new(weights::expected_tensors(&arch), seed);
         Ok(Checkpoint {
-            format: CheckpointFormat::Random { preset: preset.to_string() },
+            format: CheckpointFormat::Random {
+                preset: preset.to_string(),
+            },
             arch,
             source: Box::new(source),
             tokenizer: None,
@@ -179,7 +217,10 @@ impl Checkpoint {
 }
 
 fn list_ggufs(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
-    let io = |source| LoadError::Io { path: dir.to_path_buf(), source };
+    let io = |source| LoadError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
     let mut out = vec![];
     for entry in std::fs::read_dir(dir).map_err(io)? {
         let p = entry.map_err(io)?.path();

@@ -38,11 +38,20 @@ pub enum RopeStyle {
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor` (equivalently, every inverse frequency).
-    Linear { factor: f32 },
+    Linear {
+        factor: f32,
+    },
     /// Llama 3.1 wavelength-dependent scaling.
-    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position_embeddings: usize },
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_max_position_embeddings: usize,
+    },
     /// Per-dimension divisors stored in the checkpoint (GGUF `rope_freqs.weight`), one per pair.
-    FreqFactors { factors: Vec<f32> },
+    FreqFactors {
+        factors: Vec<f32>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -64,11 +73,22 @@ impl Rope {
         let scaled: Vec<f64> = match &self.scaling {
             RopeScaling::None => base,
             RopeScaling::Linear { factor } => base.iter().map(|f| f / *factor as f64).collect(),
-            RopeScaling::FreqFactors { factors } => {
-                base.iter().zip(factors.iter().chain(std::iter::repeat(&1.0))).map(|(f, d)| f / *d as f64).collect()
-            }
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
-                let (factor, low, high) = (*factor as f64, *low_freq_factor as f64, *high_freq_factor as f64);
+            RopeScaling::FreqFactors { factors } => base
+                .iter()
+                .zip(factors.iter().chain(std::iter::repeat(&1.0)))
+                .map(|(f, d)| f / *d as f64)
+                .collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let (factor, low, high) = (
+                    *factor as f64,
+                    *low_freq_factor as f64,
+                    *high_freq_factor as f64,
+                );
                 let old_len = *original_max_position_embeddings as f64;
                 let low_freq_wavelen = old_len / low;
                 let high_freq_wavelen = old_len / high;
@@ -96,9 +116,13 @@ impl Rope {
 pub enum PosEmbedding {
     Rope(Rope),
     /// Attention bias `slope_h * (key_pos - query_pos)`; slopes from `alibi_bias_max` (8 for BLOOM).
-    Alibi { max_bias: f32 },
+    Alibi {
+        max_bias: f32,
+    },
     /// A learned `[num_positions, hidden]` table added to the token embeddings (GPT-2).
-    Learned { num_positions: usize },
+    Learned {
+        num_positions: usize,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -218,7 +242,11 @@ impl DecoderSpec {
     /// Number of parameters (embeddings counted once when tied).
     pub fn num_params(&self) -> u64 {
         let h = self.hidden_size as u64;
-        let (q, kv, inter) = (self.q_dim() as u64, self.kv_dim() as u64, self.intermediate_size as u64);
+        let (q, kv, inter) = (
+            self.q_dim() as u64,
+            self.kv_dim() as u64,
+            self.intermediate_size as u64,
+        );
         let norm_params = match self.norm {
             Norm::Rms { .. } | Norm::Layer { bias: false, .. } => h,
             Norm::Layer { bias: true, .. } => 2 * h,
@@ -228,7 +256,10 @@ impl DecoderSpec {
             _ => 2,
         };
         let b = self.biases;
-        let attn = h * (q + 2 * kv) + q * h + if b.qkv { q + 2 * kv } else { 0 } + if b.attn_out { h } else { 0 };
+        let attn = h * (q + 2 * kv)
+            + q * h
+            + if b.qkv { q + 2 * kv } else { 0 }
+            + if b.attn_out { h } else { 0 };
         let mlp = match self.mlp {
             Mlp::Gated => 3 * h * inter + if b.mlp { 2 * inter + h } else { 0 },
             Mlp::Plain => 2 * h * inter + if b.mlp { inter + h } else { 0 },
@@ -236,7 +267,8 @@ impl DecoderSpec {
         let per_layer = attn + mlp + num_layer_norms * norm_params;
         let vocab = self.vocab_size as u64;
         let embed = vocab * h;
-        let head = if self.tie_embeddings { 0 } else { vocab * h } + if b.lm_head { vocab } else { 0 };
+        let head =
+            if self.tie_embeddings { 0 } else { vocab * h } + if b.lm_head { vocab } else { 0 };
         let pos = match self.pos {
             PosEmbedding::Learned { num_positions } => num_positions as u64 * h,
             _ => 0,
@@ -263,11 +295,22 @@ mod tests {
                 original_max_position_embeddings: 8192,
             },
         };
-        let plain = Rope { scaling: RopeScaling::None, ..rope.clone() };
+        let plain = Rope {
+            scaling: RopeScaling::None,
+            ..rope.clone()
+        };
         let (scaled, base) = (rope.inv_freqs(), plain.inv_freqs());
         assert_eq!(scaled[0], base[0], "highest frequency is unchanged");
         let last = base.len() - 1;
-        assert!((scaled[last] - base[last] / 8.0).abs() < 1e-12, "lowest frequency is divided by factor");
-        assert!(scaled.iter().zip(&base).all(|(s, b)| s <= b && *s >= b / 8.0 - 1e-12));
+        assert!(
+            (scaled[last] - base[last] / 8.0).abs() < 1e-12,
+            "lowest frequency is divided by factor"
+        );
+        assert!(
+            scaled
+                .iter()
+                .zip(&base)
+                .all(|(s, b)| s <= b && *s >= b / 8.0 - 1e-12)
+        );
     }
 }

@@ -94,11 +94,16 @@ impl DecoderWeights {
         let spec = &arch.spec;
         let l = Loader { src, arch, format };
         let h = spec.hidden_size;
-        let embedding = l.matrix(&[l.global(GlobalTensor::TokenEmbedding)?], &[spec.vocab_size], h)?;
+        let embedding = l.matrix(
+            &[l.global(GlobalTensor::TokenEmbedding)?],
+            &[spec.vocab_size],
+            h,
+        )?;
         let position_embedding = match spec.pos {
-            PosEmbedding::Learned { num_positions } => {
-                Some(l.vector(&l.global(GlobalTensor::PositionEmbedding)?, num_positions * h)?)
-            }
+            PosEmbedding::Learned { num_positions } => Some(l.vector(
+                &l.global(GlobalTensor::PositionEmbedding)?,
+                num_positions * h,
+            )?),
             _ => None,
         };
         let embedding_norm = if spec.embedding_norm {
@@ -122,7 +127,15 @@ impl DecoderWeights {
             layers.push(l.layer(i)?);
             on_layer(i);
         }
-        Ok(DecoderWeights { embedding, position_embedding, embedding_norm, final_norm, lm_head, lm_head_bias, layers })
+        Ok(DecoderWeights {
+            embedding,
+            position_embedding,
+            embedding_norm,
+            final_norm,
+            lm_head,
+            lm_head_bias,
+            layers,
+        })
     }
 }
 
@@ -138,22 +151,37 @@ impl Loader<'_> {
     }
 
     fn global(&self, t: GlobalTensor) -> Result<String, LoadError> {
-        self.arch.names.global(t).ok_or_else(|| self.bad(&format!("{t:?}"), "this architecture has no such tensor"))
+        self.arch
+            .names
+            .global(t)
+            .ok_or_else(|| self.bad(&format!("{t:?}"), "this architecture has no such tensor"))
     }
 
     fn layer_name(&self, i: usize, t: LayerTensor) -> Result<String, LoadError> {
-        self.arch.names.layer(i, t).ok_or_else(|| self.bad(&format!("layer {i} {t:?}"), "this architecture has no such tensor"))
+        self.arch.names.layer(i, t).ok_or_else(|| {
+            self.bad(
+                &format!("layer {i} {t:?}"),
+                "this architecture has no such tensor",
+            )
+        })
     }
 
     fn bad(&self, tensor: &str, reason: &str) -> LoadError {
-        LoadError::BadTensor { path: self.src.describe().into(), tensor: tensor.to_string(), reason: reason.to_string() }
+        LoadError::BadTensor {
+            path: self.src.describe().into(),
+            tensor: tensor.to_string(),
+            reason: reason.to_string(),
+        }
     }
 
     fn check_shape(&self, name: &str, expected: &[usize]) -> Result<(), LoadError> {
         let info = self
             .src
             .info(name)
-            .ok_or_else(|| LoadError::MissingTensor { path: self.src.describe().into(), tensor: name.to_string() })?;
+            .ok_or_else(|| LoadError::MissingTensor {
+                path: self.src.describe().into(),
+                tensor: name.to_string(),
+            })?;
         if info.shape != expected {
             return Err(LoadError::ShapeMismatch {
                 path: self.src.describe().into(),
@@ -170,7 +198,10 @@ impl Loader<'_> {
         let info = self
             .src
             .info(name)
-            .ok_or_else(|| LoadError::MissingTensor { path: self.src.describe().into(), tensor: name.to_string() })?;
+            .ok_or_else(|| LoadError::MissingTensor {
+                path: self.src.describe().into(),
+                tensor: name.to_string(),
+            })?;
         let numel: usize = info.shape.iter().product();
         if numel != len {
             return Err(LoadError::ShapeMismatch {
@@ -193,7 +224,12 @@ impl Loader<'_> {
         Ok(NormWeights { weight, bias })
     }
 
-    fn norm_layer(&self, i: usize, w: LayerTensor, b: LayerTensor) -> Result<NormWeights, LoadError> {
+    fn norm_layer(
+        &self,
+        i: usize,
+        w: LayerTensor,
+        b: LayerTensor,
+    ) -> Result<NormWeights, LoadError> {
         let h = self.spec().hidden_size;
         let weight = self.vector(&self.layer_name(i, w)?, h)?;
         let bias = match self.spec().norm {
@@ -217,25 +253,43 @@ impl Loader<'_> {
                     Some(q) => blocks.extend_from_slice(&q.blocks),
                     None => {
                         let t = self.src.get(name, Shard::Replicated)?;
-                        let w = Weight::from_f32(t, WeightFormat::Q8).map_err(|e| self.bad(name, &e.to_string()))?;
+                        let w = Weight::from_f32(t, WeightFormat::Q8)
+                            .map_err(|e| self.bad(name, &e.to_string()))?;
                         match w {
                             Weight::Q8(q) => blocks.extend_from_slice(&q.blocks),
-                            Weight::F32 { .. } => return Err(self.bad(name, "could not be converted to q8")),
+                            Weight::F32 { .. } => {
+                                return Err(self.bad(name, "could not be converted to q8"));
+                            }
                         }
                     }
                 }
             }
-            return Ok(Weight::from_q8(Q8Tensor { rows: total_rows, cols, blocks }));
+            return Ok(Weight::from_q8(Q8Tensor {
+                rows: total_rows,
+                cols,
+                blocks,
+            }));
         }
         let mut data = Vec::with_capacity(total_rows * cols);
         for name in names {
             data.extend_from_slice(&self.src.get(name, Shard::Replicated)?.data);
         }
-        Weight::from_f32(HostTensor { shape: vec![total_rows, cols], data }, WeightFormat::F32)
-            .map_err(|e| self.bad(&names.join("+"), &e.to_string()))
+        Weight::from_f32(
+            HostTensor {
+                shape: vec![total_rows, cols],
+                data,
+            },
+            WeightFormat::F32,
+        )
+        .map_err(|e| self.bad(&names.join("+"), &e.to_string()))
     }
 
-    fn opt_bias(&self, present: bool, parts: &[(usize, LayerTensor)], i: usize) -> Result<Option<Vec<f32>>, LoadError> {
+    fn opt_bias(
+        &self,
+        present: bool,
+        parts: &[(usize, LayerTensor)],
+        i: usize,
+    ) -> Result<Option<Vec<f32>>, LoadError> {
         if !present {
             return Ok(None);
         }
@@ -249,7 +303,12 @@ impl Loader<'_> {
     fn layer(&self, i: usize) -> Result<LayerWeights, LoadError> {
         use LayerTensor::*;
         let spec = self.spec();
-        let (h, q, kv, inter) = (spec.hidden_size, spec.q_dim(), spec.kv_dim(), spec.intermediate_size);
+        let (h, q, kv, inter) = (
+            spec.hidden_size,
+            spec.q_dim(),
+            spec.kv_dim(),
+            spec.intermediate_size,
+        );
         let name = |t| self.layer_name(i, t);
         let attn_norm = self.norm_layer(i, AttnNorm, AttnNormBias)?;
         let mlp_norm = match spec.residual {
@@ -257,7 +316,8 @@ impl Loader<'_> {
             _ => Some(self.norm_layer(i, MlpNorm, MlpNormBias)?),
         };
         let qkv = self.matrix(&[name(Q)?, name(K)?, name(V)?], &[q, kv, kv], h)?;
-        let qkv_bias = self.opt_bias(spec.biases.qkv, &[(q, QBias), (kv, KBias), (kv, VBias)], i)?;
+        let qkv_bias =
+            self.opt_bias(spec.biases.qkv, &[(q, QBias), (kv, KBias), (kv, VBias)], i)?;
         let attn_out = self.matrix(&[name(AttnOut)?], &[h], q)?;
         let attn_out_bias = self.opt_bias(spec.biases.attn_out, &[(h, AttnOutBias)], i)?;
         let (gate_up, gate_up_bias) = match spec.mlp {
@@ -265,13 +325,25 @@ impl Loader<'_> {
                 self.matrix(&[name(Gate)?, name(Up)?], &[inter, inter], h)?,
                 self.opt_bias(spec.biases.mlp, &[(inter, GateBias), (inter, UpBias)], i)?,
             ),
-            Mlp::Plain => {
-                (self.matrix(&[name(Up)?], &[inter], h)?, self.opt_bias(spec.biases.mlp, &[(inter, UpBias)], i)?)
-            }
+            Mlp::Plain => (
+                self.matrix(&[name(Up)?], &[inter], h)?,
+                self.opt_bias(spec.biases.mlp, &[(inter, UpBias)], i)?,
+            ),
         };
         let down = self.matrix(&[name(Down)?], &[h], inter)?;
         let down_bias = self.opt_bias(spec.biases.mlp, &[(h, DownBias)], i)?;
-        Ok(LayerWeights { attn_norm, mlp_norm, qkv, qkv_bias, attn_out, attn_out_bias, gate_up, gate_up_bias, down, down_bias })
+        Ok(LayerWeights {
+            attn_norm,
+            mlp_norm,
+            qkv,
+            qkv_bias,
+            attn_out,
+            attn_out_bias,
+            gate_up,
+            gate_up_bias,
+            down,
+            down_bias,
+        })
     }
 }
 
@@ -281,7 +353,13 @@ pub fn expected_tensors(arch: &ArchInfo) -> Vec<(String, Vec<usize>)> {
     use LayerTensor::*;
     let spec = &arch.spec;
     let names = arch.names;
-    let (h, q, kv, inter, vocab) = (spec.hidden_size, spec.q_dim(), spec.kv_dim(), spec.intermediate_size, spec.vocab_size);
+    let (h, q, kv, inter, vocab) = (
+        spec.hidden_size,
+        spec.q_dim(),
+        spec.kv_dim(),
+        spec.intermediate_size,
+        spec.vocab_size,
+    );
     let mut out = vec![];
     let mut global = |t: GlobalTensor, shape: Vec<usize>| {
         if let Some(n) = names.global(t) {
@@ -374,7 +452,10 @@ mod tests {
                 let (missing, _) = fewer.remove(skip);
                 let src = RandomSource::new(fewer, 1);
                 let err = DecoderWeights::load(&src, &arch, WeightFormat::F32, |_| {}).err();
-                assert!(err.is_some_and(|e| e.to_string().contains(&missing)), "{name}: loading without {missing} must fail");
+                assert!(
+                    err.is_some_and(|e| e.to_string().contains(&missing)),
+                    "{name}: loading without {missing} must fail"
+                );
             }
         }
     }

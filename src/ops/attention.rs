@@ -23,7 +23,10 @@ pub struct KvLayerCache {
 impl KvLayerCache {
     pub fn new(num_blocks: usize, block_size: usize, kv_dim: usize) -> Self {
         let n = num_blocks * block_size * kv_dim;
-        KvLayerCache { k: vec![0.0; n], v: vec![0.0; n] }
+        KvLayerCache {
+            k: vec![0.0; n],
+            v: vec![0.0; n],
+        }
     }
 
     /// Writes the k/v rows (`[kv_dim]` each) of one token at `slot`.
@@ -81,41 +84,46 @@ pub fn paged_attention(
             token_seq.push((seq_idx, s.context_len - s.q_len + i));
         }
     }
-    out.par_chunks_mut(head_dim).enumerate().for_each_init(Vec::new, |scores: &mut Vec<f32>, (idx, o)| {
-        let (token_idx, head_idx) = (idx / num_heads, idx % num_heads);
-        let (seq_idx, pos) = token_seq[token_idx];
-        let seq = &seqs[seq_idx];
-        let kv_head = head_idx / group;
-        let qh = &q[token_idx * q_stride + head_idx * head_dim..][..head_dim];
-        let first = p.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
-        let slope = p.alibi_slopes.map_or(0.0, |s| s[head_idx]);
-        let slot_of = |kpos: usize| seq.block_table[kpos / p.block_size] as usize * p.block_size + kpos % p.block_size;
-        scores.clear();
-        let mut max = f32::NEG_INFINITY;
-        for kpos in first..=pos {
-            let k = &cache.k[slot_of(kpos) * kv_dim + kv_head * head_dim..][..head_dim];
-            let mut s = dot(qh, k) * p.scale;
-            if slope != 0.0 {
-                s += slope * (kpos as f32 - pos as f32);
+    out.par_chunks_mut(head_dim).enumerate().for_each_init(
+        Vec::new,
+        |scores: &mut Vec<f32>, (idx, o)| {
+            let (token_idx, head_idx) = (idx / num_heads, idx % num_heads);
+            let (seq_idx, pos) = token_seq[token_idx];
+            let seq = &seqs[seq_idx];
+            let kv_head = head_idx / group;
+            let qh = &q[token_idx * q_stride + head_idx * head_dim..][..head_dim];
+            let first = p.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            let slope = p.alibi_slopes.map_or(0.0, |s| s[head_idx]);
+            let slot_of = |kpos: usize| {
+                seq.block_table[kpos / p.block_size] as usize * p.block_size + kpos % p.block_size
+            };
+            scores.clear();
+            let mut max = f32::NEG_INFINITY;
+            for kpos in first..=pos {
+                let k = &cache.k[slot_of(kpos) * kv_dim + kv_head * head_dim..][..head_dim];
+                let mut s = dot(qh, k) * p.scale;
+                if slope != 0.0 {
+                    s += slope * (kpos as f32 - pos as f32);
+                }
+                max = max.max(s);
+                scores.push(s);
             }
-            max = max.max(s);
-            scores.push(s);
-        }
-        let mut sum = 0.0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let inv = 1.0 / sum;
-        o.fill(0.0);
-        for (kpos, &w) in (first..=pos).zip(scores.iter()) {
-            let v = &cache.v[slot_of(kpos) * kv_dim + kv_head * head_dim..][..head_dim];
-            let w = w * inv;
-            for (oi, vi) in o.iter_mut().zip(v) {
-                *oi += w * vi;
+            let mut sum = 0.0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
             }
-        }
-    });
+            let inv = 1.0 / sum;
+            o.fill(0.0);
+            for (kpos, &w) in (first..=pos).zip(scores.iter()) {
+                let v = &cache.v[slot_of(kpos) * kv_dim + kv_head * head_dim..][..head_dim];
+                let w = w * inv;
+                for (oi, vi) in o.iter_mut().zip(v) {
+                    *oi += w * vi;
+                }
+            }
+        },
+    );
     debug_assert_eq!(token_seq.len() * q_dim, out.len());
 }
 
@@ -139,7 +147,11 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// the closest power of two `c <= n` gets slopes `2^(-max_bias * i / c)`, i = 1..=c, and the
 /// remaining heads take every other slope of the `2c` series.
 pub fn alibi_slopes(num_heads: usize, max_bias: f32) -> Vec<f32> {
-    let c = if num_heads == 0 { 0 } else { 1usize << num_heads.ilog2() };
+    let c = if num_heads == 0 {
+        0
+    } else {
+        1usize << num_heads.ilog2()
+    };
     let series = |n: usize| (1..=n).map(move |i| 2f32.powf(-max_bias * i as f32 / n as f32));
     let mut slopes: Vec<f32> = series(c).collect();
     slopes.extend(series(2 * c).step_by(2).take(num_heads - c));
@@ -151,22 +163,39 @@ mod tests {
     use super::*;
 
     /// Dense reference: contiguous k/v per sequence.
-    fn reference(q: &[f32], ks: &[Vec<f32>], vs: &[Vec<f32>], pos: usize, p: &AttnParams<'_>, h: usize) -> Vec<f32> {
+    fn reference(
+        q: &[f32],
+        ks: &[Vec<f32>],
+        vs: &[Vec<f32>],
+        pos: usize,
+        p: &AttnParams<'_>,
+        h: usize,
+    ) -> Vec<f32> {
         let hd = p.head_dim;
         let kvh = h / (p.num_heads / p.num_kv_heads);
         let first = p.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
         let mut scores: Vec<f64> = (first..=pos)
             .map(|j| {
                 let k = &ks[j][kvh * hd..][..hd];
-                let s: f64 = q.iter().zip(k).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * p.scale as f64;
-                s + p.alibi_slopes.map_or(0.0, |sl| sl[h] as f64 * (j as f64 - pos as f64))
+                let s: f64 = q
+                    .iter()
+                    .zip(k)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum::<f64>()
+                    * p.scale as f64;
+                s + p
+                    .alibi_slopes
+                    .map_or(0.0, |sl| sl[h] as f64 * (j as f64 - pos as f64))
             })
             .collect();
         let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let sum: f64 = scores.iter_mut().map(|s| {
-            *s = (*s - m).exp();
-            *s
-        }).sum();
+        let sum: f64 = scores
+            .iter_mut()
+            .map(|s| {
+                *s = (*s - m).exp();
+                *s
+            })
+            .sum();
         let mut out = vec![0.0f64; hd];
         for (w, j) in scores.iter().zip(first..=pos) {
             for d in 0..hd {
@@ -177,7 +206,9 @@ mod tests {
     }
 
     fn lcg(state: &mut u64) -> f32 {
-        *state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((*state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 
@@ -191,15 +222,31 @@ mod tests {
         let mut cache = KvLayerCache::new(num_blocks, block_size, kv_dim);
         // three sequences: a decode with 9 cached tokens, a prefill chunk of 3 after 5 cached,
         // and a fresh prefill of 6; blocks deliberately scattered.
-        let specs = [(9usize, 1usize, vec![7u32, 3, 30]), (8, 3, vec![1, 12]), (6, 6, vec![20, 5])];
+        let specs = [
+            (9usize, 1usize, vec![7u32, 3, 30]),
+            (8, 3, vec![1, 12]),
+            (6, 6, vec![20, 5]),
+        ];
         let slopes = alibi_slopes(num_heads, 8.0);
         for (window, alibi) in [(None, None), (Some(3), None), (None, Some(&slopes[..]))] {
-            let p = AttnParams { num_heads, num_kv_heads, head_dim, block_size, scale: 0.4, sliding_window: window, alibi_slopes: alibi };
+            let p = AttnParams {
+                num_heads,
+                num_kv_heads,
+                head_dim,
+                block_size,
+                scale: 0.4,
+                sliding_window: window,
+                alibi_slopes: alibi,
+            };
             let mut dense_k = vec![];
             let mut dense_v = vec![];
             for (ctx, _, table) in &specs {
-                let ks: Vec<Vec<f32>> = (0..*ctx).map(|_| (0..kv_dim).map(|_| lcg(&mut rng)).collect()).collect();
-                let vs: Vec<Vec<f32>> = (0..*ctx).map(|_| (0..kv_dim).map(|_| lcg(&mut rng)).collect()).collect();
+                let ks: Vec<Vec<f32>> = (0..*ctx)
+                    .map(|_| (0..kv_dim).map(|_| lcg(&mut rng)).collect())
+                    .collect();
+                let vs: Vec<Vec<f32>> = (0..*ctx)
+                    .map(|_| (0..kv_dim).map(|_| lcg(&mut rng)).collect())
+                    .collect();
                 for pos in 0..*ctx {
                     let slot = table[pos / block_size] as usize * block_size + pos % block_size;
                     cache.write(slot, &ks[pos], &vs[pos]);
@@ -213,7 +260,12 @@ mod tests {
             let mut seqs = vec![];
             let mut q_start = 0;
             for (ctx, q_len, table) in &specs {
-                seqs.push(AttnSeq { q_start, q_len: *q_len, context_len: *ctx, block_table: table });
+                seqs.push(AttnSeq {
+                    q_start,
+                    q_len: *q_len,
+                    context_len: *ctx,
+                    block_table: table,
+                });
                 q_start += q_len;
             }
             let mut out = vec![0.0; num_tokens * q_dim];
@@ -223,10 +275,20 @@ mod tests {
                     let t = s.q_start + i;
                     let pos = s.context_len - s.q_len + i;
                     for h in 0..num_heads {
-                        let want = reference(&q[t * q_dim + h * head_dim..][..head_dim], &dense_k[s_idx], &dense_v[s_idx], pos, &p, h);
+                        let want = reference(
+                            &q[t * q_dim + h * head_dim..][..head_dim],
+                            &dense_k[s_idx],
+                            &dense_v[s_idx],
+                            pos,
+                            &p,
+                            h,
+                        );
                         let got = &out[t * q_dim + h * head_dim..][..head_dim];
                         for d in 0..head_dim {
-                            assert!((want[d] - got[d]).abs() < 1e-5, "seq {s_idx} tok {i} head {h}: {want:?} vs {got:?}");
+                            assert!(
+                                (want[d] - got[d]).abs() < 1e-5,
+                                "seq {s_idx} tok {i} head {h}: {want:?} vs {got:?}"
+                            );
                         }
                     }
                 }

@@ -63,7 +63,9 @@ mod tests {
 
     #[test]
     fn layer_norm_has_zero_mean_unit_variance() {
-        let x: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin() * 3.0 + 1.5).collect();
+        let x: Vec<f32> = (0..64)
+            .map(|i| (i as f32 * 0.37).sin() * 3.0 + 1.5)
+            .collect();
         let w = vec![1.0f32; 64];
         let b = vec![0.25f32; 64];
         let mut out = vec![0.0f32; 64];

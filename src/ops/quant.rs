@@ -11,6 +11,8 @@
 //! own scheduling and scratch memory. Length mismatches between slices are programming errors and
 //! panic (like slice indexing); nothing here reads data from outside the process.
 
+use multiversion::multiversion;
+
 /// Number of weights per block.
 pub const QK: usize = 32;
 
@@ -55,6 +57,7 @@ fn quantize_block(src: &[f32; QK], qs: &mut [i8; QK]) -> f32 {
     scale
 }
 
+#[inline(always)]
 fn as_block(chunk: &[f32]) -> &[f32; QK] {
     // chunks_exact(QK) always yields QK elements.
     chunk.try_into().unwrap_or(&[0.0; QK])
@@ -71,6 +74,12 @@ pub fn quantize_row_q8(src: &[f32], dst: &mut [BlockQ8]) {
         src.len(),
         dst.len()
     );
+    quantize_row_q8_impl(src, dst);
+}
+
+// Multiversioned so that rounding compiles to `roundps` (SSE4.1+) instead of a libm call per value.
+#[multiversion(targets("x86_64+avx2+fma", "x86_64+sse4.1"))]
+fn quantize_row_q8_impl(src: &[f32], dst: &mut [BlockQ8]) {
     for (chunk, block) in src.chunks_exact(QK).zip(dst.iter_mut()) {
         block.scale = quantize_block(as_block(chunk), &mut block.qs);
         block.min = 0.0;
@@ -106,6 +115,11 @@ pub fn quantize_row_q8_act(src: &[f32], dst: &mut [BlockQ8Act]) {
         src.len(),
         dst.len()
     );
+    quantize_row_q8_act_impl(src, dst);
+}
+
+#[multiversion(targets("x86_64+avx2+fma", "x86_64+sse4.1"))]
+fn quantize_row_q8_act_impl(src: &[f32], dst: &mut [BlockQ8Act]) {
     for (chunk, block) in src.chunks_exact(QK).zip(dst.iter_mut()) {
         block.d = quantize_block(as_block(chunk), &mut block.qs);
         let isum: i32 = block.qs.iter().map(|&q| i32::from(q)).sum();

@@ -27,12 +27,23 @@ impl RopeTable {
                 sin.push(angle.sin());
             }
         }
-        RopeTable { num_pairs, cos, sin }
+        RopeTable {
+            num_pairs,
+            cos,
+            sin,
+        }
     }
 
     /// Rotates `x: [num_tokens, num_heads, head_dim]` in place (row stride `row_stride` floats,
     /// so q and k can be rotated inside a fused qkv buffer).
-    pub fn apply(&self, x: &mut [f32], row_stride: usize, num_heads: usize, head_dim: usize, style: RopeStyle) {
+    pub fn apply(
+        &self,
+        x: &mut [f32],
+        row_stride: usize,
+        num_heads: usize,
+        head_dim: usize,
+        style: RopeStyle,
+    ) {
         let half = self.num_pairs;
         for (token_idx, row) in x.chunks_mut(row_stride).enumerate() {
             let cos = &self.cos[token_idx * half..(token_idx + 1) * half];

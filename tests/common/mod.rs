@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 
 use triton_ferrum::engine::{Engine, EngineHandle, EngineOptions, is_final, options};
 use triton_ferrum::ops::linear::WeightFormat;
-use triton_ferrum::request::{GenerateRequest, Prompt, SamplingParams, StopCriteria, TokenEvent, TokenLogprobs};
+use triton_ferrum::request::{
+    GenerateRequest, Prompt, SamplingParams, StopCriteria, TokenEvent, TokenLogprobs,
+};
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -21,7 +23,11 @@ pub fn smollm2_gguf() -> PathBuf {
     let p = std::env::var_os("FERRUM_SMOLLM2_GGUF")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
-    assert!(p.is_file(), "{} not found: run ci/fetch_models.sh (or set FERRUM_SMOLLM2_GGUF)", p.display());
+    assert!(
+        p.is_file(),
+        "{} not found: run ci/fetch_models.sh (or set FERRUM_SMOLLM2_GGUF)",
+        p.display()
+    );
     p
 }
 
@@ -30,11 +36,17 @@ pub struct TestEngine {
 }
 
 impl TestEngine {
-    pub fn start(model: &Path, format: Option<WeightFormat>, tweak: impl FnOnce(&mut EngineOptions)) -> Self {
+    pub fn start(
+        model: &Path,
+        format: Option<WeightFormat>,
+        tweak: impl FnOnce(&mut EngineOptions),
+    ) -> Self {
         let mut opts = EngineOptions::new(model);
         opts.weight_format = format;
         tweak(&mut opts);
-        TestEngine { engine: options::start(&opts).unwrap().engine }
+        TestEngine {
+            engine: options::start(&opts).unwrap().engine,
+        }
     }
 
     pub fn handle(&self) -> EngineHandle {
@@ -56,22 +68,37 @@ pub struct Collected {
 pub fn greedy(prompt: Vec<u32>, max_tokens: usize, logprobs: Option<usize>) -> GenerateRequest {
     GenerateRequest {
         prompt: Prompt::TokenIds(prompt),
-        sampling: SamplingParams { logprobs, ..SamplingParams::default() },
-        stop: StopCriteria { max_tokens, ignore_eos: true, ..StopCriteria::default() },
+        sampling: SamplingParams {
+            logprobs,
+            ..SamplingParams::default()
+        },
+        stop: StopCriteria {
+            max_tokens,
+            ignore_eos: true,
+            ..StopCriteria::default()
+        },
         detokenize: false,
     }
 }
 
 pub fn collect(handle: &EngineHandle, req: GenerateRequest) -> Collected {
     let mut stream = handle.submit(req).unwrap();
-    let mut c = Collected { prompt_ids: stream.prompt_ids.clone(), ..Collected::default() };
+    let mut c = Collected {
+        prompt_ids: stream.prompt_ids.clone(),
+        ..Collected::default()
+    };
     while let Some(ev) = stream.recv() {
         if is_final(&ev) {
             c.num_final_events += 1;
         }
         match ev {
             TokenEvent::Started { .. } => {}
-            TokenEvent::Token { token_id, text, logprobs, finish } => {
+            TokenEvent::Token {
+                token_id,
+                text,
+                logprobs,
+                finish,
+            } => {
                 c.output_ids.push(token_id);
                 c.text.push_str(&text);
                 c.logprobs.extend(logprobs);
@@ -100,7 +127,13 @@ pub fn compare_greedy(
     want_top: &[Vec<(u32, f32)>],
     tol: f32,
 ) -> usize {
-    assert_eq!(ours.len(), want.len(), "{what}: length {} vs reference {}", ours.len(), want.len());
+    assert_eq!(
+        ours.len(),
+        want.len(),
+        "{what}: length {} vs reference {}",
+        ours.len(),
+        want.len()
+    );
     for step in 0..want.len() {
         let ref_top = &want_top[step];
         let our = &our_top[step];
@@ -120,7 +153,10 @@ pub fn compare_greedy(
         // Compare logprobs of tokens present in both top lists.
         for &(id, lp) in ref_top {
             if let Some(&(_, our_lp)) = our.top.iter().find(|(i, _)| *i == id) {
-                assert!((lp - our_lp).abs() <= tol, "{what}: step {step}: logprob of {id}: {our_lp} vs reference {lp} (tol {tol})");
+                assert!(
+                    (lp - our_lp).abs() <= tol,
+                    "{what}: step {step}: logprob of {id}: {our_lp} vs reference {lp} (tol {tol})"
+                );
             }
         }
     }

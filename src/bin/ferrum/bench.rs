@@ -56,10 +56,18 @@ pub fn run(a: BenchArgs) -> CliResult {
     let max_batch = a.batch_size.iter().copied().max().unwrap_or(1);
     let mut engine_args = a.engine.clone();
     engine_args.max_num_seqs = engine_args.max_num_seqs.max(max_batch);
-    let mut opts = engine_args.options(a.engine.model.clone().unwrap_or_else(|| PathBuf::from("<random>")));
+    let mut opts = engine_args.options(
+        a.engine
+            .model
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("<random>")),
+    );
     let need = a.prompt_len + a.gen_len;
     opts.max_model_len = Some(opts.max_model_len.unwrap_or(need).max(need));
-    opts.max_tokens_in_paged_kv_cache = Some(opts.max_tokens_in_paged_kv_cache.unwrap_or(max_batch * (need + opts.block_size)));
+    opts.max_tokens_in_paged_kv_cache = Some(
+        opts.max_tokens_in_paged_kv_cache
+            .unwrap_or(max_batch * (need + opts.block_size)),
+    );
     let t_load = Instant::now();
     let loaded = options::start_checkpoint(ckpt, &opts)?;
     let load_s = t_load.elapsed().as_secs_f64();
@@ -85,7 +93,10 @@ pub fn run(a: BenchArgs) -> CliResult {
             a.gen_len,
             load_s
         );
-        println!("{:>6} {:>10} {:>14} {:>14} {:>14} {:>12}", "batch", "TTFT ms", "decode ms/tok", "decode tok/s", "output tok/s", "weight GB/s");
+        println!(
+            "{:>6} {:>10} {:>14} {:>14} {:>14} {:>12}",
+            "batch", "TTFT ms", "decode ms/tok", "decode tok/s", "output tok/s", "weight GB/s"
+        );
     }
     for r in &results {
         // Each decode step reads every weight once: bandwidth = weight bytes × steps/s.
@@ -105,7 +116,12 @@ pub fn run(a: BenchArgs) -> CliResult {
         } else {
             println!(
                 "{:>6} {:>10.1} {:>14.2} {:>14.1} {:>14.1} {:>12.2}",
-                r.batch_size, r.ttft_ms, r.decode_ms_per_token, r.decode_tokens_per_s, r.output_tokens_per_s, gbs
+                r.batch_size,
+                r.ttft_ms,
+                r.decode_ms_per_token,
+                r.decode_tokens_per_s,
+                r.output_tokens_per_s,
+                gbs
             );
         }
     }
@@ -126,14 +142,19 @@ fn run_batch(
         // Deterministic pseudo-random prompt ids, different per request.
         let ids: Vec<u32> = (0..prompt_len)
             .map(|i| {
-                let x = (seed + r as u64 * 1_000_003 + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                let x =
+                    (seed + r as u64 * 1_000_003 + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
                 ((x >> 33) % vocab as u64) as u32
             })
             .collect();
         let req = GenerateRequest {
             prompt: Prompt::TokenIds(ids),
             sampling: SamplingParams::default(),
-            stop: StopCriteria { max_tokens: gen_len, ignore_eos: true, ..StopCriteria::default() },
+            stop: StopCriteria {
+                max_tokens: gen_len,
+                ignore_eos: true,
+                ..StopCriteria::default()
+            },
             detokenize: false,
         };
         streams.push(handle.submit(req)?);
@@ -158,16 +179,31 @@ fn run_batch(
                 })
             })
             .collect();
-        joins.into_iter().map(|j| j.join().unwrap_or_default()).collect()
+        joins
+            .into_iter()
+            .map(|j| j.join().unwrap_or_default())
+            .collect()
     });
     let total_s = t0.elapsed().as_secs_f64();
     if times.iter().any(|t| t.len() != gen_len) {
-        return Err(format!("a request produced {:?} tokens, expected {gen_len}", times.iter().map(Vec::len).collect::<Vec<_>>()).into());
+        return Err(format!(
+            "a request produced {:?} tokens, expected {gen_len}",
+            times.iter().map(Vec::len).collect::<Vec<_>>()
+        )
+        .into());
     }
-    let ttft_ms = times.iter().map(|t| (t[0] - t0).as_secs_f64() * 1e3).sum::<f64>() / batch_size as f64;
+    let ttft_ms = times
+        .iter()
+        .map(|t| (t[0] - t0).as_secs_f64() * 1e3)
+        .sum::<f64>()
+        / batch_size as f64;
     // Decode: from the last first-token to the last token, (gen_len - 1) steps per sequence.
     let first = times.iter().map(|t| t[0]).max().unwrap_or(t0);
-    let last = times.iter().filter_map(|t| t.last().copied()).max().unwrap_or(t0);
+    let last = times
+        .iter()
+        .filter_map(|t| t.last().copied())
+        .max()
+        .unwrap_or(t0);
     let decode_s = (last - first).as_secs_f64().max(1e-9);
     let decode_steps = gen_len.saturating_sub(1).max(1) as f64;
     let per_seq_ms: f64 = times

@@ -62,6 +62,9 @@ pub struct EngineArgs {
     /// KV cache capacity in tokens (default: 1 GiB worth on the CPU).
     #[arg(long)]
     max_tokens_in_paged_kv_cache: Option<usize>,
+    /// CPU threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
 }
 
 impl EngineArgs {
@@ -75,6 +78,7 @@ impl EngineArgs {
             block_size: self.block_size,
             max_tokens_in_paged_kv_cache: self.max_tokens_in_paged_kv_cache,
             max_model_len: self.max_model_len,
+            num_threads: self.threads,
             progress: true,
             ..EngineOptions::new(model)
         }
@@ -95,7 +99,11 @@ fn parse_format(s: &str) -> Result<WeightFormat, String> {
 
 fn parse_ids(s: &str) -> Result<Vec<u32>, String> {
     s.split(',')
-        .map(|t| t.trim().parse::<u32>().map_err(|e| format!("invalid token id '{t}' in --prompt-ids: {e}")))
+        .map(|t| {
+            t.trim()
+                .parse::<u32>()
+                .map_err(|e| format!("invalid token id '{t}' in --prompt-ids: {e}"))
+        })
         .collect()
 }
 
@@ -103,11 +111,15 @@ fn parse_ids(s: &str) -> Result<Vec<u32>, String> {
 struct GenerateArgs {
     #[command(flatten)]
     engine: EngineArgs,
-    #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
+    #[arg(
+        long,
+        conflicts_with = "prompt_ids",
+        required_unless_present = "prompt_ids"
+    )]
     prompt: Option<String>,
     /// Comma-separated token ids (works without a tokenizer).
-    #[arg(long, value_parser = parse_ids)]
-    prompt_ids: Option<Vec<u32>>,
+    #[arg(long)]
+    prompt_ids: Option<String>,
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
     #[arg(long, default_value_t = 0)]
@@ -188,10 +200,18 @@ fn generate(a: GenerateArgs) -> CliResult {
     let handle = loaded.engine.handle();
     let tokenizer = handle.info().tokenizer.clone();
     let prompt = match (a.prompt_ids, a.prompt) {
-        (Some(ids), _) => Prompt::TokenIds(ids),
+        (Some(ids), _) => Prompt::TokenIds(parse_ids(&ids)?),
         (None, Some(text)) if a.chat => {
-            let tok = tokenizer.as_ref().ok_or("--chat needs a model with a tokenizer")?;
-            let rendered = tok.apply_chat_template(&[ChatMessage { role: "user".into(), content: text }], true)?;
+            let tok = tokenizer
+                .as_ref()
+                .ok_or("--chat needs a model with a tokenizer")?;
+            let rendered = tok.apply_chat_template(
+                &[ChatMessage {
+                    role: "user".into(),
+                    content: text,
+                }],
+                true,
+            )?;
             // The template already contains any BOS token: encode without adding specials.
             Prompt::TokenIds(tok.encode(&rendered, false)?)
         }
@@ -231,10 +251,20 @@ fn generate(a: GenerateArgs) -> CliResult {
         let last = is_final(&ev);
         match ev {
             TokenEvent::Started { .. } => {}
-            TokenEvent::Token { token_id, text: delta, logprobs: lp, finish } => {
+            TokenEvent::Token {
+                token_id,
+                text: delta,
+                logprobs: lp,
+                finish,
+            } => {
                 output_ids.push(token_id);
                 if let Some(lp) = lp {
-                    logprobs.push(lp.top.iter().map(|&(id, p)| json!([id, p])).collect::<Vec<_>>());
+                    logprobs.push(
+                        lp.top
+                            .iter()
+                            .map(|&(id, p)| json!([id, p]))
+                            .collect::<Vec<_>>(),
+                    );
                 }
                 if !a.json {
                     let mut out = stdout.lock();
@@ -244,7 +274,10 @@ fn generate(a: GenerateArgs) -> CliResult {
                 text.push_str(&delta);
                 finish_reason = finish;
             }
-            TokenEvent::Finished { text: delta, reason } => {
+            TokenEvent::Finished {
+                text: delta,
+                reason,
+            } => {
                 text.push_str(&delta);
                 finish_reason = Some(reason);
             }
@@ -276,7 +309,9 @@ fn generate(a: GenerateArgs) -> CliResult {
 
 fn tokenize(a: TokenizeArgs) -> CliResult {
     let ckpt = Checkpoint::open(&a.model, None)?;
-    let tok = ckpt.tokenizer.ok_or_else(|| format!("{}: the model has no tokenizer", a.model.display()))?;
+    let tok = ckpt
+        .tokenizer
+        .ok_or_else(|| format!("{}: the model has no tokenizer", a.model.display()))?;
     let ids = tok.encode(&a.text, !a.no_special)?;
     println!("{}", serde_json::to_string(&ids)?);
     Ok(())
@@ -323,7 +358,10 @@ fn inspect(a: InspectArgs) -> CliResult {
     println!("model:         {}", a.model.display());
     println!("format:        {:?}", ckpt.format);
     println!("architecture:  {}", spec.arch);
-    println!("parameters:    {num_params} ({:.1} M)", num_params as f64 / 1e6);
+    println!(
+        "parameters:    {num_params} ({:.1} M)",
+        num_params as f64 / 1e6
+    );
     println!("tensors:       {tensors}");
     println!(
         "memory:        f32 {:.1} MiB, f16/bf16 {:.1} MiB, q8 {:.1} MiB (default here: {})",

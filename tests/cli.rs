@@ -1,0 +1,177 @@
+//! The `ferrum` command-line contract: `generate --json` output shape, `--prompt-ids` without a
+//! tokenizer, `tokenize`, `inspect`, `bench --json`, and clear errors (e.g. `--device cuda`).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use serde_json::Value;
+
+fn ferrum(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrum"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn tiny() -> String {
+    fixtures()
+        .join("models/llama_gqa_llama3")
+        .display()
+        .to_string()
+}
+
+#[test]
+fn generate_json_with_prompt_ids_and_logprobs() {
+    let (ok, out, err) = ferrum(&[
+        "generate",
+        "--model",
+        &tiny(),
+        "--prompt-ids",
+        "5,6,7",
+        "--max-tokens",
+        "4",
+        "--logprobs",
+        "3",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["prompt_ids"], serde_json::json!([5, 6, 7]));
+    assert_eq!(v["output_ids"].as_array().unwrap().len(), 4);
+    assert_eq!(v["finish_reason"], "length");
+    assert!(v.get("text").is_none(), "no tokenizer, no text");
+    let lp = v["logprobs"].as_array().unwrap();
+    assert_eq!(lp.len(), 4);
+    assert_eq!(lp[0].as_array().unwrap().len(), 3);
+    // Greedy: the first top-1 token is the generated token.
+    assert_eq!(lp[0][0][0], v["output_ids"][0]);
+}
+
+#[test]
+fn generate_text_with_the_real_model_and_tokenize() {
+    let model = smollm2_gguf().display().to_string();
+    let (ok, out, err) = ferrum(&[
+        "generate",
+        "--model",
+        &model,
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "6",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(v["text"].as_str().unwrap().contains("Paris"), "{v}");
+    let (ok, out, _) = ferrum(&[
+        "tokenize",
+        "--model",
+        &model,
+        "--text",
+        "The capital of France is",
+    ]);
+    assert!(ok);
+    let ids: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(ids, v["prompt_ids"]);
+    // Streaming mode prints the text itself.
+    let (ok, out, _) = ferrum(&[
+        "generate",
+        "--model",
+        &model,
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "6",
+    ]);
+    assert!(ok && out.contains("Paris"), "{out}");
+}
+
+#[test]
+fn inspect_names_architecture_and_parameters() {
+    let (ok, out, err) = ferrum(&[
+        "inspect",
+        "--model",
+        &smollm2_gguf().display().to_string(),
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["architecture"], "llama");
+    assert_eq!(v["spec"]["num_layers"], 30);
+    assert_eq!(v["spec"]["num_kv_heads"], 3);
+    assert_eq!(
+        v["spec"]["pos"]["style"], "gpt_j",
+        "GGUF llama Q/K are permuted for interleaved rope"
+    );
+    // 134.5 M parameters (tied embeddings counted once).
+    let n = v["num_params"].as_u64().unwrap();
+    assert!((134_000_000..135_000_000).contains(&n), "{n}");
+    assert!(v["tokenizer"]["chat_template"].as_bool().unwrap());
+}
+
+#[test]
+fn bench_json_on_a_random_preset() {
+    let (ok, out, err) = ferrum(&[
+        "bench",
+        "--preset",
+        "tiny-llama",
+        "--prompt-len",
+        "8",
+        "--gen-len",
+        "4",
+        "--batch-size",
+        "1,2",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for (l, b) in lines.iter().zip([1, 2]) {
+        assert_eq!(l["batch_size"], b);
+        assert!(l["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert!(
+            l["ms_per_token"].is_null(),
+            "field is named decode_ms_per_token"
+        );
+        assert!(l["decode_ms_per_token"].as_f64().unwrap() > 0.0);
+    }
+}
+
+#[test]
+fn errors_are_clear_and_exit_nonzero() {
+    let (ok, _, err) = ferrum(&[
+        "generate",
+        "--model",
+        &tiny(),
+        "--prompt-ids",
+        "1",
+        "--device",
+        "cuda",
+    ]);
+    assert!(!ok && err.contains("cuda"), "{err}");
+    let (ok, _, err) = ferrum(&["generate", "--model", &tiny(), "--prompt", "hi"]);
+    assert!(!ok && err.contains("tokenizer"), "{err}");
+    let (ok, _, err) = ferrum(&["generate", "--model", &tiny(), "--prompt-ids", "1,x"]);
+    assert!(!ok && err.contains("'x'"), "{err}");
+    let (ok, _, err) = ferrum(&[
+        "generate",
+        "--model",
+        &tiny(),
+        "--prompt-ids",
+        "1",
+        "--top-p",
+        "2",
+    ]);
+    assert!(!ok && err.contains("top_p"), "{err}");
+}

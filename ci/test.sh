@@ -21,7 +21,7 @@ echo "== formatting"
 cargo fmt --check
 
 echo "== lints"
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== layering rules (STYLE.md): pure modules never import device, backend or Triton code"
 if grep -rnE 'crate::(cuda|backend|executor)|triton_api' src/scheduler src/kv_cache src/tokenizer src/request.rs src/sampling; then
@@ -34,7 +34,7 @@ if grep -rln 'triton_api' src --include='*.rs' | grep -v '^src/backend/'; then
 fi
 
 echo "== tests"
-cargo nextest run --locked --no-fail-fast
+cargo nextest run --workspace --locked --no-fail-fast
 
 echo "== end-to-end: libtriton_ferrum.so in a real tritonserver (tests/e2e)"
 # Triton 2.51 from PyPI (nvidia-pytriton==0.7.0), tritonclient and pytest, in the repo's .venv.

@@ -8,6 +8,8 @@
 //! - `kv_cache`, `scheduler`: pure CPU bookkeeping for in-flight batching over a paged KV cache;
 //! - `executor`: runs a `SchedulePlan` on a device; `engine`: the thread that owns all of the above.
 
+pub mod backend;
+pub mod config;
 pub mod dtype;
 pub mod engine;
 pub mod error;

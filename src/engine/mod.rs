@@ -53,7 +53,25 @@ struct Submission {
     seq_id: SeqId,
     prompt_ids: Vec<u32>,
     request: GenerateRequest,
-    events: Sender<TokenEvent>,
+    events: EventSink,
+}
+
+/// Where a request's events go: its own channel (`submit`), or a channel shared by many
+/// requests with each event tagged by its `SeqId` (`submit_to`, e.g. one response thread
+/// serving every request of a Triton model).
+enum EventSink {
+    Own(Sender<TokenEvent>),
+    Shared(Sender<(SeqId, TokenEvent)>),
+}
+
+impl EventSink {
+    /// False when the receiving side is gone.
+    fn send(&self, seq_id: SeqId, ev: TokenEvent) -> bool {
+        match self {
+            EventSink::Own(tx) => tx.send(ev).is_ok(),
+            EventSink::Shared(tx) => tx.send((seq_id, ev)).is_ok(),
+        }
+    }
 }
 
 /// A cheap, cloneable handle to the engine thread.
@@ -135,6 +153,33 @@ impl EngineHandle {
 
     /// Validates and tokenizes the request on the caller's thread, then queues it.
     pub fn submit(&self, request: GenerateRequest) -> Result<RequestStream, RequestError> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (seq_id, prompt_ids) = self.enqueue(request, EventSink::Own(tx))?;
+        Ok(RequestStream {
+            seq_id,
+            prompt_ids,
+            events: rx,
+            commands: self.commands.clone(),
+            finished: false,
+        })
+    }
+
+    /// Like `submit`, but the request's events go to `events`, a channel shared with other
+    /// requests, tagged with the returned `SeqId`. The caller owns the request's lifetime: it
+    /// must `abort` a request it stops listening to. Returns the id and the prompt's token ids.
+    pub fn submit_to(
+        &self,
+        request: GenerateRequest,
+        events: Sender<(SeqId, TokenEvent)>,
+    ) -> Result<(SeqId, Vec<u32>), RequestError> {
+        self.enqueue(request, EventSink::Shared(events))
+    }
+
+    fn enqueue(
+        &self,
+        request: GenerateRequest,
+        events: EventSink,
+    ) -> Result<(SeqId, Vec<u32>), RequestError> {
         let info = &self.info;
         let prompt_ids = match &request.prompt {
             Prompt::TokenIds(ids) => ids.clone(),
@@ -172,23 +217,16 @@ impl EngineHandle {
             return Err(RequestError::NoTokenizer { field: "stop" });
         }
         let seq_id = SeqId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        let (tx, rx) = crossbeam_channel::unbounded();
         let sub = Submission {
             seq_id,
             prompt_ids: prompt_ids.clone(),
             request,
-            events: tx,
+            events,
         };
         self.commands
             .send(Command::Submit(Box::new(sub)))
             .map_err(|_| RequestError::invalid("engine", "stopped", "the engine is not running"))?;
-        Ok(RequestStream {
-            seq_id,
-            prompt_ids,
-            events: rx,
-            commands: self.commands.clone(),
-            finished: false,
-        })
+        Ok((seq_id, prompt_ids))
     }
 
     /// Aborts a request; its stream ends with `Finished { reason: Abort }` and its KV blocks are
@@ -271,7 +309,7 @@ struct SeqState {
     sampler: Sampler,
     detok: Option<IncrementalDecoder>,
     stop_strings: Option<StopStringMatcher>,
-    events: Sender<TokenEvent>,
+    events: EventSink,
     num_generated: usize,
     max_tokens: usize,
     min_tokens: usize,
@@ -373,7 +411,7 @@ impl Worker {
             .max_tokens
             .min(info.max_model_len - prompt_ids.len());
         if let Err(e) = self.scheduler.add(seq_id, prompt_ids.clone(), max_tokens) {
-            let _ = events.send(TokenEvent::Error(e.to_string()));
+            events.send(seq_id, TokenEvent::Error(e.to_string()));
             return;
         }
         let seed = request
@@ -392,9 +430,12 @@ impl Worker {
             stop_ids.extend(&info.eos_token_ids);
         }
         self.stats.num_prompt_tokens += prompt_ids.len() as u64;
-        let _ = events.send(TokenEvent::Started {
-            prompt_ids: prompt_ids.clone(),
-        });
+        events.send(
+            seq_id,
+            TokenEvent::Started {
+                prompt_ids: prompt_ids.clone(),
+            },
+        );
         self.seqs.insert(
             seq_id,
             SeqState {
@@ -414,10 +455,13 @@ impl Worker {
         self.scheduler.remove(id);
         if let Some(state) = self.seqs.remove(&id) {
             self.stats.num_aborted += 1;
-            let _ = state.events.send(TokenEvent::Finished {
-                text: String::new(),
-                reason: FinishReason::Abort,
-            });
+            state.events.send(
+                id,
+                TokenEvent::Finished {
+                    text: String::new(),
+                    reason: FinishReason::Abort,
+                },
+            );
         }
     }
 
@@ -431,9 +475,10 @@ impl Worker {
                 for s in &plan.seqs {
                     self.scheduler.remove(s.seq_id);
                     if let Some(state) = self.seqs.remove(&s.seq_id) {
-                        let _ = state
-                            .events
-                            .send(TokenEvent::Error(format!("execution failed: {e}")));
+                        state.events.send(
+                            s.seq_id,
+                            TokenEvent::Error(format!("execution failed: {e}")),
+                        );
                     }
                 }
                 return;
@@ -497,7 +542,7 @@ impl Worker {
                 logprobs: out.logprobs,
                 finish,
             };
-            let delivered = state.events.send(ev).is_ok();
+            let delivered = state.events.send(s.seq_id, ev);
             if finish.is_some() {
                 done.push((s.seq_id, true));
             } else if !delivered {

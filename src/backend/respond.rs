@@ -1,0 +1,707 @@
+//! Answering requests. `ResponseSender` owns a request's response factory and guarantees exactly
+//! one final response (its `Drop` sends a flags-only FINAL, or an error if nothing was sent);
+//! `Job` owns the unreleased request and, on drop, reports its statistics and releases it.
+//! `build_outputs` turns generated text/tokens into output tensors (pure, tested here).
+//!
+//! The `Responder` is one thread per model: it submits parsed requests to the engine (events
+//! come back on one shared channel tagged by `SeqId`), turns events into responses (a delta per
+//! response when streaming, one full response otherwise), polls Triton for cancellation every
+//! `CANCEL_POLL` and aborts cancelled requests in the engine, and drains an instance's requests
+//! before that instance is finalized. It never blocks Triton's Execute thread.
+
+use std::collections::HashMap;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, select};
+use triton_api::{DataType, ErrorCode, InstanceHandle, Request, ResponseFactory, TritonError};
+
+use super::parse::{Interface, ParsedRequest};
+use crate::engine::EngineHandle;
+use crate::request::{FinishReason, SeqId, TokenEvent};
+
+/// How often in-flight requests are checked for cancellation.
+pub const CANCEL_POLL: Duration = Duration::from_millis(20);
+
+/// One output tensor of a response (shape includes the batch dimension when the model has one).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputTensor {
+    pub name: &'static str,
+    pub dtype: DataType,
+    pub shape: Vec<i64>,
+    pub data: Vec<u8>,
+}
+
+/// The content of one response.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ResponseData {
+    /// For the text interface: the text of this response (a delta when streaming).
+    pub text: Option<String>,
+    /// For the token interface: the token ids of this response.
+    pub token_ids: Option<Vec<u32>>,
+    /// Log-probabilities of the generated tokens in this response (when asked for).
+    pub logprobs: Option<Vec<f32>>,
+    /// Set on the last response.
+    pub finish: Option<FinishReason>,
+    /// Reported on the last response.
+    pub num_input_tokens: Option<usize>,
+    pub num_output_tokens: Option<usize>,
+}
+
+fn tensor(
+    name: &'static str,
+    dtype: DataType,
+    batched: bool,
+    dims: &[i64],
+    data: Vec<u8>,
+) -> OutputTensor {
+    let mut shape = Vec::with_capacity(dims.len() + 1);
+    if batched {
+        shape.push(1);
+    }
+    shape.extend_from_slice(dims);
+    OutputTensor {
+        name,
+        dtype,
+        shape,
+        data,
+    }
+}
+
+/// Output tensors for one response, following tensorrtllm_backend's and the vLLM backend's
+/// output names: `text_output` [1], `output_ids` [1, N] (one beam), `sequence_length` [1],
+/// `cum_log_probs` [1], `output_log_probs` [1, N], `finish_reason` [1], `num_input_tokens` [1],
+/// `num_output_tokens` [1]; each with a leading batch dimension of 1 when `batched`.
+pub fn build_outputs(d: &ResponseData, batched: bool) -> Vec<OutputTensor> {
+    let mut out = Vec::new();
+    if let Some(text) = &d.text {
+        out.push(tensor(
+            "text_output",
+            DataType::Bytes,
+            batched,
+            &[1],
+            triton_api::serialize_bytes([text.as_bytes()]),
+        ));
+    }
+    if let Some(ids) = &d.token_ids {
+        let data = ids
+            .iter()
+            .flat_map(|&id| (id as i32).to_le_bytes())
+            .collect();
+        out.push(tensor(
+            "output_ids",
+            DataType::Int32,
+            batched,
+            &[1, ids.len() as i64],
+            data,
+        ));
+        out.push(tensor(
+            "sequence_length",
+            DataType::Int32,
+            batched,
+            &[1],
+            (ids.len() as i32).to_le_bytes().to_vec(),
+        ));
+    }
+    if let Some(lps) = &d.logprobs {
+        let cum: f32 = lps.iter().sum();
+        out.push(tensor(
+            "cum_log_probs",
+            DataType::Fp32,
+            batched,
+            &[1],
+            cum.to_le_bytes().to_vec(),
+        ));
+        let data = lps.iter().flat_map(|lp| lp.to_le_bytes()).collect();
+        out.push(tensor(
+            "output_log_probs",
+            DataType::Fp32,
+            batched,
+            &[1, lps.len() as i64],
+            data,
+        ));
+    }
+    if let Some(reason) = d.finish {
+        out.push(tensor(
+            "finish_reason",
+            DataType::Bytes,
+            batched,
+            &[1],
+            triton_api::serialize_bytes([reason.as_str().as_bytes()]),
+        ));
+    }
+    if let Some(n) = d.num_input_tokens {
+        out.push(tensor(
+            "num_input_tokens",
+            DataType::Uint32,
+            batched,
+            &[1],
+            (n as u32).to_le_bytes().to_vec(),
+        ));
+    }
+    if let Some(n) = d.num_output_tokens {
+        out.push(tensor(
+            "num_output_tokens",
+            DataType::Uint32,
+            batched,
+            &[1],
+            (n as u32).to_le_bytes().to_vec(),
+        ));
+    }
+    out
+}
+
+/// Sends a request's responses; exactly one of them is final, whatever happens.
+pub struct ResponseSender {
+    factory: ResponseFactory,
+    num_sent: usize,
+    final_sent: bool,
+}
+
+impl ResponseSender {
+    pub fn new(factory: ResponseFactory) -> Self {
+        ResponseSender {
+            factory,
+            num_sent: 0,
+            final_sent: false,
+        }
+    }
+
+    pub fn send(&mut self, outputs: &[OutputTensor], final_flag: bool) -> Result<(), TritonError> {
+        if self.final_sent {
+            return Err(TritonError::internal("a response after the final one"));
+        }
+        self.final_sent = final_flag;
+        self.num_sent += 1;
+        let mut resp = self.factory.response()?;
+        for o in outputs {
+            resp.add_output(o.name, o.dtype, &o.shape, &o.data)?;
+        }
+        resp.send(final_flag, None)
+    }
+
+    /// Sends `error` as the final response (no-op if a final response went out already).
+    pub fn send_error(&mut self, error: &TritonError) {
+        if self.final_sent {
+            return;
+        }
+        self.final_sent = true;
+        self.num_sent += 1;
+        let sent = self
+            .factory
+            .response()
+            .and_then(|r| r.send(true, Some(error)));
+        if let Err(e) = sent {
+            triton_api::log::error(&format!("cannot send an error response ({error}): {e}"));
+        }
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.factory.is_cancelled().unwrap_or(false)
+    }
+
+    pub fn final_sent(&self) -> bool {
+        self.final_sent
+    }
+}
+
+impl Drop for ResponseSender {
+    fn drop(&mut self) {
+        if self.final_sent {
+            return;
+        }
+        if self.num_sent == 0 {
+            self.send_error(&TritonError::internal(
+                "the request ended without a response",
+            ));
+        } else if let Err(e) = self.factory.send_flags(true) {
+            triton_api::log::error(&format!("cannot send the final flag: {e}"));
+        }
+    }
+}
+
+/// A request the backend owns until it is answered: on drop, the final response is ensured,
+/// statistics are reported and the request is released (in that order).
+pub struct Job {
+    pub sender: ResponseSender,
+    request: Option<Request>,
+    instance: InstanceHandle,
+    exec_start_ns: u64,
+    compute_start_ns: u64,
+    success: bool,
+}
+
+impl Job {
+    pub fn new(
+        request: Request,
+        sender: ResponseSender,
+        instance: InstanceHandle,
+        exec_start_ns: u64,
+    ) -> Self {
+        Job {
+            sender,
+            request: Some(request),
+            instance,
+            exec_start_ns,
+            compute_start_ns: 0,
+            success: false,
+        }
+    }
+
+    /// Reads from the (unreleased) request.
+    pub fn read<T>(
+        &self,
+        f: impl FnOnce(&Request) -> Result<T, TritonError>,
+    ) -> Result<T, TritonError> {
+        match &self.request {
+            Some(r) => f(r),
+            None => Err(TritonError::internal("the request was already released")),
+        }
+    }
+
+    pub fn instance_id(&self) -> usize {
+        self.instance.id()
+    }
+
+    /// Ends the request with an error response.
+    pub fn fail(mut self, error: &TritonError) {
+        self.sender.send_error(error);
+        self.success = false;
+    }
+
+    fn mark_compute_start(&mut self) {
+        if self.compute_start_ns == 0 {
+            self.compute_start_ns = triton_api::now_ns();
+        }
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        if !self.sender.final_sent() {
+            self.sender.send_error(&TritonError::internal(
+                "the request was dropped before it completed",
+            ));
+            self.success = false;
+        }
+        let Some(request) = self.request.take() else {
+            return;
+        };
+        let end = triton_api::now_ns();
+        let compute_start = if self.compute_start_ns == 0 {
+            end
+        } else {
+            self.compute_start_ns
+        };
+        if let Err(e) = self.instance.report_statistics(
+            &request,
+            self.success,
+            self.exec_start_ns,
+            compute_start,
+            end,
+            end,
+        ) {
+            triton_api::log::warn(&format!("cannot report request statistics: {e}"));
+        }
+        if let Err(e) = request.release() {
+            triton_api::log::error(&format!("cannot release a request: {e}"));
+        }
+    }
+}
+
+/// A request waiting for the responder to submit it.
+pub struct NewJob {
+    pub job: Job,
+    pub parsed: ParsedRequest,
+}
+
+enum Intake {
+    New(Box<NewJob>),
+    /// Finish every request of this instance (ModelInstanceFinalize), then reply.
+    Drain {
+        instance_id: usize,
+        done: Sender<()>,
+    },
+}
+
+/// A request in the engine.
+struct Active {
+    job: Job,
+    interface: Interface,
+    stream: bool,
+    exclude_input: bool,
+    return_log_probs: bool,
+    prompt_text: Option<String>,
+    prompt_ids: Vec<u32>,
+    text: String,
+    output_ids: Vec<u32>,
+    logprobs: Vec<f32>,
+    batched: bool,
+}
+
+impl Active {
+    /// Applies one engine event; returns true when the request is finished (and answered).
+    fn on_event(&mut self, ev: TokenEvent) -> bool {
+        match ev {
+            TokenEvent::Started { prompt_ids } => {
+                self.prompt_ids = prompt_ids;
+                self.job.mark_compute_start();
+                false
+            }
+            TokenEvent::Token {
+                token_id,
+                text,
+                logprobs,
+                finish,
+            } => {
+                self.job.mark_compute_start();
+                self.output_ids.push(token_id);
+                if let Some(lp) = logprobs {
+                    self.logprobs.push(lp.logprob);
+                }
+                self.text.push_str(&text);
+                if self.stream {
+                    let lp = logprobs_tail(self.return_log_probs, &self.logprobs, 1);
+                    let delta = match self.interface {
+                        Interface::Text => ResponseData {
+                            text: Some(text),
+                            logprobs: lp,
+                            ..Default::default()
+                        },
+                        Interface::Tokens => ResponseData {
+                            token_ids: Some(vec![token_id]),
+                            logprobs: lp,
+                            ..Default::default()
+                        },
+                    };
+                    match finish {
+                        Some(reason) => self.finish_stream(delta, reason),
+                        None => {
+                            let skip = self.interface == Interface::Text
+                                && delta.text.as_deref() == Some("");
+                            if !skip {
+                                self.send(&delta, false);
+                            }
+                            false
+                        }
+                    }
+                } else {
+                    match finish {
+                        Some(reason) => self.finish_full(reason),
+                        None => false,
+                    }
+                }
+            }
+            TokenEvent::Finished { text, reason } => {
+                if reason == FinishReason::Abort {
+                    self.abort_error();
+                    return true;
+                }
+                self.text.push_str(&text);
+                if self.stream {
+                    let delta = match self.interface {
+                        Interface::Text => ResponseData {
+                            text: Some(text),
+                            ..Default::default()
+                        },
+                        Interface::Tokens => ResponseData {
+                            token_ids: Some(vec![]),
+                            ..Default::default()
+                        },
+                    };
+                    self.finish_stream(delta, reason)
+                } else {
+                    self.finish_full(reason)
+                }
+            }
+            TokenEvent::Error(msg) => {
+                self.job
+                    .sender
+                    .send_error(&TritonError::internal(format!("generation failed: {msg}")));
+                true
+            }
+        }
+    }
+
+    fn abort_error(&mut self) {
+        self.job.sender.send_error(&TritonError::new(
+            ErrorCode::Unavailable,
+            "the request was aborted: the model is shutting down or being unloaded",
+        ));
+    }
+
+    fn send(&mut self, d: &ResponseData, final_flag: bool) {
+        if let Err(e) = self
+            .job
+            .sender
+            .send(&build_outputs(d, self.batched), final_flag)
+        {
+            triton_api::log::warn(&format!("cannot send a response: {e}"));
+        }
+        if final_flag {
+            self.job.success = true;
+        }
+    }
+
+    fn finish_stream(&mut self, mut delta: ResponseData, reason: FinishReason) -> bool {
+        delta.finish = Some(reason);
+        delta.num_input_tokens = Some(self.prompt_ids.len());
+        delta.num_output_tokens = Some(self.output_ids.len());
+        self.send(&delta, true);
+        true
+    }
+
+    fn finish_full(&mut self, reason: FinishReason) -> bool {
+        let mut d = ResponseData {
+            finish: Some(reason),
+            num_input_tokens: Some(self.prompt_ids.len()),
+            num_output_tokens: Some(self.output_ids.len()),
+            logprobs: logprobs_tail(self.return_log_probs, &self.logprobs, self.logprobs.len()),
+            ..Default::default()
+        };
+        match self.interface {
+            Interface::Text => {
+                let text = std::mem::take(&mut self.text);
+                d.text = Some(match (&self.prompt_text, self.exclude_input) {
+                    (Some(p), false) => format!("{p}{text}"),
+                    _ => text,
+                });
+            }
+            Interface::Tokens => {
+                let mut ids = if self.exclude_input {
+                    vec![]
+                } else {
+                    self.prompt_ids.clone()
+                };
+                ids.extend_from_slice(&self.output_ids);
+                d.token_ids = Some(ids);
+            }
+        }
+        self.send(&d, true);
+        true
+    }
+}
+
+fn logprobs_tail(wanted: bool, all: &[f32], n: usize) -> Option<Vec<f32>> {
+    wanted.then(|| all[all.len().saturating_sub(n)..].to_vec())
+}
+
+/// The response thread of one model.
+pub struct Responder {
+    /// None once shutting down: dropping the sender ends the thread's intake.
+    intake: Option<Sender<Intake>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Responder {
+    pub fn start(engine: EngineHandle, batched: bool) -> Result<Self, TritonError> {
+        let (intake_tx, intake_rx) = crossbeam_channel::unbounded();
+        let thread = std::thread::Builder::new()
+            .name("ferrum-responder".into())
+            .spawn(move || run(engine, intake_rx, batched))
+            .map_err(|e| TritonError::internal(format!("cannot start the response thread: {e}")))?;
+        Ok(Responder {
+            intake: Some(intake_tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands a parsed request over; on failure (thread gone) the request gets an error.
+    pub fn submit(&self, job: NewJob) {
+        let unavailable = TritonError::new(ErrorCode::Unavailable, "the model is shutting down");
+        match &self.intake {
+            Some(tx) => {
+                if let Err(crossbeam_channel::SendError(Intake::New(nj))) =
+                    tx.send(Intake::New(Box::new(job)))
+                {
+                    nj.job.fail(&unavailable);
+                }
+            }
+            None => job.job.fail(&unavailable),
+        }
+    }
+
+    /// Finishes every request of `instance_id` (with an error if still running) and waits.
+    pub fn drain(&self, instance_id: usize) {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if self.intake.as_ref().is_some_and(|i| {
+            i.send(Intake::Drain {
+                instance_id,
+                done: tx,
+            })
+            .is_ok()
+        }) {
+            let _ = rx.recv();
+        }
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        // Closing the intake ends the thread after it fails whatever is still in flight.
+        self.intake = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(engine: EngineHandle, intake: Receiver<Intake>, batched: bool) {
+    let (events_tx, events_rx) = crossbeam_channel::unbounded::<(SeqId, TokenEvent)>();
+    let mut active: HashMap<SeqId, Active> = HashMap::new();
+    let mut last_poll = Instant::now();
+    loop {
+        select! {
+            recv(intake) -> msg => match msg {
+                Ok(Intake::New(nj)) => {
+                    let NewJob { job, parsed } = *nj;
+                    match engine.submit_to(parsed.generate, events_tx.clone()) {
+                        Ok((seq_id, prompt_ids)) => {
+                            active.insert(seq_id, Active {
+                                job,
+                                interface: parsed.interface,
+                                stream: parsed.stream,
+                                exclude_input: parsed.exclude_input_in_output,
+                                return_log_probs: parsed.return_log_probs,
+                                prompt_text: parsed.prompt_text,
+                                prompt_ids,
+                                text: String::new(),
+                                output_ids: Vec::new(),
+                                logprobs: Vec::new(),
+                                batched,
+                            });
+                        }
+                        Err(e) => job.fail(&TritonError::invalid_arg(e.to_string())),
+                    }
+                }
+                Ok(Intake::Drain { instance_id, done }) => {
+                    let ids: Vec<SeqId> =
+                        active.iter().filter(|(_, a)| a.job.instance_id() == instance_id).map(|(id, _)| *id).collect();
+                    for id in ids {
+                        engine.abort(id);
+                        if let Some(mut a) = active.remove(&id) {
+                            a.abort_error();
+                        }
+                    }
+                    let _ = done.send(());
+                }
+                Err(_) => break,
+            },
+            recv(events_rx) -> msg => {
+                if let Ok((seq_id, ev)) = msg {
+                    let done = active.get_mut(&seq_id).is_some_and(|a| a.on_event(ev));
+                    if done {
+                        active.remove(&seq_id);
+                    }
+                }
+            },
+            default(CANCEL_POLL) => {},
+        }
+        if last_poll.elapsed() >= CANCEL_POLL {
+            last_poll = Instant::now();
+            let cancelled: Vec<SeqId> = active
+                .iter()
+                .filter(|(_, a)| a.job.sender.is_cancelled())
+                .map(|(id, _)| *id)
+                .collect();
+            for id in cancelled {
+                engine.abort(id);
+                if let Some(a) = active.remove(&id) {
+                    a.job.fail(&TritonError::new(
+                        ErrorCode::Cancelled,
+                        "the request was cancelled",
+                    ));
+                }
+            }
+        }
+    }
+    // Shutdown: abort whatever is left and answer it.
+    for (id, mut a) in active.drain() {
+        engine.abort(id);
+        a.abort_error();
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn find<'a>(out: &'a [OutputTensor], name: &str) -> &'a OutputTensor {
+        out.iter().find(|o| o.name == name).unwrap()
+    }
+
+    #[test]
+    fn text_outputs_with_and_without_batch_dimension() {
+        let d = ResponseData {
+            text: Some("hé".into()),
+            finish: Some(FinishReason::Length),
+            num_input_tokens: Some(3),
+            num_output_tokens: Some(2),
+            ..Default::default()
+        };
+        let out = build_outputs(&d, false);
+        let names: Vec<_> = out.iter().map(|o| o.name).collect();
+        assert_eq!(
+            names,
+            [
+                "text_output",
+                "finish_reason",
+                "num_input_tokens",
+                "num_output_tokens"
+            ]
+        );
+        let t = find(&out, "text_output");
+        assert_eq!(t.shape, vec![1]);
+        assert_eq!(t.data, triton_api::serialize_bytes(["hé".as_bytes()]));
+        assert_eq!(
+            find(&out, "finish_reason").data,
+            triton_api::serialize_bytes([b"length".as_slice()])
+        );
+        assert_eq!(find(&out, "num_input_tokens").data, 3u32.to_le_bytes());
+        let out = build_outputs(&d, true);
+        assert!(
+            out.iter().all(|o| o.shape[0] == 1 && o.shape.len() == 2),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn token_outputs_and_logprobs() {
+        let d = ResponseData {
+            token_ids: Some(vec![5, 6, 7]),
+            logprobs: Some(vec![-0.5, -1.0, -0.25]),
+            ..Default::default()
+        };
+        let out = build_outputs(&d, true);
+        let ids = find(&out, "output_ids");
+        assert_eq!(ids.shape, vec![1, 1, 3]);
+        assert_eq!(
+            ids.data,
+            [5i32, 6, 7]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(find(&out, "sequence_length").data, 3i32.to_le_bytes());
+        assert_eq!(find(&out, "cum_log_probs").data, (-1.75f32).to_le_bytes());
+        assert_eq!(find(&out, "output_log_probs").shape, vec![1, 1, 3]);
+        // Every tensor's bytes match its shape.
+        for o in &out {
+            let n: i64 = o.shape.iter().product();
+            assert_eq!(
+                o.data.len() as i64,
+                n * o.dtype.byte_size().unwrap() as i64,
+                "{}",
+                o.name
+            );
+        }
+    }
+
+    #[test]
+    fn logprobs_tail_takes_the_newest() {
+        assert_eq!(logprobs_tail(true, &[1.0, 2.0, 3.0], 1), Some(vec![3.0]));
+        assert_eq!(logprobs_tail(true, &[], 1), Some(vec![]));
+        assert_eq!(logprobs_tail(false, &[1.0], 1), None);
+    }
+}

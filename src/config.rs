@@ -1,0 +1,639 @@
+//! `BackendConfig`: every ferrum setting of a Triton model, parsed once from the `parameters`
+//! of its config.pbtxt (all values are strings there) into validated types. An unknown key or a
+//! bad value fails the model load with a message naming the key, the value and what is allowed;
+//! nothing downstream re-checks. This module never touches Triton or device code: it maps JSON
+//! to `BackendConfig` and `BackendConfig` to `EngineOptions`. Every key is documented in
+//! docs/configuration.md (a test checks that the two agree).
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::engine::{Device, EngineOptions};
+use crate::ops::linear::WeightFormat;
+use crate::request::SamplingParams;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid model configuration parameters: {0}")]
+    Parameters(String),
+    #[error("parameter '{key}' must have a string_value in config.pbtxt")]
+    NotAString { key: String },
+    #[error("invalid value for parameter '{key}': '{value}' ({expected})")]
+    InvalidValue {
+        key: &'static str,
+        value: String,
+        expected: String,
+    },
+    #[error("parameter '{key}' = '{value}': no such file or folder (looked at {tried})")]
+    PathNotFound {
+        key: &'static str,
+        value: String,
+        tried: String,
+    },
+    #[error("the model configuration is not valid JSON: {0}")]
+    Json(String),
+}
+
+impl ConfigError {
+    fn invalid(key: &'static str, value: &str, expected: impl Into<String>) -> Self {
+        ConfigError::InvalidValue {
+            key,
+            value: value.to_string(),
+            expected: expected.into(),
+        }
+    }
+}
+
+/// The raw `parameters` map: every key ferrum knows, as strings. `deny_unknown_fields` turns a
+/// typo into a load error naming the key.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawParameters {
+    model_path: Option<String>,
+    tokenizer_path: Option<String>,
+    device: Option<String>,
+    gpu_device_ids: Option<String>,
+    weight_format: Option<String>,
+    max_num_seqs: Option<String>,
+    max_num_batched_tokens: Option<String>,
+    max_tokens_in_paged_kv_cache: Option<String>,
+    kv_cache_free_gpu_mem_fraction: Option<String>,
+    block_size: Option<String>,
+    max_model_len: Option<String>,
+    enable_chunked_context: Option<String>,
+    exclude_input_in_output: Option<String>,
+    apply_chat_template: Option<String>,
+    default_max_tokens: Option<String>,
+    default_temperature: Option<String>,
+    default_top_k: Option<String>,
+    default_top_p: Option<String>,
+    default_min_p: Option<String>,
+    default_repetition_penalty: Option<String>,
+}
+
+/// Every key `BackendConfig` accepts (for docs and tests).
+pub const PARAMETER_KEYS: &[&str] = &[
+    "model_path",
+    "tokenizer_path",
+    "device",
+    "gpu_device_ids",
+    "weight_format",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "max_tokens_in_paged_kv_cache",
+    "kv_cache_free_gpu_mem_fraction",
+    "block_size",
+    "max_model_len",
+    "enable_chunked_context",
+    "exclude_input_in_output",
+    "apply_chat_template",
+    "default_max_tokens",
+    "default_temperature",
+    "default_top_k",
+    "default_top_p",
+    "default_min_p",
+    "default_repetition_penalty",
+];
+
+/// Defaults applied to a request field the request leaves out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestDefaults {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub exclude_input_in_output: bool,
+    pub apply_chat_template: bool,
+}
+
+/// Validated settings of one ferrum model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendConfig {
+    /// Resolved path of the checkpoint (.gguf file, folder with one .gguf, or HF folder).
+    pub model_path: PathBuf,
+    pub tokenizer_path: Option<PathBuf>,
+    pub device: Device,
+    pub gpu_device_ids: Vec<usize>,
+    /// None: q8 for GGUF, f32 for Hugging Face checkpoints.
+    pub weight_format: Option<WeightFormat>,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub max_tokens_in_paged_kv_cache: Option<usize>,
+    pub kv_cache_free_gpu_mem_fraction: Option<f32>,
+    pub block_size: usize,
+    pub max_model_len: Option<usize>,
+    pub enable_chunked_context: bool,
+    pub defaults: RequestDefaults,
+}
+
+/// The Triton-level facts of a model configuration the backend needs besides `parameters`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfigInfo {
+    pub max_batch_size: usize,
+    pub decoupled: bool,
+}
+
+/// Where the model lives: `model_dir` holds config.pbtxt, `version_dir` is `model_dir/<version>`.
+#[derive(Debug, Clone)]
+pub struct ModelLocation {
+    pub model_dir: PathBuf,
+    pub version_dir: PathBuf,
+}
+
+pub const DEFAULT_MAX_TOKENS: usize = 128;
+
+impl BackendConfig {
+    /// Parses the `parameters` object of a model configuration JSON
+    /// (`{"key": {"string_value": "..."}}`).
+    pub fn from_model_config(
+        config: &serde_json::Value,
+        loc: &ModelLocation,
+    ) -> Result<Self, ConfigError> {
+        let mut map = serde_json::Map::new();
+        if let Some(params) = config.get("parameters").and_then(|p| p.as_object()) {
+            for (key, v) in params {
+                let s = v
+                    .get("string_value")
+                    .and_then(|s| s.as_str())
+                    .ok_or_else(|| ConfigError::NotAString { key: key.clone() })?;
+                map.insert(key.clone(), serde_json::Value::String(s.to_string()));
+            }
+        }
+        let raw: RawParameters = serde_json::from_value(serde_json::Value::Object(map))
+            .map_err(|e| ConfigError::Parameters(e.to_string()))?;
+        Self::from_raw(raw, loc)
+    }
+
+    fn from_raw(raw: RawParameters, loc: &ModelLocation) -> Result<Self, ConfigError> {
+        let model_path = match &raw.model_path {
+            Some(p) => resolve_path("model_path", p, loc)?,
+            None => loc.version_dir.clone(),
+        };
+        let tokenizer_path = raw
+            .tokenizer_path
+            .as_deref()
+            .map(|p| resolve_path("tokenizer_path", p, loc))
+            .transpose()?;
+        let device = match raw.device.as_deref() {
+            None => Device::Auto,
+            Some(s) => s.parse().map_err(|_| {
+                ConfigError::invalid("device", s, "expected auto, cpu, cuda or cuda:N")
+            })?,
+        };
+        let gpu_device_ids = match raw.gpu_device_ids.as_deref() {
+            None => vec![],
+            Some(s) => s
+                .split(',')
+                .filter(|t| !t.trim().is_empty())
+                .map(|t| t.trim().parse::<usize>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| {
+                    ConfigError::invalid(
+                        "gpu_device_ids",
+                        s,
+                        "expected a comma-separated list of GPU ordinals, e.g. 0,1",
+                    )
+                })?,
+        };
+        if device == Device::Cpu && !gpu_device_ids.is_empty() {
+            return Err(ConfigError::invalid(
+                "gpu_device_ids",
+                raw.gpu_device_ids.as_deref().unwrap_or_default(),
+                "must be empty when device is cpu",
+            ));
+        }
+        let weight_format = match raw.weight_format.as_deref() {
+            None | Some("auto") => None,
+            Some("f32") => Some(WeightFormat::F32),
+            Some("q8") => Some(WeightFormat::Q8),
+            Some(s) => {
+                return Err(ConfigError::invalid(
+                    "weight_format",
+                    s,
+                    "expected auto, f32 or q8",
+                ));
+            }
+        };
+        let max_num_seqs = parse_count("max_num_seqs", raw.max_num_seqs.as_deref(), 64, 1, 4096)?;
+        let max_num_batched_tokens = parse_count(
+            "max_num_batched_tokens",
+            raw.max_num_batched_tokens.as_deref(),
+            2048,
+            1,
+            1 << 20,
+        )?;
+        let max_tokens_in_paged_kv_cache = raw
+            .max_tokens_in_paged_kv_cache
+            .as_deref()
+            .map(|s| parse_count("max_tokens_in_paged_kv_cache", Some(s), 0, 1, 1 << 30))
+            .transpose()?;
+        let kv_cache_free_gpu_mem_fraction = match raw.kv_cache_free_gpu_mem_fraction.as_deref() {
+            None => None,
+            Some(s) => match s.trim().parse::<f32>() {
+                Ok(f) if f > 0.0 && f <= 1.0 => Some(f),
+                _ => {
+                    return Err(ConfigError::invalid(
+                        "kv_cache_free_gpu_mem_fraction",
+                        s,
+                        "must be a number in (0, 1]",
+                    ));
+                }
+            },
+        };
+        let block_size = parse_count("block_size", raw.block_size.as_deref(), 16, 1, 256)?;
+        if !block_size.is_power_of_two() {
+            return Err(ConfigError::invalid(
+                "block_size",
+                &block_size.to_string(),
+                "must be a power of two in [1, 256]",
+            ));
+        }
+        let max_model_len = raw
+            .max_model_len
+            .as_deref()
+            .map(|s| parse_count("max_model_len", Some(s), 0, 2, 1 << 20))
+            .transpose()?;
+        let enable_chunked_context = parse_bool(
+            "enable_chunked_context",
+            raw.enable_chunked_context.as_deref(),
+            true,
+        )?;
+        let exclude_input_in_output = parse_bool(
+            "exclude_input_in_output",
+            raw.exclude_input_in_output.as_deref(),
+            false,
+        )?;
+        let apply_chat_template = parse_bool(
+            "apply_chat_template",
+            raw.apply_chat_template.as_deref(),
+            false,
+        )?;
+        let max_tokens = parse_count(
+            "default_max_tokens",
+            raw.default_max_tokens.as_deref(),
+            DEFAULT_MAX_TOKENS,
+            1,
+            1 << 20,
+        )?;
+        let mut sampling = SamplingParams::default();
+        if let Some(s) = raw.default_temperature.as_deref() {
+            sampling.temperature = parse_f32("default_temperature", s)?;
+        }
+        if let Some(s) = raw.default_top_k.as_deref() {
+            sampling.top_k = parse_count("default_top_k", Some(s), 0, 0, 1 << 20)?;
+        }
+        if let Some(s) = raw.default_top_p.as_deref() {
+            sampling.top_p = parse_f32("default_top_p", s)?;
+        }
+        if let Some(s) = raw.default_min_p.as_deref() {
+            sampling.min_p = parse_f32("default_min_p", s)?;
+        }
+        if let Some(s) = raw.default_repetition_penalty.as_deref() {
+            sampling.repetition_penalty = parse_f32("default_repetition_penalty", s)?;
+        }
+        // The defaults obey the same bounds as request values; name the config key on failure.
+        if let Err(crate::request::RequestError::InvalidValue {
+            field,
+            value,
+            bound,
+        }) = sampling.validate()
+        {
+            let key = match field {
+                "temperature" => "default_temperature",
+                "top_p" => "default_top_p",
+                "min_p" => "default_min_p",
+                "repetition_penalty" => "default_repetition_penalty",
+                other => other,
+            };
+            return Err(ConfigError::InvalidValue {
+                key,
+                value,
+                expected: bound,
+            });
+        }
+        Ok(BackendConfig {
+            model_path,
+            tokenizer_path,
+            device,
+            gpu_device_ids,
+            weight_format,
+            max_num_seqs,
+            max_num_batched_tokens,
+            max_tokens_in_paged_kv_cache,
+            kv_cache_free_gpu_mem_fraction,
+            block_size,
+            max_model_len,
+            enable_chunked_context,
+            defaults: RequestDefaults {
+                max_tokens,
+                sampling,
+                exclude_input_in_output,
+                apply_chat_template,
+            },
+        })
+    }
+
+    /// The engine options these settings mean. `gpu_device_ids[0]` picks the CUDA ordinal when
+    /// `device` is `cuda` without one.
+    pub fn engine_options(&self) -> EngineOptions {
+        let device = match (self.device, self.gpu_device_ids.first()) {
+            (Device::Cuda { ordinal: 0 }, Some(&id)) => Device::Cuda { ordinal: id },
+            (d, _) => d,
+        };
+        EngineOptions {
+            tokenizer: self.tokenizer_path.clone(),
+            device,
+            weight_format: self.weight_format,
+            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            block_size: self.block_size,
+            max_tokens_in_paged_kv_cache: self.max_tokens_in_paged_kv_cache,
+            max_model_len: self.max_model_len,
+            enable_chunked_prefill: self.enable_chunked_context,
+            progress: false,
+            ..EngineOptions::new(self.model_path.clone())
+        }
+    }
+}
+
+impl ModelConfigInfo {
+    pub fn from_model_config(config: &serde_json::Value) -> Self {
+        ModelConfigInfo {
+            max_batch_size: config
+                .get("max_batch_size")
+                .and_then(|v| v.as_u64())
+                .unwrap_or(0) as usize,
+            decoupled: config
+                .get("model_transaction_policy")
+                .and_then(|p| p.get("decoupled"))
+                .and_then(|d| d.as_bool())
+                .unwrap_or(false),
+        }
+    }
+}
+
+/// An absolute path, or one relative to the version folder, or else to the model folder.
+fn resolve_path(
+    key: &'static str,
+    value: &str,
+    loc: &ModelLocation,
+) -> Result<PathBuf, ConfigError> {
+    let p = Path::new(value);
+    let candidates: Vec<PathBuf> = if p.is_absolute() {
+        vec![p.to_path_buf()]
+    } else {
+        vec![loc.version_dir.join(p), loc.model_dir.join(p)]
+    };
+    candidates
+        .iter()
+        .find(|c| c.exists())
+        .cloned()
+        .ok_or_else(|| ConfigError::PathNotFound {
+            key,
+            value: value.to_string(),
+            tried: candidates
+                .iter()
+                .map(|c| c.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
+fn parse_count(
+    key: &'static str,
+    value: Option<&str>,
+    default: usize,
+    min: usize,
+    max: usize,
+) -> Result<usize, ConfigError> {
+    let Some(s) = value else { return Ok(default) };
+    match s.trim().parse::<usize>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(ConfigError::invalid(
+            key,
+            s,
+            format!("must be an integer in [{min}, {max}]"),
+        )),
+    }
+}
+
+fn parse_f32(key: &'static str, s: &str) -> Result<f32, ConfigError> {
+    match s.trim().parse::<f32>() {
+        Ok(f) if f.is_finite() => Ok(f),
+        _ => Err(ConfigError::invalid(key, s, "must be a finite number")),
+    }
+}
+
+/// `true`/`false` (also `1`/`0`, `yes`/`no`, any case).
+pub fn parse_bool(
+    key: &'static str,
+    value: Option<&str>,
+    default: bool,
+) -> Result<bool, ConfigError> {
+    let Some(s) = value else { return Ok(default) };
+    match s.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(ConfigError::invalid(key, s, "expected true or false")),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn loc(dir: &Path) -> ModelLocation {
+        ModelLocation {
+            model_dir: dir.to_path_buf(),
+            version_dir: dir.join("1"),
+        }
+    }
+
+    fn tmp_model_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ferrum-config-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("1")).unwrap();
+        std::fs::write(dir.join("1/model.gguf"), b"x").unwrap();
+        std::fs::write(dir.join("top.gguf"), b"x").unwrap();
+        dir
+    }
+
+    fn params(pairs: &[(&str, &str)]) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        for (k, v) in pairs {
+            m.insert(k.to_string(), json!({ "string_value": v }));
+        }
+        json!({ "parameters": m })
+    }
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let dir = tmp_model_dir("defaults");
+        let c =
+            BackendConfig::from_model_config(&params(&[("model_path", "model.gguf")]), &loc(&dir))
+                .unwrap();
+        assert_eq!(c.model_path, dir.join("1/model.gguf"));
+        assert_eq!(c.device, Device::Auto);
+        assert_eq!(c.max_num_seqs, 64);
+        assert_eq!(c.block_size, 16);
+        assert!(c.enable_chunked_context);
+        assert_eq!(c.defaults.max_tokens, DEFAULT_MAX_TOKENS);
+        assert!(!c.defaults.exclude_input_in_output);
+        // Relative to the model folder when not in the version folder.
+        let c =
+            BackendConfig::from_model_config(&params(&[("model_path", "top.gguf")]), &loc(&dir))
+                .unwrap();
+        assert_eq!(c.model_path, dir.join("top.gguf"));
+        // No model_path: the version folder itself.
+        let c = BackendConfig::from_model_config(&json!({}), &loc(&dir)).unwrap();
+        assert_eq!(c.model_path, dir.join("1"));
+    }
+
+    #[test]
+    fn every_key_parses_into_engine_options() {
+        let dir = tmp_model_dir("all");
+        let abs = dir.join("top.gguf");
+        let c = BackendConfig::from_model_config(
+            &params(&[
+                ("model_path", abs.to_str().unwrap()),
+                ("tokenizer_path", "."),
+                ("device", "cuda"),
+                ("gpu_device_ids", "2, 3"),
+                ("weight_format", "f32"),
+                ("max_num_seqs", "8"),
+                ("max_num_batched_tokens", "512"),
+                ("max_tokens_in_paged_kv_cache", "4096"),
+                ("kv_cache_free_gpu_mem_fraction", "0.5"),
+                ("block_size", "32"),
+                ("max_model_len", "1024"),
+                ("enable_chunked_context", "false"),
+                ("exclude_input_in_output", "TRUE"),
+                ("apply_chat_template", "1"),
+                ("default_max_tokens", "7"),
+                ("default_temperature", "0.5"),
+                ("default_top_k", "40"),
+                ("default_top_p", "0.9"),
+                ("default_min_p", "0.05"),
+                ("default_repetition_penalty", "1.1"),
+            ]),
+            &loc(&dir),
+        )
+        .unwrap();
+        assert_eq!(c.model_path, abs);
+        assert_eq!(c.tokenizer_path, Some(dir.join("1/.")));
+        assert_eq!(c.gpu_device_ids, vec![2, 3]);
+        assert_eq!(c.kv_cache_free_gpu_mem_fraction, Some(0.5));
+        assert!(c.defaults.exclude_input_in_output && c.defaults.apply_chat_template);
+        assert_eq!(c.defaults.max_tokens, 7);
+        assert_eq!(c.defaults.sampling.top_k, 40);
+        assert_eq!(c.defaults.sampling.repetition_penalty, 1.1);
+        let o = c.engine_options();
+        assert_eq!(o.device, Device::Cuda { ordinal: 2 });
+        assert_eq!(o.weight_format, Some(WeightFormat::F32));
+        assert_eq!(
+            (o.max_num_seqs, o.max_num_batched_tokens, o.block_size),
+            (8, 512, 32)
+        );
+        assert_eq!(o.max_tokens_in_paged_kv_cache, Some(4096));
+        assert_eq!(o.max_model_len, Some(1024));
+        assert!(!o.enable_chunked_prefill);
+    }
+
+    #[test]
+    fn bad_keys_and_values_name_key_and_value() {
+        let dir = tmp_model_dir("bad");
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
+        let cases: &[Case] = &[
+            (&[("max_num_seq", "8")], &["max_num_seq"]),
+            (&[("device", "tpu")], &["device", "tpu"]),
+            (&[("max_num_seqs", "0")], &["max_num_seqs", "'0'"]),
+            (&[("max_num_seqs", "lots")], &["max_num_seqs", "lots"]),
+            (
+                &[("block_size", "24")],
+                &["block_size", "24", "power of two"],
+            ),
+            (
+                &[("kv_cache_free_gpu_mem_fraction", "1.5")],
+                &["kv_cache_free_gpu_mem_fraction", "1.5"],
+            ),
+            (
+                &[("enable_chunked_context", "maybe")],
+                &["enable_chunked_context", "maybe"],
+            ),
+            (&[("weight_format", "int4")], &["weight_format", "int4"]),
+            (&[("default_top_p", "0")], &["default_top_p", "(0, 1]"]),
+            (
+                &[("default_temperature", "-1")],
+                &["default_temperature", "-1"],
+            ),
+            (
+                &[("model_path", "missing.gguf")],
+                &["model_path", "missing.gguf", "1/missing.gguf"],
+            ),
+            (&[("gpu_device_ids", "a,b")], &["gpu_device_ids", "a,b"]),
+            (
+                &[("device", "cpu"), ("gpu_device_ids", "0")],
+                &["gpu_device_ids", "cpu"],
+            ),
+        ];
+        for (pairs, needles) in cases {
+            let err = BackendConfig::from_model_config(&params(pairs), &loc(&dir))
+                .unwrap_err()
+                .to_string();
+            for n in *needles {
+                assert!(err.contains(n), "{pairs:?}: '{err}' lacks '{n}'");
+            }
+        }
+        let not_string = json!({ "parameters": { "device": { "int_value": 3 } } });
+        let err = BackendConfig::from_model_config(&not_string, &loc(&dir)).unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::NotAString {
+                key: "device".into()
+            }
+        );
+    }
+
+    #[test]
+    fn parameter_keys_list_matches_the_parser() {
+        // Every listed key is accepted (an unknown one would fail), and the count matches the
+        // struct, so the list used by docs cannot drift.
+        let dir = tmp_model_dir("keys");
+        for key in PARAMETER_KEYS {
+            let err = BackendConfig::from_model_config(&params(&[(key, "@@")]), &loc(&dir))
+                .unwrap_err()
+                .to_string();
+            assert!(!err.contains("unknown field"), "{key}: {err}");
+        }
+        let err = BackendConfig::from_model_config(&params(&[("nope", "1")]), &loc(&dir))
+            .unwrap_err()
+            .to_string();
+        for key in PARAMETER_KEYS {
+            assert!(
+                err.contains(key),
+                "serde's list of expected keys lacks {key}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn model_config_info_reads_batch_size_and_policy() {
+        let i = ModelConfigInfo::from_model_config(
+            &json!({"max_batch_size": 8, "model_transaction_policy": {"decoupled": true}}),
+        );
+        assert_eq!(
+            i,
+            ModelConfigInfo {
+                max_batch_size: 8,
+                decoupled: true
+            }
+        );
+        assert_eq!(
+            ModelConfigInfo::from_model_config(&json!({})),
+            ModelConfigInfo {
+                max_batch_size: 0,
+                decoupled: false
+            }
+        );
+    }
+}

@@ -28,7 +28,7 @@ if grep -rnE 'crate::(cuda|backend|executor)|triton_api' src/scheduler src/kv_ca
   echo "error: a pure module imports device/backend code" >&2
   exit 1
 fi
-if grep -rln 'triton_api' src --include='*.rs' | grep -v '^src/backend/'; then
+if grep -rlnE 'triton_api::|use triton_api' src --include='*.rs' | grep -v '^src/backend/'; then
   echo "error: only src/backend may use triton_api (the raw Triton FFI)" >&2
   exit 1
 fi

@@ -1,7 +1,7 @@
 //! Read-only file mapping for the checkpoint loaders, and the byte container they parse.
 //!
-//! This module holds the only `unsafe` block outside `src/cuda` and `triton_api`: the call to
-//! `memmap2::Mmap::map`. It must never hand out mutable access to mapped memory, and nothing else
+//! This module holds one of the two documented `unsafe` exceptions outside the device and Triton
+//! FFI layers (docs/architecture.md): the call to `memmap2::Mmap::map`. It must never hand out mutable access to mapped memory, and nothing else
 //! in the loaders may map files on its own.
 
 use std::fs::File;

@@ -98,8 +98,32 @@ fn abort_ends_stream_and_frees_blocks() {
         o.max_model_len = Some(64);
     });
     let handle = e.handle();
+    let idle = handle.stats().unwrap();
+    assert_eq!(
+        (idle.num_kv_blocks_total, idle.block_size, idle.max_num_seqs),
+        (16, 4, 64),
+        "64 tokens of KV cache in blocks of 4: {idle:?}"
+    );
+    assert_eq!(idle.num_kv_blocks_used, 0);
+    assert_eq!(idle.num_kv_blocks_free, 16);
     let mut s = handle.submit(greedy(prompt(10, 1), 50, None)).unwrap();
     assert!(matches!(s.recv(), Some(TokenEvent::Started { .. })));
+    // Stats are answered between steps: within a step or two the request holds its blocks.
+    let mut running = handle.stats().unwrap();
+    for _ in 0..10 {
+        if running.num_kv_blocks_used > 0 {
+            break;
+        }
+        running = handle.stats().unwrap();
+    }
+    // 10 prompt tokens (+ a few generated) in blocks of 4: at least 3 blocks.
+    assert!(running.num_kv_blocks_used >= 3, "{running:?}");
+    assert_eq!(
+        running.num_kv_blocks_used + running.num_kv_blocks_free,
+        16,
+        "{running:?}"
+    );
+    assert_eq!((running.num_running, running.num_waiting), (1, 0));
     handle.abort(s.seq_id);
     let mut last = None;
     while let Some(ev) = s.recv() {
@@ -116,6 +140,11 @@ fn abort_ends_stream_and_frees_blocks() {
         }) => panic!("abort was not applied"),
         other => panic!("unexpected last event {other:?}"),
     }
+    // The final event goes out after the blocks are freed, and stats are answered in order.
+    let after = handle.stats().unwrap();
+    assert_eq!(after.num_kv_blocks_used, 0, "{after:?}");
+    assert_eq!(after.num_kv_blocks_free, 16);
+    assert_eq!((after.num_running, after.num_waiting), (0, 0));
     // The whole cache (16 blocks) must be usable again: a request needing all of it completes.
     let c = collect(&handle, greedy(prompt(30, 2), 34, None));
     assert_eq!(c.output_ids.len(), 34);
@@ -140,6 +169,7 @@ fn dropping_the_stream_aborts_the_request() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(aborted, 1);
+    assert_eq!(handle.stats().unwrap().num_kv_blocks_used, 0);
 }
 
 #[test]

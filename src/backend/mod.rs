@@ -10,6 +10,7 @@
 //! directly (the engine owns the device).
 
 pub mod autocomplete;
+pub mod metrics;
 pub mod parse;
 pub mod respond;
 
@@ -123,7 +124,18 @@ impl triton_api::entry::Backend for FerrumBackend {
             info.decoupled
         );
         let handle = loaded.engine.handle();
-        let responder = Responder::start(handle.clone(), info.max_batch_size > 0)?;
+        // Metrics are optional: a server started with --allow-metrics=false still serves.
+        let model_metrics = match metrics::ModelMetrics::new(&name, version) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                triton_log!(
+                    triton_api::log::Level::Warn,
+                    "ferrum: model '{name}' serves without custom metrics: {e}"
+                );
+                None
+            }
+        };
+        let responder = Responder::start(handle.clone(), info.max_batch_size > 0, model_metrics)?;
         Ok(ModelState {
             name,
             info,

@@ -6,8 +6,10 @@
 //! The `Responder` is one thread per model: it submits parsed requests to the engine (events
 //! come back on one shared channel tagged by `SeqId`), turns events into responses (a delta per
 //! response when streaming, one full response otherwise), polls Triton for cancellation every
-//! `CANCEL_POLL` and aborts cancelled requests in the engine, and drains an instance's requests
-//! before that instance is finalized. It never blocks Triton's Execute thread.
+//! `CANCEL_POLL` and aborts cancelled requests in the engine, refreshes the model's custom
+//! metrics every `METRICS_INTERVAL` (and owns them: they are deleted when the thread ends), and
+//! drains an instance's requests before that instance is finalized. It never blocks Triton's
+//! Execute thread.
 
 use std::collections::HashMap;
 use std::thread::JoinHandle;
@@ -16,6 +18,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, select};
 use triton_api::{DataType, ErrorCode, InstanceHandle, Request, ResponseFactory, TritonError};
 
+use super::metrics::{METRICS_INTERVAL, ModelMetrics};
 use super::parse::{Interface, ParsedRequest};
 use crate::engine::EngineHandle;
 use crate::request::{FinishReason, SeqId, TokenEvent};
@@ -494,11 +497,17 @@ pub struct Responder {
 }
 
 impl Responder {
-    pub fn start(engine: EngineHandle, batched: bool) -> Result<Self, TritonError> {
+    pub fn start(
+        engine: EngineHandle,
+        batched: bool,
+        mut metrics: Option<ModelMetrics>,
+    ) -> Result<Self, TritonError> {
+        // Set the gauges before the model is reported ready (the thread refreshes them later).
+        refresh_metrics(&engine, &mut metrics);
         let (intake_tx, intake_rx) = crossbeam_channel::unbounded();
         let thread = std::thread::Builder::new()
             .name("ferrum-responder".into())
-            .spawn(move || run(engine, intake_rx, batched))
+            .spawn(move || run(engine, intake_rx, batched, metrics))
             .map_err(|e| TritonError::internal(format!("cannot start the response thread: {e}")))?;
         Ok(Responder {
             intake: Some(intake_tx),
@@ -546,10 +555,27 @@ impl Drop for Responder {
     }
 }
 
-fn run(engine: EngineHandle, intake: Receiver<Intake>, batched: bool) {
+/// Sets the metrics from the engine's current statistics; a failure is logged once, then the
+/// metrics are given up (dropped, so deleted) rather than logged every interval.
+fn refresh_metrics(engine: &EngineHandle, metrics: &mut Option<ModelMetrics>) {
+    let Some(m) = metrics else { return };
+    let Some(stats) = engine.stats() else { return };
+    if let Err(e) = m.update(&stats) {
+        triton_api::log::warn(&format!("ferrum: custom metrics disabled: {e}"));
+        *metrics = None;
+    }
+}
+
+fn run(
+    engine: EngineHandle,
+    intake: Receiver<Intake>,
+    batched: bool,
+    mut metrics: Option<ModelMetrics>,
+) {
     let (events_tx, events_rx) = crossbeam_channel::unbounded::<(SeqId, TokenEvent)>();
     let mut active: HashMap<SeqId, Active> = HashMap::new();
     let mut last_poll = Instant::now();
+    let mut last_metrics = Instant::now();
     loop {
         select! {
             recv(intake) -> msg => match msg {
@@ -613,6 +639,12 @@ fn run(engine: EngineHandle, intake: Receiver<Intake>, batched: bool) {
                     ));
                 }
             }
+        }
+        if last_metrics.elapsed() >= METRICS_INTERVAL {
+            // Answered by the engine between steps (it holds no request back meanwhile: events
+            // are only produced by the step that is finishing).
+            refresh_metrics(&engine, &mut metrics);
+            last_metrics = Instant::now();
         }
     }
     // Shutdown: abort whatever is left and answer it.

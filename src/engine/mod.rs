@@ -31,7 +31,9 @@ pub struct ModelInfo {
     pub tokenizer: Option<Arc<Tokenizer>>,
 }
 
-/// Counters, read with `EngineHandle::stats`.
+/// Counters since start, plus the KV cache and queue occupancy at the time of the
+/// `EngineHandle::stats` call (read from the scheduler's `KvCacheManager`, so an aborted
+/// request's blocks are already back in `num_kv_blocks_free` when its final event is out).
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct EngineStats {
     pub num_steps: u64,
@@ -40,6 +42,19 @@ pub struct EngineStats {
     pub num_generated_tokens: u64,
     pub num_finished: u64,
     pub num_aborted: u64,
+    /// KV cache blocks in the pool; capacity in tokens is `num_kv_blocks_total * block_size`.
+    pub num_kv_blocks_total: usize,
+    /// Blocks held by some sequence (`num_kv_blocks_total - num_kv_blocks_free`).
+    pub num_kv_blocks_used: usize,
+    pub num_kv_blocks_free: usize,
+    /// Token positions per KV cache block.
+    pub block_size: usize,
+    /// Sequences holding KV blocks and a batch seat (scheduled each step).
+    pub num_running: usize,
+    /// Sequences admitted but not yet (or no longer, after preemption) running.
+    pub num_waiting: usize,
+    /// `max_num_seqs`: the most sequences that run at once.
+    pub max_num_seqs: usize,
 }
 
 enum Command {
@@ -391,11 +406,27 @@ impl Worker {
             Command::Submit(sub) => self.admit(*sub),
             Command::Abort(id) => self.finish_aborted(id),
             Command::Stats(tx) => {
-                let _ = tx.send(self.stats.clone());
+                let _ = tx.send(self.snapshot());
             }
             Command::Shutdown => return false,
         }
         true
+    }
+
+    /// The counters plus the current KV cache and queue occupancy.
+    fn snapshot(&self) -> EngineStats {
+        let kv = self.scheduler.kv();
+        let num_kv_blocks_free = kv.num_free_blocks();
+        EngineStats {
+            num_kv_blocks_total: kv.num_blocks(),
+            num_kv_blocks_used: kv.pool().num_used(),
+            num_kv_blocks_free,
+            block_size: kv.block_size(),
+            num_running: self.scheduler.num_running(),
+            num_waiting: self.scheduler.num_waiting(),
+            max_num_seqs: self.scheduler.config().max_num_seqs,
+            ..self.stats.clone()
+        }
     }
 
     fn admit(&mut self, sub: Submission) {

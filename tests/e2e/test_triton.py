@@ -8,6 +8,7 @@ clients, concurrency and the `ferrum` CLI.
 import json
 import os
 import queue
+import re
 import subprocess
 import threading
 import time
@@ -294,6 +295,128 @@ def test_cancelled_stream_is_aborted_in_the_engine(server):
     else:
         pytest.fail("the cancelled request was not finished")
     assert time.time() - t0 < 60
+    assert_serving(server)
+
+
+# ---- custom metrics (tensorrtllm_backend families) ----------------------------------------------
+
+KV_FAMILY = "nv_trt_llm_kv_cache_block_metrics"
+REQ_FAMILY = "nv_trt_llm_request_metrics"
+
+
+def metric_series(text, family):
+    """{frozenset(labels.items()): value} of one family in Prometheus text format."""
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"^(\w+)\{([^}]*)\}\s+(\S+)$", line)
+        if not m or m.group(1) != family:
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+        key = frozenset(labels.items())
+        assert key not in out, f"duplicate series {line}"
+        out[key] = float(m.group(3))
+    return out
+
+
+def metric(server, family, model, **labels):
+    """The value of one series, or None when it is not exported."""
+    want = {"model": model, "version": "1", **labels}
+    for key, value in metric_series(server.metrics(), family).items():
+        if dict(key) == want:
+            return value
+    return None
+
+
+def kv_capacity(config_text):
+    return int(re.search(r'"max_tokens_in_paged_kv_cache".*?string_value:\s*"(\d+)"', config_text).group(1))
+
+
+def test_kv_cache_metrics_match_the_configured_capacity(server):
+    for model in (MODEL, MODEL_NB):
+        capacity = kv_capacity((server.repo / model / "config.pbtxt").read_text())
+        max_blocks = metric(server, KV_FAMILY, model, kv_cache_block_type="max")
+        tokens_per = metric(server, KV_FAMILY, model, kv_cache_block_type="tokens_per")
+        assert max_blocks is not None and tokens_per is not None, server.metrics()
+        assert max_blocks * tokens_per == capacity, (model, max_blocks, tokens_per, capacity)
+        assert tokens_per == 16  # the default block_size
+        # Idle (the gauges are refreshed every 100 ms, so a previous test's request may linger
+        # for one refresh): nothing used, everything free, no requests.
+        idle = lambda: (  # noqa: E731
+            metric(server, KV_FAMILY, model, kv_cache_block_type="used"),
+            metric(server, KV_FAMILY, model, kv_cache_block_type="free"),
+            metric(server, REQ_FAMILY, model, request_type="active"),
+            metric(server, REQ_FAMILY, model, request_type="waiting"),
+        )
+        _poll(server, idle, lambda v: v == (0, max_blocks, 0, 0), timeout=2)
+    assert metric(server, REQ_FAMILY, MODEL, request_type="max") == 32  # max_num_seqs of the config
+    assert metric(server, REQ_FAMILY, MODEL_NB, request_type="max") == 64  # the default
+
+
+def _poll(server, what, predicate, timeout):
+    """Polls a metric until predicate(value) holds; returns the values seen."""
+    seen = []
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        seen.append(what())
+        if predicate(seen[-1]):
+            return seen
+        time.sleep(0.05)
+    pytest.fail(f"metric never satisfied the condition within {timeout}s; values seen: {seen[-20:]}")
+
+
+def test_cancellation_mid_stream_frees_kv_blocks(server):
+    """Issue 4: cancelling a stream frees its KV blocks, observed through Triton's metrics."""
+    used = lambda: metric(server, KV_FAMILY, MODEL, kv_cache_block_type="used")  # noqa: E731
+    active = lambda: metric(server, REQ_FAMILY, MODEL, request_type="active")  # noqa: E731
+    assert used() == 0
+    inputs = _grpc_inputs(
+        True,
+        text_input=("BYTES", ["Tell me a very long story about a dragon."]),
+        max_tokens=("int32", [2000]),
+        stream=("bool", [True]),
+        ignore_eos=("bool", [True]),
+    )
+    responses = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    client.async_stream_infer(MODEL, inputs, enable_empty_final_response=True)
+    try:
+        for _ in range(2):
+            result, err = responses.get(timeout=120)
+            assert err is None, err
+        # While the stream runs, its prompt + tokens hold blocks (refreshed every 100 ms).
+        _poll(server, used, lambda v: v is not None and v > 0, timeout=10)
+        assert active() == 1
+        assert metric(server, REQ_FAMILY, MODEL, request_type="scheduled") == 1
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+    t0 = time.time()
+    _poll(server, used, lambda v: v == 0, timeout=5)
+    assert time.time() - t0 < 5
+    assert active() == 0
+    free = metric(server, KV_FAMILY, MODEL, kv_cache_block_type="free")
+    assert free == metric(server, KV_FAMILY, MODEL, kv_cache_block_type="max")
+    assert_serving(server)
+
+
+def test_metrics_are_deleted_on_unload_and_recreated_on_load(server):
+    def models_exported():
+        return {dict(k)["model"] for k in metric_series(server.metrics(), KV_FAMILY)}
+
+    assert {MODEL, MODEL_NB} <= models_exported()
+    assert server.unload(MODEL_NB).status_code == 200
+    deadline = time.time() + 60
+    while MODEL_NB in models_exported() and time.time() < deadline:
+        time.sleep(0.2)
+    # The unloaded model's series are gone; the other model's (same families) are untouched.
+    exported = models_exported()
+    assert MODEL_NB not in exported and MODEL in exported, exported
+    assert metric(server, KV_FAMILY, MODEL, kv_cache_block_type="max") is not None
+    assert server.load(MODEL_NB).status_code == 200
+    # One series per label set again (metric_series asserts no duplicates), with fresh values.
+    assert metric(server, KV_FAMILY, MODEL_NB, kv_cache_block_type="max") * 16 == 16384
+    assert metric(server, KV_FAMILY, MODEL_NB, kv_cache_block_type="used") == 0
     assert_serving(server)
 
 

@@ -2,8 +2,9 @@
 //! functions ferrum uses; `build.rs` turns it into a `TritonApi` table of function pointers that is
 //! resolved once, at run time, from the tritonserver process (`TRITONBACKEND_Initialize` calls
 //! `load`). Around it sit thin safe wrappers: `TritonError`, `Request`/`InputTensor`,
-//! `ResponseFactory`/`Response`, `Model`, `InstanceHandle`, logging, statistics timestamps, and the
-//! `declare_backend!` macro that exports the `TRITONBACKEND_*` entry points for a `Backend` impl.
+//! `ResponseFactory`/`Response`, `Model`, `InstanceHandle`, custom metrics (`metrics`), logging,
+//! statistics timestamps, and the `declare_backend!` macro that exports the `TRITONBACKEND_*`
+//! entry points for a `Backend` impl.
 //!
 //! Rules this crate keeps: every `unsafe` block has a `// SAFETY:` note; every pointer Triton
 //! hands out is copied into owned Rust data before the call that invalidates it; nothing here
@@ -14,6 +15,7 @@ pub mod entry;
 mod error;
 mod handles;
 pub mod log;
+pub mod metrics;
 
 pub use error::{ErrorCode, TritonError};
 pub use handles::{
@@ -127,6 +129,10 @@ mod tests {
         assert_eq!(sys::TRITONSERVER_LOG_VERBOSE, 3);
         assert_eq!(sys::TRITONSERVER_RESPONSE_COMPLETE_FINAL, 1);
         assert_eq!(sys::TRITONSERVER_REQUEST_RELEASE_ALL, 1);
+        assert_eq!(sys::TRITONSERVER_PARAMETER_STRING, 0);
+        assert_eq!(sys::TRITONSERVER_METRIC_KIND_COUNTER, 0);
+        assert_eq!(sys::TRITONSERVER_METRIC_KIND_GAUGE, 1);
+        assert_eq!(sys::TRITONSERVER_METRIC_KIND_HISTOGRAM, 2);
     }
 
     #[test]

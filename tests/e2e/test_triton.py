@@ -536,11 +536,14 @@ def test_unload_reload_20_times_without_leaks(server):
     threads = [t for t, _ in samples]
     rss = [r for _, r in samples]
     early, late = sorted(rss[2:8])[3], sorted(rss[-6:])[3]  # medians: one arena spike is no trend
-    # Bound: no thread growth after the first cycle; the median RSS of the last 6 cycles within
-    # 128 MiB of cycles 3-8. One model is ~540 MiB of f32 weights: leaking 12 MiB or more per
-    # cycle (2% of an engine) would exceed this over the 12 cycles in between.
+    # Bounds: no thread growth after the first cycle; the median RSS of the last 6 cycles within
+    # 512 MiB of cycles 3-8. One engine is ~540 MiB of f32 weights plus its KV cache, so an
+    # engine (or its weights) not freed on unload would add >= 540 MiB per cycle, 6.5 GiB over the
+    # 12 cycles in between. A finer bound is not stable here: with MALLOC_ARENA_MAX=2 glibc's RSS
+    # plateau shifts by up to ~450 MiB between runs during the first ~15 cycles (measured over 40
+    # cycles: it levels off without a trend).
     assert max(threads[1:]) <= threads[1], threads
-    assert late - early < 128 * 1024, rss
+    assert late - early < 512 * 1024, rss
 
 
 def server_index(server):

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 
@@ -122,16 +122,6 @@ impl RequestStream {
                 None
             }
         }
-    }
-
-    /// The underlying channel, for `select!` with other channels. Callers using it directly
-    /// must call `mark_finished` after the final event, or the drop sends a harmless abort.
-    pub fn receiver(&self) -> &Receiver<TokenEvent> {
-        &self.events
-    }
-
-    pub fn mark_finished(&mut self) {
-        self.finished = true;
     }
 }
 
@@ -591,11 +581,6 @@ impl Worker {
             }
         }
     }
-}
-
-/// Time helper for benchmarks and logs.
-pub fn elapsed_ms(t: Instant) -> f64 {
-    t.elapsed().as_secs_f64() * 1e3
 }
 
 pub mod options;

@@ -47,10 +47,6 @@ impl CpuExecutor {
     pub fn kv_bytes_per_token(spec: &crate::model::DecoderSpec) -> usize {
         spec.num_layers * 2 * spec.kv_dim() * 4
     }
-
-    pub fn decoder(&self) -> &Decoder {
-        &self.decoder
-    }
 }
 
 impl Executor for CpuExecutor {

@@ -12,16 +12,8 @@ pub struct Logits {
 }
 
 impl Logits {
-    pub fn row(&self, idx: usize) -> &[f32] {
-        &self.data[idx * self.vocab_size..(idx + 1) * self.vocab_size]
-    }
-
     pub fn row_mut(&mut self, idx: usize) -> &mut [f32] {
         &mut self.data[idx * self.vocab_size..(idx + 1) * self.vocab_size]
-    }
-
-    pub fn num_rows(&self) -> usize {
-        self.data.len() / self.vocab_size.max(1)
     }
 }
 

@@ -4,7 +4,7 @@
 use crate::model::spec::{DecoderSpec, Mlp, PosEmbedding, Residual};
 use crate::model::weights::{DecoderWeights, LayerWeights, NormWeights};
 use crate::ops::attention::{AttnParams, AttnSeq, KvLayerCache, alibi_slopes, paged_attention};
-use crate::ops::linear::{Weight, linear};
+use crate::ops::linear::linear;
 use crate::ops::rope::RopeTable;
 use crate::ops::{activation, norm};
 
@@ -211,10 +211,6 @@ impl Decoder {
             }
         }
         linear(&s.act, m, &lw.down, lw.down_bias.as_deref(), &mut s.mlp_out);
-    }
-
-    pub fn lm_head(&self) -> &Weight {
-        self.weights.lm_head()
     }
 }
 

@@ -323,7 +323,7 @@ fn inspect(a: InspectArgs) -> CliResult {
     let spec = &ckpt.arch.spec;
     let num_params = spec.num_params();
     let tensors = ckpt.source.names().len();
-    let kv_per_token_f32 = spec.num_layers * 2 * spec.kv_dim() * 4;
+    let kv_per_token_f32 = triton_ferrum::executor::cpu::CpuExecutor::kv_bytes_per_token(spec);
     let memory = json!({
         "f32": num_params * 4,
         "f16": num_params * 2,

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use crate::loader::gguf::GgufFile;
 use crate::loader::safetensors::{SafetensorsSource, read_json};
-use crate::loader::{LoadError, Shard, TensorSource};
-use crate::model::spec::{PosEmbedding, RopeScaling};
+use crate::loader::{HostTensor, LoadError, Q8Tensor, Shard, TensorInfo, TensorSource};
+use crate::model::spec::{Norm, PosEmbedding, Residual, RopeScaling};
 use crate::tokenizer::Tokenizer;
 
 pub mod arch;
@@ -125,8 +125,8 @@ impl Checkpoint {
             format: CheckpointFormat::HuggingFace {
                 dir: dir.to_path_buf(),
             },
+            source: BarePrefixSource::wrap_if_bare(Box::new(source), arch.names),
             arch,
-            source: Box::new(source),
             tokenizer,
             config_eos_ids,
         };
@@ -158,7 +158,9 @@ impl Checkpoint {
     }
 
     /// Settles what the config leaves implicit from the tensors present: a missing LM head means
-    /// tied embeddings; GGUF bias tensors switch biases on; GGUF rope frequency factors.
+    /// tied embeddings; GGUF bias tensors switch biases on (and LayerNorm biases), a GGUF Falcon
+    /// with `attn_norm_2` has two norms; GGUF rope frequency factors; checkpoints that omit the
+    /// base model's `transformer.` prefix were wrapped in `BarePrefixSource` by `open_hf`.
     fn fix_up_from_tensors(&mut self) -> Result<(), LoadError> {
         let names = self.arch.names;
         let rope_freqs = match names.global(GlobalTensor::RopeFreqs) {
@@ -172,11 +174,18 @@ impl Checkpoint {
         if !has(names.global(GlobalTensor::LmHead)) {
             spec.tie_embeddings = true;
         }
-        if names == TensorNames::Gguf {
-            spec.biases.qkv = has(names.layer(0, LayerTensor::QBias));
+        if names.is_gguf() {
+            spec.biases.qkv = has(names.layer(0, LayerTensor::QBias))
+                || has(names.layer(0, LayerTensor::QkvBias));
             spec.biases.attn_out = has(names.layer(0, LayerTensor::AttnOutBias));
             spec.biases.mlp = has(names.layer(0, LayerTensor::DownBias));
             spec.biases.lm_head = has(names.global(GlobalTensor::LmHeadBias));
+            if let Norm::Layer { bias, .. } = &mut spec.norm {
+                *bias = has(names.layer(0, LayerTensor::AttnNormBias));
+            }
+            if names == TensorNames::GgufFalcon && has(names.layer(0, LayerTensor::MlpNorm)) {
+                spec.residual = Residual::Parallel { shared_norm: false };
+            }
         }
         if let (Some(factors), PosEmbedding::Rope(rope)) = (rope_freqs, &mut spec.pos) {
             if rope.scaling == RopeScaling::None {
@@ -230,4 +239,55 @@ fn list_ggufs(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     }
     out.sort();
     Ok(out)
+}
+
+/// A checkpoint whose base-model tensors lack the `prefix` the architecture's names use (the
+/// original GPT-2 and BLOOM uploads): names are looked up with the prefix stripped.
+struct BarePrefixSource {
+    inner: Box<dyn TensorSource>,
+    prefix: &'static str,
+}
+
+impl BarePrefixSource {
+    /// Wraps `inner` when it names the token embedding without the architecture's optional
+    /// prefix.
+    fn wrap_if_bare(inner: Box<dyn TensorSource>, names: TensorNames) -> Box<dyn TensorSource> {
+        let (Some(prefix), Some(embedding)) = (
+            names.optional_prefix(),
+            names.global(GlobalTensor::TokenEmbedding),
+        ) else {
+            return inner;
+        };
+        let bare = embedding.strip_prefix(prefix).unwrap_or(&embedding);
+        if !inner.contains(&embedding) && inner.contains(bare) {
+            Box::new(BarePrefixSource { inner, prefix })
+        } else {
+            inner
+        }
+    }
+
+    fn resolve<'n>(&self, name: &'n str) -> &'n str {
+        match name.strip_prefix(self.prefix) {
+            Some(bare) if !self.inner.contains(name) => bare,
+            _ => name,
+        }
+    }
+}
+
+impl TensorSource for BarePrefixSource {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn names(&self) -> Vec<String> {
+        self.inner.names()
+    }
+    fn info(&self, name: &str) -> Option<TensorInfo> {
+        self.inner.info(self.resolve(name))
+    }
+    fn get(&self, name: &str, shard: Shard) -> Result<HostTensor, LoadError> {
+        self.inner.get(self.resolve(name), shard)
+    }
+    fn get_q8(&self, name: &str, shard: Shard) -> Result<Option<Q8Tensor>, LoadError> {
+        self.inner.get_q8(self.resolve(name), shard)
+    }
 }

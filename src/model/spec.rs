@@ -115,14 +115,55 @@ impl Rope {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum PosEmbedding {
     Rope(Rope),
-    /// Attention bias `slope_h * (key_pos - query_pos)`; slopes from `alibi_bias_max` (8 for BLOOM).
+    /// Attention bias `bias_scale * slope_h * (key_pos - query_pos)`, added to the scaled scores;
+    /// slopes from `max_bias` (`alibi_bias_max`, 8 for BLOOM and MPT-7B) in `order`.
     Alibi {
         max_bias: f32,
+        order: AlibiOrder,
+        /// 1 for BLOOM and MPT; Falcon-RW scales the bias with the scores (1 / sqrt(head_dim)).
+        bias_scale: f32,
     },
     /// A learned `[num_positions, hidden]` table added to the token embeddings (GPT-2).
     Learned {
         num_positions: usize,
     },
+}
+
+/// How ALiBi slopes are assigned to heads when the head count is not a power of two (for a
+/// power of two both give head h the slope `2^(-max_bias * (h + 1) / num_heads)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlibiOrder {
+    /// BLOOM / Falcon / llama.cpp: the slopes of the largest power of two `c` <= n, then every
+    /// other slope of the series for `2c`.
+    Bloom,
+    /// MPT: the series for the next power of two `p` >= n, odd positions first, then even ones.
+    Mpt,
+}
+
+/// How a checkpoint stores the q/k/v projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum QkvLayout {
+    /// Three tensors q, k, v.
+    Separate,
+    /// One tensor `[q_dim + 2 * kv_dim, hidden]` whose rows are in `FusedQkv` order; it is
+    /// re-ordered at load into the decoder's q | k | v rows.
+    Fused { layout: FusedQkv },
+}
+
+/// Row order of a fused qkv tensor (and its bias).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FusedQkv {
+    /// q rows, then k rows, then v rows (GPT-2, MPT, and every GGUF `attn_qkv`).
+    Concat,
+    /// `[num_heads, 3, head_dim]`: q, k, v of head 0, then of head 1, ... (BLOOM, Falcon-RW
+    /// without multi-query). Needs num_kv_heads == num_heads.
+    PerHead,
+    /// `[num_kv_heads, heads_per_group + 2, head_dim]`: each KV group's query heads, then its
+    /// key head and value head (Falcon multi-query and `new_decoder_architecture`).
+    KvGroups,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -178,6 +219,8 @@ pub struct DecoderSpec {
     pub residual: Residual,
     pub act: Activation,
     pub mlp: Mlp,
+    /// How the checkpoint stores q/k/v (a load-time concern: the decoder always sees q | k | v).
+    pub qkv: QkvLayout,
     pub biases: Biases,
     pub tie_embeddings: bool,
     /// A norm applied to the token embeddings before the first layer (BLOOM).
@@ -231,6 +274,17 @@ impl DecoderSpec {
             }
             if !(rope.theta.is_finite() && rope.theta > 0.0) {
                 return Err(format!("rope theta must be > 0, got {}", rope.theta));
+            }
+        }
+        if let QkvLayout::Fused {
+            layout: FusedQkv::PerHead,
+        } = self.qkv
+        {
+            if self.num_kv_heads != self.num_heads {
+                return Err(format!(
+                    "a per-head fused qkv needs num_kv_heads == num_heads, got {} and {}",
+                    self.num_kv_heads, self.num_heads
+                ));
             }
         }
         if self.sliding_window == Some(0) {

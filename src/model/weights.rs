@@ -4,12 +4,15 @@
 //! - q, k and v are concatenated into one `[q_dim + 2 * kv_dim, hidden]` matrix (`qkv`);
 //! - gated MLPs concatenate gate and up into one `[2 * intermediate, hidden]` matrix (`gate_up`).
 //!
+//! Checkpoint layouts are undone here, once: fused qkv tensors are re-ordered into q | k | v rows
+//! (`fused_qkv_source_rows`), and `[in, out]` linears (GPT-2's Conv1D) are transposed.
+//!
 //! Each part is read with its own `Shard`, so tensor parallelism slices heads consistently.
 //! Every tensor's shape is checked against the spec before it is read.
 
 use crate::loader::{HostTensor, LoadError, Q8Tensor, Shard, TensorSource};
 use crate::model::arch::{ArchInfo, GlobalTensor, LayerTensor};
-use crate::model::spec::{DecoderSpec, Mlp, Norm, PosEmbedding, Residual};
+use crate::model::spec::{DecoderSpec, FusedQkv, Mlp, Norm, PosEmbedding, QkvLayout, Residual};
 use crate::ops::linear::{Weight, WeightFormat};
 use crate::ops::quant::{BlockQ8, QK};
 
@@ -284,6 +287,106 @@ impl Loader<'_> {
         .map_err(|e| self.bad(&names.join("+"), &e.to_string()))
     }
 
+    /// A linear weight `[rows, cols]` (out, in), transposed at load when the checkpoint stores
+    /// it `[cols, rows]`.
+    fn linear(&self, name: &str, rows: usize, cols: usize) -> Result<Weight, LoadError> {
+        if self.arch.names.transposed_linears() {
+            let data = self.read_transposed(name, rows, cols)?;
+            return self.weight_from_f32(name, rows, cols, data);
+        }
+        self.matrix(&[name.to_string()], &[rows], cols)
+    }
+
+    /// Reads `name: [cols, rows]` and returns it transposed: `[rows, cols]`.
+    fn read_transposed(&self, name: &str, rows: usize, cols: usize) -> Result<Vec<f32>, LoadError> {
+        self.check_shape(name, &[cols, rows])?;
+        // t: [cols, rows]
+        let t = self.src.get(name, Shard::Replicated)?.data;
+        let mut out = vec![0.0f32; rows * cols];
+        for (c, src_row) in t.chunks_exact(rows).enumerate() {
+            for (r, &v) in src_row.iter().enumerate() {
+                out[r * cols + c] = v;
+            }
+        }
+        Ok(out)
+    }
+
+    fn weight_from_f32(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        data: Vec<f32>,
+    ) -> Result<Weight, LoadError> {
+        Weight::from_f32(
+            HostTensor {
+                shape: vec![rows, cols],
+                data,
+            },
+            self.format,
+        )
+        .map_err(|e| self.bad(name, &e.to_string()))
+    }
+
+    /// q | k | v weight `[q_dim + 2 * kv_dim, hidden]` and bias, from separate or fused tensors.
+    fn qkv(&self, i: usize) -> Result<(Weight, Option<Vec<f32>>), LoadError> {
+        use LayerTensor::*;
+        let spec = self.spec();
+        let (h, q, kv) = (spec.hidden_size, spec.q_dim(), spec.kv_dim());
+        let layout = match spec.qkv {
+            QkvLayout::Separate => {
+                let names = [
+                    self.layer_name(i, Q)?,
+                    self.layer_name(i, K)?,
+                    self.layer_name(i, V)?,
+                ];
+                let weight = if self.arch.names.transposed_linears() {
+                    let mut data = Vec::with_capacity((q + 2 * kv) * h);
+                    for (name, rows) in names.iter().zip([q, kv, kv]) {
+                        data.extend(self.read_transposed(name, rows, h)?);
+                    }
+                    self.weight_from_f32(&names.join("+"), q + 2 * kv, h, data)?
+                } else {
+                    self.matrix(&names, &[q, kv, kv], h)?
+                };
+                let bias =
+                    self.opt_bias(spec.biases.qkv, &[(q, QBias), (kv, KBias), (kv, VBias)], i)?;
+                return Ok((weight, bias));
+            }
+            QkvLayout::Fused { layout } => layout,
+        };
+        let total = q + 2 * kv;
+        let name = self.layer_name(i, Qkv)?;
+        let order = fused_qkv_source_rows(layout, spec.num_heads, spec.num_kv_heads, spec.head_dim);
+        let weight = match (&order, self.arch.names.transposed_linears()) {
+            // Already q | k | v: keeps quantized GGUF tensors compact.
+            (None, false) => self.matrix(std::slice::from_ref(&name), &[total], h)?,
+            (_, transposed) => {
+                let data = if transposed {
+                    self.read_transposed(&name, total, h)?
+                } else {
+                    self.check_shape(&name, &[total, h])?;
+                    self.src.get(&name, Shard::Replicated)?.data
+                };
+                let data = match &order {
+                    Some(rows) => gather_rows(&data, h, rows),
+                    None => data,
+                };
+                self.weight_from_f32(&name, total, h, data)?
+            }
+        };
+        let bias = if spec.biases.qkv {
+            let b = self.vector(&self.layer_name(i, QkvBias)?, total)?;
+            Some(match &order {
+                Some(rows) => gather_rows(&b, 1, rows),
+                None => b,
+            })
+        } else {
+            None
+        };
+        Ok((weight, bias))
+    }
+
     fn opt_bias(
         &self,
         present: bool,
@@ -303,34 +406,36 @@ impl Loader<'_> {
     fn layer(&self, i: usize) -> Result<LayerWeights, LoadError> {
         use LayerTensor::*;
         let spec = self.spec();
-        let (h, q, kv, inter) = (
-            spec.hidden_size,
-            spec.q_dim(),
-            spec.kv_dim(),
-            spec.intermediate_size,
-        );
+        let (h, q, inter) = (spec.hidden_size, spec.q_dim(), spec.intermediate_size);
         let name = |t| self.layer_name(i, t);
         let attn_norm = self.norm_layer(i, AttnNorm, AttnNormBias)?;
         let mlp_norm = match spec.residual {
             Residual::Parallel { shared_norm: true } => None,
             _ => Some(self.norm_layer(i, MlpNorm, MlpNormBias)?),
         };
-        let qkv = self.matrix(&[name(Q)?, name(K)?, name(V)?], &[q, kv, kv], h)?;
-        let qkv_bias =
-            self.opt_bias(spec.biases.qkv, &[(q, QBias), (kv, KBias), (kv, VBias)], i)?;
-        let attn_out = self.matrix(&[name(AttnOut)?], &[h], q)?;
+        let (qkv, qkv_bias) = self.qkv(i)?;
+        let attn_out = self.linear(&name(AttnOut)?, h, q)?;
         let attn_out_bias = self.opt_bias(spec.biases.attn_out, &[(h, AttnOutBias)], i)?;
         let (gate_up, gate_up_bias) = match spec.mlp {
+            Mlp::Gated if self.arch.names.transposed_linears() => {
+                let (gate, up) = (name(Gate)?, name(Up)?);
+                let mut data = self.read_transposed(&gate, inter, h)?;
+                data.extend(self.read_transposed(&up, inter, h)?);
+                (
+                    self.weight_from_f32(&format!("{gate}+{up}"), 2 * inter, h, data)?,
+                    self.opt_bias(spec.biases.mlp, &[(inter, GateBias), (inter, UpBias)], i)?,
+                )
+            }
             Mlp::Gated => (
                 self.matrix(&[name(Gate)?, name(Up)?], &[inter, inter], h)?,
                 self.opt_bias(spec.biases.mlp, &[(inter, GateBias), (inter, UpBias)], i)?,
             ),
             Mlp::Plain => (
-                self.matrix(&[name(Up)?], &[inter], h)?,
+                self.linear(&name(Up)?, inter, h)?,
                 self.opt_bias(spec.biases.mlp, &[(inter, UpBias)], i)?,
             ),
         };
-        let down = self.matrix(&[name(Down)?], &[h], inter)?;
+        let down = self.linear(&name(Down)?, h, inter)?;
         let down_bias = self.opt_bias(spec.biases.mlp, &[(h, DownBias)], i)?;
         Ok(LayerWeights {
             attn_norm,
@@ -347,6 +452,56 @@ impl Loader<'_> {
     }
 }
 
+/// For each row of the decoder's q | k | v layout, the row of a fused checkpoint tensor it comes
+/// from; None when the fused layout already is q | k | v.
+///
+/// ```text
+///   PerHead  [num_heads, 3, head_dim]:             q of head h = rows (3h + 0) * d ..
+///                                                  k of head h = rows (3h + 1) * d ..
+///   KvGroups [num_kv, group + 2, head_dim], group = num_heads / num_kv:
+///            q head h (group j = h / group, i = h % group) = rows (j (group + 2) + i) * d ..
+///            k head j = rows (j (group + 2) + group) * d ..,  v head j = the next d rows
+/// ```
+pub fn fused_qkv_source_rows(
+    layout: FusedQkv,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+) -> Option<Vec<usize>> {
+    let d = head_dim;
+    let mut heads: Vec<usize> = Vec::with_capacity(num_heads + 2 * num_kv_heads);
+    match layout {
+        FusedQkv::Concat => return None,
+        FusedQkv::PerHead => {
+            // Source head-slot (in units of head_dim rows) of each destination head.
+            heads.extend((0..num_heads).map(|h| 3 * h));
+            heads.extend((0..num_kv_heads).map(|h| 3 * h + 1));
+            heads.extend((0..num_kv_heads).map(|h| 3 * h + 2));
+        }
+        FusedQkv::KvGroups => {
+            let group = num_heads / num_kv_heads.max(1);
+            heads.extend((0..num_heads).map(|h| (h / group) * (group + 2) + h % group));
+            heads.extend((0..num_kv_heads).map(|j| j * (group + 2) + group));
+            heads.extend((0..num_kv_heads).map(|j| j * (group + 2) + group + 1));
+        }
+    }
+    Some(
+        heads
+            .into_iter()
+            .flat_map(|slot| slot * d..(slot + 1) * d)
+            .collect(),
+    )
+}
+
+/// out row r = src row `rows[r]`; `src: [_, row_len]`.
+fn gather_rows(src: &[f32], row_len: usize, rows: &[usize]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows.len() * row_len);
+    for &r in rows {
+        out.extend_from_slice(&src[r * row_len..(r + 1) * row_len]);
+    }
+    out
+}
+
 /// Every tensor (name, shape) that `DecoderWeights::load` reads for `arch`: used to build random
 /// checkpoints for benchmarks, and kept honest by a test that loads from exactly this list.
 pub fn expected_tensors(arch: &ArchInfo) -> Vec<(String, Vec<usize>)> {
@@ -360,6 +515,15 @@ pub fn expected_tensors(arch: &ArchInfo) -> Vec<(String, Vec<usize>)> {
         spec.intermediate_size,
         spec.vocab_size,
     );
+    // Shape of a linear weight with `rows` outputs and `cols` inputs, as the checkpoint stores it.
+    let transposed = names.transposed_linears();
+    let linear = |rows: usize, cols: usize| {
+        if transposed {
+            vec![cols, rows]
+        } else {
+            vec![rows, cols]
+        }
+    };
     let mut out = vec![];
     let mut global = |t: GlobalTensor, shape: Vec<usize>| {
         if let Some(n) = names.global(t) {
@@ -403,26 +567,36 @@ pub fn expected_tensors(arch: &ArchInfo) -> Vec<(String, Vec<usize>)> {
                 layer(MlpNormBias, vec![h]);
             }
         }
-        layer(Q, vec![q, h]);
-        layer(K, vec![kv, h]);
-        layer(V, vec![kv, h]);
-        if spec.biases.qkv {
-            layer(QBias, vec![q]);
-            layer(KBias, vec![kv]);
-            layer(VBias, vec![kv]);
+        match spec.qkv {
+            QkvLayout::Separate => {
+                layer(Q, linear(q, h));
+                layer(K, linear(kv, h));
+                layer(V, linear(kv, h));
+                if spec.biases.qkv {
+                    layer(QBias, vec![q]);
+                    layer(KBias, vec![kv]);
+                    layer(VBias, vec![kv]);
+                }
+            }
+            QkvLayout::Fused { .. } => {
+                layer(Qkv, linear(q + 2 * kv, h));
+                if spec.biases.qkv {
+                    layer(QkvBias, vec![q + 2 * kv]);
+                }
+            }
         }
-        layer(AttnOut, vec![h, q]);
+        layer(AttnOut, linear(h, q));
         if spec.biases.attn_out {
             layer(AttnOutBias, vec![h]);
         }
         if spec.mlp == Mlp::Gated {
-            layer(Gate, vec![inter, h]);
+            layer(Gate, linear(inter, h));
             if spec.biases.mlp {
                 layer(GateBias, vec![inter]);
             }
         }
-        layer(Up, vec![inter, h]);
-        layer(Down, vec![h, inter]);
+        layer(Up, linear(inter, h));
+        layer(Down, linear(h, inter));
         if spec.biases.mlp {
             layer(UpBias, vec![inter]);
             layer(DownBias, vec![h]);
@@ -440,7 +614,7 @@ mod tests {
 
     #[test]
     fn loader_reads_exactly_the_expected_tensors() {
-        for name in ["tiny-llama", "tiny-qwen2"] {
+        for name in presets::PRESETS.iter().filter(|p| p.starts_with("tiny-")) {
             let arch = presets::preset(name).unwrap();
             let expected = expected_tensors(&arch);
             let src = RandomSource::new(expected.clone(), 1);
@@ -456,6 +630,62 @@ mod tests {
                     err.is_some_and(|e| e.to_string().contains(&missing)),
                     "{name}: loading without {missing} must fail"
                 );
+            }
+        }
+    }
+
+    /// A fused tensor whose row r holds the value r, re-ordered: the result names the source
+    /// row of each q | k | v row.
+    fn reorder(layout: FusedQkv, heads: usize, kv_heads: usize, d: usize) -> Vec<usize> {
+        fused_qkv_source_rows(layout, heads, kv_heads, d).unwrap_or_default()
+    }
+
+    #[test]
+    fn fused_qkv_orders() {
+        assert!(fused_qkv_source_rows(FusedQkv::Concat, 4, 2, 3).is_none());
+        // BLOOM, 2 heads of 2: source rows [q0 q0 k0 k0 v0 v0 q1 q1 k1 k1 v1 v1].
+        assert_eq!(
+            reorder(FusedQkv::PerHead, 2, 2, 2),
+            [0, 1, 6, 7, 2, 3, 8, 9, 4, 5, 10, 11]
+        );
+        // Falcon multi-query, 3 query heads of 1: [q0 q1 q2 k v].
+        assert_eq!(reorder(FusedQkv::KvGroups, 3, 1, 1), [0, 1, 2, 3, 4]);
+        // Falcon new architecture, 4 heads in 2 groups of 2, head_dim 1:
+        // source [q0 q1 k0 v0 | q2 q3 k1 v1].
+        assert_eq!(
+            reorder(FusedQkv::KvGroups, 4, 2, 1),
+            [0, 1, 4, 5, 2, 6, 3, 7]
+        );
+        // Every layout is a permutation of the source rows.
+        for (layout, heads, kv) in [(FusedQkv::PerHead, 6, 6), (FusedQkv::KvGroups, 8, 2)] {
+            let mut rows = reorder(layout, heads, kv, 5);
+            rows.sort_unstable();
+            assert_eq!(rows, (0..(heads + 2 * kv) * 5).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn transposed_linears_load_transposed() {
+        // tiny-gpt2 stores Conv1D weights [in, out]; the loaded weight is [out, in].
+        let arch = presets::preset("tiny-gpt2").unwrap();
+        let expected = expected_tensors(&arch);
+        let src = RandomSource::new(expected.clone(), 3);
+        let w = DecoderWeights::load(&src, &arch, WeightFormat::F32, |_| {}).unwrap();
+        let name = "transformer.h.0.mlp.c_fc.weight";
+        let shape = &expected.iter().find(|(n, _)| n == name).unwrap().1;
+        let (inp, out) = (shape[0], shape[1]);
+        assert_eq!(
+            (inp, out),
+            (arch.spec.hidden_size, arch.spec.intermediate_size)
+        );
+        let raw = src.get(name, Shard::Replicated).unwrap().data;
+        let Weight::F32 { rows, cols, data } = &w.layers[0].gate_up else {
+            panic!("f32 weight expected");
+        };
+        assert_eq!((*rows, *cols), (out, inp));
+        for r in 0..out {
+            for c in 0..inp {
+                assert_eq!(data[r * inp + c], raw[c * out + r]);
             }
         }
     }

@@ -158,6 +158,22 @@ pub fn alibi_slopes(num_heads: usize, max_bias: f32) -> Vec<f32> {
     slopes
 }
 
+/// ALiBi slopes in MPT's order (`build_mpt_alibi_tensor`): the series `2^(-max_bias * i / p)`,
+/// i = 1..=p, for the next power of two `p >= n`; when `p != n`, the slopes at even i first, then
+/// those at odd i, cut to n. Equals `alibi_slopes` when n is a power of two.
+pub fn alibi_slopes_mpt(num_heads: usize, max_bias: f32) -> Vec<f32> {
+    let p = num_heads.next_power_of_two();
+    let series: Vec<f32> = (1..=p)
+        .map(|i| 2f32.powf(-max_bias * i as f32 / p as f32))
+        .collect();
+    if p == num_heads {
+        return series;
+    }
+    let evens = series.iter().skip(1).step_by(2);
+    let odds = series.iter().step_by(2);
+    evens.chain(odds).take(num_heads).copied().collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,5 +325,18 @@ mod tests {
         for (j, s) in s12[8..].iter().enumerate() {
             assert!((s - 2f32.powf(-(0.5 + j as f32))).abs() < 1e-6, "{s12:?}");
         }
+    }
+
+    #[test]
+    fn alibi_slopes_mpt_order_for_non_power_of_two_heads() {
+        // 6 heads, max_bias 8: p = 8, series 2^-1 .. 2^-8; even i (2,4,6,8) then odd i (1,3).
+        let s6 = alibi_slopes_mpt(6, 8.0);
+        let want: Vec<f32> = [2, 4, 6, 8, 1, 3].iter().map(|&i| 2f32.powi(-i)).collect();
+        assert_eq!(s6, want);
+        // Powers of two: the same as BLOOM's, for any max_bias.
+        assert_eq!(alibi_slopes_mpt(16, 6.0), alibi_slopes(16, 6.0));
+        // max_bias is honoured: 4 heads, max_bias 4 -> 2^-1 .. 2^-4.
+        let s4 = alibi_slopes_mpt(4, 4.0);
+        assert!((s4[3] - 2f32.powi(-4)).abs() < 1e-7, "{s4:?}");
     }
 }

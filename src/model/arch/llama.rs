@@ -12,13 +12,45 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use super::{ArchInfo, GgufMeta, HfConfig, TensorNames};
+use super::{ArchInfo, GgufMeta, GlobalTensor, HfConfig, LayerTensor, TensorNames};
 use crate::loader::gguf::MetadataValue;
 use crate::model::ModelError;
 use crate::model::spec::{
-    Activation, Biases, DecoderSpec, Mlp, Norm, PosEmbedding, Residual, Rope, RopeScaling,
-    RopeStyle,
+    Activation, Biases, DecoderSpec, Mlp, Norm, PosEmbedding, QkvLayout, Residual, Rope,
+    RopeScaling, RopeStyle,
 };
+
+pub(super) fn hf_global(t: GlobalTensor) -> Option<&'static str> {
+    match t {
+        GlobalTensor::TokenEmbedding => Some("model.embed_tokens.weight"),
+        GlobalTensor::FinalNorm => Some("model.norm.weight"),
+        GlobalTensor::LmHead => Some("lm_head.weight"),
+        _ => None,
+    }
+}
+
+pub(super) fn hf_layer(t: LayerTensor) -> Option<&'static str> {
+    use LayerTensor::*;
+    Some(match t {
+        AttnNorm => "input_layernorm.weight",
+        Q => "self_attn.q_proj.weight",
+        K => "self_attn.k_proj.weight",
+        V => "self_attn.v_proj.weight",
+        QBias => "self_attn.q_proj.bias",
+        KBias => "self_attn.k_proj.bias",
+        VBias => "self_attn.v_proj.bias",
+        AttnOut => "self_attn.o_proj.weight",
+        AttnOutBias => "self_attn.o_proj.bias",
+        MlpNorm => "post_attention_layernorm.weight",
+        Gate => "mlp.gate_proj.weight",
+        GateBias => "mlp.gate_proj.bias",
+        Up => "mlp.up_proj.weight",
+        UpBias => "mlp.up_proj.bias",
+        Down => "mlp.down_proj.weight",
+        DownBias => "mlp.down_proj.bias",
+        AttnNormBias | MlpNormBias | Qkv | QkvBias => return None,
+    })
+}
 
 pub fn from_hf(model_type: &str, config: &Value) -> Result<ArchInfo, ModelError> {
     let c = HfConfig(config);
@@ -31,16 +63,7 @@ pub fn from_hf(model_type: &str, config: &Value) -> Result<ArchInfo, ModelError>
     }
     let num_kv_heads = c.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
     let head_dim = c.opt_usize("head_dim")?.unwrap_or(hidden_size / num_heads);
-    let act = match c.opt_str("hidden_act").unwrap_or("silu") {
-        "silu" | "swish" => Activation::Silu,
-        "gelu" => Activation::Gelu,
-        "gelu_pytorch_tanh" | "gelu_new" => Activation::GeluTanh,
-        other => {
-            return Err(ModelError::Config(format!(
-                "config.json: unsupported hidden_act '{other}'"
-            )));
-        }
-    };
+    let act = c.activation("hidden_act", "silu")?;
     let attention_bias = c.opt_bool("attention_bias")?.unwrap_or(false);
     let biases = Biases {
         qkv: model_type == "qwen2" || attention_bias,
@@ -75,6 +98,7 @@ pub fn from_hf(model_type: &str, config: &Value) -> Result<ArchInfo, ModelError>
         residual: Residual::Sequential,
         act,
         mlp: Mlp::Gated,
+        qkv: QkvLayout::Separate,
         biases,
         tie_embeddings: c.opt_bool("tie_word_embeddings")?.unwrap_or(false),
         embedding_norm: false,
@@ -90,7 +114,7 @@ pub fn from_hf(model_type: &str, config: &Value) -> Result<ArchInfo, ModelError>
     })
 }
 
-fn hf_rope(c: &HfConfig<'_>, head_dim: usize) -> Result<Rope, ModelError> {
+pub(super) fn hf_rope(c: &HfConfig<'_>, head_dim: usize) -> Result<Rope, ModelError> {
     // transformers >= 5: everything in `rope_parameters`; older: rope_theta + rope_scaling.
     let params = c.0.get("rope_parameters").filter(|v| v.is_object());
     let scaling = params.or_else(|| c.0.get("rope_scaling").filter(|v| v.is_object()));
@@ -154,18 +178,7 @@ pub fn from_gguf(arch: &str, md: &BTreeMap<String, MetadataValue>) -> Result<Arc
     let head_dim = g
         .opt_usize("attention.key_length")?
         .unwrap_or(hidden_size / num_heads);
-    let vocab_size = match g.opt_usize("vocab_size")? {
-        Some(v) => v,
-        None => md
-            .get("tokenizer.ggml.tokens")
-            .and_then(MetadataValue::as_array)
-            .map(<[MetadataValue]>::len)
-            .ok_or_else(|| {
-                ModelError::Config(format!(
-                    "GGUF metadata: neither '{arch}.vocab_size' nor 'tokenizer.ggml.tokens'"
-                ))
-            })?,
-    };
+    let vocab_size = g.vocab_size()?;
     let scaling = match g.opt_str("rope.scaling.type") {
         None | Some("none") => RopeScaling::None,
         Some("linear") => RopeScaling::Linear {
@@ -206,6 +219,7 @@ pub fn from_gguf(arch: &str, md: &BTreeMap<String, MetadataValue>) -> Result<Arc
         residual: Residual::Sequential,
         act: Activation::Silu,
         mlp: Mlp::Gated,
+        qkv: QkvLayout::Separate,
         // Biases and tied embeddings are decided from which tensors exist (see `model::load`).
         biases: Biases {
             qkv: arch == "qwen2",

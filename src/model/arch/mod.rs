@@ -7,9 +7,14 @@ use serde_json::Value;
 
 use crate::loader::gguf::MetadataValue;
 use crate::model::ModelError;
-use crate::model::spec::DecoderSpec;
+use crate::model::spec::{Activation, DecoderSpec};
 
+pub mod bloom;
+pub mod falcon;
+pub mod gpt2;
+pub mod gptj;
 pub mod llama;
+pub mod mpt;
 
 /// A tensor of the model outside the layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +43,9 @@ pub enum LayerTensor {
     QBias,
     KBias,
     VBias,
+    /// Fused q/k/v projection, rows in the spec's `FusedQkv` order.
+    Qkv,
+    QkvBias,
     AttnOut,
     AttnOutBias,
     MlpNorm,
@@ -50,81 +58,130 @@ pub enum LayerTensor {
     DownBias,
 }
 
-/// Tensor naming schemes.
+/// Tensor naming schemes: one per checkpoint family. Each architecture module owns its table
+/// (`hf_global` / `hf_layer`); this enum only dispatches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TensorNames {
     /// Hugging Face `LlamaForCausalLM` and its relatives (Mistral, Qwen2): `model.layers.N.*`.
     HfLlama,
+    /// `GPT2LMHeadModel`: `transformer.h.N.*`, Conv1D weights stored `[in, out]`.
+    HfGpt2,
+    /// `GPTJForCausalLM`: `transformer.h.N.*`.
+    HfGptJ,
+    /// `FalconForCausalLM`: `transformer.h.N.*`; `ln_attn_mlp` selects `ln_attn`/`ln_mlp`
+    /// (`new_decoder_architecture` with two norms) over `input_layernorm`/`post_attention_layernorm`.
+    HfFalcon { ln_attn_mlp: bool },
+    /// `MptForCausalLM`: `transformer.blocks.N.*`.
+    HfMpt,
+    /// `BloomForCausalLM`: `transformer.h.N.*`.
+    HfBloom,
     /// llama.cpp GGUF names: `blk.N.*`.
     Gguf,
+    /// llama.cpp GGUF Falcon: as `Gguf`, but the MLP norm of two-norm layers is `attn_norm_2`.
+    GgufFalcon,
 }
 
 impl TensorNames {
     pub fn global(self, t: GlobalTensor) -> Option<String> {
-        use GlobalTensor::*;
-        let name = match (self, t) {
-            (TensorNames::HfLlama, TokenEmbedding) => "model.embed_tokens.weight",
-            (TensorNames::HfLlama, FinalNorm) => "model.norm.weight",
-            (TensorNames::HfLlama, LmHead) => "lm_head.weight",
-            (TensorNames::HfLlama, _) => return None,
-            (TensorNames::Gguf, TokenEmbedding) => "token_embd.weight",
-            (TensorNames::Gguf, PositionEmbedding) => "position_embd.weight",
-            (TensorNames::Gguf, EmbeddingNorm) => "token_embd_norm.weight",
-            (TensorNames::Gguf, EmbeddingNormBias) => "token_embd_norm.bias",
-            (TensorNames::Gguf, FinalNorm) => "output_norm.weight",
-            (TensorNames::Gguf, FinalNormBias) => "output_norm.bias",
-            (TensorNames::Gguf, LmHead) => "output.weight",
-            (TensorNames::Gguf, LmHeadBias) => "output.bias",
-            (TensorNames::Gguf, RopeFreqs) => "rope_freqs.weight",
-        };
+        let name = match self {
+            TensorNames::HfLlama => llama::hf_global(t),
+            TensorNames::HfGpt2 => gpt2::hf_global(t),
+            TensorNames::HfGptJ => gptj::hf_global(t),
+            TensorNames::HfFalcon { .. } => falcon::hf_global(t),
+            TensorNames::HfMpt => mpt::hf_global(t),
+            TensorNames::HfBloom => bloom::hf_global(t),
+            TensorNames::Gguf | TensorNames::GgufFalcon => gguf_global(t),
+        }?;
         Some(name.to_string())
     }
 
     pub fn layer(self, layer_idx: usize, t: LayerTensor) -> Option<String> {
-        use LayerTensor::*;
-        let suffix = match (self, t) {
-            (TensorNames::HfLlama, AttnNorm) => "input_layernorm.weight",
-            (TensorNames::HfLlama, Q) => "self_attn.q_proj.weight",
-            (TensorNames::HfLlama, K) => "self_attn.k_proj.weight",
-            (TensorNames::HfLlama, V) => "self_attn.v_proj.weight",
-            (TensorNames::HfLlama, QBias) => "self_attn.q_proj.bias",
-            (TensorNames::HfLlama, KBias) => "self_attn.k_proj.bias",
-            (TensorNames::HfLlama, VBias) => "self_attn.v_proj.bias",
-            (TensorNames::HfLlama, AttnOut) => "self_attn.o_proj.weight",
-            (TensorNames::HfLlama, AttnOutBias) => "self_attn.o_proj.bias",
-            (TensorNames::HfLlama, MlpNorm) => "post_attention_layernorm.weight",
-            (TensorNames::HfLlama, Gate) => "mlp.gate_proj.weight",
-            (TensorNames::HfLlama, GateBias) => "mlp.gate_proj.bias",
-            (TensorNames::HfLlama, Up) => "mlp.up_proj.weight",
-            (TensorNames::HfLlama, UpBias) => "mlp.up_proj.bias",
-            (TensorNames::HfLlama, Down) => "mlp.down_proj.weight",
-            (TensorNames::HfLlama, DownBias) => "mlp.down_proj.bias",
-            (TensorNames::HfLlama, AttnNormBias | MlpNormBias) => return None,
-            (TensorNames::Gguf, AttnNorm) => "attn_norm.weight",
-            (TensorNames::Gguf, AttnNormBias) => "attn_norm.bias",
-            (TensorNames::Gguf, Q) => "attn_q.weight",
-            (TensorNames::Gguf, K) => "attn_k.weight",
-            (TensorNames::Gguf, V) => "attn_v.weight",
-            (TensorNames::Gguf, QBias) => "attn_q.bias",
-            (TensorNames::Gguf, KBias) => "attn_k.bias",
-            (TensorNames::Gguf, VBias) => "attn_v.bias",
-            (TensorNames::Gguf, AttnOut) => "attn_output.weight",
-            (TensorNames::Gguf, AttnOutBias) => "attn_output.bias",
-            (TensorNames::Gguf, MlpNorm) => "ffn_norm.weight",
-            (TensorNames::Gguf, MlpNormBias) => "ffn_norm.bias",
-            (TensorNames::Gguf, Gate) => "ffn_gate.weight",
-            (TensorNames::Gguf, GateBias) => "ffn_gate.bias",
-            (TensorNames::Gguf, Up) => "ffn_up.weight",
-            (TensorNames::Gguf, UpBias) => "ffn_up.bias",
-            (TensorNames::Gguf, Down) => "ffn_down.weight",
-            (TensorNames::Gguf, DownBias) => "ffn_down.bias",
-        };
+        let suffix = match self {
+            TensorNames::HfLlama => llama::hf_layer(t),
+            TensorNames::HfGpt2 => gpt2::hf_layer(t),
+            TensorNames::HfGptJ => gptj::hf_layer(t),
+            TensorNames::HfFalcon { ln_attn_mlp } => falcon::hf_layer(t, ln_attn_mlp),
+            TensorNames::HfMpt => mpt::hf_layer(t),
+            TensorNames::HfBloom => bloom::hf_layer(t),
+            TensorNames::GgufFalcon if t == LayerTensor::MlpNorm => Some("attn_norm_2.weight"),
+            TensorNames::GgufFalcon if t == LayerTensor::MlpNormBias => Some("attn_norm_2.bias"),
+            TensorNames::Gguf | TensorNames::GgufFalcon => gguf_layer(t),
+        }?;
         let prefix = match self {
-            TensorNames::HfLlama => format!("model.layers.{layer_idx}."),
-            TensorNames::Gguf => format!("blk.{layer_idx}."),
+            TensorNames::HfLlama => "model.layers.",
+            TensorNames::HfGpt2
+            | TensorNames::HfGptJ
+            | TensorNames::HfFalcon { .. }
+            | TensorNames::HfBloom => "transformer.h.",
+            TensorNames::HfMpt => "transformer.blocks.",
+            TensorNames::Gguf | TensorNames::GgufFalcon => "blk.",
         };
-        Some(prefix + suffix)
+        Some(format!("{prefix}{layer_idx}.{suffix}"))
     }
+
+    pub fn is_gguf(self) -> bool {
+        matches!(self, TensorNames::Gguf | TensorNames::GgufFalcon)
+    }
+
+    /// Linear weights are stored `[in_features, out_features]` (GPT-2's `Conv1D`) and are
+    /// transposed at load.
+    pub fn transposed_linears(self) -> bool {
+        self == TensorNames::HfGpt2
+    }
+
+    /// The prefix of the base model's tensors that some checkpoints omit (the original GPT-2 and
+    /// BLOOM uploads name `wte.weight`, `h.0.…` instead of `transformer.wte.weight`, …).
+    pub fn optional_prefix(self) -> Option<&'static str> {
+        match self {
+            TensorNames::HfGpt2
+            | TensorNames::HfGptJ
+            | TensorNames::HfFalcon { .. }
+            | TensorNames::HfMpt
+            | TensorNames::HfBloom => Some("transformer."),
+            TensorNames::HfLlama | TensorNames::Gguf | TensorNames::GgufFalcon => None,
+        }
+    }
+}
+
+fn gguf_global(t: GlobalTensor) -> Option<&'static str> {
+    use GlobalTensor::*;
+    Some(match t {
+        TokenEmbedding => "token_embd.weight",
+        PositionEmbedding => "position_embd.weight",
+        EmbeddingNorm => "token_embd_norm.weight",
+        EmbeddingNormBias => "token_embd_norm.bias",
+        FinalNorm => "output_norm.weight",
+        FinalNormBias => "output_norm.bias",
+        LmHead => "output.weight",
+        LmHeadBias => "output.bias",
+        RopeFreqs => "rope_freqs.weight",
+    })
+}
+
+fn gguf_layer(t: LayerTensor) -> Option<&'static str> {
+    use LayerTensor::*;
+    Some(match t {
+        AttnNorm => "attn_norm.weight",
+        AttnNormBias => "attn_norm.bias",
+        Q => "attn_q.weight",
+        K => "attn_k.weight",
+        V => "attn_v.weight",
+        QBias => "attn_q.bias",
+        KBias => "attn_k.bias",
+        VBias => "attn_v.bias",
+        Qkv => "attn_qkv.weight",
+        QkvBias => "attn_qkv.bias",
+        AttnOut => "attn_output.weight",
+        AttnOutBias => "attn_output.bias",
+        MlpNorm => "ffn_norm.weight",
+        MlpNormBias => "ffn_norm.bias",
+        Gate => "ffn_gate.weight",
+        GateBias => "ffn_gate.bias",
+        Up => "ffn_up.weight",
+        UpBias => "ffn_up.bias",
+        Down => "ffn_down.weight",
+        DownBias => "ffn_down.bias",
+    })
 }
 
 /// An architecture recognized from a checkpoint: its spec and how its tensors are named.
@@ -133,6 +190,25 @@ pub struct ArchInfo {
     pub spec: DecoderSpec,
     pub names: TensorNames,
 }
+
+/// Hugging Face `model_type`s ferrum loads.
+pub const HF_MODEL_TYPES: &[&str] = &[
+    "llama",
+    "mistral",
+    "qwen2",
+    "gpt2",
+    "gptj",
+    "falcon",
+    "RefinedWeb",
+    "RefinedWebModel",
+    "mpt",
+    "bloom",
+];
+
+/// GGUF `general.architecture`s ferrum loads.
+pub const GGUF_ARCHITECTURES: &[&str] = &[
+    "llama", "mistral", "qwen2", "gpt2", "gptj", "falcon", "mpt", "bloom",
+];
 
 /// Recognizes a Hugging Face `config.json`.
 pub fn from_hf_config(config: &Value) -> Result<ArchInfo, ModelError> {
@@ -148,8 +224,14 @@ pub fn from_hf_config(config: &Value) -> Result<ArchInfo, ModelError> {
         .unwrap_or(model_type);
     match model_type {
         "llama" | "mistral" | "qwen2" => llama::from_hf(model_type, config),
+        "gpt2" => gpt2::from_hf(config),
+        "gptj" => gptj::from_hf(config),
+        "falcon" | "RefinedWeb" | "RefinedWebModel" => falcon::from_hf(model_type, config),
+        "mpt" => mpt::from_hf(config),
+        "bloom" => bloom::from_hf(config),
         _ => Err(ModelError::UnsupportedArchitecture(format!(
-            "{arch_name} (model_type '{model_type}'); supported: llama, mistral, qwen2"
+            "{arch_name} (model_type '{model_type}'); supported: {}",
+            HF_MODEL_TYPES.join(", ")
         ))),
     }
 }
@@ -162,11 +244,17 @@ pub fn from_gguf(metadata: &BTreeMap<String, MetadataValue>) -> Result<ArchInfo,
         .unwrap_or("");
     match arch {
         "llama" | "mistral" | "qwen2" => llama::from_gguf(arch, metadata),
+        "gpt2" => gpt2::from_gguf(metadata),
+        "gptj" => gptj::from_gguf(metadata),
+        "falcon" => falcon::from_gguf(metadata),
+        "mpt" => mpt::from_gguf(metadata),
+        "bloom" => bloom::from_gguf(metadata),
         "" => Err(ModelError::Config(
             "GGUF metadata has no 'general.architecture'".into(),
         )),
         other => Err(ModelError::UnsupportedArchitecture(format!(
-            "GGUF general.architecture '{other}'; supported: llama, mistral, qwen2"
+            "GGUF general.architecture '{other}'; supported: {}",
+            GGUF_ARCHITECTURES.join(", ")
         ))),
     }
 }
@@ -218,6 +306,48 @@ impl HfConfig<'_> {
     pub fn opt_str(&self, key: &str) -> Option<&str> {
         self.0.get(key).and_then(Value::as_str)
     }
+
+    /// The first of `keys` that is present (RW-era and current names of one setting).
+    pub fn usize_any(&self, keys: &[&str]) -> Result<usize, ModelError> {
+        for key in keys {
+            if let Some(v) = self.opt_usize(key)? {
+                return Ok(v);
+            }
+        }
+        let others: Vec<String> = keys.iter().skip(1).map(|k| format!("'{k}'")).collect();
+        let also = if others.is_empty() {
+            String::new()
+        } else {
+            format!(" (also looked for {})", others.join(", "))
+        };
+        Err(ModelError::Config(format!(
+            "config.json: missing '{}'{also}",
+            keys.first().copied().unwrap_or_default()
+        )))
+    }
+
+    /// An activation-function name (`hidden_act`, `activation_function`, ...).
+    pub fn activation(&self, key: &str, default: &str) -> Result<Activation, ModelError> {
+        match self.opt_str(key).unwrap_or(default) {
+            "silu" | "swish" => Ok(Activation::Silu),
+            "gelu" => Ok(Activation::Gelu),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Activation::GeluTanh),
+            "relu" => Ok(Activation::Relu),
+            other => Err(ModelError::Config(format!(
+                "config.json: unsupported {key} '{other}' (supported: silu, gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, relu)"
+            ))),
+        }
+    }
+
+    /// Fails when `key` is set to a value ferrum does not implement.
+    pub fn reject_true(&self, key: &str, what: &str) -> Result<(), ModelError> {
+        if self.opt_bool(key)?.unwrap_or(false) {
+            return Err(ModelError::Config(format!(
+                "config.json: '{key}: true' ({what}) is not supported"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Typed reads of GGUF metadata; errors name the key.
@@ -267,5 +397,35 @@ impl GgufMeta<'_> {
         self.md
             .get(&self.key(suffix))
             .and_then(MetadataValue::as_str)
+    }
+
+    /// `{arch}.vocab_size`, else the length of `tokenizer.ggml.tokens`.
+    pub fn vocab_size(&self) -> Result<usize, ModelError> {
+        match self.opt_usize("vocab_size")? {
+            Some(v) => Ok(v),
+            None => self
+                .md
+                .get("tokenizer.ggml.tokens")
+                .and_then(MetadataValue::as_array)
+                .map(<[MetadataValue]>::len)
+                .ok_or_else(|| {
+                    ModelError::Config(format!(
+                        "GGUF metadata: neither '{}.vocab_size' nor 'tokenizer.ggml.tokens'",
+                        self.arch
+                    ))
+                }),
+        }
+    }
+
+    /// `{arch}.attention.head_count`, which must be > 0.
+    pub fn num_heads(&self) -> Result<usize, ModelError> {
+        let n = self.usize("attention.head_count")?;
+        if n == 0 {
+            return Err(ModelError::Config(format!(
+                "GGUF metadata '{}' must be > 0, got 0",
+                self.key("attention.head_count")
+            )));
+        }
+        Ok(n)
     }
 }

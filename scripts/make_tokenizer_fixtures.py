@@ -19,18 +19,31 @@ Writes tests/fixtures/tokenizer/:
                           converter uses `Metaspace(prepend_scheme="first")`, which drops the dummy prefix of
                           text that already starts with a space, unlike sentencepiece.)
 - hf_tiny/                a tiny byte-level BPE tokenizer.json + tokenizer_config.json + generation_config.json;
-- hf_tiny_reference.json  ids / decodes / chat rendering from transformers' AutoTokenizer on hf_tiny/.
+- hf_tiny_reference.json  ids / decodes / chat rendering from transformers' AutoTokenizer on hf_tiny/;
+- gpt2_slow/              a tiny GPT-2-style checkpoint tokenizer WITHOUT tokenizer.json: only vocab.json +
+                          merges.txt + tokenizer_config.json + special_tokens_map.json, as GPT-2 / GPT-J ship;
+- gpt2_slow_reference.json ids / decodes from transformers' AutoTokenizer on gpt2_slow/ (which builds the fast
+                          tokenizer from vocab.json + merges.txt), for the directory as saved and for config
+                          variants (add_prefix_space, add_bos_token/add_eos_token, added_tokens_decoder) that the
+                          Rust test writes next to a copy of vocab.json + merges.txt. transformers 5 has no slow
+                          Python GPT2Tokenizer any more, so every id list is also checked against an independent
+                          Python transcription of OpenAI's GPT-2 `encoder.py` (`Gpt2ReferenceBpe` below).
 Everything is deterministic (fixed corpus, single-threaded training).
+
+    /work/pyenv/bin/python scripts/make_tokenizer_fixtures.py --only gpt2_slow   # no GGUF needed
 """
 
+import argparse
 import io
 import json
+import shutil
 import os
 import sys
 import tempfile
 from pathlib import Path
 
 import gguf
+import regex
 import sentencepiece as spm
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -396,13 +409,273 @@ def hf_dir_fixture():
     )
 
 
+# --- GPT-2 slow-tokenizer files (vocab.json + merges.txt, no tokenizer.json) -------------------
+
+GPT2_CORPUS_LINES = [
+    "The quick brown fox jumps over the lazy dog, and the dog doesn't mind.",
+    "I'll be there at 10:30; we've got 2 hours, they're late and it's raining.",
+    "Language models read tokens; a tokenizer turns text into ids and back again.",
+    "Le café est très bon à Paris, où l'été est chaud. Ça va très bien, merci !",
+    "Der Bär läuft über die Straße in Zürich, während es schneit.",
+    "El niño comió una manzana y dijo: ¡qué rica está! ¿Y tú?",
+    "東京は日本の首都です。東京タワーは有名です。",
+    "你好世界，今天天气很好。我们一起去学习中文吧。",
+    "한국어 문장도 조금 넣어 봅니다.",
+    "Москва — столица России, а Киев — столица Украины.",
+    "Emoji are bytes too: 🚀 🔥 👍🏽 😀 🎉",
+    "def main():\n    print('hello, world')\n    return 0\n",
+    "Numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000 2024 3.14159",
+    "He said \"don't\" and she said \"won't\", then they're gone.",
+    "tabs\tseparate\tcolumns\tin\tthis\tline",
+]
+
+GPT2_TEXTS = [
+    "Hello world",
+    " Hello world",
+    "  leading, multiple   spaces and trailing   ",
+    "line one\nline two\n\n\nthree\n",
+    "tabs\tand\t\ttabs\r\nCRLF",
+    "digits 12345 and 3.14159 and 2024-11-25",
+    "don't I'll we've they're it's DON'T She'd",
+    "accents: café naïve Zürich Ångström façade",
+    "CJK 東京タワー 你好世界 한국어",
+    "emoji 🚀👍🏽 family 👨‍👩‍👧",
+    "<|endoftext|>",
+    "before<|endoftext|>after",
+    "text <|endoftext|> spaced <|endoftext|><|endoftext|>",
+    "",
+    "x",
+    "tool call <tool> and <|pad|> literal",
+    "Punctuation , . ! ? ' \" ( ) ... end .",
+]
+
+GPT2_BASE_CONFIG = {
+    "tokenizer_class": "GPT2Tokenizer",
+    "model_max_length": 1024,
+    "errors": "replace",
+    # Many GPT-2-era configs say true; transformers 5 ignores it for BPE tokenizers.
+    "clean_up_tokenization_spaces": True,
+}
+GPT2_SPECIAL_TOKENS_MAP = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+
+# Variants: tokenizer_config.json (+ special_tokens_map.json, or none) written next to the same vocab/merges.
+GPT2_VARIANTS = {
+    "prefix_space_bos": {
+        "tokenizer_config": {**GPT2_BASE_CONFIG, "add_prefix_space": True, "add_bos_token": True},
+        "special_tokens_map": GPT2_SPECIAL_TOKENS_MAP,
+    },
+    "no_files_defaults": {"tokenizer_config": None, "special_tokens_map": None},
+    "added_tokens_decoder": {
+        "tokenizer_config": {
+            "tokenizer_class": "GPT2Tokenizer",
+            "add_bos_token": True,
+            "add_eos_token": True,
+            "bos_token": "<|endoftext|>",
+            "eos_token": "<|endoftext|>",
+            "unk_token": "<|endoftext|>",
+            "pad_token": "<|pad|>",
+            "extra_special_tokens": ["<|sep|>"],
+            # ids are filled in by gpt2_slow_fixture() from the trained vocabulary size.
+            "added_tokens_decoder": None,
+        },
+        "special_tokens_map": None,
+    },
+}
+
+
+class Gpt2ReferenceBpe:
+    """OpenAI's GPT-2 `encoder.py` algorithm (byte->unicode table, the GPT-2 split regex, greedy lowest-rank
+    merges), written independently of `tokenizers`, plus the slow tokenizer's split on special tokens."""
+
+    PAT = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+
+    def __init__(self, vocab, merges, specials, add_prefix_space=False):
+        bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+        cs = bs[:]
+        n = 0
+        for b in range(256):
+            if b not in bs:
+                bs.append(b)
+                cs.append(256 + n)
+                n += 1
+        self.byte_encoder = dict(zip(bs, map(chr, cs)))
+        self.encoder = vocab
+        self.ranks = {tuple(m): i for i, m in enumerate(merges)}
+        self.specials = specials  # {content: id}
+        self.add_prefix_space = add_prefix_space
+
+    def bpe(self, token):
+        word = list(token)
+        while len(word) > 1:
+            pair = min(zip(word, word[1:]), key=lambda p: self.ranks.get(p, float("inf")))
+            if pair not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(word):
+                if i < len(word) - 1 and (word[i], word[i + 1]) == pair:
+                    merged.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = merged
+        return word
+
+    def encode_plain(self, text):
+        if self.add_prefix_space and text and not text.startswith(" "):
+            text = " " + text
+        ids = []
+        for piece in self.PAT.findall(text):
+            spelled = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
+            ids.extend(self.encoder[t] for t in self.bpe(spelled))
+        return ids
+
+    def encode(self, text):
+        if not self.specials:
+            return self.encode_plain(text)
+        split = regex.compile("(" + "|".join(regex.escape(s) for s in sorted(self.specials, key=len, reverse=True)) + ")")
+        ids = []
+        for i, part in enumerate(split.split(text)):
+            if i % 2 == 1:
+                ids.append(self.specials[part])
+            elif part:
+                ids.extend(self.encode_plain(part))
+        return ids
+
+
+def _write_json_file(path, obj):
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _gpt2_cases(tok, reference_bpe, texts):
+    cases = []
+    for text in texts:
+        ids = tok.encode(text, add_special_tokens=False)
+        expected = reference_bpe.encode(text)
+        assert ids == expected, f"transformers and the reference GPT-2 BPE disagree on {text!r}: {ids} vs {expected}"
+        with_special = tok.encode(text, add_special_tokens=True)
+        cases.append(
+            {
+                "text": text,
+                "ids": ids,
+                "ids_with_special": with_special,
+                "decoded": tok.decode(ids, skip_special_tokens=False),
+                "decoded_skip_special": tok.decode(ids, skip_special_tokens=True),
+                "decoded_with_special": tok.decode(with_special, skip_special_tokens=False),
+                "decoded_with_special_skip_special": tok.decode(with_special, skip_special_tokens=True),
+            }
+        )
+    return cases
+
+
+def gpt2_slow_fixture():
+    out_dir = OUT / "gpt2_slow"
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=256 + 360 + 1,
+        special_tokens=[],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(GPT2_CORPUS_LINES * 10, trainer=trainer)
+    model_json = json.loads(tokenizer.to_str())["model"]
+    # GPT-2's layout: <|endoftext|> is the last entry of vocab.json; merges.txt has a #version header.
+    vocab = dict(model_json["vocab"])
+    vocab["<|endoftext|>"] = len(vocab)
+    merges = [m.split(" ") if isinstance(m, str) else m for m in model_json["merges"]]
+    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
+    with open(out_dir / "merges.txt", "w", encoding="utf-8", newline="\n") as f:
+        f.write("#version: 0.2\n")
+        for a, b in merges:
+            f.write(f"{a} {b}\n")
+    _write_json_file(out_dir / "tokenizer_config.json", GPT2_BASE_CONFIG)
+    _write_json_file(out_dir / "special_tokens_map.json", GPT2_SPECIAL_TOKENS_MAP)
+    print(f"wrote {out_dir} ({len(vocab)} tokens, {len(merges)} merges)")
+
+    eot_id = vocab["<|endoftext|>"]
+    tok = AutoTokenizer.from_pretrained(str(out_dir))
+    assert type(tok).__name__ == "GPT2Tokenizer", type(tok)
+    assert "<|pad|>" not in tok.get_vocab()
+    base = {
+        "vocab_size": len(tok),
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "cases": _gpt2_cases(tok, Gpt2ReferenceBpe(vocab, merges, {"<|endoftext|>": eot_id}), GPT2_TEXTS),
+    }
+
+    variants = {}
+    for name, files in GPT2_VARIANTS.items():
+        config = files["tokenizer_config"]
+        if config is not None and "added_tokens_decoder" in config:
+            n = len(vocab)
+            config = {
+                **config,
+                "added_tokens_decoder": {
+                    str(eot_id): {"content": "<|endoftext|>", "lstrip": False, "rstrip": False,
+                                  "normalized": False, "single_word": False, "special": True},
+                    str(n): {"content": "<|pad|>", "lstrip": False, "rstrip": False,
+                             "normalized": False, "single_word": False, "special": True},
+                    str(n + 1): {"content": "<|sep|>", "lstrip": False, "rstrip": False,
+                                 "normalized": False, "single_word": False, "special": True},
+                    str(n + 2): {"content": "<tool>", "lstrip": False, "rstrip": False,
+                                 "normalized": False, "single_word": False, "special": False},
+                },
+            }
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            shutil.copy(out_dir / "vocab.json", tmp / "vocab.json")
+            shutil.copy(out_dir / "merges.txt", tmp / "merges.txt")
+            if config is not None:
+                _write_json_file(tmp / "tokenizer_config.json", config)
+            if files["special_tokens_map"] is not None:
+                _write_json_file(tmp / "special_tokens_map.json", files["special_tokens_map"])
+            # Without a tokenizer_config.json naming the class, AutoTokenizer needs the model type.
+            _write_json_file(tmp / "config.json", {"model_type": "gpt2"})
+            vtok = AutoTokenizer.from_pretrained(str(tmp))
+            assert type(vtok).__name__ == "GPT2Tokenizer", type(vtok)
+            specials = {t: vtok.convert_tokens_to_ids(t) for t in vtok.get_added_vocab()}
+            ref = Gpt2ReferenceBpe(vocab, merges, specials, add_prefix_space=bool((config or {}).get("add_prefix_space")))
+            variants[name] = {
+                "tokenizer_config": config,
+                "special_tokens_map": files["special_tokens_map"],
+                "vocab_size": len(vtok),
+                "bos_token_id": vtok.bos_token_id,
+                "eos_token_id": vtok.eos_token_id,
+                "added_vocab": vtok.get_added_vocab(),
+                "cases": _gpt2_cases(vtok, ref, GPT2_TEXTS),
+            }
+    write_json(
+        "gpt2_slow_reference.json",
+        {
+            "source": "transformers AutoTokenizer.from_pretrained(gpt2_slow/) (GPT2Tokenizer built from vocab.json + "
+            "merges.txt); ids equal an independent transcription of OpenAI's GPT-2 encoder.py",
+            **base,
+            "variants": variants,
+        },
+    )
+
+
 def main():
-    gguf_path = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(os.environ.get("FERRUM_SMOLLM2_GGUF", DEFAULT_GGUF))
-    if not gguf_path.is_file():
-        sys.exit(f"{gguf_path} not found: run ci/fetch_models.sh or pass the GGUF path")
-    smollm2(gguf_path)
-    spm_fixture()
-    hf_dir_fixture()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("gguf", nargs="?", help="SmolLM2-135M-Instruct.Q4_1.gguf (for the smollm2 fixtures)")
+    parser.add_argument("--only", choices=["smollm2", "spm", "hf_tiny", "gpt2_slow"], help="make one fixture set")
+    args = parser.parse_args()
+    if args.only in (None, "smollm2"):
+        gguf_path = Path(args.gguf) if args.gguf else Path(os.environ.get("FERRUM_SMOLLM2_GGUF", DEFAULT_GGUF))
+        if not gguf_path.is_file():
+            sys.exit(f"{gguf_path} not found: run ci/fetch_models.sh or pass the GGUF path")
+        smollm2(gguf_path)
+    if args.only in (None, "spm"):
+        spm_fixture()
+    if args.only in (None, "hf_tiny"):
+        hf_dir_fixture()
+    if args.only in (None, "gpt2_slow"):
+        gpt2_slow_fixture()
 
 
 if __name__ == "__main__":

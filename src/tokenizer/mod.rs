@@ -5,7 +5,8 @@
 //!
 //! - `Tokenizer` wraps a `tokenizers::Tokenizer` plus what the model files say around it: BOS/EOS
 //!   ids, whether to add them, and the chat template. Two constructors: a Hugging Face directory
-//!   (`tokenizer.json` + `tokenizer_config.json` + `generation_config.json`) and GGUF metadata
+//!   (`tokenizer.json`, or GPT-2's slow-tokenizer files `vocab.json` + `merges.txt` rebuilt by
+//!   `gpt2_files`, + `tokenizer_config.json` + `generation_config.json`) and GGUF metadata
 //!   (`gguf_vocab` rebuilds the tokenizer from `tokenizer.ggml.*`);
 //! - `chat` renders chat templates with Hugging Face semantics (minijinja + pycompat);
 //! - `stream` turns generated ids into text deltas (`IncrementalDecoder`) and finds stop strings
@@ -18,6 +19,7 @@ use crate::loader::gguf::MetadataValue;
 
 mod chat;
 mod gguf_vocab;
+mod gpt2_files;
 mod stream;
 
 pub use chat::ChatMessage;
@@ -43,6 +45,20 @@ pub enum TokenizerError {
     },
     #[error("loading tokenizer {path}: {message}")]
     TokenizerJson { path: PathBuf, message: String },
+    #[error("{path}: {problem}")]
+    BadFile { path: PathBuf, problem: String },
+    #[error("{path}: line {line_number} ({line:?}): {problem}")]
+    BadMergesLine {
+        path: PathBuf,
+        /// 1-based, counting the `#version` header.
+        line_number: usize,
+        line: String,
+        problem: String,
+    },
+    #[error(
+        "{path} is missing (a GPT-2 tokenizer without tokenizer.json needs it next to {needed_by})"
+    )]
+    MissingFile { path: PathBuf, needed_by: PathBuf },
     #[error("GGUF metadata `{key}`: {problem}")]
     Metadata { key: String, problem: String },
     #[error(
@@ -91,22 +107,16 @@ pub struct Tokenizer {
 }
 
 impl Tokenizer {
-    /// tokenizer.json (+ tokenizer_config.json for chat_template, bos/eos/add_bos_token, +
-    /// generation_config.json eos_token_id which may be an int or a list). Ok(None) if the dir has
-    /// no tokenizer.json. A `chat_template.jinja` (or `chat_template.json`) next to them takes
-    /// precedence over the config's `chat_template`, as in transformers.
+    /// A Hugging Face checkpoint directory: tokenizer.json, or else GPT-2's slow-tokenizer files
+    /// vocab.json + merges.txt (byte-level BPE built as transformers' `GPT2Tokenizer` builds it,
+    /// see `gpt2_files`), + tokenizer_config.json for chat_template, bos/eos/add_bos_token,
+    /// add_eos_token (and, for the GPT-2 files, add_prefix_space, added_tokens_decoder,
+    /// extra/additional_special_tokens, with special_tokens_map.json and added_tokens.json as
+    /// legacy fallbacks), + generation_config.json eos_token_id which may be an int or a list.
+    /// Ok(None) if the dir has neither tokenizer.json nor vocab.json/merges.txt. A
+    /// `chat_template.jinja` (or `chat_template.json`) next to them takes precedence over the
+    /// config's `chat_template`, as in transformers.
     pub fn from_hf_dir(dir: &Path) -> Result<Option<Tokenizer>, TokenizerError> {
-        let tokenizer_path = dir.join("tokenizer.json");
-        if !tokenizer_path.is_file() {
-            return Ok(None);
-        }
-        let inner = tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| {
-            TokenizerError::TokenizerJson {
-                path: tokenizer_path.clone(),
-                message: e.to_string(),
-            }
-        })?;
-
         let config_path = dir.join("tokenizer_config.json");
         let config = read_json_if_exists(&config_path)?;
         let config_str = |field: &'static str| -> Result<Option<String>, TokenizerError> {
@@ -125,11 +135,27 @@ impl Tokenizer {
                 }),
             }
         };
-        let special_strings = SpecialTokenStrings {
-            bos: config_str("bos_token")?,
-            eos: config_str("eos_token")?,
-            unk: config_str("unk_token")?,
-            pad: config_str("pad_token")?,
+
+        // tokenizer.json takes precedence over vocab.json + merges.txt, as in transformers.
+        let tokenizer_path = dir.join("tokenizer.json");
+        let (inner, special_strings) = if tokenizer_path.is_file() {
+            let inner = tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| {
+                TokenizerError::TokenizerJson {
+                    path: tokenizer_path.clone(),
+                    message: e.to_string(),
+                }
+            })?;
+            let special_strings = SpecialTokenStrings {
+                bos: config_str("bos_token")?,
+                eos: config_str("eos_token")?,
+                unk: config_str("unk_token")?,
+                pad: config_str("pad_token")?,
+            };
+            (inner, special_strings)
+        } else if let Some(gpt2) = gpt2_files::load(dir, config.as_ref(), &config_path)? {
+            (gpt2.inner, gpt2.special_strings)
+        } else {
+            return Ok(None);
         };
 
         let template_source = read_hf_chat_template(dir, config.as_ref(), &config_path)?;
@@ -433,7 +459,7 @@ mod tests {
     }
 
     #[test]
-    fn missing_tokenizer_json_is_none() {
+    fn missing_tokenizer_files_is_none() {
         let dir = std::env::temp_dir().join(format!("ferrum-tok-empty-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         assert!(Tokenizer::from_hf_dir(&dir).unwrap().is_none());

@@ -97,7 +97,7 @@ impl Checkpoint {
         if let Some(dir) = tokenizer_override {
             ckpt.tokenizer = Some(Arc::new(Tokenizer::from_hf_dir(dir)?.ok_or_else(|| {
                 ModelError::Config(format!(
-                    "tokenizer override {}: no tokenizer.json there",
+                    "tokenizer override {}: no tokenizer.json (or vocab.json + merges.txt) there",
                     dir.display()
                 ))
             })?));

@@ -41,7 +41,7 @@ pub struct EngineArgs {
     /// A .gguf file or a Hugging Face checkpoint folder.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// A folder with tokenizer.json to use instead of the model's tokenizer.
+    /// A folder with tokenizer.json (or vocab.json + merges.txt) to use instead of the model's tokenizer.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     /// auto | cpu | cuda | cuda:N

@@ -85,11 +85,33 @@ BACKEND_DIR="${FERRUM_BACKEND_DIR:-$REPO/build/triton_backends}"
 mkdir -p "$BACKEND_DIR/ferrum"
 cp -f "$REPO/target/release/libtriton_ferrum.so" "$BACKEND_DIR/ferrum/libtriton_ferrum.so"
 
-# 5. Start the server (loopback only) and stop it with this script.
+# 5. Start the server (loopback only) and stop it with this script. Only the models whose weights
+#    are present are loaded (the example configs of model_repository/ point at models/ folders the
+#    user fills); the others are listed and skipped.
+LOAD_ARGS=()
+while IFS=$'\t' read -r name status where; do
+    if [ "$status" = ok ]; then
+        LOAD_ARGS+=(--load-model "$name")
+    else
+        log "skipping model '$name': no weights at $where (see $MODEL_REPO/$name/config.pbtxt)"
+    fi
+done < <(python3 - "$MODEL_REPO" <<'PYEOF'
+import re, sys
+from pathlib import Path
+repo = Path(sys.argv[1])
+for cfg in sorted(repo.glob("*/config.pbtxt")):
+    m = re.search(r'key:\s*"model_path"\s*,\s*value:\s*\{\s*string_value:\s*"([^"]+)"', cfg.read_text())
+    # model_path is relative to the model's version folder; no model_path means the version folder.
+    path = (cfg.parent / "1" / m.group(1)) if m else (cfg.parent / "1")
+    print(f"{cfg.parent.name}\t{'ok' if path.exists() else 'missing'}\t{path.resolve()}")
+PYEOF
+)
+[ ${#LOAD_ARGS[@]} -gt 0 ] || die "no model of $MODEL_REPO has its weights in place"
 LOG="$REPO/build/tritonserver.log"
 log "starting tritonserver (log: $LOG)"
 "$TRITONSERVER" \
     --model-repository "$MODEL_REPO" \
+    --model-control-mode explicit "${LOAD_ARGS[@]}" \
     --backend-directory "$BACKEND_DIR" \
     --http-address 127.0.0.1 --http-port "$HTTP_PORT" \
     --grpc-address 127.0.0.1 --grpc-port "$GRPC_PORT" \
@@ -122,8 +144,9 @@ done
 python3 -c "import urllib.request; urllib.request.urlopen('$URL/v2/health/ready', timeout=2)" 2>/dev/null ||
     { tail -n 40 "$LOG" >&2; die "tritonserver did not become ready (full log: $LOG)"; }
 
-# 7. One demo request to the first model in the repository.
-MODEL="$(python3 -c "import json,urllib.request; r=json.load(urllib.request.urlopen(urllib.request.Request('$URL/v2/repository/index', data=b'{}', method='POST'))); print(sorted(m['name'] for m in r if m.get('state')=='READY')[0])")"
+# 7. One demo request: to smollm2 (the demo model, which has a chat template) when it is loaded,
+#    else to the first ready model.
+MODEL="$(python3 -c "import json,urllib.request; r=json.load(urllib.request.urlopen(urllib.request.Request('$URL/v2/repository/index', data=b'{}', method='POST'))); ready=sorted(m['name'] for m in r if m.get('state')=='READY'); print('smollm2' if 'smollm2' in ready else ready[0])")"
 PROMPT="What is the capital of France?"
 log "model '$MODEL' is ready; asking: $PROMPT"
 python3 - "$URL" "$MODEL" "$PROMPT" <<'EOF'

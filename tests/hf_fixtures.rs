@@ -1,7 +1,9 @@
 //! Tiny random Hugging Face checkpoints (scripts/make_fixtures.py) against transformers' greedy
 //! tokens, top-5 logprobs and last-position logits: Llama GQA + llama3 rope (f32), Llama MHA
 //! tied + linear rope + explicit head_dim (bf16), Mistral with sliding window (f16), Qwen2 with
-//! qkv bias (f32, sharded safetensors).
+//! qkv bias (f32, sharded safetensors); GPT-2, GPT-J, Falcon (multi-query, new architecture,
+//! RW with ALiBi), MPT (ALiBi, clip_qkv) and BLOOM (ALiBi, 6 heads). GGUF files converted from
+//! some of them the way llama.cpp does (tests/fixtures/gguf/) reuse the same goldens.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -49,9 +51,18 @@ fn top5(v: &Value) -> Vec<Vec<(u32, f32)>> {
 }
 
 fn check_model(name: &str) {
+    check_model_at(
+        &fixtures().join("models").join(name),
+        name,
+        WeightFormat::F32,
+        LOGPROB_TOL,
+    );
+}
+
+/// Greedy tokens and top-5 logprobs of the checkpoint at `path` against golden `name`.
+fn check_model_at(path: &std::path::Path, name: &str, format: WeightFormat, tol: f32) {
     let g = golden(name);
-    let dir = fixtures().join("models").join(name);
-    let engine = TestEngine::start(&dir, Some(WeightFormat::F32), |_| {});
+    let engine = TestEngine::start(path, Some(format), |_| {});
     let handle = engine.handle();
     for (i, case) in g["cases"].as_array().unwrap().iter().enumerate() {
         let prompt = ids(&case["prompt_ids"]);
@@ -64,15 +75,19 @@ fn check_model(name: &str) {
             &got.logprobs,
             &want,
             &top5(&case["top5"]),
-            LOGPROB_TOL,
+            tol,
         );
     }
 }
 
 /// Full last-position logits of each prompt, through the decoder directly.
 fn check_last_logits(name: &str) {
+    check_last_logits_at(&fixtures().join("models").join(name), name);
+}
+
+fn check_last_logits_at(path: &std::path::Path, name: &str) {
     let g = golden(name);
-    let ckpt = Checkpoint::open(&fixtures().join("models").join(name), None).unwrap();
+    let ckpt = Checkpoint::open(path, None).unwrap();
     let weights =
         triton_ferrum::engine::options::load_weights(&ckpt, WeightFormat::F32, false).unwrap();
     let spec = ckpt.arch.spec.clone();
@@ -147,4 +162,68 @@ fn mistral_sliding_window_f16() {
 fn qwen2_qkv_bias_sharded() {
     check_model("qwen2");
     check_last_logits("qwen2");
+}
+
+#[test]
+fn gpt2_learned_positions_conv1d() {
+    check_model("gpt2");
+    check_last_logits("gpt2");
+}
+
+#[test]
+fn gptj_partial_rotary_parallel_residual() {
+    check_model("gptj");
+    check_last_logits("gptj");
+}
+
+#[test]
+fn falcon_multi_query_parallel() {
+    check_model("falcon_mq");
+    check_last_logits("falcon_mq");
+}
+
+#[test]
+fn falcon_new_decoder_architecture_grouped_kv() {
+    check_model("falcon_new");
+    check_last_logits("falcon_new");
+}
+
+#[test]
+fn falcon_rw_alibi_sequential() {
+    check_model("falcon_rw_alibi");
+    check_last_logits("falcon_rw_alibi");
+}
+
+#[test]
+fn mpt_alibi_clip_qkv() {
+    check_model("mpt");
+    check_last_logits("mpt");
+}
+
+#[test]
+fn bloom_alibi_non_power_of_two_heads() {
+    check_model("bloom");
+    check_last_logits("bloom");
+}
+
+fn gguf(file: &str) -> std::path::PathBuf {
+    fixtures().join("gguf").join(file)
+}
+
+#[test]
+fn gguf_gpt2_matches_transformers() {
+    check_model_at(&gguf("gpt2.gguf"), "gpt2", WeightFormat::F32, LOGPROB_TOL);
+    check_last_logits_at(&gguf("gpt2.gguf"), "gpt2");
+}
+
+#[test]
+fn gguf_bloom_alibi_matches_transformers() {
+    check_model_at(&gguf("bloom.gguf"), "bloom", WeightFormat::F32, LOGPROB_TOL);
+    check_last_logits_at(&gguf("bloom.gguf"), "bloom");
+}
+
+#[test]
+fn gguf_mpt_alibi_matches_transformers() {
+    check_model_at(&gguf("mpt.gguf"), "mpt", WeightFormat::F32, LOGPROB_TOL);
+    check_last_logits_at(&gguf("mpt.gguf"), "mpt");
 }

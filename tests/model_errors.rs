@@ -13,6 +13,7 @@ use triton_ferrum::engine::{EngineOptions, options};
 use triton_ferrum::loader::TensorSource;
 use triton_ferrum::loader::gguf::{GgufWriter, MetadataValue};
 use triton_ferrum::loader::safetensors::{SafetensorsSource, SafetensorsWriter};
+use triton_ferrum::model::spec::{FusedQkv, PosEmbedding, QkvLayout};
 use triton_ferrum::model::{ArchInfo, Checkpoint, TensorNames, presets, weights};
 
 fn scratch(name: &str) -> PathBuf {
@@ -30,7 +31,17 @@ fn variant(
     edit_config: impl FnOnce(&mut Value),
     edit_tensors: impl Fn(&str, Vec<usize>, Vec<f32>) -> Option<(Vec<usize>, Vec<f32>)>,
 ) -> PathBuf {
-    let src = fixtures().join("models/llama_gqa_llama3");
+    variant_of("llama_gqa_llama3", name, edit_config, edit_tensors)
+}
+
+/// A copy of fixture `fixture` with its config edited and its tensors filtered/replaced.
+fn variant_of(
+    fixture: &str,
+    name: &str,
+    edit_config: impl FnOnce(&mut Value),
+    edit_tensors: impl Fn(&str, Vec<usize>, Vec<f32>) -> Option<(Vec<usize>, Vec<f32>)>,
+) -> PathBuf {
+    let src = fixtures().join("models").join(fixture);
     let dir = scratch(name);
     let mut config: Value =
         serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
@@ -230,5 +241,333 @@ fn random_mutations_of_a_gguf_model_never_panic() {
     assert!(
         num_errors > 30,
         "mutations should mostly be detected: {num_errors}"
+    );
+}
+
+// ---- Architectures of issue 5: fused tensors, layouts and options, per loader ----
+
+fn keep(_: &str, s: Vec<usize>, d: Vec<f32>) -> Option<(Vec<usize>, Vec<f32>)> {
+    Some((s, d))
+}
+
+#[test]
+fn missing_fused_qkv_is_named() {
+    let qkv = "transformer.h.1.self_attention.query_key_value.weight";
+    let dir = variant_of(
+        "falcon_new",
+        "falcon_no_qkv",
+        |_| {},
+        |n, s, d| (n != qkv).then_some((s, d)),
+    );
+    let e = load_err(&dir);
+    assert!(e.contains(qkv) && e.contains("not found"), "{e}");
+}
+
+#[test]
+fn wrong_fused_qkv_size_is_named() {
+    // BLOOM: [3 * hidden, hidden] expected; one head's q/k/v rows short.
+    let qkv = "transformer.h.0.self_attention.query_key_value.weight";
+    let dir = variant_of(
+        "bloom",
+        "bloom_short_qkv",
+        |_| {},
+        |n, s, d| {
+            if n == qkv {
+                let (rows, cols) = (s[0] - 3, s[1]);
+                Some((vec![rows, cols], d[..rows * cols].to_vec()))
+            } else {
+                Some((s, d))
+            }
+        },
+    );
+    let e = load_err(&dir);
+    let spec = Checkpoint::open(&fixtures().join("models/bloom"), None)
+        .unwrap()
+        .arch
+        .spec;
+    let (h, total) = (spec.hidden_size, 3 * spec.hidden_size);
+    assert!(
+        e.contains(qkv)
+            && e.contains(&format!("[{total}, {h}]"))
+            && e.contains(&format!("[{}, {h}]", total - 3)),
+        "{e}"
+    );
+}
+
+#[test]
+fn conv1d_weight_in_the_wrong_orientation_is_named() {
+    // GPT-2 stores c_fc as [in, out]; an [out, in] tensor (a wrongly converted checkpoint) fails.
+    let fc = "transformer.h.0.mlp.c_fc.weight";
+    let dir = variant_of(
+        "gpt2",
+        "gpt2_transposed",
+        |_| {},
+        |n, s, d| {
+            if n == fc {
+                Some((vec![s[1], s[0]], d))
+            } else {
+                Some((s, d))
+            }
+        },
+    );
+    let e = load_err(&dir);
+    assert!(e.contains(fc) && e.contains("shape"), "{e}");
+}
+
+#[test]
+fn inconsistent_falcon_head_counts_are_named() {
+    let dir = variant_of(
+        "falcon_new",
+        "falcon_heads",
+        |c| c["num_kv_heads"] = 4.into(),
+        keep,
+    );
+    let e = load_err(&dir);
+    assert!(
+        e.contains("num_heads (6)") && e.contains("num_kv_heads (4)"),
+        "{e}"
+    );
+    let dir = variant_of("gpt2", "gpt2_heads", |c| c["n_head"] = 5.into(), keep);
+    let e = load_err(&dir);
+    assert!(e.contains("n_head (5)") && e.contains("n_embd"), "{e}");
+}
+
+#[test]
+fn unsupported_architecture_options_are_named() {
+    type Case = (&'static str, &'static str, fn(&mut Value), &'static str);
+    let cases: [Case; 6] = [
+        (
+            "mpt",
+            "mpt_qk_ln",
+            |c| c["attn_config"]["qk_ln"] = true.into(),
+            "attn_config.qk_ln",
+        ),
+        (
+            "mpt",
+            "mpt_no_alibi",
+            |c| c["attn_config"]["alibi"] = false.into(),
+            "attn_config.alibi",
+        ),
+        (
+            "gpt2",
+            "gpt2_layer_scale",
+            |c| c["scale_attn_by_inverse_layer_idx"] = true.into(),
+            "scale_attn_by_inverse_layer_idx",
+        ),
+        (
+            "bloom",
+            "bloom_post_ln_residual",
+            |c| c["apply_residual_connection_post_layernorm"] = true.into(),
+            "apply_residual_connection_post_layernorm",
+        ),
+        (
+            "falcon_new",
+            "falcon_three_norms",
+            |c| c["num_ln_in_parallel_attn"] = 3.into(),
+            "num_ln_in_parallel_attn",
+        ),
+        (
+            "gptj",
+            "gptj_act",
+            |c| c["activation_function"] = "swiglu_x".into(),
+            "swiglu_x",
+        ),
+    ];
+    for (fixture, name, edit, needle) in cases {
+        let dir = variant_of(fixture, name, edit, keep);
+        let e = load_err(&dir);
+        assert!(e.contains(needle), "{name}: {e}");
+    }
+}
+
+#[test]
+fn checkpoint_without_the_transformer_prefix_loads() {
+    // The original GPT-2 / BLOOM uploads name `wte.weight`, `h.0.…`.
+    let bare = variant_of("gpt2", "gpt2_bare", |_| {}, keep);
+    let st = SafetensorsSource::open_dir(&bare).unwrap();
+    let mut w = SafetensorsWriter::new();
+    for n in st.names() {
+        let t = st
+            .get(&n, triton_ferrum::loader::Shard::Replicated)
+            .unwrap();
+        w.f32(
+            n.strip_prefix("transformer.").unwrap_or(&n),
+            &t.shape,
+            &t.data,
+        );
+    }
+    w.write(bare.join("model.safetensors")).unwrap();
+    let ours = TestEngine::start(&bare, None, |_| {});
+    let reference = TestEngine::start(&fixtures().join("models/gpt2"), None, |_| {});
+    let prompt = vec![5, 9, 30, 7];
+    assert_eq!(
+        collect(&ours.handle(), greedy(prompt.clone(), 6, None)).output_ids,
+        collect(&reference.handle(), greedy(prompt, 6, None)).output_ids
+    );
+}
+
+/// A whole tiny model of `preset` written as GGUF `arch` (llama.cpp names and metadata), with
+/// its metadata and tensors edited.
+fn tiny_arch_gguf(
+    preset: &str,
+    arch_name: &str,
+    names: TensorNames,
+    edit_metadata: impl FnOnce(&mut Vec<(String, MetadataValue)>),
+    edit_tensors: impl Fn(&str, Vec<usize>) -> Option<Vec<usize>>,
+) -> Vec<u8> {
+    let mut arch: ArchInfo = presets::preset(preset).unwrap();
+    arch.names = names;
+    // llama.cpp's converters write fused qkv as q | k | v (GPT-J keeps q, k, v apart).
+    if arch.spec.qkv != QkvLayout::Separate {
+        arch.spec.qkv = QkvLayout::Fused {
+            layout: FusedQkv::Concat,
+        };
+    }
+    let spec = arch.spec.clone();
+    let u32v = |v: usize| MetadataValue::U32(v as u32);
+    let key = |k: &str| format!("{arch_name}.{k}");
+    let mut md = vec![
+        (
+            "general.architecture".to_string(),
+            MetadataValue::String(arch_name.into()),
+        ),
+        (key("context_length"), u32v(spec.max_position_embeddings)),
+        (key("embedding_length"), u32v(spec.hidden_size)),
+        (key("block_count"), u32v(spec.num_layers)),
+        (key("feed_forward_length"), u32v(spec.intermediate_size)),
+        (key("attention.head_count"), u32v(spec.num_heads)),
+        (key("attention.head_count_kv"), u32v(spec.num_kv_heads)),
+        (
+            key("attention.layer_norm_epsilon"),
+            MetadataValue::F32(1e-5),
+        ),
+        (key("vocab_size"), u32v(spec.vocab_size)),
+    ];
+    if let PosEmbedding::Rope(rope) = &spec.pos {
+        md.push((key("rope.dimension_count"), u32v(rope.rotary_dim)));
+    }
+    edit_metadata(&mut md);
+    let tensors = weights::expected_tensors(&arch);
+    let src = triton_ferrum::loader::random::RandomSource::new(tensors.clone(), 5);
+    let mut w = GgufWriter::new();
+    for (k, v) in md {
+        w.metadata(&k, v);
+    }
+    for (name, shape) in &tensors {
+        let Some(shape) = edit_tensors(name, shape.clone()) else {
+            continue;
+        };
+        let numel: usize = shape.iter().product();
+        let t = src
+            .get(name, triton_ferrum::loader::Shard::Replicated)
+            .unwrap();
+        let data: Vec<f32> = t.data.iter().copied().cycle().take(numel).collect();
+        w.tensor_f32(name, &shape, &data);
+    }
+    w.to_bytes().unwrap()
+}
+
+fn gguf_err(name: &str, bytes: Vec<u8>) -> String {
+    let path = scratch(name).join("m.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    load_err(&path)
+}
+
+#[test]
+fn tiny_gguf_of_each_architecture_loads_and_generates() {
+    for (preset, arch, names) in [
+        ("tiny-gpt2", "gpt2", TensorNames::Gguf),
+        ("tiny-gptj", "gptj", TensorNames::Gguf),
+        ("tiny-falcon-new", "falcon", TensorNames::GgufFalcon),
+        ("tiny-mpt", "mpt", TensorNames::Gguf),
+        ("tiny-bloom", "bloom", TensorNames::Gguf),
+    ] {
+        let bytes = tiny_arch_gguf(preset, arch, names, |_| {}, |_, s| Some(s));
+        let path = scratch(&format!("gguf_{arch}")).join("m.gguf");
+        std::fs::write(&path, bytes).unwrap();
+        let ckpt = Checkpoint::open(&path, None).unwrap();
+        assert_eq!(ckpt.arch.spec.arch, arch);
+        let e = TestEngine::start(&path, None, |_| {});
+        let c = collect(&e.handle(), greedy(vec![3, 4, 5], 4, None));
+        assert_eq!(c.output_ids.len(), 4, "{arch}");
+    }
+}
+
+#[test]
+fn gguf_missing_fused_qkv_is_named() {
+    let bytes = tiny_arch_gguf(
+        "tiny-gpt2",
+        "gpt2",
+        TensorNames::Gguf,
+        |_| {},
+        |n, s| (n != "blk.1.attn_qkv.weight").then_some(s),
+    );
+    let e = gguf_err("gguf_no_qkv", bytes);
+    assert!(
+        e.contains("blk.1.attn_qkv.weight") && e.contains("not found"),
+        "{e}"
+    );
+}
+
+#[test]
+fn gguf_wrong_fused_qkv_size_is_named() {
+    let bytes = tiny_arch_gguf(
+        "tiny-bloom",
+        "bloom",
+        TensorNames::Gguf,
+        |_| {},
+        |n, s| {
+            Some(if n == "blk.0.attn_qkv.weight" {
+                vec![s[0] - 10, s[1]]
+            } else {
+                s
+            })
+        },
+    );
+    let e = gguf_err("gguf_short_qkv", bytes);
+    // tiny-bloom: hidden 60, 3 * 60 rows expected.
+    assert!(
+        e.contains("blk.0.attn_qkv.weight") && e.contains("[180, 60]") && e.contains("[170, 60]"),
+        "{e}"
+    );
+}
+
+#[test]
+fn gguf_inconsistent_head_counts_are_named() {
+    let bytes = tiny_arch_gguf(
+        "tiny-falcon-new",
+        "falcon",
+        TensorNames::GgufFalcon,
+        |md| {
+            for (k, v) in md.iter_mut() {
+                if k == "falcon.attention.head_count_kv" {
+                    *v = MetadataValue::U32(4);
+                }
+            }
+        },
+        |_, s| Some(s),
+    );
+    let e = gguf_err("gguf_heads", bytes);
+    assert!(
+        e.contains("num_heads (6)") && e.contains("num_kv_heads (4)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn gguf_unsupported_architecture_lists_the_supported_ones() {
+    let bytes = tiny_arch_gguf(
+        "tiny-gpt2",
+        "gpt2",
+        TensorNames::Gguf,
+        |md| {
+            md[0].1 = MetadataValue::String("rwkv6".into());
+        },
+        |_, s| Some(s),
+    );
+    let e = gguf_err("gguf_rwkv", bytes);
+    assert!(
+        e.contains("rwkv6") && e.contains("bloom") && e.contains("falcon"),
+        "{e}"
     );
 }

@@ -1,6 +1,8 @@
 //! The shipped model repository and the configuration docs stay in sync with the backend:
-//! every `model_repository/*/config.pbtxt` parses into a valid `BackendConfig` (its model path
-//! resolves, with the demo GGUF installed by ci/fetch_models.sh), and docs/configuration.md
+//! the demo `model_repository/smollm2/config.pbtxt` parses into a valid `BackendConfig` (its model
+//! path resolves, with the demo GGUF installed by ci/fetch_models.sh); every per-architecture
+//! example config loads in the backend with the tiny checkpoint of its architecture in place of
+//! the real weights and reproduces the transformers greedy tokens; and docs/configuration.md
 //! documents every parameter, input and output the backend accepts.
 
 #![allow(clippy::unwrap_used)]
@@ -12,6 +14,7 @@ use std::path::Path;
 use serde_json::json;
 use triton_ferrum::backend::parse::{INPUTS, OUTPUTS};
 use triton_ferrum::config::{BackendConfig, ModelConfigInfo, ModelLocation, PARAMETER_KEYS};
+use triton_ferrum::engine::options;
 
 /// `{ key: "k", value: { string_value: "v" } }` pairs of a config.pbtxt (the only form the
 /// shipped configs use), as the JSON Triton hands the backend.
@@ -35,12 +38,18 @@ fn quoted(s: &str) -> String {
     s[start..end].to_string()
 }
 
-#[test]
-fn shipped_configs_parse_and_resolve() {
-    // Make sure the demo model is present (fails with a fetch hint otherwise).
-    let gguf = common::smollm2_gguf();
+/// Example config → the tiny fixture checkpoint (tests/fixtures/models/) of its architecture.
+const EXAMPLE_FIXTURES: &[(&str, &str)] = &[
+    ("gpt2", "gpt2"),
+    ("gptj-6b", "gptj"),
+    ("falcon-7b", "falcon_mq"),
+    ("mpt-7b", "mpt"),
+    ("bloom-560m", "bloom"),
+];
+
+fn shipped_configs() -> Vec<(String, String)> {
     let repo = common::repo().join("model_repository");
-    let mut num_models = 0;
+    let mut out = vec![];
     for entry in std::fs::read_dir(&repo).unwrap() {
         let dir = entry.unwrap().path();
         let pbtxt = std::fs::read_to_string(dir.join("config.pbtxt")).unwrap();
@@ -50,29 +59,96 @@ fn shipped_configs_parse_and_resolve() {
             "{}: Triton needs a version folder",
             dir.display()
         );
-        let config = parameters_json(&pbtxt);
-        let loc = ModelLocation {
-            model_dir: dir.clone(),
-            version_dir: dir.join("1"),
-        };
-        let c = BackendConfig::from_model_config(&config, &loc)
-            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-        if dir.ends_with("smollm2") && std::env::var_os("FERRUM_SMOLLM2_GGUF").is_none() {
-            assert_eq!(
-                c.model_path.canonicalize().unwrap(),
-                gguf.canonicalize().unwrap()
-            );
-            // Decoupled (streaming) with tensorrtllm-style batched shapes.
-            let info = ModelConfigInfo::from_model_config(&json!({
-                "max_batch_size": 64,
-                "model_transaction_policy": { "decoupled": pbtxt.contains("decoupled: true") }
-            }));
-            assert!(info.decoupled);
-            assert!(pbtxt.contains("max_batch_size: 64"));
-        }
-        num_models += 1;
+        let name = dir.file_name().unwrap().to_str().unwrap().to_string();
+        out.push((name, pbtxt));
     }
-    assert!(num_models >= 1);
+    out.sort();
+    out
+}
+
+fn location(name: &str) -> ModelLocation {
+    let dir = common::repo().join("model_repository").join(name);
+    ModelLocation {
+        model_dir: dir.clone(),
+        version_dir: dir.join("1"),
+    }
+}
+
+#[test]
+fn demo_config_parses_and_resolves() {
+    // Make sure the demo model is present (fails with a fetch hint otherwise).
+    let gguf = common::smollm2_gguf();
+    let (_, pbtxt) = shipped_configs()
+        .into_iter()
+        .find(|(name, _)| name == "smollm2")
+        .expect("model_repository/smollm2 is the demo model");
+    let config = parameters_json(&pbtxt);
+    let c = BackendConfig::from_model_config(&config, &location("smollm2")).unwrap();
+    if std::env::var_os("FERRUM_SMOLLM2_GGUF").is_none() {
+        assert_eq!(
+            c.model_path.canonicalize().unwrap(),
+            gguf.canonicalize().unwrap()
+        );
+    }
+    // Decoupled (streaming) with tensorrtllm-style batched shapes.
+    let info = ModelConfigInfo::from_model_config(&json!({
+        "max_batch_size": 64,
+        "model_transaction_policy": { "decoupled": pbtxt.contains("decoupled: true") }
+    }));
+    assert!(info.decoupled);
+    assert!(pbtxt.contains("max_batch_size: 64"));
+}
+
+/// Each architecture example, with the tiny checkpoint of its architecture as `model_path` and
+/// f32 weights (the examples' q8 is a CPU speed choice; tiny random models are too sensitive to
+/// it for an exact comparison), loads through `BackendConfig` like Triton's model load does and
+/// gives the golden greedy tokens of transformers.
+#[test]
+fn architecture_examples_load_in_the_backend_with_tiny_weights() {
+    let configs = shipped_configs();
+    for (name, _) in &configs {
+        assert!(
+            name == "smollm2" || EXAMPLE_FIXTURES.iter().any(|(n, _)| n == name),
+            "model_repository/{name} has no tiny fixture in EXAMPLE_FIXTURES"
+        );
+    }
+    for &(name, fixture) in EXAMPLE_FIXTURES {
+        let (_, pbtxt) = configs
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("model_repository/{name} is missing"));
+        let mut config = parameters_json(pbtxt);
+        let model_dir = common::fixtures().join("models").join(fixture);
+        let params = config["parameters"].as_object_mut().unwrap();
+        assert!(params.contains_key("model_path"), "{name}: no model_path");
+        params.insert(
+            "model_path".into(),
+            json!({ "string_value": model_dir.to_str().unwrap() }),
+        );
+        params.insert("weight_format".into(), json!({ "string_value": "f32" }));
+        let c = BackendConfig::from_model_config(&config, &location(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let loaded = options::start(&c.engine_options()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let golden: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(common::fixtures().join(format!("golden/{fixture}.json")))
+                .unwrap(),
+        )
+        .unwrap();
+        let case = &golden["cases"][1];
+        let ids = |v: &serde_json::Value| -> Vec<u32> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        };
+        let want = ids(&case["greedy_ids"]);
+        let got = common::collect(
+            &loaded.engine.handle(),
+            common::greedy(ids(&case["prompt_ids"]), want.len(), None),
+        );
+        assert_eq!(got.output_ids, want, "{name} with {fixture}");
+    }
 }
 
 #[test]

@@ -56,6 +56,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Served model name -> tiny fixture checkpoint of that architecture (golden/<fixture>.json).
+TINY_ARCH_MODELS = {"gpt2_tiny": "gpt2", "falcon_tiny": "falcon_new", "bloom_tiny": "bloom"}
+
+
 def _write_model(repo: Path, name: str, config: str) -> None:
     (repo / name / "1").mkdir(parents=True)
     (repo / name / "config.pbtxt").write_text(config)
@@ -154,6 +158,24 @@ parameters [
 ]
 """,
     )
+    # Tiny random checkpoints of other architectures (tests/fixtures/models), served the way the
+    # shipped example configs are: decoupled, tensorrtllm shapes, f32 weights.
+    for name, fixture in TINY_ARCH_MODELS.items():
+        _write_model(
+            repo,
+            name,
+            f"""backend: "ferrum"
+max_batch_size: 64
+model_transaction_policy {{ decoupled: true }}
+parameters [
+  {{ key: "model_path", value: {{ string_value: "{REPO / 'tests' / 'fixtures' / 'models' / fixture}" }} }},
+  {{ key: "device", value: {{ string_value: "cpu" }} }},
+  {{ key: "weight_format", value: {{ string_value: "f32" }} }},
+  {{ key: "max_tokens_in_paged_kv_cache", value: {{ string_value: "4096" }} }},
+  {{ key: "exclude_input_in_output", value: {{ string_value: "true" }} }}
+]
+""",
+        )
     _write_model(
         repo,
         "bad_missing",
@@ -191,6 +213,7 @@ parameters [
             "--model-control-mode", "explicit",
             "--load-model", "smollm2",
             "--load-model", "smollm2_nb",
+            *[arg for name in TINY_ARCH_MODELS for arg in ("--load-model", name)],
             "--http-address", "127.0.0.1", "--http-port", str(http),
             "--grpc-address", "127.0.0.1", "--grpc-port", str(grpc),
             "--metrics-address", "127.0.0.1", "--metrics-port", str(metrics),

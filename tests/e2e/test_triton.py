@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from conftest import REPO
+from conftest import REPO, TINY_ARCH_MODELS
 
 PROMPT = "The capital of France is"
 MODEL = "smollm2"  # decoupled, max_batch_size 64 (tensorrtllm shapes)
@@ -186,6 +186,30 @@ def test_token_interface(server):
     assert error is None, error
     streamed = [int(t) for r in results for t in r.as_numpy("output_ids").reshape(-1)]
     assert streamed == list(out[0, 0, len(ids):])
+
+
+@pytest.mark.parametrize("model", sorted(TINY_ARCH_MODELS))
+def test_other_architectures_give_transformers_greedy_tokens(server, model):
+    # GPT-2 (learned positions, Conv1D), Falcon (grouped KV, two norms) and BLOOM (ALiBi): the
+    # backend is architecture-agnostic. All golden cases at once, so they batch in flight.
+    golden = json.loads((REPO / "tests" / "fixtures" / "golden" / f"{TINY_ARCH_MODELS[model]}.json").read_text())
+
+    def run(case):
+        ids = case["prompt_ids"]
+        inputs = _grpc_inputs(
+            True,
+            input_ids=("int32", ids),
+            input_lengths=("int32", [len(ids)]),
+            request_output_len=("int32", [len(case["greedy_ids"])]),
+        )
+        results, error = _stream(server, model, inputs)
+        assert error is None, error
+        return [int(t) for r in results for t in r.as_numpy("output_ids").reshape(-1)]
+
+    with ThreadPoolExecutor(len(golden["cases"])) as pool:
+        outputs = list(pool.map(run, golden["cases"]))
+    for case, got in zip(golden["cases"], outputs):
+        assert got == case["greedy_ids"], (model, case["prompt_ids"])
 
 
 def test_vllm_interface_on_unbatched_model(server):

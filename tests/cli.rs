@@ -117,6 +117,52 @@ fn inspect_names_architecture_and_parameters() {
     assert!(v["tokenizer"]["chat_template"].as_bool().unwrap());
 }
 
+/// `inspect` names each architecture of the tiny fixtures and the spec features that make it
+/// that architecture; its parameter count equals the checkpoint's tensor elements.
+#[test]
+fn inspect_names_every_architecture() {
+    use triton_ferrum::loader::TensorSource;
+    use triton_ferrum::loader::safetensors::SafetensorsSource;
+    let cases: &[(&str, &str, &str, Value)] = &[
+        ("gpt2", "gpt2", "/pos/type", "learned".into()),
+        ("gptj", "gptj", "/pos/rotary_dim", 8.into()),
+        ("falcon_mq", "falcon", "/num_kv_heads", 1.into()),
+        (
+            "falcon_new",
+            "falcon",
+            "/residual/shared_norm",
+            false.into(),
+        ),
+        (
+            "falcon_rw_alibi",
+            "falcon",
+            "/qkv/layout",
+            "per_head".into(),
+        ),
+        ("mpt", "mpt", "/pos/order", "mpt".into()),
+        ("bloom", "bloom", "/embedding_norm", true.into()),
+    ];
+    for (fixture, arch, pointer, want) in cases {
+        let dir = fixtures().join("models").join(fixture);
+        let (ok, out, err) = ferrum(&["inspect", "--model", &dir.display().to_string(), "--json"]);
+        assert!(ok, "{fixture}: {err}");
+        let v: Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v["architecture"], *arch, "{fixture}");
+        assert_eq!(
+            v["spec"].pointer(pointer),
+            Some(want),
+            "{fixture} {pointer}"
+        );
+        let src = SafetensorsSource::open_dir(&dir).unwrap();
+        let numel: usize = src
+            .names()
+            .iter()
+            .map(|n| src.info(n).unwrap().shape.iter().product::<usize>())
+            .sum();
+        assert_eq!(v["num_params"], numel as u64, "{fixture}");
+    }
+}
+
 #[test]
 fn bench_json_on_a_random_preset() {
     let (ok, out, err) = ferrum(&[

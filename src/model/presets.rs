@@ -215,3 +215,46 @@ fn llama_preset(name: &str) -> Option<ArchInfo> {
         names: TensorNames::HfLlama,
     })
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Every preset's spec is valid, and the published sizes come out of the published shapes:
+    /// parameter counts within 3% of the models' reported totals.
+    #[test]
+    fn presets_have_the_published_sizes() {
+        for name in PRESETS {
+            let arch = preset(name).unwrap();
+            arch.spec
+                .validate()
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        let published: &[(&str, f64)] = &[
+            ("gpt2", 124.4e6),
+            ("gpt3-125m", 125e6),
+            ("gpt3-350m", 350e6),
+            ("gpt3-760m", 760e6),
+            ("gpt3-1.3b", 1.3e9),
+            ("gpt3-2.7b", 2.7e9),
+            ("gpt3-6.7b", 6.7e9),
+            ("gpt3-13b", 13e9),
+            ("gpt3-175b", 175e9),
+            ("gptj-6b", 6.05e9),
+            ("falcon-7b", 6.92e9),
+            ("falcon-40b", 41.8e9),
+            ("mpt-7b", 6.65e9),
+            ("bloom-7b1", 7.07e9),
+            ("llama2-7b", 6.74e9),
+            ("llama3-8b", 8.03e9),
+        ];
+        for &(name, want) in published {
+            let got = preset(name).unwrap().spec.num_params() as f64;
+            assert!(
+                (got / want - 1.0).abs() < 0.03,
+                "{name}: {got:.4e} parameters, published {want:.4e}"
+            );
+        }
+    }
+}

@@ -1,7 +1,8 @@
 // ferrum kernel prelude: prepended by src/cuda/kernels.rs to every kernels/*.cu file before NVRTC
 // compiles it. It needs no CUDA header: the 16-bit float types are plain bit containers converted
-// with PTX `cvt` (sm_80+ for bf16), so the sources compile with any NVRTC 12.x/13.x, with or
-// without its builtin cuda_bf16.h. All arithmetic is done in f32.
+// with PTX `cvt` (sm_80+ for bf16). NVRTC 12.6 and 13.0 do not ship cuda_bf16.h/cuda_fp16.h as
+// builtin headers (checked: "could not open source file", no include path); they live in the
+// toolkit's include folder, which Triton's runtime images lack. All arithmetic is done in f32.
 
 typedef unsigned int u32;
 typedef int i32;

@@ -94,7 +94,8 @@ fn tol<T: FloatElem>() -> f32 {
     }
 }
 
-/// |got - want| <= tol * (|want| + 0.1 * max|want|) everywhere; prints the observed errors.
+/// |got - want| <= tol * (|want| + 0.25 * max|want|) everywhere (the floor covers elements near
+/// zero, whose relative error means nothing after cancellation); prints the observed errors.
 fn check<T: FloatElem>(what: &str, got: &[f32], want: &[f32]) {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
     let tol = tol::<T>();
@@ -103,7 +104,7 @@ fn check<T: FloatElem>(what: &str, got: &[f32], want: &[f32]) {
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let err = (g - w).abs();
         assert!(
-            err <= tol * (w.abs() + 0.1 * scale) || (g.is_nan() && w.is_nan()),
+            err <= tol * (w.abs() + 0.25 * scale) || (g.is_nan() && w.is_nan()),
             "{what} [{}]: element {i}: got {g}, want {w} (tol {tol}, scale {scale})",
             T::DTYPE
         );
@@ -134,7 +135,8 @@ macro_rules! for_each_dtype {
 /// naming libcuda, and nothing panics. On a machine with one, both succeed.
 #[test]
 fn probe_names_libcuda_when_no_driver() {
-    let has_driver = std::path::Path::new("/proc/driver/nvidia/version").exists();
+    let has_driver = std::path::Path::new("/proc/driver/nvidia/version").exists()
+        || std::path::Path::new("/dev/nvidiactl").exists();
     let probed = std::panic::catch_unwind(triton_ferrum::cuda::probe).expect("probe panicked");
     let opened = std::panic::catch_unwind(|| CudaDevice::open(0).map(|_| ()))
         .expect("CudaDevice::open panicked");

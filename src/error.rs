@@ -1,6 +1,7 @@
 //! The top-level error type. Each layer has its own `thiserror` enum with the context that layer
 //! knows (file, tensor, field, value); `Error` wraps them so callers can use `?` across layers.
 
+use crate::cuda::CudaError;
 use crate::loader::LoadError;
 use crate::model::ModelError;
 use crate::request::RequestError;
@@ -19,6 +20,8 @@ pub enum Error {
     Request(#[from] RequestError),
     #[error(transparent)]
     Schedule(#[from] ScheduleError),
+    #[error(transparent)]
+    Cuda(#[from] CudaError),
     #[error("device error: {0}")]
     Device(String),
     #[error("engine error: {0}")]

@@ -6,10 +6,12 @@
 //! - `ops`: CPU compute kernels (matmul over compact weights, norms, rotary, paged attention);
 //! - `tokenizer`, `sampling`, `request`: pure host-side logic;
 //! - `kv_cache`, `scheduler`: pure CPU bookkeeping for in-flight batching over a paged KV cache;
+//! - `cuda`: the GPU layer (library probe, device, NVRTC kernels, checked launchers);
 //! - `executor`: runs a `SchedulePlan` on a device; `engine`: the thread that owns all of the above.
 
 pub mod backend;
 pub mod config;
+pub mod cuda;
 pub mod dtype;
 pub mod engine;
 pub mod error;

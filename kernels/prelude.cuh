@@ -1,0 +1,67 @@
+// ferrum kernel prelude: prepended by src/cuda/kernels.rs to every kernels/*.cu file before NVRTC
+// compiles it. It needs no CUDA header: the 16-bit float types are plain bit containers converted
+// with PTX `cvt` (sm_80+ for bf16). NVRTC 12.6 and 13.0 do not ship cuda_bf16.h/cuda_fp16.h as
+// builtin headers (checked: "could not open source file", no include path); they live in the
+// toolkit's include folder, which Triton's runtime images lack. All arithmetic is done in f32.
+
+typedef unsigned int u32;
+typedef int i32;
+typedef long long i64;
+
+struct bf16 { unsigned short bits; };
+struct f16 { unsigned short bits; };
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(bf16 x) {
+    return __uint_as_float(((unsigned int)x.bits) << 16);
+}
+__device__ __forceinline__ float to_f32(f16 x) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
+    return f;
+}
+
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ bf16 from_f32<bf16>(float x) {
+    bf16 r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(x));
+    return r;
+}
+template <> __device__ __forceinline__ f16 from_f32<f16>(float x) {
+    f16 r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(x));
+    return r;
+}
+
+#define FERRUM_NEG_INF (-__int_as_float(0x7f800000))
+#define FERRUM_WARP 32
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int offset = FERRUM_WARP / 2; offset > 0; offset /= 2) {
+        v += __shfl_xor_sync(0xffffffffu, v, offset);
+    }
+    return v;
+}
+
+// Sum over the whole block (blockDim.x a multiple of 32, at most 1024); every thread gets the
+// result. `scratch` holds 32 floats of shared memory; it is reusable after the call returns.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x % FERRUM_WARP;
+    const int warp = threadIdx.x / FERRUM_WARP;
+    const int num_warps = blockDim.x / FERRUM_WARP;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < num_warps ? scratch[lane] : 0.0f;
+    return warp_sum(v);
+}
+
+// Instantiates `extern "C"` entry points `{op}_f32`, `{op}_bf16`, `{op}_f16` from a macro that
+// takes (entry name, element type).
+#define FERRUM_FOR_EACH_DTYPE(MACRO, op) \
+    MACRO(op##_f32, float)               \
+    MACRO(op##_bf16, bf16)               \
+    MACRO(op##_f16, f16)

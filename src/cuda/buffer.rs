@@ -1,0 +1,92 @@
+//! Typed device memory: `DeviceBuffer<T>` owns one allocation on one device (freed on drop, on
+//! the device's stream). Element types are sealed: the float types kernels compute on (f32, bf16,
+//! f16) and the integer types of ids, tables and slot mappings. Copies live on `CudaDevice` and
+//! check lengths before calling cudarc (whose copies assert, i.e. panic, on a short buffer).
+
+use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+
+use crate::dtype::DType;
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::bf16 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for u32 {}
+    impl Sealed for i32 {}
+    impl Sealed for i64 {}
+}
+
+/// A plain-old-data element type that device buffers can hold.
+pub trait DeviceElem:
+    sealed::Sealed + DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + 'static
+{
+}
+impl DeviceElem for f32 {}
+impl DeviceElem for half::bf16 {}
+impl DeviceElem for half::f16 {}
+impl DeviceElem for u32 {}
+impl DeviceElem for i32 {}
+impl DeviceElem for i64 {}
+
+/// A float type the kernels are instantiated for; `DTYPE` picks the `{op}_{dtype}` entry point.
+pub trait FloatElem: DeviceElem {
+    const DTYPE: DType;
+    fn to_f32(self) -> f32;
+    fn from_f32(v: f32) -> Self;
+}
+
+impl FloatElem for f32 {
+    const DTYPE: DType = DType::F32;
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+impl FloatElem for half::bf16 {
+    const DTYPE: DType = DType::BF16;
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        half::bf16::from_f32(v)
+    }
+}
+
+impl FloatElem for half::f16 {
+    const DTYPE: DType = DType::F16;
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+}
+
+/// One allocation of `len` elements of `T` on a device.
+#[derive(Debug)]
+pub struct DeviceBuffer<T> {
+    pub(crate) slice: CudaSlice<T>,
+}
+
+impl<T> DeviceBuffer<T> {
+    pub fn len(&self) -> usize {
+        self.slice.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slice.len() == 0
+    }
+
+    /// The ordinal of the device that holds the buffer.
+    pub fn ordinal(&self) -> usize {
+        self.slice.ordinal()
+    }
+
+    pub fn num_bytes(&self) -> usize {
+        self.slice.num_bytes()
+    }
+}

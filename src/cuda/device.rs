@@ -1,0 +1,317 @@
+//! `CudaDevice`: one GPU, its primary context, the one stream all of ferrum's work on it goes
+//! to, and the cache of kernels compiled for its arch.
+//!
+//! Opening a device probes the libraries first (`probe::probe`), so no cudarc call is made on a
+//! machine where one is missing. Work is ordered by the single stream, so cudarc's per-buffer
+//! event tracking (meant for several streams) is switched off. Kernels compile lazily on first
+//! launch, once per (file, defines), and stay loaded for the life of the device. This module
+//! never interprets tensors: that is the launchers' job (`ops`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::nvrtc::Ptx;
+
+use super::buffer::{DeviceBuffer, DeviceElem};
+use super::error::CudaError;
+use super::kernels::{CompiledKernel, Define, KernelId, SmArch, compile};
+use super::probe::{CudaLibraries, probe};
+
+/// What a device is, as read when it was opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub ordinal: usize,
+    pub name: String,
+    pub arch: SmArch,
+    pub total_memory_bytes: usize,
+    pub free_memory_bytes: usize,
+    pub num_multiprocessors: usize,
+}
+
+type ModuleKey = (KernelId, Vec<Define>);
+
+/// Compiled modules and the functions looked up in them.
+#[derive(Default)]
+struct KernelCache {
+    modules: HashMap<ModuleKey, Arc<CudaModule>>,
+    functions: HashMap<(ModuleKey, String), CudaFunction>,
+}
+
+pub struct CudaDevice {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    info: DeviceInfo,
+    libraries: CudaLibraries,
+    kernels: Mutex<KernelCache>,
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaDevice")
+            .field("info", &self.info)
+            .field("libraries", &self.libraries)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Number of CUDA devices, after probing the libraries (0 devices is not an error).
+pub fn device_count() -> Result<usize, CudaError> {
+    probe()?;
+    let count =
+        CudaContext::device_count().map_err(|e| CudaError::driver("cuDeviceGetCount", e))?;
+    Ok(count.max(0) as usize)
+}
+
+impl CudaDevice {
+    /// Opens device `ordinal`: probes the libraries, retains the primary context, creates the
+    /// stream and reads the device's properties. Fails (never panics) without a driver, without
+    /// a device, or on a device older than sm_80.
+    pub fn open(ordinal: usize) -> Result<Self, CudaError> {
+        let libraries = probe()?;
+        let count = device_count()?;
+        if ordinal >= count {
+            return Err(CudaError::NoSuchDevice { ordinal, count });
+        }
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| CudaError::driver(format!("opening device {ordinal}"), e))?;
+        // SAFETY: all of ferrum's work on this device goes to `stream`, which orders it; no
+        // buffer is shared with another stream, so per-buffer events are not needed.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| CudaError::driver(format!("creating a stream on device {ordinal}"), e))?;
+        let name = ctx
+            .name()
+            .map_err(|e| CudaError::driver(format!("name of device {ordinal}"), e))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| CudaError::driver(format!("compute capability of device {ordinal}"), e))?;
+        let arch = SmArch {
+            major: major.max(0) as u32,
+            minor: minor.max(0) as u32,
+        };
+        if arch < SmArch::MIN {
+            return Err(CudaError::UnsupportedArch {
+                ordinal,
+                name,
+                arch: arch.to_string(),
+            });
+        }
+        let (free_memory_bytes, total_memory_bytes) = ctx
+            .mem_get_info()
+            .map_err(|e| CudaError::driver(format!("memory of device {ordinal}"), e))?;
+        let num_multiprocessors = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(|e| CudaError::driver(format!("SM count of device {ordinal}"), e))?;
+        Ok(CudaDevice {
+            ctx,
+            stream,
+            info: DeviceInfo {
+                ordinal,
+                name,
+                arch,
+                total_memory_bytes,
+                free_memory_bytes,
+                num_multiprocessors: num_multiprocessors.max(0) as usize,
+            },
+            libraries,
+            kernels: Mutex::new(KernelCache::default()),
+        })
+    }
+
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    pub fn libraries(&self) -> &CudaLibraries {
+        &self.libraries
+    }
+
+    pub fn arch(&self) -> SmArch {
+        self.info.arch
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.info.ordinal
+    }
+
+    /// The stream all work on this device is ordered on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// (free, total) device memory in bytes, now.
+    pub fn memory_info(&self) -> Result<(usize, usize), CudaError> {
+        self.ctx
+            .mem_get_info()
+            .map_err(|e| CudaError::driver("cuMemGetInfo", e))
+    }
+
+    /// Waits until all work queued on the device's stream is done; reports a kernel fault that
+    /// happened since the last sync.
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        self.stream
+            .synchronize()
+            .map_err(|e| CudaError::driver(format!("synchronizing device {}", self.ordinal()), e))
+    }
+
+    /// A zero-filled buffer of `len` elements.
+    pub fn alloc_zeros<T: DeviceElem>(&self, len: usize) -> Result<DeviceBuffer<T>, CudaError> {
+        let slice = if len == 0 {
+            self.stream.null()
+        } else {
+            self.stream.alloc_zeros(len)
+        }
+        .map_err(|e| {
+            CudaError::driver(
+                format!("allocating {len} x {}", std::any::type_name::<T>()),
+                e,
+            )
+        })?;
+        Ok(DeviceBuffer { slice })
+    }
+
+    /// A new buffer holding a copy of `host`.
+    pub fn upload<T: DeviceElem>(&self, host: &[T]) -> Result<DeviceBuffer<T>, CudaError> {
+        let mut buf = self.alloc_zeros(host.len())?;
+        self.copy_to_device(host, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Copies `host` into `dst`; their lengths must be equal.
+    pub fn copy_to_device<T: DeviceElem>(
+        &self,
+        host: &[T],
+        dst: &mut DeviceBuffer<T>,
+    ) -> Result<(), CudaError> {
+        self.check_buffer("copy_to_device", "dst", dst)?;
+        if host.len() != dst.len() {
+            return Err(CudaError::length(
+                "copy_to_device",
+                "host",
+                dst.len(),
+                host.len(),
+            ));
+        }
+        if host.is_empty() {
+            return Ok(());
+        }
+        self.stream
+            .memcpy_htod(host, &mut dst.slice)
+            .map_err(|e| CudaError::driver("copying host to device", e))
+    }
+
+    /// Copies `src` into `host` (waits for the copy); their lengths must be equal.
+    pub fn copy_to_host<T: DeviceElem>(
+        &self,
+        src: &DeviceBuffer<T>,
+        host: &mut [T],
+    ) -> Result<(), CudaError> {
+        self.check_buffer("copy_to_host", "src", src)?;
+        if host.len() != src.len() {
+            return Err(CudaError::length(
+                "copy_to_host",
+                "host",
+                src.len(),
+                host.len(),
+            ));
+        }
+        if host.is_empty() {
+            return Ok(());
+        }
+        self.stream
+            .memcpy_dtoh(&src.slice, host)
+            .map_err(|e| CudaError::driver("copying device to host", e))?;
+        self.synchronize()
+    }
+
+    /// A host copy of `src` (waits for the copy).
+    pub fn download<T: DeviceElem>(&self, src: &DeviceBuffer<T>) -> Result<Vec<T>, CudaError> {
+        let mut host = vec![T::default(); src.len()];
+        self.copy_to_host(src, &mut host)?;
+        Ok(host)
+    }
+
+    /// Checks that `buf` lives on this device.
+    pub(crate) fn check_buffer<T>(
+        &self,
+        op: &'static str,
+        operand: &'static str,
+        buf: &DeviceBuffer<T>,
+    ) -> Result<(), CudaError> {
+        if buf.ordinal() != self.ordinal() {
+            return Err(CudaError::invalid(
+                op,
+                operand,
+                format!("a buffer on device {}", buf.ordinal()),
+                format!("must be on device {}", self.ordinal()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Compiles `kernel` for this device's arch now (it would compile on first launch anyway):
+    /// lets model load fail early and keeps compile time out of the first step.
+    pub fn warm_up(&self, kernels: &[KernelId]) -> Result<(), CudaError> {
+        for &kernel in kernels {
+            self.module(kernel, &[])?;
+        }
+        Ok(())
+    }
+
+    fn module(&self, kernel: KernelId, defines: &[Define]) -> Result<Arc<CudaModule>, CudaError> {
+        let mut cache = self.lock_kernels();
+        let key = (kernel, defines.to_vec());
+        if let Some(module) = cache.modules.get(&key) {
+            return Ok(module.clone());
+        }
+        let CompiledKernel { cubin, .. } = compile(kernel, self.arch(), defines)?;
+        let module = self
+            .ctx
+            .load_module(Ptx::from_binary(cubin))
+            .map_err(|source| CudaError::LoadKernel {
+                file: kernel.file_name(),
+                entry: String::from("(module)"),
+                arch: self.arch().to_string(),
+                source,
+            })?;
+        cache.modules.insert(key, module.clone());
+        Ok(module)
+    }
+
+    /// The entry point `entry` of `kernel` compiled with `defines`, compiling and loading the
+    /// file on first use.
+    pub(crate) fn function(
+        &self,
+        kernel: KernelId,
+        defines: &[Define],
+        entry: &str,
+    ) -> Result<CudaFunction, CudaError> {
+        let key = ((kernel, defines.to_vec()), entry.to_owned());
+        if let Some(f) = self.lock_kernels().functions.get(&key) {
+            return Ok(f.clone());
+        }
+        let module = self.module(kernel, defines)?;
+        let function = module
+            .load_function(entry)
+            .map_err(|source| CudaError::LoadKernel {
+                file: kernel.file_name(),
+                entry: entry.to_owned(),
+                arch: self.arch().to_string(),
+                source,
+            })?;
+        self.lock_kernels().functions.insert(key, function.clone());
+        Ok(function)
+    }
+
+    fn lock_kernels(&self) -> std::sync::MutexGuard<'_, KernelCache> {
+        // A panic while holding the lock cannot leave the maps half-updated (each insert is one
+        // call), so a poisoned lock is still usable.
+        self.kernels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}

@@ -1,0 +1,894 @@
+//! Every CUDA kernel against its CPU reference (`triton_ferrum::ops`, or a plain loop where ops
+//! has none) on random, ragged and paged shapes, in f32, bf16 and f16, with dtype-aware
+//! tolerances; NVRTC compiles every kernel file for sm_80, sm_89 and sm_90; launchers reject bad
+//! shapes with errors. These need an NVIDIA GPU (or libnvrtc for the compile test) and are
+//! ignored in CPU CI: `ci/gpu.sh` builds them and runs them on the GPU machine with `--ignored`.
+//!
+//! The one test that runs everywhere checks the CPU-only case: without a driver, `probe()` and
+//! `CudaDevice::open` return an error naming libcuda instead of panicking.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::OnceLock;
+
+use half::{bf16, f16};
+use triton_ferrum::cuda::ops::{
+    self, BlockTables, DecodeAttention, KvCacheShape, KvSource, LearnedPositions, PagedKv,
+    RotaryLayout,
+};
+use triton_ferrum::cuda::{
+    CudaDevice, CudaError, CudaLibrary, Define, DeviceBuffer, FloatElem, KernelId, SmArch,
+};
+use triton_ferrum::dtype::DType;
+use triton_ferrum::model::spec::{Activation, Norm, RopeStyle};
+use triton_ferrum::ops::attention::{
+    AttnParams, AttnSeq, KvLayerCache, alibi_slopes, paged_attention,
+};
+use triton_ferrum::ops::rope::RopeTable;
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+
+fn dev() -> &'static CudaDevice {
+    static DEV: OnceLock<CudaDevice> = OnceLock::new();
+    DEV.get_or_init(|| {
+        let dev = CudaDevice::open(0).unwrap();
+        eprintln!("device: {:?}", dev.info());
+        eprintln!("libraries: {}", dev.libraries());
+        dev
+    })
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 11
+    }
+    /// Uniform in [-1, 1).
+    fn f32(&mut self) -> f32 {
+        (self.next_u64() >> 29) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.f32() * scale).collect()
+    }
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            v.swap(i, self.below(i + 1));
+        }
+    }
+}
+
+/// Rounds through T, so the CPU reference sees exactly the values the GPU holds.
+fn round<T: FloatElem>(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| T::from_f32(x).to_f32()).collect()
+}
+
+fn up<T: FloatElem>(v: &[f32]) -> DeviceBuffer<T> {
+    let host: Vec<T> = v.iter().map(|&x| T::from_f32(x)).collect();
+    dev().upload(&host).unwrap()
+}
+
+fn down<T: FloatElem>(b: &DeviceBuffer<T>) -> Vec<f32> {
+    dev()
+        .download(b)
+        .unwrap()
+        .into_iter()
+        .map(T::to_f32)
+        .collect()
+}
+
+/// Relative tolerance per dtype: the kernels compute in f32, so the error is the output's
+/// rounding (bf16 2^-9, f16 2^-12) plus f32 summation order.
+fn tol<T: FloatElem>() -> f32 {
+    match T::DTYPE {
+        DType::F32 => 1e-5,
+        DType::F16 => 2e-3,
+        DType::BF16 => 1e-2,
+    }
+}
+
+/// |got - want| <= tol * (|want| + 0.25 * max|want|) everywhere (the floor covers elements near
+/// zero, whose relative error means nothing after cancellation); prints the observed errors.
+fn check<T: FloatElem>(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let tol = tol::<T>();
+    let scale = want.iter().fold(0.0f32, |m, w| m.max(w.abs()));
+    let (mut max_abs, mut max_rel) = (0.0f32, 0.0f32);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (g - w).abs();
+        assert!(
+            err <= tol * (w.abs() + 0.25 * scale) || (g.is_nan() && w.is_nan()),
+            "{what} [{}]: element {i}: got {g}, want {w} (tol {tol}, scale {scale})",
+            T::DTYPE
+        );
+        max_abs = max_abs.max(err);
+        if w.abs() > 0.1 * scale {
+            max_rel = max_rel.max(err / w.abs());
+        }
+    }
+    println!(
+        "CHECK {what} [{}]: n={} max_abs_err={max_abs:.3e} max_rel_err={max_rel:.3e} scale={scale:.3e} tol={tol:e}",
+        T::DTYPE,
+        got.len()
+    );
+}
+
+macro_rules! for_each_dtype {
+    ($f:ident) => {{
+        $f::<f32>();
+        $f::<bf16>();
+        $f::<f16>();
+    }};
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU-only behaviour (runs in CI)
+
+/// On a machine without the NVIDIA driver, probing and opening a device fail with an error
+/// naming libcuda, and nothing panics. On a machine with one, both succeed.
+#[test]
+fn probe_names_libcuda_when_no_driver() {
+    let has_driver = std::path::Path::new("/proc/driver/nvidia/version").exists()
+        || std::path::Path::new("/dev/nvidiactl").exists();
+    let probed = std::panic::catch_unwind(triton_ferrum::cuda::probe).expect("probe panicked");
+    let opened = std::panic::catch_unwind(|| CudaDevice::open(0).map(|_| ()))
+        .expect("CudaDevice::open panicked");
+    if has_driver {
+        let libs = probed.unwrap();
+        assert!(libs.driver.file.starts_with("libcuda"), "{libs:?}");
+        opened.unwrap();
+    } else {
+        for err in [probed.unwrap_err(), opened.unwrap_err()] {
+            assert!(
+                matches!(
+                    err,
+                    CudaError::LibraryNotFound {
+                        library: CudaLibrary::Driver,
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+            let msg = err.to_string();
+            assert!(msg.contains("libcuda"), "{msg}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// NVRTC (needs libnvrtc only)
+
+#[test]
+#[ignore = "needs libnvrtc (an NVIDIA GPU machine): run ci/gpu.sh"]
+fn nvrtc_compiles_every_kernel_for_every_tested_arch() {
+    let nvrtc = triton_ferrum::cuda::probe_library(CudaLibrary::Nvrtc).unwrap();
+    eprintln!("nvrtc: {} {}", nvrtc.file, nvrtc.version);
+    for arch in SmArch::TESTED {
+        for kernel in KernelId::ALL {
+            let t = std::time::Instant::now();
+            let compiled = triton_ferrum::cuda::compile(kernel, arch, &[]).unwrap();
+            assert_eq!(&compiled.cubin[..4], b"\x7fELF", "{kernel:?} {arch}");
+            for op in kernel.ops() {
+                for dt in ["f32", "bf16", "f16"] {
+                    let entry = format!("{op}_{dt}");
+                    assert!(
+                        compiled
+                            .cubin
+                            .windows(entry.len())
+                            .any(|w| w == entry.as_bytes()),
+                        "{} for {arch} lacks {entry}",
+                        kernel.file_name()
+                    );
+                }
+            }
+            println!(
+                "NVRTC {} {arch}: {} bytes in {:.0} ms{}",
+                kernel.file_name(),
+                compiled.cubin.len(),
+                t.elapsed().as_secs_f64() * 1e3,
+                if compiled.log.is_empty() {
+                    String::new()
+                } else {
+                    format!(", log: {}", compiled.log)
+                }
+            );
+        }
+    }
+    // Defines reach the source, and a compile error names the file and carries NVRTC's log.
+    let err = triton_ferrum::cuda::compile(
+        KernelId::Norm,
+        SmArch::SM90,
+        &[Define::new("rms_norm_impl", "(")],
+    )
+    .unwrap_err();
+    match &err {
+        CudaError::Compile { file, log, .. } => {
+            assert_eq!(*file, "norm.cu");
+            assert!(!log.is_empty());
+        }
+        other => panic!("expected a compile error, got {other:?}"),
+    }
+    // Informational: does this NVRTC ship cuda_bf16.h as a builtin header? (The kernels do not
+    // need it; see kernels/prelude.cuh.)
+    let builtin = cudarc::nvrtc::compile_ptx_with_opts(
+        "#include <cuda_bf16.h>\nextern \"C\" __global__ void k(__nv_bfloat16* x) { x[0] = __float2bfloat16(1.0f); }",
+        cudarc::nvrtc::CompileOptions {
+            arch: Some("sm_90"),
+            ..Default::default()
+        },
+    );
+    match builtin {
+        Ok(_) => println!("NVRTC builtin cuda_bf16.h: available"),
+        Err(e) => println!("NVRTC builtin cuda_bf16.h: not available ({e})"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// embedding
+
+fn embedding_case<T: FloatElem>() {
+    let mut rng = Rng(1);
+    for &(vocab, hidden, num_tokens) in &[(1000usize, 96usize, 37usize), (517, 80, 5)] {
+        let table = round::<T>(&rng.vec(vocab * hidden, 1.0));
+        let max_pos = 64;
+        let pos_table = round::<T>(&rng.vec(max_pos * hidden, 0.5));
+        let mut ids: Vec<u32> = (0..num_tokens).map(|_| rng.below(vocab) as u32).collect();
+        ids[num_tokens / 2] = vocab as u32 + 3; // out of range: zero row
+        let positions: Vec<u32> = (0..num_tokens).map(|_| rng.below(max_pos) as u32).collect();
+        let (table_d, pos_d) = (up::<T>(&table), up::<T>(&pos_table));
+        let ids_d = dev().upload(&ids).unwrap();
+        let positions_d = dev().upload(&positions).unwrap();
+        for learned in [false, true] {
+            let mut out = dev().alloc_zeros::<T>(num_tokens * hidden).unwrap();
+            let lp = learned.then_some(LearnedPositions {
+                table: &pos_d,
+                positions: &positions_d,
+            });
+            ops::embedding(dev(), &mut out, &table_d, &ids_d, lp, hidden).unwrap();
+            let mut want = vec![0.0f32; num_tokens * hidden];
+            for (t, &id) in ids.iter().enumerate() {
+                for i in 0..hidden {
+                    let mut v = if (id as usize) < vocab {
+                        table[id as usize * hidden + i]
+                    } else {
+                        0.0
+                    };
+                    if learned {
+                        v += pos_table[positions[t] as usize * hidden + i];
+                    }
+                    want[t * hidden + i] = v;
+                }
+            }
+            check::<T>(
+                &format!("embedding v{vocab} h{hidden} learned={learned}"),
+                &down(&out),
+                &want,
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run ci/gpu.sh"]
+fn embedding_gathers_rows_and_adds_learned_positions() {
+    for_each_dtype!(embedding_case);
+}
+
+// ---------------------------------------------------------------------------------------------
+// norms
+
+fn norm_case<T: FloatElem>() {
+    let mut rng = Rng(2);
+    let norms = [
+        (Norm::Rms { eps: 1e-6 }, false),
+        (
+            Norm::Layer {
+                eps: 1e-5,
+                bias: true,
+            },
+            true,
+        ),
+        (
+            Norm::Layer {
+                eps: 1e-5,
+                bias: false,
+            },
+            false,
+        ),
+    ];
+    for &(num_rows, dim) in &[(7usize, 80usize), (3, 96), (5, 4096), (2, 5120)] {
+        // Offset mean, as hidden states have, so LayerNorm's two passes matter.
+        let x: Vec<f32> = round::<T>(
+            &rng.vec(num_rows * dim, 2.0)
+                .iter()
+                .map(|v| v + 0.7)
+                .collect::<Vec<_>>(),
+        );
+        let residual = round::<T>(&rng.vec(num_rows * dim, 3.0));
+        let weight = round::<T>(&rng.vec(dim, 1.0));
+        let bias = round::<T>(&rng.vec(dim, 0.5));
+        let (x_d, w_d, b_d) = (up::<T>(&x), up::<T>(&weight), up::<T>(&bias));
+        for &(norm, with_bias) in &norms {
+            for fused in [false, true] {
+                let mut out = dev().alloc_zeros::<T>(num_rows * dim).unwrap();
+                let mut res_d = up::<T>(&residual);
+                ops::norm(
+                    dev(),
+                    norm,
+                    &mut out,
+                    &x_d,
+                    fused.then_some(&mut res_d),
+                    &w_d,
+                    with_bias.then_some(&b_d),
+                )
+                .unwrap();
+                // residual += x, stored in T; the norm reads the stored values.
+                let src = if fused {
+                    let summed: Vec<f32> = x.iter().zip(&residual).map(|(a, b)| a + b).collect();
+                    round::<T>(&summed)
+                } else {
+                    x.clone()
+                };
+                let mut want = vec![0.0f32; num_rows * dim];
+                triton_ferrum::ops::norm::norm_rows(
+                    norm,
+                    &src,
+                    &weight,
+                    with_bias.then_some(&bias[..]),
+                    &mut want,
+                );
+                let name = format!("norm {norm:?} fused={fused} rows{num_rows} dim{dim}");
+                check::<T>(&name, &down(&out), &want);
+                let res_after = down(&res_d);
+                if fused {
+                    assert_eq!(res_after, src, "{name}: residual");
+                } else {
+                    assert_eq!(res_after, residual, "{name}: residual untouched");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run ci/gpu.sh"]
+fn rms_and_layer_norm_with_and_without_residual_match_cpu() {
+    for_each_dtype!(norm_case);
+}
+
+// ---------------------------------------------------------------------------------------------
+// rotary
+
+fn rotary_case<T: FloatElem>() {
+    let mut rng = Rng(3);
+    // (num_q_heads, num_kv_heads, head_dim, rotary_dim)
+    let shapes = [
+        (8usize, 2usize, 128usize, 128usize),
+        (6, 6, 80, 32),
+        (4, 1, 96, 96),
+        (4, 4, 256, 64),
+    ];
+    for &(nq, nkv, hd, rd) in &shapes {
+        for style in [RopeStyle::NeoX, RopeStyle::GptJ] {
+            let num_tokens = 9;
+            let row_stride = (nq + 2 * nkv) * hd;
+            let k_offset = nq * hd;
+            let qkv = round::<T>(&rng.vec(num_tokens * row_stride, 1.0));
+            let positions: Vec<u32> = (0..num_tokens).map(|_| rng.below(8192) as u32).collect();
+            // llama3-style scaled frequencies are just another table: scale some pairs down.
+            let inv_freq: Vec<f32> = (0..rd / 2)
+                .map(|i| {
+                    let f = 500000f32.powf(-(2.0 * i as f32) / rd as f32);
+                    if i > rd / 4 { f / 8.0 } else { f }
+                })
+                .collect();
+            let mut qkv_d = up::<T>(&qkv);
+            let layout = RotaryLayout {
+                row_stride,
+                num_q_heads: nq,
+                num_kv_heads: nkv,
+                k_offset,
+                head_dim: hd,
+                rotary_dim: rd,
+                style,
+            };
+            ops::rotary(
+                dev(),
+                &mut qkv_d,
+                &dev().upload(&positions).unwrap(),
+                &dev().upload(&inv_freq).unwrap(),
+                &layout,
+            )
+            .unwrap();
+            let pos_usize: Vec<usize> = positions.iter().map(|&p| p as usize).collect();
+            let table = RopeTable::new(&inv_freq, &pos_usize);
+            let mut want = qkv.clone();
+            table.apply(&mut want, row_stride, nq, hd, style);
+            table.apply(&mut want[k_offset..], row_stride, nkv, hd, style);
+            check::<T>(
+                &format!("rotary {style:?} q{nq} kv{nkv} hd{hd} rd{rd}"),
+                &down(&qkv_d),
+                &want,
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run ci/gpu.sh"]
+fn rotary_neox_and_gptj_partial_on_fused_qkv_match_cpu() {
+    for_each_dtype!(rotary_case);
+}
+
+// ---------------------------------------------------------------------------------------------
+// activations
+
+fn activation_case<T: FloatElem>() {
+    use triton_ferrum::ops::activation;
+    let mut rng = Rng(4);
+    let (num_tokens, inter) = (7usize, 1376usize);
+    let gate_up = round::<T>(&rng.vec(num_tokens * 2 * inter, 6.0));
+    let gate_up_d = up::<T>(&gate_up);
+    for act in [
+        Activation::Silu,
+        Activation::GeluTanh,
+        Activation::Gelu,
+        Activation::Relu,
+    ] {
+        let mut out = dev().alloc_zeros::<T>(num_tokens * inter).unwrap();
+        ops::gated_activation(dev(), act, &mut out, &gate_up_d, inter).unwrap();
+        let mut want = vec![0.0f32; num_tokens * inter];
+        activation::gated(act, &gate_up, inter, &mut want);
+        check::<T>(&format!("gated {act:?}"), &down(&out), &want);
+
+        let mut x_d = up::<T>(&gate_up);
+        ops::activation_in_place(dev(), act, &mut x_d).unwrap();
+        let mut want = gate_up.clone();
+        activation::in_place(act, &mut want);
+        check::<T>(&format!("act {act:?}"), &down(&x_d), &want);
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run ci/gpu.sh"]
+fn gated_and_plain_activations_match_cpu() {
+    for_each_dtype!(activation_case);
+}
+
+// ---------------------------------------------------------------------------------------------
+// KV-cache write
+
+fn kv_write_case<T: FloatElem>() {
+    let mut rng = Rng(5);
+    let shape = KvCacheShape {
+        num_blocks: 16,
+        block_size: 16,
+        num_kv_heads: 2,
+        head_dim: 80,
+    };
+    let (nq, kv_dim) = (8usize, shape.kv_dim());
+    let row_stride = nq * shape.head_dim + 2 * kv_dim;
+    let layout = KvSource {
+        row_stride,
+        k_offset: nq * shape.head_dim,
+        v_offset: nq * shape.head_dim + kv_dim,
+    };
+    let num_tokens = 29;
+    let src = round::<T>(&rng.vec(num_tokens * row_stride, 1.0));
+    let mut slots: Vec<i64> = (0..shape.num_slots() as i64).collect();
+    rng.shuffle(&mut slots);
+    slots.truncate(num_tokens);
+    slots[3] = -1; // padding token
+    slots[11] = shape.num_slots() as i64 + 5; // past the cache: skipped
+    let initial_k = round::<T>(&rng.vec(shape.num_elements(), 1.0));
+    let initial_v = round::<T>(&rng.vec(shape.num_elements(), 1.0));
+    let (mut k_d, mut v_d) = (up::<T>(&initial_k), up::<T>(&initial_v));
+    ops::kv_cache_write(
+        dev(),
+        &mut k_d,
+        &mut v_d,
+        &shape,
+        &up::<T>(&src),
+        &layout,
+        &dev().upload(&slots).unwrap(),
+    )
+    .unwrap();
+    let (mut want_k, mut want_v) = (initial_k, initial_v);
+    for (t, &slot) in slots.iter().enumerate() {
+        if slot < 0 || slot as usize >= shape.num_slots() {
+            continue;
+        }
+        let s = slot as usize;
+        let row = &src[t * row_stride..];
+        want_k[s * kv_dim..(s + 1) * kv_dim]
+            .copy_from_slice(&row[layout.k_offset..layout.k_offset + kv_dim]);
+        want_v[s * kv_dim..(s + 1) * kv_dim]
+            .copy_from_slice(&row[layout.v_offset..layout.v_offset + kv_dim]);
+    }
+    assert_eq!(down(&k_d), want_k, "k cache [{}]", T::DTYPE);
+    assert_eq!(down(&v_d), want_v, "v cache [{}]", T::DTYPE);
+    println!("CHECK kv_cache_write [{}]: exact", T::DTYPE);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run ci/gpu.sh"]
+fn kv_cache_write_by_slot_mapping_skips_padding_and_bad_slots() {
+    for_each_dtype!(kv_write_case);
+}
+
+// ---------------------------------------------------------------------------------------------
+// paged attention (decode)
+
+struct AttnCase {
+    name: &'static str,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    block_size: usize,
+    alibi: bool,
+    sliding_window: Option<usize>,
+    context_lens: &'static [usize],
+}
+
+const ATTN_CASES: &[AttnCase] = &[
+    AttnCase {
+        name: "gqa4",
+        num_heads: 8,
+        num_kv_heads: 2,
+        head_dim: 128,
+        block_size: 16,
+        alibi: false,
+        sliding_window: None,
+        context_lens: &[1, 17, 200, 513, 64],
+    },
+    AttnCase {
+        name: "mqa",
+        num_heads: 12,
+        num_kv_heads: 1,
+        head_dim: 80,
+        block_size: 16,
+        alibi: false,
+        sliding_window: None,
+        context_lens: &[33, 2, 150],
+    },
+    AttnCase {
+        name: "alibi12",
+        num_heads: 12,
+        num_kv_heads: 12,
+        head_dim: 96,
+        block_size: 8,
+        alibi: true,
+        sliding_window: None,
+        context_lens: &[5, 77, 300],
+    },
+    AttnCase {
+        name: "window",
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 128,
+        block_size: 16,
+        alibi: false,
+        sliding_window: Some(37),
+        context_lens: &[10, 37, 38, 250],
+    },
+    AttnCase {
+        name: "hd256",
+        num_heads: 4,
+        num_kv_heads: 4,
+        head_dim: 256,
+        block_size: 32,
+        alibi: false,
+        sliding_window: None,
+        context_lens: &[100, 1, 64],
+    },
+    AttnCase {
+        name: "long",
+        num_heads: 8,
+        num_kv_heads: 8,
+        head_dim: 64,
+        block_size: 16,
+        alibi: false,
+        sliding_window: None,
+        context_lens: &[4000],
+    },
+];
+
+fn attention_case<T: FloatElem>() {
+    let mut rng = Rng(6);
+    for c in ATTN_CASES {
+        let blocks_per_seq: Vec<usize> = c
+            .context_lens
+            .iter()
+            .map(|l| l.div_ceil(c.block_size))
+            .collect();
+        let num_blocks = blocks_per_seq.iter().sum::<usize>() + 3;
+        let max_blocks = *blocks_per_seq.iter().max().unwrap();
+        // Physical blocks handed out in shuffled order: tables are out of order.
+        let mut free: Vec<u32> = (0..num_blocks as u32).collect();
+        rng.shuffle(&mut free);
+        let tables: Vec<Vec<u32>> = blocks_per_seq
+            .iter()
+            .map(|&n| free.drain(..n).collect())
+            .collect();
+        let mut flat_tables = vec![0i32; c.context_lens.len() * max_blocks];
+        for (s, t) in tables.iter().enumerate() {
+            for (j, &b) in t.iter().enumerate() {
+                flat_tables[s * max_blocks + j] = b as i32;
+            }
+        }
+        let shape = KvCacheShape {
+            num_blocks,
+            block_size: c.block_size,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+        };
+        let k = round::<T>(&rng.vec(shape.num_elements(), 1.0));
+        let v = round::<T>(&rng.vec(shape.num_elements(), 1.0));
+        // q inside fused qkv rows.
+        let q_stride = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim;
+        let num_seqs = c.context_lens.len();
+        let q = round::<T>(&rng.vec(num_seqs * q_stride, 2.0));
+        let slopes = alibi_slopes(c.num_heads, 8.0);
+        let scale = 1.0 / (c.head_dim as f32).sqrt();
+
+        let (k_d, v_d, q_d) = (up::<T>(&k), up::<T>(&v), up::<T>(&q));
+        let tables_d = dev().upload(&flat_tables).unwrap();
+        let lens: Vec<i32> = c.context_lens.iter().map(|&l| l as i32).collect();
+        let lens_d = dev().upload(&lens).unwrap();
+        let slopes_d = dev().upload(&slopes).unwrap();
+        let mut out_d = dev()
+            .alloc_zeros::<T>(num_seqs * c.num_heads * c.head_dim)
+            .unwrap();
+        let p = DecodeAttention {
+            num_heads: c.num_heads,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            scale,
+            sliding_window: c.sliding_window,
+        };
+        ops::paged_attention_decode(
+            dev(),
+            &mut out_d,
+            &q_d,
+            q_stride,
+            &PagedKv {
+                k: &k_d,
+                v: &v_d,
+                shape,
+            },
+            &BlockTables {
+                block_tables: &tables_d,
+                max_blocks_per_seq: max_blocks,
+                context_lens: &lens_d,
+            },
+            c.alibi.then_some(&slopes_d),
+            &p,
+        )
+        .unwrap();
+
+        let cache = KvLayerCache { k, v };
+        let seqs: Vec<AttnSeq<'_>> = tables
+            .iter()
+            .zip(c.context_lens)
+            .enumerate()
+            .map(|(s, (t, &len))| AttnSeq {
+                q_start: s,
+                q_len: 1,
+                context_len: len,
+                block_table: t,
+            })
+            .collect();
+        let params = AttnParams {
+            num_heads: c.num_heads,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            block_size: c.block_size,
+            scale,
+            sliding_window: c.sliding_window,
+            alibi_slopes: c.alibi.then_some(&slopes[..]),
+        };
+        let mut want = vec![0.0f32; num_seqs * c.num_heads * c.head_dim];
+        paged_attention(&mut want, &q, q_stride, &cache, &seqs, &params);
+        check::<T>(
+            &format!("paged_attention_decode {}", c.name),
+            &down(&out_d),
+            &want,
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run ci/gpu.sh"]
+fn paged_attention_decode_matches_cpu_on_gqa_mqa_alibi_window_and_paged_shapes() {
+    for_each_dtype!(attention_case);
+}
+
+// ---------------------------------------------------------------------------------------------
+// argmax
+
+/// Lowest id among the largest values; NaN never wins; 0 for a row with nothing better than -inf.
+fn argmax_ref(row: &[f32]) -> u32 {
+    let mut best = (0u32, f32::NEG_INFINITY);
+    for (i, &v) in row.iter().enumerate() {
+        if v > best.1 {
+            best = (i as u32, v);
+        }
+    }
+    best.0
+}
+
+fn argmax_case<T: FloatElem>() {
+    let mut rng = Rng(7);
+    for &vocab in &[32000usize, 50257, 7] {
+        let num_rows = 6;
+        let mut logits = round::<T>(&rng.vec(num_rows * vocab, 10.0));
+        // row 1: a planted tie at the maximum, the later id first in memory order of threads
+        let row1 = &mut logits[vocab..2 * vocab];
+        let (a, b) = (vocab / 3, vocab - 1);
+        row1[a] = 100.0;
+        row1[b] = 100.0;
+        // row 2: all -inf
+        logits[2 * vocab..3 * vocab].fill(f32::NEG_INFINITY);
+        // row 3: NaNs sprinkled in
+        for i in (0..vocab).step_by(3) {
+            logits[3 * vocab + i] = f32::NAN;
+        }
+        // row 4: the maximum at the very last id
+        logits[5 * vocab - 1] = 1000.0;
+        let logits = round::<T>(&logits);
+        let mut ids_d = dev().alloc_zeros::<u32>(num_rows).unwrap();
+        ops::argmax(dev(), &mut ids_d, &up::<T>(&logits), vocab).unwrap();
+        let got = dev().download(&ids_d).unwrap();
+        let want: Vec<u32> = logits.chunks(vocab).map(argmax_ref).collect();
+        assert_eq!(got, want, "argmax vocab {vocab} [{}]", T::DTYPE);
+        assert_eq!(got[1], a as u32);
+        assert_eq!(got[2], 0);
+    }
+    println!("CHECK argmax [{}]: exact", T::DTYPE);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run ci/gpu.sh"]
+fn argmax_picks_lowest_id_on_ties_and_skips_nan() {
+    for_each_dtype!(argmax_case);
+}
+
+// ---------------------------------------------------------------------------------------------
+// launcher checks and copies
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run ci/gpu.sh"]
+fn launchers_and_copies_reject_bad_lengths_without_panicking() {
+    let d = dev();
+    let mut buf = d.alloc_zeros::<f32>(8).unwrap();
+    let err = d.copy_to_device(&[1.0f32; 7], &mut buf).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CudaError::LengthMismatch {
+                expected: 8,
+                actual: 7,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let mut host = [0.0f32; 9];
+    assert!(d.copy_to_host(&buf, &mut host).is_err());
+    d.copy_to_device(&[2.5f32; 8], &mut buf).unwrap();
+    assert_eq!(d.download(&buf).unwrap(), vec![2.5f32; 8]);
+    let empty = d.upload::<f32>(&[]).unwrap();
+    assert!(empty.is_empty());
+
+    // norm: out shorter than x
+    let x = d.alloc_zeros::<bf16>(4 * 64).unwrap();
+    let w = d.alloc_zeros::<bf16>(64).unwrap();
+    let mut out = d.alloc_zeros::<bf16>(3 * 64).unwrap();
+    let err = ops::norm(d, Norm::Rms { eps: 1e-6 }, &mut out, &x, None, &w, None).unwrap_err();
+    assert!(
+        matches!(err, CudaError::LengthMismatch { operand: "out", .. }),
+        "{err}"
+    );
+    // LayerNorm with bias declared but not passed
+    let mut out = d.alloc_zeros::<bf16>(4 * 64).unwrap();
+    let err = ops::norm(
+        d,
+        Norm::Layer {
+            eps: 1e-5,
+            bias: true,
+        },
+        &mut out,
+        &x,
+        None,
+        &w,
+        None,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, CudaError::InvalidArgument { what: "bias", .. }),
+        "{err}"
+    );
+    // rotary: odd rotary_dim
+    let mut qkv = d.alloc_zeros::<f16>(2 * 3 * 64).unwrap();
+    let positions = d.upload(&[0u32, 1]).unwrap();
+    let inv = d.alloc_zeros::<f32>(16).unwrap();
+    let layout = RotaryLayout {
+        row_stride: 3 * 64,
+        num_q_heads: 1,
+        num_kv_heads: 1,
+        k_offset: 64,
+        head_dim: 64,
+        rotary_dim: 33,
+        style: RopeStyle::NeoX,
+    };
+    let err = ops::rotary(d, &mut qkv, &positions, &inv, &layout).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CudaError::InvalidArgument {
+                what: "rotary_dim",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // attention: head_dim over the kernel's limit, and heads not divisible by kv heads
+    let shape = KvCacheShape {
+        num_blocks: 1,
+        block_size: 16,
+        num_kv_heads: 3,
+        head_dim: 64,
+    };
+    let kc = d.alloc_zeros::<f16>(shape.num_elements()).unwrap();
+    let tables = d.alloc_zeros::<i32>(1).unwrap();
+    let lens = d.upload(&[1i32]).unwrap();
+    let q = d.alloc_zeros::<f16>(8 * 64).unwrap();
+    let mut o = d.alloc_zeros::<f16>(8 * 64).unwrap();
+    let err = ops::paged_attention_decode(
+        d,
+        &mut o,
+        &q,
+        8 * 64,
+        &PagedKv {
+            k: &kc,
+            v: &kc,
+            shape,
+        },
+        &BlockTables {
+            block_tables: &tables,
+            max_blocks_per_seq: 1,
+            context_lens: &lens,
+        },
+        None,
+        &DecodeAttention {
+            num_heads: 8,
+            num_kv_heads: 3,
+            head_dim: 64,
+            scale: 0.125,
+            sliding_window: None,
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CudaError::InvalidArgument {
+                what: "num_kv_heads",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // argmax: logits not a whole number of rows
+    let mut ids = d.alloc_zeros::<u32>(2).unwrap();
+    let logits = d.alloc_zeros::<f32>(2 * 100 + 1).unwrap();
+    assert!(ops::argmax(d, &mut ids, &logits, 100).is_err());
+    d.synchronize().unwrap();
+}

@@ -194,6 +194,35 @@ fn bench_json_on_a_random_preset() {
     }
 }
 
+/// Random-weight benches run for every architecture (the GPT-3 presets share the GPT-2 path).
+#[test]
+fn bench_runs_every_architecture_preset() {
+    for preset in [
+        "tiny-gpt2",
+        "tiny-gptj",
+        "tiny-falcon",
+        "tiny-falcon-new",
+        "tiny-mpt",
+        "tiny-bloom",
+    ] {
+        let (ok, out, err) = ferrum(&[
+            "bench",
+            "--preset",
+            preset,
+            "--prompt-len",
+            "6",
+            "--gen-len",
+            "3",
+            "--batch-size",
+            "2",
+            "--json",
+        ]);
+        assert!(ok, "{preset}: {err}");
+        let v: Value = serde_json::from_str(out.trim()).unwrap();
+        assert!(v["decode_tokens_per_s"].as_f64().unwrap() > 0.0, "{preset}");
+    }
+}
+
 #[test]
 fn errors_are_clear_and_exit_nonzero() {
     let (ok, _, err) = ferrum(&[

@@ -75,8 +75,8 @@ pub fn run(a: BenchArgs) -> CliResult {
     let vocab = loaded.spec.vocab_size;
     let weight_bytes = loaded.weight_bytes as f64;
 
-    // Warm-up: one short request (first-touch of weights and thread pools).
-    run_batch(&handle, 1, a.prompt_len.min(16), 4, vocab, 1)?;
+    // Warm-up: one short request (first-touch of weights and thread pools), within max_model_len.
+    run_batch(&handle, 1, a.prompt_len.min(16), a.gen_len.min(4), vocab, 1)?;
     let mut results = vec![];
     for &b in &a.batch_size {
         results.push(run_batch(&handle, b, a.prompt_len, a.gen_len, vocab, 7)?);

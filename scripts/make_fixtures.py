@@ -4,8 +4,24 @@
 Owns: tests/fixtures/models/<name>/ (tiny random checkpoints written by
 `save_pretrained`) and tests/fixtures/golden/<name>.json (greedy tokens, top-5
 log-probs and last-prompt-position logits computed by transformers in float32
-with eager attention). Must never download anything: the tiny models are
-random, SmolLM2 comes from the local GGUF (see ci/fetch_models.sh).
+with eager attention; falcon_rw_alibi with SDPA, mpt with a patch, see below).
+Must never download anything: the tiny models are random, SmolLM2 comes from
+the local GGUF (see ci/fetch_models.sh). The tiny GGUF files derived from
+gpt2/bloom/mpt are written by scripts/make_gguf_arch_fixtures.py.
+
+Tiny architectures: llama (GQA + llama3 rope; MHA + tied + linear rope),
+mistral (sliding window), qwen2 (qkv bias, sharded), gpt2, gptj (partial
+rotary), falcon (multi-query; new decoder architecture; RW-style ALiBi), mpt
+(ALiBi, clip_qkv), bloom (ALiBi, embedding LayerNorm).
+
+transformers 5.24 quirks handled here (details at the helpers below):
+- Falcon's eager attention adds ALiBi twice; the SDPA path adds it once (the
+  RW model's and vLLM's semantics): falcon_rw_alibi's goldens use SDPA and a
+  hand-written forward checks both paths.
+- MPT ignores attn_config.alibi_bias_max (always 8): the reference models are
+  patched to use it, as MosaicML's code and llama.cpp do.
+- MPT ignores expansion_ratio (MLP is always 4 * d_model); FalconConfig no
+  longer maps RW-era n_head / n_layer (only n_embed).
 
 Usage:
     scripts/make_fixtures.py            # tiny checkpoints + their goldens
@@ -22,7 +38,8 @@ Golden format (one file per model):
                 "last_logits": [vocab_size floats, 6 significant digits]}]}
 `top5[i]` is log_softmax of the raw logits that produced `greedy_ids[i]`;
 `last_logits` are the raw logits at the last prompt position (the ones that
-produced `greedy_ids[0]`). smollm2.json has no `last_logits` (vocab 49152)
+produced `greedy_ids[0]`). Optional top-level `reference_attn` and `note`
+record how a golden deviates from plain eager transformers. smollm2.json has no `last_logits` (vocab 49152)
 but adds `prompt` (text) and `greedy_text` (decoded greedy_ids) per case, and
 for the chat case `messages`, `chat_text` (rendered template, == `prompt`) and
 `answer_text` (greedy tokens before the first EOS, decoded); top-level

@@ -158,7 +158,7 @@ impl Checkpoint {
     }
 
     /// Settles what the config leaves implicit from the tensors present: a missing LM head means
-    /// tied embeddings; GGUF bias tensors switch biases on (and LayerNorm biases), a GGUF Falcon
+    /// tied embeddings (in GGUF, a present one means untied); GGUF bias tensors switch biases on (and LayerNorm biases), a GGUF Falcon
     /// with `attn_norm_2` has two norms; GGUF rope frequency factors; checkpoints that omit the
     /// base model's `transformer.` prefix were wrapped in `BarePrefixSource` by `open_hf`.
     fn fix_up_from_tensors(&mut self) -> Result<(), LoadError> {
@@ -175,6 +175,9 @@ impl Checkpoint {
             spec.tie_embeddings = true;
         }
         if names.is_gguf() {
+            // GGUF has no tie flag: llama.cpp writes `output.weight` exactly when the head is
+            // separate (BLOOM conversions of untied checkpoints keep it).
+            spec.tie_embeddings = !has(names.global(GlobalTensor::LmHead));
             spec.biases.qkv = has(names.layer(0, LayerTensor::QBias))
                 || has(names.layer(0, LayerTensor::QkvBias));
             spec.biases.attn_out = has(names.layer(0, LayerTensor::AttnOutBias));

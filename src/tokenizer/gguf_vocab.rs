@@ -182,7 +182,8 @@ fn describe(v: &MetadataValue) -> String {
 }
 
 impl GgufVocab {
-    /// Ok(None) when there is no `tokenizer.ggml.model`.
+    /// Ok(None) when there is no `tokenizer.ggml.model`, or it is `"none"` (llama.cpp's marker
+    /// for a model without a vocabulary: token ids in, token ids out).
     pub fn from_metadata(
         md: &BTreeMap<String, MetadataValue>,
     ) -> Result<Option<GgufVocab>, TokenizerError> {
@@ -190,6 +191,9 @@ impl GgufVocab {
         let Some(model) = get_str(md, MODEL)? else {
             return Ok(None);
         };
+        if model == "none" {
+            return Ok(None);
+        }
         let kind = match model {
             "gpt2" => VocabKind::ByteLevelBpe,
             "llama" => VocabKind::SentencePiece,
@@ -674,5 +678,19 @@ mod tests {
         let vocab = GgufVocab::from_metadata(&m).unwrap().unwrap();
         let err = vocab.build().unwrap_err().to_string();
         assert!(err.contains("merge 0") && err.contains("\"ab\""), "{err}");
+    }
+
+    #[test]
+    fn model_none_means_no_vocabulary() {
+        let md = BTreeMap::from([(
+            "tokenizer.ggml.model".to_string(),
+            MetadataValue::String("none".into()),
+        )]);
+        assert!(GgufVocab::from_metadata(&md).unwrap().is_none());
+        let md = BTreeMap::from([(
+            "tokenizer.ggml.model".to_string(),
+            MetadataValue::String("rwkv".into()),
+        )]);
+        assert!(GgufVocab::from_metadata(&md).is_err());
     }
 }

@@ -137,6 +137,10 @@ fn check_last_logits_at(path: &std::path::Path, name: &str) {
             max_diff <= LOGIT_TOL,
             "{name} case {i}: max |logit diff| {max_diff} > {LOGIT_TOL}"
         );
+        eprintln!(
+            "{name} ({}) case {i}: max |logit diff| {max_diff:.2e}",
+            path.display()
+        );
     }
 }
 

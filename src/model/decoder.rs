@@ -1,11 +1,9 @@
 //! The one generic decoder: a forward pass over a mixed batch of prefill chunks and decode
 //! tokens, driven only by the `DecoderSpec`, reading and writing the paged KV cache.
 
-use crate::model::spec::{AlibiOrder, DecoderSpec, Mlp, PosEmbedding, Residual};
+use crate::model::spec::{DecoderSpec, Mlp, PosEmbedding, Residual};
 use crate::model::weights::{DecoderWeights, LayerWeights, NormWeights};
-use crate::ops::attention::{
-    AttnParams, AttnSeq, KvLayerCache, alibi_slopes, alibi_slopes_mpt, paged_attention,
-};
+use crate::ops::attention::{AttnParams, AttnSeq, KvLayerCache, alibi_slopes, paged_attention};
 use crate::ops::linear::linear;
 use crate::ops::rope::RopeTable;
 use crate::ops::{activation, norm};
@@ -42,15 +40,13 @@ impl Decoder {
         let alibi_slopes = match spec.pos {
             PosEmbedding::Alibi {
                 max_bias,
-                order,
                 bias_scale,
-            } => {
-                let slopes = match order {
-                    AlibiOrder::Bloom => alibi_slopes(spec.num_heads, max_bias),
-                    AlibiOrder::Mpt => alibi_slopes_mpt(spec.num_heads, max_bias),
-                };
-                Some(slopes.into_iter().map(|s| s * bias_scale).collect())
-            }
+            } => Some(
+                alibi_slopes(spec.num_heads, max_bias)
+                    .into_iter()
+                    .map(|s| s * bias_scale)
+                    .collect(),
+            ),
             _ => None,
         };
         Decoder {

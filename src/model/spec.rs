@@ -116,10 +116,10 @@ impl Rope {
 pub enum PosEmbedding {
     Rope(Rope),
     /// Attention bias `bias_scale * slope_h * (key_pos - query_pos)`, added to the scaled scores;
-    /// slopes from `max_bias` (`alibi_bias_max`, 8 for BLOOM and MPT-7B) in `order`.
+    /// slopes from `max_bias` (`alibi_bias_max`, 8 for BLOOM and MPT-7B): see
+    /// `ops::attention::alibi_slopes` (BLOOM's, MPT's and llama.cpp's constructions agree).
     Alibi {
         max_bias: f32,
-        order: AlibiOrder,
         /// 1 for BLOOM and MPT; Falcon-RW scales the bias with the scores (1 / sqrt(head_dim)).
         bias_scale: f32,
     },
@@ -127,18 +127,6 @@ pub enum PosEmbedding {
     Learned {
         num_positions: usize,
     },
-}
-
-/// How ALiBi slopes are assigned to heads when the head count is not a power of two (for a
-/// power of two both give head h the slope `2^(-max_bias * (h + 1) / num_heads)`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AlibiOrder {
-    /// BLOOM / Falcon / llama.cpp: the slopes of the largest power of two `c` <= n, then every
-    /// other slope of the series for `2c`.
-    Bloom,
-    /// MPT: the series for the next power of two `p` >= n, odd positions first, then even ones.
-    Mpt,
 }
 
 /// How a checkpoint stores the q/k/v projections.

@@ -145,7 +145,9 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// ALiBi slopes for `num_heads` heads (BLOOM's construction; `max_bias` 8 gives BLOOM's values):
 /// the closest power of two `c <= n` gets slopes `2^(-max_bias * i / c)`, i = 1..=c, and the
-/// remaining heads take every other slope of the `2c` series.
+/// remaining heads take every other slope of the `2c` series. MPT's construction (the `2c` series,
+/// even i first, then odd i) and llama.cpp's (`m0^(h+1)`, then `m1^(2(h-c)+1)`) give the same
+/// values in the same order (tested).
 pub fn alibi_slopes(num_heads: usize, max_bias: f32) -> Vec<f32> {
     let c = if num_heads == 0 {
         0
@@ -156,22 +158,6 @@ pub fn alibi_slopes(num_heads: usize, max_bias: f32) -> Vec<f32> {
     let mut slopes: Vec<f32> = series(c).collect();
     slopes.extend(series(2 * c).step_by(2).take(num_heads - c));
     slopes
-}
-
-/// ALiBi slopes in MPT's order (`build_mpt_alibi_tensor`): the series `2^(-max_bias * i / p)`,
-/// i = 1..=p, for the next power of two `p >= n`; when `p != n`, the slopes at even i first, then
-/// those at odd i, cut to n. Equals `alibi_slopes` when n is a power of two.
-pub fn alibi_slopes_mpt(num_heads: usize, max_bias: f32) -> Vec<f32> {
-    let p = num_heads.next_power_of_two();
-    let series: Vec<f32> = (1..=p)
-        .map(|i| 2f32.powf(-max_bias * i as f32 / p as f32))
-        .collect();
-    if p == num_heads {
-        return series;
-    }
-    let evens = series.iter().skip(1).step_by(2);
-    let odds = series.iter().step_by(2);
-    evens.chain(odds).take(num_heads).copied().collect()
 }
 
 #[cfg(test)]
@@ -327,16 +313,56 @@ mod tests {
         }
     }
 
+    /// MPT's `build_mpt_alibi_tensor` construction, written out: the series 2^(-max * i / p) for
+    /// the next power of two p >= n, reordered [1::2] + [::2] when p != n, cut to n.
+    fn mpt_slopes(num_heads: usize, max_bias: f32) -> Vec<f32> {
+        let p = num_heads.next_power_of_two();
+        let series: Vec<f32> = (1..=p)
+            .map(|i| 2f32.powf(-max_bias * i as f32 / p as f32))
+            .collect();
+        if p == num_heads {
+            return series;
+        }
+        let evens = series.iter().skip(1).step_by(2);
+        let odds = series.iter().step_by(2);
+        evens.chain(odds).take(num_heads).copied().collect()
+    }
+
+    /// llama.cpp's construction (`ggml_soft_max` with max_bias): m0 = 2^(-max/c), m1 =
+    /// 2^(-max/2/c), head h < c gets m0^(h+1), else m1^(2(h-c)+1).
+    fn llama_cpp_slopes(num_heads: usize, max_bias: f32) -> Vec<f32> {
+        let c = 1usize << num_heads.ilog2();
+        let m0 = 2f32.powf(-max_bias / c as f32);
+        let m1 = 2f32.powf(-max_bias / 2.0 / c as f32);
+        (0..num_heads)
+            .map(|h| {
+                if h < c {
+                    m0.powi(h as i32 + 1)
+                } else {
+                    m1.powi(2 * (h - c) as i32 + 1)
+                }
+            })
+            .collect()
+    }
+
     #[test]
-    fn alibi_slopes_mpt_order_for_non_power_of_two_heads() {
-        // 6 heads, max_bias 8: p = 8, series 2^-1 .. 2^-8; even i (2,4,6,8) then odd i (1,3).
-        let s6 = alibi_slopes_mpt(6, 8.0);
-        let want: Vec<f32> = [2, 4, 6, 8, 1, 3].iter().map(|&i| 2f32.powi(-i)).collect();
-        assert_eq!(s6, want);
-        // Powers of two: the same as BLOOM's, for any max_bias.
-        assert_eq!(alibi_slopes_mpt(16, 6.0), alibi_slopes(16, 6.0));
-        // max_bias is honoured: 4 heads, max_bias 4 -> 2^-1 .. 2^-4.
-        let s4 = alibi_slopes_mpt(4, 4.0);
-        assert!((s4[3] - 2f32.powi(-4)).abs() < 1e-7, "{s4:?}");
+    fn bloom_mpt_and_llama_cpp_slopes_agree() {
+        for num_heads in [1, 4, 6, 12, 16, 20, 71, 96] {
+            for max_bias in [8.0f32, 6.0, 4.0] {
+                let ours = alibi_slopes(num_heads, max_bias);
+                for (name, other) in [
+                    ("mpt", mpt_slopes(num_heads, max_bias)),
+                    ("llama.cpp", llama_cpp_slopes(num_heads, max_bias)),
+                ] {
+                    assert_eq!(ours.len(), other.len());
+                    for (a, b) in ours.iter().zip(&other) {
+                        assert!(
+                            (a - b).abs() <= 1e-5 * a.abs(),
+                            "{name} n={num_heads} max={max_bias}: {ours:?} vs {other:?}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }

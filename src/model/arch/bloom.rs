@@ -4,8 +4,8 @@
 //! Quirks handled here:
 //! - `query_key_value` is interleaved per head, `[num_heads, 3, head_dim]` (`FusedQkv::PerHead`);
 //!   llama.cpp's converter re-orders it to q | k | v, so GGUF is `FusedQkv::Concat`.
-//! - ALiBi for non-power-of-two head counts takes the extra slopes from the `2c` series
-//!   (`AlibiOrder::Bloom`); the bias is added unscaled.
+//! - ALiBi for non-power-of-two head counts takes the extra slopes from the `2c` series; the
+//!   bias is added unscaled.
 //! - `apply_residual_connection_post_layernorm: true` (residual taken after the norm) is refused.
 
 use std::collections::BTreeMap;
@@ -16,8 +16,7 @@ use super::{ArchInfo, GgufMeta, GlobalTensor, HfConfig, LayerTensor, TensorNames
 use crate::loader::gguf::MetadataValue;
 use crate::model::ModelError;
 use crate::model::spec::{
-    Activation, AlibiOrder, Biases, DecoderSpec, FusedQkv, Mlp, Norm, PosEmbedding, QkvLayout,
-    Residual,
+    Activation, Biases, DecoderSpec, FusedQkv, Mlp, Norm, PosEmbedding, QkvLayout, Residual,
 };
 
 pub(super) fn hf_global(t: GlobalTensor) -> Option<&'static str> {
@@ -75,7 +74,6 @@ pub fn bloom_spec(
         norm: Norm::Layer { eps, bias: true },
         pos: PosEmbedding::Alibi {
             max_bias: 8.0,
-            order: AlibiOrder::Bloom,
             bias_scale: 1.0,
         },
         residual: Residual::Sequential,

@@ -27,8 +27,8 @@ use super::{ArchInfo, GgufMeta, GlobalTensor, HfConfig, LayerTensor, TensorNames
 use crate::loader::gguf::MetadataValue;
 use crate::model::ModelError;
 use crate::model::spec::{
-    Activation, AlibiOrder, Biases, DecoderSpec, FusedQkv, Mlp, Norm, PosEmbedding, QkvLayout,
-    Residual, Rope, RopeScaling, RopeStyle,
+    Activation, Biases, DecoderSpec, FusedQkv, Mlp, Norm, PosEmbedding, QkvLayout, Residual, Rope,
+    RopeScaling, RopeStyle,
 };
 
 pub(super) fn hf_global(t: GlobalTensor) -> Option<&'static str> {
@@ -164,7 +164,6 @@ pub fn from_hf(model_type: &str, config: &Value) -> Result<ArchInfo, ModelError>
     let pos = if alibi {
         PosEmbedding::Alibi {
             max_bias: 8.0,
-            order: AlibiOrder::Bloom,
             bias_scale: 1.0 / (head_dim as f32).sqrt(),
         }
     } else {

@@ -2,15 +2,13 @@
 //! optional `clip_qkv`, plain GELU (erf) MLP, no linear biases (`no_bias`), tied head.
 //!
 //! Quirks handled here:
-//! - ALiBi slopes follow MPT's own order for non-power-of-two head counts (`AlibiOrder::Mpt`) and
-//!   honour `attn_config.alibi_bias_max`; scores use `attn_config.softmax_scale` if set.
+//! - ALiBi slopes honour `attn_config.alibi_bias_max`; scores use `attn_config.softmax_scale` if
+//!   set.
 //!   transformers' `MptForCausalLM` always uses max_bias 8 and a 4x MLP whatever the config says;
 //!   ferrum follows the config (as MosaicML's code and vLLM do), and checks the MLP width against
 //!   the tensors.
 //! - Features transformers' MPT does not run either are refused by name: no-ALiBi (learned
 //!   positions), `qk_ln`, `prefix_lm`, and attention types other than multi-head.
-//! - llama.cpp's `mpt` computes BLOOM-order slopes, which differ from MPT's only for
-//!   non-power-of-two head counts (none of the released MPTs); ferrum uses MPT's order for both.
 
 use std::collections::BTreeMap;
 
@@ -20,8 +18,7 @@ use super::{ArchInfo, GgufMeta, GlobalTensor, HfConfig, LayerTensor, TensorNames
 use crate::loader::gguf::MetadataValue;
 use crate::model::ModelError;
 use crate::model::spec::{
-    Activation, AlibiOrder, Biases, DecoderSpec, FusedQkv, Mlp, Norm, PosEmbedding, QkvLayout,
-    Residual,
+    Activation, Biases, DecoderSpec, FusedQkv, Mlp, Norm, PosEmbedding, QkvLayout, Residual,
 };
 
 pub(super) fn hf_global(t: GlobalTensor) -> Option<&'static str> {
@@ -83,7 +80,6 @@ pub fn mpt_spec(
         },
         pos: PosEmbedding::Alibi {
             max_bias: alibi_bias_max,
-            order: AlibiOrder::Mpt,
             bias_scale: 1.0,
         },
         residual: Residual::Sequential,

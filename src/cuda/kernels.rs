@@ -35,10 +35,15 @@ pub enum KernelId {
     Attention,
     /// `argmax_{dt}`
     Sampling,
+    /// `paged_attention_prefill_{dt}`, `paged_attention_prefill_simt_{dt}` (defines `HEAD_DIM`)
+    AttentionPrefill,
+    /// `paged_attention_splitk_{dt}`, `paged_attention_splitk_reduce_{dt}` (defines `HEAD_DIM`,
+    /// `GQA_HEADS`)
+    AttentionSplitK,
 }
 
 impl KernelId {
-    pub const ALL: [KernelId; 7] = [
+    pub const ALL: [KernelId; 9] = [
         KernelId::Embedding,
         KernelId::Norm,
         KernelId::Rotary,
@@ -46,6 +51,8 @@ impl KernelId {
         KernelId::KvCache,
         KernelId::Attention,
         KernelId::Sampling,
+        KernelId::AttentionPrefill,
+        KernelId::AttentionSplitK,
     ];
 
     pub fn file_name(self) -> &'static str {
@@ -57,6 +64,8 @@ impl KernelId {
             KernelId::KvCache => "kv_cache.cu",
             KernelId::Attention => "attention.cu",
             KernelId::Sampling => "sampling.cu",
+            KernelId::AttentionPrefill => "attention_prefill.cu",
+            KernelId::AttentionSplitK => "attention_splitk.cu",
         }
     }
 
@@ -69,6 +78,8 @@ impl KernelId {
             KernelId::KvCache => include_str!("../../kernels/kv_cache.cu"),
             KernelId::Attention => include_str!("../../kernels/attention.cu"),
             KernelId::Sampling => include_str!("../../kernels/sampling.cu"),
+            KernelId::AttentionPrefill => include_str!("../../kernels/attention_prefill.cu"),
+            KernelId::AttentionSplitK => include_str!("../../kernels/attention_splitk.cu"),
         }
     }
 
@@ -82,6 +93,12 @@ impl KernelId {
             KernelId::KvCache => &["kv_cache_write"],
             KernelId::Attention => &["paged_attention_decode"],
             KernelId::Sampling => &["argmax"],
+            KernelId::AttentionPrefill => {
+                &["paged_attention_prefill", "paged_attention_prefill_simt"]
+            }
+            KernelId::AttentionSplitK => {
+                &["paged_attention_splitk", "paged_attention_splitk_reduce"]
+            }
         }
     }
 }

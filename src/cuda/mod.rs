@@ -9,6 +9,7 @@
 //! note). It must never know about requests, schedulers or models: callers pass buffers and
 //! shapes.
 
+pub mod attention;
 pub mod buffer;
 pub mod device;
 pub mod error;

@@ -35,10 +35,12 @@ pub enum KernelId {
     Attention,
     /// `argmax_{dt}`
     Sampling,
+    /// `clamp_{dt}`, `add_{dt}`, `add_bias_{dt}`, `gather_rows_{dt}` (the executor's glue)
+    Elementwise,
 }
 
 impl KernelId {
-    pub const ALL: [KernelId; 7] = [
+    pub const ALL: [KernelId; 8] = [
         KernelId::Embedding,
         KernelId::Norm,
         KernelId::Rotary,
@@ -46,6 +48,7 @@ impl KernelId {
         KernelId::KvCache,
         KernelId::Attention,
         KernelId::Sampling,
+        KernelId::Elementwise,
     ];
 
     pub fn file_name(self) -> &'static str {
@@ -57,6 +60,7 @@ impl KernelId {
             KernelId::KvCache => "kv_cache.cu",
             KernelId::Attention => "attention.cu",
             KernelId::Sampling => "sampling.cu",
+            KernelId::Elementwise => "elementwise.cu",
         }
     }
 
@@ -69,6 +73,7 @@ impl KernelId {
             KernelId::KvCache => include_str!("../../kernels/kv_cache.cu"),
             KernelId::Attention => include_str!("../../kernels/attention.cu"),
             KernelId::Sampling => include_str!("../../kernels/sampling.cu"),
+            KernelId::Elementwise => include_str!("../../kernels/elementwise.cu"),
         }
     }
 
@@ -82,6 +87,7 @@ impl KernelId {
             KernelId::KvCache => &["kv_cache_write"],
             KernelId::Attention => &["paged_attention_decode"],
             KernelId::Sampling => &["argmax"],
+            KernelId::Elementwise => &["clamp", "add", "add_bias", "gather_rows"],
         }
     }
 }

@@ -11,7 +11,11 @@ use super::kernels::KernelId;
 use super::ops::{NULL_PTR, elementwise_grid, entry, expect_len, launch_error, to_i32, to_i64};
 
 /// x = clamp(x, -c, c) elementwise, in place. x: [n]; c must be finite and >= 0.
-pub fn clamp<T: FloatElem>(dev: &CudaDevice, x: &mut DeviceBuffer<T>, c: f32) -> Result<(), CudaError> {
+pub fn clamp<T: FloatElem>(
+    dev: &CudaDevice,
+    x: &mut DeviceBuffer<T>,
+    c: f32,
+) -> Result<(), CudaError> {
     const OP: &str = "clamp";
     dev.check_buffer(OP, "x", x)?;
     if !(c.is_finite() && c >= 0.0) {

@@ -221,7 +221,8 @@ impl Gemm {
             .context()
             .bind_to_thread()
             .map_err(|e| CudaError::driver("binding the context for cuBLASLt", e))?;
-        let handle = LtHandle(lt::create_handle().map_err(|e| lt_error("cublasLtCreate", "handle", e))?);
+        let handle =
+            LtHandle(lt::create_handle().map_err(|e| lt_error("cublasLtCreate", "handle", e))?);
         let workspace = stream
             .alloc_zeros::<u8>(Self::workspace_bytes(dev.arch()))
             .map_err(|e| CudaError::driver("allocating the cuBLASLt workspace", e))?;
@@ -236,7 +237,11 @@ impl Gemm {
 
     /// cuBLASLt workspace size for `arch`: 32 MiB on Hopper and newer, 4 MiB before.
     pub fn workspace_bytes(arch: SmArch) -> usize {
-        if arch >= SmArch::SM90 { 32 << 20 } else { 4 << 20 }
+        if arch >= SmArch::SM90 {
+            32 << 20
+        } else {
+            4 << 20
+        }
     }
 
     /// `y[m, n] = x[m, k] · W[n, k]ᵀ (+ bias[n])`, choosing the library per `GemmBackend::Auto`.
@@ -287,7 +292,7 @@ impl Gemm {
         if k == 0 {
             return Err(CudaError::invalid(OP, "k", 0, "must be > 0"));
         }
-        let len = |a: usize, b: usize| a.checked_mul(b).unwrap_or(usize::MAX);
+        let len = |a: usize, b: usize| a.saturating_mul(b);
         if x.len() != len(m, k) {
             return Err(CudaError::length(OP, "x [m, k]", len(m, k), x.len()));
         }
@@ -303,7 +308,11 @@ impl Gemm {
                 return Err(CudaError::length(OP, "bias [n]", n, b.len()));
             }
         }
-        let bias_path = if bias.is_some() { BiasPath::Kernel } else { BiasPath::None };
+        let bias_path = if bias.is_some() {
+            BiasPath::Kernel
+        } else {
+            BiasPath::None
+        };
         if m == 0 || n == 0 {
             return Ok(GemmPath {
                 library: CudaLibrary::CublasLt,
@@ -328,12 +337,19 @@ impl Gemm {
             tries.push(false);
             for fused in tries {
                 let key = (T::DTYPE, shape, fused);
-                if !state.plans.contains_key(&key) {
-                    let plan = self.lt_plan(T::DTYPE, shape, fused)?;
-                    state.plans.insert(key, plan);
+                if let std::collections::hash_map::Entry::Vacant(e) = state.plans.entry(key) {
+                    e.insert(self.lt_plan(T::DTYPE, shape, fused)?);
                 }
                 if let Some(Some(plan)) = state.plans.get(&key) {
-                    self.run_lt(plan, y, x, w, if fused { bias } else { None }, T::DTYPE, shape)?;
+                    self.run_lt(
+                        plan,
+                        y,
+                        x,
+                        w,
+                        if fused { bias } else { None },
+                        T::DTYPE,
+                        shape,
+                    )?;
                     let bias_path = match (fused, bias) {
                         (true, _) => BiasPath::Epilogue,
                         (false, Some(b)) => {
@@ -382,13 +398,14 @@ impl Gemm {
         );
         let trans_a = blas_sys::cublasOperation_t::CUBLAS_OP_T;
         let trans_b = blas_sys::cublasOperation_t::CUBLAS_OP_N;
-        let set = |attr: lt_sys::cublasLtMatmulDescAttributes_t, ptr: *const c_void, size: usize| {
-            // SAFETY: `desc` is live; `ptr` points at a value of `size` bytes of the type the
-            // attribute takes (cublasOperation_t / cublasLtEpilogue_t / cudaDataType: 4 bytes),
-            // which cuBLASLt copies before returning.
-            unsafe { lt::set_matmul_desc_attribute(desc.0, attr, ptr, size) }
-                .map_err(|e| err("cublasLtMatmulDescSetAttribute", e))
-        };
+        let set =
+            |attr: lt_sys::cublasLtMatmulDescAttributes_t, ptr: *const c_void, size: usize| {
+                // SAFETY: `desc` is live; `ptr` points at a value of `size` bytes of the type the
+                // attribute takes (cublasOperation_t / cublasLtEpilogue_t / cudaDataType: 4 bytes),
+                // which cuBLASLt copies before returning.
+                unsafe { lt::set_matmul_desc_attribute(desc.0, attr, ptr, size) }
+                    .map_err(|e| err("cublasLtMatmulDescSetAttribute", e))
+            };
         set(
             lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
             (&trans_a as *const blas_sys::cublasOperation_t).cast(),
@@ -421,7 +438,8 @@ impl Gemm {
         let a = layout(k, n, k)?;
         let b = layout(k, m, k)?;
         let c = layout(n, m, n)?;
-        let pref = LtPref(lt::create_matmul_pref().map_err(|e| err("cublasLtMatmulPreferenceCreate", e))?);
+        let pref =
+            LtPref(lt::create_matmul_pref().map_err(|e| err("cublasLtMatmulPreferenceCreate", e))?);
         let ws = self.workspace.len();
         // SAFETY: `pref` is live; the attribute takes a u64 (size_t) byte count, copied by cuBLASLt.
         unsafe {
@@ -434,9 +452,8 @@ impl Gemm {
         }
         .map_err(|e| err("cublasLtMatmulPreferenceSetAttribute", e))?;
         // SAFETY: every descriptor and layout above is live; the heuristic only reads them.
-        let heuristic = unsafe {
-            lt::get_matmul_algo_heuristic(self.lt.0, desc.0, a.0, b.0, c.0, c.0, pref.0)
-        };
+        let heuristic =
+            unsafe { lt::get_matmul_algo_heuristic(self.lt.0, desc.0, a.0, b.0, c.0, c.0, pref.0) };
         match heuristic {
             Ok(h) => Ok(Some(LtPlan {
                 desc,
@@ -522,12 +539,15 @@ impl Gemm {
     ) -> Result<(), CudaError> {
         let what = describe(dtype, shape, false);
         if state.blas.is_none() {
-            let handle =
-                BlasHandle(blas::create_handle().map_err(|e| blas_error("cublasCreate", &what, e))?);
+            let handle = BlasHandle(
+                blas::create_handle().map_err(|e| blas_error("cublasCreate", &what, e))?,
+            );
             // SAFETY: the handle was just created; the stream is this device's, alive as long
             // as `self`.
-            unsafe { blas::set_stream(handle.0, self.stream.cu_stream() as blas_sys::cudaStream_t) }
-                .map_err(|e| blas_error("cublasSetStream", &what, e))?;
+            unsafe {
+                blas::set_stream(handle.0, self.stream.cu_stream() as blas_sys::cudaStream_t)
+            }
+            .map_err(|e| blas_error("cublasSetStream", &what, e))?;
             state.blas = Some(handle);
         }
         let Some(handle) = &state.blas else {

@@ -45,7 +45,11 @@ pub(crate) fn expect_len<T>(
     Ok(())
 }
 
-pub(crate) fn launch_error(dev: &CudaDevice, entry: &str, source: cudarc::driver::DriverError) -> CudaError {
+pub(crate) fn launch_error(
+    dev: &CudaDevice,
+    entry: &str,
+    source: cudarc::driver::DriverError,
+) -> CudaError {
     CudaError::Launch {
         entry: entry.to_owned(),
         arch: dev.arch().to_string(),

@@ -11,7 +11,9 @@ use crate::cuda::CudaDevice;
 use crate::dtype::DType;
 use crate::executor::Executor;
 use crate::executor::cpu::CpuExecutor;
-use crate::executor::cuda::{self as cuda_executor, DEFAULT_KV_CACHE_FREE_GPU_MEM_FRACTION, KvCacheConfig};
+use crate::executor::cuda::{
+    self as cuda_executor, DEFAULT_KV_CACHE_FREE_GPU_MEM_FRACTION, KvCacheConfig,
+};
 use crate::model::decoder::Decoder;
 use crate::model::weights::DecoderWeights;
 use crate::model::{Checkpoint, CheckpointFormat};
@@ -134,8 +136,10 @@ pub fn default_weight_format(ckpt: &Checkpoint) -> WeightFormat {
 /// Where an engine will run, decided before any weight is read.
 enum Target {
     /// `fallback`: why `auto` did not pick a GPU.
-    Cpu { fallback: Option<String> },
-    Cuda(CudaDevice),
+    Cpu {
+        fallback: Option<String>,
+    },
+    Cuda(Box<CudaDevice>),
 }
 
 /// Opens the device `device` names. `Cuda` fails with the CUDA error (naming the missing
@@ -145,12 +149,14 @@ fn open_target(device: Device) -> crate::Result<Target> {
     match device {
         Device::Cpu => Ok(Target::Cpu { fallback: None }),
         Device::Cuda { ordinal } => CudaDevice::open(ordinal)
-            .map(Target::Cuda)
+            .map(|d| Target::Cuda(Box::new(d)))
             .map_err(|e| crate::Error::Device(format!("device cuda:{ordinal}: {e}"))),
         Device::Auto => Ok(match CudaDevice::open(0) {
-            Ok(dev) => Target::Cuda(dev),
+            Ok(dev) => Target::Cuda(Box::new(dev)),
             Err(e) => Target::Cpu {
-                fallback: Some(format!("device auto: using the CPU, CUDA is not usable: {e}")),
+                fallback: Some(format!(
+                    "device auto: using the CPU, CUDA is not usable: {e}"
+                )),
             },
         }),
     }
@@ -179,8 +185,7 @@ fn check_options(opts: &EngineOptions) -> crate::Result<()> {
             opts.dtype.map(dtype_name).unwrap_or_default()
         )));
     }
-    if matches!(opts.device, Device::Cuda { .. }) && opts.weight_format == Some(WeightFormat::Q8)
-    {
+    if matches!(opts.device, Device::Cuda { .. }) && opts.weight_format == Some(WeightFormat::Q8) {
         return Err(crate::Error::Device(
             "weight_format q8 is a CPU engine format; the GPU engine dequantizes at load and \
              stores weights in dtype (use weight_format auto or f32)"
@@ -273,7 +278,8 @@ fn start_on(target: Target, ckpt: Checkpoint, opts: &EngineOptions) -> crate::Re
                     max_num_seqs: opts.max_num_seqs,
                     max_model_len,
                 };
-                let (executor, plan) = cuda_executor::open(dev, spec.clone(), weights, dtype, &kv)?;
+                let (executor, plan) =
+                    cuda_executor::open(*dev, spec.clone(), weights, dtype, &kv)?;
                 log.push(plan.describe(&kv));
                 (
                     executor,

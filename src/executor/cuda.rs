@@ -118,7 +118,8 @@ pub fn activation_workspace_bytes(spec: &DecoderSpec, cfg: &KvCacheConfig, dtype
     let per_token_inputs = 4 + 4 + 8 + 4 + 4 + 4 * max_blocks;
     let m = cfg.max_num_batched_tokens;
     let rows = cfg.max_num_seqs.min(m);
-    let logits = rows * (spec.vocab_size * (dtype.size_in_bytes() + 4) + 2 * h * dtype.size_in_bytes());
+    let logits =
+        rows * (spec.vocab_size * (dtype.size_in_bytes() + 4) + 2 * h * dtype.size_in_bytes());
     m * (per_token_elems * dtype.size_in_bytes() + per_token_inputs) + logits + RESERVED_GPU_BYTES
 }
 
@@ -134,7 +135,9 @@ pub fn plan_kv_blocks(
 ) -> Result<KvCachePlan, String> {
     let f = cfg.free_gpu_mem_fraction;
     if !(f > 0.0 && f <= 1.0) {
-        return Err(format!("kv_cache_free_gpu_mem_fraction = {f} must be in (0, 1]"));
+        return Err(format!(
+            "kv_cache_free_gpu_mem_fraction = {f} must be in (0, 1]"
+        ));
     }
     if cfg.block_size == 0 {
         return Err("block_size must be > 0".into());
@@ -327,8 +330,17 @@ fn upload_layer<T: FloatElem>(
 ) -> crate::Result<DeviceLayer<T>> {
     Ok(DeviceLayer {
         attn_norm: upload_norm(dev, &l.attn_norm)?,
-        mlp_norm: l.mlp_norm.as_ref().map(|n| upload_norm(dev, n)).transpose()?,
-        qkv: upload_linear(dev, &l.qkv, l.qkv_bias.as_ref(), &format!("layer {idx} qkv"))?,
+        mlp_norm: l
+            .mlp_norm
+            .as_ref()
+            .map(|n| upload_norm(dev, n))
+            .transpose()?,
+        qkv: upload_linear(
+            dev,
+            &l.qkv,
+            l.qkv_bias.as_ref(),
+            &format!("layer {idx} qkv"),
+        )?,
         attn_out: upload_linear(
             dev,
             &l.attn_out,
@@ -341,7 +353,12 @@ fn upload_layer<T: FloatElem>(
             l.gate_up_bias.as_ref(),
             &format!("layer {idx} gate_up"),
         )?,
-        down: upload_linear(dev, &l.down, l.down_bias.as_ref(), &format!("layer {idx} down"))?,
+        down: upload_linear(
+            dev,
+            &l.down,
+            l.down_bias.as_ref(),
+            &format!("layer {idx} down"),
+        )?,
     })
 }
 
@@ -375,10 +392,9 @@ impl<T: FloatElem> CudaExecutor<T> {
                 ops::MAX_DECODE_HEAD_DIM
             )));
         }
-        dev.stream()
-            .context()
-            .bind_to_thread()
-            .map_err(|e| crate::cuda::CudaError::driver("binding the device to the loading thread", e))?;
+        dev.stream().context().bind_to_thread().map_err(|e| {
+            crate::cuda::CudaError::driver("binding the device to the loading thread", e)
+        })?;
         dev.warm_up(&[
             KernelId::Embedding,
             KernelId::Norm,
@@ -515,9 +531,10 @@ impl<T: FloatElem> CudaExecutor<T> {
             for (i, &id) in s.token_ids.iter().enumerate() {
                 let pos = s.start_pos + i;
                 token_ids.push(id);
-                positions.push(u32::try_from(pos).map_err(|_| {
-                    device_err(format!("position {pos} does not fit in u32"))
-                })?);
+                positions.push(
+                    u32::try_from(pos)
+                        .map_err(|_| device_err(format!("position {pos} does not fit in u32")))?,
+                );
                 slots.push((table[pos / bs] as usize * bs + pos % bs) as i64);
                 tables.extend_from_slice(&table);
                 context_lens.push((pos + 1) as i32);
@@ -769,7 +786,13 @@ impl<T: FloatElem> CudaExecutor<T> {
         self.linear(gate_up, normed, &lw.gate_up, m)?;
         match self.spec.mlp {
             Mlp::Gated => {
-                ops::gated_activation(dev, self.spec.act, act, gate_up, self.spec.intermediate_size)?;
+                ops::gated_activation(
+                    dev,
+                    self.spec.act,
+                    act,
+                    gate_up,
+                    self.spec.intermediate_size,
+                )?;
                 self.linear(mlp_out, act, &lw.down, m)
             }
             Mlp::Plain => {
@@ -806,11 +829,9 @@ impl<T: FloatElem> Executor for CudaExecutor<T> {
 
     fn execute(&mut self, plan: &SchedulePlan) -> crate::Result<Logits> {
         // The engine thread is not the loading thread: make the context current here.
-        self.dev
-            .stream()
-            .context()
-            .bind_to_thread()
-            .map_err(|e| crate::cuda::CudaError::driver("binding the device to the engine thread", e))?;
+        self.dev.stream().context().bind_to_thread().map_err(|e| {
+            crate::cuda::CudaError::driver("binding the device to the engine thread", e)
+        })?;
         let vocab_size = self.spec.vocab_size;
         if plan.seqs.is_empty() {
             return Ok(Logits {
@@ -853,7 +874,10 @@ mod tests {
         let p = plan_kv_blocks(&s, &cfg(), DType::BF16, free).unwrap();
         let ws = activation_workspace_bytes(&s, &cfg(), DType::BF16);
         assert!(ws > RESERVED_GPU_BYTES && ws < (2 << 30), "{ws}");
-        assert_eq!(p.num_blocks, ((free - ws) as f64 * 0.9) as usize / (8 << 20));
+        assert_eq!(
+            p.num_blocks,
+            ((free - ws) as f64 * 0.9) as usize / (8 << 20)
+        );
         assert_eq!(p.limited_by, "memory fraction");
         // f32 halves the blocks.
         let p32 = plan_kv_blocks(&s, &cfg(), DType::F32, free).unwrap();
@@ -869,14 +893,20 @@ mod tests {
             ..cfg()
         };
         let p = plan_kv_blocks(&s, &c, DType::BF16, free).unwrap();
-        assert_eq!((p.num_blocks, p.limited_by), (63, "max_tokens_in_paged_kv_cache"));
+        assert_eq!(
+            (p.num_blocks, p.limited_by),
+            (63, "max_tokens_in_paged_kv_cache")
+        );
         let c = KvCacheConfig {
             max_num_seqs: 2,
             max_model_len: 100,
             ..cfg()
         };
         let p = plan_kv_blocks(&s, &c, DType::BF16, free).unwrap();
-        assert_eq!((p.num_blocks, p.limited_by), (14, "max_num_seqs x max_model_len"));
+        assert_eq!(
+            (p.num_blocks, p.limited_by),
+            (14, "max_num_seqs x max_model_len")
+        );
         let c = KvCacheConfig {
             free_gpu_mem_fraction: 0.5,
             ..cfg()
@@ -890,7 +920,10 @@ mod tests {
     fn no_block_fits_is_an_error_naming_the_numbers() {
         let s = spec();
         let err = plan_kv_blocks(&s, &cfg(), DType::BF16, 300 << 20).unwrap_err();
-        assert!(err.contains("no KV cache block fits") && err.contains("max_num_batched_tokens 2048"), "{err}");
+        assert!(
+            err.contains("no KV cache block fits") && err.contains("max_num_batched_tokens 2048"),
+            "{err}"
+        );
         let err = plan_kv_blocks(
             &s,
             &KvCacheConfig {

@@ -613,20 +613,26 @@ fn hf_fixtures_f32_match_transformers() {
 }
 
 /// bf16 / f16: weights, activations and KV cache rounded to 16 bits, products accumulated in
-/// f32. The token rule is the one of the fixtures; the logprob tolerance was measured on the
-/// H100 (see the FIXTURE lines of ci/gpu.sh's log and the report in docs): bf16 keeps 8
-/// mantissa bits, so a logit of magnitude ~5 carries ~2e-2 of rounding per operation, and the
-/// tiny random models' logprobs moved by up to the measured maximum below.
-const BF16_LOGPROB_TOL: f32 = 0.25;
-const F16_LOGPROB_TOL: f32 = 0.05;
+/// f32; the token rule is the fixtures' one. Logprob tolerances, from the first H100 run
+/// (2026-11-25, the FIXTURE / SMOLLM2 lines of the log): f16 moved the top-5 logprobs of the
+/// matched prefixes by at most 0.079 nats (qwen2), so f16 is held to 0.15 (about 2x). bf16 keeps
+/// 3 fewer mantissa bits than f16 (8x the rounding), and measured at most 0.60 nats
+/// (llama_gqa_llama3, whose final norm weights are x4, so its logits are the largest of the
+/// fixtures) and 0.29 on SmolLM2; 8 x 0.15 = 1.2, so bf16 is held to 1.0 nats. Divergence must
+/// also stay rare: bf16 matched 674/704 fixture tokens before divergence, f16 704/704; the
+/// tests require 85% and 95%.
+const BF16_LOGPROB_TOL: f32 = 1.0;
+const F16_LOGPROB_TOL: f32 = 0.15;
+const BF16_MIN_MATCHED_PCT: usize = 85;
+const F16_MIN_MATCHED_PCT: usize = 95;
 
 #[test]
 #[ignore = "needs an NVIDIA GPU: run ci/gpu.sh"]
 fn hf_fixtures_half_precision_greedy_rule() {
     let mut failures = vec![];
-    for (dtype, tol) in [
-        (DType::BF16, BF16_LOGPROB_TOL),
-        (DType::F16, F16_LOGPROB_TOL),
+    for (dtype, tol, min_pct) in [
+        (DType::BF16, BF16_LOGPROB_TOL, BF16_MIN_MATCHED_PCT),
+        (DType::F16, F16_LOGPROB_TOL, F16_MIN_MATCHED_PCT),
     ] {
         let (mut matched_all, mut total_all) = (0, 0);
         for name in present_fixtures() {
@@ -641,6 +647,11 @@ fn hf_fixtures_half_precision_greedy_rule() {
             }
         }
         println!("FIXTURES [{dtype}]: {matched_all}/{total_all} tokens before divergence");
+        if matched_all * 100 < total_all * min_pct {
+            failures.push(format!(
+                "[{dtype}]: only {matched_all}/{total_all} tokens before divergence (need {min_pct}%)"
+            ));
+        }
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
@@ -671,6 +682,7 @@ fn smollm2_gpu_f32_equals_cpu_engine() {
     let gpu = gpu_engine(&model, DType::F32, |o| o.max_model_len = Some(512));
     let bf = gpu_engine(&model, DType::BF16, |o| o.max_model_len = Some(512));
     let (cpu_h, gpu_h, bf_h) = (cpu.handle(), gpu.handle(), bf.handle());
+    let mut failures = vec![];
     for (i, case) in g["cases"].as_array().unwrap().iter().enumerate() {
         let prompt = ids(&case["prompt_ids"]);
         let want = ids(&case["greedy_ids"]);
@@ -703,19 +715,23 @@ fn smollm2_gpu_f32_equals_cpu_engine() {
         println!(
             "SMOLLM2 case {i}: gpu f32 = cpu f32 for {m_cpu}/{n} tokens (max |logprob diff| {d_cpu:.2e}); vs transformers f32 {m_ref}/{n} ({d_ref:.2e}), bf16 {m_bf}/{n} ({d_bf:.3e})"
         );
-        assert_eq!(
-            gp.output_ids, c.output_ids,
-            "case {i}: GPU f32 greedy differs from the CPU engine"
-        );
-        assert!(
-            d_cpu <= 5e-3 && d_ref <= 5e-3,
-            "case {i}: f32 logprobs {d_cpu} / {d_ref} > 5e-3"
-        );
-        assert!(
-            d_bf <= BF16_LOGPROB_TOL,
-            "case {i}: bf16 logprob diff {d_bf} > {BF16_LOGPROB_TOL}"
-        );
+        if gp.output_ids != c.output_ids {
+            failures.push(format!(
+                "case {i}: GPU f32 greedy {:?} differs from the CPU engine's {:?}",
+                gp.output_ids, c.output_ids
+            ));
+        }
+        // f32: the CPU engine's own tolerance against transformers (tests/smollm2.rs).
+        if d_cpu > 5e-3 || d_ref > 5e-3 {
+            failures.push(format!("case {i}: f32 logprobs {d_cpu} / {d_ref} > 5e-3"));
+        }
+        if d_bf > BF16_LOGPROB_TOL {
+            failures.push(format!(
+                "case {i}: bf16 logprob diff {d_bf} > {BF16_LOGPROB_TOL}"
+            ));
+        }
     }
+    assert!(failures.is_empty(), "{failures:#?}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::dtype::DType;
 use crate::engine::{Device, EngineOptions};
 use crate::ops::linear::WeightFormat;
 use crate::request::SamplingParams;
@@ -55,6 +56,7 @@ struct RawParameters {
     device: Option<String>,
     gpu_device_ids: Option<String>,
     weight_format: Option<String>,
+    dtype: Option<String>,
     max_num_seqs: Option<String>,
     max_num_batched_tokens: Option<String>,
     max_tokens_in_paged_kv_cache: Option<String>,
@@ -79,6 +81,7 @@ pub const PARAMETER_KEYS: &[&str] = &[
     "device",
     "gpu_device_ids",
     "weight_format",
+    "dtype",
     "max_num_seqs",
     "max_num_batched_tokens",
     "max_tokens_in_paged_kv_cache",
@@ -115,6 +118,8 @@ pub struct BackendConfig {
     pub gpu_device_ids: Vec<usize>,
     /// None: q8 for GGUF, f32 for Hugging Face checkpoints.
     pub weight_format: Option<WeightFormat>,
+    /// GPU engine dtype; None (`auto`): bf16 on the GPU, f32 on the CPU.
+    pub dtype: Option<DType>,
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
     pub max_tokens_in_paged_kv_cache: Option<usize>,
@@ -213,6 +218,26 @@ impl BackendConfig {
                 ));
             }
         };
+        let dtype = match raw.dtype.as_deref() {
+            None | Some("auto") => None,
+            Some("bfloat16") => Some(DType::BF16),
+            Some("float16") => Some(DType::F16),
+            Some("float32") => Some(DType::F32),
+            Some(s) => {
+                return Err(ConfigError::invalid(
+                    "dtype",
+                    s,
+                    "expected auto, bfloat16, float16 or float32",
+                ));
+            }
+        };
+        if device == Device::Cpu && matches!(dtype, Some(DType::BF16 | DType::F16)) {
+            return Err(ConfigError::invalid(
+                "dtype",
+                raw.dtype.as_deref().unwrap_or_default(),
+                "the CPU engine computes in float32: use auto or float32 with device cpu",
+            ));
+        }
         let max_num_seqs = parse_count("max_num_seqs", raw.max_num_seqs.as_deref(), 64, 1, 4096)?;
         let max_num_batched_tokens = parse_count(
             "max_num_batched_tokens",
@@ -316,6 +341,7 @@ impl BackendConfig {
             device,
             gpu_device_ids,
             weight_format,
+            dtype,
             max_num_seqs,
             max_num_batched_tokens,
             max_tokens_in_paged_kv_cache,
@@ -343,10 +369,12 @@ impl BackendConfig {
             tokenizer: self.tokenizer_path.clone(),
             device,
             weight_format: self.weight_format,
+            dtype: self.dtype,
             max_num_seqs: self.max_num_seqs,
             max_num_batched_tokens: self.max_num_batched_tokens,
             block_size: self.block_size,
             max_tokens_in_paged_kv_cache: self.max_tokens_in_paged_kv_cache,
+            kv_cache_free_gpu_mem_fraction: self.kv_cache_free_gpu_mem_fraction,
             max_model_len: self.max_model_len,
             enable_chunked_prefill: self.enable_chunked_context,
             progress: false,
@@ -500,6 +528,7 @@ mod tests {
                 ("device", "cuda"),
                 ("gpu_device_ids", "2, 3"),
                 ("weight_format", "f32"),
+                ("dtype", "float16"),
                 ("max_num_seqs", "8"),
                 ("max_num_batched_tokens", "512"),
                 ("max_tokens_in_paged_kv_cache", "4096"),
@@ -530,6 +559,8 @@ mod tests {
         let o = c.engine_options();
         assert_eq!(o.device, Device::Cuda { ordinal: 2 });
         assert_eq!(o.weight_format, Some(WeightFormat::F32));
+        assert_eq!(o.dtype, Some(DType::F16));
+        assert_eq!(o.kv_cache_free_gpu_mem_fraction, Some(0.5));
         assert_eq!(
             (o.max_num_seqs, o.max_num_batched_tokens, o.block_size),
             (8, 512, 32)
@@ -561,6 +592,11 @@ mod tests {
                 &["enable_chunked_context", "maybe"],
             ),
             (&[("weight_format", "int4")], &["weight_format", "int4"]),
+            (&[("dtype", "int8")], &["dtype", "int8", "bfloat16"]),
+            (
+                &[("device", "cpu"), ("dtype", "bfloat16")],
+                &["dtype", "bfloat16", "CPU engine computes in float32"],
+            ),
             (&[("default_top_p", "0")], &["default_top_p", "(0, 1]"]),
             (
                 &[("default_temperature", "-1")],

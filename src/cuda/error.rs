@@ -110,6 +110,14 @@ pub enum CudaError {
         #[source]
         source: cudarc::driver::DriverError,
     },
+    #[error("{library} {call} failed for {what}: {status}")]
+    Blas {
+        library: CudaLibrary,
+        call: &'static str,
+        /// The product, e.g. "bf16 gemm m=7 n=37 k=13 (bias)".
+        what: String,
+        status: String,
+    },
     #[error("{op}: {operand} has {actual} elements, expected {expected}")]
     LengthMismatch {
         op: &'static str,

@@ -40,10 +40,12 @@ pub enum KernelId {
     /// `paged_attention_splitk_{dt}`, `paged_attention_splitk_reduce_{dt}` (defines `HEAD_DIM`,
     /// `GQA_HEADS`)
     AttentionSplitK,
+    /// `clamp_{dt}`, `add_{dt}`, `add_bias_{dt}`, `gather_rows_{dt}` (the executor's glue)
+    Elementwise,
 }
 
 impl KernelId {
-    pub const ALL: [KernelId; 9] = [
+    pub const ALL: [KernelId; 10] = [
         KernelId::Embedding,
         KernelId::Norm,
         KernelId::Rotary,
@@ -53,6 +55,7 @@ impl KernelId {
         KernelId::Sampling,
         KernelId::AttentionPrefill,
         KernelId::AttentionSplitK,
+        KernelId::Elementwise,
     ];
 
     pub fn file_name(self) -> &'static str {
@@ -66,6 +69,7 @@ impl KernelId {
             KernelId::Sampling => "sampling.cu",
             KernelId::AttentionPrefill => "attention_prefill.cu",
             KernelId::AttentionSplitK => "attention_splitk.cu",
+            KernelId::Elementwise => "elementwise.cu",
         }
     }
 
@@ -80,6 +84,7 @@ impl KernelId {
             KernelId::Sampling => include_str!("../../kernels/sampling.cu"),
             KernelId::AttentionPrefill => include_str!("../../kernels/attention_prefill.cu"),
             KernelId::AttentionSplitK => include_str!("../../kernels/attention_splitk.cu"),
+            KernelId::Elementwise => include_str!("../../kernels/elementwise.cu"),
         }
     }
 
@@ -99,6 +104,7 @@ impl KernelId {
             KernelId::AttentionSplitK => {
                 &["paged_attention_splitk", "paged_attention_splitk_reduce"]
             }
+            KernelId::Elementwise => &["clamp", "add", "add_bias", "gather_rows"],
         }
     }
 }

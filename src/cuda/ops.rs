@@ -15,25 +15,25 @@ use super::kernels::KernelId;
 use crate::model::spec::{Activation, Norm, RopeStyle};
 
 /// Kernel argument for an absent optional pointer (the kernels test for null).
-const NULL_PTR: u64 = 0;
+pub(crate) const NULL_PTR: u64 = 0;
 
-fn entry<T: FloatElem>(op: &str) -> String {
+pub(crate) fn entry<T: FloatElem>(op: &str) -> String {
     format!("{op}_{}", T::DTYPE)
 }
 
-fn to_i32(op: &'static str, what: &'static str, v: usize) -> Result<i32, CudaError> {
+pub(crate) fn to_i32(op: &'static str, what: &'static str, v: usize) -> Result<i32, CudaError> {
     i32::try_from(v).map_err(|_| CudaError::invalid(op, what, v, "must fit in i32"))
 }
 
-fn to_i64(op: &'static str, what: &'static str, v: usize) -> Result<i64, CudaError> {
+pub(crate) fn to_i64(op: &'static str, what: &'static str, v: usize) -> Result<i64, CudaError> {
     i64::try_from(v).map_err(|_| CudaError::invalid(op, what, v, "must fit in i64"))
 }
 
-fn to_u32(op: &'static str, what: &'static str, v: usize) -> Result<u32, CudaError> {
+pub(crate) fn to_u32(op: &'static str, what: &'static str, v: usize) -> Result<u32, CudaError> {
     u32::try_from(v).map_err(|_| CudaError::invalid(op, what, v, "must fit in u32"))
 }
 
-fn expect_len<T>(
+pub(crate) fn expect_len<T>(
     op: &'static str,
     operand: &'static str,
     buf: &DeviceBuffer<T>,
@@ -45,7 +45,11 @@ fn expect_len<T>(
     Ok(())
 }
 
-fn launch_error(dev: &CudaDevice, entry: &str, source: cudarc::driver::DriverError) -> CudaError {
+pub(crate) fn launch_error(
+    dev: &CudaDevice,
+    entry: &str,
+    source: cudarc::driver::DriverError,
+) -> CudaError {
     CudaError::Launch {
         entry: entry.to_owned(),
         arch: dev.arch().to_string(),
@@ -53,7 +57,7 @@ fn launch_error(dev: &CudaDevice, entry: &str, source: cudarc::driver::DriverErr
     }
 }
 
-fn grid(blocks: (u32, u32), threads: u32) -> LaunchConfig {
+pub(crate) fn grid(blocks: (u32, u32), threads: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (blocks.0, blocks.1, 1),
         block_dim: (threads, 1, 1),
@@ -342,7 +346,7 @@ fn act_code(act: Activation) -> i32 {
     }
 }
 
-fn elementwise_grid(n: usize) -> LaunchConfig {
+pub(crate) fn elementwise_grid(n: usize) -> LaunchConfig {
     const THREADS: usize = 256;
     // Grid-stride loops: 2^16 CTAs cover any n.
     let blocks = n.div_ceil(THREADS).clamp(1, 1 << 16) as u32;

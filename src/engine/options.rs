@@ -1,11 +1,19 @@
-//! From a model path and a few options to a running engine: open the checkpoint, load weights in
-//! the chosen format, size the paged KV cache, start the engine thread.
+//! From a model path and a few options to a running engine: pick the device (`auto` tries CUDA
+//! device 0 and falls back to the CPU with a log line saying why), open the checkpoint, load
+//! weights (CPU: in the chosen format; GPU: dequantized, uploaded in `dtype`), size the paged KV
+//! cache, start the engine thread.
 
 use std::path::PathBuf;
 use std::str::FromStr;
 
 use super::{Engine, ModelInfo};
+use crate::cuda::CudaDevice;
+use crate::dtype::DType;
+use crate::executor::Executor;
 use crate::executor::cpu::CpuExecutor;
+use crate::executor::cuda::{
+    self as cuda_executor, DEFAULT_KV_CACHE_FREE_GPU_MEM_FRACTION, KvCacheConfig,
+};
 use crate::model::decoder::Decoder;
 use crate::model::weights::DecoderWeights;
 use crate::model::{Checkpoint, CheckpointFormat};
@@ -43,19 +51,32 @@ impl FromStr for Device {
 /// Default host memory for the CPU engine's KV cache when no size is given.
 pub const DEFAULT_CPU_KV_BYTES: usize = 1 << 30;
 
+/// Longest prompt + output when `max_model_len` is not set and the model allows more.
+pub const DEFAULT_MAX_MODEL_LEN_CAP: usize = 8192;
+
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
     pub model: PathBuf,
     pub tokenizer: Option<PathBuf>,
     pub device: Device,
-    /// None: q8 for quantized GGUF files, f32 otherwise.
+    /// CPU engine: weight storage. None: q8 for quantized GGUF files, f32 otherwise. The GPU
+    /// engine takes `auto`/`f32` only (it dequantizes at load and stores weights in `dtype`).
     pub weight_format: Option<WeightFormat>,
+    /// GPU engine: dtype of weights, activations and KV cache. None: bf16 on the GPU; the CPU
+    /// engine computes in f32 and refuses bf16/f16 with `device: cpu` (ignored when `auto` falls
+    /// back to the CPU).
+    pub dtype: Option<DType>,
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
     pub block_size: usize,
-    /// KV cache capacity in tokens (rounded up to whole blocks). None: from `DEFAULT_CPU_KV_BYTES`.
+    /// KV cache capacity in tokens (rounded up to whole blocks). None: from `DEFAULT_CPU_KV_BYTES`
+    /// on the CPU, from `kv_cache_free_gpu_mem_fraction` on the GPU; on the GPU with both set,
+    /// the smaller wins.
     pub max_tokens_in_paged_kv_cache: Option<usize>,
-    /// Longest prompt + output. None: the model's maximum (capped at 8192 on the CPU).
+    /// GPU engine: fraction of the free memory (after weights and activation workspace) for the
+    /// KV cache. None: `DEFAULT_KV_CACHE_FREE_GPU_MEM_FRACTION` (0.9).
+    pub kv_cache_free_gpu_mem_fraction: Option<f32>,
+    /// Longest prompt + output. None: the model's maximum (capped at 8192).
     pub max_model_len: Option<usize>,
     pub enable_chunked_prefill: bool,
     /// CPU threads for the CPU engine (0: one per core).
@@ -71,10 +92,12 @@ impl EngineOptions {
             tokenizer: None,
             device: Device::Auto,
             weight_format: None,
+            dtype: None,
             max_num_seqs: 64,
             max_num_batched_tokens: 2048,
             block_size: 16,
             max_tokens_in_paged_kv_cache: None,
+            kv_cache_free_gpu_mem_fraction: None,
             max_model_len: None,
             enable_chunked_prefill: true,
             num_threads: 0,
@@ -88,12 +111,18 @@ pub struct LoadedEngine {
     pub engine: Engine,
     pub checkpoint_format: CheckpointFormat,
     pub spec: crate::model::DecoderSpec,
+    /// Host weight format the weights were loaded in (the GPU engine loads f32 and converts).
     pub weight_format: WeightFormat,
+    /// Compute / storage dtype of the engine (f32 on the CPU).
+    pub dtype: DType,
+    /// Bytes of weights on the device (in `dtype` on the GPU).
     pub weight_bytes: usize,
     pub num_kv_blocks: usize,
     pub block_size: usize,
     pub max_model_len: usize,
     pub device: String,
+    /// Load log lines (device fallback, KV cache sizing), also printed to stderr.
+    pub log: Vec<String>,
 }
 
 /// The weight format used when none is asked for.
@@ -104,49 +133,167 @@ pub fn default_weight_format(ckpt: &Checkpoint) -> WeightFormat {
     }
 }
 
-pub fn resolve_device(device: Device) -> crate::Result<Device> {
+/// Where an engine will run, decided before any weight is read.
+enum Target {
+    /// `fallback`: why `auto` did not pick a GPU.
+    Cpu {
+        fallback: Option<String>,
+    },
+    Cuda(Box<CudaDevice>),
+}
+
+/// Opens the device `device` names. `Cuda` fails with the CUDA error (naming the missing
+/// library on a machine without one); `Auto` takes GPU 0 when the libraries and a device open,
+/// else the CPU with the reason.
+fn open_target(device: Device) -> crate::Result<Target> {
     match device {
-        Device::Auto | Device::Cpu => Ok(Device::Cpu),
-        Device::Cuda { ordinal } => Err(crate::Error::Device(format!(
-            "device cuda:{ordinal} requested, but this build of ferrum has no CUDA engine yet; use device cpu or auto"
-        ))),
+        Device::Cpu => Ok(Target::Cpu { fallback: None }),
+        Device::Cuda { ordinal } => CudaDevice::open(ordinal)
+            .map(|d| Target::Cuda(Box::new(d)))
+            .map_err(|e| crate::Error::Device(format!("device cuda:{ordinal}: {e}"))),
+        Device::Auto => Ok(match CudaDevice::open(0) {
+            Ok(dev) => Target::Cuda(Box::new(dev)),
+            Err(e) => Target::Cpu {
+                fallback: Some(format!(
+                    "device auto: using the CPU, CUDA is not usable: {e}"
+                )),
+            },
+        }),
     }
 }
 
 pub fn start(opts: &EngineOptions) -> crate::Result<LoadedEngine> {
-    resolve_device(opts.device)?;
+    check_options(opts)?;
+    let target = open_target(opts.device)?;
     let ckpt = Checkpoint::open(&opts.model, opts.tokenizer.as_deref())?;
-    start_checkpoint(ckpt, opts)
+    start_on(target, ckpt, opts)
 }
 
 /// Starts an engine on an already opened checkpoint (`opts.model` is not read again).
 pub fn start_checkpoint(ckpt: Checkpoint, opts: &EngineOptions) -> crate::Result<LoadedEngine> {
-    let device = resolve_device(opts.device)?;
-    let format = opts
-        .weight_format
-        .unwrap_or_else(|| default_weight_format(&ckpt));
-    let weights = load_weights(&ckpt, format, opts.progress)?;
+    check_options(opts)?;
+    let target = open_target(opts.device)?;
+    start_on(target, ckpt, opts)
+}
+
+/// Option combinations refused before anything is opened.
+fn check_options(opts: &EngineOptions) -> crate::Result<()> {
+    if opts.device == Device::Cpu && matches!(opts.dtype, Some(DType::BF16 | DType::F16)) {
+        return Err(crate::Error::Device(format!(
+            "dtype {} needs the GPU engine: the CPU engine computes in float32 (use dtype auto or \
+             float32; weight_format picks its weight storage)",
+            opts.dtype.map(dtype_name).unwrap_or_default()
+        )));
+    }
+    if matches!(opts.device, Device::Cuda { .. }) && opts.weight_format == Some(WeightFormat::Q8) {
+        return Err(crate::Error::Device(
+            "weight_format q8 is a CPU engine format; the GPU engine dequantizes at load and \
+             stores weights in dtype (use weight_format auto or f32)"
+                .into(),
+        ));
+    }
+    if let Some(f) = opts.kv_cache_free_gpu_mem_fraction {
+        if !(f > 0.0 && f <= 1.0) {
+            return Err(crate::Error::Device(format!(
+                "kv_cache_free_gpu_mem_fraction = {f} must be in (0, 1]"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The config spelling of a dtype (`bfloat16`, `float16`, `float32`).
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "float32",
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+    }
+}
+
+fn start_on(target: Target, ckpt: Checkpoint, opts: &EngineOptions) -> crate::Result<LoadedEngine> {
+    let mut log = vec![];
     let spec = ckpt.arch.spec.clone();
     let max_model_len = opts
         .max_model_len
-        .unwrap_or(spec.max_position_embeddings.min(8192))
+        .unwrap_or(spec.max_position_embeddings.min(DEFAULT_MAX_MODEL_LEN_CAP))
         .min(spec.max_position_embeddings);
-    let bytes_per_token = CpuExecutor::kv_bytes_per_token(&spec);
-    let kv_tokens = opts.max_tokens_in_paged_kv_cache.unwrap_or_else(|| {
-        (DEFAULT_CPU_KV_BYTES / bytes_per_token)
-            .min(opts.max_num_seqs * max_model_len)
-            .max(max_model_len)
-    });
-    let num_kv_blocks = kv_tokens.div_ceil(opts.block_size);
-    let weight_bytes = weights.size_in_bytes();
-    let executor = CpuExecutor::new(
-        Decoder::new(spec.clone(), weights),
-        num_kv_blocks,
-        opts.block_size,
-        opts.num_threads,
-    )?;
-    debug_assert_eq!(device, Device::Cpu);
-    let device_name = crate::executor::Executor::describe(&executor);
+    let (executor, format, dtype, weight_bytes, num_kv_blocks): (Box<dyn Executor>, _, _, _, _) =
+        match target {
+            Target::Cpu { fallback } => {
+                if let Some(reason) = fallback {
+                    log.push(match opts.dtype {
+                        Some(d @ (DType::BF16 | DType::F16)) => format!(
+                            "{reason} (dtype {} ignored: the CPU engine computes in float32)",
+                            dtype_name(d)
+                        ),
+                        _ => reason,
+                    });
+                }
+                let format = opts
+                    .weight_format
+                    .unwrap_or_else(|| default_weight_format(&ckpt));
+                let weights = load_weights(&ckpt, format, opts.progress)?;
+                let bytes_per_token = CpuExecutor::kv_bytes_per_token(&spec);
+                let kv_tokens = opts.max_tokens_in_paged_kv_cache.unwrap_or_else(|| {
+                    (DEFAULT_CPU_KV_BYTES / bytes_per_token)
+                        .min(opts.max_num_seqs * max_model_len)
+                        .max(max_model_len)
+                });
+                let num_kv_blocks = kv_tokens.div_ceil(opts.block_size);
+                let weight_bytes = weights.size_in_bytes();
+                let executor = CpuExecutor::new(
+                    Decoder::new(spec.clone(), weights),
+                    num_kv_blocks,
+                    opts.block_size,
+                    opts.num_threads,
+                )?;
+                (
+                    Box::new(executor),
+                    format,
+                    DType::F32,
+                    weight_bytes,
+                    num_kv_blocks,
+                )
+            }
+            Target::Cuda(dev) => {
+                let dtype = opts.dtype.unwrap_or(DType::BF16);
+                if opts.weight_format == Some(WeightFormat::Q8) {
+                    // Only reachable with `auto` (`cuda` + q8 is refused up front).
+                    log.push(format!(
+                        "weight_format q8 applies to the CPU engine only; the GPU engine holds weights in {}",
+                        dtype_name(dtype)
+                    ));
+                }
+                // Dequantized at load; converted to `dtype` during the upload.
+                let weights = load_weights(&ckpt, WeightFormat::F32, opts.progress)?;
+                let weight_bytes = weights.size_in_bytes() / 4 * dtype.size_in_bytes();
+                let kv = KvCacheConfig {
+                    block_size: opts.block_size,
+                    max_tokens: opts.max_tokens_in_paged_kv_cache,
+                    free_gpu_mem_fraction: opts
+                        .kv_cache_free_gpu_mem_fraction
+                        .unwrap_or(DEFAULT_KV_CACHE_FREE_GPU_MEM_FRACTION),
+                    max_num_batched_tokens: opts.max_num_batched_tokens,
+                    max_num_seqs: opts.max_num_seqs,
+                    max_model_len,
+                };
+                let (executor, plan) =
+                    cuda_executor::open(*dev, spec.clone(), weights, dtype, &kv)?;
+                log.push(plan.describe(&kv));
+                (
+                    executor,
+                    WeightFormat::F32,
+                    dtype,
+                    weight_bytes,
+                    plan.num_blocks,
+                )
+            }
+        };
+    for line in &log {
+        eprintln!("ferrum: {line}");
+    }
+    let device_name = executor.describe();
     let scheduler = SchedulerConfig {
         max_num_seqs: opts.max_num_seqs,
         max_num_batched_tokens: opts.max_num_batched_tokens,
@@ -161,17 +308,19 @@ pub fn start_checkpoint(ckpt: Checkpoint, opts: &EngineOptions) -> crate::Result
         eos_token_ids: ckpt.eos_token_ids(),
         tokenizer: ckpt.tokenizer.clone(),
     };
-    let engine = Engine::start(Box::new(executor), scheduler, info)?;
+    let engine = Engine::start(executor, scheduler, info)?;
     Ok(LoadedEngine {
         engine,
         checkpoint_format: ckpt.format.clone(),
         spec,
         weight_format: format,
+        dtype,
         weight_bytes,
         num_kv_blocks,
         block_size: opts.block_size,
         max_model_len,
         device: device_name,
+        log,
     })
 }
 

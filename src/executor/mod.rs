@@ -1,9 +1,11 @@
 //! Executors run a `SchedulePlan` on a device and return the logits of the sequences that
-//! sample. The CPU executor is the reference; the CUDA executor implements the same trait.
+//! sample. The CPU executor is the reference; the CUDA executor (`cuda`) implements the same
+//! trait on one GPU.
 
 use crate::scheduler::SchedulePlan;
 
 pub mod cpu;
+pub mod cuda;
 
 /// Logits of the sampling sequences of one step, in plan order: `[num_rows, vocab_size]`.
 pub struct Logits {

@@ -3,7 +3,7 @@
 
 use crate::model::spec::{DecoderSpec, Mlp, PosEmbedding, Residual};
 use crate::model::weights::{DecoderWeights, LayerWeights, NormWeights};
-use crate::ops::attention::{AttnParams, AttnSeq, KvLayerCache, alibi_slopes, paged_attention};
+use crate::ops::attention::{AttnParams, AttnSeq, KvLayerCache, paged_attention};
 use crate::ops::linear::linear;
 use crate::ops::rope::RopeTable;
 use crate::ops::{activation, norm};
@@ -37,18 +37,7 @@ impl Decoder {
             PosEmbedding::Rope(rope) => rope.inv_freqs(),
             _ => vec![],
         };
-        let alibi_slopes = match spec.pos {
-            PosEmbedding::Alibi {
-                max_bias,
-                bias_scale,
-            } => Some(
-                alibi_slopes(spec.num_heads, max_bias)
-                    .into_iter()
-                    .map(|s| s * bias_scale)
-                    .collect(),
-            ),
-            _ => None,
-        };
+        let alibi_slopes = spec.alibi_slopes();
         Decoder {
             spec,
             weights,

@@ -230,6 +230,22 @@ impl DecoderSpec {
         self.num_kv_heads * self.head_dim
     }
 
+    /// Per-head ALiBi slopes with the bias scale applied (`[num_heads]`), for ALiBi models.
+    pub fn alibi_slopes(&self) -> Option<Vec<f32>> {
+        match self.pos {
+            PosEmbedding::Alibi {
+                max_bias,
+                bias_scale,
+            } => Some(
+                crate::ops::attention::alibi_slopes(self.num_heads, max_bias)
+                    .into_iter()
+                    .map(|s| s * bias_scale)
+                    .collect(),
+            ),
+            _ => None,
+        }
+    }
+
     /// Checks the numbers agree with each other; the message names the fields and values.
     pub fn validate(&self) -> Result<(), String> {
         let positive = [

@@ -81,7 +81,10 @@ pub fn run(a: BenchArgs) -> CliResult {
     for &b in &a.batch_size {
         results.push(run_batch(&handle, b, a.prompt_len, a.gen_len, vocab, 7)?);
     }
-    let format = format!("{:?}", loaded.weight_format).to_lowercase();
+    let format = match loaded.device.starts_with("cuda") {
+        true => options::dtype_name(loaded.dtype).to_owned(),
+        false => format!("{:?}", loaded.weight_format).to_lowercase(),
+    };
     if !a.json {
         println!(
             "ferrum bench: {source}, {} ({:.1} M params, weights {format} {:.1} MiB), {}, prompt {} + gen {} tokens, load {:.2} s",

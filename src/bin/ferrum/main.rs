@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
+use triton_ferrum::dtype::DType;
 use triton_ferrum::engine::{Device, EngineOptions, is_final};
 use triton_ferrum::model::Checkpoint;
 use triton_ferrum::ops::linear::WeightFormat;
@@ -50,6 +51,13 @@ pub struct EngineArgs {
     /// Weight format in memory: f32 | q8 (default: q8 for GGUF, f32 for Hugging Face folders).
     #[arg(long, value_parser = parse_format)]
     weight_format: Option<WeightFormat>,
+    /// GPU dtype of weights, activations and KV cache: auto | bfloat16 | float16 | float32
+    /// (auto: bfloat16 on the GPU; the CPU engine computes in float32).
+    #[arg(long, default_value = "auto", value_parser = parse_dtype)]
+    dtype: DtypeChoice,
+    /// GPU: fraction of free memory for the KV cache (default 0.9).
+    #[arg(long)]
+    kv_cache_free_gpu_mem_fraction: Option<f32>,
     /// Longest prompt + output in tokens (default: the model's, capped at 8192).
     #[arg(long)]
     max_model_len: Option<usize>,
@@ -73,6 +81,8 @@ impl EngineArgs {
             tokenizer: self.tokenizer.clone(),
             device: self.device,
             weight_format: self.weight_format,
+            dtype: self.dtype.0,
+            kv_cache_free_gpu_mem_fraction: self.kv_cache_free_gpu_mem_fraction,
             max_num_seqs: self.max_num_seqs,
             max_num_batched_tokens: self.max_num_batched_tokens,
             block_size: self.block_size,
@@ -87,6 +97,22 @@ impl EngineArgs {
 
 fn parse_device(s: &str) -> Result<Device, String> {
     s.parse()
+}
+
+/// `--dtype`: None is `auto`.
+#[derive(Debug, Clone, Copy)]
+pub struct DtypeChoice(Option<DType>);
+
+fn parse_dtype(s: &str) -> Result<DtypeChoice, String> {
+    match s {
+        "auto" => Ok(DtypeChoice(None)),
+        "bfloat16" => Ok(DtypeChoice(Some(DType::BF16))),
+        "float16" => Ok(DtypeChoice(Some(DType::F16))),
+        "float32" => Ok(DtypeChoice(Some(DType::F32))),
+        _ => Err(format!(
+            "invalid dtype '{s}': expected auto, bfloat16, float16 or float32"
+        )),
+    }
 }
 
 fn parse_format(s: &str) -> Result<WeightFormat, String> {
@@ -173,6 +199,13 @@ struct InspectArgs {
     model: PathBuf,
     #[arg(long)]
     json: bool,
+    /// Also load the model on this device (auto | cpu | cuda | cuda:N) and report the device,
+    /// dtype, weight bytes and how many KV cache blocks fit there.
+    #[arg(long, value_parser = parse_device)]
+    device: Option<Device>,
+    /// With --device: GPU dtype (auto | bfloat16 | float16 | float32).
+    #[arg(long, default_value = "auto", value_parser = parse_dtype)]
+    dtype: DtypeChoice,
 }
 
 fn main() -> ExitCode {
@@ -339,6 +372,29 @@ fn inspect(a: InspectArgs) -> CliResult {
         })
     });
     let default_format = triton_ferrum::engine::options::default_weight_format(&ckpt);
+    let loaded = match a.device {
+        None => None,
+        Some(device) => {
+            let opts = EngineOptions {
+                device,
+                dtype: a.dtype.0,
+                ..EngineOptions::new(a.model.clone())
+            };
+            let l = triton_ferrum::engine::options::start_checkpoint(
+                Checkpoint::open(&a.model, None)?,
+                &opts,
+            )?;
+            Some(json!({
+                "device": l.device,
+                "dtype": triton_ferrum::engine::options::dtype_name(l.dtype),
+                "weight_bytes": l.weight_bytes,
+                "num_kv_blocks": l.num_kv_blocks,
+                "block_size": l.block_size,
+                "max_model_len": l.max_model_len,
+                "log": l.log,
+            }))
+        }
+    };
     let obj = json!({
         "model": a.model.display().to_string(),
         "format": format!("{:?}", ckpt.format),
@@ -350,6 +406,7 @@ fn inspect(a: InspectArgs) -> CliResult {
         "default_weight_format": format!("{default_format:?}").to_lowercase(),
         "kv_cache_bytes_per_token_f32": kv_per_token_f32,
         "tokenizer": tokenizer,
+        "loaded": loaded,
     });
     if a.json {
         println!("{obj}");
@@ -374,6 +431,9 @@ fn inspect(a: InspectArgs) -> CliResult {
     match &tokenizer {
         Some(t) => println!("tokenizer:     {t}"),
         None => println!("tokenizer:     none (use --prompt-ids)"),
+    }
+    if let Some(l) = &loaded {
+        println!("loaded:        {l}");
     }
     println!("spec:\n{}", serde_json::to_string_pretty(spec)?);
     eprintln!("({:.0} ms)", t0.elapsed().as_secs_f64() * 1e3);

@@ -35,10 +35,12 @@ pub enum KernelId {
     Attention,
     /// `argmax_{dt}`
     Sampling,
+    /// `sample_{dt}`: the batched GPU sampler (see `cuda::sampling`)
+    Sample,
 }
 
 impl KernelId {
-    pub const ALL: [KernelId; 7] = [
+    pub const ALL: [KernelId; 8] = [
         KernelId::Embedding,
         KernelId::Norm,
         KernelId::Rotary,
@@ -46,6 +48,7 @@ impl KernelId {
         KernelId::KvCache,
         KernelId::Attention,
         KernelId::Sampling,
+        KernelId::Sample,
     ];
 
     pub fn file_name(self) -> &'static str {
@@ -57,6 +60,7 @@ impl KernelId {
             KernelId::KvCache => "kv_cache.cu",
             KernelId::Attention => "attention.cu",
             KernelId::Sampling => "sampling.cu",
+            KernelId::Sample => "sample.cu",
         }
     }
 
@@ -69,6 +73,7 @@ impl KernelId {
             KernelId::KvCache => include_str!("../../kernels/kv_cache.cu"),
             KernelId::Attention => include_str!("../../kernels/attention.cu"),
             KernelId::Sampling => include_str!("../../kernels/sampling.cu"),
+            KernelId::Sample => include_str!("../../kernels/sample.cu"),
         }
     }
 
@@ -82,6 +87,7 @@ impl KernelId {
             KernelId::KvCache => &["kv_cache_write"],
             KernelId::Attention => &["paged_attention_decode"],
             KernelId::Sampling => &["argmax"],
+            KernelId::Sample => &["sample"],
         }
     }
 }

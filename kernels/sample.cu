@@ -18,7 +18,8 @@
 //    descending 64-bit key (weight bits << 32 | ~id). Top-k, top-p and the draw are all "find the
 //    first key, walking keys downwards, where the running count/mass reaches a target": a radix
 //    select over the key with 10-bit digits (1024 bins, one per thread; counts and f64 masses per
-//    bin in shared memory), at most 7 passes over the row and usually 2-4. No sort of the row.
+//    bin in shared memory, warp-aggregated atomics), at most 7 passes over the row and usually
+//    2-4. No sort of the row.
 //  - "id order" (no top-k cut, no top-p): a block-wide scan of per-thread chunk masses, then the
 //    thread whose chunk holds the crossing walks it.
 // Masses are summed in f64 (as on the CPU), in a different order, so a draw can differ from the
@@ -73,6 +74,7 @@ struct SampleShared {
     u64 warp_key[SAMPLE_WARPS];
     int chosen;
     int last_nonempty;
+    double stage[SAMPLE_WARPS][FERRUM_WARP];
     u64 top_keys[MAX_TOP];
     u32 num_top;
 };
@@ -243,14 +245,34 @@ __device__ bool radix_select(const Elem& elem, int n, bool by_mass, double frac,
             s.last_nonempty = -1;
         }
         __syncthreads();
-        for (int i = threadIdx.x; i < n; i += SAMPLE_THREADS) {
-            u64 key;
-            double mass;
-            if (elem(i, key, mass) && (key & prefix_mask) == prefix) {
-                const u32 bin = (u32)(key >> shift) & digit_mask;
-                atomicAdd(&s.bin_count[bin], 1u);
-                if (by_mass && mass != 0.0) atomicAdd(&s.bin_mass[bin], mass);
+        // Warp-aggregated histogram: lanes that hit the same bin (common: similar weights share
+        // their top bits) are summed by their lowest lane, which issues one atomic per bin. The
+        // loop runs the same number of times on every lane so the warp stays converged.
+        const int lane = threadIdx.x % FERRUM_WARP, warp = threadIdx.x / FERRUM_WARP;
+        for (int i0 = 0; i0 < n; i0 += SAMPLE_THREADS) {
+            const int i = i0 + (int)threadIdx.x;
+            u64 key = 0;
+            double mass = 0.0;
+            u32 bin = NO_ID;
+            if (i < n && elem(i, key, mass) && (key & prefix_mask) == prefix) {
+                bin = (u32)(key >> shift) & digit_mask;
             }
+            const u32 peers = __match_any_sync(FULL_MASK, bin);
+            if (by_mass) {
+                s.stage[warp][lane] = mass;
+                __syncwarp();
+            }
+            if (bin != NO_ID && lane == __ffs(peers) - 1) {
+                atomicAdd(&s.bin_count[bin], (u32)__popc(peers));
+                if (by_mass) {
+                    double sum = 0.0;
+                    for (u32 rest = peers; rest != 0; rest &= rest - 1) {
+                        sum += s.stage[warp][__ffs(rest) - 1];
+                    }
+                    if (sum != 0.0) atomicAdd(&s.bin_mass[bin], sum);
+                }
+            }
+            __syncwarp();
         }
         __syncthreads();
         // Thread t owns bin (RADIX_BINS - 1 - t): thread order is descending key order.

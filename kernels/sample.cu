@@ -227,6 +227,7 @@ __device__ void block_inclusive_scan(u32 c, double m, SampleShared& s) {
 // keys >= K (C == K, or K's bin prefix when K is alone in its bin or its bin ends the count).
 
 #define RADIX_PASSES 7
+#define UNROLL 4
 
 template <typename Elem>
 __device__ bool radix_select(const Elem& elem, int n, bool by_mass, double frac, double factor,
@@ -245,34 +246,46 @@ __device__ bool radix_select(const Elem& elem, int n, bool by_mass, double frac,
             s.last_nonempty = -1;
         }
         __syncthreads();
-        // Warp-aggregated histogram: lanes that hit the same bin (common: similar weights share
-        // their top bits) are summed by their lowest lane, which issues one atomic per bin. The
-        // loop runs the same number of times on every lane so the warp stays converged.
+        // Histogram. UNROLL elements are loaded before any atomic (the passes are latency-bound).
+        // Count passes use one atomic per element; mass passes aggregate lanes that hit the same
+        // bin (common: similar weights share their top bits) into one f64 atomic by their lowest
+        // lane. The loop runs the same number of times on every lane so the warp stays converged.
         const int lane = threadIdx.x % FERRUM_WARP, warp = threadIdx.x / FERRUM_WARP;
-        for (int i0 = 0; i0 < n; i0 += SAMPLE_THREADS) {
-            const int i = i0 + (int)threadIdx.x;
-            u64 key = 0;
-            double mass = 0.0;
-            u32 bin = NO_ID;
-            if (i < n && elem(i, key, mass) && (key & prefix_mask) == prefix) {
-                bin = (u32)(key >> shift) & digit_mask;
+        for (int i0 = 0; i0 < n; i0 += SAMPLE_THREADS * UNROLL) {
+            u32 bins[UNROLL];
+            double masses[UNROLL];
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                const int i = i0 + u * SAMPLE_THREADS + (int)threadIdx.x;
+                u64 key = 0;
+                double mass = 0.0;
+                u32 bin = NO_ID;
+                if (i < n && elem(i, key, mass) && (key & prefix_mask) == prefix) {
+                    bin = (u32)(key >> shift) & digit_mask;
+                }
+                bins[u] = bin;
+                masses[u] = mass;
             }
-            const u32 peers = __match_any_sync(FULL_MASK, bin);
-            if (by_mass) {
-                s.stage[warp][lane] = mass;
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                const u32 bin = bins[u];
+                if (!by_mass) {
+                    if (bin != NO_ID) atomicAdd(&s.bin_count[bin], 1u);
+                    continue;
+                }
+                const u32 peers = __match_any_sync(FULL_MASK, bin);
+                s.stage[warp][lane] = masses[u];
                 __syncwarp();
-            }
-            if (bin != NO_ID && lane == __ffs(peers) - 1) {
-                atomicAdd(&s.bin_count[bin], (u32)__popc(peers));
-                if (by_mass) {
+                if (bin != NO_ID && lane == __ffs(peers) - 1) {
+                    atomicAdd(&s.bin_count[bin], (u32)__popc(peers));
                     double sum = 0.0;
                     for (u32 rest = peers; rest != 0; rest &= rest - 1) {
                         sum += s.stage[warp][__ffs(rest) - 1];
                     }
                     if (sum != 0.0) atomicAdd(&s.bin_mass[bin], sum);
                 }
+                __syncwarp();
             }
-            __syncwarp();
         }
         __syncthreads();
         // Thread t owns bin (RADIX_BINS - 1 - t): thread order is descending key order.
@@ -324,7 +337,8 @@ __device__ bool radix_select(const Elem& elem, int n, bool by_mass, double frac,
 // ---------------------------------------------------------------------------------------------
 
 template <typename T>
-__device__ void sample_impl(const T* logits, float* work, const u32* param_words,
+__device__ void sample_impl(const T* __restrict__ logits, float* __restrict__ work,
+                            const u32* param_words,
                             const u32* history, int num_history, const u32* suppressed,
                             int num_suppressed, int vocab_size, u32* token_ids,
                             float* sampled_logprobs, u32* top_ids, float* top_logprobs,

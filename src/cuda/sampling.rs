@@ -275,8 +275,9 @@ impl<T: DeviceElem> Scratch<T> {
 struct LastStep {
     num_rows: usize,
     max_top: usize,
+    /// Whether any row asked for logprobs (then the logprob outputs were written).
     logprob_rows: bool,
-    /// Which rows asked for logprobs and how many top entries: [num_rows].
+    /// False until a `sample` call succeeds (and after a failed one).
     launched: bool,
 }
 

@@ -139,7 +139,7 @@ fn inspect_names_every_architecture() {
             "/qkv/layout",
             "per_head".into(),
         ),
-        ("mpt", "mpt", "/pos/order", "mpt".into()),
+        ("mpt", "mpt", "/clip_qkv", 1.75.into()),
         ("bloom", "bloom", "/embedding_norm", true.into()),
     ];
     for (fixture, arch, pointer, want) in cases {

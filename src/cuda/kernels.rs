@@ -42,10 +42,12 @@ pub enum KernelId {
     AttentionSplitK,
     /// `clamp_{dt}`, `add_{dt}`, `add_bias_{dt}`, `gather_rows_{dt}` (the executor's glue)
     Elementwise,
+    /// `sample_{dt}`: the batched GPU sampler (see `cuda::sampling`)
+    Sample,
 }
 
 impl KernelId {
-    pub const ALL: [KernelId; 10] = [
+    pub const ALL: [KernelId; 11] = [
         KernelId::Embedding,
         KernelId::Norm,
         KernelId::Rotary,
@@ -56,6 +58,7 @@ impl KernelId {
         KernelId::AttentionPrefill,
         KernelId::AttentionSplitK,
         KernelId::Elementwise,
+        KernelId::Sample,
     ];
 
     pub fn file_name(self) -> &'static str {
@@ -70,6 +73,7 @@ impl KernelId {
             KernelId::AttentionPrefill => "attention_prefill.cu",
             KernelId::AttentionSplitK => "attention_splitk.cu",
             KernelId::Elementwise => "elementwise.cu",
+            KernelId::Sample => "sample.cu",
         }
     }
 
@@ -85,6 +89,7 @@ impl KernelId {
             KernelId::AttentionPrefill => include_str!("../../kernels/attention_prefill.cu"),
             KernelId::AttentionSplitK => include_str!("../../kernels/attention_splitk.cu"),
             KernelId::Elementwise => include_str!("../../kernels/elementwise.cu"),
+            KernelId::Sample => include_str!("../../kernels/sample.cu"),
         }
     }
 
@@ -105,6 +110,7 @@ impl KernelId {
                 &["paged_attention_splitk", "paged_attention_splitk_reduce"]
             }
             KernelId::Elementwise => &["clamp", "add", "add_bias", "gather_rows"],
+            KernelId::Sample => &["sample"],
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod gemm;
 pub mod kernels;
 pub mod ops;
 pub mod probe;
+pub mod sampling;
 
 pub use buffer::{DeviceBuffer, DeviceElem, FloatElem};
 pub use device::{CudaDevice, DeviceInfo, device_count};

@@ -85,6 +85,11 @@ impl Candidates {
         );
     }
 
+    /// The candidates' token ids, in the order `draw` walks them.
+    pub fn token_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.items.iter().map(|c| c.token_id)
+    }
+
     fn max_weight(&self) -> f32 {
         if self.sorted {
             self.items.first().map_or(0.0, |c| c.weight)

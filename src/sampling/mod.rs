@@ -194,6 +194,19 @@ impl Sampler {
     }
 }
 
+/// The candidate list a random step draws from, in the order the draw walks it: every token
+/// after `temperature` and `filters` (applied in order), as `Sampler::sample` builds it. A
+/// reference for other implementations of the same sampling (the GPU sampler's tests).
+// logits: [vocab_size], sanitized and penalized (no NaN)
+pub fn candidate_ids(logits: &[f32], temperature: f32, filters: &[Filter]) -> Vec<u32> {
+    let mut candidates = Candidates::default();
+    candidates.fill(logits, temperature);
+    for &filter in filters {
+        candidates.apply(filter);
+    }
+    candidates.token_ids().collect()
+}
+
 /// Index of the largest logit, lowest id on ties; None if every logit is `-inf` (or the row is
 /// empty).
 // logits: [vocab_size], no NaN

@@ -24,7 +24,8 @@
 #       models run on the CPU instead (for a dry run on a machine without a GPU, packed with
 #       --cuda-device auto). BENCH=1 then also measures the serving overhead: `ferrum bench`
 #       against the same random checkpoint (BENCH_SHAPE tinyllama | llama2-7b | tiny, written
-#       with torch there) behind tritonserver; logs triton_bench.log / triton_bench.json.
+#       with torch there) behind tritonserver, BENCH_ROUNDS alternating rounds (default 3);
+#       logs triton_bench.log / triton_bench.json.
 #
 # With the device tool the tree that travels is the main checkout: pack into it, then one call:
 #   ci/gpu_triton.sh --dest /work/main/.gpu-triton
@@ -41,7 +42,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dest) dest="${2:?--dest needs a folder}"; shift 2 ;;
     --cuda-device) cuda_device="${2:?--cuda-device needs a value}"; shift 2 ;;
-    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
     *) echo "unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -171,7 +172,7 @@ if [ "\${BENCH:-0}" = 1 ]; then
   timeout "\${BENCH_TIMEOUT_S:-240}" "\${PYTHON:-python3}" "\$here/bench_triton_gpu.py" \\
     --tritonserver "\$work/site/pytriton/tritonserver/bin/tritonserver" \\
     --backend-dir "\$here/backends" --ferrum "\$here/bin/ferrum" --work /tmp/ferrum-bench \\
-    --shape "\${BENCH_SHAPE:-tinyllama}" --device "\${BENCH_DEVICE:-cuda}" --dtype "\${BENCH_DTYPE:-bfloat16}" \\
+    --shape "\${BENCH_SHAPE:-tinyllama}" --rounds "\${BENCH_ROUNDS:-3}" --device "\${BENCH_DEVICE:-cuda}" --dtype "\${BENCH_DTYPE:-bfloat16}" \\
     --log "\$out/tritonserver_bench.log" --json "\$out/triton_bench.json" 2>&1 | tee "\$out/triton_bench.log"
   echo "== triton bench exit status \${PIPESTATUS[0]}"
 fi

@@ -11,9 +11,8 @@ random Llama checkpoint (config.json + model.safetensors, bf16) with torch first
 
 Both sides count the same way: the wall time from submitting N requests of `prompt_len` random
 prompt tokens and `gen_len` output tokens (ignore_eos) to the last token, after one warm-up
-request; output tokens/s = N * gen_len / that time. `ferrum bench` runs before and after the
-server, and the server side twice per batch size (mean reported), so the table shows the
-run-to-run noise too.
+request; output tokens/s = N * gen_len / that time. The two sides alternate for --rounds rounds
+(the server stays up and idle while `ferrum bench` runs); the table gives medians and ranges.
 
   bench_triton_gpu.py --tritonserver BIN --backend-dir DIR --ferrum BIN --work DIR \
                       [--shape tinyllama] [--device cuda] [--batch-sizes 1,16,64] [--json FILE]
@@ -30,8 +29,8 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from statistics import median
 
-ROUNDS = 2  # Triton runs per batch size (the mean is reported)
 SHAPES = {
     # name: (num_layers, hidden, intermediate, num_heads, num_kv_heads, vocab)
     "tiny": (2, 64, 128, 4, 2, 512),
@@ -115,11 +114,14 @@ def post(url, body):
         raise RuntimeError(f"HTTP {e.code}: {e.read().decode(errors='replace')}") from None
 
 
-def triton_bench(args, model, batch_sizes, kv_tokens, vocab, work):
-    repo = work / "repo"
-    (repo / "bench" / "1").mkdir(parents=True, exist_ok=True)
-    need = args.prompt_len + args.gen_len
-    (repo / "bench" / "config.pbtxt").write_text(f"""backend: "ferrum"
+class Served:
+    """tritonserver serving the checkpoint as model `bench`, same limits as `ferrum bench`."""
+
+    def __init__(self, args, model, batch_sizes, kv_tokens, vocab, work):
+        repo = work / "repo"
+        (repo / "bench" / "1").mkdir(parents=True, exist_ok=True)
+        need = args.prompt_len + args.gen_len
+        (repo / "bench" / "config.pbtxt").write_text(f"""backend: "ferrum"
 max_batch_size: {max(batch_sizes)}
 model_transaction_policy {{ decoupled: true }}
 parameters [
@@ -132,22 +134,25 @@ parameters [
   {{ key: "exclude_input_in_output", value: {{ string_value: "true" }} }}
 ]
 """)
-    http, grpc, metrics = free_port(), free_port(), free_port()
-    log_path = Path(args.log)
-    log = open(log_path, "w")
-    proc = subprocess.Popen([
-        args.tritonserver, "--model-repository", str(repo), "--backend-directory", args.backend_dir,
-        "--model-control-mode", "explicit", "--load-model", "bench",
-        "--http-address", "127.0.0.1", "--http-port", str(http), "--http-thread-count", str(max(8, max(batch_sizes))),
-        "--grpc-address", "127.0.0.1", "--grpc-port", str(grpc),
-        "--metrics-address", "127.0.0.1", "--metrics-port", str(metrics), "--allow-gpu-metrics", "false",
-    ], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{http}/v2/models/bench/generate"
-    try:
+        self.args, self.vocab = args, vocab
+        self.rng = random.Random(7)
+        http, grpc, metrics = free_port(), free_port(), free_port()
+        self.log_path = Path(args.log)
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([
+            args.tritonserver, "--model-repository", str(repo), "--backend-directory", args.backend_dir,
+            "--model-control-mode", "explicit", "--load-model", "bench",
+            # One HTTP thread per request in flight, so the server never queues them.
+            "--http-address", "127.0.0.1", "--http-port", str(http),
+            "--http-thread-count", str(max(8, max(batch_sizes))),
+            "--grpc-address", "127.0.0.1", "--grpc-port", str(grpc),
+            "--metrics-address", "127.0.0.1", "--metrics-port", str(metrics), "--allow-gpu-metrics", "false",
+        ], stdout=self.log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{http}/v2/models/bench/generate"
         deadline = time.time() + 300
         while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"tritonserver exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
             try:
                 if urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/models/bench/ready", timeout=2).status == 200:
                     break
@@ -156,36 +161,31 @@ parameters [
             if time.time() > deadline:
                 raise RuntimeError("tritonserver not ready after 300 s")
             time.sleep(0.5)
-        rng = random.Random(7)
+        post(self.url, self.body(min(16, args.prompt_len), min(4, args.gen_len)))  # warm-up, as ferrum bench
 
-        def body(n_prompt, n_gen):
-            ids = [rng.randrange(3, vocab) for _ in range(n_prompt)]
-            return {"input_ids": ids, "input_lengths": [len(ids)], "request_output_len": n_gen, "ignore_eos": True}
+    def body(self, n_prompt, n_gen):
+        ids = [self.rng.randrange(3, self.vocab) for _ in range(n_prompt)]
+        return {"input_ids": ids, "input_lengths": [len(ids)], "request_output_len": n_gen, "ignore_eos": True}
 
-        post(url, body(min(16, args.prompt_len), min(4, args.gen_len)))  # warm-up, as ferrum bench
-        results = {}
-        for b in batch_sizes:
-            runs = []
-            for _ in range(ROUNDS):
-                bodies = [body(args.prompt_len, args.gen_len) for _ in range(b)]
-                with ThreadPoolExecutor(b) as pool:
-                    t0 = time.perf_counter()
-                    outs = list(pool.map(lambda x: post(url, x), bodies))
-                    total_s = time.perf_counter() - t0
-                num_tokens = sum(len(flat(o["output_ids"])) for o in outs)
-                if num_tokens != b * args.gen_len:
-                    raise RuntimeError(f"batch {b}: {num_tokens} output tokens, expected {b * args.gen_len}")
-                runs.append(num_tokens / total_s)
-            results[b] = {"batch_size": b, "output_tokens_per_s_runs": runs,
-                          "output_tokens_per_s": sum(runs) / len(runs)}
-        return results
-    finally:
-        proc.terminate()
+    def run(self, b):
+        """Output tokens/s of b requests sent at once."""
+        bodies = [self.body(self.args.prompt_len, self.args.gen_len) for _ in range(b)]
+        with ThreadPoolExecutor(b) as pool:
+            t0 = time.perf_counter()
+            outs = list(pool.map(lambda x: post(self.url, x), bodies))
+            total_s = time.perf_counter() - t0
+        num_tokens = sum(len(flat(o["output_ids"])) for o in outs)
+        if num_tokens != b * self.args.gen_len:
+            raise RuntimeError(f"batch {b}: {num_tokens} output tokens, expected {b * self.args.gen_len}")
+        return num_tokens / total_s
+
+    def close(self):
+        self.proc.terminate()
         try:
-            proc.wait(timeout=60)
+            self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+            self.proc.kill()
+        self.log.close()
 
 
 def main():
@@ -200,6 +200,7 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--gen-len", type=int, default=128)
     ap.add_argument("--batch-sizes", default="1,16,64")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--log", default="tritonserver_bench.log")
     ap.add_argument("--json", help="write the results as JSON here")
     args = ap.parse_args()
@@ -213,29 +214,40 @@ def main():
     t0 = time.time()
     weight_bytes, vocab = write_checkpoint(model, args.shape, need)
     print(f"checkpoint {args.shape}: {weight_bytes / 1e9:.2f} GB bf16 written in {time.time() - t0:.1f} s", flush=True)
-    direct1 = ferrum_bench(args, model, batch_sizes, kv_tokens)
-    print(f"ferrum bench (before): {json.dumps(direct1)}", flush=True)
-    served = triton_bench(args, model, batch_sizes, kv_tokens, vocab, work)
-    print(f"tritonserver: {json.dumps(served)}", flush=True)
-    direct2 = ferrum_bench(args, model, batch_sizes, kv_tokens)
-    print(f"ferrum bench (after): {json.dumps(direct2)}", flush=True)
+    # Rounds alternate the two sides (the server stays up, idle while `ferrum bench` runs), so a
+    # drift of the machine hits both alike.
+    direct = {b: [] for b in batch_sizes}
+    served = {b: [] for b in batch_sizes}
+    device = None
+    server = Served(args, model, batch_sizes, kv_tokens, vocab, work)
+    try:
+        for r in range(args.rounds):
+            d = ferrum_bench(args, model, batch_sizes, kv_tokens)
+            device = d[batch_sizes[0]]["device"]
+            for b in batch_sizes:
+                direct[b].append(d[b]["output_tokens_per_s"])
+                served[b].append(server.run(b))
+            print(f"round {r}: direct {[round(direct[b][-1], 1) for b in batch_sizes]} "
+                  f"triton {[round(served[b][-1], 1) for b in batch_sizes]} output tok/s", flush=True)
+    finally:
+        server.close()
 
-    device = direct1[batch_sizes[0]]["device"]
-    print(f"\n{args.shape} random weights, {args.dtype}, {device}, prompt {args.prompt_len} + gen {args.gen_len}")
-    print(f"{'batch':>6} {'direct tok/s':>22} {'triton tok/s':>13} {'triton/direct':>14}")
+    print(f"\n{args.shape} random weights, {args.dtype}, {device}, prompt {args.prompt_len} + gen {args.gen_len}, "
+          f"{args.rounds} rounds: output tok/s median (min-max)")
+    print(f"{'batch':>6} {'direct':>24} {'triton':>24} {'triton/direct':>14}")
     rows = []
     for b in batch_sizes:
-        d = [direct1[b]["output_tokens_per_s"], direct2[b]["output_tokens_per_s"]]
-        t = served[b]["output_tokens_per_s"]
-        ratio = t / (sum(d) / 2)
-        rows.append({"batch_size": b, "direct_output_tokens_per_s": d, "triton_output_tokens_per_s": t,
-                     "triton_over_direct_mean": ratio})
-        print(f"{b:>6} {d[0]:>10.1f} / {d[1]:>9.1f} {t:>13.1f} {ratio:>13.1%}")
+        d, t = sorted(direct[b]), sorted(served[b])
+        ratio = median(t) / median(d)
+        rows.append({"batch_size": b, "direct_output_tokens_per_s": direct[b],
+                     "triton_output_tokens_per_s": served[b], "triton_over_direct_median": ratio})
+        print(f"{b:>6} {median(d):>9.1f} ({d[0]:>6.0f}-{d[-1]:>6.0f}) {median(t):>9.1f} ({t[0]:>6.0f}-{t[-1]:>6.0f}) "
+              f"{ratio:>13.1%}")
     if args.json:
         Path(args.json).write_text(json.dumps({"shape": args.shape, "dtype": args.dtype, "device": device,
                                                "prompt_len": args.prompt_len, "gen_len": args.gen_len,
-                                               "weight_bytes": weight_bytes, "rows": rows,
-                                               "direct_before": direct1, "direct_after": direct2}, indent=1))
+                                               "weight_bytes": weight_bytes, "rounds": args.rounds,
+                                               "rows": rows}, indent=1))
     return 0
 
 

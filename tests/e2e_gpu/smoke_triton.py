@@ -314,7 +314,8 @@ def run_checks(args, checks, models, proc, client, log_path):
                     mismatches.append(f"case {idx}: {msg}")
             if mismatches:
                 raise RuntimeError("; ".join(mismatches))
-            how = "exact" if exact else "top-5 rule"
+            num_equal = sum(solo[(m, idx)] == case["greedy_ids"] for idx, case in enumerate(cases))
+            how = "exact" if exact else f"top-5 rule, {num_equal}/{len(cases)} equal"
             return f"{len(cases)} prompts x {len(cases[0]['greedy_ids'])} tokens, {how}"
         checks.run(f"{m}: generate greedy == transformers ({info['fixture']})", golden)
 

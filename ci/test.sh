@@ -44,6 +44,7 @@ if ! "$PY" -c "import pytriton, tritonclient.grpc, tritonclient.http, pytest, re
     "nvidia-pytriton==0.7.0" "tritonclient[grpc,http]" pytest requests
 fi
 cargo build --release --locked --lib --bins
-# The suite starts its own tritonserver on free loopback ports and stops it.
+# The suite starts its own tritonserver on free loopback ports and stops it. The GPU smoke test's
+# own logic (tests/e2e_gpu, run on the GPU machine by ci/gpu_triton.sh) is checked here too.
 FERRUM_SMOLLM2_GGUF="${FERRUM_SMOLLM2_GGUF:-$PWD/models/SmolLM2-135M-Instruct.Q4_1.gguf}" \
-  "$PY" -m pytest -q tests/e2e
+  "$PY" -m pytest -q tests/e2e tests/e2e_gpu/test_smoke_logic.py

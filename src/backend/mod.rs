@@ -115,7 +115,12 @@ impl triton_api::entry::Backend for FerrumBackend {
             triton_api::log::Level::Info,
             "ferrum: model '{name}' ready on {}: {} weights ({:.1} MiB), {} KV blocks of {} tokens, context {} tokens, max_batch_size {}, decoupled {}",
             loaded.device,
-            format!("{:?}", loaded.weight_format).to_lowercase(),
+            // The GPU keeps weights in its dtype; the CPU in its weight format (f32 or q8).
+            if loaded.device.starts_with("cuda") {
+                crate::engine::options::dtype_name(loaded.dtype).to_owned()
+            } else {
+                format!("{:?}", loaded.weight_format).to_lowercase()
+            },
             loaded.weight_bytes as f64 / (1 << 20) as f64,
             loaded.num_kv_blocks,
             loaded.block_size,

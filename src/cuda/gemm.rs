@@ -18,7 +18,10 @@
 //!
 //! One `Gemm` per device: the cuBLASLt handle and its workspace (32 MiB on Hopper, 4 MiB before,
 //! NVIDIA's recommendation) are created once; the descriptors, layouts and chosen algorithm of
-//! each (dtype, m, n, k, bias) are created on first use and cached. All calls are serialized by
+//! each (dtype, m, n, k, bias) are created on first use and cached. The heuristic is asked for
+//! several candidates; for small m (decode, memory-bound: `MAX_TUNED_M`) the first call of a
+//! shape times each on the call's operands and keeps the fastest (never while the stream is
+//! being captured into a graph). All calls are serialized by
 //! one lock (the handles are used from one thread at a time). This module never synchronizes
 //! and never panics; it knows nothing of models.
 
@@ -176,7 +179,17 @@ struct LtPlan {
     /// y: column-major [n, m], ld n (also the layout of C, which beta = 0 ignores).
     c: LtLayout,
     algo: lt_sys::cublasLtMatmulAlgo_t,
+    /// The heuristic's candidates, best guess first (`algo` is one of them).
+    candidates: Vec<lt_sys::cublasLtMatmulAlgo_t>,
 }
+
+/// Algorithms asked of cuBLASLt's heuristic per shape.
+const NUM_HEURISTIC_CANDIDATES: usize = 8;
+/// Products with m up to this are tuned by timing (decode shapes, memory-bound, where the
+/// heuristic's first guess is often not the fastest); larger ones take the heuristic's first.
+pub const MAX_TUNED_M: usize = 64;
+/// Timed runs per candidate.
+const TUNE_REPEATS: usize = 5;
 
 type PlanKey = (DType, GemmShape, bool);
 
@@ -195,6 +208,8 @@ pub struct Gemm {
     lt: LtHandle,
     workspace: CudaSlice<u8>,
     state: Mutex<GemmState>,
+    /// Whether new small-m shapes are tuned by timing their candidates (`MAX_TUNED_M`).
+    tuning: bool,
 }
 
 // SAFETY: the raw cuBLAS(Lt) handles and descriptors are only used while holding `state`'s lock
@@ -232,7 +247,22 @@ impl Gemm {
             lt: handle,
             workspace,
             state: Mutex::new(GemmState::default()),
+            tuning: true,
         })
+    }
+
+    /// Turns timing-based algorithm choice for small m on or off (on by default); off, every
+    /// shape takes the heuristic's first algorithm.
+    pub fn set_tuning(&mut self, on: bool) {
+        self.tuning = on;
+    }
+
+    fn capturing(&self) -> Result<bool, CudaError> {
+        let status = self
+            .stream
+            .capture_status()
+            .map_err(|e| CudaError::driver("reading the stream's capture status", e))?;
+        Ok(status != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
     }
 
     /// cuBLASLt workspace size for `arch`: 32 MiB on Hopper and newer, 4 MiB before.
@@ -338,7 +368,15 @@ impl Gemm {
             for fused in tries {
                 let key = (T::DTYPE, shape, fused);
                 if let std::collections::hash_map::Entry::Vacant(e) = state.plans.entry(key) {
-                    e.insert(self.lt_plan(T::DTYPE, shape, fused)?);
+                    let mut plan = self.lt_plan(T::DTYPE, shape, fused)?;
+                    if let Some(p) = &mut plan
+                        && m <= MAX_TUNED_M
+                        && self.tuning
+                        && !self.capturing()?
+                    {
+                        self.tune(p, y, x, w, if fused { bias } else { None }, shape)?;
+                    }
+                    e.insert(plan);
                 }
                 if let Some(Some(plan)) = state.plans.get(&key) {
                     self.run_lt(
@@ -451,21 +489,103 @@ impl Gemm {
             )
         }
         .map_err(|e| err("cublasLtMatmulPreferenceSetAttribute", e))?;
-        // SAFETY: every descriptor and layout above is live; the heuristic only reads them.
-        let heuristic =
-            unsafe { lt::get_matmul_algo_heuristic(self.lt.0, desc.0, a.0, b.0, c.0, c.0, pref.0) };
-        match heuristic {
-            Ok(h) => Ok(Some(LtPlan {
-                desc,
-                a,
-                b,
-                c,
-                algo: h.algo,
-            })),
-            // No algorithm (cudarc reports a count of 0 as NOT_SUPPORTED): fall back.
-            Err(lt::CublasError(lt_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => Ok(None),
-            Err(e) => Err(err("cublasLtMatmulAlgoGetHeuristic", e)),
+        let mut results = [lt_sys::cublasLtMatmulHeuristicResult_t {
+            algo: lt_sys::cublasLtMatmulAlgo_t { data: [0; 8] },
+            workspaceSize: 0,
+            state: lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS,
+            wavesCount: 0.0,
+            reserved: [0; 4],
+        }; NUM_HEURISTIC_CANDIDATES];
+        let mut count = 0i32;
+        // SAFETY: every descriptor and layout above is live; the heuristic only reads them and
+        // writes at most NUM_HEURISTIC_CANDIDATES results into `results` and their count.
+        let status = unsafe {
+            lt_sys::cublasLtMatmulAlgoGetHeuristic(
+                self.lt.0,
+                desc.0,
+                a.0,
+                b.0,
+                c.0,
+                c.0,
+                pref.0,
+                NUM_HEURISTIC_CANDIDATES as i32,
+                results.as_mut_ptr(),
+                &mut count,
+            )
+        };
+        match status.result() {
+            Ok(()) => {}
+            Err(lt::CublasError(lt_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(err("cublasLtMatmulAlgoGetHeuristic", e)),
         }
+        let candidates: Vec<lt_sys::cublasLtMatmulAlgo_t> = results
+            .iter()
+            .take(count.clamp(0, NUM_HEURISTIC_CANDIDATES as i32) as usize)
+            .filter(|r| r.state == lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+            .map(|r| r.algo)
+            .collect();
+        // No algorithm: fall back.
+        let Some(&algo) = candidates.first() else {
+            return Ok(None);
+        };
+        Ok(Some(LtPlan {
+            desc,
+            a,
+            b,
+            c,
+            algo,
+            candidates,
+        }))
+    }
+
+    /// Times each heuristic candidate of `plan` on the call's own operands (`TUNE_REPEATS`
+    /// runs each after one warm-up, CUDA events) and keeps the fastest. Synchronizes: run only
+    /// outside graph capture, once per shape.
+    #[allow(clippy::too_many_arguments)]
+    fn tune<T: FloatElem>(
+        &self,
+        plan: &mut LtPlan,
+        y: &mut DeviceBuffer<T>,
+        x: &DeviceBuffer<T>,
+        w: &DeviceBuffer<T>,
+        bias: Option<&DeviceBuffer<T>>,
+        shape: GemmShape,
+    ) -> Result<(), CudaError> {
+        if plan.candidates.len() < 2 {
+            return Ok(());
+        }
+        let event = |what: &'static str| {
+            self.stream
+                .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| CudaError::driver(what, e))
+        };
+        let mut best: Option<(f32, lt_sys::cublasLtMatmulAlgo_t)> = None;
+        for algo in plan.candidates.clone() {
+            plan.algo = algo;
+            // An algorithm the heuristic offered may still refuse this problem: skip it.
+            if self.run_lt(plan, y, x, w, bias, T::DTYPE, shape).is_err() {
+                continue;
+            }
+            let start = event("timing a GEMM candidate")?;
+            let mut ok = true;
+            for _ in 0..TUNE_REPEATS {
+                ok &= self.run_lt(plan, y, x, w, bias, T::DTYPE, shape).is_ok();
+            }
+            let end = event("timing a GEMM candidate")?;
+            let ms = start
+                .elapsed_ms(&end)
+                .map_err(|e| CudaError::driver("timing a GEMM candidate", e))?;
+            if ok && best.is_none_or(|(b, _)| ms < b) {
+                best = Some((ms, algo));
+            }
+        }
+        plan.algo = match best {
+            Some((_, algo)) => algo,
+            None => plan.candidates[0],
+        };
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -6,9 +6,11 @@
 //! two), it exposes the algorithm heuristic so the choice per shape can be cached, and it is the
 //! API later epilogues (activation, fp8 scales) hang off. Plain cuBLAS (`cublasGemmEx`) is the
 //! fallback for any shape cuBLASLt has no algorithm for (it accepts every m, n, k and leading
-//! dimension), with the bias added by `elementwise::add_bias`. f32 uses `CUBLAS_COMPUTE_32F`
-//! (no TF32), so f32 products are exact f32 arithmetic up to summation order and can be compared
-//! tightly with the CPU engine.
+//! dimension), with the bias added by `elementwise::add_bias`. Decode products of a few rows
+//! (m <= `GEMV_AUTO_MAX_M`) go to ferrum's own memory-bound kernel (`kernels/gemv.cu`, 16-byte
+//! weight loads, bias fused) instead, which streams the weights closer to the copy bandwidth.
+//! f32 uses `CUBLAS_COMPUTE_32F` (no TF32), so f32 products are exact f32 arithmetic up to
+//! summation order and can be compared tightly with the CPU engine.
 //!
 //! Row-major to column-major: cuBLAS sees row-major y `[m, n]` as column-major yᵀ `[n, m]`
 //! (ld n), and yᵀ = W · xᵀ where W row-major `[n, k]` is column-major `[k, n]` (ld k) used
@@ -37,8 +39,52 @@ use super::buffer::{DeviceBuffer, FloatElem};
 use super::device::CudaDevice;
 use super::elementwise::add_bias;
 use super::error::{CudaError, CudaLibrary};
+use super::kernels::KernelId;
 use super::kernels::SmArch;
+use super::ops::{NULL_PTR, launch_error, to_i32, to_u32};
 use crate::dtype::DType;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+/// Launches gemv.cu on shapes `linear_with` checked (lengths, device, gemv_supported).
+fn gemv<T: FloatElem>(
+    dev: &CudaDevice,
+    y: &mut DeviceBuffer<T>,
+    x: &DeviceBuffer<T>,
+    w: &DeviceBuffer<T>,
+    bias: Option<&DeviceBuffer<T>>,
+    shape: GemmShape,
+) -> Result<(), CudaError> {
+    const OP: &str = "gemv";
+    let GemmShape { m, n, k } = shape;
+    let entry = format!("gemv_{}", T::DTYPE);
+    let f = dev.function(KernelId::Gemv, &[], &entry)?;
+    let ints = [
+        to_i32(OP, "m", m)?,
+        to_i32(OP, "n", n)?,
+        to_i32(OP, "k", k)?,
+    ];
+    let cfg = LaunchConfig {
+        grid_dim: (to_u32(OP, "CTAs", n.div_ceil(GEMV_WARPS))?, 1, 1),
+        block_dim: ((GEMV_WARPS * 32) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&mut y.slice).arg(&x.slice).arg(&w.slice);
+    match bias {
+        Some(bias) => b.arg(&bias.slice),
+        None => b.arg(&NULL_PTR),
+    };
+    for i in &ints {
+        b.arg(i);
+    }
+    // SAFETY: the arguments match gemv.cu's signature (y, x, w, bias, m, n, k); y holds m * n,
+    // x m * k, w n * k and bias n elements (checked by linear_with, all on this device);
+    // m <= GEMV_MAX_M and k * size_of::<T>() % 16 == 0, so every row of x and W starts 16-byte
+    // aligned (allocations are 256-byte aligned) and the kernel's 16-byte loads stay inside
+    // them; GEMV_WARPS * 32 threads, as the kernel's launch bounds; warps past n return.
+    unsafe { b.launch(cfg) }.map_err(|e| launch_error(dev, &entry, e))?;
+    Ok(())
+}
 
 /// The sizes of one product: y `[m, n]` = x `[m, k]` · W `[n, k]`ᵀ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -57,6 +103,22 @@ pub enum GemmBackend {
     CublasLt,
     /// cuBLAS `gemmEx` + bias kernel: the fallback, selectable for tests.
     Cublas,
+    /// ferrum's skinny-product kernel (`kernels/gemv.cu`, bias fused), for m <= GEMV_MAX_M and
+    /// 16-byte rows (an error otherwise); Auto takes it for m <= GEMV_AUTO_MAX_M.
+    Gemv,
+}
+
+/// Most rows of x the gemv kernel takes (gemv.cu `GEMV_MAX_M`).
+pub const GEMV_MAX_M: usize = 8;
+/// Most rows for which `GemmBackend::Auto` prefers the gemv kernel to cuBLASLt: each weight
+/// vector meets m x vectors from L1, so the kernel stays memory-bound only for a few rows.
+pub const GEMV_AUTO_MAX_M: usize = 4;
+/// Warps (= output features) per CTA of the gemv kernel (gemv.cu `GEMV_WARPS`).
+const GEMV_WARPS: usize = 4;
+
+/// Whether the gemv kernel takes a product of `m` rows with `k` inputs in `dtype`.
+pub fn gemv_supported(dtype: DType, m: usize, k: usize) -> bool {
+    (1..=GEMV_MAX_M).contains(&m) && k > 0 && (k * dtype.size_in_bytes()) % 16 == 0
 }
 
 /// How the bias was applied.
@@ -347,6 +409,34 @@ impl Gemm {
             return Ok(GemmPath {
                 library: CudaLibrary::CublasLt,
                 bias: bias_path,
+            });
+        }
+        let use_gemv = match backend {
+            GemmBackend::Gemv => {
+                if !gemv_supported(T::DTYPE, m, k) {
+                    return Err(CudaError::invalid(
+                        OP,
+                        "shape",
+                        describe(T::DTYPE, shape, bias.is_some()),
+                        format!(
+                            "the gemv kernel needs m in 1..={GEMV_MAX_M} and 16-byte rows of x and W"
+                        ),
+                    ));
+                }
+                true
+            }
+            GemmBackend::Auto => m <= GEMV_AUTO_MAX_M && gemv_supported(T::DTYPE, m, k),
+            GemmBackend::CublasLt | GemmBackend::Cublas => false,
+        };
+        if use_gemv {
+            gemv(dev, y, x, w, bias, shape)?;
+            return Ok(GemmPath {
+                library: CudaLibrary::Nvrtc,
+                bias: if bias.is_some() {
+                    BiasPath::Epilogue
+                } else {
+                    BiasPath::None
+                },
             });
         }
         self.stream

@@ -52,11 +52,13 @@ use crate::cuda::ops::{
     self, BlockTables, DecodeAttention, KvCacheShape, KvSource, LearnedPositions, PagedKv,
     RotaryLayout,
 };
+use crate::cuda::sampling::{GpuSampler, SampleBatch};
 use crate::cuda::{CudaDevice, DeviceBuffer, DeviceGraph, FloatElem, Gemm, GemmShape, KernelId};
 use crate::dtype::DType;
 use crate::model::spec::{DecoderSpec, Mlp, PosEmbedding, Residual};
 use crate::model::weights::{DecoderWeights, LayerWeights, NormWeights};
 use crate::ops::linear::Weight;
+use crate::sampling::Sampled;
 use crate::scheduler::SchedulePlan;
 
 /// Default fraction of free GPU memory given to the KV cache (tensorrtllm_backend's default).
@@ -567,12 +569,9 @@ fn pack_step(
         }
         let last_row = first_row + q_len - 1;
         if s.sample {
-            let logits_row = match bucket {
-                Some(_) => last_row,
-                None => sample_rows.len(),
-            };
-            host[o[3] + logits_row] = last_row as u32;
-            sample_rows.push(logits_row);
+            // Logits row k is the k-th sampling sequence of the plan.
+            host[o[3] + sample_rows.len()] = last_row as u32;
+            sample_rows.push(sample_rows.len());
         }
         if q_len == 1 {
             host[o[4] + dec_idx] = ctx as u32;
@@ -585,11 +584,8 @@ fn pack_step(
             pre_row += q_len;
         }
     }
-    if bucket.is_some() {
-        for r in dec_idx..num_decode_rows {
-            host[o[3] + r] = r as u32;
-        }
-    }
+    // A graph computes logits for every bucket row: the rows past the sampling ones repeat
+    // batch row 0 (discarded).
     Ok(layout)
 }
 
@@ -864,8 +860,11 @@ pub struct CudaExecutor<T: FloatElem> {
     ws: Option<Workspace<T>>,
     /// The packed inputs of the current step (StepLayout), reused.
     host: Vec<u32>,
-    /// Logits row of each sampling sequence of the current step, plan order.
+    /// Logits row of each sampling sequence of the current step, plan order (0, 1, 2, ...:
+    /// the first rows of `ws.logits`).
     sample_rows: Vec<usize>,
+    /// Samples on the device for `execute_and_sample`.
+    sampler: GpuSampler,
     /// Capacity of the step buffers: tokens, sequences, block-table entries per sequence.
     max_tokens: usize,
     max_seqs: usize,
@@ -987,6 +986,7 @@ impl<T: FloatElem> CudaExecutor<T> {
                 ws: Some(ws),
                 host: Vec::new(),
                 sample_rows: Vec::new(),
+                sampler: GpuSampler::new(),
                 max_tokens,
                 max_seqs,
                 max_blocks: max_blocks_per_seq(kv_cfg),
@@ -1502,35 +1502,78 @@ impl<T: FloatElem> Executor for CudaExecutor<T> {
             });
         }
         let layout = self.pack(plan)?;
+        let num_rows = self.sample_rows.len();
+        let data = self.with_step(&layout, |exec, ws| {
+            if num_rows == 0 {
+                return Ok(vec![]);
+            }
+            ws.logits.set_len(num_rows * vocab_size)?;
+            Ok(exec
+                .dev
+                .download(&ws.logits)?
+                .into_iter()
+                .map(T::to_f32)
+                .collect())
+        })?;
+        Ok(Logits { vocab_size, data })
+    }
+
+    fn samples_on_device(&self) -> bool {
+        true
+    }
+
+    fn execute_and_sample(
+        &mut self,
+        plan: &SchedulePlan,
+        rows: &SampleBatch,
+    ) -> crate::Result<Vec<Sampled>> {
+        self.dev.stream().context().bind_to_thread().map_err(|e| {
+            crate::cuda::CudaError::driver("binding the device to the engine thread", e)
+        })?;
+        let vocab_size = self.spec.vocab_size;
+        let num_sampling = plan.seqs.iter().filter(|s| s.sample).count();
+        if rows.num_rows() != num_sampling {
+            return Err(device_err(format!(
+                "{} sampling rows given for a plan with {num_sampling} sampling sequences",
+                rows.num_rows()
+            )));
+        }
+        if plan.seqs.is_empty() || plan.num_batched_tokens == 0 {
+            return Ok(vec![]);
+        }
+        let layout = self.pack(plan)?;
+        let num_rows = self.sample_rows.len();
+        self.with_step(&layout, |exec, ws| {
+            if num_rows == 0 {
+                return Ok(vec![]);
+            }
+            // Only the ids (and the logprobs asked for) come back.
+            ws.logits.set_len(num_rows * vocab_size)?;
+            exec.sampler
+                .sample(&exec.dev, &ws.logits, vocab_size, rows)?;
+            Ok(exec.sampler.fetch(&exec.dev)?)
+        })
+    }
+}
+
+impl<T: FloatElem> CudaExecutor<T> {
+    /// Runs the packed step (`launch`), then `finish` on its logits, with the workspace lent
+    /// out of `self` for the duration.
+    fn with_step<R>(
+        &mut self,
+        layout: &StepLayout,
+        finish: impl FnOnce(&mut Self, &mut Workspace<T>) -> crate::Result<R>,
+    ) -> crate::Result<R> {
         let Some(mut ws) = self.ws.take() else {
             return Err(device_err(
                 "the step workspace is gone after a failed step".into(),
             ));
         };
-        let result = self.launch(&mut ws, &layout);
-        let logits = result.and_then(|()| {
-            // Download only the rows up to the last one sampled, then pick them in plan order.
-            let num_rows = self.sample_rows.iter().map(|&r| r + 1).max().unwrap_or(0);
-            if num_rows == 0 {
-                return Ok(vec![]);
-            }
-            ws.logits.set_len(num_rows * vocab_size)?;
-            let host = self.dev.download(&ws.logits)?;
-            let mut data = Vec::with_capacity(self.sample_rows.len() * vocab_size);
-            for &r in &self.sample_rows {
-                data.extend(
-                    host[r * vocab_size..(r + 1) * vocab_size]
-                        .iter()
-                        .map(|&v| v.to_f32()),
-                );
-            }
-            Ok(data)
-        });
+        let result = self
+            .launch(&mut ws, layout)
+            .and_then(|()| finish(self, &mut ws));
         self.ws = Some(ws);
-        Ok(Logits {
-            vocab_size,
-            data: logits?,
-        })
+        result
     }
 }
 
@@ -1673,8 +1716,8 @@ mod tests {
         assert_eq!(host[o[2] + 6] as i32, -1);
         assert_eq!(host[o[2] + 7] as i32, -1);
         assert_eq!(&host[o[4]..o[5]], &[3, 9, 1, 0]);
-        // Logits rows are the identity; each seq samples its own decode row.
-        assert_eq!(&host[o[3]..o[4]], &[0, 1, 2, 3]);
+        // Logits rows: the sampling seqs' rows, then padding (row 0, discarded).
+        assert_eq!(&host[o[3]..o[4]], &[0, 1, 2, 0]);
         assert_eq!(rows, vec![0, 1, 2]);
         // Without graphs the same step is exact-sized.
         let l = pack_step(&plan, &limits(&[]), &mut host, &mut rows).unwrap();

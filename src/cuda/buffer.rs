@@ -66,19 +66,49 @@ impl FloatElem for half::f16 {
     }
 }
 
-/// One allocation of `len` elements of `T` on a device.
+/// One allocation of `capacity()` elements of `T` on a device, of which the first `len()` are in
+/// use. Launchers check shapes against `len()` and pass the allocation's start to the kernels,
+/// so a buffer allocated once for the largest step serves every smaller step at the same device
+/// address (what CUDA graph replays need): `set_len` picks the prefix in use.
 #[derive(Debug)]
 pub struct DeviceBuffer<T> {
     pub(crate) slice: CudaSlice<T>,
+    pub(crate) len: usize,
 }
 
 impl<T> DeviceBuffer<T> {
+    pub(crate) fn from_slice(slice: CudaSlice<T>) -> Self {
+        let len = slice.len();
+        DeviceBuffer { slice, len }
+    }
+
+    /// Elements in use (what launchers and copies see).
     pub fn len(&self) -> usize {
-        self.slice.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.slice.len() == 0
+        self.len == 0
+    }
+
+    /// Elements allocated.
+    pub fn capacity(&self) -> usize {
+        self.slice.len()
+    }
+
+    /// Uses the first `len` elements from now on; fails when `len > capacity()`. The contents
+    /// are kept.
+    pub fn set_len(&mut self, len: usize) -> Result<(), super::CudaError> {
+        if len > self.capacity() {
+            return Err(super::CudaError::invalid(
+                "set_len",
+                "len",
+                len,
+                format!("must be <= the buffer's capacity {}", self.capacity()),
+            ));
+        }
+        self.len = len;
+        Ok(())
     }
 
     /// The ordinal of the device that holds the buffer.
@@ -86,7 +116,8 @@ impl<T> DeviceBuffer<T> {
         self.slice.ordinal()
     }
 
+    /// Bytes in use: `len() * size_of::<T>()`.
     pub fn num_bytes(&self) -> usize {
-        self.slice.num_bytes()
+        self.len * std::mem::size_of::<T>()
     }
 }

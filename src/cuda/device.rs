@@ -10,7 +10,11 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{
+    CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaStream, DevicePtr,
+    DevicePtrMut,
+};
 use cudarc::nvrtc::Ptx;
 
 use super::buffer::{DeviceBuffer, DeviceElem};
@@ -36,6 +40,31 @@ type ModuleKey = (KernelId, Vec<Define>);
 struct KernelCache {
     modules: HashMap<ModuleKey, Arc<CudaModule>>,
     functions: HashMap<(ModuleKey, String), CudaFunction>,
+}
+
+/// A captured and instantiated graph of device work, replayed on the device's stream with the
+/// buffers (addresses) and launch parameters it was captured with.
+pub struct DeviceGraph {
+    graph: CudaGraph,
+}
+
+// SAFETY: a graph is only used through `&self` of its owner (the executor), which one thread at
+// a time holds; CUDA graph execs may be launched from any thread as long as calls do not overlap.
+unsafe impl Send for DeviceGraph {}
+
+impl DeviceGraph {
+    /// Replays the graph on the stream it was captured on (async).
+    pub fn launch(&self) -> Result<(), CudaError> {
+        self.graph
+            .launch()
+            .map_err(|e| CudaError::driver("launching a graph", e))
+    }
+}
+
+impl std::fmt::Debug for DeviceGraph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceGraph").finish_non_exhaustive()
+    }
 }
 
 pub struct CudaDevice {
@@ -171,7 +200,7 @@ impl CudaDevice {
                 e,
             )
         })?;
-        Ok(DeviceBuffer { slice })
+        Ok(DeviceBuffer::from_slice(slice))
     }
 
     /// A new buffer holding a copy of `host`.
@@ -223,7 +252,7 @@ impl CudaDevice {
             return Ok(());
         }
         self.stream
-            .memcpy_dtoh(&src.slice, host)
+            .memcpy_dtoh(&src.slice.slice(0..src.len()), host)
             .map_err(|e| CudaError::driver("copying device to host", e))?;
         self.synchronize()
     }
@@ -233,6 +262,84 @@ impl CudaDevice {
         let mut host = vec![T::default(); src.len()];
         self.copy_to_host(src, &mut host)?;
         Ok(host)
+    }
+
+    /// Copies `dst.num_bytes()` bytes from the packed `src`, starting at word `word_offset`, into
+    /// `dst` (device to device, async): one upload of a packed host array, then one copy per
+    /// typed buffer. The source range must lie inside `src`'s capacity.
+    pub fn copy_packed<S: DeviceElem>(
+        &self,
+        src: &DeviceBuffer<u32>,
+        word_offset: usize,
+        dst: &mut DeviceBuffer<S>,
+    ) -> Result<(), CudaError> {
+        self.check_buffer("copy_packed", "src", src)?;
+        self.check_buffer("copy_packed", "dst", dst)?;
+        let num_bytes = dst.num_bytes();
+        let src_bytes = src.capacity() * 4;
+        if num_bytes % 4 != 0 || word_offset * 4 + num_bytes > src_bytes {
+            return Err(CudaError::invalid(
+                "copy_packed",
+                "range",
+                format!("{num_bytes} bytes at word {word_offset}"),
+                format!("must be whole words inside the source's {src_bytes} bytes"),
+            ));
+        }
+        if num_bytes == 0 {
+            return Ok(());
+        }
+        let (src_ptr, _gs) = src.slice.device_ptr(&self.stream);
+        let (dst_ptr, _gd) = dst.slice.device_ptr_mut(&self.stream);
+        // SAFETY: both pointers are live allocations on this device; the source range
+        // [word_offset * 4, + num_bytes) lies inside src's allocation and dst holds num_bytes
+        // (checked above); the copy is ordered on this device's one stream.
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(
+                dst_ptr,
+                src_ptr + (word_offset * 4) as u64,
+                num_bytes,
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(|e| CudaError::driver("copying packed step inputs", e))
+    }
+
+    /// Starts capturing this device's stream into a graph (thread-local mode: other threads'
+    /// CUDA calls are not affected). Every launch until `end_capture` is recorded, not run.
+    pub fn begin_capture(&self) -> Result<(), CudaError> {
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| CudaError::driver("beginning a graph capture", e))
+    }
+
+    /// Ends the capture begun by `begin_capture` and instantiates the graph. Called after a
+    /// failed capture too, to give the stream back.
+    pub fn end_capture(&self) -> Result<DeviceGraph, CudaError> {
+        let graph = self
+            .stream
+            .end_capture(CUgraphInstantiate_flags(0))
+            .map_err(|e| CudaError::driver("ending a graph capture", e))?;
+        match graph {
+            Some(graph) => {
+                graph
+                    .upload()
+                    .map_err(|e| CudaError::driver("uploading a graph", e))?;
+                Ok(DeviceGraph { graph })
+            }
+            None => Err(CudaError::invalid(
+                "end_capture",
+                "graph",
+                "empty",
+                "the capture recorded no work",
+            )),
+        }
+    }
+
+    /// An event recorded on the stream now, with timing (for per-op profiles).
+    pub fn timing_event(&self) -> Result<CudaEvent, CudaError> {
+        self.stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| CudaError::driver("recording an event", e))
     }
 
     /// Checks that `buf` lives on this device.

@@ -6,9 +6,11 @@
 //! two), it exposes the algorithm heuristic so the choice per shape can be cached, and it is the
 //! API later epilogues (activation, fp8 scales) hang off. Plain cuBLAS (`cublasGemmEx`) is the
 //! fallback for any shape cuBLASLt has no algorithm for (it accepts every m, n, k and leading
-//! dimension), with the bias added by `elementwise::add_bias`. f32 uses `CUBLAS_COMPUTE_32F`
-//! (no TF32), so f32 products are exact f32 arithmetic up to summation order and can be compared
-//! tightly with the CPU engine.
+//! dimension), with the bias added by `elementwise::add_bias`. Decode products of a few rows
+//! (m <= `GEMV_AUTO_MAX_M`) go to ferrum's own memory-bound kernel (`kernels/gemv.cu`, 16-byte
+//! weight loads, bias fused) instead, which streams the weights closer to the copy bandwidth.
+//! f32 uses `CUBLAS_COMPUTE_32F` (no TF32), so f32 products are exact f32 arithmetic up to
+//! summation order and can be compared tightly with the CPU engine.
 //!
 //! Row-major to column-major: cuBLAS sees row-major y `[m, n]` as column-major yᵀ `[n, m]`
 //! (ld n), and yᵀ = W · xᵀ where W row-major `[n, k]` is column-major `[k, n]` (ld k) used
@@ -18,7 +20,10 @@
 //!
 //! One `Gemm` per device: the cuBLASLt handle and its workspace (32 MiB on Hopper, 4 MiB before,
 //! NVIDIA's recommendation) are created once; the descriptors, layouts and chosen algorithm of
-//! each (dtype, m, n, k, bias) are created on first use and cached. All calls are serialized by
+//! each (dtype, m, n, k, bias) are created on first use and cached. The heuristic is asked for
+//! several candidates; for small m (decode, memory-bound: `MAX_TUNED_M`) the first call of a
+//! shape times each on the call's operands and keeps the fastest (never while the stream is
+//! being captured into a graph). All calls are serialized by
 //! one lock (the handles are used from one thread at a time). This module never synchronizes
 //! and never panics; it knows nothing of models.
 
@@ -34,8 +39,52 @@ use super::buffer::{DeviceBuffer, FloatElem};
 use super::device::CudaDevice;
 use super::elementwise::add_bias;
 use super::error::{CudaError, CudaLibrary};
+use super::kernels::KernelId;
 use super::kernels::SmArch;
+use super::ops::{NULL_PTR, launch_error, to_i32, to_u32};
 use crate::dtype::DType;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+/// Launches gemv.cu on shapes `linear_with` checked (lengths, device, gemv_supported).
+fn gemv<T: FloatElem>(
+    dev: &CudaDevice,
+    y: &mut DeviceBuffer<T>,
+    x: &DeviceBuffer<T>,
+    w: &DeviceBuffer<T>,
+    bias: Option<&DeviceBuffer<T>>,
+    shape: GemmShape,
+) -> Result<(), CudaError> {
+    const OP: &str = "gemv";
+    let GemmShape { m, n, k } = shape;
+    let entry = format!("gemv_{}", T::DTYPE);
+    let f = dev.function(KernelId::Gemv, &[], &entry)?;
+    let ints = [
+        to_i32(OP, "m", m)?,
+        to_i32(OP, "n", n)?,
+        to_i32(OP, "k", k)?,
+    ];
+    let cfg = LaunchConfig {
+        grid_dim: (to_u32(OP, "CTAs", n.div_ceil(GEMV_WARPS))?, 1, 1),
+        block_dim: ((GEMV_WARPS * 32) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&mut y.slice).arg(&x.slice).arg(&w.slice);
+    match bias {
+        Some(bias) => b.arg(&bias.slice),
+        None => b.arg(&NULL_PTR),
+    };
+    for i in &ints {
+        b.arg(i);
+    }
+    // SAFETY: the arguments match gemv.cu's signature (y, x, w, bias, m, n, k); y holds m * n,
+    // x m * k, w n * k and bias n elements (checked by linear_with, all on this device);
+    // m <= GEMV_MAX_M and k * size_of::<T>() % 16 == 0, so every row of x and W starts 16-byte
+    // aligned (allocations are 256-byte aligned) and the kernel's 16-byte loads stay inside
+    // them; GEMV_WARPS * 32 threads, as the kernel's launch bounds; warps past n return.
+    unsafe { b.launch(cfg) }.map_err(|e| launch_error(dev, &entry, e))?;
+    Ok(())
+}
 
 /// The sizes of one product: y `[m, n]` = x `[m, k]` · W `[n, k]`ᵀ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -54,6 +103,22 @@ pub enum GemmBackend {
     CublasLt,
     /// cuBLAS `gemmEx` + bias kernel: the fallback, selectable for tests.
     Cublas,
+    /// ferrum's skinny-product kernel (`kernels/gemv.cu`, bias fused), for m <= GEMV_MAX_M and
+    /// 16-byte rows (an error otherwise); Auto takes it for m <= GEMV_AUTO_MAX_M.
+    Gemv,
+}
+
+/// Most rows of x the gemv kernel takes (gemv.cu `GEMV_MAX_M`).
+pub const GEMV_MAX_M: usize = 8;
+/// Most rows for which `GemmBackend::Auto` prefers the gemv kernel to cuBLASLt: each weight
+/// vector meets m x vectors from L1, so the kernel stays memory-bound only for a few rows.
+pub const GEMV_AUTO_MAX_M: usize = 4;
+/// Warps (= output features) per CTA of the gemv kernel (gemv.cu `GEMV_WARPS`).
+const GEMV_WARPS: usize = 4;
+
+/// Whether the gemv kernel takes a product of `m` rows with `k` inputs in `dtype`.
+pub fn gemv_supported(dtype: DType, m: usize, k: usize) -> bool {
+    (1..=GEMV_MAX_M).contains(&m) && k > 0 && (k * dtype.size_in_bytes()) % 16 == 0
 }
 
 /// How the bias was applied.
@@ -176,7 +241,17 @@ struct LtPlan {
     /// y: column-major [n, m], ld n (also the layout of C, which beta = 0 ignores).
     c: LtLayout,
     algo: lt_sys::cublasLtMatmulAlgo_t,
+    /// The heuristic's candidates, best guess first (`algo` is one of them).
+    candidates: Vec<lt_sys::cublasLtMatmulAlgo_t>,
 }
+
+/// Algorithms asked of cuBLASLt's heuristic per shape.
+const NUM_HEURISTIC_CANDIDATES: usize = 8;
+/// Products with m up to this are tuned by timing (decode shapes, memory-bound, where the
+/// heuristic's first guess is often not the fastest); larger ones take the heuristic's first.
+pub const MAX_TUNED_M: usize = 64;
+/// Timed runs per candidate.
+const TUNE_REPEATS: usize = 5;
 
 type PlanKey = (DType, GemmShape, bool);
 
@@ -195,6 +270,8 @@ pub struct Gemm {
     lt: LtHandle,
     workspace: CudaSlice<u8>,
     state: Mutex<GemmState>,
+    /// Whether new small-m shapes are tuned by timing their candidates (`MAX_TUNED_M`).
+    tuning: bool,
 }
 
 // SAFETY: the raw cuBLAS(Lt) handles and descriptors are only used while holding `state`'s lock
@@ -232,7 +309,22 @@ impl Gemm {
             lt: handle,
             workspace,
             state: Mutex::new(GemmState::default()),
+            tuning: true,
         })
+    }
+
+    /// Turns timing-based algorithm choice for small m on or off (on by default); off, every
+    /// shape takes the heuristic's first algorithm.
+    pub fn set_tuning(&mut self, on: bool) {
+        self.tuning = on;
+    }
+
+    fn capturing(&self) -> Result<bool, CudaError> {
+        let status = self
+            .stream
+            .capture_status()
+            .map_err(|e| CudaError::driver("reading the stream's capture status", e))?;
+        Ok(status != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
     }
 
     /// cuBLASLt workspace size for `arch`: 32 MiB on Hopper and newer, 4 MiB before.
@@ -319,6 +411,34 @@ impl Gemm {
                 bias: bias_path,
             });
         }
+        let use_gemv = match backend {
+            GemmBackend::Gemv => {
+                if !gemv_supported(T::DTYPE, m, k) {
+                    return Err(CudaError::invalid(
+                        OP,
+                        "shape",
+                        describe(T::DTYPE, shape, bias.is_some()),
+                        format!(
+                            "the gemv kernel needs m in 1..={GEMV_MAX_M} and 16-byte rows of x and W"
+                        ),
+                    ));
+                }
+                true
+            }
+            GemmBackend::Auto => m <= GEMV_AUTO_MAX_M && gemv_supported(T::DTYPE, m, k),
+            GemmBackend::CublasLt | GemmBackend::Cublas => false,
+        };
+        if use_gemv {
+            gemv(dev, y, x, w, bias, shape)?;
+            return Ok(GemmPath {
+                library: CudaLibrary::Nvrtc,
+                bias: if bias.is_some() {
+                    BiasPath::Epilogue
+                } else {
+                    BiasPath::None
+                },
+            });
+        }
         self.stream
             .context()
             .bind_to_thread()
@@ -338,7 +458,15 @@ impl Gemm {
             for fused in tries {
                 let key = (T::DTYPE, shape, fused);
                 if let std::collections::hash_map::Entry::Vacant(e) = state.plans.entry(key) {
-                    e.insert(self.lt_plan(T::DTYPE, shape, fused)?);
+                    let mut plan = self.lt_plan(T::DTYPE, shape, fused)?;
+                    if let Some(p) = &mut plan
+                        && m <= MAX_TUNED_M
+                        && self.tuning
+                        && !self.capturing()?
+                    {
+                        self.tune(p, y, x, w, if fused { bias } else { None }, shape)?;
+                    }
+                    e.insert(plan);
                 }
                 if let Some(Some(plan)) = state.plans.get(&key) {
                     self.run_lt(
@@ -451,21 +579,103 @@ impl Gemm {
             )
         }
         .map_err(|e| err("cublasLtMatmulPreferenceSetAttribute", e))?;
-        // SAFETY: every descriptor and layout above is live; the heuristic only reads them.
-        let heuristic =
-            unsafe { lt::get_matmul_algo_heuristic(self.lt.0, desc.0, a.0, b.0, c.0, c.0, pref.0) };
-        match heuristic {
-            Ok(h) => Ok(Some(LtPlan {
-                desc,
-                a,
-                b,
-                c,
-                algo: h.algo,
-            })),
-            // No algorithm (cudarc reports a count of 0 as NOT_SUPPORTED): fall back.
-            Err(lt::CublasError(lt_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => Ok(None),
-            Err(e) => Err(err("cublasLtMatmulAlgoGetHeuristic", e)),
+        let mut results = [lt_sys::cublasLtMatmulHeuristicResult_t {
+            algo: lt_sys::cublasLtMatmulAlgo_t { data: [0; 8] },
+            workspaceSize: 0,
+            state: lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS,
+            wavesCount: 0.0,
+            reserved: [0; 4],
+        }; NUM_HEURISTIC_CANDIDATES];
+        let mut count = 0i32;
+        // SAFETY: every descriptor and layout above is live; the heuristic only reads them and
+        // writes at most NUM_HEURISTIC_CANDIDATES results into `results` and their count.
+        let status = unsafe {
+            lt_sys::cublasLtMatmulAlgoGetHeuristic(
+                self.lt.0,
+                desc.0,
+                a.0,
+                b.0,
+                c.0,
+                c.0,
+                pref.0,
+                NUM_HEURISTIC_CANDIDATES as i32,
+                results.as_mut_ptr(),
+                &mut count,
+            )
+        };
+        match status.result() {
+            Ok(()) => {}
+            Err(lt::CublasError(lt_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(err("cublasLtMatmulAlgoGetHeuristic", e)),
         }
+        let candidates: Vec<lt_sys::cublasLtMatmulAlgo_t> = results
+            .iter()
+            .take(count.clamp(0, NUM_HEURISTIC_CANDIDATES as i32) as usize)
+            .filter(|r| r.state == lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+            .map(|r| r.algo)
+            .collect();
+        // No algorithm: fall back.
+        let Some(&algo) = candidates.first() else {
+            return Ok(None);
+        };
+        Ok(Some(LtPlan {
+            desc,
+            a,
+            b,
+            c,
+            algo,
+            candidates,
+        }))
+    }
+
+    /// Times each heuristic candidate of `plan` on the call's own operands (`TUNE_REPEATS`
+    /// runs each after one warm-up, CUDA events) and keeps the fastest. Synchronizes: run only
+    /// outside graph capture, once per shape.
+    #[allow(clippy::too_many_arguments)]
+    fn tune<T: FloatElem>(
+        &self,
+        plan: &mut LtPlan,
+        y: &mut DeviceBuffer<T>,
+        x: &DeviceBuffer<T>,
+        w: &DeviceBuffer<T>,
+        bias: Option<&DeviceBuffer<T>>,
+        shape: GemmShape,
+    ) -> Result<(), CudaError> {
+        if plan.candidates.len() < 2 {
+            return Ok(());
+        }
+        let event = |what: &'static str| {
+            self.stream
+                .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| CudaError::driver(what, e))
+        };
+        let mut best: Option<(f32, lt_sys::cublasLtMatmulAlgo_t)> = None;
+        for algo in plan.candidates.clone() {
+            plan.algo = algo;
+            // An algorithm the heuristic offered may still refuse this problem: skip it.
+            if self.run_lt(plan, y, x, w, bias, T::DTYPE, shape).is_err() {
+                continue;
+            }
+            let start = event("timing a GEMM candidate")?;
+            let mut ok = true;
+            for _ in 0..TUNE_REPEATS {
+                ok &= self.run_lt(plan, y, x, w, bias, T::DTYPE, shape).is_ok();
+            }
+            let end = event("timing a GEMM candidate")?;
+            let ms = start
+                .elapsed_ms(&end)
+                .map_err(|e| CudaError::driver("timing a GEMM candidate", e))?;
+            if ok && best.is_none_or(|(b, _)| ms < b) {
+                best = Some((ms, algo));
+            }
+        }
+        plan.algo = match best {
+            Some((_, algo)) => algo,
+            None => plan.candidates[0],
+        };
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -44,10 +44,12 @@ pub enum KernelId {
     Elementwise,
     /// `sample_{dt}`: the batched GPU sampler (see `cuda::sampling`)
     Sample,
+    /// `gemv_{dt}`: skinny products for decode, m <= 8 (see `cuda::gemm`)
+    Gemv,
 }
 
 impl KernelId {
-    pub const ALL: [KernelId; 11] = [
+    pub const ALL: [KernelId; 12] = [
         KernelId::Embedding,
         KernelId::Norm,
         KernelId::Rotary,
@@ -59,6 +61,7 @@ impl KernelId {
         KernelId::AttentionSplitK,
         KernelId::Elementwise,
         KernelId::Sample,
+        KernelId::Gemv,
     ];
 
     pub fn file_name(self) -> &'static str {
@@ -74,6 +77,7 @@ impl KernelId {
             KernelId::AttentionSplitK => "attention_splitk.cu",
             KernelId::Elementwise => "elementwise.cu",
             KernelId::Sample => "sample.cu",
+            KernelId::Gemv => "gemv.cu",
         }
     }
 
@@ -90,6 +94,7 @@ impl KernelId {
             KernelId::AttentionSplitK => include_str!("../../kernels/attention_splitk.cu"),
             KernelId::Elementwise => include_str!("../../kernels/elementwise.cu"),
             KernelId::Sample => include_str!("../../kernels/sample.cu"),
+            KernelId::Gemv => include_str!("../../kernels/gemv.cu"),
         }
     }
 
@@ -111,6 +116,7 @@ impl KernelId {
             }
             KernelId::Elementwise => &["clamp", "add", "add_bias", "gather_rows"],
             KernelId::Sample => &["sample"],
+            KernelId::Gemv => &["gemv"],
         }
     }
 }

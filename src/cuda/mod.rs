@@ -22,7 +22,7 @@ pub mod probe;
 pub mod sampling;
 
 pub use buffer::{DeviceBuffer, DeviceElem, FloatElem};
-pub use device::{CudaDevice, DeviceInfo, device_count};
+pub use device::{CudaDevice, DeviceGraph, DeviceInfo, device_count};
 pub use error::{CudaError, CudaLibrary};
 pub use gemm::{BiasPath, Gemm, GemmBackend, GemmPath, GemmShape};
 pub use kernels::{CompiledKernel, Define, KernelId, SmArch, compile};

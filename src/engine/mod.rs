@@ -15,9 +15,12 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 
+use crate::cuda::sampling::{RowSampling, SampleBatch, TokenHistory};
 use crate::executor::Executor;
-use crate::request::{FinishReason, GenerateRequest, Prompt, RequestError, SeqId, TokenEvent};
-use crate::sampling::Sampler;
+use crate::request::{
+    FinishReason, GenerateRequest, Prompt, RequestError, SamplingParams, SeqId, TokenEvent,
+};
+use crate::sampling::{Penalties, Rng, Sampled, Sampler};
 use crate::scheduler::{SchedulePlan, Scheduler, SchedulerConfig};
 use crate::tokenizer::{IncrementalDecoder, StopStringMatcher, Tokenizer};
 
@@ -270,6 +273,7 @@ impl Engine {
             seqs: HashMap::new(),
             stats: EngineStats::default(),
             seed_base: seed_base(),
+            sample_batch: SampleBatch::new(),
         };
         let thread = std::thread::Builder::new()
             .name("ferrum-engine".into())
@@ -309,9 +313,21 @@ fn seed_base() -> u64 {
         .map_or(0x5eed, |d| d.as_nanos() as u64)
 }
 
+/// A request's sampling state when the executor samples on its device: the same seed as its
+/// host `Sampler`, so the device consumes the RNG exactly as the host would
+/// (`cuda::sampling::RowSampling`).
+struct DeviceSampling {
+    params: SamplingParams,
+    rng: Rng,
+    /// Penalty bookkeeping; None when every penalty is off.
+    history: Option<TokenHistory>,
+}
+
 /// Per-request state kept by the engine thread.
 struct SeqState {
     sampler: Sampler,
+    /// Set when the executor samples on its device (then `sampler` only keeps its bookkeeping).
+    device_sampling: Option<DeviceSampling>,
     detok: Option<IncrementalDecoder>,
     stop_strings: Option<StopStringMatcher>,
     events: EventSink,
@@ -329,6 +345,8 @@ struct Worker {
     seqs: HashMap<SeqId, SeqState>,
     stats: EngineStats,
     seed_base: u64,
+    /// The sampling rows of a device-sampled step, reused.
+    sample_batch: SampleBatch,
 }
 
 impl Worker {
@@ -440,6 +458,21 @@ impl Worker {
             .seed
             .unwrap_or(self.seed_base ^ seq_id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let sampler = Sampler::new(&request.sampling, seed, &prompt_ids, info.vocab_size);
+        let device_sampling = self.executor.samples_on_device().then(|| {
+            let p = &request.sampling;
+            let penalties = Penalties {
+                repetition: p.repetition_penalty,
+                presence: p.presence_penalty,
+                frequency: p.frequency_penalty,
+            };
+            DeviceSampling {
+                params: p.clone(),
+                rng: Rng::new(seed),
+                history: penalties
+                    .is_enabled()
+                    .then(|| TokenHistory::new(&prompt_ids, info.vocab_size)),
+            }
+        });
         let detok = match (&info.tokenizer, request.detokenize) {
             (Some(t), true) => Some(IncrementalDecoder::new(t.clone(), &prompt_ids, true)),
             _ => None,
@@ -461,6 +494,7 @@ impl Worker {
             seq_id,
             SeqState {
                 sampler,
+                device_sampling,
                 detok,
                 stop_strings,
                 events,
@@ -489,8 +523,8 @@ impl Worker {
     fn step(&mut self, plan: SchedulePlan) {
         self.stats.num_steps += 1;
         self.stats.num_preemptions += plan.preempted.len() as u64;
-        let mut logits = match self.executor.execute(&plan) {
-            Ok(l) => l,
+        let outs = match self.sample_step(&plan) {
+            Ok(outs) => outs,
             Err(e) => {
                 // A failed step fails the requests in it; the engine keeps serving the rest.
                 for s in &plan.seqs {
@@ -508,18 +542,20 @@ impl Worker {
         let mut sampled = Vec::new();
         let mut done = Vec::new();
         let sampling = plan.seqs.iter().filter(|s| s.sample);
-        for (row_idx, s) in sampling.enumerate() {
+        for (s, out) in sampling.zip(outs) {
             let Some(state) = self.seqs.get_mut(&s.seq_id) else {
                 continue;
             };
-            let suppressed: &[u32] = if state.num_generated < state.min_tokens {
-                &state.stop_ids
-            } else {
-                &[]
+            let Some(out) = out else {
+                continue;
             };
-            let out = state.sampler.sample(logits.row_mut(row_idx), suppressed);
             let token_id = out.token_id;
             state.sampler.accept(token_id);
+            if let Some(ds) = &mut state.device_sampling
+                && let Some(h) = &mut ds.history
+            {
+                h.accept(token_id);
+            }
             state.num_generated += 1;
             self.stats.num_generated_tokens += 1;
             sampled.push((s.seq_id, token_id));
@@ -580,6 +616,66 @@ impl Worker {
                 self.stats.num_aborted += 1;
             }
         }
+    }
+}
+
+impl Worker {
+    /// Executes the plan and samples one token per sampling sequence (plan order; None for a
+    /// sequence the engine no longer tracks): on the device when the executor samples there
+    /// (only ids and requested logprobs cross back), else on the host from the logits.
+    fn sample_step(&mut self, plan: &SchedulePlan) -> crate::Result<Vec<Option<Sampled>>> {
+        if self.executor.samples_on_device() {
+            self.sample_batch.clear();
+            let mut known = Vec::new();
+            for s in plan.seqs.iter().filter(|s| s.sample) {
+                let greedy = RowSampling::new(&SamplingParams::default(), &mut Rng::new(0));
+                let state = self.seqs.get_mut(&s.seq_id);
+                known.push(state.is_some());
+                match state {
+                    Some(state) => {
+                        let suppressed: &[u32] = if state.num_generated < state.min_tokens {
+                            &state.stop_ids
+                        } else {
+                            &[]
+                        };
+                        let Some(ds) = &mut state.device_sampling else {
+                            return Err(crate::Error::Device(format!(
+                                "sequence {:?} has no device sampling state",
+                                s.seq_id
+                            )));
+                        };
+                        let row = RowSampling::new(&ds.params, &mut ds.rng);
+                        self.sample_batch
+                            .push(&row, ds.history.as_ref(), suppressed)?;
+                    }
+                    // Keeps the rows aligned with the plan; its token is dropped.
+                    None => self.sample_batch.push(&greedy, None, &[])?,
+                }
+            }
+            let outs = self.executor.execute_and_sample(plan, &self.sample_batch)?;
+            return Ok(outs
+                .into_iter()
+                .zip(known)
+                .map(|(o, k)| k.then_some(o))
+                .collect());
+        }
+        let mut logits = self.executor.execute(plan)?;
+        let mut outs = Vec::new();
+        for (row_idx, s) in plan.seqs.iter().filter(|s| s.sample).enumerate() {
+            let Some(state) = self.seqs.get_mut(&s.seq_id) else {
+                outs.push(None);
+                continue;
+            };
+            let suppressed: &[u32] = if state.num_generated < state.min_tokens {
+                &state.stop_ids
+            } else {
+                &[]
+            };
+            outs.push(Some(
+                state.sampler.sample(logits.row_mut(row_idx), suppressed),
+            ));
+        }
+        Ok(outs)
     }
 }
 

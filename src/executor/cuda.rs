@@ -16,29 +16,49 @@
 //!   logits = lm_head(final_norm(x[sampling rows])) -> host f32
 //! ```
 //!
-//! Attention goes through one function, `attention`: today every scheduled token is its own
-//! decode query (context = its position + 1, over its sequence's block table), which is exact
-//! for prefill, chunked prefill against cached blocks and decode alike, at O(n²) cost for long
-//! prompts; the flash prefill kernel replaces that one function. Sampling stays on the host: the
-//! logits of the sampling rows come back as f32.
+//! A step is packed on the host into one u32 array (`StepLayout`: token ids, positions, slots,
+//! logits rows, then block tables and lengths of the decode rows and of the prefill chunks),
+//! uploaded in one copy and scattered on the device into typed buffers. Tokens are ordered
+//! decode rows first, then prefill chunks: decode rows go through split-K (flash-decoding)
+//! attention, prefill chunks (q_len > 1, chunked prefill against cached blocks included)
+//! through the flash prefill kernel. Every step buffer, the split-K workspace included, is
+//! allocated once at construction for `max_num_batched_tokens` / `max_num_seqs` (`Workspace`)
+//! and reused at fixed addresses, so pure decode steps are captured as CUDA graphs per
+//! batch-size bucket (`graph_buckets`; padded rows are inert) and replayed: one upload, one
+//! graph launch, one logits download per step. Prefill and mixed steps run eagerly. The only
+//! host sync of a step is the final logits copy. Sampling stays on the host: the logits of the
+//! sampling rows come back as f32.
+//!
+//! Environment: `FERRUM_CUDA_GRAPHS=0` runs decode eagerly; `FERRUM_CUDA_PROFILE=1` (graphs
+//! off) times every op of eager decode steps with CUDA events and prints the per-op table when
+//! the executor is dropped.
 //!
 //! The KV cache is sized once, at construction (`plan_kv_blocks`). This module never panics on
-//! plan data (a short block table is an error) and holds no `unsafe`: every device call goes
+//! plan data (a short block table or a plan over the step capacity is an error) and holds no
+//! `unsafe`: every device call goes
 //! through the checked launchers of `crate::cuda`.
+
+use std::collections::HashMap;
 
 use half::{bf16, f16};
 
 use super::{Executor, Logits};
+use crate::cuda::attention::{
+    PrefillKernel, PrefillSeqs, SplitKPlan, SplitKWorkspace, paged_attention_decode_splitk,
+    paged_attention_prefill, splitk_supported,
+};
 use crate::cuda::elementwise;
 use crate::cuda::ops::{
     self, BlockTables, DecodeAttention, KvCacheShape, KvSource, LearnedPositions, PagedKv,
     RotaryLayout,
 };
-use crate::cuda::{CudaDevice, DeviceBuffer, FloatElem, Gemm, GemmShape, KernelId};
+use crate::cuda::sampling::{GpuSampler, SampleBatch};
+use crate::cuda::{CudaDevice, DeviceBuffer, DeviceGraph, FloatElem, Gemm, GemmShape, KernelId};
 use crate::dtype::DType;
 use crate::model::spec::{DecoderSpec, Mlp, PosEmbedding, Residual};
 use crate::model::weights::{DecoderWeights, LayerWeights, NormWeights};
 use crate::ops::linear::Weight;
+use crate::sampling::Sampled;
 use crate::scheduler::SchedulePlan;
 
 /// Default fraction of free GPU memory given to the KV cache (tensorrtllm_backend's default).
@@ -110,16 +130,23 @@ pub fn activation_workspace_bytes(spec: &DecoderSpec, cfg: &KvCacheConfig, dtype
         Mlp::Gated => 2 * inter,
         Mlp::Plain => inter,
     };
-    // x, normed, qkv, attn, attn_proj, gate_up, act, mlp_out
+    // x, normed, qkv, attn, attn_proj, gate_up, act, mlp_out (Workspace, per token)
     let per_token_elems = h + h + (q + 2 * kv) + q + h + gate_up + inter + h;
-    let max_blocks = cfg.max_model_len.div_ceil(cfg.block_size.max(1));
-    // ids, positions, slots, context lens, logits rows + the per-token block table
-    let per_token_inputs = 4 + 4 + 8 + 4 + 4 + 4 * max_blocks;
-    let m = cfg.max_num_batched_tokens;
-    let rows = cfg.max_num_seqs.min(m);
-    let logits =
-        rows * (spec.vocab_size * (dtype.size_in_bytes() + 4) + 2 * h * dtype.size_in_bytes());
-    m * (per_token_elems * dtype.size_in_bytes() + per_token_inputs) + logits + RESERVED_GPU_BYTES
+    let mb = max_blocks_per_seq(cfg);
+    let m = cfg.max_num_batched_tokens.max(cfg.max_num_seqs);
+    let seqs = cfg.max_num_seqs.max(1);
+    // token ids, positions, slots (i64) and their packed words
+    let per_token_inputs = 4 + 4 + 8 + 16;
+    // per sequence: last, last_normed, logits rows; decode and prefill tables, typed and packed;
+    // the per-sequence lengths
+    let per_seq = (2 * h + spec.vocab_size) * dtype.size_in_bytes() + 4 * (4 * mb + 16);
+    // split-K partials: at most (SMs * 8 CTAs * 8 heads per CTA) + one per (sequence, head),
+    // bounded here for 256 SMs, each (head_dim + 2) f32.
+    let splitk = (256 * 8 * 8 + seqs * spec.num_heads) * (spec.head_dim + 2) * 4;
+    m * (per_token_elems * dtype.size_in_bytes() + per_token_inputs)
+        + seqs * per_seq
+        + splitk
+        + RESERVED_GPU_BYTES
 }
 
 /// The number of KV blocks: the smallest of what `free_gpu_mem_fraction` of the memory left
@@ -175,8 +202,44 @@ pub fn plan_kv_blocks(
     })
 }
 
+/// How the executor runs steps (beside the KV cache sizing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CudaExecOptions {
+    /// Capture pure decode steps as CUDA graphs per batch-size bucket and replay them.
+    pub cuda_graphs: bool,
+    /// Time every op of eager decode steps with CUDA events; the table is printed to stderr
+    /// when the executor is dropped. Turns graphs off.
+    pub profile: bool,
+}
+
+impl Default for CudaExecOptions {
+    fn default() -> Self {
+        CudaExecOptions {
+            cuda_graphs: true,
+            profile: false,
+        }
+    }
+}
+
+impl CudaExecOptions {
+    /// The defaults, overridden by `FERRUM_CUDA_GRAPHS=0|1` and `FERRUM_CUDA_PROFILE=0|1`.
+    pub fn from_env() -> Self {
+        let flag = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .map(|v| !matches!(v.as_str(), "" | "0" | "false" | "off"))
+        };
+        let d = CudaExecOptions::default();
+        CudaExecOptions {
+            cuda_graphs: flag("FERRUM_CUDA_GRAPHS").unwrap_or(d.cuda_graphs),
+            profile: flag("FERRUM_CUDA_PROFILE").unwrap_or(d.profile),
+        }
+    }
+}
+
 /// Opens a CUDA executor on `dev` for `dtype`: uploads `weights`, sizes and allocates the KV
-/// cache. Returns the executor and the cache plan (the caller logs it).
+/// cache. Returns the executor and the cache plan (the caller logs it). Options from the
+/// environment (`CudaExecOptions::from_env`).
 pub fn open(
     dev: CudaDevice,
     spec: DecoderSpec,
@@ -184,17 +247,29 @@ pub fn open(
     dtype: DType,
     kv: &KvCacheConfig,
 ) -> crate::Result<(Box<dyn Executor>, KvCachePlan)> {
+    open_with(dev, spec, weights, dtype, kv, &CudaExecOptions::from_env())
+}
+
+/// `open` with explicit options.
+pub fn open_with(
+    dev: CudaDevice,
+    spec: DecoderSpec,
+    weights: DecoderWeights,
+    dtype: DType,
+    kv: &KvCacheConfig,
+    opts: &CudaExecOptions,
+) -> crate::Result<(Box<dyn Executor>, KvCachePlan)> {
     Ok(match dtype {
         DType::F32 => {
-            let (e, p) = CudaExecutor::<f32>::new(dev, spec, weights, kv)?;
+            let (e, p) = CudaExecutor::<f32>::new(dev, spec, weights, kv, opts)?;
             (Box::new(e), p)
         }
         DType::BF16 => {
-            let (e, p) = CudaExecutor::<bf16>::new(dev, spec, weights, kv)?;
+            let (e, p) = CudaExecutor::<bf16>::new(dev, spec, weights, kv, opts)?;
             (Box::new(e), p)
         }
         DType::F16 => {
-            let (e, p) = CudaExecutor::<f16>::new(dev, spec, weights, kv)?;
+            let (e, p) = CudaExecutor::<f16>::new(dev, spec, weights, kv, opts)?;
             (Box::new(e), p)
         }
     })
@@ -251,23 +326,431 @@ struct LayerKv<T> {
     v: DeviceBuffer<T>,
 }
 
-/// One step's inputs on the device.
-struct StepInputs {
+/// Decode batch sizes that get a CUDA graph of their own: powers of two up to `max_num_seqs`,
+/// then `max_num_seqs` itself. A decode step of n sequences replays the smallest bucket >= n,
+/// its padding rows inert (no cache write, empty context, logits discarded).
+pub fn graph_buckets(max_num_seqs: usize) -> Vec<usize> {
+    let mut buckets: Vec<usize> = std::iter::successors(Some(1usize), |&b| b.checked_mul(2))
+        .take_while(|&b| b < max_num_seqs)
+        .collect();
+    if max_num_seqs > 0 {
+        buckets.push(max_num_seqs);
+    }
+    buckets
+}
+
+/// Block-table entries per sequence in the step inputs: enough for `max_model_len` tokens.
+fn max_blocks_per_seq(cfg: &KvCacheConfig) -> usize {
+    cfg.max_model_len.div_ceil(cfg.block_size.max(1)).max(1)
+}
+
+/// Query heads as the attention kernels see them.
+fn attention_params(spec: &DecoderSpec) -> DecodeAttention {
+    DecodeAttention {
+        num_heads: spec.num_heads,
+        num_kv_heads: spec.num_kv_heads,
+        head_dim: spec.head_dim,
+        scale: spec.attn_scale,
+        sliding_window: spec.sliding_window,
+    }
+}
+
+/// Partials the split-K workspace must hold so that every batch of 1..=max_num_seqs decode rows
+/// can split as `SplitKPlan::choose` says for contexts up to max_model_len.
+fn splitk_capacity(spec: &DecoderSpec, cfg: &KvCacheConfig, num_sms: usize, dtype: DType) -> usize {
+    let p = attention_params(spec);
+    (1..=cfg.max_num_seqs.max(1))
+        .map(|n| {
+            let plan = SplitKPlan::choose(num_sms, dtype, n, &p, cfg.max_model_len);
+            if plan.num_splits > 1 {
+                n * spec.num_heads * plan.num_splits
+            } else {
+                0
+            }
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Where each array of one step sits in the packed upload (offsets in u32 words), and the
+/// step's sizes. Tokens are ordered decode rows first (one per decode sequence, plan order),
+/// then the prefill chunks (plan order), so that split-K decode reads a prefix of the batch and
+/// the prefill kernel the rest.
+///
+/// ```text
+///   packed: [token_ids m][positions m][slots 2m (i64)][logits_rows r]
+///           [dec_context_lens d][dec_tables d * mb][pre_q_starts p][pre_q_lens p]
+///           [pre_context_lens p][pre_tables p * mb]
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StepLayout {
+    /// Batch rows (tokens), padding included.
     num_tokens: usize,
-    /// [num_tokens]
-    token_ids: DeviceBuffer<u32>,
-    /// [num_tokens]
-    positions: DeviceBuffer<u32>,
-    /// [num_tokens] cache slot of each token
-    slots: DeviceBuffer<i64>,
-    /// [num_tokens, max_blocks]: each token's sequence's block table (-1 past its end), so that
-    /// every token can be a decode query of its own (see `attention`).
-    token_block_tables: DeviceBuffer<i32>,
-    /// [num_tokens]: position + 1 of each token.
-    token_context_lens: DeviceBuffer<i32>,
+    /// Decode rows (= sequences with one query token), padding included.
+    num_decode: usize,
+    /// Prefill sequences (q_len > 1).
+    num_prefill: usize,
+    max_q_len: usize,
+    /// Longest decode context (sizes the split-K plan).
+    max_decode_context: usize,
+    /// Rows of logits computed.
+    num_rows: usize,
+    /// The graph bucket this decode step replays, if any.
+    bucket: Option<usize>,
+    num_words: usize,
+}
+
+impl StepLayout {
+    fn offsets(&self, mb: usize) -> [usize; 11] {
+        let (m, d, p, r) = (
+            self.num_tokens,
+            self.num_decode,
+            self.num_prefill,
+            self.num_rows,
+        );
+        let sizes = [m, m, 2 * m, r, d, d * mb, p, p, p, p * mb];
+        let mut offs = [0usize; 11];
+        for (i, s) in sizes.iter().enumerate() {
+            offs[i + 1] = offs[i] + s;
+        }
+        offs
+    }
+}
+
+/// What `pack_step` needs to know of the executor.
+struct StepLimits<'a> {
+    block_size: usize,
+    num_blocks: usize,
+    /// Block-table entries per sequence.
     max_blocks: usize,
-    /// [num_logits_rows] token index of each sampling row
+    max_tokens: usize,
+    max_seqs: usize,
+    /// Decode graph buckets (empty: no graphs).
+    buckets: &'a [usize],
+}
+
+/// Flattens the plan into `host` (the packed upload, see `StepLayout`) and `sample_rows` (the
+/// logits row of each sampling sequence, plan order); checks every block table covers its
+/// chunk and fits the step buffers.
+fn pack_step(
+    plan: &SchedulePlan,
+    lim: &StepLimits<'_>,
+    host: &mut Vec<u32>,
+    sample_rows: &mut Vec<usize>,
+) -> crate::Result<StepLayout> {
+    let bs = lim.block_size;
+    let mb = lim.max_blocks;
+    let num_tokens = plan.num_batched_tokens;
+    if num_tokens > lim.max_tokens {
+        return Err(device_err(format!(
+            "plan of {num_tokens} batched tokens exceeds the executor's max_num_batched_tokens {}",
+            lim.max_tokens
+        )));
+    }
+    if plan.seqs.len() > lim.max_seqs {
+        return Err(device_err(format!(
+            "plan of {} sequences exceeds the executor's max_num_seqs {}",
+            plan.seqs.len(),
+            lim.max_seqs
+        )));
+    }
+    let mut num_decode = 0;
+    let mut num_prefill = 0;
+    let mut max_q_len = 0;
+    let mut max_decode_context = 0;
+    let mut counted = 0;
+    for s in &plan.seqs {
+        let end = s.start_pos + s.token_ids.len();
+        let needed = end.div_ceil(bs);
+        if s.block_table.len() < needed {
+            return Err(device_err(format!(
+                "sequence {:?}: block table of {} blocks of {bs} does not cover positions up to {end}",
+                s.seq_id,
+                s.block_table.len()
+            )));
+        }
+        if needed > mb {
+            return Err(device_err(format!(
+                "sequence {:?}: {end} tokens exceed max_model_len ({mb} blocks of {bs})",
+                s.seq_id
+            )));
+        }
+        if i32::try_from(end).is_err() {
+            return Err(device_err(format!("position {end} does not fit in i32")));
+        }
+        counted += s.token_ids.len();
+        match s.token_ids.len() {
+            0 => {}
+            1 => {
+                num_decode += 1;
+                max_decode_context = max_decode_context.max(end);
+            }
+            q => {
+                num_prefill += 1;
+                max_q_len = max_q_len.max(q);
+            }
+        }
+    }
+    if counted != num_tokens {
+        return Err(device_err(format!(
+            "plan counts {num_tokens} batched tokens but its sequences hold {counted}"
+        )));
+    }
+    let num_sampling = plan.seqs.iter().filter(|s| s.sample).count();
+    // A pure decode step replays the graph of its bucket.
+    let bucket = match num_prefill {
+        0 if num_decode > 0 => lim.buckets.iter().copied().find(|&b| b >= num_decode),
+        _ => None,
+    };
+    let (num_tokens, num_decode_rows, num_rows) = match bucket {
+        Some(b) => (b, b, b),
+        None => (num_tokens, num_decode, num_sampling),
+    };
+    let mut layout = StepLayout {
+        num_tokens,
+        num_decode: num_decode_rows,
+        num_prefill,
+        max_q_len,
+        max_decode_context,
+        num_rows,
+        bucket,
+        num_words: 0,
+    };
+    let o = layout.offsets(mb);
+    layout.num_words = o[10];
+    host.clear();
+    host.resize(layout.num_words, 0);
+    // Padding defaults: slot -1 (not written), tables -1, context 0, identity logits rows.
+    for w in &mut host[o[2]..o[3]] {
+        *w = u32::MAX;
+    }
+    for w in &mut host[o[5]..o[6]] {
+        *w = u32::MAX;
+    }
+    for w in &mut host[o[9]..o[10]] {
+        *w = u32::MAX;
+    }
+    sample_rows.clear();
+    let (mut dec_idx, mut pre_idx) = (0usize, 0usize);
+    let mut pre_row = num_decode_rows;
+    for s in &plan.seqs {
+        let q_len = s.token_ids.len();
+        if q_len == 0 {
+            continue;
+        }
+        let first_row = if q_len == 1 { dec_idx } else { pre_row };
+        let ctx = s.start_pos + q_len;
+        let table_off = if q_len == 1 {
+            o[5] + dec_idx * mb
+        } else {
+            o[9] + pre_idx * mb
+        };
+        for (i, b) in s.block_table.iter().take(ctx.div_ceil(bs)).enumerate() {
+            let id = i32::try_from(b.0)
+                .ok()
+                .filter(|&id| (id as usize) < lim.num_blocks)
+                .ok_or_else(|| {
+                    device_err(format!(
+                        "sequence {:?}: block id {} outside the cache's {} blocks",
+                        s.seq_id, b.0, lim.num_blocks
+                    ))
+                })?;
+            host[table_off + i] = id as u32;
+        }
+        for (i, &id) in s.token_ids.iter().enumerate() {
+            let pos = s.start_pos + i;
+            let row = first_row + i;
+            host[o[0] + row] = id;
+            host[o[1] + row] = pos as u32;
+            let block = host[table_off + pos / bs] as u64;
+            let slot = block * bs as u64 + (pos % bs) as u64;
+            host[o[2] + 2 * row] = slot as u32;
+            host[o[2] + 2 * row + 1] = (slot >> 32) as u32;
+        }
+        let last_row = first_row + q_len - 1;
+        if s.sample {
+            // Logits row k is the k-th sampling sequence of the plan.
+            host[o[3] + sample_rows.len()] = last_row as u32;
+            sample_rows.push(sample_rows.len());
+        }
+        if q_len == 1 {
+            host[o[4] + dec_idx] = ctx as u32;
+            dec_idx += 1;
+        } else {
+            host[o[6] + pre_idx] = first_row as u32;
+            host[o[7] + pre_idx] = q_len as u32;
+            host[o[8] + pre_idx] = ctx as u32;
+            pre_idx += 1;
+            pre_row += q_len;
+        }
+    }
+    // A graph computes logits for every bucket row: the rows past the sampling ones repeat
+    // batch row 0 (discarded).
+    Ok(layout)
+}
+
+/// Device buffers of one step, allocated once at executor creation for the largest step and
+/// reused (`DeviceBuffer::set_len` picks the prefix in use): no allocation per step, and fixed
+/// addresses for graph replays.
+struct Workspace<T> {
+    /// [tokens, hidden] the residual stream
+    x: DeviceBuffer<T>,
+    /// [tokens, hidden]
+    normed: DeviceBuffer<T>,
+    /// [tokens, q_dim + 2 kv_dim]
+    qkv: DeviceBuffer<T>,
+    /// [tokens, q_dim]
+    attn: DeviceBuffer<T>,
+    /// [tokens, hidden]
+    attn_proj: DeviceBuffer<T>,
+    /// [tokens, 2 inter] (gated) or [tokens, inter]
+    gate_up: DeviceBuffer<T>,
+    /// [tokens, inter] (gated only)
+    act: DeviceBuffer<T>,
+    /// [tokens, hidden]
+    mlp_out: DeviceBuffer<T>,
+    /// [rows, hidden]
+    last: DeviceBuffer<T>,
+    /// [rows, hidden]
+    last_normed: DeviceBuffer<T>,
+    /// [rows, vocab]
+    logits: DeviceBuffer<T>,
+    /// the packed step inputs (StepLayout), one upload per step
+    packed: DeviceBuffer<u32>,
+    /// [tokens]
+    token_ids: DeviceBuffer<u32>,
+    /// [tokens]
+    positions: DeviceBuffer<u32>,
+    /// [tokens] cache slot of each token (-1: padding, not written)
+    slots: DeviceBuffer<i64>,
+    /// [rows] batch row of each logits row
     logits_rows: DeviceBuffer<u32>,
+    /// [decode seqs]
+    dec_context_lens: DeviceBuffer<i32>,
+    /// [decode seqs, mb]
+    dec_tables: DeviceBuffer<i32>,
+    /// [prefill seqs]
+    pre_q_starts: DeviceBuffer<i32>,
+    /// [prefill seqs]
+    pre_q_lens: DeviceBuffer<i32>,
+    /// [prefill seqs]
+    pre_context_lens: DeviceBuffer<i32>,
+    /// [prefill seqs, mb]
+    pre_tables: DeviceBuffer<i32>,
+    splitk: Option<SplitKWorkspace>,
+}
+
+impl<T: FloatElem> Workspace<T> {
+    fn new(
+        dev: &CudaDevice,
+        spec: &DecoderSpec,
+        cfg: &KvCacheConfig,
+        tokens: usize,
+        seqs: usize,
+    ) -> crate::Result<Self> {
+        let (h, q, kv, inter) = (
+            spec.hidden_size,
+            spec.q_dim(),
+            spec.kv_dim(),
+            spec.intermediate_size,
+        );
+        let mb = max_blocks_per_seq(cfg);
+        let gate_up = match spec.mlp {
+            Mlp::Gated => 2 * inter,
+            Mlp::Plain => inter,
+        };
+        let act = match spec.mlp {
+            Mlp::Gated => inter,
+            Mlp::Plain => 0,
+        };
+        let splitk_partials = splitk_capacity(spec, cfg, dev.info().num_multiprocessors, T::DTYPE);
+        let splitk = if splitk_partials > 0 && splitk_supported(T::DTYPE, spec.head_dim) {
+            Some(SplitKWorkspace::new(
+                dev,
+                splitk_partials,
+                1,
+                spec.head_dim,
+                1,
+            )?)
+        } else {
+            None
+        };
+        Ok(Workspace {
+            x: dev.alloc_zeros(tokens * h)?,
+            normed: dev.alloc_zeros(tokens * h)?,
+            qkv: dev.alloc_zeros(tokens * (q + 2 * kv))?,
+            attn: dev.alloc_zeros(tokens * q)?,
+            attn_proj: dev.alloc_zeros(tokens * h)?,
+            gate_up: dev.alloc_zeros(tokens * gate_up)?,
+            act: dev.alloc_zeros(tokens * act)?,
+            mlp_out: dev.alloc_zeros(tokens * h)?,
+            last: dev.alloc_zeros(seqs * h)?,
+            last_normed: dev.alloc_zeros(seqs * h)?,
+            logits: dev.alloc_zeros(seqs * spec.vocab_size)?,
+            packed: dev.alloc_zeros(packed_words(tokens, seqs, mb))?,
+            token_ids: dev.alloc_zeros(tokens)?,
+            positions: dev.alloc_zeros(tokens)?,
+            slots: dev.alloc_zeros(tokens)?,
+            logits_rows: dev.alloc_zeros(seqs)?,
+            dec_context_lens: dev.alloc_zeros(seqs)?,
+            dec_tables: dev.alloc_zeros(seqs * mb)?,
+            pre_q_starts: dev.alloc_zeros(seqs)?,
+            pre_q_lens: dev.alloc_zeros(seqs)?,
+            pre_context_lens: dev.alloc_zeros(seqs)?,
+            pre_tables: dev.alloc_zeros(seqs * mb)?,
+            splitk,
+        })
+    }
+}
+
+/// Words of the largest packed upload (StepLayout).
+fn packed_words(tokens: usize, seqs: usize, mb: usize) -> usize {
+    4 * tokens + seqs + 2 * seqs * (mb + 1) + 2 * seqs
+}
+
+/// Per-op device time of eager steps, from CUDA events (`FERRUM_CUDA_PROFILE=1`).
+#[derive(Default)]
+struct Profile {
+    /// Events of the current step: (op, event recorded after it).
+    marks: Vec<(&'static str, cudarc::driver::CudaEvent)>,
+    start: Option<cudarc::driver::CudaEvent>,
+    /// op -> (total ms, launches)
+    totals: Vec<(&'static str, f64, usize)>,
+    num_steps: usize,
+}
+
+impl Profile {
+    fn add(&mut self, op: &'static str, ms: f64) {
+        match self.totals.iter_mut().find(|(o, _, _)| *o == op) {
+            Some(t) => {
+                t.1 += ms;
+                t.2 += 1;
+            }
+            None => self.totals.push((op, ms, 1)),
+        }
+    }
+
+    /// A table of per-op time per step, largest first.
+    fn report(&self) -> String {
+        let steps = self.num_steps.max(1) as f64;
+        let total: f64 = self.totals.iter().map(|t| t.1).sum();
+        let mut rows = self.totals.clone();
+        rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let mut s = format!(
+            "ferrum cuda profile: {} steps, {:.3} ms/step of device time\n",
+            self.num_steps,
+            total / steps
+        );
+        for (op, ms, n) in rows {
+            s.push_str(&format!(
+                "  {op:<24} {:>9.3} ms/step {:>6.1}% {:>7.1} launches/step\n",
+                ms / steps,
+                100.0 * ms / total.max(1e-12),
+                n as f64 / steps
+            ));
+        }
+        s
+    }
 }
 
 fn device_err(what: String) -> crate::Error {
@@ -373,6 +856,26 @@ pub struct CudaExecutor<T: FloatElem> {
     alibi_slopes: Option<DeviceBuffer<f32>>,
     kv: Vec<LayerKv<T>>,
     kv_shape: KvCacheShape,
+    /// Step buffers (None only while a step holds them).
+    ws: Option<Workspace<T>>,
+    /// The packed inputs of the current step (StepLayout), reused.
+    host: Vec<u32>,
+    /// Logits row of each sampling sequence of the current step, plan order (0, 1, 2, ...:
+    /// the first rows of `ws.logits`).
+    sample_rows: Vec<usize>,
+    /// Samples on the device for `execute_and_sample`.
+    sampler: GpuSampler,
+    /// Capacity of the step buffers: tokens, sequences, block-table entries per sequence.
+    max_tokens: usize,
+    max_seqs: usize,
+    max_blocks: usize,
+    /// Decode batch sizes with a graph (`graph_buckets`).
+    buckets: Vec<usize>,
+    /// Captured decode graphs per bucket; None: capture failed, that bucket runs eagerly.
+    graphs: HashMap<usize, Option<DeviceGraph>>,
+    graphs_enabled: bool,
+    /// Per-op timings of eager decode steps (`FERRUM_CUDA_PROFILE=1`; graphs off).
+    profile: Option<Profile>,
 }
 
 impl<T: FloatElem> CudaExecutor<T> {
@@ -382,6 +885,7 @@ impl<T: FloatElem> CudaExecutor<T> {
         spec: DecoderSpec,
         weights: DecoderWeights,
         kv_cfg: &KvCacheConfig,
+        opts: &CudaExecOptions,
     ) -> crate::Result<(Self, KvCachePlan)> {
         if spec.head_dim > ops::MAX_DECODE_HEAD_DIM {
             return Err(device_err(format!(
@@ -460,7 +964,15 @@ impl<T: FloatElem> CudaExecutor<T> {
                 })
             })
             .collect::<Result<Vec<_>, crate::cuda::CudaError>>()?;
+        let max_tokens = kv_cfg
+            .max_num_batched_tokens
+            .max(kv_cfg.max_num_seqs)
+            .max(1);
+        let max_seqs = kv_cfg.max_num_seqs.max(1);
+        let ws = Workspace::new(&dev, &spec, kv_cfg, max_tokens, max_seqs)?;
         dev.synchronize()?;
+        let profile = opts.profile;
+        let graphs_enabled = opts.cuda_graphs && !profile;
         Ok((
             CudaExecutor {
                 dev,
@@ -471,87 +983,91 @@ impl<T: FloatElem> CudaExecutor<T> {
                 alibi_slopes,
                 kv,
                 kv_shape,
+                ws: Some(ws),
+                host: Vec::new(),
+                sample_rows: Vec::new(),
+                sampler: GpuSampler::new(),
+                max_tokens,
+                max_seqs,
+                max_blocks: max_blocks_per_seq(kv_cfg),
+                buckets: graph_buckets(max_seqs),
+                graphs: HashMap::new(),
+                graphs_enabled,
+                profile: profile.then(Profile::default),
             },
             plan,
         ))
     }
 
-    /// Flattens the plan into device inputs; checks every block table covers its chunk.
-    fn inputs(&self, plan: &SchedulePlan) -> crate::Result<(StepInputs, usize)> {
-        let bs = self.kv_shape.block_size;
-        let num_tokens = plan.num_batched_tokens;
-        let max_blocks = plan
-            .seqs
-            .iter()
-            .map(|s| s.block_table.len())
-            .max()
-            .unwrap_or(0)
-            .max(1);
-        let mut token_ids = Vec::with_capacity(num_tokens);
-        let mut positions = Vec::with_capacity(num_tokens);
-        let mut slots = Vec::with_capacity(num_tokens);
-        let mut tables = Vec::with_capacity(num_tokens * max_blocks);
-        let mut context_lens = Vec::with_capacity(num_tokens);
-        let mut logits_rows = Vec::new();
-        for s in &plan.seqs {
-            let end = s.start_pos + s.token_ids.len();
-            if s.block_table.len() * bs < end {
-                return Err(device_err(format!(
-                    "sequence {:?}: block table of {} blocks of {bs} does not cover positions up to {end}",
-                    s.seq_id,
-                    s.block_table.len()
-                )));
-            }
-            let mut table: Vec<i32> = Vec::with_capacity(max_blocks);
-            for b in &s.block_table {
-                let id = i32::try_from(b.0)
-                    .ok()
-                    .filter(|&id| (id as usize) < self.kv_shape.num_blocks)
-                    .ok_or_else(|| {
-                        device_err(format!(
-                            "sequence {:?}: block id {} outside the cache's {} blocks",
-                            s.seq_id, b.0, self.kv_shape.num_blocks
-                        ))
-                    })?;
-                table.push(id);
-            }
-            table.resize(max_blocks, -1);
-            for (i, &id) in s.token_ids.iter().enumerate() {
-                let pos = s.start_pos + i;
-                token_ids.push(id);
-                positions.push(
-                    u32::try_from(pos)
-                        .map_err(|_| device_err(format!("position {pos} does not fit in u32")))?,
-                );
-                slots.push((table[pos / bs] as usize * bs + pos % bs) as i64);
-                tables.extend_from_slice(&table);
-                context_lens.push((pos + 1) as i32);
-            }
-            if s.sample {
-                logits_rows.push((token_ids.len() - 1) as u32);
-            }
-        }
-        if token_ids.len() != num_tokens {
-            return Err(device_err(format!(
-                "plan counts {num_tokens} batched tokens but its sequences hold {}",
-                token_ids.len()
-            )));
-        }
-        let num_rows = logits_rows.len();
-        let dev = &self.dev;
-        Ok((
-            StepInputs {
-                num_tokens,
-                token_ids: dev.upload(&token_ids)?,
-                positions: dev.upload(&positions)?,
-                slots: dev.upload(&slots)?,
-                token_block_tables: dev.upload(&tables)?,
-                token_context_lens: dev.upload(&context_lens)?,
-                max_blocks,
-                logits_rows: dev.upload(&logits_rows)?,
+    fn pack(&mut self, plan: &SchedulePlan) -> crate::Result<StepLayout> {
+        let limits = StepLimits {
+            block_size: self.kv_shape.block_size,
+            num_blocks: self.kv_shape.num_blocks,
+            max_blocks: self.max_blocks,
+            max_tokens: self.max_tokens,
+            max_seqs: self.max_seqs,
+            buckets: if self.graphs_enabled {
+                &self.buckets
+            } else {
+                &[]
             },
-            num_rows,
-        ))
+        };
+        pack_step(plan, &limits, &mut self.host, &mut self.sample_rows)
+    }
+
+    /// Sets every step buffer's length for `layout` and copies the packed inputs (already on
+    /// the device) into the typed buffers. No host data is read: this runs inside graph
+    /// captures too.
+    fn scatter_inputs(&self, ws: &mut Workspace<T>, layout: &StepLayout) -> crate::Result<()> {
+        let spec = &self.spec;
+        let dev = &self.dev;
+        let (m, d, p, r) = (
+            layout.num_tokens,
+            layout.num_decode,
+            layout.num_prefill,
+            layout.num_rows,
+        );
+        let mb = self.max_blocks;
+        let h = spec.hidden_size;
+        let gate_up = match spec.mlp {
+            Mlp::Gated => 2 * spec.intermediate_size,
+            Mlp::Plain => spec.intermediate_size,
+        };
+        ws.x.set_len(m * h)?;
+        ws.normed.set_len(m * h)?;
+        ws.qkv.set_len(m * (spec.q_dim() + 2 * spec.kv_dim()))?;
+        ws.attn.set_len(m * spec.q_dim())?;
+        ws.attn_proj.set_len(m * h)?;
+        ws.gate_up.set_len(m * gate_up)?;
+        if matches!(spec.mlp, Mlp::Gated) {
+            ws.act.set_len(m * spec.intermediate_size)?;
+        }
+        ws.mlp_out.set_len(m * h)?;
+        ws.last.set_len(r * h)?;
+        ws.last_normed.set_len(r * h)?;
+        ws.logits.set_len(r * spec.vocab_size)?;
+        ws.token_ids.set_len(m)?;
+        ws.positions.set_len(m)?;
+        ws.slots.set_len(m)?;
+        ws.logits_rows.set_len(r)?;
+        ws.dec_context_lens.set_len(d)?;
+        ws.dec_tables.set_len(d * mb)?;
+        ws.pre_q_starts.set_len(p)?;
+        ws.pre_q_lens.set_len(p)?;
+        ws.pre_context_lens.set_len(p)?;
+        ws.pre_tables.set_len(p * mb)?;
+        let o = layout.offsets(mb);
+        dev.copy_packed(&ws.packed, o[0], &mut ws.token_ids)?;
+        dev.copy_packed(&ws.packed, o[1], &mut ws.positions)?;
+        dev.copy_packed(&ws.packed, o[2], &mut ws.slots)?;
+        dev.copy_packed(&ws.packed, o[3], &mut ws.logits_rows)?;
+        dev.copy_packed(&ws.packed, o[4], &mut ws.dec_context_lens)?;
+        dev.copy_packed(&ws.packed, o[5], &mut ws.dec_tables)?;
+        dev.copy_packed(&ws.packed, o[6], &mut ws.pre_q_starts)?;
+        dev.copy_packed(&ws.packed, o[7], &mut ws.pre_q_lens)?;
+        dev.copy_packed(&ws.packed, o[8], &mut ws.pre_context_lens)?;
+        dev.copy_packed(&ws.packed, o[9], &mut ws.pre_tables)?;
+        Ok(())
     }
 
     fn norm(
@@ -591,87 +1107,152 @@ impl<T: FloatElem> CudaExecutor<T> {
         Ok(())
     }
 
-    /// Attention of every scheduled token over its sequence's cache (its own k/v already
-    /// written). out: [num_tokens, q_dim]; qkv: [num_tokens, q_dim + 2 kv_dim].
-    ///
-    /// Each token is a decode query with context_len = position + 1 over its sequence's block
-    /// table: causal by construction, and a chunk attends to its sequence's earlier cached
-    /// blocks. The flash prefill kernel (`cuda::attention::paged_attention_prefill`) replaces
-    /// this body; nothing else changes.
-    fn attention(
-        &self,
-        out: &mut DeviceBuffer<T>,
-        qkv: &DeviceBuffer<T>,
-        cache: &LayerKv<T>,
-        inp: &StepInputs,
-    ) -> crate::Result<()> {
-        let spec = &self.spec;
-        ops::paged_attention_decode(
-            &self.dev,
-            out,
-            qkv,
-            spec.q_dim() + 2 * spec.kv_dim(),
-            &PagedKv {
-                k: &cache.k,
-                v: &cache.v,
-                shape: self.kv_shape,
-            },
-            &BlockTables {
-                block_tables: &inp.token_block_tables,
-                max_blocks_per_seq: inp.max_blocks,
-                context_lens: &inp.token_context_lens,
-            },
-            self.alibi_slopes.as_ref(),
-            &DecodeAttention {
-                num_heads: spec.num_heads,
-                num_kv_heads: spec.num_kv_heads,
-                head_dim: spec.head_dim,
-                scale: spec.attn_scale,
-                sliding_window: spec.sliding_window,
-            },
-        )?;
+    /// Records a profile event after `op` (profiling only).
+    fn mark(&self, profile: &mut Option<Profile>, op: &'static str) -> crate::Result<()> {
+        if let Some(p) = profile {
+            let e = self.dev.timing_event()?;
+            p.marks.push((op, e));
+        }
         Ok(())
     }
 
-    /// Runs the batch through every layer; returns logits [num_rows, vocab] as f32.
-    fn forward(&mut self, inp: &StepInputs, num_rows: usize) -> crate::Result<Vec<f32>> {
-        let spec = self.spec.clone();
+    /// Attention of every batch row over its sequence's cache (this step's k/v already
+    /// written): decode rows [0, num_decode) through split-K (flash-decoding), prefill chunks
+    /// through the flash prefill kernel. attn: [tokens, q_dim]; qkv: [tokens, q_dim + 2 kv_dim].
+    fn attention(
+        &self,
+        ws: &mut Workspace<T>,
+        cache: &LayerKv<T>,
+        layout: &StepLayout,
+    ) -> crate::Result<()> {
+        let spec = &self.spec;
         let dev = &self.dev;
-        let m = inp.num_tokens;
-        let h = spec.hidden_size;
-        let (q_dim, kv_dim, inter) = (spec.q_dim(), spec.kv_dim(), spec.intermediate_size);
-        let qkv_dim = q_dim + 2 * kv_dim;
-        let gate_up_cols = match spec.mlp {
-            Mlp::Gated => 2 * inter,
-            Mlp::Plain => inter,
+        let p = attention_params(spec);
+        let qkv_dim = spec.q_dim() + 2 * spec.kv_dim();
+        let paged = PagedKv {
+            k: &cache.k,
+            v: &cache.v,
+            shape: self.kv_shape,
         };
+        let (m, d) = (layout.num_tokens, layout.num_decode);
+        if d > 0 {
+            ws.qkv.set_len(d * qkv_dim)?;
+            ws.attn.set_len(d * spec.q_dim())?;
+            let tables = BlockTables {
+                block_tables: &ws.dec_tables,
+                max_blocks_per_seq: self.max_blocks,
+                context_lens: &ws.dec_context_lens,
+            };
+            let result = match &mut ws.splitk {
+                Some(work)
+                    if splitk_supported(T::DTYPE, spec.head_dim)
+                        && (qkv_dim * T::DTYPE.size_in_bytes()) % 16 == 0 =>
+                {
+                    // A graph fixes the plan for the longest context it may see.
+                    let max_ctx = match layout.bucket {
+                        Some(_) => self.max_blocks * self.kv_shape.block_size,
+                        None => layout.max_decode_context,
+                    };
+                    let plan = SplitKPlan::choose(
+                        dev.info().num_multiprocessors,
+                        T::DTYPE,
+                        d,
+                        &p,
+                        max_ctx,
+                    );
+                    paged_attention_decode_splitk(
+                        dev,
+                        &mut ws.attn,
+                        &ws.qkv,
+                        qkv_dim,
+                        &paged,
+                        &tables,
+                        self.alibi_slopes.as_ref(),
+                        &p,
+                        plan,
+                        work,
+                    )
+                }
+                _ => ops::paged_attention_decode(
+                    dev,
+                    &mut ws.attn,
+                    &ws.qkv,
+                    qkv_dim,
+                    &paged,
+                    &tables,
+                    self.alibi_slopes.as_ref(),
+                    &p,
+                ),
+            };
+            ws.qkv.set_len(m * qkv_dim)?;
+            ws.attn.set_len(m * spec.q_dim())?;
+            result?;
+        }
+        if layout.num_prefill > 0 {
+            paged_attention_prefill(
+                dev,
+                &mut ws.attn,
+                &ws.qkv,
+                qkv_dim,
+                &paged,
+                &PrefillSeqs {
+                    q_starts: &ws.pre_q_starts,
+                    q_lens: &ws.pre_q_lens,
+                    context_lens: &ws.pre_context_lens,
+                    block_tables: &ws.pre_tables,
+                    max_blocks_per_seq: self.max_blocks,
+                    max_q_len: layout.max_q_len,
+                },
+                self.alibi_slopes.as_ref(),
+                &p,
+                PrefillKernel::Fast,
+            )?;
+        }
+        Ok(())
+    }
 
-        // x: [m, hidden], the residual stream
-        let mut x: DeviceBuffer<T> = dev.alloc_zeros(m * h)?;
+    /// Scatters the uploaded inputs and runs the batch through every layer and the LM head:
+    /// logits [num_rows, vocab] stay in `ws.logits`. Device work only (no host copy, no sync,
+    /// no allocation), so a decode step can be captured as a graph.
+    fn run_step(
+        &self,
+        ws: &mut Workspace<T>,
+        kv: &mut [LayerKv<T>],
+        layout: &StepLayout,
+        profile: &mut Option<Profile>,
+    ) -> crate::Result<()> {
+        let spec = &self.spec;
+        let dev = &self.dev;
+        let m = layout.num_tokens;
+        let h = spec.hidden_size;
+        let (q_dim, kv_dim) = (spec.q_dim(), spec.kv_dim());
+        let qkv_dim = q_dim + 2 * kv_dim;
+        self.scatter_inputs(ws, layout)?;
+        self.mark(profile, "inputs")?;
+
         let learned = self
             .w
             .position_embedding
             .as_ref()
             .map(|table| LearnedPositions {
                 table,
-                positions: &inp.positions,
+                positions: &ws.positions,
             });
-        ops::embedding(dev, &mut x, &self.w.embedding, &inp.token_ids, learned, h)?;
-        if let Some(n) = &self.w.embedding_norm {
-            let src = x;
-            x = dev.alloc_zeros(m * h)?;
-            self.norm(&mut x, &src, None, n)?;
+        match &self.w.embedding_norm {
+            Some(n) => {
+                ops::embedding(
+                    dev,
+                    &mut ws.normed,
+                    &self.w.embedding,
+                    &ws.token_ids,
+                    learned,
+                    h,
+                )?;
+                self.norm(&mut ws.x, &ws.normed, None, n)?;
+            }
+            None => ops::embedding(dev, &mut ws.x, &self.w.embedding, &ws.token_ids, learned, h)?,
         }
-        let mut normed: DeviceBuffer<T> = dev.alloc_zeros(m * h)?;
-        let mut qkv: DeviceBuffer<T> = dev.alloc_zeros(m * qkv_dim)?;
-        let mut attn: DeviceBuffer<T> = dev.alloc_zeros(m * q_dim)?;
-        let mut attn_proj: DeviceBuffer<T> = dev.alloc_zeros(m * h)?;
-        let mut gate_up: DeviceBuffer<T> = dev.alloc_zeros(m * gate_up_cols)?;
-        let mut act: DeviceBuffer<T> = dev.alloc_zeros(match spec.mlp {
-            Mlp::Gated => m * inter,
-            Mlp::Plain => 0,
-        })?;
-        let mut mlp_out: DeviceBuffer<T> = dev.alloc_zeros(m * h)?;
+        self.mark(profile, "embedding")?;
         let rotary = match &spec.pos {
             PosEmbedding::Rope(r) => Some(RotaryLayout {
                 row_stride: qkv_dim,
@@ -689,104 +1270,190 @@ impl<T: FloatElem> CudaExecutor<T> {
             k_offset: q_dim,
             v_offset: q_dim + kv_dim,
         };
-
-        let mut kv = std::mem::take(&mut self.kv);
-        let result = (|| -> crate::Result<()> {
-            for (lw, cache) in self.w.layers.iter().zip(kv.iter_mut()) {
-                self.norm(&mut normed, &x, None, &lw.attn_norm)?;
-                self.linear(&mut qkv, &normed, &lw.qkv, m)?;
-                if let Some(c) = spec.clip_qkv {
-                    elementwise::clamp(dev, &mut qkv, c)?;
+        for (lw, cache) in self.w.layers.iter().zip(kv.iter_mut()) {
+            self.norm(&mut ws.normed, &ws.x, None, &lw.attn_norm)?;
+            self.mark(profile, "norm")?;
+            self.linear(&mut ws.qkv, &ws.normed, &lw.qkv, m)?;
+            self.mark(profile, "gemm qkv")?;
+            if let Some(c) = spec.clip_qkv {
+                elementwise::clamp(dev, &mut ws.qkv, c)?;
+            }
+            if let (Some(layout), Some(inv_freq)) = (&rotary, &self.inv_freq) {
+                ops::rotary(dev, &mut ws.qkv, &ws.positions, inv_freq, layout)?;
+                self.mark(profile, "rotary")?;
+            }
+            ops::kv_cache_write(
+                dev,
+                &mut cache.k,
+                &mut cache.v,
+                &self.kv_shape,
+                &ws.qkv,
+                &kv_src,
+                &ws.slots,
+            )?;
+            self.mark(profile, "kv_cache_write")?;
+            self.attention(ws, cache, layout)?;
+            self.mark(profile, "attention")?;
+            self.linear(&mut ws.attn_proj, &ws.attn, &lw.attn_out, m)?;
+            self.mark(profile, "gemm attn_out")?;
+            let mlp_norm = lw.mlp_norm.as_ref().unwrap_or(&lw.attn_norm);
+            match spec.residual {
+                Residual::Sequential => {
+                    // x += attn_proj; normed = mlp_norm(x), one kernel.
+                    self.norm(&mut ws.normed, &ws.attn_proj, Some(&mut ws.x), mlp_norm)?;
+                    self.mark(profile, "norm")?;
+                    self.mlp(lw, ws, m, profile)?;
+                    elementwise::add(dev, &mut ws.x, &ws.mlp_out, None)?;
+                    self.mark(profile, "residual add")?;
                 }
-                if let (Some(layout), Some(inv_freq)) = (&rotary, &self.inv_freq) {
-                    ops::rotary(dev, &mut qkv, &inp.positions, inv_freq, layout)?;
-                }
-                ops::kv_cache_write(
-                    dev,
-                    &mut cache.k,
-                    &mut cache.v,
-                    &self.kv_shape,
-                    &qkv,
-                    &kv_src,
-                    &inp.slots,
-                )?;
-                self.attention(&mut attn, &qkv, cache, inp)?;
-                self.linear(&mut attn_proj, &attn, &lw.attn_out, m)?;
-                let mlp_norm = lw.mlp_norm.as_ref().unwrap_or(&lw.attn_norm);
-                match spec.residual {
-                    Residual::Sequential => {
-                        // x += attn_proj; normed = mlp_norm(x), one kernel.
-                        self.norm(&mut normed, &attn_proj, Some(&mut x), mlp_norm)?;
-                        self.mlp(lw, &normed, &mut gate_up, &mut act, &mut mlp_out, m)?;
-                        elementwise::add(dev, &mut x, &mlp_out, None)?;
+                Residual::Parallel { shared_norm } => {
+                    if !shared_norm {
+                        self.norm(&mut ws.normed, &ws.x, None, mlp_norm)?;
+                        self.mark(profile, "norm")?;
                     }
-                    Residual::Parallel { shared_norm } => {
-                        if !shared_norm {
-                            self.norm(&mut normed, &x, None, mlp_norm)?;
-                        }
-                        self.mlp(lw, &normed, &mut gate_up, &mut act, &mut mlp_out, m)?;
-                        elementwise::add(dev, &mut x, &attn_proj, Some(&mlp_out))?;
-                    }
+                    self.mlp(lw, ws, m, profile)?;
+                    elementwise::add(dev, &mut ws.x, &ws.attn_proj, Some(&ws.mlp_out))?;
+                    self.mark(profile, "residual add")?;
                 }
             }
-            Ok(())
-        })();
-        self.kv = kv;
-        result?;
-
-        if num_rows == 0 {
-            return Ok(vec![]);
+        }
+        if layout.num_rows == 0 {
+            return Ok(());
         }
         // Final norm and LM head only for the rows that sample.
-        let mut last: DeviceBuffer<T> = dev.alloc_zeros(num_rows * h)?;
-        elementwise::gather_rows(dev, &mut last, &x, &inp.logits_rows, h)?;
-        let mut last_normed: DeviceBuffer<T> = dev.alloc_zeros(num_rows * h)?;
-        self.norm(&mut last_normed, &last, None, &self.w.final_norm)?;
-        let vocab = spec.vocab_size;
-        let mut logits: DeviceBuffer<T> = dev.alloc_zeros(num_rows * vocab)?;
+        elementwise::gather_rows(dev, &mut ws.last, &ws.x, &ws.logits_rows, h)?;
+        self.norm(&mut ws.last_normed, &ws.last, None, &self.w.final_norm)?;
+        self.mark(profile, "final norm")?;
         let lm_head = self.w.lm_head.as_ref().unwrap_or(&self.w.embedding);
         self.gemm.linear(
             dev,
-            &mut logits,
-            &last_normed,
+            &mut ws.logits,
+            &ws.last_normed,
             lm_head,
             self.w.lm_head_bias.as_ref(),
             GemmShape {
-                m: num_rows,
-                n: vocab,
+                m: layout.num_rows,
+                n: spec.vocab_size,
                 k: h,
             },
         )?;
-        Ok(dev.download(&logits)?.into_iter().map(T::to_f32).collect())
+        self.mark(profile, "gemm lm_head")?;
+        Ok(())
     }
 
     /// mlp_out = down(act(gate(n)) * up(n)) or down(act(up(n))).
     fn mlp(
         &self,
         lw: &DeviceLayer<T>,
-        normed: &DeviceBuffer<T>,
-        gate_up: &mut DeviceBuffer<T>,
-        act: &mut DeviceBuffer<T>,
-        mlp_out: &mut DeviceBuffer<T>,
+        ws: &mut Workspace<T>,
         m: usize,
+        profile: &mut Option<Profile>,
     ) -> crate::Result<()> {
         let dev = &self.dev;
-        self.linear(gate_up, normed, &lw.gate_up, m)?;
+        self.linear(&mut ws.gate_up, &ws.normed, &lw.gate_up, m)?;
+        self.mark(profile, "gemm gate_up")?;
         match self.spec.mlp {
             Mlp::Gated => {
                 ops::gated_activation(
                     dev,
                     self.spec.act,
-                    act,
-                    gate_up,
+                    &mut ws.act,
+                    &ws.gate_up,
                     self.spec.intermediate_size,
                 )?;
-                self.linear(mlp_out, act, &lw.down, m)
+                self.mark(profile, "activation")?;
+                self.linear(&mut ws.mlp_out, &ws.act, &lw.down, m)?;
             }
             Mlp::Plain => {
-                ops::activation_in_place(dev, self.spec.act, gate_up)?;
-                self.linear(mlp_out, gate_up, &lw.down, m)
+                ops::activation_in_place(dev, self.spec.act, &mut ws.gate_up)?;
+                self.mark(profile, "activation")?;
+                self.linear(&mut ws.mlp_out, &ws.gate_up, &lw.down, m)?;
             }
+        }
+        self.mark(profile, "gemm down")?;
+        Ok(())
+    }
+
+    /// Runs one packed step on the device: replays the bucket's graph (capturing it after an
+    /// eager run the first time), or runs eagerly. Logits are left in `ws.logits`.
+    fn launch(&mut self, ws: &mut Workspace<T>, layout: &StepLayout) -> crate::Result<()> {
+        ws.packed.set_len(layout.num_words)?;
+        self.dev.copy_to_device(&self.host, &mut ws.packed)?;
+        let mut kv = std::mem::take(&mut self.kv);
+        let result = (|| -> crate::Result<()> {
+            if let Some(b) = layout.bucket {
+                if let Some(Some(graph)) = self.graphs.get(&b) {
+                    graph.launch()?;
+                    // Buffer lengths as the graph left them (host-side state).
+                    return self.set_lens_only(ws, layout);
+                }
+                self.run_step(ws, &mut kv, layout, &mut None)?;
+                if !self.graphs.contains_key(&b) {
+                    let graph = self.capture(ws, &mut kv, layout);
+                    if let Err(e) = &graph {
+                        eprintln!(
+                            "ferrum: CUDA graph capture for decode batch {b} failed, running it eagerly: {e}"
+                        );
+                    }
+                    self.graphs.insert(b, graph.ok());
+                }
+                return Ok(());
+            }
+            let mut profile = self.profile.take();
+            if let Some(p) = &mut profile {
+                p.start = Some(self.dev.timing_event()?);
+            }
+            let r = self.run_step(ws, &mut kv, layout, &mut profile);
+            if let Some(p) = &mut profile {
+                if r.is_ok() && layout.num_prefill == 0 {
+                    let mut prev = p.start.take();
+                    for (op, e) in std::mem::take(&mut p.marks) {
+                        if let Some(s) = &prev {
+                            let ms = s.elapsed_ms(&e).map_err(|err| {
+                                crate::cuda::CudaError::driver("reading a profile event", err)
+                            })?;
+                            p.add(op, ms as f64);
+                        }
+                        prev = Some(e);
+                    }
+                    p.num_steps += 1;
+                } else {
+                    p.marks.clear();
+                }
+            }
+            self.profile = profile;
+            r
+        })();
+        self.kv = kv;
+        result
+    }
+
+    fn set_lens_only(&self, ws: &mut Workspace<T>, layout: &StepLayout) -> crate::Result<()> {
+        ws.logits.set_len(layout.num_rows * self.spec.vocab_size)?;
+        Ok(())
+    }
+
+    /// Captures `run_step` for a decode bucket into a graph (recorded, not run).
+    fn capture(
+        &self,
+        ws: &mut Workspace<T>,
+        kv: &mut [LayerKv<T>],
+        layout: &StepLayout,
+    ) -> crate::Result<DeviceGraph> {
+        self.dev.begin_capture()?;
+        let recorded = self.run_step(ws, kv, layout, &mut None);
+        let graph = self.dev.end_capture();
+        recorded?;
+        Ok(graph?)
+    }
+}
+
+impl<T: FloatElem> Drop for CudaExecutor<T> {
+    fn drop(&mut self) {
+        if let Some(p) = &self.profile
+            && p.num_steps > 0
+        {
+            eprint!("{}", p.report());
         }
     }
 }
@@ -795,11 +1462,18 @@ impl<T: FloatElem> Executor for CudaExecutor<T> {
     fn describe(&self) -> String {
         let info = self.dev.info();
         format!(
-            "cuda:{} ({}, {}, {})",
+            "cuda:{} ({}, {}, {}, graphs {})",
             info.ordinal,
             info.name,
             info.arch,
-            T::DTYPE
+            T::DTYPE,
+            match self.graphs_enabled {
+                true => format!(
+                    "on, {} captured",
+                    self.graphs.values().filter(|g| g.is_some()).count()
+                ),
+                false => "off".to_owned(),
+            }
         )
     }
 
@@ -821,15 +1495,85 @@ impl<T: FloatElem> Executor for CudaExecutor<T> {
             crate::cuda::CudaError::driver("binding the device to the engine thread", e)
         })?;
         let vocab_size = self.spec.vocab_size;
-        if plan.seqs.is_empty() {
+        if plan.seqs.is_empty() || plan.num_batched_tokens == 0 {
             return Ok(Logits {
                 vocab_size,
                 data: vec![],
             });
         }
-        let (inputs, num_rows) = self.inputs(plan)?;
-        let data = self.forward(&inputs, num_rows)?;
+        let layout = self.pack(plan)?;
+        let num_rows = self.sample_rows.len();
+        let data = self.with_step(&layout, |exec, ws| {
+            if num_rows == 0 {
+                return Ok(vec![]);
+            }
+            ws.logits.set_len(num_rows * vocab_size)?;
+            Ok(exec
+                .dev
+                .download(&ws.logits)?
+                .into_iter()
+                .map(T::to_f32)
+                .collect())
+        })?;
         Ok(Logits { vocab_size, data })
+    }
+
+    fn samples_on_device(&self) -> bool {
+        true
+    }
+
+    fn execute_and_sample(
+        &mut self,
+        plan: &SchedulePlan,
+        rows: &SampleBatch,
+    ) -> crate::Result<Vec<Sampled>> {
+        self.dev.stream().context().bind_to_thread().map_err(|e| {
+            crate::cuda::CudaError::driver("binding the device to the engine thread", e)
+        })?;
+        let vocab_size = self.spec.vocab_size;
+        let num_sampling = plan.seqs.iter().filter(|s| s.sample).count();
+        if rows.num_rows() != num_sampling {
+            return Err(device_err(format!(
+                "{} sampling rows given for a plan with {num_sampling} sampling sequences",
+                rows.num_rows()
+            )));
+        }
+        if plan.seqs.is_empty() || plan.num_batched_tokens == 0 {
+            return Ok(vec![]);
+        }
+        let layout = self.pack(plan)?;
+        let num_rows = self.sample_rows.len();
+        self.with_step(&layout, |exec, ws| {
+            if num_rows == 0 {
+                return Ok(vec![]);
+            }
+            // Only the ids (and the logprobs asked for) come back.
+            ws.logits.set_len(num_rows * vocab_size)?;
+            exec.sampler
+                .sample(&exec.dev, &ws.logits, vocab_size, rows)?;
+            Ok(exec.sampler.fetch(&exec.dev)?)
+        })
+    }
+}
+
+impl<T: FloatElem> CudaExecutor<T> {
+    /// Runs the packed step (`launch`), then `finish` on its logits, with the workspace lent
+    /// out of `self` for the duration.
+    fn with_step<R>(
+        &mut self,
+        layout: &StepLayout,
+        finish: impl FnOnce(&mut Self, &mut Workspace<T>) -> crate::Result<R>,
+    ) -> crate::Result<R> {
+        let Some(mut ws) = self.ws.take() else {
+            return Err(device_err(
+                "the step workspace is gone after a failed step".into(),
+            ));
+        };
+        let result = self
+            .launch(&mut ws, layout)
+            .and_then(|()| finish(self, &mut ws));
+        self.ws = Some(ws);
+        result
     }
 }
 
@@ -851,6 +1595,173 @@ mod tests {
             max_num_seqs: 64,
             max_model_len: 4096,
         }
+    }
+
+    use crate::kv_cache::BlockId;
+    use crate::request::SeqId;
+    use crate::scheduler::ScheduledSeq;
+
+    fn seq(
+        id: u64,
+        tokens: &[u32],
+        start_pos: usize,
+        blocks: &[u32],
+        sample: bool,
+    ) -> ScheduledSeq {
+        ScheduledSeq {
+            seq_id: SeqId(id),
+            token_ids: tokens.to_vec(),
+            start_pos,
+            block_table: blocks.iter().map(|&b| BlockId(b)).collect(),
+            sample,
+        }
+    }
+
+    fn limits(buckets: &[usize]) -> StepLimits<'_> {
+        StepLimits {
+            block_size: 4,
+            num_blocks: 16,
+            max_blocks: 8,
+            max_tokens: 32,
+            max_seqs: 8,
+            buckets,
+        }
+    }
+
+    #[test]
+    fn graph_buckets_are_powers_of_two_then_max_num_seqs() {
+        assert_eq!(graph_buckets(1), vec![1]);
+        assert_eq!(graph_buckets(8), vec![1, 2, 4, 8]);
+        assert_eq!(graph_buckets(48), vec![1, 2, 4, 8, 16, 32, 48]);
+        assert_eq!(graph_buckets(0), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn mixed_step_packs_decode_rows_first_then_prefill_chunks() {
+        // Plan order: a prefill chunk of 3 (seq 0, positions 4..7, samples), a decode (seq 1 at
+        // position 5), a non-sampling prefill chunk of 2 (seq 2 at 0..2).
+        let plan = SchedulePlan {
+            seqs: vec![
+                seq(0, &[10, 11, 12], 4, &[3, 9], true),
+                seq(1, &[20], 5, &[5, 6], true),
+                seq(2, &[30, 31], 0, &[7], false),
+            ],
+            preempted: vec![],
+            num_batched_tokens: 6,
+        };
+        let (mut host, mut rows) = (vec![], vec![]);
+        let l = pack_step(&plan, &limits(&[1, 2, 4, 8]), &mut host, &mut rows).unwrap();
+        assert_eq!(
+            (
+                l.num_tokens,
+                l.num_decode,
+                l.num_prefill,
+                l.num_rows,
+                l.bucket
+            ),
+            (6, 1, 2, 2, None)
+        );
+        assert_eq!((l.max_q_len, l.max_decode_context), (3, 6));
+        let o = l.offsets(8);
+        assert_eq!(o[10], l.num_words);
+        // Row 0: the decode token; rows 1..4: seq 0's chunk; rows 4..6: seq 2's chunk.
+        assert_eq!(&host[o[0]..o[1]], &[20, 10, 11, 12, 30, 31]);
+        assert_eq!(&host[o[1]..o[2]], &[5, 4, 5, 6, 0, 1]);
+        // Slots: block_table[pos / 4] * 4 + pos % 4, as little-endian i64 words.
+        let slots: Vec<i64> = host[o[2]..o[3]]
+            .chunks(2)
+            .map(|w| (w[0] as u64 | (w[1] as u64) << 32) as i64)
+            .collect();
+        assert_eq!(
+            slots,
+            vec![6 * 4 + 1, 9 * 4, 9 * 4 + 1, 9 * 4 + 2, 7 * 4, 7 * 4 + 1]
+        );
+        // Logits rows in plan order of the sampling seqs: seq 0's last token (row 3), then the
+        // decode row 0.
+        assert_eq!(&host[o[3]..o[4]], &[3, 0]);
+        assert_eq!(rows, vec![0, 1]);
+        // Decode: context 6, table [5, 6, -1 ...].
+        assert_eq!(&host[o[4]..o[5]], &[6]);
+        assert_eq!(host[o[5]] as i32, 5);
+        assert_eq!(host[o[5] + 1] as i32, 6);
+        assert!(host[o[5] + 2..o[6]].iter().all(|&w| w as i32 == -1));
+        // Prefill: q_starts, q_lens, context lens, tables.
+        assert_eq!(&host[o[6]..o[7]], &[1, 4]);
+        assert_eq!(&host[o[7]..o[8]], &[3, 2]);
+        assert_eq!(&host[o[8]..o[9]], &[7, 2]);
+        assert_eq!(&host[o[9]..o[9] + 2], &[3, 9]);
+        assert_eq!(host[o[9] + 8], 7);
+    }
+
+    #[test]
+    fn pure_decode_step_pads_to_its_graph_bucket() {
+        let plan = SchedulePlan {
+            seqs: vec![
+                seq(0, &[7], 2, &[1], true),
+                seq(1, &[8], 8, &[2, 3, 4], true),
+                seq(2, &[9], 0, &[5], true),
+            ],
+            preempted: vec![],
+            num_batched_tokens: 3,
+        };
+        let (mut host, mut rows) = (vec![], vec![]);
+        let l = pack_step(&plan, &limits(&[1, 2, 4, 8]), &mut host, &mut rows).unwrap();
+        assert_eq!(
+            (l.num_tokens, l.num_decode, l.num_rows, l.bucket),
+            (4, 4, 4, Some(4))
+        );
+        let o = l.offsets(8);
+        assert_eq!(&host[o[0]..o[1]], &[7, 8, 9, 0]);
+        // The padding row writes no slot (-1) and has an empty context.
+        assert_eq!(host[o[2] + 6] as i32, -1);
+        assert_eq!(host[o[2] + 7] as i32, -1);
+        assert_eq!(&host[o[4]..o[5]], &[3, 9, 1, 0]);
+        // Logits rows: the sampling seqs' rows, then padding (row 0, discarded).
+        assert_eq!(&host[o[3]..o[4]], &[0, 1, 2, 0]);
+        assert_eq!(rows, vec![0, 1, 2]);
+        // Without graphs the same step is exact-sized.
+        let l = pack_step(&plan, &limits(&[]), &mut host, &mut rows).unwrap();
+        assert_eq!((l.num_tokens, l.num_rows, l.bucket), (3, 3, None));
+    }
+
+    #[test]
+    fn bad_plans_are_errors_not_panics() {
+        let (mut host, mut rows) = (vec![], vec![]);
+        let short = SchedulePlan {
+            seqs: vec![seq(0, &[1, 2, 3, 4, 5], 0, &[0], true)],
+            preempted: vec![],
+            num_batched_tokens: 5,
+        };
+        let e = pack_step(&short, &limits(&[]), &mut host, &mut rows).unwrap_err();
+        assert!(e.to_string().contains("does not cover"), "{e}");
+        let outside = SchedulePlan {
+            seqs: vec![seq(0, &[1], 0, &[99], true)],
+            preempted: vec![],
+            num_batched_tokens: 1,
+        };
+        let e = pack_step(&outside, &limits(&[]), &mut host, &mut rows).unwrap_err();
+        assert!(e.to_string().contains("outside the cache"), "{e}");
+        let too_long = SchedulePlan {
+            seqs: vec![seq(0, &[1], 40, &[0; 11], true)],
+            preempted: vec![],
+            num_batched_tokens: 1,
+        };
+        let e = pack_step(&too_long, &limits(&[]), &mut host, &mut rows).unwrap_err();
+        assert!(e.to_string().contains("max_model_len"), "{e}");
+        let too_many = SchedulePlan {
+            seqs: vec![seq(0, &[1; 33], 0, &[0; 9], true)],
+            preempted: vec![],
+            num_batched_tokens: 33,
+        };
+        let e = pack_step(&too_many, &limits(&[]), &mut host, &mut rows).unwrap_err();
+        assert!(e.to_string().contains("max_num_batched_tokens"), "{e}");
+        let miscounted = SchedulePlan {
+            seqs: vec![seq(0, &[1], 0, &[0], true)],
+            preempted: vec![],
+            num_batched_tokens: 2,
+        };
+        let e = pack_step(&miscounted, &limits(&[]), &mut host, &mut rows).unwrap_err();
+        assert!(e.to_string().contains("batched tokens"), "{e}");
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! Executors run a `SchedulePlan` on a device and return the logits of the sequences that
 //! sample. The CPU executor is the reference; the CUDA executor (`cuda`) implements the same
-//! trait on one GPU.
+//! trait on one GPU, and also samples there (`execute_and_sample`), so that only token ids and
+//! requested logprobs cross back to the host.
 
+use crate::cuda::sampling::SampleBatch;
+use crate::sampling::Sampled;
 use crate::scheduler::SchedulePlan;
 
 pub mod cpu;
@@ -28,4 +31,26 @@ pub trait Executor: Send {
     /// Runs one step. Every scheduled chunk's k/v is written to the cache at its block table's
     /// slots; logits come back for the sequences with `sample == true`, in plan order.
     fn execute(&mut self, plan: &SchedulePlan) -> crate::Result<Logits>;
+
+    /// Whether this executor samples on its device (`execute_and_sample`); the engine then keeps
+    /// each request's RNG and token history and passes one row per sampling sequence each step.
+    /// The CPU executor returns logits and the engine samples on the host.
+    fn samples_on_device(&self) -> bool {
+        false
+    }
+
+    /// Runs one step like `execute` and samples one token per sampling sequence on the device
+    /// (`rows`: one row per sampling sequence, plan order); only the ids and the logprobs asked
+    /// for come back, in plan order.
+    fn execute_and_sample(
+        &mut self,
+        plan: &SchedulePlan,
+        rows: &SampleBatch,
+    ) -> crate::Result<Vec<Sampled>> {
+        let _ = (plan, rows);
+        Err(crate::Error::Device(format!(
+            "{} does not sample on its device",
+            self.describe()
+        )))
+    }
 }

@@ -217,7 +217,8 @@ pub fn norm<T: FloatElem>(
     let entry = entry::<T>(op);
     let f = dev.function(KernelId::Norm, &[], &entry)?;
     let dim_i = to_i32(OP, "dim", dim)?;
-    let threads = dim.next_multiple_of(32).clamp(32, 512) as u32;
+    // One CTA per row: at batch 1 the whole op is one CTA, so give it every thread it can use.
+    let threads = dim.next_multiple_of(32).clamp(32, 1024) as u32;
     let cfg = grid((to_u32(OP, "num_rows", num_rows)?, 1), threads);
     let mut b = dev.stream().launch_builder(&f);
     b.arg(&mut out.slice).arg(&x.slice);
@@ -320,7 +321,11 @@ pub fn rotary<T: FloatElem>(
             RopeStyle::GptJ => 1,
         },
     ];
-    let cfg = grid((to_u32(OP, "num_tokens", num_tokens)?, 1), 128);
+    // One CTA per token looping over its (head, pair)s: up to 1024 threads, so a decode token
+    // is a few iterations rather than a latency-bound loop.
+    let num_pairs = (l.num_q_heads + l.num_kv_heads) * (l.rotary_dim / 2);
+    let threads = num_pairs.next_multiple_of(32).clamp(32, 1024) as u32;
+    let cfg = grid((to_u32(OP, "num_tokens", num_tokens)?, 1), threads);
     let mut b = dev.stream().launch_builder(&f);
     b.arg(&mut qkv.slice)
         .arg(&positions.slice)
@@ -515,7 +520,9 @@ pub fn kv_cache_write<T: FloatElem>(
         to_i32(OP, "kv_dim", kv_dim)?,
     ];
     let num_slots = to_i64(OP, "num_slots", shape.num_slots())?;
-    let cfg = grid((to_u32(OP, "num_tokens", num_tokens)?, 1), 128);
+    // One CTA per token looping over kv_dim: up to 1024 threads (few iterations per token).
+    let threads = kv_dim.next_multiple_of(32).clamp(32, 1024) as u32;
+    let cfg = grid((to_u32(OP, "num_tokens", num_tokens)?, 1), threads);
     let mut b = dev.stream().launch_builder(&f);
     b.arg(&mut k_cache.slice)
         .arg(&mut v_cache.slice)

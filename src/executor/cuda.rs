@@ -372,6 +372,18 @@ fn splitk_capacity(spec: &DecoderSpec, cfg: &KvCacheConfig, num_sms: usize, dtyp
         .unwrap_or(0)
 }
 
+/// Whether decode attention goes through split-K for this head size and qkv row (16-byte rows
+/// of q and of the cache). attention_splitk.cu instantiates every dtype in one module and
+/// static-asserts 16-byte rows for each, so a head_dim that suits f32 but not the 16-bit types
+/// (e.g. 12) fails to compile even for an f32 executor: require the 16-bit condition too
+/// (`splitk_supported(F32, 12)` says yes; measured on the H100, NVRTC refuses the module). Other
+/// head sizes take the one-CTA-per-(sequence, head) decode kernel.
+fn use_splitk<T: FloatElem>(head_dim: usize, qkv_dim: usize) -> bool {
+    splitk_supported(T::DTYPE, head_dim)
+        && splitk_supported(DType::BF16, head_dim)
+        && (qkv_dim * T::DTYPE.size_in_bytes()) % 16 == 0
+}
+
 /// Where each array of one step sits in the packed upload (offsets in u32 words), and the
 /// step's sizes. Tokens are ordered decode rows first (one per decode sequence, plan order),
 /// then the prefill chunks (plan order), so that split-K decode reads a prefix of the batch and
@@ -664,7 +676,9 @@ impl<T: FloatElem> Workspace<T> {
             Mlp::Plain => 0,
         };
         let splitk_partials = splitk_capacity(spec, cfg, dev.info().num_multiprocessors, T::DTYPE);
-        let splitk = if splitk_partials > 0 && splitk_supported(T::DTYPE, spec.head_dim) {
+        // Split-K serves every decode (one split writes out directly, with no partials), so
+        // the workspace exists whenever the head size allows it, empty for short contexts.
+        let splitk = if use_splitk::<T>(spec.head_dim, spec.q_dim() + 2 * spec.kv_dim()) {
             Some(SplitKWorkspace::new(
                 dev,
                 splitk_partials,
@@ -1144,10 +1158,7 @@ impl<T: FloatElem> CudaExecutor<T> {
                 context_lens: &ws.dec_context_lens,
             };
             let result = match &mut ws.splitk {
-                Some(work)
-                    if splitk_supported(T::DTYPE, spec.head_dim)
-                        && (qkv_dim * T::DTYPE.size_in_bytes()) % 16 == 0 =>
-                {
+                Some(work) if use_splitk::<T>(spec.head_dim, qkv_dim) => {
                     // A graph fixes the plan for the longest context it may see.
                     let max_ctx = match layout.bucket {
                         Some(_) => self.max_blocks * self.kv_shape.block_size,
@@ -1626,6 +1637,18 @@ mod tests {
             max_seqs: 8,
             buckets,
         }
+    }
+
+    #[test]
+    fn splitk_only_where_its_module_compiles_and_rows_are_16_bytes() {
+        // Llama shapes: head_dim 128, qkv row 12288.
+        assert!(use_splitk::<bf16>(128, 12288));
+        assert!(use_splitk::<f32>(128, 12288));
+        // head_dim 12 suits f32 rows but not the bf16/f16 instantiations of the same module.
+        assert!(!use_splitk::<f32>(12, 72));
+        assert!(!use_splitk::<bf16>(12, 72));
+        // A qkv row that is not 16-byte aligned (bf16 row of 100 elements).
+        assert!(!use_splitk::<bf16>(16, 100));
     }
 
     #[test]

@@ -21,7 +21,6 @@ use std::sync::OnceLock;
 
 use common::*;
 use half::{bf16, f16};
-use serde_json::Value;
 use triton_ferrum::cuda::{
     CudaDevice, CudaLibrary, DeviceBuffer, FloatElem, Gemm, GemmBackend, GemmShape, elementwise,
     gemm::gemv_supported,
@@ -46,12 +45,6 @@ fn dev() -> &'static CudaDevice {
         eprintln!("device: {:?}", dev.info());
         dev
     })
-}
-
-fn fixtures_dir() -> PathBuf {
-    std::env::var_os("FERRUM_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(fixtures)
 }
 
 struct Rng(u64);
@@ -139,36 +132,6 @@ macro_rules! for_each_dtype {
     }};
 }
 
-fn golden(name: &str) -> Value {
-    let p = fixtures_dir().join(format!("golden/{name}.json"));
-    serde_json::from_str(
-        &std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
-    )
-    .unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn top5(v: &Value) -> Vec<Vec<(u32, f32)>> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|step| {
-            step.as_array()
-                .unwrap()
-                .iter()
-                .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap() as f32))
-                .collect()
-        })
-        .collect()
-}
-
 /// The greedy rule of `common::compare_greedy` (tokens equal; at a first divergence each side's
 /// token in the other's top-5, and comparison stops), returning (matched tokens, largest logprob
 /// difference over the matched prefix) instead of asserting a tolerance, so the caller can
@@ -227,7 +190,7 @@ fn gpu_engine(
 fn device_cuda_errors_without_driver_and_auto_falls_back() {
     let has_driver = std::path::Path::new("/proc/driver/nvidia/version").exists()
         || std::path::Path::new("/dev/nvidiactl").exists();
-    let model = fixtures_dir().join("models/llama_gqa_llama3");
+    let model = fixtures().join("models/llama_gqa_llama3");
     let mut opts = EngineOptions::new(&model);
     opts.device = Device::Cuda { ordinal: 0 };
     let cuda = std::panic::catch_unwind(|| options::start(&opts)).expect("start panicked");
@@ -513,13 +476,10 @@ fn present_fixtures() -> Vec<&'static str> {
         .iter()
         .copied()
         .filter(|name| {
-            let ok = fixtures_dir().join("models").join(name).is_dir()
-                && fixtures_dir().join(format!("golden/{name}.json")).is_file();
+            let ok = fixtures().join("models").join(name).is_dir()
+                && fixtures().join(format!("golden/{name}.json")).is_file();
             if !ok {
-                println!(
-                    "SKIPPED fixture {name}: not in {}",
-                    fixtures_dir().display()
-                );
+                println!("SKIPPED fixture {name}: not in {}", fixtures().display());
             }
             ok
         })
@@ -534,7 +494,7 @@ const F32_LOGIT_TOL: f32 = 2e-3;
 /// total tokens, largest logprob difference).
 fn run_fixture_cases(name: &str, dtype: DType) -> (usize, usize, f32) {
     let g = golden(name);
-    let engine = gpu_engine(&fixtures_dir().join("models").join(name), dtype, |_| {});
+    let engine = gpu_engine(&fixtures().join("models").join(name), dtype, |_| {});
     let handle = engine.handle();
     let (mut matched, mut total, mut max_diff) = (0, 0, 0.0f32);
     for (i, case) in g["cases"].as_array().unwrap().iter().enumerate() {
@@ -560,7 +520,7 @@ fn run_fixture_cases(name: &str, dtype: DType) -> (usize, usize, f32) {
 /// over a reversed block table.
 fn check_last_logits_gpu(name: &str) -> f32 {
     let g = golden(name);
-    let ckpt = Checkpoint::open(&fixtures_dir().join("models").join(name), None).unwrap();
+    let ckpt = Checkpoint::open(&fixtures().join("models").join(name), None).unwrap();
     let weights = options::load_weights(&ckpt, WeightFormat::F32, false).unwrap();
     let spec = ckpt.arch.spec.clone();
     let block_size = 4;
@@ -772,7 +732,7 @@ fn smollm2_gpu_f32_equals_cpu_engine() {
 #[test]
 #[ignore = "needs an NVIDIA GPU: run ci/gpu.sh"]
 fn batch_invariance_with_chunked_prefill() {
-    let model = fixtures_dir().join("models/llama_gqa_llama3");
+    let model = fixtures().join("models/llama_gqa_llama3");
     let vocab = 311;
     let mut rng = Rng(99);
     let requests: Vec<(Vec<u32>, usize)> = (0..16)
@@ -823,7 +783,7 @@ fn run_in_flight(handle: &EngineHandle, requests: &[(Vec<u32>, usize)]) -> Vec<V
 #[test]
 #[ignore = "needs an NVIDIA GPU: run ci/gpu.sh"]
 fn graph_replays_match_eager_steps() {
-    let model = fixtures_dir().join("models/llama_gqa_llama3");
+    let model = fixtures().join("models/llama_gqa_llama3");
     let ckpt = Checkpoint::open(&model, None).unwrap();
     let spec = ckpt.arch.spec.clone();
     let vocab = spec.vocab_size;
@@ -943,7 +903,7 @@ fn graph_replays_match_eager_steps() {
 #[test]
 #[ignore = "needs an NVIDIA GPU: run ci/gpu.sh"]
 fn seeded_gpu_sampling_matches_cpu_engine() {
-    let model = fixtures_dir().join("models/llama_gqa_llama3");
+    let model = fixtures().join("models/llama_gqa_llama3");
     let cpu = TestEngine::start(&model, None, |o| o.device = Device::Cpu);
     let gpu = gpu_engine(&model, DType::F32, |_| {});
     let request = |seed: u64| {

@@ -9,7 +9,6 @@
 mod common;
 
 use common::*;
-use serde_json::Value;
 use triton_ferrum::model::Checkpoint;
 use triton_ferrum::model::decoder::{BatchInput, Decoder};
 use triton_ferrum::ops::attention::{AttnSeq, KvLayerCache};
@@ -19,36 +18,6 @@ use triton_ferrum::ops::linear::WeightFormat;
 /// summation order only.
 const LOGPROB_TOL: f32 = 2e-3;
 const LOGIT_TOL: f32 = 2e-3;
-
-fn golden(name: &str) -> Value {
-    let p = fixtures().join(format!("golden/{name}.json"));
-    serde_json::from_str(
-        &std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
-    )
-    .unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn top5(v: &Value) -> Vec<Vec<(u32, f32)>> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|step| {
-            step.as_array()
-                .unwrap()
-                .iter()
-                .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap() as f32))
-                .collect()
-        })
-        .collect()
-}
 
 fn check_model(name: &str) {
     check_model_at(

@@ -13,8 +13,12 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// `tests/fixtures`, or `$FERRUM_FIXTURES` (the GPU runs, whose test executables run outside the
+/// repository).
 pub fn fixtures() -> PathBuf {
-    repo().join("tests/fixtures")
+    std::env::var_os("FERRUM_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("tests/fixtures"))
 }
 
 /// The SmolLM2-135M-Instruct Q4_1 GGUF: `$FERRUM_SMOLLM2_GGUF`, else `models/` in the repo.
@@ -161,4 +165,37 @@ pub fn compare_greedy(
         }
     }
     want.len()
+}
+
+/// A golden file of scripts/make_fixtures.py: `tests/fixtures/golden/<name>.json`.
+pub fn golden(name: &str) -> serde_json::Value {
+    let p = fixtures().join(format!("golden/{name}.json"));
+    serde_json::from_str(
+        &std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+    )
+    .unwrap()
+}
+
+/// A JSON array of token ids.
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// A golden `top5` field: per step, `[token_id, logprob]` pairs.
+pub fn top5(v: &serde_json::Value) -> Vec<Vec<(u32, f32)>> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|step| {
+            step.as_array()
+                .unwrap()
+                .iter()
+                .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap() as f32))
+                .collect()
+        })
+        .collect()
 }

@@ -129,23 +129,12 @@ fn architecture_examples_load_in_the_backend_with_tiny_weights() {
         let c = BackendConfig::from_model_config(&config, &location(name))
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let loaded = options::start(&c.engine_options()).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let golden: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(common::fixtures().join(format!("golden/{fixture}.json")))
-                .unwrap(),
-        )
-        .unwrap();
+        let golden = common::golden(fixture);
         let case = &golden["cases"][1];
-        let ids = |v: &serde_json::Value| -> Vec<u32> {
-            v.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect()
-        };
-        let want = ids(&case["greedy_ids"]);
+        let want = common::ids(&case["greedy_ids"]);
         let got = common::collect(
             &loaded.engine.handle(),
-            common::greedy(ids(&case["prompt_ids"]), want.len(), None),
+            common::greedy(common::ids(&case["prompt_ids"]), want.len(), None),
         );
         assert_eq!(got.output_ids, want, "{name} with {fixture}");
     }

@@ -30,8 +30,8 @@
 //! sampling rows come back as f32.
 //!
 //! Environment: `FERRUM_CUDA_GRAPHS=0` runs decode eagerly; `FERRUM_CUDA_PROFILE=1` (graphs
-//! off) times every op of eager decode steps with CUDA events and prints the per-op table when
-//! the executor is dropped.
+//! off) times every op of every step with CUDA events and prints per-op tables, decode steps
+//! apart from steps with prefill, with the host wall time per step, when the executor is dropped.
 //!
 //! The KV cache is sized once, at construction (`plan_kv_blocks`). This module never panics on
 //! plan data (a short block table or a plan over the step capacity is an error) and holds no
@@ -722,18 +722,34 @@ fn packed_words(tokens: usize, seqs: usize, mb: usize) -> usize {
     4 * tokens + seqs + 2 * seqs * (mb + 1) + 2 * seqs
 }
 
-/// Per-op device time of eager steps, from CUDA events (`FERRUM_CUDA_PROFILE=1`).
+/// Per-op device time of eager steps, from CUDA events (`FERRUM_CUDA_PROFILE=1`), kept apart
+/// for pure decode steps and steps with prefill, with each step's host wall time beside it.
 #[derive(Default)]
 struct Profile {
     /// Events of the current step: (op, event recorded after it).
     marks: Vec<(&'static str, cudarc::driver::CudaEvent)>,
     start: Option<cudarc::driver::CudaEvent>,
+    /// Host clock at the start of the current step's `execute*` call.
+    wall_start: Option<std::time::Instant>,
+    /// Host clock when the previous step's `execute*` call returned.
+    last_return: Option<std::time::Instant>,
+    decode: OpTimes,
+    prefill: OpTimes,
+}
+
+/// Totals of one kind of step.
+#[derive(Default)]
+struct OpTimes {
     /// op -> (total ms, launches)
     totals: Vec<(&'static str, f64, usize)>,
     num_steps: usize,
+    /// Wall time inside `execute*` (host packing + device + sampling + copies).
+    call_ms: f64,
+    /// Wall time between the previous call's return and this call (the engine's host work).
+    gap_ms: f64,
 }
 
-impl Profile {
+impl OpTimes {
     fn add(&mut self, op: &'static str, ms: f64) {
         match self.totals.iter_mut().find(|(o, _, _)| *o == op) {
             Some(t) => {
@@ -745,15 +761,18 @@ impl Profile {
     }
 
     /// A table of per-op time per step, largest first.
-    fn report(&self) -> String {
+    fn report(&self, kind: &str) -> String {
         let steps = self.num_steps.max(1) as f64;
         let total: f64 = self.totals.iter().map(|t| t.1).sum();
         let mut rows = self.totals.clone();
         rows.sort_by(|a, b| b.1.total_cmp(&a.1));
         let mut s = format!(
-            "ferrum cuda profile: {} steps, {:.3} ms/step of device time\n",
+            "ferrum cuda profile, {kind} steps: {} steps, {:.3} ms/step of device time, \
+             {:.3} ms/step wall in the executor, {:.3} ms/step of engine host work between steps\n",
             self.num_steps,
-            total / steps
+            total / steps,
+            self.call_ms / steps,
+            self.gap_ms / steps,
         );
         for (op, ms, n) in rows {
             s.push_str(&format!(
@@ -762,6 +781,46 @@ impl Profile {
                 100.0 * ms / total.max(1e-12),
                 n as f64 / steps
             ));
+        }
+        s
+    }
+}
+
+impl Profile {
+    /// Reads the events of the step just finished (its work must be complete) into the totals.
+    fn collect(&mut self, with_prefill: bool) -> crate::Result<()> {
+        let times = match with_prefill {
+            true => &mut self.prefill,
+            false => &mut self.decode,
+        };
+        let mut prev = self.start.take();
+        for (op, e) in std::mem::take(&mut self.marks) {
+            if let Some(s) = &prev {
+                let ms = s.elapsed_ms(&e).map_err(|err| {
+                    crate::cuda::CudaError::driver("reading a profile event", err)
+                })?;
+                times.add(op, ms as f64);
+            }
+            prev = Some(e);
+        }
+        let now = std::time::Instant::now();
+        if let Some(t) = self.wall_start.take() {
+            times.call_ms += (now - t).as_secs_f64() * 1e3;
+            if let Some(r) = self.last_return {
+                times.gap_ms += (t - r).as_secs_f64() * 1e3;
+            }
+        }
+        self.last_return = Some(now);
+        times.num_steps += 1;
+        Ok(())
+    }
+
+    fn report(&self) -> String {
+        let mut s = String::new();
+        for (kind, t) in [("decode", &self.decode), ("prefill/mixed", &self.prefill)] {
+            if t.num_steps > 0 {
+                s.push_str(&t.report(kind));
+            }
         }
         s
     }
@@ -1412,25 +1471,15 @@ impl<T: FloatElem> CudaExecutor<T> {
             }
             let mut profile = self.profile.take();
             if let Some(p) = &mut profile {
+                p.marks.clear();
                 p.start = Some(self.dev.timing_event()?);
             }
             let r = self.run_step(ws, &mut kv, layout, &mut profile);
-            if let Some(p) = &mut profile {
-                if r.is_ok() && layout.num_prefill == 0 {
-                    let mut prev = p.start.take();
-                    for (op, e) in std::mem::take(&mut p.marks) {
-                        if let Some(s) = &prev {
-                            let ms = s.elapsed_ms(&e).map_err(|err| {
-                                crate::cuda::CudaError::driver("reading a profile event", err)
-                            })?;
-                            p.add(op, ms as f64);
-                        }
-                        prev = Some(e);
-                    }
-                    p.num_steps += 1;
-                } else {
-                    p.marks.clear();
-                }
+            if let Some(p) = &mut profile
+                && r.is_err()
+            {
+                p.marks.clear();
+                p.start = None;
             }
             self.profile = profile;
             r
@@ -1461,9 +1510,7 @@ impl<T: FloatElem> CudaExecutor<T> {
 
 impl<T: FloatElem> Drop for CudaExecutor<T> {
     fn drop(&mut self) {
-        if let Some(p) = &self.profile
-            && p.num_steps > 0
-        {
+        if let Some(p) = &self.profile {
             eprint!("{}", p.report());
         }
     }
@@ -1580,9 +1627,26 @@ impl<T: FloatElem> CudaExecutor<T> {
                 "the step workspace is gone after a failed step".into(),
             ));
         };
-        let result = self
-            .launch(&mut ws, layout)
-            .and_then(|()| finish(self, &mut ws));
+        if let Some(p) = &mut self.profile {
+            p.wall_start = Some(std::time::Instant::now());
+        }
+        let result = self.launch(&mut ws, layout).and_then(|()| {
+            let r = finish(self, &mut ws)?;
+            // Eager steps only (graph replays record no events): the sampling and the copy back
+            // are the last op; `finish` has synchronized, so every event is complete.
+            let mut profile = self.profile.take();
+            if let Some(p) = &mut profile
+                && p.start.is_some()
+            {
+                self.mark(&mut profile, "sample + copy back")?;
+                if let Some(p) = &mut profile {
+                    self.dev.synchronize()?;
+                    p.collect(layout.num_prefill > 0)?;
+                }
+            }
+            self.profile = profile;
+            Ok(r)
+        });
         self.ws = Some(ws);
         result
     }

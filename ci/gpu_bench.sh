@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# GPU benchmarks of the CUDA executor, built here and run on a GPU machine (which has no cargo).
+#
+#   ci/gpu_bench.sh [--dest DIR]      build the release `ferrum`, strip it and pack it with this
+#                                     script into DIR (default: <repo>/.gpu-bench, git-ignored)
+#   bash .gpu-bench/gpu_bench.sh run SUITE...   on the GPU machine: runs the suites, JSON lines in
+#                                     $OUT/bench.jsonl, everything else in $OUT/bench.log
+#
+# Suites (random weights at real shapes, bf16, greedy, ignore_eos; see docs/benchmarks.md):
+#   decode    Llama-2-7B 128/128 at batch 1, 16, 64; Llama-3-8B 128/128 at batch 1 and 256
+#   profile   the same shapes, short, with FERRUM_CUDA_PROFILE=1 (per-op device time, graphs off)
+#   long      Llama-3-8B offline throughput at 2048/128, 128/2048 and 2048/2048
+#   presets   gptj-6b, falcon-7b, mpt-7b, bloom-7b1, gpt3-6.7b: 128/128 at batch 1 and 64
+#   ifb       in-flight vs static batching on a mixed-length workload, equal KV memory
+#
+# With the device tool: pack into the main checkout, carry [".gpu-bench"], command
+#   "bash .gpu-bench/gpu_bench.sh run decode profile"
+set -euo pipefail
+
+if [ "${1:-}" = "run" ]; then
+  shift
+  here=$(cd "$(dirname "$0")" && pwd)
+  B="$here/ferrum"
+  out=${OUT:-/tmp/ferrum-bench}
+  mkdir -p "$out"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/card.txt"
+  cat "$here/commit.txt" | tee -a "$out/card.txt"
+  # One bench command: JSON lines to bench.jsonl, the rest (and the profile tables) to bench.log.
+  b() {
+    echo "== ferrum bench $*" | tee -a "$out/bench.log"
+    local t0=$SECONDS
+    timeout "${T:-400}" "$B" bench --device cuda "$@" 2> >(tee -a "$out/bench.log" >&2) |
+      tee -a "$out/bench.jsonl"
+    echo "   ($((SECONDS - t0)) s)" | tee -a "$out/bench.log"
+  }
+  for suite in "$@"; do
+    case "$suite" in
+    decode)
+      b --preset llama2-7b --prompt-len 128 --gen-len 128 --batch-size 1,16,64 --json
+      b --preset llama3-8b --prompt-len 128 --gen-len 128 --batch-size 1,256 --max-num-batched-tokens 8192 --json
+      ;;
+    profile)
+      FERRUM_CUDA_PROFILE=1 b --preset llama2-7b --prompt-len 128 --gen-len 32 --batch-size 1 --json
+      FERRUM_CUDA_PROFILE=1 b --preset llama3-8b --prompt-len 128 --gen-len 32 --batch-size 256 --max-num-batched-tokens 8192 --json
+      ;;
+    long)
+      b --preset llama3-8b --prompt-len 2048 --gen-len 128 --batch-size 64 --max-num-batched-tokens 8192 --json
+      b --preset llama3-8b --prompt-len 128 --gen-len 2048 --batch-size 256 --max-num-batched-tokens 8192 --json
+      b --preset llama3-8b --prompt-len 2048 --gen-len 2048 --batch-size 128 --max-num-batched-tokens 8192 --json
+      ;;
+    presets)
+      for p in gptj-6b falcon-7b mpt-7b bloom-7b1 gpt3-6.7b; do
+        b --preset "$p" --prompt-len 128 --gen-len 128 --batch-size 1,64 --json
+      done
+      ;;
+    ifb)
+      b --preset llama3-8b --workload mixed --json
+      ;;
+    *)
+      echo "unknown suite $suite" >&2
+      exit 2
+      ;;
+    esac
+  done
+  exit 0
+fi
+
+cd "$(dirname "$0")/.."
+dest=".gpu-bench"
+if [ "${1:-}" = "--dest" ]; then
+  dest="$2"
+fi
+exclude="$(git rev-parse --git-common-dir)/info/exclude"
+grep -qxF "/$dest/" "$exclude" 2>/dev/null || echo "/$dest/" >>"$exclude"
+cargo build --release --bin ferrum
+rm -rf "$dest"
+mkdir -p "$dest"
+strip -o "$dest/ferrum" target/release/ferrum
+cp ci/gpu_bench.sh "$dest/gpu_bench.sh"
+{
+  git rev-parse --short HEAD
+  git diff --quiet HEAD -- src kernels || echo "(with uncommitted changes to src/kernels)"
+} >"$dest/commit.txt"
+du -sh "$dest"

@@ -831,7 +831,19 @@ fn device_err(what: String) -> crate::Error {
 }
 
 fn upload_f32<T: FloatElem>(dev: &CudaDevice, v: &[f32]) -> crate::Result<DeviceBuffer<T>> {
-    let host: Vec<T> = v.iter().map(|&x| T::from_f32(x)).collect();
+    let mut host = vec![T::from_f32(0.0); v.len()];
+    // Converted in parallel chunks: a 7B model is 7e9 values.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = v.len().div_ceil(threads).max(1 << 16);
+    std::thread::scope(|s| {
+        for (out, src) in host.chunks_mut(chunk).zip(v.chunks(chunk)) {
+            s.spawn(move || {
+                for (o, &x) in out.iter_mut().zip(src) {
+                    *o = T::from_f32(x);
+                }
+            });
+        }
+    });
     Ok(dev.upload(&host)?)
 }
 

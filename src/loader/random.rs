@@ -28,6 +28,15 @@ fn splitmix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Element `i` of the tensor whose name hashes to `name_hash`.
+fn value(name_hash: u64, i: u64) -> f32 {
+    // Sum of two uniforms: triangular on (-1, 1), std 1/sqrt(6); scaled to ~0.02.
+    let r = splitmix(name_hash ^ i);
+    let u1 = (r >> 40) as f32 / (1u64 << 24) as f32;
+    let u2 = ((r >> 16) & 0xFF_FFFF) as f32 / (1u64 << 24) as f32;
+    (u1 + u2 - 1.0) * 0.049
+}
+
 impl TensorSource for RandomSource {
     fn describe(&self) -> String {
         format!("random weights (seed {})", self.seed)
@@ -68,15 +77,22 @@ impl TensorSource for RandomSource {
             let name_hash = name
                 .bytes()
                 .fold(self.seed, |h, b| splitmix(h ^ u64::from(b)));
-            (0..numel as u64)
-                .map(|i| {
-                    // Sum of two uniforms: triangular on (-1, 1), std 1/sqrt(6); scaled to ~0.02.
-                    let r = splitmix(name_hash ^ i);
-                    let u1 = (r >> 40) as f32 / (1u64 << 24) as f32;
-                    let u2 = ((r >> 16) & 0xFF_FFFF) as f32 / (1u64 << 24) as f32;
-                    (u1 + u2 - 1.0) * 0.049
-                })
-                .collect()
+            let mut data = vec![0.0f32; numel];
+            // A function of the index alone, so filled in parallel chunks (a 7B model is 7e9
+            // values: minutes on one thread).
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let chunk = numel.div_ceil(threads).max(1 << 16);
+            std::thread::scope(|s| {
+                for (c, out) in data.chunks_mut(chunk).enumerate() {
+                    s.spawn(move || {
+                        let first = (c * chunk) as u64;
+                        for (i, v) in out.iter_mut().enumerate() {
+                            *v = value(name_hash, first + i as u64);
+                        }
+                    });
+                }
+            });
+            data
         };
         Ok(HostTensor {
             shape: shape.clone(),
@@ -86,5 +102,34 @@ impl TensorSource for RandomSource {
 
     fn get_q8(&self, _name: &str, _shard: Shard) -> Result<Option<Q8Tensor>, LoadError> {
         Ok(None)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_depend_on_name_seed_and_index_only_not_on_the_parallel_chunks() {
+        let numel = 3 * (1 << 16) + 7;
+        let src = RandomSource::new(
+            [
+                ("w".to_string(), vec![numel]),
+                ("x.norm.weight".to_string(), vec![5]),
+            ],
+            9,
+        );
+        let a = src.get("w", Shard::Replicated).unwrap().data;
+        let hash = "w".bytes().fold(9, |h, b| splitmix(h ^ u64::from(b)));
+        assert_eq!(a.len(), numel);
+        for i in [0, 1, 1 << 16, (1 << 16) + 1, numel - 1] {
+            assert_eq!(a[i], value(hash, i as u64), "element {i}");
+        }
+        assert_eq!(a, src.get("w", Shard::Replicated).unwrap().data);
+        let mean = a.iter().map(|&v| v as f64).sum::<f64>() / numel as f64;
+        let var = a.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / numel as f64;
+        assert!(mean.abs() < 1e-3 && (var.sqrt() - 0.02).abs() < 2e-3, "{mean} {var}");
+        assert_eq!(src.get("x.norm.weight", Shard::Replicated).unwrap().data, vec![1.0; 5]);
     }
 }

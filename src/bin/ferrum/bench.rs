@@ -1,7 +1,8 @@
 //! `ferrum bench`: offline speed of the engine on real or random weights. N requests of fixed
 //! prompt/output length are submitted at once (batch size N, `ignore_eos`), after a short
-//! warm-up batch of the same shapes. Reports time to first token, decode ms/token per sequence, output tokens/s overall and
-//! the achieved weight bandwidth of decode steps (weight bytes × decode steps/s), as text and JSON.
+//! warm-up batch of the same shapes. Reports time to first token, decode ms/token per sequence,
+//! output tokens/s overall and the achieved weight bandwidth of decode steps (weight bytes ×
+//! decode steps/s), as text and JSON.
 
 use std::path::PathBuf;
 use std::time::Instant;

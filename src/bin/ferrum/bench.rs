@@ -5,8 +5,8 @@
 //! `--workload mixed` hands over to `bench_mixed` (in-flight vs static batching).
 //!
 //! Owns the flags, the model loading both workloads share and `submit_and_time`, the one place
-//! that submits bench requests and timestamps their tokens. It must never assert or round
-//! numbers it did not measure: every reported rate comes from token arrival times.
+//! that submits bench requests and timestamps their tokens. It must never report a rate that
+//! is not computed from those token arrival times.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -39,8 +39,10 @@ pub struct BenchArgs {
     /// Random weights at the shapes of a named model instead of --model (see `model::presets`).
     #[arg(long, conflicts_with = "model")]
     preset: Option<String>,
+    /// Prompt tokens of every request (--workload fixed).
     #[arg(long, default_value_t = 128)]
     prompt_len: usize,
+    /// Output tokens of every request (--workload fixed).
     #[arg(long, default_value_t = 128)]
     gen_len: usize,
     /// Requests submitted at once; comma-separated for several runs, e.g. 1,4,16 (default 1).

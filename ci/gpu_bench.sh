@@ -11,7 +11,7 @@
 #   profile   the same shapes, short, with FERRUM_CUDA_PROFILE=1 (per-op device time, graphs off)
 #   long      Llama-3-8B offline throughput at 2048/128, 128/2048 and 2048/2048
 #   presets   gptj-6b, falcon-7b, mpt-7b, bloom-7b1, gpt3-6.7b: 128/128 at batch 1 and 64
-#   ifb       in-flight vs static batching on a mixed-length workload, equal KV memory
+#   ifb       Llama-3-8B in-flight vs static batching on a mixed-length workload, equal KV memory
 #
 # With the device tool: pack into the main checkout, carry [".gpu-bench"], command
 #   "bash .gpu-bench/gpu_bench.sh run decode profile"
@@ -54,7 +54,9 @@ if [ "${1:-}" = "run" ]; then
       done
       ;;
     ifb)
-      b --preset llama3-8b --workload mixed --json
+      # 256 requests, prompts 32..=1024, outputs 16..=512 (~67k output tokens), B = 64, KV cache
+      # for 64 sequences of 1536 tokens in both modes; 2 rounds of (static, in-flight).
+      b --preset llama3-8b --workload mixed --num-requests 256 --batch-size 64 --rounds 2 --max-num-batched-tokens 8192 --json
       ;;
     *)
       echo "unknown suite $suite" >&2

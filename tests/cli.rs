@@ -194,6 +194,128 @@ fn bench_json_on_a_random_preset() {
     }
 }
 
+/// `bench --workload mixed`: both modes generate exactly the workload's tokens, static batching
+/// really runs in disjoint groups of B, the summary ratio is the ratio of the per-mode rates
+/// (summed over rounds), and both modes report the same KV capacity.
+#[test]
+fn bench_mixed_workload_compares_inflight_and_static() {
+    let (ok, out, err) = ferrum(&[
+        "bench",
+        "--preset",
+        "tiny-llama",
+        "--device",
+        "cpu",
+        "--workload",
+        "mixed",
+        "--num-requests",
+        "12",
+        "--batch-size",
+        "4",
+        "--min-prompt-len",
+        "3",
+        "--max-prompt-len",
+        "40",
+        "--min-gen-len",
+        "2",
+        "--max-gen-len",
+        "24",
+        "--seed",
+        "3",
+        "--rounds",
+        "2",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 5, "2 rounds x 2 modes + summary: {out}");
+    let summary = &lines[4];
+    assert_eq!(summary["mode"], "summary");
+    let gen_lens: Vec<u64> = summary["gen_lens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    let prompt_lens = summary["prompt_lens"].as_array().unwrap();
+    assert_eq!((gen_lens.len(), prompt_lens.len()), (12, 12));
+    assert!(
+        gen_lens.iter().all(|g| (2..=24).contains(g)),
+        "{gen_lens:?}"
+    );
+    assert!(
+        gen_lens.iter().any(|&g| g != gen_lens[0]),
+        "mixed lengths: {gen_lens:?}"
+    );
+    let num_tokens: u64 = gen_lens.iter().sum();
+    // Room for 4 sequences of 40 + 24 = 64 tokens (4 blocks of 16 each).
+    assert_eq!(summary["kv_cache_tokens"], 256);
+    let mut rate = std::collections::HashMap::new();
+    for (idx, l) in lines[..4].iter().enumerate() {
+        let mode = l["mode"].as_str().unwrap();
+        assert_eq!(l["round"], idx as u64 / 2, "{l}");
+        assert_eq!(l["num_output_tokens"], num_tokens, "{mode}: {l}");
+        assert_eq!(l["kv_cache_tokens"], 256, "{mode}: same KV capacity");
+        assert_eq!(
+            l["num_preemptions"], 0,
+            "{mode}: the KV cache fits the batch"
+        );
+        let want_groups = match mode {
+            "static" => 3, // ceil(12 / 4)
+            "inflight" => 1,
+            _ => panic!("unknown mode {mode}"),
+        };
+        assert_eq!(l["num_groups"], want_groups, "{mode}");
+        assert_eq!(l["groups_disjoint"], true, "{mode}");
+        let total_s = l["total_s"].as_f64().unwrap();
+        let tps = l["output_tokens_per_s"].as_f64().unwrap();
+        assert!(
+            (tps * total_s / num_tokens as f64 - 1.0).abs() < 1e-9,
+            "{l}"
+        );
+        let ttft = l["ttft_ms_p50"].as_f64().unwrap();
+        assert!(
+            ttft > 0.0 && ttft <= l["latency_ms_p99"].as_f64().unwrap(),
+            "{l}"
+        );
+        let e = rate.entry(mode.to_owned()).or_insert((0.0, 0.0));
+        e.0 += num_tokens as f64;
+        e.1 += total_s;
+    }
+    // Rounds alternate which mode goes first.
+    assert_eq!(
+        (lines[0]["mode"].as_str(), lines[2]["mode"].as_str()),
+        (Some("static"), Some("inflight"))
+    );
+    let tps = |m: &str| rate[m].0 / rate[m].1;
+    let close = |a: f64, b: f64| (a / b - 1.0).abs() < 1e-9;
+    assert!(close(
+        summary["static_output_tokens_per_s"].as_f64().unwrap(),
+        tps("static")
+    ));
+    assert!(close(
+        summary["inflight_output_tokens_per_s"].as_f64().unwrap(),
+        tps("inflight")
+    ));
+    let ratio = summary["inflight_over_static"].as_f64().unwrap();
+    assert!(close(ratio, tps("inflight") / tps("static")), "{summary}");
+    // Lengths the model cannot hold are refused before anything runs.
+    let (ok, _, err) = ferrum(&[
+        "bench",
+        "--preset",
+        "tiny-llama",
+        "--device",
+        "cpu",
+        "--workload",
+        "mixed",
+        "--num-requests",
+        "2",
+    ]);
+    assert!(!ok && err.contains("max_model_len"), "{err}");
+}
+
 /// Random-weight benches run for every architecture (the GPT-3 presets share the GPT-2 path).
 #[test]
 fn bench_runs_every_architecture_preset() {

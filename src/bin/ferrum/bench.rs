@@ -2,18 +2,36 @@
 //! prompt/output length are submitted at once (batch size N, `ignore_eos`), after a short
 //! warm-up batch of the same shapes. Reports time to first token, decode ms/token per sequence,
 //! output tokens/s overall and the achieved weight bandwidth of decode steps (weight bytes ×
-//! decode steps/s), as text and JSON.
+//! decode steps/s), as text and JSON. `--workload mixed` hands over to `bench_mixed` (in-flight
+//! vs static batching).
+//!
+//! Owns the flags, the model loading both workloads share and `submit_and_time`, the one place
+//! that submits bench requests and timestamps their tokens. It must never report a rate that
+//! is not computed from those token arrival times.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use serde_json::json;
+use triton_ferrum::engine::options::LoadedEngine;
 use triton_ferrum::engine::{EngineHandle, is_final, options};
 use triton_ferrum::model::Checkpoint;
 use triton_ferrum::request::{GenerateRequest, Prompt, SamplingParams, StopCriteria, TokenEvent};
 
+use super::bench_mixed::{self, MixedArgs};
 use super::{CliResult, EngineArgs};
+
+/// Which requests a bench submits, and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// N requests of --prompt-len/--gen-len at once, for each --batch-size N.
+    Fixed,
+    /// A seeded mixed-length workload run with in-flight and with static batching at equal KV
+    /// cache capacity (see the "Mixed workload" flags).
+    Mixed,
+}
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -22,16 +40,41 @@ pub struct BenchArgs {
     /// Random weights at the shapes of a named model instead of --model (see `model::presets`).
     #[arg(long, conflicts_with = "model")]
     preset: Option<String>,
+    /// Prompt tokens of every request (--workload fixed).
     #[arg(long, default_value_t = 128)]
     prompt_len: usize,
+    /// Output tokens of every request (--workload fixed).
     #[arg(long, default_value_t = 128)]
     gen_len: usize,
-    /// Requests submitted at once; comma-separated for several runs, e.g. 1,4,16.
-    #[arg(long, default_value = "1", value_delimiter = ',')]
-    batch_size: Vec<usize>,
-    /// Print one JSON object per batch size instead of the table.
+    /// Requests submitted at once; comma-separated for several runs, e.g. 1,4,16 (default 1).
+    /// With --workload mixed: one value B, the most sequences running at once in both modes
+    /// (it sets max_num_seqs; default 64).
+    #[arg(long, value_delimiter = ',')]
+    batch_size: Option<Vec<usize>>,
+    /// fixed: prompt/gen lengths of --prompt-len/--gen-len; mixed: in-flight vs static batching
+    /// on a seeded mixed-length workload.
+    #[arg(long, value_enum, default_value_t = Workload::Fixed)]
+    workload: Workload,
+    #[command(flatten)]
+    mixed: MixedArgs,
+    /// Print one JSON object per batch size (mixed: per mode and round, plus a summary)
+    /// instead of the table.
     #[arg(long)]
     json: bool,
+}
+
+/// One bench request: prompt token ids and the exact number of tokens to generate
+/// (`ignore_eos`, greedy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BenchRequest {
+    pub prompt_ids: Vec<u32>,
+    pub max_tokens: usize,
+}
+
+/// A checkpoint opened for a bench, and how to name it in the output.
+pub struct BenchModel {
+    pub ckpt: Checkpoint,
+    pub source: String,
 }
 
 struct RunResult {
@@ -44,25 +87,60 @@ struct RunResult {
 }
 
 pub fn run(a: BenchArgs) -> CliResult {
-    let ckpt = match (&a.preset, &a.engine.model) {
-        (Some(p), _) => Checkpoint::random(p, 0)?,
-        (None, Some(m)) => Checkpoint::open(m, a.engine.tokenizer.as_deref())?,
+    let (ckpt, source) = match (&a.preset, &a.engine.model) {
+        (Some(p), _) => (
+            Checkpoint::random(p, 0)?,
+            format!("preset {p} (random weights)"),
+        ),
+        (None, Some(m)) => (
+            Checkpoint::open(m, a.engine.tokenizer.as_deref())?,
+            m.display().to_string(),
+        ),
         (None, None) => return Err("one of --model or --preset is required".into()),
     };
-    let source = match (&a.preset, &a.engine.model) {
-        (Some(p), _) => format!("preset {p} (random weights)"),
-        (None, Some(m)) => m.display().to_string(),
-        (None, None) => String::new(),
-    };
-    let max_batch = a.batch_size.iter().copied().max().unwrap_or(1);
-    let mut engine_args = a.engine.clone();
-    engine_args.max_num_seqs = engine_args.max_num_seqs.max(max_batch);
-    let mut opts = engine_args.options(
-        a.engine
+    let model = BenchModel { ckpt, source };
+    match a.workload {
+        Workload::Fixed => run_fixed(&a, model),
+        Workload::Mixed => {
+            let batch_size = match a.batch_size.as_deref() {
+                None => bench_mixed::DEFAULT_BATCH_SIZE,
+                Some(&[b]) => b,
+                Some(bs) => {
+                    return Err(
+                        format!("--workload mixed takes one --batch-size, got {bs:?}").into(),
+                    );
+                }
+            };
+            bench_mixed::run(model, &a.engine, batch_size, &a.mixed, a.json)
+        }
+    }
+}
+
+/// Engine options of a bench: the user's engine flags on the bench's model path.
+pub fn engine_options(engine: &EngineArgs) -> options::EngineOptions {
+    engine.options(
+        engine
             .model
             .clone()
             .unwrap_or_else(|| PathBuf::from("<random>")),
-    );
+    )
+}
+
+/// How the loaded weights are stored: the dtype on the GPU, the host format on the CPU.
+pub fn weights_label(loaded: &LoadedEngine) -> String {
+    match loaded.device.starts_with("cuda") {
+        true => options::dtype_name(loaded.dtype).to_owned(),
+        false => format!("{:?}", loaded.weight_format).to_lowercase(),
+    }
+}
+
+fn run_fixed(a: &BenchArgs, model: BenchModel) -> CliResult {
+    let BenchModel { ckpt, source } = model;
+    let batch_sizes = a.batch_size.clone().unwrap_or_else(|| vec![1]);
+    let max_batch = batch_sizes.iter().copied().max().unwrap_or(1);
+    let mut engine_args = a.engine.clone();
+    engine_args.max_num_seqs = engine_args.max_num_seqs.max(max_batch);
+    let mut opts = engine_options(&engine_args);
     let need = a.prompt_len + a.gen_len;
     opts.max_model_len = Some(opts.max_model_len.unwrap_or(need).max(need));
     opts.max_tokens_in_paged_kv_cache = Some(
@@ -77,16 +155,13 @@ pub fn run(a: BenchArgs) -> CliResult {
     let weight_bytes = loaded.weight_bytes as f64;
 
     let mut results = vec![];
-    for &b in &a.batch_size {
+    for &b in &batch_sizes {
         // Warm-up at the measured shapes (first touch of weights and thread pools; on the GPU,
         // kernel compiles and GEMM algorithm choices per shape), a few tokens per request.
         run_batch(&handle, b, a.prompt_len, a.gen_len.min(4), vocab, 1)?;
         results.push(run_batch(&handle, b, a.prompt_len, a.gen_len, vocab, 7)?);
     }
-    let format = match loaded.device.starts_with("cuda") {
-        true => options::dtype_name(loaded.dtype).to_owned(),
-        false => format!("{:?}", loaded.weight_format).to_lowercase(),
-    };
+    let format = weights_label(&loaded);
     if !a.json {
         println!(
             "ferrum bench: {source}, {} ({:.1} M params, weights {format} {:.1} MiB), {}, prompt {} + gen {} tokens, load {:.2} s",
@@ -141,62 +216,15 @@ fn run_batch(
     vocab: usize,
     seed: u64,
 ) -> Result<RunResult, Box<dyn std::error::Error>> {
+    let requests: Vec<BenchRequest> = (0..batch_size)
+        .map(|r| BenchRequest {
+            prompt_ids: pseudo_random_ids(seed, r, prompt_len, vocab),
+            max_tokens: gen_len,
+        })
+        .collect();
     let t0 = Instant::now();
-    let mut streams = vec![];
-    for r in 0..batch_size {
-        // Deterministic pseudo-random prompt ids, different per request.
-        let ids: Vec<u32> = (0..prompt_len)
-            .map(|i| {
-                let x =
-                    (seed + r as u64 * 1_000_003 + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-                ((x >> 33) % vocab as u64) as u32
-            })
-            .collect();
-        let req = GenerateRequest {
-            prompt: Prompt::TokenIds(ids),
-            sampling: SamplingParams::default(),
-            stop: StopCriteria {
-                max_tokens: gen_len,
-                ignore_eos: true,
-                ..StopCriteria::default()
-            },
-            detokenize: false,
-        };
-        streams.push(handle.submit(req)?);
-    }
-    // Timestamps of every token of every request, read on one thread per request.
-    let times: Vec<Vec<Instant>> = std::thread::scope(|s| {
-        let joins: Vec<_> = streams
-            .into_iter()
-            .map(|mut st| {
-                s.spawn(move || {
-                    let mut ts = vec![];
-                    while let Some(ev) = st.recv() {
-                        let last = is_final(&ev);
-                        if let TokenEvent::Token { .. } = ev {
-                            ts.push(Instant::now());
-                        }
-                        if last {
-                            break;
-                        }
-                    }
-                    ts
-                })
-            })
-            .collect();
-        joins
-            .into_iter()
-            .map(|j| j.join().unwrap_or_default())
-            .collect()
-    });
+    let times = submit_and_time(handle, &requests)?;
     let total_s = t0.elapsed().as_secs_f64();
-    if times.iter().any(|t| t.len() != gen_len) {
-        return Err(format!(
-            "a request produced {:?} tokens, expected {gen_len}",
-            times.iter().map(Vec::len).collect::<Vec<_>>()
-        )
-        .into());
-    }
     let ttft_ms = times
         .iter()
         .map(|t| (t[0] - t0).as_secs_f64() * 1e3)
@@ -224,4 +252,91 @@ fn run_batch(
         output_tokens_per_s: (batch_size * gen_len) as f64 / total_s,
         total_s,
     })
+}
+
+/// Deterministic pseudo-random prompt ids in `0..vocab`, different per `request_idx`.
+pub fn pseudo_random_ids(seed: u64, request_idx: usize, len: usize, vocab: usize) -> Vec<u32> {
+    (0..len)
+        .map(|i| {
+            let x = (seed + request_idx as u64 * 1_000_003 + i as u64)
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            ((x >> 33) % vocab.max(1) as u64) as u32
+        })
+        .collect()
+}
+
+/// Submits every request at once (greedy, `ignore_eos`) and returns the arrival time of each of
+/// its output tokens, in request order. All events come back on one shared channel read by this
+/// thread. Fails, aborting what is still running, when a request is refused, errors, or ends
+/// with other than `max_tokens` tokens.
+pub fn submit_and_time(
+    handle: &EngineHandle,
+    requests: &[BenchRequest],
+) -> Result<Vec<Vec<Instant>>, Box<dyn std::error::Error>> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let mut idx_of = HashMap::with_capacity(requests.len());
+    let abort_all = |idx_of: &HashMap<_, usize>| {
+        for &seq_id in idx_of.keys() {
+            handle.abort(seq_id);
+        }
+    };
+    for (idx, r) in requests.iter().enumerate() {
+        let req = GenerateRequest {
+            prompt: Prompt::TokenIds(r.prompt_ids.clone()),
+            sampling: SamplingParams::default(),
+            stop: StopCriteria {
+                max_tokens: r.max_tokens,
+                ignore_eos: true,
+                ..StopCriteria::default()
+            },
+            detokenize: false,
+        };
+        match handle.submit_to(req, tx.clone()) {
+            Ok((seq_id, _)) => {
+                idx_of.insert(seq_id, idx);
+            }
+            Err(e) => {
+                abort_all(&idx_of);
+                return Err(format!("bench request {idx}: {e}").into());
+            }
+        }
+    }
+    // Only the engine holds senders now: `recv` fails if it stops before every request ended.
+    drop(tx);
+    let mut times: Vec<Vec<Instant>> = requests
+        .iter()
+        .map(|r| Vec::with_capacity(r.max_tokens))
+        .collect();
+    let mut num_open = requests.len();
+    while num_open > 0 {
+        let (seq_id, ev) = rx
+            .recv()
+            .map_err(|_| "the engine stopped before every bench request finished")?;
+        let Some(&idx) = idx_of.get(&seq_id) else {
+            continue;
+        };
+        let last = is_final(&ev);
+        match ev {
+            TokenEvent::Token { .. } => times[idx].push(Instant::now()),
+            TokenEvent::Error(e) => {
+                abort_all(&idx_of);
+                return Err(format!("bench request {idx}: {e}").into());
+            }
+            TokenEvent::Started { .. } | TokenEvent::Finished { .. } => {}
+        }
+        if last {
+            num_open -= 1;
+        }
+    }
+    for (idx, (t, r)) in times.iter().zip(requests).enumerate() {
+        if t.len() != r.max_tokens {
+            return Err(format!(
+                "bench request {idx} produced {} tokens, expected {}",
+                t.len(),
+                r.max_tokens
+            )
+            .into());
+        }
+    }
+    Ok(times)
 }

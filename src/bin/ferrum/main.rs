@@ -16,6 +16,7 @@ use triton_ferrum::request::{GenerateRequest, Prompt, SamplingParams, StopCriter
 use triton_ferrum::tokenizer::ChatMessage;
 
 mod bench;
+mod bench_mixed;
 
 #[derive(Parser)]
 #[command(name = "ferrum", version, about = "ferrum LLM inference engine")]

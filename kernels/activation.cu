@@ -8,17 +8,7 @@
 //            out = act(gate) * up (Llama's silu*up, Gemma's gelu_tanh*up)
 // act:       x: [n] in place
 
-__device__ __forceinline__ float apply_act(float x, int act) {
-    switch (act) {
-        case 0: return x / (1.0f + expf(-x));
-        case 1: {
-            const float k = 0.7978845608028654f;  // sqrt(2/pi)
-            return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
-        }
-        case 2: return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
-        default: return fmaxf(x, 0.0f);
-    }
-}
+// apply_act(x, act) is in prelude.cuh (gemv.cu's gated product uses it too).
 
 template <typename T>
 __device__ void gated_act_impl(T* out, const T* gate_up, i64 num_tokens, int inter, int act) {

@@ -5,36 +5,37 @@
 // gemv_{dt}: grid (ceil(n / GEMV_WARPS)), GEMV_WARPS * 32 threads; warp w of CTA b computes output
 //   feature j = b * GEMV_WARPS + w for every row of x: lanes stride over the 16-byte vectors of
 //   W[j] (and the matching vectors of each x row, which stay in L1/L2), then a warp sum.
-//   Needs k * sizeof(T) % 16 == 0 and 16-byte aligned rows (checked by the launcher).
+// gemv_gated_{dt}: the gated MLP's gate_up product with the activation fused (no gate_up buffer,
+//   no activation launch): W = gate_up [2 * inter, k] (gate rows, then up rows), bias [2 * inter]
+//   or null; y[m, inter] = act(x·W[j] + b[j]) * (x·W[inter + j] + b[inter + j]), rounded to T once.
+//   Warp j streams both rows j and inter + j; grid (ceil(inter / GEMV_WARPS)).
+//   Both need k * sizeof(T) % 16 == 0 and 16-byte aligned rows (checked by the launcher).
 
 #define GEMV_WARPS 4
 #define GEMV_MAX_M 8
 #define GEMV_UNROLL 4
 
-template <typename T>
-__device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w,
-                          const T* __restrict__ bias, int m, int n, int k) {
+// acc[i][r] += W[rows[i]] · x[r] for the NR weight rows of this warp (lane's share of k).
+template <typename T, int NR>
+__device__ __forceinline__ void gemv_rows(float (&acc)[NR][GEMV_MAX_M], const T* __restrict__ x,
+                                          const T* __restrict__ w, const i64 (&rows)[NR], int m,
+                                          int k) {
     constexpr int VEC = 16 / sizeof(T);
     const int lane = threadIdx.x % FERRUM_WARP;
-    const int j = blockIdx.x * GEMV_WARPS + threadIdx.x / FERRUM_WARP;
-    if (j >= n) return;
     const int num_vecs = k / VEC;
-    const uint4* wrow = reinterpret_cast<const uint4*>(w + (i64)j * k);
-    float acc[GEMV_MAX_M];
+    const uint4* wrow[NR];
 #pragma unroll
-    for (int r = 0; r < GEMV_MAX_M; ++r) acc[r] = 0.0f;
+    for (int i = 0; i < NR; ++i) wrow[i] = reinterpret_cast<const uint4*>(w + rows[i] * k);
     int v = lane;
-    // Main loop: GEMV_UNROLL weight vectors in flight per lane.
+    // Main loop: GEMV_UNROLL vectors of each weight row in flight per lane.
     for (; v + (GEMV_UNROLL - 1) * FERRUM_WARP < num_vecs; v += GEMV_UNROLL * FERRUM_WARP) {
-        uint4 wv[GEMV_UNROLL];
+        uint4 wv[NR][GEMV_UNROLL];
 #pragma unroll
-        for (int u = 0; u < GEMV_UNROLL; ++u) wv[u] = __ldg(wrow + v + u * FERRUM_WARP);
+        for (int i = 0; i < NR; ++i)
+#pragma unroll
+            for (int u = 0; u < GEMV_UNROLL; ++u) wv[i][u] = __ldg(wrow[i] + v + u * FERRUM_WARP);
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; ++u) {
-            const T* we = reinterpret_cast<const T*>(&wv[u]);
-            float wf[VEC];
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) wf[e] = to_f32(we[e]);
 #pragma unroll
             for (int r = 0; r < GEMV_MAX_M; ++r) {
                 if (r < m) {
@@ -42,30 +43,79 @@ __device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const T* _
                         __ldg(reinterpret_cast<const uint4*>(x + (i64)r * k) + v + u * FERRUM_WARP);
                     const T* xe = reinterpret_cast<const T*>(&xv);
 #pragma unroll
-                    for (int e = 0; e < VEC; ++e) acc[r] += wf[e] * to_f32(xe[e]);
+                    for (int i = 0; i < NR; ++i) {
+                        const T* we = reinterpret_cast<const T*>(&wv[i][u]);
+#pragma unroll
+                        for (int e = 0; e < VEC; ++e) acc[i][r] += to_f32(we[e]) * to_f32(xe[e]);
+                    }
                 }
             }
         }
     }
     for (; v < num_vecs; v += FERRUM_WARP) {
-        const uint4 wv = __ldg(wrow + v);
-        const T* we = reinterpret_cast<const T*>(&wv);
+        uint4 wv[NR];
+#pragma unroll
+        for (int i = 0; i < NR; ++i) wv[i] = __ldg(wrow[i] + v);
 #pragma unroll
         for (int r = 0; r < GEMV_MAX_M; ++r) {
             if (r < m) {
                 const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + (i64)r * k) + v);
                 const T* xe = reinterpret_cast<const T*>(&xv);
 #pragma unroll
-                for (int e = 0; e < VEC; ++e) acc[r] += to_f32(we[e]) * to_f32(xe[e]);
+                for (int i = 0; i < NR; ++i) {
+                    const T* we = reinterpret_cast<const T*>(&wv[i]);
+#pragma unroll
+                    for (int e = 0; e < VEC; ++e) acc[i][r] += to_f32(we[e]) * to_f32(xe[e]);
+                }
             }
         }
     }
+}
+
+template <typename T>
+__device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w,
+                          const T* __restrict__ bias, int m, int n, int k) {
+    const int lane = threadIdx.x % FERRUM_WARP;
+    const int j = blockIdx.x * GEMV_WARPS + threadIdx.x / FERRUM_WARP;
+    if (j >= n) return;
+    float acc[1][GEMV_MAX_M];
+#pragma unroll
+    for (int r = 0; r < GEMV_MAX_M; ++r) acc[0][r] = 0.0f;
+    const i64 rows[1] = {(i64)j};
+    gemv_rows<T, 1>(acc, x, w, rows, m, k);
     const float b = bias != nullptr ? to_f32(bias[j]) : 0.0f;
 #pragma unroll
     for (int r = 0; r < GEMV_MAX_M; ++r) {
         if (r < m) {
-            const float s = warp_sum(acc[r]);
+            const float s = warp_sum(acc[0][r]);
             if (lane == 0) y[(i64)r * n + j] = from_f32<T>(s + b);
+        }
+    }
+}
+
+template <typename T>
+__device__ void gemv_gated_impl(T* __restrict__ y, const T* __restrict__ x,
+                                const T* __restrict__ w, const T* __restrict__ bias, int m,
+                                int inter, int k, int act) {
+    const int lane = threadIdx.x % FERRUM_WARP;
+    const int j = blockIdx.x * GEMV_WARPS + threadIdx.x / FERRUM_WARP;
+    if (j >= inter) return;
+    float acc[2][GEMV_MAX_M];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int r = 0; r < GEMV_MAX_M; ++r) acc[i][r] = 0.0f;
+    const i64 rows[2] = {(i64)j, (i64)inter + j};
+    gemv_rows<T, 2>(acc, x, w, rows, m, k);
+    // The gate and up values are rounded to T first, as the unfused gate_up buffer holds them.
+    const float bg = bias != nullptr ? to_f32(bias[j]) : 0.0f;
+    const float bu = bias != nullptr ? to_f32(bias[inter + j]) : 0.0f;
+#pragma unroll
+    for (int r = 0; r < GEMV_MAX_M; ++r) {
+        if (r < m) {
+            const float g = to_f32(from_f32<T>(warp_sum(acc[0][r]) + bg));
+            const float u = to_f32(from_f32<T>(warp_sum(acc[1][r]) + bu));
+            if (lane == 0) y[(i64)r * inter + j] = from_f32<T>(apply_act(g, act) * u);
         }
     }
 }
@@ -76,3 +126,10 @@ __device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const T* _
         gemv_impl<T>(y, x, w, bias, m, n, k);                                                   \
     }
 FERRUM_FOR_EACH_DTYPE(GEMV, gemv)
+
+#define GEMV_GATED(name, T)                                                                     \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * FERRUM_WARP)                     \
+        name(T* y, const T* x, const T* w, const T* bias, int m, int inter, int k, int act) {  \
+        gemv_gated_impl<T>(y, x, w, bias, m, inter, k, act);                                    \
+    }
+FERRUM_FOR_EACH_DTYPE(GEMV_GATED, gemv_gated)

@@ -59,6 +59,19 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     return warp_sum(v);
 }
 
+// Activation by code (src/cuda/ops.rs `act_code`): 0 SiLU, 1 GELU tanh, 2 GELU erf, 3 ReLU.
+__device__ __forceinline__ float apply_act(float x, int act) {
+    switch (act) {
+        case 0: return x / (1.0f + expf(-x));
+        case 1: {
+            const float k = 0.7978845608028654f;  // sqrt(2/pi)
+            return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
+        }
+        case 2: return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
+        default: return fmaxf(x, 0.0f);
+    }
+}
+
 // Instantiates `extern "C"` entry points `{op}_f32`, `{op}_bf16`, `{op}_f16` from a macro that
 // takes (entry name, element type).
 #define FERRUM_FOR_EACH_DTYPE(MACRO, op) \

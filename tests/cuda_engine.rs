@@ -23,7 +23,8 @@ use common::*;
 use half::{bf16, f16};
 use triton_ferrum::cuda::{
     CudaDevice, CudaLibrary, DeviceBuffer, FloatElem, Gemm, GemmBackend, GemmShape, elementwise,
-    gemm::gemv_supported,
+    gemm::{gated_gemv, gated_gemv_applies, gemv_supported},
+    ops,
 };
 use triton_ferrum::dtype::DType;
 use triton_ferrum::engine::{Device, EngineHandle, EngineOptions, options};
@@ -31,6 +32,7 @@ use triton_ferrum::executor::Executor;
 use triton_ferrum::executor::cuda::{self as cuda_executor, CudaExecOptions, KvCacheConfig};
 use triton_ferrum::kv_cache::BlockId;
 use triton_ferrum::model::Checkpoint;
+use triton_ferrum::model::spec::Activation;
 use triton_ferrum::ops::linear::{Weight, WeightFormat, linear};
 use triton_ferrum::request::{SeqId, TokenLogprobs};
 use triton_ferrum::scheduler::{SchedulePlan, ScheduledSeq};
@@ -330,6 +332,51 @@ fn gemm_matches_cpu_linear_on_odd_shapes() {
             .linear_with(dev(), &mut y, &x, &w, None, shape, GemmBackend::Gemv)
             .unwrap_err();
         assert!(err.to_string().contains("gemv"), "{err}");
+    }
+    for_each_dtype!(run);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run ci/gpu.sh"]
+fn gated_gemv_equals_gate_up_gemv_then_gated_activation() {
+    fn run<T: FloatElem>() {
+        let mut rng = Rng(23);
+        // inter 344: 86 CTAs of 4 warps; k 2056: a tail after the unrolled loop.
+        let (inter, k) = (344usize, 2056usize);
+        let w = up::<T>(&round::<T>(&rng.vec(2 * inter * k, 0.5)));
+        let b = up::<T>(&round::<T>(&rng.vec(2 * inter, 1.0)));
+        for m in [1usize, 3, 4] {
+            assert!(gated_gemv_applies(T::DTYPE, m, k));
+            let x = up::<T>(&round::<T>(&rng.vec(m * k, 1.0)));
+            for act in [Activation::Silu, Activation::GeluTanh] {
+                for bias in [None, Some(&b)] {
+                    let mut gate_up = poisoned::<T>(m * 2 * inter);
+                    let shape = GemmShape { m, n: 2 * inter, k };
+                    gemm()
+                        .linear_with(dev(), &mut gate_up, &x, &w, bias, shape, GemmBackend::Gemv)
+                        .unwrap();
+                    let mut want = poisoned::<T>(m * inter);
+                    ops::gated_activation(dev(), act, &mut want, &gate_up, inter).unwrap();
+                    let mut got = poisoned::<T>(m * inter);
+                    gated_gemv(dev(), act, &mut got, &x, &w, bias, m, inter, k).unwrap();
+                    let what = format!(
+                        "gated gemv m={m} {act:?} bias={} [{}]",
+                        bias.is_some(),
+                        T::DTYPE
+                    );
+                    assert_eq!(down(&got), down(&want), "{what}");
+                    println!("CHECK {what}: equal to gemv + gated_activation");
+                }
+            }
+        }
+        // Too many rows for the kernel: refused, naming the bound.
+        assert!(!gated_gemv_applies(T::DTYPE, 5, k));
+        let x = up::<T>(&rng.vec(5 * k, 1.0));
+        let mut y = poisoned::<T>(5 * inter);
+        let err = gated_gemv(dev(), Activation::Silu, &mut y, &x, &w, None, 5, inter, k)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("gemv_gated") && err.contains("1..=4"), "{err}");
     }
     for_each_dtype!(run);
 }

@@ -523,6 +523,129 @@ fn kv_cache_write_by_slot_mapping_skips_padding_and_bad_slots() {
     for_each_dtype!(kv_write_case);
 }
 
+fn rotary_kv_write_case<T: FloatElem>() {
+    let mut rng = Rng(15);
+    for (nkv, hd, rd, style) in [
+        (2usize, 80usize, 32usize, RopeStyle::NeoX),
+        (2, 80, 80, RopeStyle::GptJ),
+        (8, 128, 128, RopeStyle::NeoX),
+    ] {
+        let shape = KvCacheShape {
+            num_blocks: 12,
+            block_size: 16,
+            num_kv_heads: nkv,
+            head_dim: hd,
+        };
+        let (nq, kv_dim) = (8usize, shape.kv_dim());
+        let row_stride = nq * hd + 2 * kv_dim;
+        let kv = KvSource {
+            row_stride,
+            k_offset: nq * hd,
+            v_offset: nq * hd + kv_dim,
+        };
+        let rot = RotaryLayout {
+            row_stride,
+            num_q_heads: nq,
+            num_kv_heads: nkv,
+            k_offset: nq * hd,
+            head_dim: hd,
+            rotary_dim: rd,
+            style,
+        };
+        let num_tokens = 23;
+        let qkv = round::<T>(&rng.vec(num_tokens * row_stride, 1.0));
+        let positions: Vec<u32> = (0..num_tokens).map(|_| rng.below(4096) as u32).collect();
+        let inv_freq: Vec<f32> = (0..rd / 2)
+            .map(|i| 10000f32.powf(-(2.0 * i as f32) / rd as f32))
+            .collect();
+        let mut slots: Vec<i64> = (0..shape.num_slots() as i64).collect();
+        rng.shuffle(&mut slots);
+        slots.truncate(num_tokens);
+        slots[4] = -1; // padding token: rotates, writes no cache row
+        let initial_k = round::<T>(&rng.vec(shape.num_elements(), 1.0));
+        let initial_v = round::<T>(&rng.vec(shape.num_elements(), 1.0));
+        let (pos_d, freq_d, slots_d) = (
+            dev().upload(&positions).unwrap(),
+            dev().upload(&inv_freq).unwrap(),
+            dev().upload(&slots).unwrap(),
+        );
+        // The reference: the two kernels it replaces (each checked against the CPU above).
+        let (mut qkv_a, mut k_a, mut v_a) =
+            (up::<T>(&qkv), up::<T>(&initial_k), up::<T>(&initial_v));
+        ops::rotary(dev(), &mut qkv_a, &pos_d, &freq_d, &rot).unwrap();
+        ops::kv_cache_write(dev(), &mut k_a, &mut v_a, &shape, &qkv_a, &kv, &slots_d).unwrap();
+        let (mut qkv_b, mut k_b, mut v_b) =
+            (up::<T>(&qkv), up::<T>(&initial_k), up::<T>(&initial_v));
+        ops::rotary_kv_cache_write(
+            dev(),
+            &mut qkv_b,
+            &pos_d,
+            &freq_d,
+            &rot,
+            &mut k_b,
+            &mut v_b,
+            &shape,
+            &kv,
+            &slots_d,
+        )
+        .unwrap();
+        let what = format!(
+            "rotary_kv_write {style:?} kv{nkv} hd{hd} rd{rd} [{}]",
+            T::DTYPE
+        );
+        assert_eq!(down(&qkv_b), down(&qkv_a), "{what}: qkv");
+        assert_eq!(down(&k_b), down(&k_a), "{what}: k cache");
+        assert_eq!(down(&v_b), down(&v_a), "{what}: v cache");
+        assert_ne!(down(&k_b), initial_k, "{what}: the cache was written");
+        println!("CHECK {what}: equal to rotary + kv_cache_write");
+    }
+    // A kv source that disagrees with the rotary layout is refused, naming it.
+    let shape = KvCacheShape {
+        num_blocks: 2,
+        block_size: 4,
+        num_kv_heads: 1,
+        head_dim: 8,
+    };
+    let rot = RotaryLayout {
+        row_stride: 24,
+        num_q_heads: 1,
+        num_kv_heads: 1,
+        k_offset: 8,
+        head_dim: 8,
+        rotary_dim: 8,
+        style: RopeStyle::NeoX,
+    };
+    let kv = KvSource {
+        row_stride: 24,
+        k_offset: 16,
+        v_offset: 16,
+    };
+    let err = ops::rotary_kv_cache_write(
+        dev(),
+        &mut dev().alloc_zeros::<T>(24).unwrap(),
+        &dev().upload(&[0u32]).unwrap(),
+        &dev().upload(&[1.0f32; 4]).unwrap(),
+        &rot,
+        &mut dev().alloc_zeros::<T>(shape.num_elements()).unwrap(),
+        &mut dev().alloc_zeros::<T>(shape.num_elements()).unwrap(),
+        &shape,
+        &kv,
+        &dev().upload(&[0i64]).unwrap(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("kv source") && err.contains("k_offset 16"),
+        "{err}"
+    );
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run ci/gpu.sh"]
+fn rotary_fused_with_kv_cache_write_equals_the_two_kernels() {
+    for_each_dtype!(rotary_kv_write_case);
+}
+
 // ---------------------------------------------------------------------------------------------
 // paged attention (decode)
 

@@ -86,6 +86,109 @@ fn gemv<T: FloatElem>(
     Ok(())
 }
 
+/// Whether `gated_gemv` takes a gated MLP's gate_up product of `m` rows with `k` inputs: the
+/// rows for which `GemmBackend::Auto` would run the gemv kernel anyway.
+pub fn gated_gemv_applies(dtype: DType, m: usize, k: usize) -> bool {
+    m <= GEMV_AUTO_MAX_M && gemv_supported(dtype, m, k)
+}
+
+/// A gated MLP's gate_up product with its activation fused (gemv.cu `gemv_gated`):
+/// y[m, inter] = act(x·W[j] + b[j]) * (x·W[inter + j] + b[inter + j]), the gate and up values
+/// rounded to T first, as `linear` into a gate_up buffer followed by `ops::gated_activation`
+/// computes them. x: [m, k]; w: [2 * inter, k] (gate rows, then up rows); bias: [2 * inter].
+/// Needs `gated_gemv_applies(T::DTYPE, m, k)`.
+#[allow(clippy::too_many_arguments)]
+pub fn gated_gemv<T: FloatElem>(
+    dev: &CudaDevice,
+    act: crate::model::spec::Activation,
+    y: &mut DeviceBuffer<T>,
+    x: &DeviceBuffer<T>,
+    w: &DeviceBuffer<T>,
+    bias: Option<&DeviceBuffer<T>>,
+    m: usize,
+    inter: usize,
+    k: usize,
+) -> Result<(), CudaError> {
+    const OP: &str = "gemv_gated";
+    dev.check_buffer(OP, "y", y)?;
+    dev.check_buffer(OP, "x", x)?;
+    dev.check_buffer(OP, "w", w)?;
+    if !gated_gemv_applies(T::DTYPE, m, k) {
+        return Err(CudaError::invalid(
+            OP,
+            "m, k",
+            format!("{m}, {k}"),
+            format!(
+                "needs m in 1..={GEMV_AUTO_MAX_M} and k * {} bytes a multiple of 16",
+                T::DTYPE.size_in_bytes()
+            ),
+        ));
+    }
+    let len = |a: usize, b: usize| a.saturating_mul(b);
+    if x.len() != len(m, k) {
+        return Err(CudaError::length(OP, "x [m, k]", len(m, k), x.len()));
+    }
+    if w.len() != len(2 * inter, k) {
+        return Err(CudaError::length(
+            OP,
+            "w [2 * inter, k]",
+            len(2 * inter, k),
+            w.len(),
+        ));
+    }
+    if y.len() != len(m, inter) {
+        return Err(CudaError::length(
+            OP,
+            "y [m, inter]",
+            len(m, inter),
+            y.len(),
+        ));
+    }
+    if let Some(b) = bias {
+        dev.check_buffer(OP, "bias", b)?;
+        if b.len() != 2 * inter {
+            return Err(CudaError::length(
+                OP,
+                "bias [2 * inter]",
+                2 * inter,
+                b.len(),
+            ));
+        }
+    }
+    if inter == 0 {
+        return Ok(());
+    }
+    let entry = format!("{OP}_{}", T::DTYPE);
+    let f = dev.function(KernelId::Gemv, &[], &entry)?;
+    let ints = [
+        to_i32(OP, "m", m)?,
+        to_i32(OP, "inter", inter)?,
+        to_i32(OP, "k", k)?,
+        super::ops::act_code(act),
+    ];
+    let cfg = LaunchConfig {
+        grid_dim: (to_u32(OP, "CTAs", inter.div_ceil(GEMV_WARPS))?, 1, 1),
+        block_dim: ((GEMV_WARPS * 32) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&mut y.slice).arg(&x.slice).arg(&w.slice);
+    match bias {
+        Some(bias) => b.arg(&bias.slice),
+        None => b.arg(&NULL_PTR),
+    };
+    for i in &ints {
+        b.arg(i);
+    }
+    // SAFETY: the arguments match gemv.cu's gemv_gated signature (y, x, w, bias, m, inter, k,
+    // act); y holds m * inter, x m * k, w 2 * inter * k and bias 2 * inter elements (checked
+    // above, all on this device); m <= GEMV_MAX_M and k * size_of::<T>() % 16 == 0, so every
+    // row starts 16-byte aligned and the 16-byte loads stay inside it; GEMV_WARPS * 32 threads,
+    // as the kernel's launch bounds; warps past inter return.
+    unsafe { b.launch(cfg) }.map_err(|e| launch_error(dev, &entry, e))?;
+    Ok(())
+}
+
 /// The sizes of one product: y `[m, n]` = x `[m, k]` · W `[n, k]`ᵀ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct GemmShape {

@@ -267,43 +267,8 @@ pub fn rotary<T: FloatElem>(
     layout: &RotaryLayout,
 ) -> Result<(), CudaError> {
     const OP: &str = "rotary";
-    dev.check_buffer(OP, "qkv", qkv)?;
-    dev.check_buffer(OP, "positions", positions)?;
-    dev.check_buffer(OP, "inv_freq", inv_freq)?;
+    let num_tokens = check_rotary(OP, dev, qkv, positions, inv_freq, layout)?;
     let l = layout;
-    if l.rotary_dim == 0 || l.rotary_dim % 2 != 0 || l.rotary_dim > l.head_dim {
-        return Err(CudaError::invalid(
-            OP,
-            "rotary_dim",
-            l.rotary_dim,
-            format!("must be even, > 0 and <= head_dim {}", l.head_dim),
-        ));
-    }
-    if l.num_q_heads * l.head_dim > l.k_offset {
-        return Err(CudaError::invalid(
-            OP,
-            "k_offset",
-            l.k_offset,
-            format!(
-                "must be >= num_q_heads * head_dim = {}",
-                l.num_q_heads * l.head_dim
-            ),
-        ));
-    }
-    if l.k_offset + l.num_kv_heads * l.head_dim > l.row_stride {
-        return Err(CudaError::invalid(
-            OP,
-            "row_stride",
-            l.row_stride,
-            format!(
-                "must be >= k_offset + num_kv_heads * head_dim = {}",
-                l.k_offset + l.num_kv_heads * l.head_dim
-            ),
-        ));
-    }
-    expect_len(OP, "inv_freq", inv_freq, l.rotary_dim / 2)?;
-    let num_tokens = positions.len();
-    expect_len(OP, "qkv", qkv, num_tokens * l.row_stride)?;
     if num_tokens == 0 || l.num_q_heads + l.num_kv_heads == 0 {
         return Ok(());
     }
@@ -341,8 +306,57 @@ pub fn rotary<T: FloatElem>(
     Ok(())
 }
 
+/// Checks `rotary`'s arguments; returns num_tokens.
+fn check_rotary<T: FloatElem>(
+    op: &'static str,
+    dev: &CudaDevice,
+    qkv: &DeviceBuffer<T>,
+    positions: &DeviceBuffer<u32>,
+    inv_freq: &DeviceBuffer<f32>,
+    layout: &RotaryLayout,
+) -> Result<usize, CudaError> {
+    dev.check_buffer(op, "qkv", qkv)?;
+    dev.check_buffer(op, "positions", positions)?;
+    dev.check_buffer(op, "inv_freq", inv_freq)?;
+    let l = layout;
+    if l.rotary_dim == 0 || l.rotary_dim % 2 != 0 || l.rotary_dim > l.head_dim {
+        return Err(CudaError::invalid(
+            op,
+            "rotary_dim",
+            l.rotary_dim,
+            format!("must be even, > 0 and <= head_dim {}", l.head_dim),
+        ));
+    }
+    if l.num_q_heads * l.head_dim > l.k_offset {
+        return Err(CudaError::invalid(
+            op,
+            "k_offset",
+            l.k_offset,
+            format!(
+                "must be >= num_q_heads * head_dim = {}",
+                l.num_q_heads * l.head_dim
+            ),
+        ));
+    }
+    if l.k_offset + l.num_kv_heads * l.head_dim > l.row_stride {
+        return Err(CudaError::invalid(
+            op,
+            "row_stride",
+            l.row_stride,
+            format!(
+                "must be >= k_offset + num_kv_heads * head_dim = {}",
+                l.k_offset + l.num_kv_heads * l.head_dim
+            ),
+        ));
+    }
+    expect_len(op, "inv_freq", inv_freq, l.rotary_dim / 2)?;
+    let num_tokens = positions.len();
+    expect_len(op, "qkv", qkv, num_tokens * l.row_stride)?;
+    Ok(num_tokens)
+}
+
 /// The kernels' activation code (activation.cu).
-fn act_code(act: Activation) -> i32 {
+pub(crate) fn act_code(act: Activation) -> i32 {
     match act {
         Activation::Silu => 0,
         Activation::GeluTanh => 1,
@@ -486,28 +500,8 @@ pub fn kv_cache_write<T: FloatElem>(
     slot_mapping: &DeviceBuffer<i64>,
 ) -> Result<(), CudaError> {
     const OP: &str = "kv_cache_write";
-    dev.check_buffer(OP, "k_cache", k_cache)?;
-    dev.check_buffer(OP, "v_cache", v_cache)?;
-    dev.check_buffer(OP, "src", src)?;
-    dev.check_buffer(OP, "slot_mapping", slot_mapping)?;
-    expect_len(OP, "k_cache", k_cache, shape.num_elements())?;
-    expect_len(OP, "v_cache", v_cache, shape.num_elements())?;
+    let num_tokens = check_kv_write(OP, dev, k_cache, v_cache, shape, src, layout, slot_mapping)?;
     let kv_dim = shape.kv_dim();
-    for (what, offset) in [("k_offset", layout.k_offset), ("v_offset", layout.v_offset)] {
-        if offset + kv_dim > layout.row_stride {
-            return Err(CudaError::invalid(
-                OP,
-                what,
-                offset,
-                format!(
-                    "offset + kv_dim {kv_dim} must be <= row_stride {}",
-                    layout.row_stride
-                ),
-            ));
-        }
-    }
-    let num_tokens = slot_mapping.len();
-    expect_len(OP, "src", src, num_tokens * layout.row_stride)?;
     if num_tokens == 0 || kv_dim == 0 {
         return Ok(());
     }
@@ -539,6 +533,140 @@ pub fn kv_cache_write<T: FloatElem>(
     // [0, num_slots).
     unsafe { b.launch(cfg) }.map_err(|e| launch_error(dev, &entry, e))?;
     Ok(())
+}
+
+/// `rotary` and `kv_cache_write` in one launch (a decode step pays for every launch): q and k
+/// heads rotate in place as `rotary` does, and each token's rotated k and its v go to slot
+/// `slot_mapping[t]` of the caches as `kv_cache_write` does (padding slots write nothing).
+/// `kv.k_offset` must equal `rotary.k_offset` and both describe the same qkv rows.
+#[allow(clippy::too_many_arguments)]
+pub fn rotary_kv_cache_write<T: FloatElem>(
+    dev: &CudaDevice,
+    qkv: &mut DeviceBuffer<T>,
+    positions: &DeviceBuffer<u32>,
+    inv_freq: &DeviceBuffer<f32>,
+    rotary: &RotaryLayout,
+    k_cache: &mut DeviceBuffer<T>,
+    v_cache: &mut DeviceBuffer<T>,
+    shape: &KvCacheShape,
+    kv: &KvSource,
+    slot_mapping: &DeviceBuffer<i64>,
+) -> Result<(), CudaError> {
+    const OP: &str = "rotary_kv_write";
+    let num_tokens = check_rotary(OP, dev, qkv, positions, inv_freq, rotary)?;
+    check_kv_write(OP, dev, k_cache, v_cache, shape, qkv, kv, slot_mapping)?;
+    if kv.row_stride != rotary.row_stride || kv.k_offset != rotary.k_offset {
+        return Err(CudaError::invalid(
+            OP,
+            "kv source",
+            format!("row_stride {} k_offset {}", kv.row_stride, kv.k_offset),
+            format!(
+                "must equal the rotary layout's row_stride {} and k_offset {}",
+                rotary.row_stride, rotary.k_offset
+            ),
+        ));
+    }
+    if shape.num_kv_heads != rotary.num_kv_heads || shape.head_dim != rotary.head_dim {
+        return Err(CudaError::invalid(
+            OP,
+            "cache shape",
+            format!("{} kv heads of {}", shape.num_kv_heads, shape.head_dim),
+            format!(
+                "must match the rotary layout's {} kv heads of {}",
+                rotary.num_kv_heads, rotary.head_dim
+            ),
+        ));
+    }
+    if slot_mapping.len() != num_tokens {
+        return Err(CudaError::invalid(
+            OP,
+            "slot_mapping",
+            slot_mapping.len(),
+            format!("must hold one slot per position ({num_tokens})"),
+        ));
+    }
+    let l = rotary;
+    if num_tokens == 0 || l.num_q_heads + l.num_kv_heads == 0 {
+        return Ok(());
+    }
+    let entry = entry::<T>(OP);
+    let f = dev.function(KernelId::Rotary, &[], &entry)?;
+    let ints = [
+        to_i32(OP, "row_stride", l.row_stride)?,
+        to_i32(OP, "num_q_heads", l.num_q_heads)?,
+        to_i32(OP, "num_kv_heads", l.num_kv_heads)?,
+        to_i32(OP, "k_offset", l.k_offset)?,
+        to_i32(OP, "v_offset", kv.v_offset)?,
+        to_i32(OP, "head_dim", l.head_dim)?,
+        to_i32(OP, "rotary_dim", l.rotary_dim)?,
+        match l.style {
+            RopeStyle::NeoX => 0,
+            RopeStyle::GptJ => 1,
+        },
+    ];
+    let num_slots = to_i64(OP, "num_slots", shape.num_slots())?;
+    let num_pairs = (l.num_q_heads + l.num_kv_heads) * (l.rotary_dim / 2);
+    let threads = num_pairs
+        .max(shape.kv_dim())
+        .next_multiple_of(32)
+        .clamp(32, 1024) as u32;
+    let cfg = grid((to_u32(OP, "num_tokens", num_tokens)?, 1), threads);
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&mut qkv.slice)
+        .arg(&mut k_cache.slice)
+        .arg(&mut v_cache.slice)
+        .arg(&positions.slice)
+        .arg(&slot_mapping.slice)
+        .arg(&inv_freq.slice);
+    for a in &ints {
+        b.arg(a);
+    }
+    b.arg(&num_slots);
+    // SAFETY: the arguments match rotary.cu's rotary_kv_write signature (qkv, k_cache, v_cache,
+    // positions, slot_mapping, inv_freq, row_stride, num_q_heads, num_kv_heads, k_offset,
+    // v_offset, head_dim, rotary_dim, style, num_slots); qkv holds num_tokens rows of
+    // row_stride with every q/k head and the v part inside its row, positions and slot_mapping
+    // num_tokens, inv_freq rotary_dim / 2, the caches num_slots * kv_dim elements (checked
+    // above, all on this device); the kernel skips slots outside [0, num_slots).
+    unsafe { b.launch(cfg) }.map_err(|e| launch_error(dev, &entry, e))?;
+    Ok(())
+}
+
+/// Checks `kv_cache_write`'s arguments; returns num_tokens.
+#[allow(clippy::too_many_arguments)]
+fn check_kv_write<T: FloatElem>(
+    op: &'static str,
+    dev: &CudaDevice,
+    k_cache: &DeviceBuffer<T>,
+    v_cache: &DeviceBuffer<T>,
+    shape: &KvCacheShape,
+    src: &DeviceBuffer<T>,
+    layout: &KvSource,
+    slot_mapping: &DeviceBuffer<i64>,
+) -> Result<usize, CudaError> {
+    dev.check_buffer(op, "k_cache", k_cache)?;
+    dev.check_buffer(op, "v_cache", v_cache)?;
+    dev.check_buffer(op, "src", src)?;
+    dev.check_buffer(op, "slot_mapping", slot_mapping)?;
+    expect_len(op, "k_cache", k_cache, shape.num_elements())?;
+    expect_len(op, "v_cache", v_cache, shape.num_elements())?;
+    let kv_dim = shape.kv_dim();
+    for (what, offset) in [("k_offset", layout.k_offset), ("v_offset", layout.v_offset)] {
+        if offset + kv_dim > layout.row_stride {
+            return Err(CudaError::invalid(
+                op,
+                what,
+                offset,
+                format!(
+                    "offset + kv_dim {kv_dim} must be <= row_stride {}",
+                    layout.row_stride
+                ),
+            ));
+        }
+    }
+    let num_tokens = slot_mapping.len();
+    expect_len(op, "src", src, num_tokens * layout.row_stride)?;
+    Ok(num_tokens)
 }
 
 /// Head configuration of decode attention.

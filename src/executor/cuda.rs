@@ -9,6 +9,8 @@
 //! ```text
 //!   x = embedding(ids) (+ learned positions);  x = embedding_norm(x)?
 //!   per layer:  n = norm1(x);  qkv = n·Wqkvᵀ (+b);  clip?;  rotary(q, k);  cache[slot] = k, v
+//!               (rotary and the cache write are one kernel; a sequential layer's final
+//!               x += mlp is fused into the next layer's norm1)
 //!               a = attention(q, cache);  p = a·Woᵀ (+b)
 //!     Sequential:          x += p;  n = norm2(x)  (one fused kernel);  x += mlp(n)
 //!     Parallel{shared}:    x += p + mlp(n)
@@ -48,6 +50,7 @@ use crate::cuda::attention::{
     paged_attention_prefill, splitk_supported,
 };
 use crate::cuda::elementwise;
+use crate::cuda::gemm::{gated_gemv, gated_gemv_applies};
 use crate::cuda::ops::{
     self, BlockTables, DecodeAttention, KvCacheShape, KvSource, LearnedPositions, PagedKv,
     RotaryLayout,
@@ -1352,28 +1355,51 @@ impl<T: FloatElem> CudaExecutor<T> {
             k_offset: q_dim,
             v_offset: q_dim + kv_dim,
         };
+        // Sequential layers leave their MLP output to be added to x by the next layer's first
+        // norm (one fused kernel instead of an add and a norm); after the last layer, by an add.
+        let mut mlp_out_pending = false;
         for (lw, cache) in self.w.layers.iter().zip(kv.iter_mut()) {
-            self.norm(&mut ws.normed, &ws.x, None, &lw.attn_norm)?;
+            match mlp_out_pending {
+                // x += mlp_out; normed = attn_norm(x)
+                true => self.norm(&mut ws.normed, &ws.mlp_out, Some(&mut ws.x), &lw.attn_norm)?,
+                false => self.norm(&mut ws.normed, &ws.x, None, &lw.attn_norm)?,
+            }
+            mlp_out_pending = false;
             self.mark(profile, "norm")?;
             self.linear(&mut ws.qkv, &ws.normed, &lw.qkv, m)?;
             self.mark(profile, "gemm qkv")?;
             if let Some(c) = spec.clip_qkv {
                 elementwise::clamp(dev, &mut ws.qkv, c)?;
             }
-            if let (Some(layout), Some(inv_freq)) = (&rotary, &self.inv_freq) {
-                ops::rotary(dev, &mut ws.qkv, &ws.positions, inv_freq, layout)?;
-                self.mark(profile, "rotary")?;
+            match (&rotary, &self.inv_freq) {
+                (Some(layout), Some(inv_freq)) => {
+                    ops::rotary_kv_cache_write(
+                        dev,
+                        &mut ws.qkv,
+                        &ws.positions,
+                        inv_freq,
+                        layout,
+                        &mut cache.k,
+                        &mut cache.v,
+                        &self.kv_shape,
+                        &kv_src,
+                        &ws.slots,
+                    )?;
+                    self.mark(profile, "rotary + kv_cache_write")?;
+                }
+                _ => {
+                    ops::kv_cache_write(
+                        dev,
+                        &mut cache.k,
+                        &mut cache.v,
+                        &self.kv_shape,
+                        &ws.qkv,
+                        &kv_src,
+                        &ws.slots,
+                    )?;
+                    self.mark(profile, "kv_cache_write")?;
+                }
             }
-            ops::kv_cache_write(
-                dev,
-                &mut cache.k,
-                &mut cache.v,
-                &self.kv_shape,
-                &ws.qkv,
-                &kv_src,
-                &ws.slots,
-            )?;
-            self.mark(profile, "kv_cache_write")?;
             self.attention(ws, cache, layout)?;
             self.mark(profile, "attention")?;
             self.linear(&mut ws.attn_proj, &ws.attn, &lw.attn_out, m)?;
@@ -1385,8 +1411,7 @@ impl<T: FloatElem> CudaExecutor<T> {
                     self.norm(&mut ws.normed, &ws.attn_proj, Some(&mut ws.x), mlp_norm)?;
                     self.mark(profile, "norm")?;
                     self.mlp(lw, ws, m, profile)?;
-                    elementwise::add(dev, &mut ws.x, &ws.mlp_out, None)?;
-                    self.mark(profile, "residual add")?;
+                    mlp_out_pending = true;
                 }
                 Residual::Parallel { shared_norm } => {
                     if !shared_norm {
@@ -1398,6 +1423,10 @@ impl<T: FloatElem> CudaExecutor<T> {
                     self.mark(profile, "residual add")?;
                 }
             }
+        }
+        if mlp_out_pending {
+            elementwise::add(dev, &mut ws.x, &ws.mlp_out, None)?;
+            self.mark(profile, "residual add")?;
         }
         if layout.num_rows == 0 {
             return Ok(());
@@ -1432,6 +1461,25 @@ impl<T: FloatElem> CudaExecutor<T> {
         profile: &mut Option<Profile>,
     ) -> crate::Result<()> {
         let dev = &self.dev;
+        let (k, inter) = (self.spec.hidden_size, self.spec.intermediate_size);
+        if matches!(self.spec.mlp, Mlp::Gated) && gated_gemv_applies(T::DTYPE, m, k) {
+            // Decode-sized batches: gate_up and the activation in one kernel.
+            gated_gemv(
+                dev,
+                self.spec.act,
+                &mut ws.act,
+                &ws.normed,
+                &lw.gate_up.w,
+                lw.gate_up.bias.as_ref(),
+                m,
+                inter,
+                k,
+            )?;
+            self.mark(profile, "gemv gate_up + activation")?;
+            self.linear(&mut ws.mlp_out, &ws.act, &lw.down, m)?;
+            self.mark(profile, "gemm down")?;
+            return Ok(());
+        }
         self.linear(&mut ws.gate_up, &ws.normed, &lw.gate_up, m)?;
         self.mark(profile, "gemm gate_up")?;
         match self.spec.mlp {

@@ -129,7 +129,13 @@ mod tests {
         assert_eq!(a, src.get("w", Shard::Replicated).unwrap().data);
         let mean = a.iter().map(|&v| v as f64).sum::<f64>() / numel as f64;
         let var = a.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / numel as f64;
-        assert!(mean.abs() < 1e-3 && (var.sqrt() - 0.02).abs() < 2e-3, "{mean} {var}");
-        assert_eq!(src.get("x.norm.weight", Shard::Replicated).unwrap().data, vec![1.0; 5]);
+        assert!(
+            mean.abs() < 1e-3 && (var.sqrt() - 0.02).abs() < 2e-3,
+            "{mean} {var}"
+        );
+        assert_eq!(
+            src.get("x.norm.weight", Shard::Replicated).unwrap().data,
+            vec![1.0; 5]
+        );
     }
 }

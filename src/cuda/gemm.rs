@@ -21,7 +21,7 @@
 //! One `Gemm` per device: the cuBLASLt handle and its workspace (32 MiB on Hopper, 4 MiB before,
 //! NVIDIA's recommendation) are created once; the descriptors, layouts and chosen algorithm of
 //! each (dtype, m, n, k, bias) are created on first use and cached. The heuristic is asked for
-//! several candidates; for small m (decode, memory-bound: `MAX_TUNED_M`) the first call of a
+//! several candidates; for decode-sized m (`tuned_m`: few rows, or a graph bucket) the first call of a
 //! shape times each on the call's operands and keeps the fastest (never while the stream is
 //! being captured into a graph). All calls are serialized by
 //! one lock (the handles are used from one thread at a time). This module never synchronizes
@@ -351,8 +351,17 @@ struct LtPlan {
 /// Algorithms asked of cuBLASLt's heuristic per shape.
 const NUM_HEURISTIC_CANDIDATES: usize = 8;
 /// Products with m up to this are tuned by timing (decode shapes, memory-bound, where the
-/// heuristic's first guess is often not the fastest); larger ones take the heuristic's first.
+/// heuristic's first guess is often not the fastest); larger ones take the heuristic's first,
+/// except powers of two up to `MAX_TUNED_BUCKET_M` (`tuned_m`).
 pub const MAX_TUNED_M: usize = 64;
+/// Decode steps of large batches run at the executor's graph bucket sizes (powers of two), so
+/// those m are few and each is worth timing; prefill chunks (any m) are not.
+pub const MAX_TUNED_BUCKET_M: usize = 1024;
+
+/// Whether a product of m rows is tuned by timing its candidates.
+pub fn tuned_m(m: usize) -> bool {
+    m <= MAX_TUNED_M || (m <= MAX_TUNED_BUCKET_M && m.is_power_of_two())
+}
 /// Timed runs per candidate.
 const TUNE_REPEATS: usize = 5;
 
@@ -563,7 +572,7 @@ impl Gemm {
                 if let std::collections::hash_map::Entry::Vacant(e) = state.plans.entry(key) {
                     let mut plan = self.lt_plan(T::DTYPE, shape, fused)?;
                     if let Some(p) = &mut plan
-                        && m <= MAX_TUNED_M
+                        && tuned_m(m)
                         && self.tuning
                         && !self.capturing()?
                     {
@@ -904,5 +913,20 @@ impl Gemm {
             )
         }
         .map_err(|e| blas_error("cublasGemmEx", &what, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_sizes_and_graph_buckets_are_tuned_prefill_chunks_are_not() {
+        for m in [1, 4, 63, 64, 128, 256, 512, 1024] {
+            assert!(tuned_m(m), "{m}");
+        }
+        for m in [65, 100, 300, 2048, 8192, 1000] {
+            assert!(!tuned_m(m), "{m}");
+        }
     }
 }

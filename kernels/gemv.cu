@@ -72,6 +72,93 @@ __device__ __forceinline__ void gemv_rows(float (&acc)[NR][GEMV_MAX_M], const T*
     }
 }
 
+// A 16-byte weight load that does not allocate in L1 (weights are read once; x stays in L1).
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+}
+
+// gemv_rows, software-pipelined (GEMV_PIPELINED): the next U vectors of each weight row are in
+// flight while the current ones are multiplied, weight loads bypass L1, and the tail is
+// predicated inside the same loop instead of a one-vector-at-a-time loop.
+template <typename T, int NR, int U>
+__device__ __forceinline__ void gemv_rows_pipelined(float (&acc)[NR][GEMV_MAX_M],
+                                                    const T* __restrict__ x,
+                                                    const T* __restrict__ w,
+                                                    const i64 (&rows)[NR], int m, int k) {
+    constexpr int VEC = 16 / sizeof(T);
+    constexpr int STEP = U * FERRUM_WARP;
+    const int lane = threadIdx.x % FERRUM_WARP;
+    const int num_vecs = k / VEC;
+    const uint4* wrow[NR];
+#pragma unroll
+    for (int i = 0; i < NR; ++i) wrow[i] = reinterpret_cast<const uint4*>(w + rows[i] * k);
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+    uint4 cur[NR][U];
+#pragma unroll
+    for (int i = 0; i < NR; ++i)
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int v = u * FERRUM_WARP + lane;
+            cur[i][u] = v < num_vecs ? ld_stream(wrow[i] + v) : zero;
+        }
+    for (int base = 0; base < num_vecs; base += STEP) {
+        uint4 nxt[NR][U];
+        const bool more = base + STEP < num_vecs;
+#pragma unroll
+        for (int i = 0; i < NR; ++i)
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int v = base + STEP + u * FERRUM_WARP + lane;
+                nxt[i][u] = more && v < num_vecs ? ld_stream(wrow[i] + v) : zero;
+            }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int v = base + u * FERRUM_WARP + lane;
+            if (v < num_vecs) {
+#pragma unroll
+                for (int r = 0; r < GEMV_MAX_M; ++r) {
+                    if (r < m) {
+                        const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + (i64)r * k) + v);
+                        const T* xe = reinterpret_cast<const T*>(&xv);
+#pragma unroll
+                        for (int i = 0; i < NR; ++i) {
+                            const T* we = reinterpret_cast<const T*>(&cur[i][u]);
+#pragma unroll
+                            for (int e = 0; e < VEC; ++e)
+                                acc[i][r] += to_f32(we[e]) * to_f32(xe[e]);
+                        }
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < NR; ++i)
+#pragma unroll
+            for (int u = 0; u < U; ++u) cur[i][u] = nxt[i][u];
+    }
+}
+
+#ifndef GEMV_PIPELINED
+#define GEMV_PIPELINED 0
+#endif
+
+// The weight-row loop the kernels use: plain, or pipelined (U vectors per row in flight, so
+// NR * U = 4 keeps the registers of one and two rows alike).
+template <typename T, int NR>
+__device__ __forceinline__ void gemv_dot(float (&acc)[NR][GEMV_MAX_M], const T* __restrict__ x,
+                                         const T* __restrict__ w, const i64 (&rows)[NR], int m,
+                                         int k) {
+#if GEMV_PIPELINED
+    gemv_rows_pipelined<T, NR, 4 / NR>(acc, x, w, rows, m, k);
+#else
+    gemv_rows<T, NR>(acc, x, w, rows, m, k);
+#endif
+}
+
 template <typename T>
 __device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w,
                           const T* __restrict__ bias, int m, int n, int k) {
@@ -82,7 +169,7 @@ __device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const T* _
 #pragma unroll
     for (int r = 0; r < GEMV_MAX_M; ++r) acc[0][r] = 0.0f;
     const i64 rows[1] = {(i64)j};
-    gemv_rows<T, 1>(acc, x, w, rows, m, k);
+    gemv_dot<T, 1>(acc, x, w, rows, m, k);
     const float b = bias != nullptr ? to_f32(bias[j]) : 0.0f;
 #pragma unroll
     for (int r = 0; r < GEMV_MAX_M; ++r) {
@@ -106,7 +193,7 @@ __device__ void gemv_gated_impl(T* __restrict__ y, const T* __restrict__ x,
 #pragma unroll
         for (int r = 0; r < GEMV_MAX_M; ++r) acc[i][r] = 0.0f;
     const i64 rows[2] = {(i64)j, (i64)inter + j};
-    gemv_rows<T, 2>(acc, x, w, rows, m, k);
+    gemv_dot<T, 2>(acc, x, w, rows, m, k);
     // The gate and up values are rounded to T first, as the unfused gate_up buffer holds them.
     const float bg = bias != nullptr ? to_f32(bias[j]) : 0.0f;
     const float bu = bias != nullptr ? to_f32(bias[inter + j]) : 0.0f;

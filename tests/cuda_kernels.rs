@@ -201,6 +201,11 @@ fn nvrtc_compiles_every_kernel_for_every_tested_arch() {
             );
         }
     }
+    // The pipelined gemv variant (FERRUM_GEMV_PIPELINED) compiles too.
+    for arch in SmArch::TESTED {
+        triton_ferrum::cuda::compile(KernelId::Gemv, arch, &[Define::new("GEMV_PIPELINED", 1)])
+            .unwrap();
+    }
     // Defines reach the source, and a compile error names the file and carries NVRTC's log.
     let err = triton_ferrum::cuda::compile(
         KernelId::Norm,

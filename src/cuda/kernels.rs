@@ -103,7 +103,7 @@ impl KernelId {
         match self {
             KernelId::Embedding => &["embedding"],
             KernelId::Norm => &["rms_norm", "layer_norm"],
-            KernelId::Rotary => &["rotary"],
+            KernelId::Rotary => &["rotary", "rotary_kv_write"],
             KernelId::Activation => &["gated_act", "act"],
             KernelId::KvCache => &["kv_cache_write"],
             KernelId::Attention => &["paged_attention_decode"],
@@ -116,7 +116,7 @@ impl KernelId {
             }
             KernelId::Elementwise => &["clamp", "add", "add_bias", "gather_rows"],
             KernelId::Sample => &["sample"],
-            KernelId::Gemv => &["gemv"],
+            KernelId::Gemv => &["gemv", "gemv_gated"],
         }
     }
 }

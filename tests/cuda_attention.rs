@@ -14,8 +14,9 @@ use std::sync::OnceLock;
 use half::{bf16, f16};
 use triton_ferrum::cuda::attention::{
     self, MAX_SPLITS, PrefillKernel, PrefillSeqs, SplitKPlan, SplitKWorkspace,
-    splitk_heads_per_cta, splitk_num_splits,
+    splitk_heads_per_cta, splitk_num_splits, splitk_supported,
 };
+use triton_ferrum::cuda::kernels::DTYPES;
 use triton_ferrum::cuda::ops::{self, BlockTables, DecodeAttention, KvCacheShape, PagedKv};
 use triton_ferrum::cuda::{
     CudaDevice, CudaError, CudaLibrary, Define, DeviceBuffer, FloatElem, KernelId, SmArch,
@@ -331,27 +332,43 @@ fn reference(c: &Case, pc: &Paged, q: &[f32], q_stride: usize, slopes: &[f32]) -
 fn nvrtc_compiles_attention_kernels_for_every_tested_arch_and_head_size() {
     let nvrtc = triton_ferrum::cuda::probe_library(CudaLibrary::Nvrtc).unwrap();
     eprintln!("nvrtc: {} {}", nvrtc.file, nvrtc.version);
+    // (arch, file, defines, the dtypes whose entry points the module must hold). Prefill holds
+    // every dtype in one module; split-K is compiled per dtype (`DTYPE`). Head size 12 (the
+    // llama_gqa_llama3 fixture): prefill compiles for every dtype (its 16-bit path falls back to
+    // SIMT), split-K for f32 only (24-byte bf16/f16 rows, checked below).
     let mut jobs = vec![];
     for arch in SmArch::TESTED {
-        for hd in [64usize, 80, 96, 128, 256] {
+        for hd in [12usize, 64, 80, 96, 128, 256] {
             jobs.push((
                 arch,
                 KernelId::AttentionPrefill,
                 vec![Define::new("HEAD_DIM", hd)],
+                DTYPES.to_vec(),
             ));
-            let heads = splitk_heads_per_cta(DType::BF16, hd, 4);
-            jobs.push((
-                arch,
-                KernelId::AttentionSplitK,
-                vec![Define::new("HEAD_DIM", hd), Define::new("GQA_HEADS", heads)],
-            ));
+            for dt in DTYPES {
+                if !splitk_supported(dt, hd) {
+                    continue;
+                }
+                let heads = splitk_heads_per_cta(dt, hd, 4);
+                let mut defines =
+                    vec![Define::new("HEAD_DIM", hd), Define::new("GQA_HEADS", heads)];
+                defines.extend(KernelId::AttentionSplitK.dtype_defines(dt));
+                jobs.push((arch, KernelId::AttentionSplitK, defines, vec![dt]));
+            }
         }
     }
+    assert!(
+        jobs.iter()
+            .any(|(_, k, d, dts)| *k == KernelId::AttentionSplitK
+                && dts == &[DType::F32]
+                && d.contains(&Define::new("HEAD_DIM", 12))),
+        "split-K f32 at head_dim 12 is compiled"
+    );
     // One thread per compile: each runs ptxas over six entry points.
     let results: Vec<_> = std::thread::scope(|s| {
         let handles: Vec<_> = jobs
             .iter()
-            .map(|(arch, kernel, defines)| {
+            .map(|(arch, kernel, defines, _)| {
                 s.spawn(move || {
                     let t = std::time::Instant::now();
                     let r = triton_ferrum::cuda::compile(*kernel, *arch, defines);
@@ -361,11 +378,11 @@ fn nvrtc_compiles_attention_kernels_for_every_tested_arch_and_head_size() {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    for ((arch, kernel, defines), (compiled, elapsed)) in jobs.iter().zip(results) {
+    for ((arch, kernel, defines, dtypes), (compiled, elapsed)) in jobs.iter().zip(results) {
         let compiled = compiled.unwrap();
         assert_eq!(&compiled.cubin[..4], b"\x7fELF", "{kernel:?} {arch}");
         for op in kernel.ops() {
-            for dt in ["f32", "bf16", "f16"] {
+            for dt in dtypes {
                 let entry = format!("{op}_{dt}\0");
                 assert!(
                     compiled
@@ -391,6 +408,26 @@ fn nvrtc_compiles_attention_kernels_for_every_tested_arch_and_head_size() {
             } else {
                 format!(", log: {}", compiled.log)
             }
+        );
+    }
+    // Split-K's 16-bit modules refuse rows that are not 16-byte multiples (head_dim 12: 24
+    // bytes) with a compile error naming the file; the f32 module of the same head size compiled
+    // above.
+    for dt in [DType::BF16, DType::F16] {
+        assert!(!splitk_supported(dt, 12));
+        let mut defines = vec![Define::new("HEAD_DIM", 12), Define::new("GQA_HEADS", 1)];
+        defines.extend(KernelId::AttentionSplitK.dtype_defines(dt));
+        let err = triton_ferrum::cuda::compile(KernelId::AttentionSplitK, SmArch::SM90, &defines)
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                CudaError::Compile {
+                    file: "attention_splitk.cu",
+                    ..
+                }
+            ),
+            "{dt}: {err}"
         );
     }
     // A head_dim over the limit is a compile error naming the file, not a silent overflow.
@@ -553,9 +590,27 @@ const DECODE_CASES: &[Case] = &[
     },
 ];
 
+/// A head size whose rows are 16-byte multiples in f32 (48 bytes) but not in bf16/f16 (24):
+/// llama_gqa_llama3's (6 heads over 2 kv heads, head_dim 12).
+const F32_ONLY_DECODE_CASES: &[Case] = &[Case {
+    name: "gqa3 hd12 bs16",
+    num_heads: 6,
+    num_kv_heads: 2,
+    head_dim: 12,
+    block_size: 16,
+    alibi: false,
+    sliding_window: None,
+    seqs: &[(1, 1), (1, 700), (1, 3000), (1, 40)],
+}];
+
 fn splitk_case<T: FloatElem>() {
-    let mut rng = Rng(12);
-    for c in DECODE_CASES {
+    splitk_cases::<T>(DECODE_CASES, 12);
+}
+
+/// Split-K decode of every case in every plan worth trying, against the CPU reference.
+fn splitk_cases<T: FloatElem>(cases: &[Case], seed: u64) {
+    let mut rng = Rng(seed);
+    for c in cases {
         let context_lens: Vec<usize> = c.seqs.iter().map(|s| s.1).collect();
         let pc = paged::<T>(
             &mut rng,
@@ -642,6 +697,15 @@ fn splitk_case<T: FloatElem>() {
 #[ignore = "needs an NVIDIA GPU: run ci/gpu.sh"]
 fn paged_attention_decode_splitk_matches_cpu_for_every_split_count() {
     for_each_dtype!(splitk_case);
+}
+
+/// attention_splitk.cu is compiled per dtype, so f32 runs split-K at head_dim 12 although the
+/// bf16/f16 modules of that head size do not compile (the executor's `use_splitk` relies on it).
+#[test]
+#[ignore = "needs an NVIDIA GPU: run ci/gpu.sh"]
+fn paged_attention_decode_splitk_f32_takes_head_dims_the_16_bit_types_cannot() {
+    assert!(splitk_supported(DType::F32, 12) && !splitk_supported(DType::BF16, 12));
+    splitk_cases::<f32>(F32_ONLY_DECODE_CASES, 13);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@
 use std::sync::OnceLock;
 
 use half::{bf16, f16};
+use triton_ferrum::cuda::kernels::DTYPES;
 use triton_ferrum::cuda::ops::{
     self, BlockTables, DecodeAttention, KvCacheShape, KvSource, LearnedPositions, PagedKv,
     RotaryLayout,
@@ -172,34 +173,63 @@ fn nvrtc_compiles_every_kernel_for_every_tested_arch() {
     eprintln!("nvrtc: {} {}", nvrtc.file, nvrtc.version);
     for arch in SmArch::TESTED {
         for kernel in KernelId::ALL {
-            let t = std::time::Instant::now();
-            let compiled = triton_ferrum::cuda::compile(kernel, arch, &[]).unwrap();
-            assert_eq!(&compiled.cubin[..4], b"\x7fELF", "{kernel:?} {arch}");
-            for op in kernel.ops() {
-                for dt in ["f32", "bf16", "f16"] {
-                    let entry = format!("{op}_{dt}");
-                    assert!(
-                        compiled
+            // One module, or one per dtype (`DTYPE`) for a per-dtype file: together they hold
+            // every entry point.
+            for module in kernel.dtype_modules() {
+                let t = std::time::Instant::now();
+                let compiled = triton_ferrum::cuda::compile(kernel, arch, &module.defines).unwrap();
+                assert_eq!(&compiled.cubin[..4], b"\x7fELF", "{kernel:?} {arch}");
+                for op in kernel.ops() {
+                    for dt in DTYPES {
+                        // NUL-terminated: `op_f16` must not match inside `op_f16x` or a longer
+                        // name; a per-dtype module holds its own dtype only.
+                        let entry = format!("{op}_{dt}\0");
+                        let present = compiled
                             .cubin
                             .windows(entry.len())
-                            .any(|w| w == entry.as_bytes()),
-                        "{} for {arch} lacks {entry}",
-                        kernel.file_name()
-                    );
+                            .any(|w| w == entry.as_bytes());
+                        assert_eq!(
+                            present,
+                            module.dtypes.contains(&dt),
+                            "{} {:?} for {arch}: {op}_{dt} present = {present}",
+                            kernel.file_name(),
+                            module.defines
+                        );
+                    }
                 }
+                println!(
+                    "NVRTC {} {arch} {:?}: {} bytes in {:.0} ms{}",
+                    kernel.file_name(),
+                    module
+                        .defines
+                        .iter()
+                        .map(|d| format!("{}={}", d.name, d.value))
+                        .collect::<Vec<_>>(),
+                    compiled.cubin.len(),
+                    t.elapsed().as_secs_f64() * 1e3,
+                    if compiled.log.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", log: {}", compiled.log)
+                    }
+                );
             }
-            println!(
-                "NVRTC {} {arch}: {} bytes in {:.0} ms{}",
-                kernel.file_name(),
-                compiled.cubin.len(),
-                t.elapsed().as_secs_f64() * 1e3,
-                if compiled.log.is_empty() {
-                    String::new()
-                } else {
-                    format!(", log: {}", compiled.log)
-                }
-            );
         }
+    }
+    // A per-dtype file without its DTYPE (or with an unknown one) is a compile error naming it.
+    for defines in [vec![], vec![Define::new("DTYPE", "f64")]] {
+        let err = triton_ferrum::cuda::compile(KernelId::AttentionSplitK, SmArch::SM90, &defines)
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                CudaError::Compile {
+                    file: "attention_splitk.cu",
+                    ..
+                }
+            ),
+            "{defines:?}: {err}"
+        );
     }
     // Defines reach the source, and a compile error names the file and carries NVRTC's log.
     let err = triton_ferrum::cuda::compile(

@@ -406,6 +406,8 @@ impl SplitKWorkspace {
 }
 
 /// Whether split-K handles `head_dim` for `dtype` (16-byte rows: head_dim * size % 16 == 0).
+/// attention_splitk.cu is compiled per dtype, so this is the whole condition: f32 takes head
+/// sizes (e.g. 12) that bf16 and f16 do not.
 pub fn splitk_supported(dtype: DType, head_dim: usize) -> bool {
     head_dim > 0 && head_dim <= MAX_HEAD_DIM && (head_dim * dtype.size_in_bytes()) % 16 == 0
 }
@@ -591,10 +593,13 @@ pub fn paged_attention_decode_splitk<T: FloatElem>(
             format!("must be in 1..=8 and divide the GQA group {group}"),
         ));
     }
-    let defines = [
+    // One module per (dtype, head size, heads per CTA): attention_splitk.cu is compiled per
+    // dtype, so a head size only f32 supports still compiles for f32.
+    let mut defines = vec![
         Define::new("HEAD_DIM", p.head_dim),
         Define::new("GQA_HEADS", heads_per_cta),
     ];
+    defines.extend(KernelId::AttentionSplitK.dtype_defines(T::DTYPE));
     let entry = format!("paged_attention_splitk_{}", T::DTYPE);
     let f = dev.function(KernelId::AttentionSplitK, &defines, &entry)?;
     let cfg = LaunchConfig {
@@ -764,6 +769,10 @@ mod tests {
         assert!(splitk_supported(DType::BF16, 80));
         assert!(!splitk_supported(DType::BF16, 36));
         assert!(splitk_supported(DType::F32, 36));
+        // Per dtype: 48-byte f32 rows, 24-byte bf16/f16 rows.
+        assert!(splitk_supported(DType::F32, 12));
+        assert!(!splitk_supported(DType::BF16, 12));
+        assert!(!splitk_supported(DType::F16, 12));
         assert!(!splitk_supported(DType::F32, 6));
         assert!(!splitk_supported(DType::F16, 264));
         assert!(!splitk_supported(DType::F16, 0));

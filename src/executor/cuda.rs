@@ -375,16 +375,12 @@ fn splitk_capacity(spec: &DecoderSpec, cfg: &KvCacheConfig, num_sms: usize, dtyp
         .unwrap_or(0)
 }
 
-/// Whether decode attention goes through split-K for this head size and qkv row (16-byte rows
-/// of q and of the cache). attention_splitk.cu instantiates every dtype in one module and
-/// static-asserts 16-byte rows for each, so a head_dim that suits f32 but not the 16-bit types
-/// (e.g. 12) fails to compile even for an f32 executor: require the 16-bit condition too
-/// (`splitk_supported(F32, 12)` says yes; measured on the H100, NVRTC refuses the module). Other
-/// head sizes take the one-CTA-per-(sequence, head) decode kernel.
+/// Whether decode attention goes through split-K for this head size and qkv row: 16-byte rows
+/// of q and of the cache in T (attention_splitk.cu is compiled per dtype, so only T's rows
+/// matter: f32 takes head_dim 12, bf16/f16 do not). Other head sizes take the
+/// one-CTA-per-(sequence, head) decode kernel.
 fn use_splitk<T: FloatElem>(head_dim: usize, qkv_dim: usize) -> bool {
-    splitk_supported(T::DTYPE, head_dim)
-        && splitk_supported(DType::BF16, head_dim)
-        && (qkv_dim * T::DTYPE.size_in_bytes()) % 16 == 0
+    splitk_supported(T::DTYPE, head_dim) && (qkv_dim * T::DTYPE.size_in_bytes()) % 16 == 0
 }
 
 /// Where each array of one step sits in the packed upload (offsets in u32 words), and the
@@ -1764,15 +1760,18 @@ mod tests {
     }
 
     #[test]
-    fn splitk_only_where_its_module_compiles_and_rows_are_16_bytes() {
+    fn splitk_only_where_the_dtype_has_16_byte_rows() {
         // Llama shapes: head_dim 128, qkv row 12288.
         assert!(use_splitk::<bf16>(128, 12288));
         assert!(use_splitk::<f32>(128, 12288));
-        // head_dim 12 suits f32 rows but not the bf16/f16 instantiations of the same module.
-        assert!(!use_splitk::<f32>(12, 72));
-        assert!(!use_splitk::<bf16>(12, 72));
-        // A qkv row that is not 16-byte aligned (bf16 row of 100 elements).
+        // head_dim 12 (tests/fixtures llama_gqa_llama3: 6 heads, 2 kv heads, qkv row 120): 48-byte
+        // f32 rows take split-K (its own module); 24-byte bf16/f16 rows do not.
+        assert!(use_splitk::<f32>(12, 120));
+        assert!(!use_splitk::<bf16>(12, 120));
+        assert!(!use_splitk::<f16>(12, 120));
+        // A qkv row that is not 16-byte aligned (bf16 row of 100 elements, f32 row of 42).
         assert!(!use_splitk::<bf16>(16, 100));
+        assert!(!use_splitk::<f32>(12, 42));
     }
 
     #[test]

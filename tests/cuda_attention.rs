@@ -998,6 +998,180 @@ fn attention_launchers_reject_bad_arguments_without_panicking() {
     d.synchronize().unwrap();
 }
 
+/// The three paged-attention launchers (decode, split-K decode, prefill) share one argument
+/// check (`ops::check_paged_attention`): the same bad head, cache, stride, ALiBi or window
+/// argument fails each of them with the same field, the error naming the launcher's own op.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run ci/gpu.sh"]
+fn paged_attention_launchers_share_one_argument_check() {
+    let d = dev();
+    let shape = KvCacheShape {
+        num_blocks: 4,
+        block_size: 16,
+        num_kv_heads: 2,
+        head_dim: 64,
+    };
+    let k = d.alloc_zeros::<f16>(shape.num_elements()).unwrap();
+    let v = d.alloc_zeros::<f16>(shape.num_elements()).unwrap();
+    let v_short = d.alloc_zeros::<f16>(shape.num_elements() - 1).unwrap();
+    let p = DecodeAttention {
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 64,
+        scale: 0.125,
+        sliding_window: None,
+    };
+    let num_seqs = 2;
+    let q_stride = 4 * 64;
+    let q = d.alloc_zeros::<f16>(num_seqs * q_stride).unwrap();
+    let lens = d.upload(&[5i32, 9]).unwrap();
+    let tables_d = d.upload(&[0i32, 1, 2, 3]).unwrap();
+    let q_starts = d.upload(&[0i32, 1]).unwrap();
+    let q_lens = d.upload(&[1i32, 1]).unwrap();
+    let slopes7 = d.upload(&[0.5f32; 7]).unwrap();
+    let mut out = d.alloc_zeros::<f16>(num_seqs * q_stride).unwrap();
+    let mut ws = SplitKWorkspace::new(d, num_seqs, 4, 64, 4).unwrap();
+    let tables = BlockTables {
+        block_tables: &tables_d,
+        max_blocks_per_seq: 2,
+        context_lens: &lens,
+    };
+    let seqs = PrefillSeqs {
+        q_starts: &q_starts,
+        q_lens: &q_lens,
+        context_lens: &lens,
+        block_tables: &tables_d,
+        max_blocks_per_seq: 2,
+        max_q_len: 1,
+    };
+    let plan = SplitKPlan {
+        num_splits: 1,
+        heads_per_cta: 1,
+    };
+    let good = PagedKv {
+        k: &k,
+        v: &v,
+        shape,
+    };
+    /// One bad call: what is wrong, the arguments, and the field the error must name.
+    struct Bad<'a> {
+        wrong: &'static str,
+        cache: PagedKv<'a, f16>,
+        q_stride: usize,
+        alibi: Option<&'a DeviceBuffer<f32>>,
+        params: DecodeAttention,
+        field: &'static str,
+    }
+    let bad = |wrong, field| Bad {
+        wrong,
+        cache: good,
+        q_stride,
+        alibi: None,
+        params: p,
+        field,
+    };
+    let cases = [
+        Bad {
+            params: DecodeAttention {
+                num_kv_heads: 3,
+                ..p
+            },
+            ..bad("heads", "num_kv_heads")
+        },
+        Bad {
+            params: DecodeAttention { head_dim: 0, ..p },
+            ..bad("head_dim", "head_dim")
+        },
+        Bad {
+            cache: PagedKv {
+                shape: KvCacheShape {
+                    num_kv_heads: 1,
+                    ..shape
+                },
+                ..good
+            },
+            ..bad("cache shape", "cache shape")
+        },
+        Bad {
+            cache: PagedKv {
+                v: &v_short,
+                ..good
+            },
+            ..bad("v cache length", "v cache")
+        },
+        Bad {
+            q_stride: q_stride - 8,
+            ..bad("q_stride", "q_stride")
+        },
+        Bad {
+            alibi: Some(&slopes7),
+            ..bad("alibi length", "alibi_slopes")
+        },
+        Bad {
+            params: DecodeAttention {
+                sliding_window: Some(0),
+                ..p
+            },
+            ..bad("window 0", "sliding_window")
+        },
+    ];
+    for Bad {
+        wrong,
+        cache,
+        q_stride: stride,
+        alibi,
+        params,
+        field,
+    } in cases
+    {
+        let errs = [
+            (
+                "paged_attention_decode",
+                ops::paged_attention_decode(
+                    d, &mut out, &q, stride, &cache, &tables, alibi, &params,
+                )
+                .unwrap_err(),
+            ),
+            (
+                "paged_attention_decode_splitk",
+                attention::paged_attention_decode_splitk(
+                    d, &mut out, &q, stride, &cache, &tables, alibi, &params, plan, &mut ws,
+                )
+                .unwrap_err(),
+            ),
+            (
+                "paged_attention_prefill",
+                attention::paged_attention_prefill(
+                    d,
+                    &mut out,
+                    &q,
+                    stride,
+                    &cache,
+                    &seqs,
+                    alibi,
+                    &params,
+                    PrefillKernel::Fast,
+                )
+                .unwrap_err(),
+            ),
+        ];
+        for (launcher, err) in errs {
+            let (op, named) = match &err {
+                CudaError::InvalidArgument { op, what, .. } => (*op, *what),
+                CudaError::LengthMismatch { op, operand, .. } => (*op, *operand),
+                other => panic!("{wrong}: {launcher}: unexpected {other:?}"),
+            };
+            assert_eq!((op, named), (launcher, field), "{wrong}: {err}");
+            let msg = err.to_string();
+            assert!(
+                msg.contains(launcher) && msg.contains(field),
+                "{wrong}: {msg}"
+            );
+        }
+    }
+    d.synchronize().unwrap();
+}
+
 // ---------------------------------------------------------------------------------------------
 // micro-benchmark
 

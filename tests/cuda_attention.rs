@@ -9,8 +9,9 @@
 //! `ci/gpu.sh` builds them, the GPU machine runs them with `--include-ignored`.
 #![allow(clippy::unwrap_used)]
 
-use std::sync::OnceLock;
+mod cuda_common;
 
+use cuda_common::*;
 use half::{bf16, f16};
 use triton_ferrum::cuda::attention::{
     self, MAX_SPLITS, PrefillKernel, PrefillSeqs, SplitKPlan, SplitKWorkspace,
@@ -19,7 +20,7 @@ use triton_ferrum::cuda::attention::{
 use triton_ferrum::cuda::kernels::DTYPES;
 use triton_ferrum::cuda::ops::{self, BlockTables, DecodeAttention, KvCacheShape, PagedKv};
 use triton_ferrum::cuda::{
-    CudaDevice, CudaError, CudaLibrary, Define, DeviceBuffer, FloatElem, KernelId, SmArch,
+    CudaError, CudaLibrary, Define, DeviceBuffer, FloatElem, KernelId, SmArch,
 };
 use triton_ferrum::dtype::DType;
 use triton_ferrum::ops::attention::{
@@ -27,111 +28,7 @@ use triton_ferrum::ops::attention::{
 };
 
 // ---------------------------------------------------------------------------------------------
-// helpers
-
-fn dev() -> &'static CudaDevice {
-    static DEV: OnceLock<CudaDevice> = OnceLock::new();
-    DEV.get_or_init(|| {
-        let dev = CudaDevice::open(0).unwrap();
-        eprintln!("device: {:?}", dev.info());
-        dev
-    })
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 11
-    }
-    /// Uniform in [-1, 1).
-    fn f32(&mut self) -> f32 {
-        (self.next_u64() >> 29) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.f32() * scale).collect()
-    }
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            v.swap(i, self.below(i + 1));
-        }
-    }
-}
-
-/// Rounds through T, so the CPU reference sees exactly the values the GPU holds.
-fn round<T: FloatElem>(v: &[f32]) -> Vec<f32> {
-    v.iter().map(|&x| T::from_f32(x).to_f32()).collect()
-}
-
-fn up<T: FloatElem>(v: &[f32]) -> DeviceBuffer<T> {
-    let host: Vec<T> = v.iter().map(|&x| T::from_f32(x)).collect();
-    dev().upload(&host).unwrap()
-}
-
-fn down<T: FloatElem>(b: &DeviceBuffer<T>) -> Vec<f32> {
-    dev()
-        .download(b)
-        .unwrap()
-        .into_iter()
-        .map(T::to_f32)
-        .collect()
-}
-
-/// An output buffer filled with NaN: an element the kernel does not write fails the check.
-fn poisoned<T: FloatElem>(n: usize) -> DeviceBuffer<T> {
-    up::<T>(&vec![f32::NAN; n])
-}
-
-/// Relative tolerance per dtype, as in cuda_kernels.rs; the tensor-core kernel also rounds P to
-/// the input dtype before P·V (as flash-attention does), which bf16's 1e-2 and f16's 2e-3 cover.
-fn tol<T: FloatElem>() -> f32 {
-    match T::DTYPE {
-        DType::F32 => 1e-5,
-        DType::F16 => 2e-3,
-        DType::BF16 => 1e-2,
-    }
-}
-
-/// |got - want| <= tol * (|want| + 0.25 * max|want|) everywhere; NaN never passes. Prints the
-/// observed errors and the relative L2 error.
-fn check<T: FloatElem>(what: &str, got: &[f32], want: &[f32]) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths");
-    let tol = tol::<T>();
-    let scale = want.iter().fold(0.0f32, |m, w| m.max(w.abs()));
-    let (mut max_abs, mut err2, mut ref2) = (0.0f32, 0.0f64, 0.0f64);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let err = (g - w).abs();
-        assert!(
-            err <= tol * (w.abs() + 0.25 * scale),
-            "{what} [{}]: element {i}: got {g}, want {w} (tol {tol}, scale {scale})",
-            T::DTYPE
-        );
-        max_abs = max_abs.max(err);
-        err2 += (err as f64).powi(2);
-        ref2 += (w as f64).powi(2);
-    }
-    println!(
-        "CHECK {what} [{}]: n={} max_abs_err={max_abs:.3e} rel_l2_err={:.3e} scale={scale:.3e} tol={tol:e}",
-        T::DTYPE,
-        got.len(),
-        (err2 / ref2.max(1e-30)).sqrt()
-    );
-}
-
-macro_rules! for_each_dtype {
-    ($f:ident) => {{
-        $f::<f32>();
-        $f::<bf16>();
-        $f::<f16>();
-    }};
-}
+// helpers (the common ones: tests/cuda_common)
 
 /// A paged cache with random contents and one shuffled block table per sequence.
 struct Paged {

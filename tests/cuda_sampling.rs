@@ -5,26 +5,19 @@
 //! `ci/gpu.sh` builds them and runs them on the GPU machine with `--include-ignored`.
 #![allow(clippy::unwrap_used)]
 
-use std::sync::OnceLock;
+mod cuda_common;
+
 use std::time::Instant;
 
+use cuda_common::dev;
 use half::bf16;
 use triton_ferrum::cuda::sampling::{GpuSampler, SampleBatch, TokenHistory};
-use triton_ferrum::cuda::{CudaDevice, CudaLibrary, DeviceBuffer, FloatElem, KernelId, SmArch};
+use triton_ferrum::cuda::{CudaLibrary, DeviceBuffer, FloatElem, KernelId, SmArch};
 use triton_ferrum::executor::cuda::row_sampling;
 use triton_ferrum::request::SamplingParams;
 use triton_ferrum::sampling::{Rng, Sampled, Sampler, Strategy, candidate_ids};
 
 const VOCABS: [usize; 3] = [50257, 128256, 151936];
-
-fn dev() -> &'static CudaDevice {
-    static DEV: OnceLock<CudaDevice> = OnceLock::new();
-    DEV.get_or_init(|| {
-        let dev = CudaDevice::open(0).unwrap();
-        eprintln!("device: {:?}", dev.info());
-        dev
-    })
-}
 
 /// LLM-like logits: a bell-ish bulk (sum of three uniforms) of width `scale`, plus a few
 /// clear favourites, so top-p nuclei range from a handful of tokens to most of the vocabulary.

@@ -12,7 +12,7 @@
 // part_m, part_l: [num_seqs, num_heads, num_splits]; part_acc: [num_seqs, num_heads,
 //   num_splits, HEAD_DIM] (f32; m in log2 units, acc relative to 2^m, unnormalized)
 //
-// paged_attention_splitk_{dt}: grid (num_kv_heads * group / GQA_HEADS, num_seqs, num_splits),
+// paged_attention_splitk_{DTYPE}: grid (num_kv_heads * group / GQA_HEADS, num_seqs, num_splits),
 //   128 threads. A CTA serves GQA_HEADS query heads of one kv head (each K/V row it loads is
 //   used by all of them). Sequence s's window [lo, context_len) is cut into num_splits chunks of
 //   ceil(n / num_splits) keys rounded up to 16; split i takes chunk i (possibly empty: m = -inf,
@@ -20,12 +20,34 @@
 //   HEAD_DIM / (16 / sizeof(T)), at most 16), so a warp reads 32 / TPK keys at once, two steps
 //   of them in flight per thread. With num_splits == 1 the CTA writes out directly and no
 //   reduce is needed.
-// paged_attention_splitk_reduce_{dt}: grid (num_heads, num_seqs), 128 threads; merges the
+// paged_attention_splitk_reduce_{DTYPE}: grid (num_heads, num_seqs), 128 threads; merges the
 //   num_splits partials of one (sequence, head) into out.
 //
 // Needs HEAD_DIM * sizeof(T) % 16 == 0 and q_stride * sizeof(T) % 16 == 0 (the launcher
 // checks). Bad device data stays inside the buffers: context lengths are clamped to the block
 // table, keys of block ids outside [0, num_blocks) are skipped.
+//
+// Compiled once per dtype: DTYPE (f32, bf16 or f16; required) selects the one dtype whose entry
+// points this module instantiates. The 16-byte row condition differs per dtype (HEAD_DIM 12 is
+// 48-byte rows in f32 but 24-byte rows in bf16), so a module holding every dtype would fail to
+// compile for a head size f32 supports.
+
+#ifndef DTYPE
+#error "attention_splitk.cu is compiled per dtype: define DTYPE as f32, bf16 or f16"
+#endif
+#define SK_CAT_(a, b) a##b
+#define SK_CAT(a, b) SK_CAT_(a, b)
+#define SK_DTYPE_ID_f32 1
+#define SK_DTYPE_ID_bf16 2
+#define SK_DTYPE_ID_f16 3
+#if SK_CAT(SK_DTYPE_ID_, DTYPE) == 0
+#error "DTYPE must be f32, bf16 or f16"
+#endif
+// SK_FOR_DTYPE(MACRO, op): FERRUM_FOR_EACH_DTYPE restricted to DTYPE (entry op_{DTYPE}).
+#define SK_FOR_DTYPE_f32(MACRO, op) MACRO(op##_f32, float)
+#define SK_FOR_DTYPE_bf16(MACRO, op) MACRO(op##_bf16, bf16)
+#define SK_FOR_DTYPE_f16(MACRO, op) MACRO(op##_f16, f16)
+#define SK_FOR_DTYPE(MACRO, op) SK_CAT(SK_FOR_DTYPE_, DTYPE)(MACRO, op)
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 128
@@ -360,7 +382,7 @@ __device__ void splitk_reduce_impl(T* out, const float* part_m, const float* par
                        num_heads, num_kv_heads, block_size, num_blocks, scale, sliding_window, \
                        num_splits);                                                            \
     }
-FERRUM_FOR_EACH_DTYPE(PAGED_ATTENTION_SPLITK, paged_attention_splitk)
+SK_FOR_DTYPE(PAGED_ATTENTION_SPLITK, paged_attention_splitk)
 
 #define PAGED_ATTENTION_SPLITK_REDUCE(name, T)                                                 \
     extern "C" __global__ void __launch_bounds__(SK_THREADS)                                   \
@@ -368,4 +390,4 @@ FERRUM_FOR_EACH_DTYPE(PAGED_ATTENTION_SPLITK, paged_attention_splitk)
              int num_splits) {                                                                 \
         splitk_reduce_impl<T>(out, part_m, part_l, part_acc, num_splits);                      \
     }
-FERRUM_FOR_EACH_DTYPE(PAGED_ATTENTION_SPLITK_REDUCE, paged_attention_splitk_reduce)
+SK_FOR_DTYPE(PAGED_ATTENTION_SPLITK_REDUCE, paged_attention_splitk_reduce)

@@ -9,16 +9,18 @@
 //! `ci/gpu.sh` builds them, the GPU machine runs them with `--include-ignored`.
 #![allow(clippy::unwrap_used)]
 
-use std::sync::OnceLock;
+mod cuda_common;
 
+use cuda_common::*;
 use half::{bf16, f16};
 use triton_ferrum::cuda::attention::{
     self, MAX_SPLITS, PrefillKernel, PrefillSeqs, SplitKPlan, SplitKWorkspace,
-    splitk_heads_per_cta, splitk_num_splits,
+    splitk_heads_per_cta, splitk_num_splits, splitk_supported,
 };
+use triton_ferrum::cuda::kernels::DTYPES;
 use triton_ferrum::cuda::ops::{self, BlockTables, DecodeAttention, KvCacheShape, PagedKv};
 use triton_ferrum::cuda::{
-    CudaDevice, CudaError, CudaLibrary, Define, DeviceBuffer, FloatElem, KernelId, SmArch,
+    CudaError, CudaLibrary, Define, DeviceBuffer, FloatElem, KernelId, SmArch,
 };
 use triton_ferrum::dtype::DType;
 use triton_ferrum::ops::attention::{
@@ -26,111 +28,7 @@ use triton_ferrum::ops::attention::{
 };
 
 // ---------------------------------------------------------------------------------------------
-// helpers
-
-fn dev() -> &'static CudaDevice {
-    static DEV: OnceLock<CudaDevice> = OnceLock::new();
-    DEV.get_or_init(|| {
-        let dev = CudaDevice::open(0).unwrap();
-        eprintln!("device: {:?}", dev.info());
-        dev
-    })
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 11
-    }
-    /// Uniform in [-1, 1).
-    fn f32(&mut self) -> f32 {
-        (self.next_u64() >> 29) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.f32() * scale).collect()
-    }
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            v.swap(i, self.below(i + 1));
-        }
-    }
-}
-
-/// Rounds through T, so the CPU reference sees exactly the values the GPU holds.
-fn round<T: FloatElem>(v: &[f32]) -> Vec<f32> {
-    v.iter().map(|&x| T::from_f32(x).to_f32()).collect()
-}
-
-fn up<T: FloatElem>(v: &[f32]) -> DeviceBuffer<T> {
-    let host: Vec<T> = v.iter().map(|&x| T::from_f32(x)).collect();
-    dev().upload(&host).unwrap()
-}
-
-fn down<T: FloatElem>(b: &DeviceBuffer<T>) -> Vec<f32> {
-    dev()
-        .download(b)
-        .unwrap()
-        .into_iter()
-        .map(T::to_f32)
-        .collect()
-}
-
-/// An output buffer filled with NaN: an element the kernel does not write fails the check.
-fn poisoned<T: FloatElem>(n: usize) -> DeviceBuffer<T> {
-    up::<T>(&vec![f32::NAN; n])
-}
-
-/// Relative tolerance per dtype, as in cuda_kernels.rs; the tensor-core kernel also rounds P to
-/// the input dtype before P·V (as flash-attention does), which bf16's 1e-2 and f16's 2e-3 cover.
-fn tol<T: FloatElem>() -> f32 {
-    match T::DTYPE {
-        DType::F32 => 1e-5,
-        DType::F16 => 2e-3,
-        DType::BF16 => 1e-2,
-    }
-}
-
-/// |got - want| <= tol * (|want| + 0.25 * max|want|) everywhere; NaN never passes. Prints the
-/// observed errors and the relative L2 error.
-fn check<T: FloatElem>(what: &str, got: &[f32], want: &[f32]) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths");
-    let tol = tol::<T>();
-    let scale = want.iter().fold(0.0f32, |m, w| m.max(w.abs()));
-    let (mut max_abs, mut err2, mut ref2) = (0.0f32, 0.0f64, 0.0f64);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let err = (g - w).abs();
-        assert!(
-            err <= tol * (w.abs() + 0.25 * scale),
-            "{what} [{}]: element {i}: got {g}, want {w} (tol {tol}, scale {scale})",
-            T::DTYPE
-        );
-        max_abs = max_abs.max(err);
-        err2 += (err as f64).powi(2);
-        ref2 += (w as f64).powi(2);
-    }
-    println!(
-        "CHECK {what} [{}]: n={} max_abs_err={max_abs:.3e} rel_l2_err={:.3e} scale={scale:.3e} tol={tol:e}",
-        T::DTYPE,
-        got.len(),
-        (err2 / ref2.max(1e-30)).sqrt()
-    );
-}
-
-macro_rules! for_each_dtype {
-    ($f:ident) => {{
-        $f::<f32>();
-        $f::<bf16>();
-        $f::<f16>();
-    }};
-}
+// helpers (the common ones: tests/cuda_common)
 
 /// A paged cache with random contents and one shuffled block table per sequence.
 struct Paged {
@@ -331,27 +229,43 @@ fn reference(c: &Case, pc: &Paged, q: &[f32], q_stride: usize, slopes: &[f32]) -
 fn nvrtc_compiles_attention_kernels_for_every_tested_arch_and_head_size() {
     let nvrtc = triton_ferrum::cuda::probe_library(CudaLibrary::Nvrtc).unwrap();
     eprintln!("nvrtc: {} {}", nvrtc.file, nvrtc.version);
+    // (arch, file, defines, the dtypes whose entry points the module must hold). Prefill holds
+    // every dtype in one module; split-K is compiled per dtype (`DTYPE`). Head size 12 (the
+    // llama_gqa_llama3 fixture): prefill compiles for every dtype (its 16-bit path falls back to
+    // SIMT), split-K for f32 only (24-byte bf16/f16 rows, checked below).
     let mut jobs = vec![];
     for arch in SmArch::TESTED {
-        for hd in [64usize, 80, 96, 128, 256] {
+        for hd in [12usize, 64, 80, 96, 128, 256] {
             jobs.push((
                 arch,
                 KernelId::AttentionPrefill,
                 vec![Define::new("HEAD_DIM", hd)],
+                DTYPES.to_vec(),
             ));
-            let heads = splitk_heads_per_cta(DType::BF16, hd, 4);
-            jobs.push((
-                arch,
-                KernelId::AttentionSplitK,
-                vec![Define::new("HEAD_DIM", hd), Define::new("GQA_HEADS", heads)],
-            ));
+            for dt in DTYPES {
+                if !splitk_supported(dt, hd) {
+                    continue;
+                }
+                let heads = splitk_heads_per_cta(dt, hd, 4);
+                let mut defines =
+                    vec![Define::new("HEAD_DIM", hd), Define::new("GQA_HEADS", heads)];
+                defines.extend(KernelId::AttentionSplitK.dtype_defines(dt));
+                jobs.push((arch, KernelId::AttentionSplitK, defines, vec![dt]));
+            }
         }
     }
+    assert!(
+        jobs.iter()
+            .any(|(_, k, d, dts)| *k == KernelId::AttentionSplitK
+                && dts == &[DType::F32]
+                && d.contains(&Define::new("HEAD_DIM", 12))),
+        "split-K f32 at head_dim 12 is compiled"
+    );
     // One thread per compile: each runs ptxas over six entry points.
     let results: Vec<_> = std::thread::scope(|s| {
         let handles: Vec<_> = jobs
             .iter()
-            .map(|(arch, kernel, defines)| {
+            .map(|(arch, kernel, defines, _)| {
                 s.spawn(move || {
                     let t = std::time::Instant::now();
                     let r = triton_ferrum::cuda::compile(*kernel, *arch, defines);
@@ -361,11 +275,11 @@ fn nvrtc_compiles_attention_kernels_for_every_tested_arch_and_head_size() {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    for ((arch, kernel, defines), (compiled, elapsed)) in jobs.iter().zip(results) {
+    for ((arch, kernel, defines, dtypes), (compiled, elapsed)) in jobs.iter().zip(results) {
         let compiled = compiled.unwrap();
         assert_eq!(&compiled.cubin[..4], b"\x7fELF", "{kernel:?} {arch}");
         for op in kernel.ops() {
-            for dt in ["f32", "bf16", "f16"] {
+            for dt in dtypes {
                 let entry = format!("{op}_{dt}\0");
                 assert!(
                     compiled
@@ -391,6 +305,26 @@ fn nvrtc_compiles_attention_kernels_for_every_tested_arch_and_head_size() {
             } else {
                 format!(", log: {}", compiled.log)
             }
+        );
+    }
+    // Split-K's 16-bit modules refuse rows that are not 16-byte multiples (head_dim 12: 24
+    // bytes) with a compile error naming the file; the f32 module of the same head size compiled
+    // above.
+    for dt in [DType::BF16, DType::F16] {
+        assert!(!splitk_supported(dt, 12));
+        let mut defines = vec![Define::new("HEAD_DIM", 12), Define::new("GQA_HEADS", 1)];
+        defines.extend(KernelId::AttentionSplitK.dtype_defines(dt));
+        let err = triton_ferrum::cuda::compile(KernelId::AttentionSplitK, SmArch::SM90, &defines)
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                CudaError::Compile {
+                    file: "attention_splitk.cu",
+                    ..
+                }
+            ),
+            "{dt}: {err}"
         );
     }
     // A head_dim over the limit is a compile error naming the file, not a silent overflow.
@@ -553,9 +487,27 @@ const DECODE_CASES: &[Case] = &[
     },
 ];
 
+/// A head size whose rows are 16-byte multiples in f32 (48 bytes) but not in bf16/f16 (24):
+/// llama_gqa_llama3's (6 heads over 2 kv heads, head_dim 12).
+const F32_ONLY_DECODE_CASES: &[Case] = &[Case {
+    name: "gqa3 hd12 bs16",
+    num_heads: 6,
+    num_kv_heads: 2,
+    head_dim: 12,
+    block_size: 16,
+    alibi: false,
+    sliding_window: None,
+    seqs: &[(1, 1), (1, 700), (1, 3000), (1, 40)],
+}];
+
 fn splitk_case<T: FloatElem>() {
-    let mut rng = Rng(12);
-    for c in DECODE_CASES {
+    splitk_cases::<T>(DECODE_CASES, 12);
+}
+
+/// Split-K decode of every case in every plan worth trying, against the CPU reference.
+fn splitk_cases<T: FloatElem>(cases: &[Case], seed: u64) {
+    let mut rng = Rng(seed);
+    for c in cases {
         let context_lens: Vec<usize> = c.seqs.iter().map(|s| s.1).collect();
         let pc = paged::<T>(
             &mut rng,
@@ -642,6 +594,15 @@ fn splitk_case<T: FloatElem>() {
 #[ignore = "needs an NVIDIA GPU: run ci/gpu.sh"]
 fn paged_attention_decode_splitk_matches_cpu_for_every_split_count() {
     for_each_dtype!(splitk_case);
+}
+
+/// attention_splitk.cu is compiled per dtype, so f32 runs split-K at head_dim 12 although the
+/// bf16/f16 modules of that head size do not compile (the executor's `use_splitk` relies on it).
+#[test]
+#[ignore = "needs an NVIDIA GPU: run ci/gpu.sh"]
+fn paged_attention_decode_splitk_f32_takes_head_dims_the_16_bit_types_cannot() {
+    assert!(splitk_supported(DType::F32, 12) && !splitk_supported(DType::BF16, 12));
+    splitk_cases::<f32>(F32_ONLY_DECODE_CASES, 13);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -931,6 +892,180 @@ fn attention_launchers_reject_bad_arguments_without_panicking() {
         PrefillKernel::Fast,
     )
     .unwrap();
+    d.synchronize().unwrap();
+}
+
+/// The three paged-attention launchers (decode, split-K decode, prefill) share one argument
+/// check (`ops::check_paged_attention`): the same bad head, cache, stride, ALiBi or window
+/// argument fails each of them with the same field, the error naming the launcher's own op.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run ci/gpu.sh"]
+fn paged_attention_launchers_share_one_argument_check() {
+    let d = dev();
+    let shape = KvCacheShape {
+        num_blocks: 4,
+        block_size: 16,
+        num_kv_heads: 2,
+        head_dim: 64,
+    };
+    let k = d.alloc_zeros::<f16>(shape.num_elements()).unwrap();
+    let v = d.alloc_zeros::<f16>(shape.num_elements()).unwrap();
+    let v_short = d.alloc_zeros::<f16>(shape.num_elements() - 1).unwrap();
+    let p = DecodeAttention {
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 64,
+        scale: 0.125,
+        sliding_window: None,
+    };
+    let num_seqs = 2;
+    let q_stride = 4 * 64;
+    let q = d.alloc_zeros::<f16>(num_seqs * q_stride).unwrap();
+    let lens = d.upload(&[5i32, 9]).unwrap();
+    let tables_d = d.upload(&[0i32, 1, 2, 3]).unwrap();
+    let q_starts = d.upload(&[0i32, 1]).unwrap();
+    let q_lens = d.upload(&[1i32, 1]).unwrap();
+    let slopes7 = d.upload(&[0.5f32; 7]).unwrap();
+    let mut out = d.alloc_zeros::<f16>(num_seqs * q_stride).unwrap();
+    let mut ws = SplitKWorkspace::new(d, num_seqs, 4, 64, 4).unwrap();
+    let tables = BlockTables {
+        block_tables: &tables_d,
+        max_blocks_per_seq: 2,
+        context_lens: &lens,
+    };
+    let seqs = PrefillSeqs {
+        q_starts: &q_starts,
+        q_lens: &q_lens,
+        context_lens: &lens,
+        block_tables: &tables_d,
+        max_blocks_per_seq: 2,
+        max_q_len: 1,
+    };
+    let plan = SplitKPlan {
+        num_splits: 1,
+        heads_per_cta: 1,
+    };
+    let good = PagedKv {
+        k: &k,
+        v: &v,
+        shape,
+    };
+    /// One bad call: what is wrong, the arguments, and the field the error must name.
+    struct Bad<'a> {
+        wrong: &'static str,
+        cache: PagedKv<'a, f16>,
+        q_stride: usize,
+        alibi: Option<&'a DeviceBuffer<f32>>,
+        params: DecodeAttention,
+        field: &'static str,
+    }
+    let bad = |wrong, field| Bad {
+        wrong,
+        cache: good,
+        q_stride,
+        alibi: None,
+        params: p,
+        field,
+    };
+    let cases = [
+        Bad {
+            params: DecodeAttention {
+                num_kv_heads: 3,
+                ..p
+            },
+            ..bad("heads", "num_kv_heads")
+        },
+        Bad {
+            params: DecodeAttention { head_dim: 0, ..p },
+            ..bad("head_dim", "head_dim")
+        },
+        Bad {
+            cache: PagedKv {
+                shape: KvCacheShape {
+                    num_kv_heads: 1,
+                    ..shape
+                },
+                ..good
+            },
+            ..bad("cache shape", "cache shape")
+        },
+        Bad {
+            cache: PagedKv {
+                v: &v_short,
+                ..good
+            },
+            ..bad("v cache length", "v cache")
+        },
+        Bad {
+            q_stride: q_stride - 8,
+            ..bad("q_stride", "q_stride")
+        },
+        Bad {
+            alibi: Some(&slopes7),
+            ..bad("alibi length", "alibi_slopes")
+        },
+        Bad {
+            params: DecodeAttention {
+                sliding_window: Some(0),
+                ..p
+            },
+            ..bad("window 0", "sliding_window")
+        },
+    ];
+    for Bad {
+        wrong,
+        cache,
+        q_stride: stride,
+        alibi,
+        params,
+        field,
+    } in cases
+    {
+        let errs = [
+            (
+                "paged_attention_decode",
+                ops::paged_attention_decode(
+                    d, &mut out, &q, stride, &cache, &tables, alibi, &params,
+                )
+                .unwrap_err(),
+            ),
+            (
+                "paged_attention_decode_splitk",
+                attention::paged_attention_decode_splitk(
+                    d, &mut out, &q, stride, &cache, &tables, alibi, &params, plan, &mut ws,
+                )
+                .unwrap_err(),
+            ),
+            (
+                "paged_attention_prefill",
+                attention::paged_attention_prefill(
+                    d,
+                    &mut out,
+                    &q,
+                    stride,
+                    &cache,
+                    &seqs,
+                    alibi,
+                    &params,
+                    PrefillKernel::Fast,
+                )
+                .unwrap_err(),
+            ),
+        ];
+        for (launcher, err) in errs {
+            let (op, named) = match &err {
+                CudaError::InvalidArgument { op, what, .. } => (*op, *what),
+                CudaError::LengthMismatch { op, operand, .. } => (*op, *operand),
+                other => panic!("{wrong}: {launcher}: unexpected {other:?}"),
+            };
+            assert_eq!((op, named), (launcher, field), "{wrong}: {err}");
+            let msg = err.to_string();
+            assert!(
+                msg.contains(launcher) && msg.contains(field),
+                "{wrong}: {msg}"
+            );
+        }
+    }
     d.synchronize().unwrap();
 }
 

@@ -15,14 +15,15 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+mod cuda_common;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use common::*;
-use half::{bf16, f16};
+use cuda_common::*;
 use triton_ferrum::cuda::{
-    CudaDevice, CudaLibrary, DeviceBuffer, FloatElem, Gemm, GemmBackend, GemmShape, elementwise,
+    CudaDevice, CudaLibrary, FloatElem, Gemm, GemmBackend, GemmShape, elementwise,
     gemm::{gated_gemv, gated_gemv_applies, gemv_supported},
     ops,
 };
@@ -38,101 +39,7 @@ use triton_ferrum::request::{SeqId, TokenLogprobs};
 use triton_ferrum::scheduler::{SchedulePlan, ScheduledSeq};
 
 // ---------------------------------------------------------------------------------------------
-// helpers
-
-fn dev() -> &'static CudaDevice {
-    static DEV: OnceLock<CudaDevice> = OnceLock::new();
-    DEV.get_or_init(|| {
-        let dev = CudaDevice::open(0).unwrap();
-        eprintln!("device: {:?}", dev.info());
-        dev
-    })
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 11
-    }
-    /// Uniform in [-1, 1).
-    fn f32(&mut self) -> f32 {
-        (self.next_u64() >> 29) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.f32() * scale).collect()
-    }
-}
-
-/// Rounds through T, so the CPU reference sees exactly the values the GPU holds.
-fn round<T: FloatElem>(v: &[f32]) -> Vec<f32> {
-    v.iter().map(|&x| T::from_f32(x).to_f32()).collect()
-}
-
-fn up<T: FloatElem>(v: &[f32]) -> DeviceBuffer<T> {
-    let host: Vec<T> = v.iter().map(|&x| T::from_f32(x)).collect();
-    dev().upload(&host).unwrap()
-}
-
-fn down<T: FloatElem>(b: &DeviceBuffer<T>) -> Vec<f32> {
-    dev()
-        .download(b)
-        .unwrap()
-        .into_iter()
-        .map(T::to_f32)
-        .collect()
-}
-
-/// A buffer filled with NaN, so an element the kernel fails to write shows up.
-fn poisoned<T: FloatElem>(n: usize) -> DeviceBuffer<T> {
-    up::<T>(&vec![f32::NAN; n])
-}
-
-/// Relative tolerance of an output computed in f32 and rounded to T (plus f32 summation order).
-fn tol<T: FloatElem>() -> f32 {
-    match T::DTYPE {
-        DType::F32 => 1e-5,
-        DType::F16 => 2e-3,
-        DType::BF16 => 1e-2,
-    }
-}
-
-/// |got - want| <= tol * (|want| + 0.25 * max|want|); prints the observed errors.
-fn check<T: FloatElem>(what: &str, got: &[f32], want: &[f32]) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths");
-    let tol = tol::<T>();
-    let scale = want.iter().fold(0.0f32, |m, w| m.max(w.abs()));
-    let mut max_rel_to_scale = 0.0f32;
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let err = (g - w).abs();
-        assert!(
-            err <= tol * (w.abs() + 0.25 * scale),
-            "{what} [{}]: element {i}: got {g}, want {w} (tol {tol}, scale {scale})",
-            T::DTYPE
-        );
-        max_rel_to_scale = max_rel_to_scale.max(err / scale.max(f32::MIN_POSITIVE));
-    }
-    println!(
-        "CHECK {what} [{}]: n={} max_err/scale={max_rel_to_scale:.3e} tol={tol:e}",
-        T::DTYPE,
-        got.len()
-    );
-}
-
-macro_rules! for_each_dtype {
-    ($f:ident) => {{
-        $f::<f32>();
-        $f::<bf16>();
-        $f::<f16>();
-    }};
-}
+// helpers (the common ones: tests/cuda_common)
 
 /// The greedy rule of `common::compare_greedy` (tokens equal; at a first divergence each side's
 /// token in the other's top-5, and comparison stops), returning (matched tokens, largest logprob

@@ -8,125 +8,23 @@
 //! `CudaDevice::open` return an error naming libcuda instead of panicking.
 #![allow(clippy::unwrap_used)]
 
-use std::sync::OnceLock;
+mod cuda_common;
 
+use cuda_common::*;
 use half::{bf16, f16};
+use triton_ferrum::cuda::kernels::DTYPES;
 use triton_ferrum::cuda::ops::{
     self, BlockTables, DecodeAttention, KvCacheShape, KvSource, LearnedPositions, PagedKv,
     RotaryLayout,
 };
 use triton_ferrum::cuda::{
-    CudaDevice, CudaError, CudaLibrary, Define, DeviceBuffer, FloatElem, KernelId, SmArch,
+    CudaDevice, CudaError, CudaLibrary, Define, FloatElem, KernelId, SmArch,
 };
-use triton_ferrum::dtype::DType;
 use triton_ferrum::model::spec::{Activation, Norm, RopeStyle};
 use triton_ferrum::ops::attention::{
     AttnParams, AttnSeq, KvLayerCache, alibi_slopes, paged_attention,
 };
 use triton_ferrum::ops::rope::RopeTable;
-
-// ---------------------------------------------------------------------------------------------
-// helpers
-
-fn dev() -> &'static CudaDevice {
-    static DEV: OnceLock<CudaDevice> = OnceLock::new();
-    DEV.get_or_init(|| {
-        let dev = CudaDevice::open(0).unwrap();
-        eprintln!("device: {:?}", dev.info());
-        eprintln!("libraries: {}", dev.libraries());
-        dev
-    })
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 11
-    }
-    /// Uniform in [-1, 1).
-    fn f32(&mut self) -> f32 {
-        (self.next_u64() >> 29) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.f32() * scale).collect()
-    }
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            v.swap(i, self.below(i + 1));
-        }
-    }
-}
-
-/// Rounds through T, so the CPU reference sees exactly the values the GPU holds.
-fn round<T: FloatElem>(v: &[f32]) -> Vec<f32> {
-    v.iter().map(|&x| T::from_f32(x).to_f32()).collect()
-}
-
-fn up<T: FloatElem>(v: &[f32]) -> DeviceBuffer<T> {
-    let host: Vec<T> = v.iter().map(|&x| T::from_f32(x)).collect();
-    dev().upload(&host).unwrap()
-}
-
-fn down<T: FloatElem>(b: &DeviceBuffer<T>) -> Vec<f32> {
-    dev()
-        .download(b)
-        .unwrap()
-        .into_iter()
-        .map(T::to_f32)
-        .collect()
-}
-
-/// Relative tolerance per dtype: the kernels compute in f32, so the error is the output's
-/// rounding (bf16 2^-9, f16 2^-12) plus f32 summation order.
-fn tol<T: FloatElem>() -> f32 {
-    match T::DTYPE {
-        DType::F32 => 1e-5,
-        DType::F16 => 2e-3,
-        DType::BF16 => 1e-2,
-    }
-}
-
-/// |got - want| <= tol * (|want| + 0.25 * max|want|) everywhere (the floor covers elements near
-/// zero, whose relative error means nothing after cancellation); prints the observed errors.
-fn check<T: FloatElem>(what: &str, got: &[f32], want: &[f32]) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths");
-    let tol = tol::<T>();
-    let scale = want.iter().fold(0.0f32, |m, w| m.max(w.abs()));
-    let (mut max_abs, mut max_rel) = (0.0f32, 0.0f32);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let err = (g - w).abs();
-        assert!(
-            err <= tol * (w.abs() + 0.25 * scale) || (g.is_nan() && w.is_nan()),
-            "{what} [{}]: element {i}: got {g}, want {w} (tol {tol}, scale {scale})",
-            T::DTYPE
-        );
-        max_abs = max_abs.max(err);
-        if w.abs() > 0.1 * scale {
-            max_rel = max_rel.max(err / w.abs());
-        }
-    }
-    println!(
-        "CHECK {what} [{}]: n={} max_abs_err={max_abs:.3e} max_rel_err={max_rel:.3e} scale={scale:.3e} tol={tol:e}",
-        T::DTYPE,
-        got.len()
-    );
-}
-
-macro_rules! for_each_dtype {
-    ($f:ident) => {{
-        $f::<f32>();
-        $f::<bf16>();
-        $f::<f16>();
-    }};
-}
 
 // ---------------------------------------------------------------------------------------------
 // CPU-only behaviour (runs in CI)
@@ -172,39 +70,63 @@ fn nvrtc_compiles_every_kernel_for_every_tested_arch() {
     eprintln!("nvrtc: {} {}", nvrtc.file, nvrtc.version);
     for arch in SmArch::TESTED {
         for kernel in KernelId::ALL {
-            let t = std::time::Instant::now();
-            let compiled = triton_ferrum::cuda::compile(kernel, arch, &[]).unwrap();
-            assert_eq!(&compiled.cubin[..4], b"\x7fELF", "{kernel:?} {arch}");
-            for op in kernel.ops() {
-                for dt in ["f32", "bf16", "f16"] {
-                    let entry = format!("{op}_{dt}");
-                    assert!(
-                        compiled
+            // One module, or one per dtype (`DTYPE`) for a per-dtype file: together they hold
+            // every entry point.
+            for module in kernel.dtype_modules() {
+                let t = std::time::Instant::now();
+                let compiled = triton_ferrum::cuda::compile(kernel, arch, &module.defines).unwrap();
+                assert_eq!(&compiled.cubin[..4], b"\x7fELF", "{kernel:?} {arch}");
+                for op in kernel.ops() {
+                    for dt in DTYPES {
+                        // NUL-terminated: `op_f16` must not match inside `op_f16x` or a longer
+                        // name; a per-dtype module holds its own dtype only.
+                        let entry = format!("{op}_{dt}\0");
+                        let present = compiled
                             .cubin
                             .windows(entry.len())
-                            .any(|w| w == entry.as_bytes()),
-                        "{} for {arch} lacks {entry}",
-                        kernel.file_name()
-                    );
+                            .any(|w| w == entry.as_bytes());
+                        assert_eq!(
+                            present,
+                            module.dtypes.contains(&dt),
+                            "{} {:?} for {arch}: {op}_{dt} present = {present}",
+                            kernel.file_name(),
+                            module.defines
+                        );
+                    }
                 }
+                println!(
+                    "NVRTC {} {arch} {:?}: {} bytes in {:.0} ms{}",
+                    kernel.file_name(),
+                    module
+                        .defines
+                        .iter()
+                        .map(|d| format!("{}={}", d.name, d.value))
+                        .collect::<Vec<_>>(),
+                    compiled.cubin.len(),
+                    t.elapsed().as_secs_f64() * 1e3,
+                    if compiled.log.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", log: {}", compiled.log)
+                    }
+                );
             }
-            println!(
-                "NVRTC {} {arch}: {} bytes in {:.0} ms{}",
-                kernel.file_name(),
-                compiled.cubin.len(),
-                t.elapsed().as_secs_f64() * 1e3,
-                if compiled.log.is_empty() {
-                    String::new()
-                } else {
-                    format!(", log: {}", compiled.log)
-                }
-            );
         }
     }
-    // The pipelined gemv variant (FERRUM_GEMV_PIPELINED) compiles too.
-    for arch in SmArch::TESTED {
-        triton_ferrum::cuda::compile(KernelId::Gemv, arch, &[Define::new("GEMV_PIPELINED", 1)])
-            .unwrap();
+    // A per-dtype file without its DTYPE (or with an unknown one) is a compile error naming it.
+    for defines in [vec![], vec![Define::new("DTYPE", "f64")]] {
+        let err = triton_ferrum::cuda::compile(KernelId::AttentionSplitK, SmArch::SM90, &defines)
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                CudaError::Compile {
+                    file: "attention_splitk.cu",
+                    ..
+                }
+            ),
+            "{defines:?}: {err}"
+        );
     }
     // Defines reach the source, and a compile error names the file and carries NVRTC's log.
     let err = triton_ferrum::cuda::compile(
@@ -271,7 +193,7 @@ fn embedding_case<T: FloatElem>() {
                     want[t * hidden + i] = v;
                 }
             }
-            check::<T>(
+            check_nan_propagating::<T>(
                 &format!("embedding v{vocab} h{hidden} learned={learned}"),
                 &down(&out),
                 &want,
@@ -350,7 +272,7 @@ fn norm_case<T: FloatElem>() {
                     &mut want,
                 );
                 let name = format!("norm {norm:?} fused={fused} rows{num_rows} dim{dim}");
-                check::<T>(&name, &down(&out), &want);
+                check_nan_propagating::<T>(&name, &down(&out), &want);
                 let res_after = down(&res_d);
                 if fused {
                     assert_eq!(res_after, src, "{name}: residual");
@@ -417,7 +339,7 @@ fn rotary_case<T: FloatElem>() {
             let mut want = qkv.clone();
             table.apply(&mut want, row_stride, nq, hd, style);
             table.apply(&mut want[k_offset..], row_stride, nkv, hd, style);
-            check::<T>(
+            check_nan_propagating::<T>(
                 &format!("rotary {style:?} q{nq} kv{nkv} hd{hd} rd{rd}"),
                 &down(&qkv_d),
                 &want,
@@ -451,13 +373,13 @@ fn activation_case<T: FloatElem>() {
         ops::gated_activation(dev(), act, &mut out, &gate_up_d, inter).unwrap();
         let mut want = vec![0.0f32; num_tokens * inter];
         activation::gated(act, &gate_up, inter, &mut want);
-        check::<T>(&format!("gated {act:?}"), &down(&out), &want);
+        check_nan_propagating::<T>(&format!("gated {act:?}"), &down(&out), &want);
 
         let mut x_d = up::<T>(&gate_up);
         ops::activation_in_place(dev(), act, &mut x_d).unwrap();
         let mut want = gate_up.clone();
         activation::in_place(act, &mut want);
-        check::<T>(&format!("act {act:?}"), &down(&x_d), &want);
+        check_nan_propagating::<T>(&format!("act {act:?}"), &down(&x_d), &want);
     }
 }
 
@@ -824,7 +746,7 @@ fn attention_case<T: FloatElem>() {
         };
         let mut want = vec![0.0f32; num_seqs * c.num_heads * c.head_dim];
         paged_attention(&mut want, &q, q_stride, &cache, &seqs, &params);
-        check::<T>(
+        check_nan_propagating::<T>(
             &format!("paged_attention_decode {}", c.name),
             &down(&out_d),
             &want,

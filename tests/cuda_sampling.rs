@@ -5,25 +5,19 @@
 //! `ci/gpu.sh` builds them and runs them on the GPU machine with `--include-ignored`.
 #![allow(clippy::unwrap_used)]
 
-use std::sync::OnceLock;
+mod cuda_common;
+
 use std::time::Instant;
 
+use cuda_common::dev;
 use half::bf16;
-use triton_ferrum::cuda::sampling::{GpuSampler, RowSampling, SampleBatch, TokenHistory};
-use triton_ferrum::cuda::{CudaDevice, CudaLibrary, DeviceBuffer, FloatElem, KernelId, SmArch};
+use triton_ferrum::cuda::sampling::{GpuSampler, SampleBatch, TokenHistory};
+use triton_ferrum::cuda::{CudaLibrary, DeviceBuffer, FloatElem, KernelId, SmArch};
+use triton_ferrum::executor::cuda::row_sampling;
 use triton_ferrum::request::SamplingParams;
 use triton_ferrum::sampling::{Rng, Sampled, Sampler, Strategy, candidate_ids};
 
 const VOCABS: [usize; 3] = [50257, 128256, 151936];
-
-fn dev() -> &'static CudaDevice {
-    static DEV: OnceLock<CudaDevice> = OnceLock::new();
-    DEV.get_or_init(|| {
-        let dev = CudaDevice::open(0).unwrap();
-        eprintln!("device: {:?}", dev.info());
-        dev
-    })
-}
 
 /// LLM-like logits: a bell-ish bulk (sum of three uniforms) of width `scale`, plus a few
 /// clear favourites, so top-p nuclei range from a handful of tokens to most of the vocabulary.
@@ -161,13 +155,13 @@ fn gpu_step<T: FloatElem>(
     let mut batch = SampleBatch::new();
     for (row, output) in rows.iter().zip(outputs) {
         let mut rng = Rng::new(row.seed);
-        let row_sampling = RowSampling::new(&row.params, &mut rng);
+        let device_row = row_sampling(&row.params, &mut rng);
         let mut history = TokenHistory::new(&row.prompt, vocab_size);
         for &t in output {
             history.accept(t);
         }
         batch
-            .push(&row_sampling, Some(&history), &row.suppressed)
+            .push(&device_row, Some(&history), &row.suppressed)
             .unwrap();
     }
     let host: Vec<T> = logits.iter().map(|&x| T::from_f32(x)).collect();
@@ -590,7 +584,7 @@ fn seeded_draws_match_the_cpu() {
         }
         batch.clear();
         for i in 0..num_rows {
-            let row = RowSampling::new(&params_of[i], &mut gpu_rngs[i]);
+            let row = row_sampling(&params_of[i], &mut gpu_rngs[i]);
             batch.push(&row, Some(&histories[i]), &[]).unwrap();
         }
         let logits_d = dev().upload(&logits).unwrap();
@@ -636,7 +630,7 @@ fn bench_case(name: &str, params: &SamplingParams, num_rows: usize, vocab_size: 
         batch.clear();
         for _ in 0..num_rows {
             batch
-                .push(&RowSampling::new(params, &mut row_rng), None, &[])
+                .push(&row_sampling(params, &mut row_rng), None, &[])
                 .unwrap();
         }
         sampler.sample(dev(), &logits_d, vocab_size, batch).unwrap();

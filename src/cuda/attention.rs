@@ -18,56 +18,26 @@ use super::buffer::{DeviceBuffer, FloatElem};
 use super::device::CudaDevice;
 use super::error::CudaError;
 use super::kernels::{Define, KernelId};
-use super::ops::{BlockTables, DecodeAttention, PagedKv};
+use super::ops::{
+    BlockTables, DecodeAttention, MAX_DECODE_HEAD_DIM, NULL_PTR, PagedKv, check_decode_batch,
+    check_paged_attention, expect_len, launch_error, to_i32, to_i64, to_u32, window_arg,
+};
 use crate::dtype::DType;
 
-/// Kernel argument for an absent optional pointer (the kernels test for null).
-const NULL_PTR: u64 = 0;
 /// Threads per CTA of every kernel here.
 const THREADS: u32 = 128;
 /// Dynamic shared memory a kernel may use without opting in.
 const DEFAULT_SMEM_LIMIT: usize = 48 * 1024;
 
-/// Largest head_dim the prefill and split-K kernels handle.
-pub const MAX_HEAD_DIM: usize = 256;
+/// Largest head_dim the prefill and split-K kernels handle (the same bound as the decode
+/// kernel's, which `ops::check_paged_attention` enforces for all three).
+pub const MAX_HEAD_DIM: usize = MAX_DECODE_HEAD_DIM;
 /// Most context splits of one split-K decode (attention_splitk.cu `SK_MAX_SPLITS`).
 pub const MAX_SPLITS: usize = 256;
 /// Fewest keys worth a split of their own: below this the merge costs more than it saves.
 const MIN_KEYS_PER_SPLIT: usize = 256;
 /// CTAs per SM the split choice aims for (enough loads in flight to saturate HBM).
 const TARGET_CTAS_PER_SM: usize = 8;
-
-fn to_i32(op: &'static str, what: &'static str, v: usize) -> Result<i32, CudaError> {
-    i32::try_from(v).map_err(|_| CudaError::invalid(op, what, v, "must fit in i32"))
-}
-
-fn to_i64(op: &'static str, what: &'static str, v: usize) -> Result<i64, CudaError> {
-    i64::try_from(v).map_err(|_| CudaError::invalid(op, what, v, "must fit in i64"))
-}
-
-fn to_u32(op: &'static str, what: &'static str, v: usize) -> Result<u32, CudaError> {
-    u32::try_from(v).map_err(|_| CudaError::invalid(op, what, v, "must fit in u32"))
-}
-
-fn expect_len<T>(
-    op: &'static str,
-    operand: &'static str,
-    buf: &DeviceBuffer<T>,
-    expected: usize,
-) -> Result<(), CudaError> {
-    if buf.len() != expected {
-        return Err(CudaError::length(op, operand, expected, buf.len()));
-    }
-    Ok(())
-}
-
-fn launch_error(dev: &CudaDevice, entry: &str, source: cudarc::driver::DriverError) -> CudaError {
-    CudaError::Launch {
-        entry: entry.to_owned(),
-        arch: dev.arch().to_string(),
-        source,
-    }
-}
 
 /// Raises the function's dynamic shared memory limit when it needs more than the default.
 fn allow_smem(
@@ -87,77 +57,6 @@ fn allow_smem(
         .map_err(|e| launch_error(dev, entry, e))?;
     }
     Ok(())
-}
-
-/// Checks what prefill and split-K share: heads, cache shape, q and alibi lengths.
-fn check_heads<T>(
-    op: &'static str,
-    dev: &CudaDevice,
-    q: &DeviceBuffer<T>,
-    q_stride: usize,
-    cache: &PagedKv<'_, T>,
-    alibi_slopes: Option<&DeviceBuffer<f32>>,
-    p: &DecodeAttention,
-) -> Result<(), CudaError> {
-    dev.check_buffer(op, "q", q)?;
-    dev.check_buffer(op, "k cache", cache.k)?;
-    dev.check_buffer(op, "v cache", cache.v)?;
-    if p.num_kv_heads == 0 || p.num_heads % p.num_kv_heads != 0 {
-        return Err(CudaError::invalid(
-            op,
-            "num_kv_heads",
-            p.num_kv_heads,
-            format!("must be > 0 and divide num_heads {}", p.num_heads),
-        ));
-    }
-    if p.head_dim == 0 || p.head_dim > MAX_HEAD_DIM {
-        return Err(CudaError::invalid(
-            op,
-            "head_dim",
-            p.head_dim,
-            format!("must be in 1..={MAX_HEAD_DIM}"),
-        ));
-    }
-    let s = &cache.shape;
-    if s.num_kv_heads != p.num_kv_heads || s.head_dim != p.head_dim || s.block_size == 0 {
-        return Err(CudaError::invalid(
-            op,
-            "cache shape",
-            format!("{s:?}"),
-            format!(
-                "must have num_kv_heads {}, head_dim {} and block_size > 0",
-                p.num_kv_heads, p.head_dim
-            ),
-        ));
-    }
-    expect_len(op, "k cache", cache.k, s.num_elements())?;
-    expect_len(op, "v cache", cache.v, s.num_elements())?;
-    if q_stride < p.num_heads * p.head_dim {
-        return Err(CudaError::invalid(
-            op,
-            "q_stride",
-            q_stride,
-            format!(
-                "must be >= num_heads * head_dim = {}",
-                p.num_heads * p.head_dim
-            ),
-        ));
-    }
-    if let Some(a) = alibi_slopes {
-        dev.check_buffer(op, "alibi_slopes", a)?;
-        expect_len(op, "alibi_slopes", a, p.num_heads)?;
-    }
-    if let Some(0) = p.sliding_window {
-        return Err(CudaError::invalid(op, "sliding_window", 0, "must be > 0"));
-    }
-    Ok(())
-}
-
-fn window_arg(op: &'static str, p: &DecodeAttention) -> Result<i32, CudaError> {
-    match p.sliding_window {
-        None => Ok(0),
-        Some(w) => to_i32(op, "sliding_window", w),
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -252,8 +151,7 @@ pub fn paged_attention_prefill<T: FloatElem>(
     kernel: PrefillKernel,
 ) -> Result<(), CudaError> {
     const OP: &str = "paged_attention_prefill";
-    dev.check_buffer(OP, "out", out)?;
-    check_heads(OP, dev, q, q_stride, cache, alibi_slopes, p)?;
+    check_paged_attention(OP, dev, out, q, q_stride, cache, alibi_slopes, p)?;
     for (name, buf) in [
         ("q_starts", seqs.q_starts),
         ("q_lens", seqs.q_lens),
@@ -406,6 +304,8 @@ impl SplitKWorkspace {
 }
 
 /// Whether split-K handles `head_dim` for `dtype` (16-byte rows: head_dim * size % 16 == 0).
+/// attention_splitk.cu is compiled per dtype, so this is the whole condition: f32 takes head
+/// sizes (e.g. 12) that bf16 and f16 do not.
 pub fn splitk_supported(dtype: DType, head_dim: usize) -> bool {
     head_dim > 0 && head_dim <= MAX_HEAD_DIM && (head_dim * dtype.size_in_bytes()) % 16 == 0
 }
@@ -503,10 +403,8 @@ pub fn paged_attention_decode_splitk<T: FloatElem>(
         num_splits,
         heads_per_cta,
     } = plan;
-    dev.check_buffer(OP, "out", out)?;
-    check_heads(OP, dev, q, q_stride, cache, alibi_slopes, p)?;
-    dev.check_buffer(OP, "block_tables", tables.block_tables)?;
-    dev.check_buffer(OP, "context_lens", tables.context_lens)?;
+    check_paged_attention(OP, dev, out, q, q_stride, cache, alibi_slopes, p)?;
+    let num_seqs = check_decode_batch(OP, dev, out, q, q_stride, tables, p)?;
     for (name, buf) in [
         ("workspace m", &workspace.m),
         ("workspace l", &workspace.l),
@@ -537,23 +435,6 @@ pub fn paged_attention_decode_splitk<T: FloatElem>(
             "num_splits",
             num_splits,
             format!("must be in 1..={MAX_SPLITS}"),
-        ));
-    }
-    let num_seqs = tables.context_lens.len();
-    expect_len(OP, "q", q, num_seqs * q_stride)?;
-    expect_len(OP, "out", out, num_seqs * p.num_heads * p.head_dim)?;
-    expect_len(
-        OP,
-        "block_tables",
-        tables.block_tables,
-        num_seqs * tables.max_blocks_per_seq,
-    )?;
-    if num_seqs > 65_535 {
-        return Err(CudaError::invalid(
-            OP,
-            "num_seqs",
-            num_seqs,
-            "must be <= 65535",
         ));
     }
     let num_partials = num_seqs * p.num_heads * num_splits;
@@ -591,10 +472,13 @@ pub fn paged_attention_decode_splitk<T: FloatElem>(
             format!("must be in 1..=8 and divide the GQA group {group}"),
         ));
     }
-    let defines = [
+    // One module per (dtype, head size, heads per CTA): attention_splitk.cu is compiled per
+    // dtype, so a head size only f32 supports still compiles for f32.
+    let mut defines = vec![
         Define::new("HEAD_DIM", p.head_dim),
         Define::new("GQA_HEADS", heads_per_cta),
     ];
+    defines.extend(KernelId::AttentionSplitK.dtype_defines(T::DTYPE));
     let entry = format!("paged_attention_splitk_{}", T::DTYPE);
     let f = dev.function(KernelId::AttentionSplitK, &defines, &entry)?;
     let cfg = LaunchConfig {
@@ -764,6 +648,10 @@ mod tests {
         assert!(splitk_supported(DType::BF16, 80));
         assert!(!splitk_supported(DType::BF16, 36));
         assert!(splitk_supported(DType::F32, 36));
+        // Per dtype: 48-byte f32 rows, 24-byte bf16/f16 rows.
+        assert!(splitk_supported(DType::F32, 12));
+        assert!(!splitk_supported(DType::BF16, 12));
+        assert!(!splitk_supported(DType::F16, 12));
         assert!(!splitk_supported(DType::F32, 6));
         assert!(!splitk_supported(DType::F16, 264));
         assert!(!splitk_supported(DType::F16, 0));

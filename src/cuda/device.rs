@@ -361,10 +361,14 @@ impl CudaDevice {
     }
 
     /// Compiles `kernel` for this device's arch now (it would compile on first launch anyway):
-    /// lets model load fail early and keeps compile time out of the first step.
+    /// lets model load fail early and keeps compile time out of the first step. Compiles the
+    /// file without shape defines: every module of `KernelId::dtype_modules`.
     pub fn warm_up(&self, kernels: &[KernelId]) -> Result<(), CudaError> {
         for &kernel in kernels {
-            self.module(kernel, &[])?;
+            // Every module of the file: one, or one per dtype (`KernelId::per_dtype`).
+            for module in kernel.dtype_modules() {
+                self.module(kernel, &module.defines)?;
+            }
         }
         Ok(())
     }

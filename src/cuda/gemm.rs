@@ -39,24 +39,11 @@ use super::buffer::{DeviceBuffer, FloatElem};
 use super::device::CudaDevice;
 use super::elementwise::add_bias;
 use super::error::{CudaError, CudaLibrary};
+use super::kernels::KernelId;
 use super::kernels::SmArch;
-use super::kernels::{Define, KernelId};
 use super::ops::{NULL_PTR, launch_error, to_i32, to_u32};
 use crate::dtype::DType;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
-
-/// The gemv kernels' compile-time variant: `FERRUM_GEMV_PIPELINED=0|1` (read once) picks the
-/// plain weight loop or the software-pipelined one (gemv.cu `GEMV_PIPELINED`).
-fn gemv_defines() -> [Define; 1] {
-    static PIPELINED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let on = *PIPELINED.get_or_init(|| {
-        std::env::var("FERRUM_GEMV_PIPELINED").map_or(GEMV_PIPELINED_DEFAULT, |v| v.trim() == "1")
-    });
-    [Define::new("GEMV_PIPELINED", u8::from(on))]
-}
-
-/// Whether the gemv kernels use the pipelined weight loop unless the environment says.
-const GEMV_PIPELINED_DEFAULT: bool = false;
 
 /// Launches gemv.cu on shapes `linear_with` checked (lengths, device, gemv_supported).
 fn gemv<T: FloatElem>(
@@ -70,7 +57,7 @@ fn gemv<T: FloatElem>(
     const OP: &str = "gemv";
     let GemmShape { m, n, k } = shape;
     let entry = format!("gemv_{}", T::DTYPE);
-    let f = dev.function(KernelId::Gemv, &gemv_defines(), &entry)?;
+    let f = dev.function(KernelId::Gemv, &[], &entry)?;
     let ints = [
         to_i32(OP, "m", m)?,
         to_i32(OP, "n", n)?,
@@ -172,7 +159,7 @@ pub fn gated_gemv<T: FloatElem>(
         return Ok(());
     }
     let entry = format!("{OP}_{}", T::DTYPE);
-    let f = dev.function(KernelId::Gemv, &gemv_defines(), &entry)?;
+    let f = dev.function(KernelId::Gemv, &[], &entry)?;
     let ints = [
         to_i32(OP, "m", m)?,
         to_i32(OP, "inter", inter)?,

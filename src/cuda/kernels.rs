@@ -4,9 +4,12 @@
 //! Every file is compiled as `prelude.cuh` + the file, for one real architecture (`sm_XX`, so
 //! the result is a CUBIN the driver loads without a JIT step) and a set of `-D` defines (later
 //! kernels specialize on head size or tile shape through them). Entry points are named
-//! `{op}_{dtype}` (`rms_norm_bf16`). Compilation needs only libnvrtc, not a GPU: a test compiles
-//! every file for every supported arch. Caching per (file, defines) lives in `CudaDevice`, whose
-//! arch is fixed. This module never launches anything.
+//! `{op}_{dtype}` (`rms_norm_bf16`). Most files instantiate every dtype in one module; a file
+//! whose dtypes need different shapes (`KernelId::per_dtype`) is compiled once per dtype, the
+//! `DTYPE` define (`dtype_define`) selecting its entry points. Compilation needs only libnvrtc,
+//! not a GPU: a test compiles every file (`KernelId::dtype_modules`) for every supported arch.
+//! Caching per (file, defines) lives in `CudaDevice`, whose arch is fixed. This module never
+//! launches anything.
 
 use std::ffi::{CStr, CString, c_char};
 use std::fmt;
@@ -15,6 +18,7 @@ use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
 
 use super::error::{CudaError, CudaLibrary};
 use super::probe::probe_library;
+use crate::dtype::DType;
 
 const PRELUDE: &str = include_str!("../../kernels/prelude.cuh");
 
@@ -38,7 +42,7 @@ pub enum KernelId {
     /// `paged_attention_prefill_{dt}`, `paged_attention_prefill_simt_{dt}` (defines `HEAD_DIM`)
     AttentionPrefill,
     /// `paged_attention_splitk_{dt}`, `paged_attention_splitk_reduce_{dt}` (defines `HEAD_DIM`,
-    /// `GQA_HEADS`)
+    /// `GQA_HEADS`; compiled per dtype: `DTYPE`)
     AttentionSplitK,
     /// `clamp_{dt}`, `add_{dt}`, `add_bias_{dt}`, `gather_rows_{dt}` (the executor's glue)
     Elementwise,
@@ -98,6 +102,43 @@ impl KernelId {
         }
     }
 
+    /// Whether the file is compiled once per dtype: its entry points for one dtype may compile
+    /// where another's do not (attention_splitk.cu needs 16-byte rows, HEAD_DIM * sizeof(T)), so
+    /// it needs `dtype_define(dtype)` and instantiates that dtype only. Other files hold every
+    /// dtype in one module and take no `DTYPE`.
+    pub fn per_dtype(self) -> bool {
+        matches!(self, KernelId::AttentionSplitK)
+    }
+
+    /// The defines selecting `dtype`'s entry points: `[DTYPE=dtype]` for a `per_dtype` file,
+    /// none otherwise. Launchers add them to their shape defines.
+    pub fn dtype_defines(self, dtype: DType) -> Vec<Define> {
+        if self.per_dtype() {
+            vec![dtype_define(dtype)]
+        } else {
+            vec![]
+        }
+    }
+
+    /// The compiles that together hold every entry point of the file (`ops` x f32, bf16, f16):
+    /// one module, or one per dtype for a `per_dtype` file.
+    pub fn dtype_modules(self) -> Vec<DtypeModule> {
+        if self.per_dtype() {
+            DTYPES
+                .iter()
+                .map(|&dtype| DtypeModule {
+                    defines: vec![dtype_define(dtype)],
+                    dtypes: vec![dtype],
+                })
+                .collect()
+        } else {
+            vec![DtypeModule {
+                defines: vec![],
+                dtypes: DTYPES.to_vec(),
+            }]
+        }
+    }
+
     /// The ops (entry names without the dtype suffix) the file defines, each for f32, bf16, f16.
     pub fn ops(self) -> &'static [&'static str] {
         match self {
@@ -119,6 +160,23 @@ impl KernelId {
             KernelId::Gemv => &["gemv", "gemv_gated"],
         }
     }
+}
+
+/// The dtypes every kernel file has entry points for (`FERRUM_FOR_EACH_DTYPE` order).
+pub const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+
+/// `DTYPE={dtype}` (`f32`, `bf16`, `f16`): the one dtype a `KernelId::per_dtype` file
+/// instantiates.
+pub fn dtype_define(dtype: DType) -> Define {
+    Define::new("DTYPE", dtype)
+}
+
+/// One compile of a kernel file: the defines selecting its dtypes (none, or `DTYPE`) and the
+/// dtypes whose entry points the module holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DtypeModule {
+    pub defines: Vec<Define>,
+    pub dtypes: Vec<DType>,
 }
 
 /// A CUDA compute capability, compiled for as the real architecture `sm_{major}{minor}`.
@@ -280,6 +338,48 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn per_dtype_files_get_one_module_per_dtype_with_its_define() {
+        for kernel in KernelId::ALL {
+            let modules = kernel.dtype_modules();
+            // Together the modules cover every dtype exactly once.
+            let mut covered: Vec<DType> = modules.iter().flat_map(|m| m.dtypes.clone()).collect();
+            covered.sort_by_key(|d| d.to_string());
+            let mut all = DTYPES.to_vec();
+            all.sort_by_key(|d| d.to_string());
+            assert_eq!(covered, all, "{kernel:?}");
+            for m in &modules {
+                for &dt in &m.dtypes {
+                    assert_eq!(kernel.dtype_defines(dt), m.defines, "{kernel:?} {dt}");
+                }
+            }
+            // A per-dtype file requires DTYPE and instantiates through the DTYPE-selected macro;
+            // the others never read DTYPE.
+            let src = kernel.source();
+            assert_eq!(
+                src.contains("#ifndef DTYPE"),
+                kernel.per_dtype(),
+                "{kernel:?}"
+            );
+            assert_eq!(
+                src.contains("FERRUM_FOR_EACH_DTYPE("),
+                !kernel.per_dtype(),
+                "{kernel:?}"
+            );
+        }
+        assert!(KernelId::AttentionSplitK.per_dtype());
+        assert_eq!(
+            KernelId::AttentionSplitK.dtype_defines(DType::BF16),
+            vec![Define::new("DTYPE", "bf16")]
+        );
+        assert_eq!(KernelId::AttentionSplitK.dtype_modules().len(), 3);
+        assert!(KernelId::Attention.dtype_defines(DType::F32).is_empty());
+        assert_eq!(
+            compile_options(SmArch::SM80, &[dtype_define(DType::F16)]).last(),
+            Some(&"-DDTYPE=f16".to_owned())
+        );
     }
 
     #[test]

@@ -7,13 +7,16 @@
 //!
 //! Determinism design: the GPU consumes randomness exactly like the CPU `Sampler`. The caller
 //! keeps each request's `Rng` and, for a random (temperature > 0) row, draws the one
-//! `next_f64()` the CPU `Candidates::draw` would draw this step (`RowSampling::new` does it; greedy
-//! rows draw nothing); the kernel applies the CPU's sanitizing, suppression, penalties (same f32
+//! `next_f64()` the CPU `Candidates::draw` would draw this step into `RowSampling::uniform`
+//! (`executor::cuda::row_sampling` does it; greedy rows draw nothing); the kernel applies the CPU's sanitizing, suppression, penalties (same f32
 //! operations), the CPU's own `exp` (bit-identical weights), the same filter order and the same
 //! inverse-CDF walk over the same candidate order (ranked after top-k/top-p, token-id order
 //! otherwise). Seeded requests therefore get the CPU's tokens, except when the uniform falls within
 //! rounding (f64, ~1e-15 relative) of a cumulative boundary, since the GPU sums masses in another
 //! order (measured by `tests/cuda_sampling.rs`).
+//!
+//! This module takes plain numbers (`RowSampling`, `TokenHistory`, suppressed ids), never request
+//! types: turning a request's parameters into a `RowSampling` is the executor side's job.
 //!
 //! Per step: `SampleBatch` packs every row's parameters, penalty history and suppressed ids into
 //! one `u32` array (one host-to-device copy); `GpuSampler::sample` launches one CTA per row;
@@ -27,11 +30,13 @@ use super::buffer::{DeviceBuffer, DeviceElem, FloatElem};
 use super::device::CudaDevice;
 use super::error::CudaError;
 use super::kernels::KernelId;
-use crate::request::{MAX_LOGPROBS, SamplingParams, TokenLogprobs};
-use crate::sampling::{Penalties, Rng, Sampled};
+use crate::request::TokenLogprobs;
+use crate::sampling::{Penalties, Sampled};
 
 /// `u32` words per row in the packed parameters (`RowParams` in kernels/sample.cu).
 pub const PARAM_WORDS: usize = 16;
+/// Most top logprobs a row may ask for (`MAX_TOP` in kernels/sample.cu).
+pub const MAX_TOP_LOGPROBS: usize = 20;
 /// Threads per CTA (one CTA per row); must match `SAMPLE_THREADS` in kernels/sample.cu.
 const SAMPLE_THREADS: u32 = 1024;
 /// `num_logprobs` word meaning "no logprobs".
@@ -52,7 +57,7 @@ pub struct RowSampling {
     /// 0.0 disables.
     pub min_p: f32,
     pub penalties: Penalties,
-    /// Number of top logprobs (<= `MAX_LOGPROBS`); None: no logprobs for this row.
+    /// Number of top logprobs (<= `MAX_TOP_LOGPROBS`); None: no logprobs for this row.
     pub num_logprobs: Option<usize>,
     /// The uniform in [0, 1) this step's draw uses: the request's `Rng::next_f64()`, drawn exactly
     /// when the CPU sampler draws (random rows, once per step). Ignored by greedy rows.
@@ -60,26 +65,17 @@ pub struct RowSampling {
 }
 
 impl RowSampling {
-    /// The row for one step of a request with `params`, drawing from `rng` exactly what the CPU
-    /// `Sampler` would draw in this step (one `next_f64` for a random row, nothing when greedy).
-    pub fn new(params: &SamplingParams, rng: &mut Rng) -> Self {
-        let uniform = if params.is_greedy() {
-            0.0
-        } else {
-            rng.next_f64()
-        };
+    /// A greedy row with every filter, penalty and logprob off (e.g. a placeholder row whose
+    /// token is dropped).
+    pub fn greedy() -> Self {
         RowSampling {
-            temperature: params.temperature,
-            top_k: params.top_k,
-            top_p: params.top_p,
-            min_p: params.min_p,
-            penalties: Penalties {
-                repetition: params.repetition_penalty,
-                presence: params.presence_penalty,
-                frequency: params.frequency_penalty,
-            },
-            num_logprobs: params.logprobs,
-            uniform,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            penalties: Penalties::default(),
+            num_logprobs: None,
+            uniform: 0.0,
         }
     }
 }
@@ -178,13 +174,13 @@ impl SampleBatch {
     ) -> Result<(), CudaError> {
         let row_idx = self.num_rows;
         if let Some(n) = row.num_logprobs
-            && n > MAX_LOGPROBS
+            && n > MAX_TOP_LOGPROBS
         {
             return Err(CudaError::invalid(
                 OP,
                 "num_logprobs",
                 n,
-                format!("must be <= {MAX_LOGPROBS} (row {row_idx})"),
+                format!("must be <= {MAX_TOP_LOGPROBS} (row {row_idx})"),
             ));
         }
         let top_k = u32::try_from(row.top_k).unwrap_or(u32::MAX);
@@ -581,25 +577,21 @@ mod tests {
     }
 
     #[test]
-    fn batch_packs_rows_and_draws_like_the_cpu() {
-        let params = SamplingParams {
+    fn batch_packs_rows() {
+        let row = RowSampling {
             temperature: 0.7,
             top_k: 40,
             top_p: 0.9,
             min_p: 0.05,
-            repetition_penalty: 1.2,
-            logprobs: Some(3),
-            ..SamplingParams::default()
+            penalties: Penalties {
+                repetition: 1.2,
+                ..Penalties::default()
+            },
+            num_logprobs: Some(3),
+            uniform: 0.3125,
         };
-        let mut rng = Rng::new(9);
-        let row = RowSampling::new(&params, &mut rng);
-        // Exactly one next_f64 per random step.
-        let mut expected = Rng::new(9);
-        assert_eq!(row.uniform, expected.next_f64());
-        assert_eq!(rng, expected);
-        // Greedy rows draw nothing.
-        let greedy = RowSampling::new(&SamplingParams::default(), &mut rng);
-        assert_eq!(rng, expected);
+        let greedy = RowSampling::greedy();
+        assert!(!greedy.penalties.is_enabled());
 
         let history = TokenHistory::new(&[3, 4], 100);
         let mut batch = SampleBatch::new();
@@ -624,11 +616,17 @@ mod tests {
         // Penalties without a history, and too many logprobs, are errors.
         assert!(batch.push(&row, None, &[]).is_err());
         let many = RowSampling {
-            num_logprobs: Some(MAX_LOGPROBS + 1),
+            num_logprobs: Some(MAX_TOP_LOGPROBS + 1),
             ..greedy
         };
         assert!(batch.push(&many, None, &[]).is_err());
         assert_eq!(batch.num_rows(), 2);
+        let most = RowSampling {
+            num_logprobs: Some(MAX_TOP_LOGPROBS),
+            ..greedy
+        };
+        batch.push(&most, None, &[]).unwrap();
+        assert_eq!((batch.num_rows(), batch.max_top), (3, MAX_TOP_LOGPROBS));
         batch.clear();
         assert_eq!(batch.num_rows(), 0);
     }

@@ -17,6 +17,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 
 use crate::cuda::sampling::{RowSampling, SampleBatch, TokenHistory};
 use crate::executor::Executor;
+use crate::executor::cuda::row_sampling;
 use crate::request::{
     FinishReason, GenerateRequest, Prompt, RequestError, SamplingParams, SeqId, TokenEvent,
 };
@@ -315,7 +316,7 @@ fn seed_base() -> u64 {
 
 /// A request's sampling state when the executor samples on its device: the same seed as its
 /// host `Sampler`, so the device consumes the RNG exactly as the host would
-/// (`cuda::sampling::RowSampling`).
+/// (`executor::cuda::row_sampling`).
 struct DeviceSampling {
     params: SamplingParams,
     rng: Rng,
@@ -628,7 +629,7 @@ impl Worker {
             self.sample_batch.clear();
             let mut known = Vec::new();
             for s in plan.seqs.iter().filter(|s| s.sample) {
-                let greedy = RowSampling::new(&SamplingParams::default(), &mut Rng::new(0));
+                let greedy = RowSampling::greedy();
                 let state = self.seqs.get_mut(&s.seq_id);
                 known.push(state.is_some());
                 match state {
@@ -644,7 +645,7 @@ impl Worker {
                                 s.seq_id
                             )));
                         };
-                        let row = RowSampling::new(&ds.params, &mut ds.rng);
+                        let row = row_sampling(&ds.params, &mut ds.rng);
                         self.sample_batch
                             .push(&row, ds.history.as_ref(), suppressed)?;
                     }

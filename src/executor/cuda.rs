@@ -55,13 +55,14 @@ use crate::cuda::ops::{
     self, BlockTables, DecodeAttention, KvCacheShape, KvSource, LearnedPositions, PagedKv,
     RotaryLayout,
 };
-use crate::cuda::sampling::{GpuSampler, SampleBatch};
+use crate::cuda::sampling::{GpuSampler, RowSampling, SampleBatch};
 use crate::cuda::{CudaDevice, DeviceBuffer, DeviceGraph, FloatElem, Gemm, GemmShape, KernelId};
 use crate::dtype::DType;
 use crate::model::spec::{DecoderSpec, Mlp, PosEmbedding, Residual};
 use crate::model::weights::{DecoderWeights, LayerWeights, NormWeights};
 use crate::ops::linear::Weight;
-use crate::sampling::Sampled;
+use crate::request::SamplingParams;
+use crate::sampling::{Penalties, Rng, Sampled};
 use crate::scheduler::SchedulePlan;
 
 /// Default fraction of free GPU memory given to the KV cache (tensorrtllm_backend's default).
@@ -375,16 +376,46 @@ fn splitk_capacity(spec: &DecoderSpec, cfg: &KvCacheConfig, num_sms: usize, dtyp
         .unwrap_or(0)
 }
 
-/// Whether decode attention goes through split-K for this head size and qkv row (16-byte rows
-/// of q and of the cache). attention_splitk.cu instantiates every dtype in one module and
-/// static-asserts 16-byte rows for each, so a head_dim that suits f32 but not the 16-bit types
-/// (e.g. 12) fails to compile even for an f32 executor: require the 16-bit condition too
-/// (`splitk_supported(F32, 12)` says yes; measured on the H100, NVRTC refuses the module). Other
-/// head sizes take the one-CTA-per-(sequence, head) decode kernel.
+/// One step's device sampling row for a request with `params`: its filters, penalties and
+/// logprobs as plain numbers, and the uniform its draw uses, taken from the request's `rng`
+/// exactly as the CPU `Sampler` would take it this step (one `next_f64` for a random row,
+/// nothing when greedy), so seeded requests get the CPU's tokens. The request-to-device
+/// conversion lives here so that `cuda::sampling` never sees request types.
+pub fn row_sampling(params: &SamplingParams, rng: &mut Rng) -> RowSampling {
+    // Every logprob count a valid request may ask for fits the device sampler, so
+    // `SampleBatch::push` never refuses a row for it.
+    const {
+        assert!(
+            crate::request::MAX_LOGPROBS <= crate::cuda::sampling::MAX_TOP_LOGPROBS,
+            "the GPU sampler's top-logprob limit is below the request limit"
+        );
+    }
+    let uniform = if params.is_greedy() {
+        0.0
+    } else {
+        rng.next_f64()
+    };
+    RowSampling {
+        temperature: params.temperature,
+        top_k: params.top_k,
+        top_p: params.top_p,
+        min_p: params.min_p,
+        penalties: Penalties {
+            repetition: params.repetition_penalty,
+            presence: params.presence_penalty,
+            frequency: params.frequency_penalty,
+        },
+        num_logprobs: params.logprobs,
+        uniform,
+    }
+}
+
+/// Whether decode attention goes through split-K for this head size and qkv row: 16-byte rows
+/// of q and of the cache in T (attention_splitk.cu is compiled per dtype, so only T's rows
+/// matter: f32 takes head_dim 12, bf16/f16 do not). Other head sizes take the
+/// one-CTA-per-(sequence, head) decode kernel.
 fn use_splitk<T: FloatElem>(head_dim: usize, qkv_dim: usize) -> bool {
-    splitk_supported(T::DTYPE, head_dim)
-        && splitk_supported(DType::BF16, head_dim)
-        && (qkv_dim * T::DTYPE.size_in_bytes()) % 16 == 0
+    splitk_supported(T::DTYPE, head_dim) && (qkv_dim * T::DTYPE.size_in_bytes()) % 16 == 0
 }
 
 /// Where each array of one step sits in the packed upload (offsets in u32 words), and the
@@ -1764,15 +1795,62 @@ mod tests {
     }
 
     #[test]
-    fn splitk_only_where_its_module_compiles_and_rows_are_16_bytes() {
+    fn splitk_only_where_the_dtype_has_16_byte_rows() {
         // Llama shapes: head_dim 128, qkv row 12288.
         assert!(use_splitk::<bf16>(128, 12288));
         assert!(use_splitk::<f32>(128, 12288));
-        // head_dim 12 suits f32 rows but not the bf16/f16 instantiations of the same module.
-        assert!(!use_splitk::<f32>(12, 72));
-        assert!(!use_splitk::<bf16>(12, 72));
-        // A qkv row that is not 16-byte aligned (bf16 row of 100 elements).
+        // head_dim 12 (tests/fixtures llama_gqa_llama3: 6 heads, 2 kv heads, qkv row 120): 48-byte
+        // f32 rows take split-K (its own module); 24-byte bf16/f16 rows do not.
+        assert!(use_splitk::<f32>(12, 120));
+        assert!(!use_splitk::<bf16>(12, 120));
+        assert!(!use_splitk::<f16>(12, 120));
+        // A qkv row that is not 16-byte aligned (bf16 row of 100 elements, f32 row of 42).
         assert!(!use_splitk::<bf16>(16, 100));
+        assert!(!use_splitk::<f32>(12, 42));
+    }
+
+    #[test]
+    fn row_sampling_converts_params_and_draws_like_the_cpu() {
+        let params = SamplingParams {
+            temperature: 0.7,
+            top_k: 40,
+            top_p: 0.9,
+            min_p: 0.05,
+            repetition_penalty: 1.2,
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            logprobs: Some(3),
+            ..SamplingParams::default()
+        };
+        let mut rng = Rng::new(9);
+        let row = row_sampling(&params, &mut rng);
+        // Exactly one next_f64 per random step.
+        let mut expected = Rng::new(9);
+        assert_eq!(row.uniform, expected.next_f64());
+        assert_eq!(rng, expected);
+        assert_eq!(
+            (row.temperature, row.top_k, row.top_p, row.min_p),
+            (0.7, 40, 0.9, 0.05)
+        );
+        assert_eq!(
+            row.penalties,
+            Penalties {
+                repetition: 1.2,
+                presence: 0.5,
+                frequency: 0.25,
+            }
+        );
+        assert_eq!(row.num_logprobs, Some(3));
+        // Greedy rows draw nothing, and the default request is the plain greedy row.
+        let greedy = row_sampling(&SamplingParams::default(), &mut rng);
+        assert_eq!(rng, expected);
+        assert_eq!(greedy, RowSampling::greedy());
+        // The same seed gives the CPU sampler's uniform stream, step after step.
+        let mut a = Rng::new(77);
+        let mut b = Rng::new(77);
+        for _ in 0..5 {
+            assert_eq!(row_sampling(&params, &mut a).uniform, b.next_f64());
+        }
     }
 
     #[test]

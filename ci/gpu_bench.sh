@@ -12,6 +12,8 @@
 #   long      Llama-3-8B offline throughput at 2048/128, 128/2048 and 2048/2048
 #   presets   gptj-6b, falcon-7b, mpt-7b, bloom-7b1, gpt3-6.7b: 128/128 at batch 1 and 64
 #   ifb       Llama-3-8B in-flight vs static batching on a mixed-length workload, equal KV memory
+#   final     Llama-2-7B 128/128 at batch 1 and 64 (the headline decode numbers)
+# DEADLINE=<s>: the presets suite skips the models it would start after that many seconds.
 #
 # With the device tool: pack into the main checkout, carry [".gpu-bench"], command
 #   "bash .gpu-bench/gpu_bench.sh run decode profile"
@@ -50,8 +52,15 @@ if [ "${1:-}" = "run" ]; then
       ;;
     presets)
       for p in gptj-6b falcon-7b mpt-7b bloom-7b1 gpt3-6.7b; do
+        if [ -n "${DEADLINE:-}" ] && [ "$SECONDS" -ge "$DEADLINE" ]; then
+          echo "skipping preset $p: past DEADLINE=$DEADLINE s" | tee -a "$out/bench.log"
+          continue
+        fi
         b --preset "$p" --prompt-len 128 --gen-len 128 --batch-size 1,64 --json
       done
+      ;;
+    final)
+      b --preset llama2-7b --prompt-len 128 --gen-len 128 --batch-size 1,64 --json
       ;;
     ifb)
       # 256 requests, prompts 32..=1024, outputs 16..=512 (~67k output tokens), B = 64, KV cache

@@ -13,6 +13,7 @@
 #   presets   gptj-6b, falcon-7b, mpt-7b, bloom-7b1, gpt3-6.7b: 128/128 at batch 1 and 64
 #   ifb       Llama-3-8B in-flight vs static batching on a mixed-length workload, equal KV memory
 #   final     Llama-2-7B 128/128 at batch 1 and 64 (the headline decode numbers)
+#   ncu       Nsight Compute kernel tables of Llama-2-7B batch-1 decode (ci/ncu_summary.py)
 # DEADLINE=<s>: the presets suite skips the models it would start after that many seconds.
 #
 # With the device tool: pack into the main checkout, carry [".gpu-bench"], command
@@ -21,6 +22,8 @@ set -euo pipefail
 
 if [ "${1:-}" = "run" ]; then
   shift
+  # A bench that fails or times out is logged; the remaining ones still run.
+  set +e
   here=$(cd "$(dirname "$0")" && pwd)
   B="$here/ferrum"
   out=${OUT:-/tmp/ferrum-bench}
@@ -62,6 +65,24 @@ if [ "${1:-}" = "run" ]; then
     final)
       b --preset llama2-7b --prompt-len 128 --gen-len 128 --batch-size 1,64 --json
       ;;
+    ncu)
+      # Kernel durations at real clocks (ncu serializes kernels and flushes caches between
+      # them, so latency-bound kernels read high): 520 consecutive kernels of eager decode steps
+      # of Llama-2-7B at batch 1, then the gemv kernels with DRAM throughput, L1 hit rate,
+      # registers and warps active.
+      ncu=/usr/local/cuda/bin/ncu
+      FERRUM_CUDA_GRAPHS=0 timeout "${T:-400}" "$ncu" --clock-control none --csv \
+        --metrics gpu__time_duration.sum --launch-skip 3000 --launch-count 520 \
+        "$B" bench --device cuda --preset llama2-7b --prompt-len 128 --gen-len 48 --json \
+        >"$out/ncu_decode_b1.csv" 2>>"$out/bench.log"
+      python3 "$here/ncu_summary.py" "$out/ncu_decode_b1.csv" | tee -a "$out/bench.log"
+      FERRUM_CUDA_GRAPHS=0 timeout "${T:-400}" "$ncu" --clock-control none --csv \
+        --kernel-name regex:gemv --launch-skip 400 --launch-count 16 \
+        --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,l1tex__t_sector_hit_rate.pct,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active \
+        "$B" bench --device cuda --preset llama2-7b --prompt-len 16 --gen-len 32 --json \
+        >"$out/ncu_gemv.csv" 2>>"$out/bench.log"
+      python3 "$here/ncu_summary.py" "$out/ncu_gemv.csv" | tee -a "$out/bench.log"
+      ;;
     ifb)
       # 256 requests, prompts 32..=1024, outputs 16..=512 (~67k output tokens), B = 64, KV cache
       # for 64 sequences of 1536 tokens in both modes; 2 rounds of (static, in-flight).
@@ -88,6 +109,7 @@ rm -rf "$dest"
 mkdir -p "$dest"
 strip -o "$dest/ferrum" target/release/ferrum
 cp ci/gpu_bench.sh "$dest/gpu_bench.sh"
+cp ci/ncu_summary.py "$dest/ncu_summary.py"
 {
   git rev-parse --short HEAD
   git diff --quiet HEAD -- src kernels || echo "(with uncommitted changes to src/kernels)"

@@ -87,6 +87,8 @@ if [ "${1:-}" = "run" ]; then
       # 256 requests, prompts 32..=1024, outputs 16..=512 (~67k output tokens), B = 64, KV cache
       # for 64 sequences of 1536 tokens in both modes; 2 rounds of (static, in-flight).
       b --preset llama3-8b --workload mixed --num-requests 256 --batch-size 64 --rounds 2 --max-num-batched-tokens 8192 --json
+      # The same KV memory, the in-flight mode free to run up to 256 sequences in it.
+      b --preset llama3-8b --workload mixed --num-requests 256 --batch-size 64 --inflight-max-num-seqs 256 --rounds 2 --max-num-batched-tokens 8192 --json
       ;;
     *)
       echo "unknown suite $suite" >&2

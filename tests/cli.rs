@@ -198,6 +198,63 @@ fn bench_json_on_a_random_preset() {
 /// really runs in disjoint groups of B, the summary ratio is the ratio of the per-mode rates
 /// (summed over rounds), and both modes report the same KV capacity.
 #[test]
+fn bench_mixed_inflight_may_run_more_sequences_in_the_same_kv_memory() {
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "--preset",
+            "tiny-llama",
+            "--device",
+            "cpu",
+            "--workload",
+            "mixed",
+            "--num-requests",
+            "12",
+            "--batch-size",
+            "4",
+            "--min-prompt-len",
+            "3",
+            "--max-prompt-len",
+            "40",
+            "--min-gen-len",
+            "2",
+            "--max-gen-len",
+            "24",
+            "--seed",
+            "3",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        ferrum(&args)
+    };
+    let (ok, out, err) = run(&["--inflight-max-num-seqs", "12"]);
+    assert!(ok, "{err}");
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mode = |m: &str| lines.iter().find(|l| l["mode"] == m).unwrap();
+    // Same KV memory as with M = B: 4 sequences of 64 tokens; static keeps at most 4 in flight.
+    for m in ["static", "inflight", "summary"] {
+        assert_eq!(mode(m)["kv_cache_tokens"], 256, "{m}");
+        assert_eq!(mode(m)["inflight_max_num_seqs"], 12, "{m}");
+    }
+    let most = |m: &str| mode(m)["max_concurrent"].as_u64().unwrap();
+    assert!(most("static") <= 4, "{out}");
+    // Prompts of at most 3 blocks in a 16-block cache: at least 5 start together.
+    assert!((5..=12).contains(&most("inflight")), "{out}");
+    // M below B is refused, naming both flags and the values.
+    let (ok, _, err) = run(&["--inflight-max-num-seqs", "3"]);
+    assert!(!ok);
+    assert!(
+        err.contains("--inflight-max-num-seqs")
+            && err.contains("--batch-size 4")
+            && err.contains("3"),
+        "{err}"
+    );
+}
+
+#[test]
 fn bench_mixed_workload_compares_inflight_and_static() {
     let (ok, out, err) = ferrum(&[
         "bench",
@@ -269,6 +326,11 @@ fn bench_mixed_workload_compares_inflight_and_static() {
         };
         assert_eq!(l["num_groups"], want_groups, "{mode}");
         assert_eq!(l["groups_disjoint"], true, "{mode}");
+        let most = l["max_concurrent"].as_u64().unwrap();
+        assert!(
+            (1..=4).contains(&most),
+            "{mode}: at most B = 4 in flight: {l}"
+        );
         let total_s = l["total_s"].as_f64().unwrap();
         let tps = l["output_tokens_per_s"].as_f64().unwrap();
         assert!(

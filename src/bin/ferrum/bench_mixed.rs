@@ -11,8 +11,13 @@
 //!            (a group runs until its longest request ends: FasterTransformer-era batching)
 //! ```
 //!
-//! Both modes run on the same engine (same max_num_seqs, max_num_batched_tokens and KV blocks);
-//! only the submission pattern differs, and rounds alternate the order (static first in even
+//! Both modes run on the same engine (same max_num_batched_tokens and KV blocks); only the
+//! submission pattern differs. The KV cache holds B sequences of the longest possible length:
+//! what static batching must reserve per slot. `--inflight-max-num-seqs M` (default B) lets the
+//! in-flight mode run up to M sequences at once in that same memory, as a paged cache allows
+//! (the engine's max_num_seqs is M; static mode never has more than B in flight, by its
+//! groups). Each run reports the most requests that were in flight at once (`max_concurrent`,
+//! from the token timestamps), and and rounds alternate the order (static first in even
 //! rounds, in-flight first in odd ones) so drift affects both alike. TTFT and latency count
 //! from t0, so a static request's wait for its group is part of them. This module must never
 //! change engine settings between the modes, nor judge the speed it measures.
@@ -56,6 +61,10 @@ pub struct MixedArgs {
     /// Rounds of (static, in-flight), alternating which runs first.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
+    /// Most sequences the in-flight mode may run at once (the engine's max_num_seqs), >= the
+    /// batch size B; the KV cache stays sized for B sequences of the longest length. Default B.
+    #[arg(long)]
+    inflight_max_num_seqs: Option<usize>,
 }
 
 /// What the mixed workload looks like.
@@ -234,6 +243,8 @@ pub struct ModeStats {
     pub num_groups: usize,
     /// Every group's first token came after the previous group's last token.
     pub groups_disjoint: bool,
+    /// Most requests between their first and last token at the same instant.
+    pub max_concurrent: usize,
 }
 
 /// Mean and nearest-rank percentiles of a sample.
@@ -265,6 +276,25 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Most requests in flight at once: requests are in flight from their first to their last
+/// token (inclusive); requests without tokens never are.
+pub fn max_concurrent(times: &[Vec<Instant>]) -> usize {
+    // (instant, +1 at a first token / -1 after a last token); starts sort before ends at the
+    // same instant, so touching intervals count as overlapping.
+    let mut events: Vec<(Instant, i32)> = times
+        .iter()
+        .filter_map(|t| Some([(*t.first()?, 0), (*t.last()?, 1)]))
+        .flatten()
+        .collect();
+    events.sort();
+    let (mut now, mut most) = (0i64, 0i64);
+    for (_, kind) in events {
+        now += if kind == 0 { 1 } else { -1 };
+        most = most.max(now);
+    }
+    most as usize
+}
+
 fn stats(tl: &Timeline) -> ModeStats {
     let ms = |t: Instant| (t - tl.t0).as_secs_f64() * 1e3;
     let total_s = (tl.end - tl.t0).as_secs_f64().max(1e-9);
@@ -284,6 +314,7 @@ fn stats(tl: &Timeline) -> ModeStats {
                 _ => false,
             });
     ModeStats {
+        max_concurrent: max_concurrent(&tl.times),
         num_output_tokens,
         total_s,
         output_tokens_per_s: num_output_tokens as f64 / total_s,
@@ -330,8 +361,16 @@ pub fn run(
     let cfg = WorkloadConfig::from_args(a);
     // Refused before weights are loaded; the engine's max_model_len is checked again after.
     cfg.validate(ckpt.arch.spec.max_position_embeddings)?;
+    let inflight_seqs = a.inflight_max_num_seqs.unwrap_or(batch_size);
+    if inflight_seqs < batch_size {
+        return Err(format!(
+            "--inflight-max-num-seqs must be >= --batch-size {batch_size} (got {inflight_seqs})"
+        )
+        .into());
+    }
     let mut opts = bench::engine_options(engine);
-    opts.max_num_seqs = batch_size;
+    // Static mode keeps B in flight by its groups; the engine admits up to M in-flight ones.
+    opts.max_num_seqs = inflight_seqs;
     let need = cfg.max_seq_len();
     opts.max_model_len = Some(opts.max_model_len.unwrap_or(need).max(need));
     let (kv_tokens_asked, kv_bound) = kv_capacity(
@@ -353,8 +392,8 @@ pub fn run(
     let common = json!({
         "workload": "mixed", "source": source, "arch": loaded.spec.arch, "device": loaded.device,
         "weight_format": bench::weights_label(&loaded), "num_requests": requests.len(),
-        "batch_size": batch_size, "kv_cache_tokens": kv_tokens,
-        "num_prompt_tokens": num_prompt_tokens,
+        "batch_size": batch_size, "inflight_max_num_seqs": inflight_seqs,
+        "kv_cache_tokens": kv_tokens, "num_prompt_tokens": num_prompt_tokens,
     });
 
     // Warm-up: one short request (first touch of weights and thread pools).
@@ -384,12 +423,16 @@ pub fn run(
             cfg.gen_len.end(),
             gen_lens.iter().sum::<usize>(),
         );
-        println!("KV cache {kv_tokens} tokens in both modes ({kv_bound}; asked {kv_tokens_asked})");
         println!(
-            "{:>5} {:>9} {:>7} {:>9} {:>10} {:>8} {:>25} {:>25} {:>7}",
+            "KV cache {kv_tokens} tokens in both modes ({kv_bound}; asked {kv_tokens_asked}); \
+             in flight at most {batch_size} (static) and {inflight_seqs} (in-flight) sequences"
+        );
+        println!(
+            "{:>5} {:>9} {:>7} {:>7} {:>9} {:>10} {:>8} {:>25} {:>25} {:>7}",
             "round",
             "mode",
             "groups",
+            "max c.",
             "total s",
             "output t/s",
             "req/s",
@@ -421,7 +464,8 @@ pub fn run(
                     &mut obj,
                     json!({
                         "mode": batching.name(), "round": round, "num_groups": s.num_groups,
-                        "groups_disjoint": s.groups_disjoint, "num_output_tokens": s.num_output_tokens,
+                        "groups_disjoint": s.groups_disjoint, "max_concurrent": s.max_concurrent,
+                        "num_output_tokens": s.num_output_tokens,
                         "total_s": s.total_s, "output_tokens_per_s": s.output_tokens_per_s,
                         "requests_per_s": s.requests_per_s, "ttft_ms_mean": s.ttft_ms.mean,
                         "ttft_ms_p50": s.ttft_ms.p50, "ttft_ms_p99": s.ttft_ms.p99,
@@ -433,9 +477,10 @@ pub fn run(
             } else {
                 let trio = |x: Summary| format!("{:.0}/{:.0}/{:.0}", x.mean, x.p50, x.p99);
                 println!(
-                    "{round:>5} {:>9} {:>7} {:>9.2} {:>10.1} {:>8.2} {:>25} {:>25} {:>7}",
+                    "{round:>5} {:>9} {:>7} {:>7} {:>9.2} {:>10.1} {:>8.2} {:>25} {:>25} {:>7}",
                     batching.name(),
                     s.num_groups,
+                    s.max_concurrent,
                     s.total_s,
                     s.output_tokens_per_s,
                     s.requests_per_s,
@@ -484,6 +529,25 @@ fn extend(obj: &mut Value, more: Value) {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+
+    #[test]
+    fn max_concurrent_counts_overlapping_first_to_last_token_spans() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + std::time::Duration::from_millis(ms);
+        // [0,10], [5,20], [10,12] (touches the first at 10), [30,30], no tokens.
+        let times = vec![
+            vec![at(0), at(4), at(10)],
+            vec![at(5), at(20)],
+            vec![at(10), at(12)],
+            vec![at(30)],
+            vec![],
+        ];
+        assert_eq!(max_concurrent(&times), 3);
+        // Back to back, not overlapping: one at a time.
+        assert_eq!(max_concurrent(&[vec![at(0), at(1)], vec![at(2), at(3)]]), 1);
+        assert_eq!(max_concurrent(&[]), 0);
+    }
+
     use super::*;
 
     fn cfg(seed: u64) -> WorkloadConfig {

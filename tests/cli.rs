@@ -194,9 +194,8 @@ fn bench_json_on_a_random_preset() {
     }
 }
 
-/// `bench --workload mixed`: both modes generate exactly the workload's tokens, static batching
-/// really runs in disjoint groups of B, the summary ratio is the ratio of the per-mode rates
-/// (summed over rounds), and both modes report the same KV capacity.
+/// `bench --workload mixed --inflight-max-num-seqs M`: the same KV memory as static batching,
+/// more sequences in flight at once (measured from the token timestamps); M < B is refused.
 #[test]
 fn bench_mixed_inflight_may_run_more_sequences_in_the_same_kv_memory() {
     let run = |extra: &[&str]| {
@@ -254,6 +253,9 @@ fn bench_mixed_inflight_may_run_more_sequences_in_the_same_kv_memory() {
     );
 }
 
+/// `bench --workload mixed`: both modes generate exactly the workload's tokens, static batching
+/// really runs in disjoint groups of B, the summary ratio is the ratio of the per-mode rates
+/// (summed over rounds), and both modes report the same KV capacity.
 #[test]
 fn bench_mixed_workload_compares_inflight_and_static() {
     let (ok, out, err) = ferrum(&[

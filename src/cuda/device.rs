@@ -418,6 +418,11 @@ impl CudaDevice {
         Ok(function)
     }
 
+    /// Kernel modules compiled and loaded so far (grows when a launch compiles one).
+    pub fn num_modules(&self) -> usize {
+        self.lock_kernels().modules.len()
+    }
+
     fn lock_kernels(&self) -> std::sync::MutexGuard<'_, KernelCache> {
         // A panic while holding the lock cannot leave the maps half-updated (each insert is one
         // call), so a poisoned lock is still usable.

@@ -355,7 +355,8 @@ const NUM_HEURISTIC_CANDIDATES: usize = 8;
 /// except powers of two up to `MAX_TUNED_BUCKET_M` (`tuned_m`).
 pub const MAX_TUNED_M: usize = 64;
 /// Decode steps of large batches run at the executor's graph bucket sizes (powers of two), so
-/// those m are few and each is worth timing; prefill chunks (any m) are not.
+/// those m are few and each is worth timing; prefill chunks of other sizes are not (a chunk of
+/// exactly a power of two tokens is timed too, once per shape).
 pub const MAX_TUNED_BUCKET_M: usize = 1024;
 
 /// Whether a product of m rows is tuned by timing its candidates.
@@ -446,6 +447,16 @@ impl Gemm {
         } else {
             4 << 20
         }
+    }
+
+    /// cuBLASLt plans created so far (grows when a product meets a new shape: heuristic query
+    /// and, for `tuned_m`, candidate timing).
+    pub fn num_plans(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .plans
+            .len()
     }
 
     /// `y[m, n] = x[m, k] · W[n, k]ᵀ (+ bias[n])`, choosing the library per `GemmBackend::Auto`.

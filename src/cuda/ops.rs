@@ -554,6 +554,14 @@ pub fn rotary_kv_cache_write<T: FloatElem>(
 ) -> Result<(), CudaError> {
     const OP: &str = "rotary_kv_write";
     let num_tokens = check_rotary(OP, dev, qkv, positions, inv_freq, rotary)?;
+    if slot_mapping.len() != num_tokens {
+        return Err(CudaError::invalid(
+            OP,
+            "slot_mapping",
+            slot_mapping.len(),
+            format!("must hold one slot per position ({num_tokens})"),
+        ));
+    }
     check_kv_write(OP, dev, k_cache, v_cache, shape, qkv, kv, slot_mapping)?;
     if kv.row_stride != rotary.row_stride || kv.k_offset != rotary.k_offset {
         return Err(CudaError::invalid(
@@ -577,12 +585,22 @@ pub fn rotary_kv_cache_write<T: FloatElem>(
             ),
         ));
     }
-    if slot_mapping.len() != num_tokens {
+    // v is copied while q and k rotate in place (one kernel, no barrier between them): it must
+    // not overlap the rotated heads.
+    let kv_dim = shape.kv_dim();
+    let q_end = rotary.num_q_heads * rotary.head_dim;
+    let (k_start, k_end) = (kv.k_offset, kv.k_offset + kv_dim);
+    let (v_start, v_end) = (kv.v_offset, kv.v_offset + kv_dim);
+    let overlaps = |start: usize, end: usize| v_start < end && start < v_end;
+    if kv_dim > 0 && (overlaps(0, q_end) || overlaps(k_start, k_end)) {
         return Err(CudaError::invalid(
             OP,
-            "slot_mapping",
-            slot_mapping.len(),
-            format!("must hold one slot per position ({num_tokens})"),
+            "v_offset",
+            kv.v_offset,
+            format!(
+                "v [{v_start}, {v_end}) must not overlap the q heads [0, {q_end}) or the k heads \
+                 [{k_start}, {k_end})"
+            ),
         ));
     }
     let l = rotary;

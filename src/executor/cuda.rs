@@ -34,6 +34,7 @@
 //! Environment: `FERRUM_CUDA_GRAPHS=0` runs decode eagerly; `FERRUM_CUDA_PROFILE=1` (graphs
 //! off) times every op of every step with CUDA events and prints per-op tables, decode steps
 //! apart from steps with prefill, with the host wall time per step, when the executor is dropped.
+//! Steps that compiled a kernel or planned a GEMM shape (one-time costs) are left out.
 //!
 //! The KV cache is sized once, at construction (`plan_kv_blocks`). This module never panics on
 //! plan data (a short block table or a plan over the step capacity is an error) and holds no
@@ -767,9 +768,18 @@ struct Profile {
     wall_start: Option<std::time::Instant>,
     /// Host clock when the previous step's `execute*` call returned.
     last_return: Option<std::time::Instant>,
+    /// Kernel modules and GEMM plans when the current step started: a step that compiled a
+    /// kernel or planned a GEMM shape pays a one-time cost and is left out of the totals.
+    setup_at_start: (usize, usize),
+    /// Steps left out for that reason.
+    num_setup_steps: usize,
     decode: OpTimes,
     prefill: OpTimes,
 }
+
+/// The profile's last op of a step: sampling and the copy of its results to the host, timed
+/// until the host has them (so wall time, not device time: left out of the device total).
+const SAMPLE_WALL_OP: &str = "sample + copy back (wall)";
 
 /// Totals of one kind of step.
 #[derive(Default)]
@@ -797,7 +807,12 @@ impl OpTimes {
     /// A table of per-op time per step, largest first.
     fn report(&self, kind: &str) -> String {
         let steps = self.num_steps.max(1) as f64;
-        let total: f64 = self.totals.iter().map(|t| t.1).sum();
+        let total: f64 = self
+            .totals
+            .iter()
+            .filter(|t| t.0 != SAMPLE_WALL_OP)
+            .map(|t| t.1)
+            .sum();
         let mut rows = self.totals.clone();
         rows.sort_by(|a, b| b.1.total_cmp(&a.1));
         let mut s = format!(
@@ -821,8 +836,18 @@ impl OpTimes {
 }
 
 impl Profile {
-    /// Reads the events of the step just finished (its work must be complete) into the totals.
-    fn collect(&mut self, with_prefill: bool) -> crate::Result<()> {
+    /// Reads the events of the step just finished (its work must be complete) into the totals;
+    /// `setup_now` is (kernel modules, GEMM plans) now, compared with the step's start.
+    fn collect(&mut self, with_prefill: bool, setup_now: (usize, usize)) -> crate::Result<()> {
+        if setup_now != self.setup_at_start {
+            // One-time compiles or GEMM planning ran inside this step: not representative.
+            self.marks.clear();
+            self.start = None;
+            self.wall_start = None;
+            self.last_return = Some(std::time::Instant::now());
+            self.num_setup_steps += 1;
+            return Ok(());
+        }
         let times = match with_prefill {
             true => &mut self.prefill,
             false => &mut self.decode,
@@ -850,7 +875,10 @@ impl Profile {
     }
 
     fn report(&self) -> String {
-        let mut s = String::new();
+        let mut s = format!(
+            "ferrum cuda profile: {} steps left out (they compiled kernels or planned GEMM shapes)\n",
+            self.num_setup_steps
+        );
         for (kind, t) in [("decode", &self.decode), ("prefill/mixed", &self.prefill)] {
             if t.num_steps > 0 {
                 s.push_str(&t.report(kind));
@@ -1718,25 +1746,35 @@ impl<T: FloatElem> CudaExecutor<T> {
                 "the step workspace is gone after a failed step".into(),
             ));
         };
-        if let Some(p) = &mut self.profile {
-            p.wall_start = Some(std::time::Instant::now());
+        if self.profile.is_some() {
+            let setup = (self.dev.num_modules(), self.gemm.num_plans());
+            if let Some(p) = &mut self.profile {
+                p.wall_start = Some(std::time::Instant::now());
+                p.setup_at_start = setup;
+            }
         }
         let result = self.launch(&mut ws, layout).and_then(|()| {
             let r = finish(self, &mut ws)?;
-            // Eager steps only (graph replays record no events): the sampling and the copy back
-            // are the last op; `finish` has synchronized, so every event is complete.
+            // Eager steps only (graph replays record no events). `finish` has synchronized, so
+            // every event is complete; the last mark comes after the host got the results, so
+            // its interval is wall time (OpTimes keeps it out of the device total).
             let mut profile = self.profile.take();
-            if let Some(p) = &mut profile
-                && p.start.is_some()
-            {
-                self.mark(&mut profile, "sample + copy back")?;
-                if let Some(p) = &mut profile {
-                    self.dev.synchronize()?;
-                    p.collect(layout.num_prefill > 0)?;
-                }
-            }
+            let collected = match &profile {
+                Some(p) if p.start.is_some() => self
+                    .mark(&mut profile, SAMPLE_WALL_OP)
+                    .and_then(|()| Ok(self.dev.synchronize()?))
+                    .and_then(|()| match &mut profile {
+                        Some(p) => p.collect(
+                            layout.num_prefill > 0,
+                            (self.dev.num_modules(), self.gemm.num_plans()),
+                        ),
+                        None => Ok(()),
+                    }),
+                _ => Ok(()),
+            };
+            // The profile survives a failed collection (its totals are kept).
             self.profile = profile;
-            Ok(r)
+            collected.map(|()| r)
         });
         self.ws = Some(ws);
         result

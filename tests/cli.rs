@@ -194,38 +194,42 @@ fn bench_json_on_a_random_preset() {
     }
 }
 
+/// `ferrum bench --workload mixed` on tiny-llama: 12 requests, B = 4, prompts 3..=40, outputs
+/// 2..=24, seed 3, JSON, plus `extra` flags.
+fn mixed_bench(extra: &[&str]) -> (bool, String, String) {
+    let mut args = vec![
+        "bench",
+        "--preset",
+        "tiny-llama",
+        "--device",
+        "cpu",
+        "--workload",
+        "mixed",
+        "--num-requests",
+        "12",
+        "--batch-size",
+        "4",
+        "--min-prompt-len",
+        "3",
+        "--max-prompt-len",
+        "40",
+        "--min-gen-len",
+        "2",
+        "--max-gen-len",
+        "24",
+        "--seed",
+        "3",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    ferrum(&args)
+}
+
 /// `bench --workload mixed --inflight-max-num-seqs M`: the same KV memory as static batching,
 /// more sequences in flight at once (measured from the token timestamps); M < B is refused.
 #[test]
 fn bench_mixed_inflight_may_run_more_sequences_in_the_same_kv_memory() {
-    let run = |extra: &[&str]| {
-        let mut args = vec![
-            "bench",
-            "--preset",
-            "tiny-llama",
-            "--device",
-            "cpu",
-            "--workload",
-            "mixed",
-            "--num-requests",
-            "12",
-            "--batch-size",
-            "4",
-            "--min-prompt-len",
-            "3",
-            "--max-prompt-len",
-            "40",
-            "--min-gen-len",
-            "2",
-            "--max-gen-len",
-            "24",
-            "--seed",
-            "3",
-            "--json",
-        ];
-        args.extend_from_slice(extra);
-        ferrum(&args)
-    };
+    let run = |extra: &[&str]| mixed_bench(extra);
     let (ok, out, err) = run(&["--inflight-max-num-seqs", "12"]);
     assert!(ok, "{err}");
     let lines: Vec<Value> = out
@@ -258,32 +262,7 @@ fn bench_mixed_inflight_may_run_more_sequences_in_the_same_kv_memory() {
 /// (summed over rounds), and both modes report the same KV capacity.
 #[test]
 fn bench_mixed_workload_compares_inflight_and_static() {
-    let (ok, out, err) = ferrum(&[
-        "bench",
-        "--preset",
-        "tiny-llama",
-        "--device",
-        "cpu",
-        "--workload",
-        "mixed",
-        "--num-requests",
-        "12",
-        "--batch-size",
-        "4",
-        "--min-prompt-len",
-        "3",
-        "--max-prompt-len",
-        "40",
-        "--min-gen-len",
-        "2",
-        "--max-gen-len",
-        "24",
-        "--seed",
-        "3",
-        "--rounds",
-        "2",
-        "--json",
-    ]);
+    let (ok, out, err) = mixed_bench(&["--rounds", "2"]);
     assert!(ok, "{err}");
     let lines: Vec<Value> = out
         .lines()

@@ -542,49 +542,38 @@ fn rotary_kv_write_case<T: FloatElem>() {
         rotary_dim: 8,
         style: RopeStyle::NeoX,
     };
-    let kv = KvSource {
+    // A 1-token qkv row [q 0..8 | k 8..16 | v 16..24] with the kv source `kv`: the error.
+    let refused = |kv: KvSource| {
+        ops::rotary_kv_cache_write(
+            dev(),
+            &mut dev().alloc_zeros::<T>(24).unwrap(),
+            &dev().upload(&[0u32]).unwrap(),
+            &dev().upload(&[1.0f32; 4]).unwrap(),
+            &rot,
+            &mut dev().alloc_zeros::<T>(shape.num_elements()).unwrap(),
+            &mut dev().alloc_zeros::<T>(shape.num_elements()).unwrap(),
+            &shape,
+            &kv,
+            &dev().upload(&[0i64]).unwrap(),
+        )
+        .unwrap_err()
+        .to_string()
+    };
+    let err = refused(KvSource {
         row_stride: 24,
         k_offset: 16,
         v_offset: 16,
-    };
-    let err = ops::rotary_kv_cache_write(
-        dev(),
-        &mut dev().alloc_zeros::<T>(24).unwrap(),
-        &dev().upload(&[0u32]).unwrap(),
-        &dev().upload(&[1.0f32; 4]).unwrap(),
-        &rot,
-        &mut dev().alloc_zeros::<T>(shape.num_elements()).unwrap(),
-        &mut dev().alloc_zeros::<T>(shape.num_elements()).unwrap(),
-        &shape,
-        &kv,
-        &dev().upload(&[0i64]).unwrap(),
-    )
-    .unwrap_err()
-    .to_string();
+    });
     assert!(
         err.contains("kv source") && err.contains("k_offset 16"),
         "{err}"
     );
     // v over the k heads would race with their rotation in the one kernel: refused.
-    let kv = KvSource {
+    let err = refused(KvSource {
         row_stride: 24,
         k_offset: 8,
         v_offset: 12,
-    };
-    let err = ops::rotary_kv_cache_write(
-        dev(),
-        &mut dev().alloc_zeros::<T>(24).unwrap(),
-        &dev().upload(&[0u32]).unwrap(),
-        &dev().upload(&[1.0f32; 4]).unwrap(),
-        &rot,
-        &mut dev().alloc_zeros::<T>(shape.num_elements()).unwrap(),
-        &mut dev().alloc_zeros::<T>(shape.num_elements()).unwrap(),
-        &shape,
-        &kv,
-        &dev().upload(&[0i64]).unwrap(),
-    )
-    .unwrap_err()
-    .to_string();
+    });
     assert!(err.contains("v_offset") && err.contains("overlap"), "{err}");
 }
 

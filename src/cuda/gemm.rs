@@ -56,15 +56,41 @@ fn gemv<T: FloatElem>(
 ) -> Result<(), CudaError> {
     const OP: &str = "gemv";
     let GemmShape { m, n, k } = shape;
-    let entry = format!("gemv_{}", T::DTYPE);
-    let f = dev.function(KernelId::Gemv, &[], &entry)?;
     let ints = [
         to_i32(OP, "m", m)?,
         to_i32(OP, "n", n)?,
         to_i32(OP, "k", k)?,
     ];
+    // SAFETY: the arguments match gemv.cu's signature (y, x, w, bias, m, n, k); y holds m * n,
+    // x m * k, w n * k and bias n elements (checked by linear_with, all on this device);
+    // m <= GEMV_MAX_M and k * size_of::<T>() % 16 == 0, so every row of x and W starts 16-byte
+    // aligned (allocations are 256-byte aligned) and the kernel's 16-byte loads stay inside
+    // them; warps past n return.
+    unsafe { launch_gemv_kernel(dev, OP, n, y, x, w, bias, &ints) }
+}
+
+/// Launches gemv.cu's `{op}_{dtype}` entry with one warp per output row (`rows` of them,
+/// GEMV_WARPS * 32 threads per CTA, the kernels' launch bounds) and the arguments
+/// (y, x, w, bias or null, ints...).
+///
+/// # Safety
+/// The arguments must match the entry's signature, and every buffer must hold what the kernel
+/// reads or writes for them (the callers check lengths, alignment and m).
+#[allow(clippy::too_many_arguments)]
+unsafe fn launch_gemv_kernel<T: FloatElem>(
+    dev: &CudaDevice,
+    op: &'static str,
+    rows: usize,
+    y: &mut DeviceBuffer<T>,
+    x: &DeviceBuffer<T>,
+    w: &DeviceBuffer<T>,
+    bias: Option<&DeviceBuffer<T>>,
+    ints: &[i32],
+) -> Result<(), CudaError> {
+    let entry = format!("{op}_{}", T::DTYPE);
+    let f = dev.function(KernelId::Gemv, &[], &entry)?;
     let cfg = LaunchConfig {
-        grid_dim: (to_u32(OP, "CTAs", n.div_ceil(GEMV_WARPS))?, 1, 1),
+        grid_dim: (to_u32(op, "CTAs", rows.div_ceil(GEMV_WARPS))?, 1, 1),
         block_dim: ((GEMV_WARPS * 32) as u32, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -74,14 +100,11 @@ fn gemv<T: FloatElem>(
         Some(bias) => b.arg(&bias.slice),
         None => b.arg(&NULL_PTR),
     };
-    for i in &ints {
+    for i in ints {
         b.arg(i);
     }
-    // SAFETY: the arguments match gemv.cu's signature (y, x, w, bias, m, n, k); y holds m * n,
-    // x m * k, w n * k and bias n elements (checked by linear_with, all on this device);
-    // m <= GEMV_MAX_M and k * size_of::<T>() % 16 == 0, so every row of x and W starts 16-byte
-    // aligned (allocations are 256-byte aligned) and the kernel's 16-byte loads stay inside
-    // them; GEMV_WARPS * 32 threads, as the kernel's launch bounds; warps past n return.
+    // SAFETY: the caller guarantees the arguments match the entry and the buffers' sizes (this
+    // function's contract); the block size is the kernels' launch bound.
     unsafe { b.launch(cfg) }.map_err(|e| launch_error(dev, &entry, e))?;
     Ok(())
 }
@@ -158,35 +181,17 @@ pub fn gated_gemv<T: FloatElem>(
     if inter == 0 {
         return Ok(());
     }
-    let entry = format!("{OP}_{}", T::DTYPE);
-    let f = dev.function(KernelId::Gemv, &[], &entry)?;
     let ints = [
         to_i32(OP, "m", m)?,
         to_i32(OP, "inter", inter)?,
         to_i32(OP, "k", k)?,
         super::ops::act_code(act),
     ];
-    let cfg = LaunchConfig {
-        grid_dim: (to_u32(OP, "CTAs", inter.div_ceil(GEMV_WARPS))?, 1, 1),
-        block_dim: ((GEMV_WARPS * 32) as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut b = dev.stream().launch_builder(&f);
-    b.arg(&mut y.slice).arg(&x.slice).arg(&w.slice);
-    match bias {
-        Some(bias) => b.arg(&bias.slice),
-        None => b.arg(&NULL_PTR),
-    };
-    for i in &ints {
-        b.arg(i);
-    }
     // SAFETY: the arguments match gemv.cu's gemv_gated signature (y, x, w, bias, m, inter, k,
     // act); y holds m * inter, x m * k, w 2 * inter * k and bias 2 * inter elements (checked
     // above, all on this device); m <= GEMV_MAX_M and k * size_of::<T>() % 16 == 0, so every
-    // row starts 16-byte aligned and the 16-byte loads stay inside it; GEMV_WARPS * 32 threads,
-    // as the kernel's launch bounds; warps past inter return.
-    unsafe { b.launch(cfg) }.map_err(|e| launch_error(dev, &entry, e))?;
-    Ok(())
+    // row starts 16-byte aligned and the 16-byte loads stay inside it; warps past inter return.
+    unsafe { launch_gemv_kernel(dev, OP, inter, y, x, w, bias, &ints) }
 }
 
 /// The sizes of one product: y `[m, n]` = x `[m, k]` · W `[n, k]`ᵀ.

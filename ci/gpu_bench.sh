@@ -89,6 +89,8 @@ if [ "${1:-}" = "run" ]; then
       b --preset llama3-8b --workload mixed --num-requests 256 --batch-size 64 --rounds 2 --max-num-batched-tokens 8192 --json
       # The same KV memory, the in-flight mode free to run up to 256 sequences in it.
       b --preset llama3-8b --workload mixed --num-requests 256 --batch-size 64 --inflight-max-num-seqs 256 --rounds 2 --max-num-batched-tokens 8192 --json
+      # ... admitting only what can run to its max_tokens in that memory (no preemption).
+      b --preset llama3-8b --workload mixed --num-requests 256 --batch-size 64 --inflight-max-num-seqs 256 --batch-scheduler-policy guaranteed_no_evict --rounds 2 --max-num-batched-tokens 8192 --json
       ;;
     *)
       echo "unknown suite $suite" >&2

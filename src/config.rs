@@ -13,6 +13,7 @@ use crate::dtype::DType;
 use crate::engine::{Device, EngineOptions};
 use crate::ops::linear::WeightFormat;
 use crate::request::SamplingParams;
+use crate::scheduler::SchedulerPolicy;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ConfigError {
@@ -64,6 +65,7 @@ struct RawParameters {
     block_size: Option<String>,
     max_model_len: Option<String>,
     enable_chunked_context: Option<String>,
+    batch_scheduler_policy: Option<String>,
     exclude_input_in_output: Option<String>,
     apply_chat_template: Option<String>,
     default_max_tokens: Option<String>,
@@ -89,6 +91,7 @@ pub const PARAMETER_KEYS: &[&str] = &[
     "block_size",
     "max_model_len",
     "enable_chunked_context",
+    "batch_scheduler_policy",
     "exclude_input_in_output",
     "apply_chat_template",
     "default_max_tokens",
@@ -127,6 +130,7 @@ pub struct BackendConfig {
     pub block_size: usize,
     pub max_model_len: Option<usize>,
     pub enable_chunked_context: bool,
+    pub batch_scheduler_policy: SchedulerPolicy,
     pub defaults: RequestDefaults,
 }
 
@@ -282,6 +286,16 @@ impl BackendConfig {
             raw.enable_chunked_context.as_deref(),
             true,
         )?;
+        let batch_scheduler_policy = match raw.batch_scheduler_policy.as_deref() {
+            None => SchedulerPolicy::default(),
+            Some(v) => SchedulerPolicy::parse(v).ok_or_else(|| {
+                ConfigError::invalid(
+                    "batch_scheduler_policy",
+                    v,
+                    format!("one of {}", SchedulerPolicy::NAMES.join(", ")),
+                )
+            })?,
+        };
         let exclude_input_in_output = parse_bool(
             "exclude_input_in_output",
             raw.exclude_input_in_output.as_deref(),
@@ -349,6 +363,7 @@ impl BackendConfig {
             block_size,
             max_model_len,
             enable_chunked_context,
+            batch_scheduler_policy,
             defaults: RequestDefaults {
                 max_tokens,
                 sampling,
@@ -377,6 +392,7 @@ impl BackendConfig {
             kv_cache_free_gpu_mem_fraction: self.kv_cache_free_gpu_mem_fraction,
             max_model_len: self.max_model_len,
             enable_chunked_prefill: self.enable_chunked_context,
+            batch_scheduler_policy: self.batch_scheduler_policy,
             progress: false,
             ..EngineOptions::new(self.model_path.clone())
         }
@@ -505,6 +521,7 @@ mod tests {
         assert_eq!(c.max_num_seqs, 64);
         assert_eq!(c.block_size, 16);
         assert!(c.enable_chunked_context);
+        assert_eq!(c.batch_scheduler_policy, SchedulerPolicy::MaxUtilization);
         assert_eq!(c.defaults.max_tokens, DEFAULT_MAX_TOKENS);
         assert!(!c.defaults.exclude_input_in_output);
         // Relative to the model folder when not in the version folder.
@@ -536,6 +553,7 @@ mod tests {
                 ("block_size", "32"),
                 ("max_model_len", "1024"),
                 ("enable_chunked_context", "false"),
+                ("batch_scheduler_policy", "GUARANTEED_NO_EVICT"),
                 ("exclude_input_in_output", "TRUE"),
                 ("apply_chat_template", "1"),
                 ("default_max_tokens", "7"),
@@ -568,6 +586,7 @@ mod tests {
         assert_eq!(o.max_tokens_in_paged_kv_cache, Some(4096));
         assert_eq!(o.max_model_len, Some(1024));
         assert!(!o.enable_chunked_prefill);
+        assert_eq!(o.batch_scheduler_policy, SchedulerPolicy::GuaranteedNoEvict);
     }
 
     #[test]
@@ -577,6 +596,10 @@ mod tests {
         let cases: &[Case] = &[
             (&[("max_num_seq", "8")], &["max_num_seq"]),
             (&[("device", "tpu")], &["device", "tpu"]),
+            (
+                &[("batch_scheduler_policy", "fcfs")],
+                &["batch_scheduler_policy", "fcfs", "guaranteed_no_evict"],
+            ),
             (&[("max_num_seqs", "0")], &["max_num_seqs", "'0'"]),
             (&[("max_num_seqs", "lots")], &["max_num_seqs", "lots"]),
             (

@@ -246,6 +246,25 @@ fn bench_mixed_inflight_may_run_more_sequences_in_the_same_kv_memory() {
     assert!(most("static") <= 4, "{out}");
     // Prompts of at most 3 blocks in a 16-block cache: at least 5 start together.
     assert!((5..=12).contains(&most("inflight")), "{out}");
+    // guaranteed_no_evict: the in-flight mode admits only what can run to its end in that
+    // memory, so nothing is preempted (max_utilization may preempt and recompute).
+    let (ok, out, err) = run(&[
+        "--inflight-max-num-seqs",
+        "12",
+        "--batch-scheduler-policy",
+        "guaranteed_no_evict",
+    ]);
+    assert!(ok, "{err}");
+    for l in out
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+    {
+        assert_eq!(l["batch_scheduler_policy"], "guaranteed_no_evict", "{l}");
+        if l["mode"] != "summary" {
+            assert_eq!(l["num_preemptions"], 0, "{l}");
+            assert!(l["max_concurrent"].as_u64().unwrap() >= 1, "{l}");
+        }
+    }
     // M below B is refused, naming both flags and the values.
     let (ok, _, err) = run(&["--inflight-max-num-seqs", "3"]);
     assert!(!ok);

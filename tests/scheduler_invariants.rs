@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use triton_ferrum::request::SeqId;
-use triton_ferrum::scheduler::{SchedulePlan, Scheduler, SchedulerConfig};
+use triton_ferrum::scheduler::{SchedulePlan, Scheduler, SchedulerConfig, SchedulerPolicy};
 
 /// SplitMix64: small, seeded, good enough for test traffic.
 struct Rng(u64);
@@ -479,6 +479,7 @@ fn randomized_invariants_with_chunked_prefill() {
         num_blocks: 24,
         max_model_len: 96,
         enable_chunked_prefill: true,
+        policy: SchedulerPolicy::MaxUtilization,
     };
     let stats = Harness::new(cfg, 0x5EED_0001).run(12_000, 20_000);
     assert_busy(&stats, true);
@@ -493,7 +494,36 @@ fn randomized_invariants_without_chunked_prefill() {
         num_blocks: 10,
         max_model_len: 64,
         enable_chunked_prefill: false,
+        policy: SchedulerPolicy::MaxUtilization,
     };
     let stats = Harness::new(cfg, 0x5EED_0002).run(12_000, 20_000);
     assert_busy(&stats, false);
+}
+
+#[test]
+fn randomized_invariants_under_guaranteed_no_evict_never_preempt() {
+    let cfg = SchedulerConfig {
+        max_num_seqs: 8,
+        max_num_batched_tokens: 32,
+        block_size: 4,
+        num_blocks: 24,
+        max_model_len: 96,
+        enable_chunked_prefill: true,
+        policy: SchedulerPolicy::GuaranteedNoEvict,
+    };
+    let stats = Harness::new(cfg, 0x5EED_0003).run(12_000, 20_000);
+    println!("{stats:#?}");
+    assert_eq!(stats.num_preemptions, 0, "a started sequence was preempted");
+    assert!(stats.num_added > 1000, "too few requests");
+    assert!(stats.num_finished_at_cap > 300 && stats.num_finished_eos > 50);
+    assert!(stats.num_aborted > 100 && stats.num_aborted_after_schedule > 50);
+    assert!(
+        stats.num_partial_prefill_chunks > 100,
+        "chunked prefill not exercised"
+    );
+    assert!(
+        stats.max_age_steps < 3000,
+        "a request lived {} steps",
+        stats.max_age_steps
+    );
 }

@@ -18,7 +18,7 @@ use crate::model::decoder::Decoder;
 use crate::model::weights::DecoderWeights;
 use crate::model::{Checkpoint, CheckpointFormat};
 use crate::ops::linear::WeightFormat;
-use crate::scheduler::SchedulerConfig;
+use crate::scheduler::{SchedulerConfig, SchedulerPolicy};
 
 /// Where the engine runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +79,8 @@ pub struct EngineOptions {
     /// Longest prompt + output. None: the model's maximum (capped at 8192).
     pub max_model_len: Option<usize>,
     pub enable_chunked_prefill: bool,
+    /// Admission policy (`batch_scheduler_policy`).
+    pub batch_scheduler_policy: SchedulerPolicy,
     /// CPU threads for the CPU engine (0: one per core).
     pub num_threads: usize,
     /// Show a progress bar while loading weights (only when stderr is a terminal).
@@ -100,6 +102,7 @@ impl EngineOptions {
             kv_cache_free_gpu_mem_fraction: None,
             max_model_len: None,
             enable_chunked_prefill: true,
+            batch_scheduler_policy: SchedulerPolicy::default(),
             num_threads: 0,
             progress: false,
         }
@@ -301,6 +304,7 @@ fn start_on(target: Target, ckpt: Checkpoint, opts: &EngineOptions) -> crate::Re
         num_blocks: num_kv_blocks,
         max_model_len,
         enable_chunked_prefill: opts.enable_chunked_prefill,
+        policy: opts.batch_scheduler_policy,
     };
     let info = ModelInfo {
         vocab_size: spec.vocab_size,

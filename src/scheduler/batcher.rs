@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use super::{ScheduleError, SchedulePlan, ScheduledSeq, SchedulerConfig};
+use super::{ScheduleError, SchedulePlan, ScheduledSeq, SchedulerConfig, SchedulerPolicy};
 use crate::kv_cache::KvCacheManager;
 use crate::request::SeqId;
 
@@ -150,7 +150,9 @@ impl Scheduler {
     ///    generated tokens kept, pushed to the front of the waiting queue) until the allocation
     ///    succeeds or the sequence itself was the newest and got preempted.
     /// 2. Only if nobody was preempted: waiting sequences in FIFO order while the budget,
-    ///    `max_num_seqs` and free blocks allow. A prompt longer than the remaining budget is
+    ///    `max_num_seqs` and free blocks allow (under `GuaranteedNoEvict`, the blocks of the
+    ///    sequence's whole length beyond what running sequences may still claim, so step 1
+    ///    never has to preempt). A prompt longer than the remaining budget is
     ///    chunked (or, without chunked prefill, waits and blocks the queue behind it).
     ///
     /// Sequences that reached their token cap left the running list in `update` and are never
@@ -196,6 +198,11 @@ impl Scheduler {
         }
 
         if preempted.is_empty() {
+            // GuaranteedNoEvict: blocks not promised to a running sequence's worst case.
+            let mut unpromised = match self.cfg.policy {
+                SchedulerPolicy::MaxUtilization => usize::MAX,
+                SchedulerPolicy::GuaranteedNoEvict => self.unpromised_blocks(),
+            };
             while let Some(&seq_id) = self.waiting.front() {
                 if budget == 0 || self.running.len() >= self.cfg.max_num_seqs {
                     break;
@@ -203,9 +210,17 @@ impl Scheduler {
                 let Some((start_pos, chunk_len)) = self.next_chunk(seq_id, budget) else {
                     break; // without chunked prefill the head waits for a step with more budget
                 };
+                let worst = match self.cfg.policy {
+                    SchedulerPolicy::MaxUtilization => 0,
+                    SchedulerPolicy::GuaranteedNoEvict => self.worst_case_blocks(seq_id),
+                };
+                if worst > unpromised {
+                    break; // FIFO: the head waits until running sequences end
+                }
                 if !self.kv.allocate_slots(seq_id, start_pos + chunk_len) {
                     break;
                 }
+                unpromised -= worst;
                 self.waiting.pop_front();
                 self.running.push(seq_id);
                 if let Some(seq) = self.seqs.get_mut(&seq_id) {
@@ -452,6 +467,27 @@ impl Scheduler {
 
     /// Preemption by recompute: free all blocks, forget computed positions, keep the tokens, and
     /// put the sequence at the front of the waiting queue. The caller removed it from `running`.
+    /// Blocks sequence `seq_id` may ever hold: those of its `max_num_tokens`.
+    fn worst_case_blocks(&self, seq_id: SeqId) -> usize {
+        self.seqs
+            .get(&seq_id)
+            .map_or(0, |s| self.kv.num_blocks_for(s.max_num_tokens))
+    }
+
+    /// Free blocks minus what the running sequences may still claim to reach their
+    /// `max_num_tokens` (GuaranteedNoEvict's admission budget).
+    fn unpromised_blocks(&self) -> usize {
+        let promised: usize = self
+            .running
+            .iter()
+            .map(|&id| {
+                self.worst_case_blocks(id)
+                    .saturating_sub(self.kv.block_table(id).len())
+            })
+            .sum();
+        self.kv.num_free_blocks().saturating_sub(promised)
+    }
+
     fn preempt(&mut self, seq_id: SeqId) {
         self.kv.free(seq_id);
         if let Some(seq) = self.seqs.get_mut(&seq_id) {

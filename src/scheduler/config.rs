@@ -18,6 +18,41 @@ pub struct SchedulerConfig {
     /// Split prompts longer than the step's remaining budget across steps. When off, a prompt is
     /// prefilled in one step or waits.
     pub enable_chunked_prefill: bool,
+    /// Which waiting sequences may be admitted (`batch_scheduler_policy`).
+    pub policy: SchedulerPolicy,
+}
+
+/// Admission policy, as tensorrtllm_backend's `batch_scheduler_policy` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SchedulerPolicy {
+    /// Admit while the prompt's blocks are free (vLLM's policy): the most sequences at once;
+    /// when the cache runs out, the newest running sequence is preempted and recomputed later.
+    #[default]
+    MaxUtilization,
+    /// Admit a sequence only if the blocks for its whole length (prompt + max_tokens, capped
+    /// by max_model_len) are free after every running sequence's own worst case is set aside:
+    /// a started sequence is never preempted (TensorRT-LLM's default).
+    GuaranteedNoEvict,
+}
+
+impl SchedulerPolicy {
+    /// The `batch_scheduler_policy` values (case-insensitive).
+    pub const NAMES: [&'static str; 2] = ["max_utilization", "guaranteed_no_evict"];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "max_utilization" => Some(SchedulerPolicy::MaxUtilization),
+            "guaranteed_no_evict" => Some(SchedulerPolicy::GuaranteedNoEvict),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SchedulerPolicy::MaxUtilization => Self::NAMES[0],
+            SchedulerPolicy::GuaranteedNoEvict => Self::NAMES[1],
+        }
+    }
 }
 
 /// Default number of full-length sequences the default KV cache holds.
@@ -36,6 +71,7 @@ impl Default for SchedulerConfig {
             num_blocks: DEFAULT_NUM_FULL_SEQS * max_model_len.div_ceil(block_size),
             max_model_len,
             enable_chunked_prefill: true,
+            policy: SchedulerPolicy::default(),
         }
     }
 }

@@ -21,7 +21,7 @@ mod config;
 mod plan;
 
 pub use batcher::Scheduler;
-pub use config::SchedulerConfig;
+pub use config::{SchedulerConfig, SchedulerPolicy};
 pub use plan::{SchedulePlan, ScheduledSeq};
 
 use crate::kv_cache::KvCacheError;

@@ -16,6 +16,7 @@ fn cfg(
         num_blocks,
         max_model_len: num_blocks * block_size,
         enable_chunked_prefill: true,
+        policy: SchedulerPolicy::MaxUtilization,
     }
 }
 
@@ -138,6 +139,7 @@ fn without_chunked_prefill_a_prompt_waits_for_enough_budget() {
         num_blocks: 16,
         max_model_len: 16,
         enable_chunked_prefill: false,
+        policy: SchedulerPolicy::MaxUtilization,
     };
     let mut s = Scheduler::new(config).unwrap();
     s.add(SeqId(1), prompt(1, 10), 5).unwrap();
@@ -346,4 +348,80 @@ fn stale_plans_are_ignored() {
         assert_eq!(s.num_computed_tokens(SeqId(1)), Some(12));
         assert_eq!(s.tokens(SeqId(1)).unwrap(), tokens.as_slice());
     }
+}
+
+#[test]
+fn guaranteed_no_evict_admits_only_what_can_finish_and_never_preempts() {
+    // The preemption scenario above, under GuaranteedNoEvict: 4 blocks of 4 slots, three
+    // 4-token prompts with max_tokens 3 (7 tokens = 2 blocks each at the worst).
+    let mut s = Scheduler::new(SchedulerConfig {
+        policy: SchedulerPolicy::GuaranteedNoEvict,
+        ..cfg(4, 16, 4, 4)
+    })
+    .unwrap();
+    for id in 1..=3 {
+        s.add(SeqId(id), prompt(id, 4), 3).unwrap();
+    }
+    // Only two fit their worst case (2 + 2 blocks); seq3 waits although its prompt would fit.
+    let plan = step(&mut s, 70);
+    assert_eq!(summary(&plan), vec![(1, 0, 4, true), (2, 0, 4, true)]);
+    assert_eq!(s.kv().num_free_blocks(), 2);
+    assert_eq!((s.num_running(), s.num_waiting()), (2, 1));
+    // Both grow into their second block without preempting anyone, to the end.
+    for token in 71..=72 {
+        let plan = step(&mut s, token);
+        assert!(plan.preempted.is_empty());
+        assert_eq!(summary(&plan).len(), 2);
+    }
+    assert!(s.reached_cap(SeqId(1)) && s.reached_cap(SeqId(2)));
+    assert!(s.remove(SeqId(1)) && s.remove(SeqId(2)));
+    // Then seq3 runs alone to its cap.
+    let plan = step(&mut s, 73);
+    assert_eq!(summary(&plan), vec![(3, 0, 4, true)]);
+    while s.has_work() {
+        assert!(step(&mut s, 74).preempted.is_empty());
+    }
+    assert!(s.reached_cap(SeqId(3)) && s.remove(SeqId(3)));
+    assert_eq!(s.num_preemptions(), 0);
+    assert_eq!(s.kv().num_free_blocks(), 4);
+}
+
+#[test]
+fn guaranteed_no_evict_counts_what_running_sequences_may_still_claim() {
+    // 8 blocks of 4. seq1: 4-token prompt, max_tokens 12 -> 16 tokens = 4 blocks at the worst.
+    // In step 2 seq1's decode takes its 2nd block (6 free, 2 still promised to seq1: 4
+    // unpromised); seq2 (4 + 12 tokens, 4 blocks at the worst) is admitted and takes them all;
+    // seq3 (1 block at the worst) finds none unpromised and waits.
+    let mut s = Scheduler::new(SchedulerConfig {
+        policy: SchedulerPolicy::GuaranteedNoEvict,
+        ..cfg(4, 32, 4, 8)
+    })
+    .unwrap();
+    s.add(SeqId(1), prompt(1, 4), 12).unwrap();
+    assert_eq!(summary(&step(&mut s, 1)), vec![(1, 0, 4, true)]);
+    s.add(SeqId(2), prompt(2, 4), 12).unwrap();
+    s.add(SeqId(3), prompt(3, 1), 1).unwrap();
+    let plan = step(&mut s, 2);
+    assert_eq!(summary(&plan), vec![(1, 4, 1, true), (2, 0, 4, true)]);
+    assert_eq!(s.num_waiting(), 1, "seq3 waits: every block is promised");
+    // Under MaxUtilization the same arrivals admit seq3 at once.
+    let mut m = Scheduler::new(cfg(4, 32, 4, 8)).unwrap();
+    m.add(SeqId(1), prompt(1, 4), 12).unwrap();
+    step(&mut m, 1);
+    m.add(SeqId(2), prompt(2, 4), 12).unwrap();
+    m.add(SeqId(3), prompt(3, 1), 1).unwrap();
+    assert_eq!(step(&mut m, 2).seqs.len(), 3);
+}
+
+#[test]
+fn scheduler_policy_names_are_tensorrtllm_backends() {
+    for (name, policy) in [
+        ("max_utilization", SchedulerPolicy::MaxUtilization),
+        ("Guaranteed_No_Evict", SchedulerPolicy::GuaranteedNoEvict),
+    ] {
+        assert_eq!(SchedulerPolicy::parse(name), Some(policy));
+        assert_eq!(SchedulerPolicy::parse(policy.name()), Some(policy));
+    }
+    assert_eq!(SchedulerPolicy::parse("fcfs"), None);
+    assert_eq!(SchedulerPolicy::default(), SchedulerPolicy::MaxUtilization);
 }

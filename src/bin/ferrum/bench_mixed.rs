@@ -395,6 +395,7 @@ pub fn run(
         "workload": "mixed", "source": source, "arch": loaded.spec.arch, "device": loaded.device,
         "weight_format": bench::weights_label(&loaded), "num_requests": requests.len(),
         "batch_size": batch_size, "inflight_max_num_seqs": inflight_seqs,
+        "batch_scheduler_policy": opts.batch_scheduler_policy.name(),
         "kv_cache_tokens": kv_tokens, "num_prompt_tokens": num_prompt_tokens,
     });
 

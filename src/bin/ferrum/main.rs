@@ -13,6 +13,7 @@ use triton_ferrum::engine::{Device, EngineOptions, is_final};
 use triton_ferrum::model::Checkpoint;
 use triton_ferrum::ops::linear::WeightFormat;
 use triton_ferrum::request::{GenerateRequest, Prompt, SamplingParams, StopCriteria, TokenEvent};
+use triton_ferrum::scheduler::SchedulerPolicy;
 use triton_ferrum::tokenizer::ChatMessage;
 
 mod bench;
@@ -74,6 +75,11 @@ pub struct EngineArgs {
     /// CPU threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Admission policy: max_utilization (admit while prompts fit; preempt and recompute the
+    /// newest when the cache runs out) | guaranteed_no_evict (admit only what can run to its
+    /// max_tokens; never preempt).
+    #[arg(long, default_value = "max_utilization", value_parser = parse_policy)]
+    batch_scheduler_policy: SchedulerPolicy,
 }
 
 impl EngineArgs {
@@ -90,10 +96,16 @@ impl EngineArgs {
             max_tokens_in_paged_kv_cache: self.max_tokens_in_paged_kv_cache,
             max_model_len: self.max_model_len,
             num_threads: self.threads,
+            batch_scheduler_policy: self.batch_scheduler_policy,
             progress: true,
             ..EngineOptions::new(model)
         }
     }
+}
+
+fn parse_policy(s: &str) -> Result<SchedulerPolicy, String> {
+    SchedulerPolicy::parse(s)
+        .ok_or_else(|| format!("expected one of {}", SchedulerPolicy::NAMES.join(", ")))
 }
 
 fn parse_device(s: &str) -> Result<Device, String> {

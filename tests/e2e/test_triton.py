@@ -561,13 +561,15 @@ def test_unload_reload_20_times_without_leaks(server):
     rss = [r for _, r in samples]
     early, late = sorted(rss[2:8])[3], sorted(rss[-6:])[3]  # medians: one arena spike is no trend
     # Bounds: no thread growth after the first cycle; the median RSS of the last 6 cycles within
-    # 512 MiB of cycles 3-8. One engine is ~540 MiB of f32 weights plus its KV cache, so an
+    # 1.5 GiB of cycles 3-8. One engine is ~540 MiB of f32 weights plus its KV cache, so an
     # engine (or its weights) not freed on unload would add >= 540 MiB per cycle, 6.5 GiB over the
-    # 12 cycles in between. A finer bound is not stable here: with MALLOC_ARENA_MAX=2 glibc's RSS
-    # plateau shifts by up to ~450 MiB between runs during the first ~15 cycles (measured over 40
-    # cycles: it levels off without a trend).
+    # 12 cycles in between; a leak of a quarter of an engine per cycle still crosses 1.5 GiB. A
+    # finer bound is not stable here: with MALLOC_ARENA_MAX=2 glibc's RSS plateau shifts by up to
+    # ~450 MiB between runs during the first ~15 cycles (measured over 40 cycles: it levels off
+    # without a trend), and by 608 MiB once in the full suite (after the other tests ran in the
+    # same server, 2026-11-25), which the former 512 MiB bound failed on.
     assert max(threads[1:]) <= threads[1], threads
-    assert late - early < 512 * 1024, rss
+    assert late - early < 1536 * 1024, rss
 
 
 def server_index(server):

@@ -229,8 +229,7 @@ fn mixed_bench(extra: &[&str]) -> (bool, String, String) {
 /// more sequences in flight at once (measured from the token timestamps); M < B is refused.
 #[test]
 fn bench_mixed_inflight_may_run_more_sequences_in_the_same_kv_memory() {
-    let run = |extra: &[&str]| mixed_bench(extra);
-    let (ok, out, err) = run(&["--inflight-max-num-seqs", "12"]);
+    let (ok, out, err) = mixed_bench(&["--inflight-max-num-seqs", "12"]);
     assert!(ok, "{err}");
     let lines: Vec<Value> = out
         .lines()
@@ -248,7 +247,7 @@ fn bench_mixed_inflight_may_run_more_sequences_in_the_same_kv_memory() {
     assert!((5..=12).contains(&most("inflight")), "{out}");
     // guaranteed_no_evict: the in-flight mode admits only what can run to its end in that
     // memory, so nothing is preempted (max_utilization may preempt and recompute).
-    let (ok, out, err) = run(&[
+    let (ok, out, err) = mixed_bench(&[
         "--inflight-max-num-seqs",
         "12",
         "--batch-scheduler-policy",
@@ -266,7 +265,7 @@ fn bench_mixed_inflight_may_run_more_sequences_in_the_same_kv_memory() {
         }
     }
     // M below B is refused, naming both flags and the values.
-    let (ok, _, err) = run(&["--inflight-max-num-seqs", "3"]);
+    let (ok, _, err) = mixed_bench(&["--inflight-max-num-seqs", "3"]);
     assert!(!ok);
     assert!(
         err.contains("--inflight-max-num-seqs")

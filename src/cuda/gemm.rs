@@ -41,7 +41,7 @@ use super::elementwise::add_bias;
 use super::error::{CudaError, CudaLibrary};
 use super::kernels::KernelId;
 use super::kernels::SmArch;
-use super::ops::{NULL_PTR, launch_error, to_i32, to_u32};
+use super::ops::{NULL_PTR, expect_len, launch_error, to_i32, to_u32};
 use crate::dtype::DType;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -148,35 +148,12 @@ pub fn gated_gemv<T: FloatElem>(
         ));
     }
     let len = |a: usize, b: usize| a.saturating_mul(b);
-    if x.len() != len(m, k) {
-        return Err(CudaError::length(OP, "x [m, k]", len(m, k), x.len()));
-    }
-    if w.len() != len(2 * inter, k) {
-        return Err(CudaError::length(
-            OP,
-            "w [2 * inter, k]",
-            len(2 * inter, k),
-            w.len(),
-        ));
-    }
-    if y.len() != len(m, inter) {
-        return Err(CudaError::length(
-            OP,
-            "y [m, inter]",
-            len(m, inter),
-            y.len(),
-        ));
-    }
+    expect_len(OP, "x [m, k]", x, len(m, k))?;
+    expect_len(OP, "w [2 * inter, k]", w, len(2 * inter, k))?;
+    expect_len(OP, "y [m, inter]", y, len(m, inter))?;
     if let Some(b) = bias {
         dev.check_buffer(OP, "bias", b)?;
-        if b.len() != 2 * inter {
-            return Err(CudaError::length(
-                OP,
-                "bias [2 * inter]",
-                2 * inter,
-                b.len(),
-            ));
-        }
+        expect_len(OP, "bias [2 * inter]", b, 2 * inter)?;
     }
     if inter == 0 {
         return Ok(());
@@ -513,20 +490,12 @@ impl Gemm {
             return Err(CudaError::invalid(OP, "k", 0, "must be > 0"));
         }
         let len = |a: usize, b: usize| a.saturating_mul(b);
-        if x.len() != len(m, k) {
-            return Err(CudaError::length(OP, "x [m, k]", len(m, k), x.len()));
-        }
-        if w.len() != len(n, k) {
-            return Err(CudaError::length(OP, "w [n, k]", len(n, k), w.len()));
-        }
-        if y.len() != len(m, n) {
-            return Err(CudaError::length(OP, "y [m, n]", len(m, n), y.len()));
-        }
+        expect_len(OP, "x [m, k]", x, len(m, k))?;
+        expect_len(OP, "w [n, k]", w, len(n, k))?;
+        expect_len(OP, "y [m, n]", y, len(m, n))?;
         if let Some(b) = bias {
             dev.check_buffer(OP, "bias", b)?;
-            if b.len() != n {
-                return Err(CudaError::length(OP, "bias [n]", n, b.len()));
-            }
+            expect_len(OP, "bias [n]", b, n)?;
         }
         let bias_path = if bias.is_some() {
             BiasPath::Kernel

@@ -43,13 +43,6 @@ for f in tests/cuda_*.rs; do
   tests+=(--test "$(basename "$f" .rs)")
 done
 
-# .gpu/ is build output: keep it out of git in every worktree (info/exclude is shared by them).
-exclude="$(git rev-parse --git-common-dir)/info/exclude"
-mkdir -p "$(dirname "$exclude")"
-for p in '/.gpu/' '/.gpu-stage/'; do
-  grep -qxF "$p" "$exclude" 2>/dev/null || echo "$p" >>"$exclude"
-done
-
 echo "== building ${tests[*]}"
 executables=$(cargo test --no-run --message-format=json "${tests[@]}" |
   jq -r 'select(.reason == "compiler-artifact" and .profile.test == true and .executable != null) | .executable')

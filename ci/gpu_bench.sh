@@ -106,8 +106,6 @@ dest=".gpu-bench"
 if [ "${1:-}" = "--dest" ]; then
   dest="$2"
 fi
-exclude="$(git rev-parse --git-common-dir)/info/exclude"
-grep -qxF "/$dest/" "$exclude" 2>/dev/null || echo "/$dest/" >>"$exclude"
 cargo build --release --bin ferrum
 rm -rf "$dest"
 mkdir -p "$dest"

@@ -26,6 +26,7 @@ use triton_ferrum::cuda::{
     CudaDevice, CudaLibrary, FloatElem, Gemm, GemmBackend, GemmShape, elementwise,
     gemm::{gated_gemv, gated_gemv_applies, gemv_supported},
     ops,
+    sampling::{RowSampling, SampleBatch},
 };
 use triton_ferrum::dtype::DType;
 use triton_ferrum::engine::{Device, EngineHandle, EngineOptions, options};
@@ -486,7 +487,11 @@ fn check_last_logits_gpu(name: &str) -> f32 {
         max_num_seqs: 4,
         max_model_len: 128,
     };
-    let (mut exec, plan) = cuda_executor::open(
+    let cuda_executor::OpenedExecutor {
+        executor: mut exec,
+        plan,
+        ..
+    } = cuda_executor::open(
         CudaDevice::open(0).unwrap(),
         spec.clone(),
         weights,
@@ -733,7 +738,9 @@ fn run_in_flight(handle: &EngineHandle, requests: &[(Vec<u32>, usize)]) -> Vec<V
 /// Decode steps replayed from CUDA graphs (batch 3 padded to the bucket of 4, then batch 1 and
 /// 2, each replayed several times) give the logits of the same steps run eagerly, after a mixed
 /// first step (two prefill chunks and, from the second step on, decodes beside a chunk).
-/// f32, so only summation order may differ; the graphs must actually have been captured.
+/// f32, so only summation order may differ; the graphs must actually have been captured,
+/// whether at load by the warm-up (whose scratch tokens wrote the blocks sequence 0 then owns)
+/// or on first sight.
 #[test]
 #[ignore = "needs an NVIDIA GPU: run ci/gpu.sh"]
 fn graph_replays_match_eager_steps() {
@@ -750,11 +757,15 @@ fn graph_replays_match_eager_steps() {
         max_num_seqs: 4,
         max_model_len: 128,
     };
-    let mut execs: Vec<Box<dyn Executor>> = [true, false]
+    // Graphs captured by the load-time warm-up (whose scratch tokens wrote blocks 0.., which
+    // sequence 0 then owns), graphs captured on first sight, and eager steps.
+    let variants = [(true, true), (true, false), (false, false)];
+    let mut warm_up = None;
+    let mut execs: Vec<Box<dyn Executor>> = variants
         .iter()
-        .map(|&graphs| {
+        .map(|&(graphs, warm)| {
             let weights = options::load_weights(&ckpt, WeightFormat::F32, false).unwrap();
-            cuda_executor::open_with(
+            let opened = cuda_executor::open_with(
                 CudaDevice::open(0).unwrap(),
                 spec.clone(),
                 weights,
@@ -763,12 +774,36 @@ fn graph_replays_match_eager_steps() {
                 &CudaExecOptions {
                     cuda_graphs: graphs,
                     profile: false,
+                    warm_up: warm,
                 },
             )
-            .unwrap()
-            .0
+            .unwrap();
+            if warm {
+                warm_up = opened.warm_up.clone();
+            } else {
+                assert!(opened.warm_up.is_none());
+            }
+            opened.executor
         })
         .collect();
+    let report = warm_up.unwrap();
+    println!("WARM-UP: {}", report.describe());
+    assert_eq!(report.prefill_tokens, 64);
+    assert_eq!(report.decode_batches, vec![4, 2, 1]);
+    assert_eq!(report.graphs_captured, 3);
+    // Prefill, split-K, gemv and sampler kernels are compiled by the warm-up, not at creation.
+    assert!(report.modules_compiled >= 3, "{report:?}");
+    assert!(report.gemm_plans >= 3, "{report:?}");
+    assert!(
+        execs[0].describe().contains("graphs on, 3 captured"),
+        "{}",
+        execs[0].describe()
+    );
+    assert!(
+        execs[1].describe().contains("graphs on, 0 captured"),
+        "{}",
+        execs[1].describe()
+    );
     // Three sequences; sequence i owns blocks [32 i, 32 i + 32).
     let prompts: Vec<Vec<u32>> = vec![
         (0..9).map(|i| 5 + i * 7 % 300).collect(),
@@ -817,36 +852,142 @@ fn graph_replays_match_eager_steps() {
             seqs,
             preempted: vec![],
         };
-        let with_graphs = execs[0].execute(&plan).unwrap();
-        let eager = execs[1].execute(&plan).unwrap();
-        assert_eq!(with_graphs.data.len(), active.len() * vocab);
-        assert_eq!(eager.data.len(), active.len() * vocab);
+        let results: Vec<_> = execs
+            .iter_mut()
+            .map(|e| e.execute(&plan).unwrap())
+            .collect();
+        let eager = &results[2];
         for (r, &i) in active.iter().enumerate() {
-            let g = &with_graphs.data[r * vocab..(r + 1) * vocab];
             let e = &eager.data[r * vocab..(r + 1) * vocab];
-            assert!(
-                g.iter().all(|v| v.is_finite()),
-                "step {step} seq {i}: non-finite logits"
-            );
-            let diff = g
-                .iter()
-                .zip(e)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
-            assert!(
-                diff <= 1e-3,
-                "step {step} seq {i}: graph vs eager max |diff| {diff}"
-            );
-            worst = worst.max(diff);
+            for (v, graphed) in results[..2].iter().enumerate() {
+                assert_eq!(graphed.data.len(), active.len() * vocab);
+                let g = &graphed.data[r * vocab..(r + 1) * vocab];
+                assert!(
+                    g.iter().all(|v| v.is_finite()),
+                    "step {step} seq {i} variant {v}: non-finite logits"
+                );
+                let diff = g
+                    .iter()
+                    .zip(e)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(
+                    diff <= 1e-3,
+                    "step {step} seq {i} variant {v}: graph vs eager max |diff| {diff}"
+                );
+                worst = worst.max(diff);
+            }
             computed[i] = tokens[i].len();
             tokens[i].push(argmax(e));
         }
     }
     let desc = execs[0].describe();
     println!("GRAPHS: {desc}; worst graph vs eager |logit diff| {worst:.2e}");
-    // Buckets 4, 1 and 2 were captured.
-    assert!(desc.contains("graphs on, 3 captured"), "{desc}");
-    assert!(execs[1].describe().contains("graphs off"));
+    // Buckets 4, 1 and 2: captured at load, or on first sight.
+    for exec in &execs[..2] {
+        let desc = exec.describe();
+        assert!(desc.contains("graphs on, 3 captured"), "{desc}");
+    }
+    assert!(execs[2].describe().contains("graphs off"));
+}
+
+/// After the load-time warm-up, a request's first steps compile no kernel, plan no decode GEMM
+/// and capture no graph: decode steps of every batch size up to max_num_seqs, sampled with
+/// filters and logprobs, and prefills of other lengths (whose GEMMs may only add heuristic
+/// plans, no kernels).
+#[test]
+#[ignore = "needs an NVIDIA GPU: run ci/gpu.sh"]
+fn warm_up_leaves_no_setup_to_the_first_requests() {
+    let model = fixtures().join("models/llama_gqa_llama3");
+    let ckpt = Checkpoint::open(&model, None).unwrap();
+    let spec = ckpt.arch.spec.clone();
+    let kv = KvCacheConfig {
+        block_size: 4,
+        max_tokens: Some(512),
+        free_gpu_mem_fraction: 0.9,
+        max_num_batched_tokens: 64,
+        max_num_seqs: 6,
+        max_model_len: 128,
+    };
+    let weights = options::load_weights(&ckpt, WeightFormat::F32, false).unwrap();
+    let (mut exec, _) = cuda_executor::CudaExecutor::<half::bf16>::new(
+        CudaDevice::open(0).unwrap(),
+        spec.clone(),
+        weights,
+        &kv,
+        &CudaExecOptions::default(),
+    )
+    .unwrap();
+    let before = exec.setup_counts();
+    let report = exec.warm_up().unwrap();
+    println!("WARM-UP: {}", report.describe());
+    assert_eq!(report.decode_batches, vec![6, 4, 2, 1]);
+    assert_eq!(report.graphs_captured, 4);
+    let after = exec.setup_counts();
+    assert!(
+        after.0 > before.0 && after.1 > before.1,
+        "{before:?} -> {after:?}"
+    );
+    // Sequence i owns blocks [16 i, 16 i + 16); prompts of 5 + 3 i tokens, then decodes of
+    // every batch size 1..=6 (graph buckets 1, 2, 4, 6, padded where needed).
+    let table =
+        |i: usize| -> Vec<BlockId> { (0..16).map(|b| BlockId((16 * i + b) as u32)).collect() };
+    let greedy = |n: usize| {
+        let mut rows = SampleBatch::new();
+        for _ in 0..n {
+            rows.push(&RowSampling::greedy(), None, &[]).unwrap();
+        }
+        rows
+    };
+    let mut lens = [0usize; 6];
+    for (i, len) in lens.iter_mut().enumerate() {
+        let prompt: Vec<u32> = (0..5 + 3 * i).map(|t| (7 + 11 * t) as u32 % 200).collect();
+        *len = prompt.len();
+        let plan = SchedulePlan {
+            num_batched_tokens: prompt.len(),
+            seqs: vec![ScheduledSeq {
+                seq_id: SeqId(i as u64),
+                token_ids: prompt,
+                start_pos: 0,
+                block_table: table(i),
+                sample: true,
+            }],
+            preempted: vec![],
+        };
+        exec.execute_and_sample(&plan, &greedy(1)).unwrap();
+        assert_eq!(
+            exec.setup_counts().0,
+            after.0,
+            "prefill {i} compiled a kernel"
+        );
+    }
+    let after_prefill = exec.setup_counts();
+    for n in 1..=6 {
+        let seqs: Vec<ScheduledSeq> = (0..n)
+            .map(|i| ScheduledSeq {
+                seq_id: SeqId(i as u64),
+                token_ids: vec![3],
+                start_pos: lens[i],
+                block_table: table(i),
+                sample: true,
+            })
+            .collect();
+        for s in &seqs {
+            lens[s.seq_id.0 as usize] += 1;
+        }
+        let plan = SchedulePlan {
+            num_batched_tokens: n,
+            seqs,
+            preempted: vec![],
+        };
+        exec.execute_and_sample(&plan, &greedy(n)).unwrap();
+        assert_eq!(exec.setup_counts(), after_prefill, "decode batch {n}");
+    }
+    assert!(
+        exec.describe().contains("graphs on, 4 captured"),
+        "{}",
+        exec.describe()
+    );
 }
 
 /// The engine samples on the GPU (only ids and logprobs come back) with the CPU sampler's RNG

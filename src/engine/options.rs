@@ -281,9 +281,13 @@ fn start_on(target: Target, ckpt: Checkpoint, opts: &EngineOptions) -> crate::Re
                     max_num_seqs: opts.max_num_seqs,
                     max_model_len,
                 };
-                let (executor, plan) =
-                    cuda_executor::open(*dev, spec.clone(), weights, dtype, &kv)?;
+                let cuda_executor::OpenedExecutor {
+                    executor,
+                    plan,
+                    warm_up,
+                } = cuda_executor::open(*dev, spec.clone(), weights, dtype, &kv)?;
                 log.push(plan.describe(&kv));
+                log.extend(warm_up.map(|w| w.describe()));
                 (
                     executor,
                     WeightFormat::F32,

@@ -28,10 +28,15 @@
 //! and reused at fixed addresses, so pure decode steps are captured as CUDA graphs per
 //! batch-size bucket (`graph_buckets`; padded rows are inert) and replayed: one upload, one
 //! graph launch, one logits download per step. Prefill and mixed steps run eagerly. The only
-//! host sync of a step is the final logits copy. Sampling stays on the host: the logits of the
-//! sampling rows come back as f32.
+//! host sync of a step is the final copy back: the sampled ids and logprobs
+//! (`execute_and_sample`, the GPU sampler), or the f32 logits of the sampling rows (`execute`).
 //!
-//! Environment: `FERRUM_CUDA_GRAPHS=0` runs decode eagerly; `FERRUM_CUDA_PROFILE=1` (graphs
+//! Before the first request, `warm_up` runs one prefill and one decode step per graph bucket on
+//! scratch tokens, so that kernel compilation, GEMM planning and graph capture happen at load
+//! instead of in the first requests' latency.
+//!
+//! Environment: `FERRUM_CUDA_GRAPHS=0` runs decode eagerly; `FERRUM_CUDA_WARMUP=0` skips the
+//! load-time warm-up; `FERRUM_CUDA_PROFILE=1` (graphs
 //! off) times every op of every step with CUDA events and prints per-op tables, decode steps
 //! apart from steps with prefill, with the host wall time per step, when the executor is dropped.
 //! Steps that compiled a kernel or planned a GEMM shape (one-time costs) are left out.
@@ -51,7 +56,7 @@ use crate::cuda::attention::{
     paged_attention_prefill, splitk_supported,
 };
 use crate::cuda::elementwise;
-use crate::cuda::gemm::{gated_gemv, gated_gemv_applies};
+use crate::cuda::gemm::{gated_gemv, gated_gemv_applies, tuned_m};
 use crate::cuda::ops::{
     self, BlockTables, DecodeAttention, KvCacheShape, KvSource, LearnedPositions, PagedKv,
     RotaryLayout,
@@ -215,6 +220,8 @@ pub struct CudaExecOptions {
     /// Time every op of eager decode steps with CUDA events; the table is printed to stderr
     /// when the executor is dropped. Turns graphs off.
     pub profile: bool,
+    /// Run `CudaExecutor::warm_up` at load (compile, plan and capture before the first request).
+    pub warm_up: bool,
 }
 
 impl Default for CudaExecOptions {
@@ -222,12 +229,14 @@ impl Default for CudaExecOptions {
         CudaExecOptions {
             cuda_graphs: true,
             profile: false,
+            warm_up: true,
         }
     }
 }
 
 impl CudaExecOptions {
-    /// The defaults, overridden by `FERRUM_CUDA_GRAPHS=0|1` and `FERRUM_CUDA_PROFILE=0|1`.
+    /// The defaults, overridden by `FERRUM_CUDA_GRAPHS=0|1`, `FERRUM_CUDA_PROFILE=0|1` and
+    /// `FERRUM_CUDA_WARMUP=0|1`.
     pub fn from_env() -> Self {
         let flag = |name: &str| {
             std::env::var(name)
@@ -238,20 +247,29 @@ impl CudaExecOptions {
         CudaExecOptions {
             cuda_graphs: flag("FERRUM_CUDA_GRAPHS").unwrap_or(d.cuda_graphs),
             profile: flag("FERRUM_CUDA_PROFILE").unwrap_or(d.profile),
+            warm_up: flag("FERRUM_CUDA_WARMUP").unwrap_or(d.warm_up),
         }
     }
 }
 
+/// A CUDA executor as `open` returns it, with what its construction decided (for the load log).
+pub struct OpenedExecutor {
+    pub executor: Box<dyn Executor>,
+    pub plan: KvCachePlan,
+    /// None when the warm-up was turned off (`CudaExecOptions::warm_up`).
+    pub warm_up: Option<WarmUpReport>,
+}
+
 /// Opens a CUDA executor on `dev` for `dtype`: uploads `weights`, sizes and allocates the KV
-/// cache. Returns the executor and the cache plan (the caller logs it). Options from the
-/// environment (`CudaExecOptions::from_env`).
+/// cache, then warms it up (`CudaExecutor::warm_up`). Options from the environment
+/// (`CudaExecOptions::from_env`).
 pub fn open(
     dev: CudaDevice,
     spec: DecoderSpec,
     weights: DecoderWeights,
     dtype: DType,
     kv: &KvCacheConfig,
-) -> crate::Result<(Box<dyn Executor>, KvCachePlan)> {
+) -> crate::Result<OpenedExecutor> {
     open_with(dev, spec, weights, dtype, kv, &CudaExecOptions::from_env())
 }
 
@@ -263,21 +281,60 @@ pub fn open_with(
     dtype: DType,
     kv: &KvCacheConfig,
     opts: &CudaExecOptions,
-) -> crate::Result<(Box<dyn Executor>, KvCachePlan)> {
-    Ok(match dtype {
-        DType::F32 => {
-            let (e, p) = CudaExecutor::<f32>::new(dev, spec, weights, kv, opts)?;
-            (Box::new(e), p)
-        }
-        DType::BF16 => {
-            let (e, p) = CudaExecutor::<bf16>::new(dev, spec, weights, kv, opts)?;
-            (Box::new(e), p)
-        }
-        DType::F16 => {
-            let (e, p) = CudaExecutor::<f16>::new(dev, spec, weights, kv, opts)?;
-            (Box::new(e), p)
-        }
-    })
+) -> crate::Result<OpenedExecutor> {
+    fn finish<T: FloatElem>(
+        (mut e, plan): (CudaExecutor<T>, KvCachePlan),
+        opts: &CudaExecOptions,
+    ) -> crate::Result<OpenedExecutor> {
+        let warm_up = opts.warm_up.then(|| e.warm_up()).transpose()?;
+        Ok(OpenedExecutor {
+            executor: Box::new(e),
+            plan,
+            warm_up,
+        })
+    }
+    match dtype {
+        DType::F32 => finish(
+            CudaExecutor::<f32>::new(dev, spec, weights, kv, opts)?,
+            opts,
+        ),
+        DType::BF16 => finish(
+            CudaExecutor::<bf16>::new(dev, spec, weights, kv, opts)?,
+            opts,
+        ),
+        DType::F16 => finish(
+            CudaExecutor::<f16>::new(dev, spec, weights, kv, opts)?,
+            opts,
+        ),
+    }
+}
+
+/// What `CudaExecutor::warm_up` did, for the load log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WarmUpReport {
+    /// Tokens of the scratch prefill (0: none fit, e.g. max_num_batched_tokens 1).
+    pub prefill_tokens: usize,
+    /// Decode batch sizes stepped (the graph buckets, or batch 1 without graphs).
+    pub decode_batches: Vec<usize>,
+    /// Kernel modules compiled, GEMM shapes planned and graphs captured by the warm-up.
+    pub modules_compiled: usize,
+    pub gemm_plans: usize,
+    pub graphs_captured: usize,
+    pub seconds: f64,
+}
+
+impl WarmUpReport {
+    pub fn describe(&self) -> String {
+        format!(
+            "CUDA warm-up: prefill of {} tokens, decode batches {:?}: compiled {} kernel modules, planned {} GEMM shapes, captured {} graphs in {:.2} s",
+            self.prefill_tokens,
+            self.decode_batches,
+            self.modules_compiled,
+            self.gemm_plans,
+            self.graphs_captured,
+            self.seconds
+        )
+    }
 }
 
 struct DeviceNorm<T> {
@@ -1146,6 +1203,108 @@ impl<T: FloatElem> CudaExecutor<T> {
         ))
     }
 
+    /// Runs, once before any request, what would otherwise land in the first requests' latency:
+    /// the timed GEMM plans (`warm_up_gemms`), a prefill of `min(max_num_batched_tokens,
+    /// max_model_len)` scratch tokens (prefill kernels), then every decode graph bucket twice,
+    /// largest first (decode and split-K kernels, the tuned GEMM plans of each bucket, the
+    /// capture and a first replay), each step sampled on the device with a greedy row and a
+    /// row with every filter, penalty and logprobs on (the sampler's kernels).
+    ///
+    /// The scratch tokens write the KV slots of the first blocks only; the cache holds no
+    /// sequence yet, and every sequence writes each slot it reads before reading it, so nothing
+    /// of the warm-up is ever attended to. Errors here are load errors (the same steps would
+    /// fail on the first request).
+    pub fn warm_up(&mut self) -> crate::Result<WarmUpReport> {
+        let start = std::time::Instant::now();
+        let (modules, plans) = self.setup_counts();
+        let bs = self.kv_shape.block_size;
+        let vocab = self.spec.vocab_size;
+        let blocks = self.kv_shape.num_blocks.min(self.max_blocks);
+        let table = |tokens: usize| -> Vec<crate::kv_cache::BlockId> {
+            (0..tokens.div_ceil(bs))
+                .map(|b| crate::kv_cache::BlockId(b as u32))
+                .collect()
+        };
+        let mut history = crate::cuda::sampling::TokenHistory::new(&[1, 2, 3], vocab);
+        history.accept(1);
+        // One suppressed id (as min_tokens suppresses eos), unless that would leave nothing.
+        let suppressed: &[u32] = if vocab > 1 { &[0] } else { &[] };
+        let filtered = RowSampling {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.9,
+            min_p: 0.05,
+            penalties: Penalties {
+                repetition: 1.1,
+                presence: 0.1,
+                frequency: 0.1,
+            },
+            num_logprobs: Some(crate::request::MAX_LOGPROBS),
+            uniform: 0.5,
+        };
+        let step = |exec: &mut Self, seqs: Vec<crate::scheduler::ScheduledSeq>| {
+            let mut rows = SampleBatch::new();
+            for i in 0..seqs.len() {
+                match i {
+                    1 => rows.push(&RowSampling::greedy(), None, &[]),
+                    _ => rows.push(&filtered, Some(&history), suppressed),
+                }?;
+            }
+            let plan = SchedulePlan {
+                num_batched_tokens: seqs.iter().map(|s| s.token_ids.len()).sum(),
+                seqs,
+                preempted: vec![],
+            };
+            exec.execute_and_sample(&plan, &rows).map(|_| ())
+        };
+        let scratch = |i: usize, tokens: usize| crate::scheduler::ScheduledSeq {
+            seq_id: crate::request::SeqId(i as u64),
+            token_ids: vec![0; tokens],
+            start_pos: 0,
+            block_table: table(tokens),
+            sample: true,
+        };
+        let Some(mut ws) = self.ws.take() else {
+            return Err(device_err("the step workspace is gone".into()));
+        };
+        let gemms = self.warm_up_gemms(&mut ws);
+        self.ws = Some(ws);
+        gemms?;
+        let prefill_tokens = self.max_tokens.min(blocks * bs);
+        let prefill_tokens = if prefill_tokens >= 2 {
+            prefill_tokens
+        } else {
+            0
+        };
+        if prefill_tokens > 0 {
+            step(self, vec![scratch(0, prefill_tokens)])?;
+        }
+        let decode_batches: Vec<usize> = match self.graphs_enabled {
+            true => self.buckets.iter().rev().copied().collect(),
+            false => vec![1],
+        };
+        for &b in &decode_batches {
+            for _ in 0..2 {
+                step(self, (0..b).map(|i| scratch(i, 1)).collect())?;
+            }
+        }
+        self.dev.synchronize()?;
+        let (modules_now, plans_now) = self.setup_counts();
+        Ok(WarmUpReport {
+            prefill_tokens,
+            decode_batches,
+            modules_compiled: modules_now - modules,
+            gemm_plans: plans_now - plans,
+            graphs_captured: self.graphs.values().filter(|g| g.is_some()).count(),
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Kernel modules compiled and GEMM shapes planned so far (one-time setup costs).
+    pub fn setup_counts(&self) -> (usize, usize) {
+        (self.dev.num_modules(), self.gemm.num_plans())
+    }
+
     fn pack(&mut self, plan: &SchedulePlan) -> crate::Result<StepLayout> {
         let limits = StepLimits {
             block_size: self.kv_shape.block_size,
@@ -1494,20 +1653,61 @@ impl<T: FloatElem> CudaExecutor<T> {
         elementwise::gather_rows(dev, &mut ws.last, &ws.x, &ws.logits_rows, h)?;
         self.norm(&mut ws.last_normed, &ws.last, None, &self.w.final_norm)?;
         self.mark(profile, "final norm")?;
+        self.lm_head(ws, layout.num_rows)?;
+        self.mark(profile, "gemm lm_head")?;
+        Ok(())
+    }
+
+    /// logits[..rows] = last_normed[..rows] · lm_headᵀ (+ bias).
+    fn lm_head(&self, ws: &mut Workspace<T>, rows: usize) -> crate::Result<()> {
         let lm_head = self.w.lm_head.as_ref().unwrap_or(&self.w.embedding);
         self.gemm.linear(
-            dev,
+            &self.dev,
             &mut ws.logits,
             &ws.last_normed,
             lm_head,
             self.w.lm_head_bias.as_ref(),
             GemmShape {
-                m: layout.num_rows,
-                n: spec.vocab_size,
-                k: h,
+                m: rows,
+                n: self.spec.vocab_size,
+                k: self.spec.hidden_size,
             },
         )?;
-        self.mark(profile, "gemm lm_head")?;
+        Ok(())
+    }
+
+    /// Plans every GEMM a step may run at a timed size (`tuned_m`: candidates are timed on a
+    /// shape's first use, tens of ms for a large one): the four layer products for every such
+    /// m up to max_num_batched_tokens, the LM head for every such row count up to
+    /// max_num_seqs. They run on layer 0's weights and whatever the step buffers hold: only
+    /// their timings matter. Other m take the heuristic's plan on first use (no timing).
+    fn warm_up_gemms(&self, ws: &mut Workspace<T>) -> crate::Result<()> {
+        let Some(lw) = self.w.layers.first() else {
+            return Ok(());
+        };
+        let h = self.spec.hidden_size;
+        for m in (1..=self.max_tokens).filter(|&m| tuned_m(m)) {
+            ws.normed.set_len(m * h)?;
+            ws.qkv.set_len(m * lw.qkv.n)?;
+            self.linear(&mut ws.qkv, &ws.normed, &lw.qkv, m)?;
+            ws.attn.set_len(m * lw.attn_out.k)?;
+            ws.attn_proj.set_len(m * lw.attn_out.n)?;
+            self.linear(&mut ws.attn_proj, &ws.attn, &lw.attn_out, m)?;
+            ws.gate_up.set_len(m * lw.gate_up.n)?;
+            self.linear(&mut ws.gate_up, &ws.normed, &lw.gate_up, m)?;
+            let down_in = match self.spec.mlp {
+                Mlp::Gated => &mut ws.act,
+                Mlp::Plain => &mut ws.gate_up,
+            };
+            down_in.set_len(m * lw.down.k)?;
+            ws.mlp_out.set_len(m * lw.down.n)?;
+            self.linear(&mut ws.mlp_out, down_in, &lw.down, m)?;
+        }
+        for rows in (1..=self.max_seqs).filter(|&r| tuned_m(r)) {
+            ws.last_normed.set_len(rows * h)?;
+            ws.logits.set_len(rows * self.spec.vocab_size)?;
+            self.lm_head(ws, rows)?;
+        }
         Ok(())
     }
 
@@ -1747,7 +1947,7 @@ impl<T: FloatElem> CudaExecutor<T> {
             ));
         };
         if self.profile.is_some() {
-            let setup = (self.dev.num_modules(), self.gemm.num_plans());
+            let setup = self.setup_counts();
             if let Some(p) = &mut self.profile {
                 p.wall_start = Some(std::time::Instant::now());
                 p.setup_at_start = setup;
@@ -1764,10 +1964,7 @@ impl<T: FloatElem> CudaExecutor<T> {
                     .mark(&mut profile, SAMPLE_WALL_OP)
                     .and_then(|()| Ok(self.dev.synchronize()?))
                     .and_then(|()| match &mut profile {
-                        Some(p) => p.collect(
-                            layout.num_prefill > 0,
-                            (self.dev.num_modules(), self.gemm.num_plans()),
-                        ),
+                        Some(p) => p.collect(layout.num_prefill > 0, self.setup_counts()),
                         None => Ok(()),
                     }),
                 _ => Ok(()),

@@ -10,6 +10,7 @@
 #   decode    Llama-2-7B 128/128 at batch 1, 16, 64; Llama-3-8B 128/128 at batch 1 and 256
 #   profile   the same shapes, short, with FERRUM_CUDA_PROFILE=1 (per-op device time, graphs off)
 #   long      Llama-3-8B offline throughput at 2048/128, 128/2048 and 2048/2048
+#   prefill   2048-token prompts, one output token: TTFT and prefill TFLOP/s at batch 1 and 4
 #   presets   gptj-6b, falcon-7b, mpt-7b, bloom-7b1, gpt3-6.7b: 128/128 at batch 1 and 64
 #   ifb       Llama-3-8B in-flight vs static batching on a mixed-length workload, equal KV memory
 #   final     Llama-2-7B 128/128 at batch 1 and 64 (the headline decode numbers)
@@ -52,6 +53,10 @@ if [ "${1:-}" = "run" ]; then
       b --preset llama3-8b --prompt-len 2048 --gen-len 128 --batch-size 64 --max-num-batched-tokens 8192 --json
       b --preset llama3-8b --prompt-len 128 --gen-len 2048 --batch-size 256 --max-num-batched-tokens 8192 --json
       b --preset llama3-8b --prompt-len 2048 --gen-len 2048 --batch-size 128 --max-num-batched-tokens 8192 --json
+      ;;
+    prefill)
+      b --preset llama2-7b --prompt-len 2048 --gen-len 1 --batch-size 1,4 --max-num-batched-tokens 8192 --json
+      b --preset llama3-8b --prompt-len 2048 --gen-len 1 --batch-size 1,4 --max-num-batched-tokens 8192 --json
       ;;
     presets)
       for p in gptj-6b falcon-7b mpt-7b bloom-7b1 gpt3-6.7b; do

@@ -191,6 +191,10 @@ fn bench_json_on_a_random_preset() {
             "field is named decode_ms_per_token"
         );
         assert!(l["decode_ms_per_token"].as_f64().unwrap() > 0.0);
+        // Prompt FLOPs over the prefill phase: positive and within what a CPU can do.
+        let tflops = l["prefill_tflops"].as_f64().unwrap();
+        assert!(tflops > 0.0 && tflops < 100.0, "{tflops}");
+        assert!(l["prefill_s"].as_f64().unwrap() > 0.0);
     }
 }
 

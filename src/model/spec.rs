@@ -334,11 +334,56 @@ impl DecoderSpec {
         let extra_norms = norm_params * (1 + u64::from(self.embedding_norm));
         self.num_layers as u64 * per_layer + embed + head + pos + extra_norms
     }
+
+    /// Floating-point operations (multiply and add counted apart) of one prompt of `n` tokens
+    /// computed from position 0: the layers' products for every token, causal attention (query
+    /// i against its min(i + 1, window) keys, q·k and p·v), and the LM head for the last token
+    /// only (the one that samples). Biases, norms and activations are left out.
+    pub fn prefill_flops(&self, n: usize) -> f64 {
+        let (h, q, kv, inter) = (
+            self.hidden_size as f64,
+            self.q_dim() as f64,
+            self.kv_dim() as f64,
+            self.intermediate_size as f64,
+        );
+        let mlp = match self.mlp {
+            Mlp::Gated => 3.0 * h * inter,
+            Mlp::Plain => 2.0 * h * inter,
+        };
+        let products = h * (q + 2.0 * kv) + q * h + mlp;
+        let window = self.sliding_window.unwrap_or(usize::MAX);
+        let keys: f64 = (0..n).map(|i| (i + 1).min(window) as f64).sum();
+        let layer = 2.0 * n as f64 * products + 4.0 * q * keys;
+        self.num_layers as f64 * layer + 2.0 * h * self.vocab_size as f64
+    }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefill_flops_of_llama2_7b_by_hand() {
+        let spec = crate::model::presets::preset("llama2-7b").unwrap().spec;
+        // Per layer: qkv 4096 x 12288, o 4096 x 4096, gate/up/down 3 x 4096 x 11008.
+        let products = 4096.0 * 12288.0 + 4096.0 * 4096.0 + 3.0 * 4096.0 * 11008.0;
+        let n = 2048.0;
+        // Causal: sum over i of (i + 1) keys = n (n + 1) / 2; q.k and p.v, 2 flops each.
+        let attention = 4.0 * 4096.0 * n * (n + 1.0) / 2.0;
+        let expected = 32.0 * (2.0 * n * products + attention) + 2.0 * 4096.0 * 32000.0;
+        assert_eq!(spec.prefill_flops(2048), expected);
+        // A sliding window caps the keys per query.
+        let windowed = DecoderSpec {
+            sliding_window: Some(16),
+            ..spec.clone()
+        };
+        let keys = (1..=16).sum::<usize>() as f64 + 16.0 * (2048.0 - 16.0);
+        assert_eq!(
+            spec.prefill_flops(2048) - windowed.prefill_flops(2048),
+            32.0 * 4.0 * 4096.0 * (n * (n + 1.0) / 2.0 - keys)
+        );
+    }
 
     #[test]
     fn llama3_scaling_keeps_high_and_divides_low_frequencies() {

@@ -80,6 +80,9 @@ pub struct BenchModel {
 struct RunResult {
     batch_size: usize,
     ttft_ms: f64,
+    /// From the submission to the last request's first token: every prompt has been computed
+    /// (decode steps of requests that started earlier may have run in between).
+    prefill_s: f64,
     decode_ms_per_token: f64,
     decode_tokens_per_s: f64,
     output_tokens_per_s: f64,
@@ -162,6 +165,9 @@ fn run_fixed(a: &BenchArgs, model: BenchModel) -> CliResult {
         results.push(run_batch(&handle, b, a.prompt_len, a.gen_len, vocab, 7)?);
     }
     let format = weights_label(&loaded);
+    // Prompt FLOPs per second over the prefill phase (at batch 1: the TTFT).
+    let prompt_flops = loaded.spec.prefill_flops(a.prompt_len);
+    let prefill_tflops = |r: &RunResult| r.batch_size as f64 * prompt_flops / r.prefill_s / 1e12;
     if !a.json {
         println!(
             "ferrum bench: {source}, {} ({:.1} M params, weights {format} {:.1} MiB), {}, prompt {} + gen {} tokens, load {:.2} s",
@@ -174,8 +180,14 @@ fn run_fixed(a: &BenchArgs, model: BenchModel) -> CliResult {
             load_s
         );
         println!(
-            "{:>6} {:>10} {:>14} {:>14} {:>14} {:>12}",
-            "batch", "TTFT ms", "decode ms/tok", "decode tok/s", "output tok/s", "weight GB/s"
+            "{:>6} {:>10} {:>14} {:>14} {:>14} {:>14} {:>12}",
+            "batch",
+            "TTFT ms",
+            "prefill TFLOP/s",
+            "decode ms/tok",
+            "decode tok/s",
+            "output tok/s",
+            "weight GB/s"
         );
     }
     for r in &results {
@@ -188,16 +200,18 @@ fn run_fixed(a: &BenchArgs, model: BenchModel) -> CliResult {
                 json!({
                     "source": source, "arch": loaded.spec.arch, "device": loaded.device, "weight_format": format,
                     "weight_bytes": loaded.weight_bytes, "prompt_len": a.prompt_len, "gen_len": a.gen_len,
-                    "batch_size": r.batch_size, "ttft_ms": r.ttft_ms, "decode_ms_per_token": r.decode_ms_per_token,
+                    "batch_size": r.batch_size, "ttft_ms": r.ttft_ms, "prefill_s": r.prefill_s,
+                    "prefill_tflops": prefill_tflops(r), "decode_ms_per_token": r.decode_ms_per_token,
                     "decode_tokens_per_s": r.decode_tokens_per_s, "output_tokens_per_s": r.output_tokens_per_s,
                     "total_s": r.total_s, "weight_gb_per_s": gbs,
                 })
             );
         } else {
             println!(
-                "{:>6} {:>10.1} {:>14.2} {:>14.1} {:>14.1} {:>12.2}",
+                "{:>6} {:>10.1} {:>14.1} {:>14.2} {:>14.1} {:>14.1} {:>12.2}",
                 r.batch_size,
                 r.ttft_ms,
+                prefill_tflops(r),
                 r.decode_ms_per_token,
                 r.decode_tokens_per_s,
                 r.output_tokens_per_s,
@@ -247,6 +261,7 @@ fn run_batch(
     Ok(RunResult {
         batch_size,
         ttft_ms,
+        prefill_s: (first - t0).as_secs_f64().max(1e-9),
         decode_ms_per_token: per_seq_ms,
         decode_tokens_per_s: batch_size as f64 * decode_steps / decode_s,
         output_tokens_per_s: (batch_size * gen_len) as f64 / total_s,

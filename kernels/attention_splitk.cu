@@ -17,8 +17,9 @@
 //   used by all of them). Sequence s's window [lo, context_len) is cut into num_splits chunks of
 //   ceil(n / num_splits) keys rounded up to 16; split i takes chunk i (possibly empty: m = -inf,
 //   l = 0). TPK lanes read one key row with 16-byte loads (TPK = the largest power of two <=
-//   HEAD_DIM / (16 / sizeof(T)), at most 16), so a warp reads 32 / TPK keys at once, two steps
-//   of them in flight per thread. With num_splits == 1 the CTA writes out directly and no
+//   HEAD_DIM / (16 / sizeof(T)), at most 16), so a warp reads 32 / TPK keys at once, SK_UNROLL
+//   steps of them in flight per thread; a thread's keys of one step share one online-softmax
+//   rescale. With num_splits == 1 the CTA writes out directly and no
 //   reduce is needed.
 // paged_attention_splitk_reduce_{DTYPE}: grid (num_heads, num_seqs), 128 threads; merges the
 //   num_splits partials of one (sequence, head) into out.
@@ -220,13 +221,14 @@ __device__ void splitk_impl(T* out, float* part_m, float* part_l, float* part_ac
                 }
             }
         }
+        // Scores of this lane's SK_UNROLL keys for every head of the CTA.
+        float s[SK_UNROLL][GQA_HEADS];
 #pragma unroll
         for (int u = 0; u < SK_UNROLL; ++u) {
             const int j = base + u * C::KPC + key_in_warp;
             float kf[C::VPT][C::VEC];
 #pragma unroll
             for (int v = 0; v < C::VPT; ++v) unpack16<T>(kr[u][v], kf[v]);
-            float s[GQA_HEADS];
 #pragma unroll
             for (int h = 0; h < GQA_HEADS; ++h) {
                 float x = 0.0f;
@@ -239,23 +241,44 @@ __device__ void splitk_impl(T* out, float* part_m, float* part_l, float* part_ac
                 for (int off = C::TPK / 2; off > 0; off /= 2) {
                     x += __shfl_xor_sync(0xffffffffu, x, off);
                 }
-                s[h] = valid[u] ? x + slope2[h] * (float)(j - pos) : FERRUM_NEG_INF;
+                s[u][h] = valid[u] ? x + slope2[h] * (float)(j - pos) : FERRUM_NEG_INF;
             }
+        }
+        // One online-softmax update per head for the step's keys: one rescale of the
+        // accumulator per step rather than per key (GQA CTAs are bound by these instructions).
+        float p[SK_UNROLL][GQA_HEADS];
+#pragma unroll
+        for (int h = 0; h < GQA_HEADS; ++h) {
+            float m_new = m[h];
+#pragma unroll
+            for (int u = 0; u < SK_UNROLL; ++u) m_new = fmaxf(m_new, s[u][h]);
+            const float m_use = m_new == FERRUM_NEG_INF ? 0.0f : m_new;
+            const float corr = exp2f(m[h] - m_use);
+            float l_new = l[h] * corr;
+#pragma unroll
+            for (int u = 0; u < SK_UNROLL; ++u) {
+                p[u][h] = exp2f(s[u][h] - m_use);
+                l_new += p[u][h];
+            }
+            l[h] = l_new;
+            m[h] = m_new;
+#pragma unroll
+            for (int v = 0; v < C::VPT; ++v) {
+#pragma unroll
+                for (int e = 0; e < C::VEC; ++e) acc[h][v][e] *= corr;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < SK_UNROLL; ++u) {
             float vf[C::VPT][C::VEC];
 #pragma unroll
             for (int v = 0; v < C::VPT; ++v) unpack16<T>(vr[u][v], vf[v]);
 #pragma unroll
             for (int h = 0; h < GQA_HEADS; ++h) {
-                const float m_new = fmaxf(m[h], s[h]);
-                const float m_use = m_new == FERRUM_NEG_INF ? 0.0f : m_new;
-                const float corr = exp2f(m[h] - m_use);
-                const float p = exp2f(s[h] - m_use);
-                l[h] = l[h] * corr + p;
-                m[h] = m_new;
 #pragma unroll
                 for (int v = 0; v < C::VPT; ++v) {
 #pragma unroll
-                    for (int e = 0; e < C::VEC; ++e) acc[h][v][e] = acc[h][v][e] * corr + p * vf[v][e];
+                    for (int e = 0; e < C::VEC; ++e) acc[h][v][e] = fmaf(p[u][h], vf[v][e], acc[h][v][e]);
                 }
             }
         }

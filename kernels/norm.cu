@@ -5,7 +5,8 @@
 //   fused:  residual += x (stored in T); out = norm(residual)   (residual != null)
 //
 // x, out, residual: [num_rows, dim]; weight, bias: [dim] (bias may be null; RMSNorm has none).
-// RMSNorm (Hugging Face LlamaRMSNorm): v * rsqrt(mean(v^2) + eps) * w.
+// RMSNorm (Hugging Face LlamaRMSNorm): v * rsqrt(mean(v^2) + eps) * w; 16-byte vectors when dim
+// is a multiple of 16 / sizeof(T) (the launcher then gives one thread per vector).
 // LayerNorm (torch.nn.LayerNorm): (v - mean) * rsqrt(var + eps) * w + b, biased variance, two
 // passes over the row so the variance does not cancel.
 // With `residual` the statistics are taken over the stored (rounded) residual, so `out` is
@@ -22,10 +23,50 @@ __device__ __forceinline__ float load_row_value(const T* x, T* residual, i64 idx
     return v;
 }
 
+// RMSNorm over 16-byte vectors (dim a multiple of 16 / sizeof(T); rows then start aligned).
+template <typename T>
+__device__ void rms_norm_vec16(T* out, const T* x, T* residual, const T* weight, int dim,
+                               float eps, float* scratch) {
+    constexpr int VEC = Vec16<T>::N;
+    const i64 base = (i64)blockIdx.x * dim;
+    const int num_vecs = dim / VEC;
+    float sum_sq = 0.0f;
+    for (int i = threadIdx.x; i < num_vecs; i += blockDim.x) {
+        Vec16<T> v = load_vec16(x + base + i * VEC);
+        if (residual != nullptr) {
+            Vec16<T> r = load_vec16(residual + base + i * VEC);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) r.e[e] = from_f32<T>(to_f32(v.e[e]) + to_f32(r.e[e]));
+            store_vec16(residual + base + i * VEC, r);
+            v = r;
+        }
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+            const float f = to_f32(v.e[e]);
+            sum_sq += f * f;
+        }
+    }
+    sum_sq = block_sum(sum_sq, scratch);
+    const float inv = rsqrtf(sum_sq / (float)dim + eps);
+    // Each thread re-reads the residual vectors it wrote itself: no barrier needed.
+    const T* src = residual != nullptr ? residual : x;
+    for (int i = threadIdx.x; i < num_vecs; i += blockDim.x) {
+        const Vec16<T> v = load_vec16(src + base + i * VEC), w = load_vec16(weight + i * VEC);
+        Vec16<T> o;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) o.e[e] = from_f32<T>(to_f32(v.e[e]) * inv * to_f32(w.e[e]));
+        store_vec16(out + base + i * VEC, o);
+    }
+}
+
 template <typename T>
 __device__ void rms_norm_impl(T* out, const T* x, T* residual, const T* weight, int dim,
                               float eps) {
     __shared__ float scratch[32];
+    if (dim % Vec16<T>::N == 0) {
+        rms_norm_vec16(out, x, residual, weight, dim, eps, scratch);
+        return;
+    }
     const i64 base = (i64)blockIdx.x * dim;
     float sum_sq = 0.0f;
     for (int i = threadIdx.x; i < dim; i += blockDim.x) {

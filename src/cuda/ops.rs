@@ -217,8 +217,14 @@ pub fn norm<T: FloatElem>(
     let entry = entry::<T>(op);
     let f = dev.function(KernelId::Norm, &[], &entry)?;
     let dim_i = to_i32(OP, "dim", dim)?;
-    // One CTA per row: at batch 1 the whole op is one CTA, so give it every thread it can use.
-    let threads = dim.next_multiple_of(32).clamp(32, 1024) as u32;
+    // One CTA per row: at batch 1 the whole op is one CTA, so give it every thread it can use:
+    // one per element, or per 16-byte vector where norm.cu's RMSNorm takes them.
+    let vec = 16 / T::DTYPE.size_in_bytes();
+    let units = match (norm, dim % vec) {
+        (Norm::Rms { .. }, 0) => dim / vec,
+        _ => dim,
+    };
+    let threads = units.next_multiple_of(32).clamp(32, 1024) as u32;
     let cfg = grid((to_u32(OP, "num_rows", num_rows)?, 1), threads);
     let mut b = dev.stream().launch_builder(&f);
     b.arg(&mut out.slice).arg(&x.slice);
@@ -407,7 +413,13 @@ pub fn gated_activation<T: FloatElem>(
         to_i32(OP, "inter", inter)?,
         act_code(act),
     );
-    let cfg = elementwise_grid(num_tokens * inter);
+    // activation.cu takes 16-byte vectors when they tile the rows: one thread per vector.
+    let vec = 16 / T::DTYPE.size_in_bytes();
+    let units = match inter % vec {
+        0 => num_tokens * inter / vec,
+        _ => num_tokens * inter,
+    };
+    let cfg = elementwise_grid(units);
     let mut b = dev.stream().launch_builder(&f);
     b.arg(&mut out.slice)
         .arg(&gate_up.slice)

@@ -251,10 +251,7 @@ __device__ void prefill_simt_impl(PREFILL_PARAMS(T)) {
 // ---------------------------------------------------------------------------------------------
 // Tensor cores (bf16/f16): 4 warps x 16 rows, mma.sync.m16n8k16 with f32 accumulators.
 //
-// Fragment layouts (PTX ISA, mma.m16n8k16, g = lane / 4, c = lane % 4):
-//   A (16x16, row): a0 (g, 2c..2c+1) a1 (g+8, 2c..) a2 (g, 2c+8..) a3 (g+8, 2c+8..)
-//   B (16x8, col):  b0 (k 2c..2c+1, n g) b1 (k 2c+8.., n g)
-//   C (16x8):       c0,c1 (g, 2c..2c+1) c2,c3 (g+8, 2c..2c+1)
+// Fragment layouts: prelude.cuh.
 // Q.K^T: A = Q rows x dims (ldmatrix), B = K^T (ldmatrix of K rows, no transpose).
 // P.V:   A = P, built in registers from the S accumulators; B = V (ldmatrix.trans of V rows).
 // Shared rows are padded by 8 elements (16 bytes) so ldmatrix's 8 row addresses hit 8
@@ -271,65 +268,8 @@ __device__ void prefill_simt_impl(PREFILL_PARAMS(T)) {
 // K/V tiles in flight: tile it + 1 loads while tile it computes.
 #define TC_STAGES 2
 
-template <typename T> struct Mma;
+// Mma<T>, smem_addr, ldmatrix_x4(_trans), cp_async_16 and cp_async_commit: prelude.cuh.
 
-template <> struct Mma<bf16> {
-    static __device__ __forceinline__ void run(float* c, const u32* a, u32 b0, u32 b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
-            "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    // lo in the low 16 bits (the lower column), hi in the high ones.
-    static __device__ __forceinline__ u32 pack(float lo, float hi) {
-        u32 r;
-        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-        return r;
-    }
-};
-
-template <> struct Mma<f16> {
-    static __device__ __forceinline__ void run(float* c, const u32* a, u32 b0, u32 b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
-            "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    static __device__ __forceinline__ u32 pack(float lo, float hi) {
-        u32 r;
-        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-        return r;
-    }
-};
-
-__device__ __forceinline__ u32 smem_addr(const void* p) {
-    u32 addr;
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }"
-        : "=r"(addr)
-        : "l"(p));
-    return addr;
-}
-
-__device__ __forceinline__ void ldmatrix_x4(u32* r, const unsigned short* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(u32* r, const unsigned short* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
-}
-
-// 16 bytes global -> shared; src_bytes 0 writes zeros and reads nothing.
-__device__ __forceinline__ void cp_async_16(unsigned short* dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)),
-                 "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 // Waits until at most TC_STAGES - 1 committed groups are pending.
 __device__ __forceinline__ void cp_async_wait_stages() {
     asm volatile("cp.async.wait_group %0;" ::"n"(TC_STAGES - 1) : "memory");

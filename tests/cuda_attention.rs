@@ -15,7 +15,7 @@ use cuda_common::*;
 use half::{bf16, f16};
 use triton_ferrum::cuda::attention::{
     self, MAX_SPLITS, PrefillKernel, PrefillSeqs, SplitKPlan, SplitKWorkspace,
-    splitk_heads_per_cta, splitk_num_splits, splitk_supported,
+    splitk_heads_per_cta, splitk_mma_supported, splitk_num_splits, splitk_supported,
 };
 use triton_ferrum::cuda::kernels::DTYPES;
 use triton_ferrum::cuda::ops::{self, BlockTables, DecodeAttention, KvCacheShape, PagedKv};
@@ -278,7 +278,23 @@ fn nvrtc_compiles_attention_kernels_for_every_tested_arch_and_head_size() {
     for ((arch, kernel, defines, dtypes), (compiled, elapsed)) in jobs.iter().zip(results) {
         let compiled = compiled.unwrap();
         assert_eq!(&compiled.cubin[..4], b"\x7fELF", "{kernel:?} {arch}");
-        for op in kernel.ops() {
+        // The tensor-core split-K entry exists where the launcher may pick it.
+        let mut ops: Vec<&str> = kernel.ops().to_vec();
+        let head_dim = defines
+            .iter()
+            .find(|d| d.name == "HEAD_DIM")
+            .map(|d| d.value.parse::<usize>().unwrap());
+        let heads = defines
+            .iter()
+            .find(|d| d.name == "GQA_HEADS")
+            .map(|d| d.value.parse::<usize>().unwrap());
+        if let (KernelId::AttentionSplitK, Some(hd), Some(h), [dt]) =
+            (kernel, head_dim, heads, dtypes.as_slice())
+            && splitk_mma_supported(*dt, hd, h)
+        {
+            ops.push("paged_attention_splitk_mma");
+        }
+        for op in ops {
             for dt in dtypes {
                 let entry = format!("{op}_{dt}\0");
                 assert!(
@@ -436,6 +452,16 @@ fn paged_attention_prefill_matches_cpu_on_mixed_gqa_mqa_alibi_window_and_paged_s
 
 const DECODE_CASES: &[Case] = &[
     Case {
+        name: "alibi gqa4 hd64 bs16",
+        num_heads: 8,
+        num_kv_heads: 2,
+        head_dim: 64,
+        block_size: 16,
+        alibi: true,
+        sliding_window: None,
+        seqs: &[(1, 3), (1, 300), (1, 1029)],
+    },
+    Case {
         name: "gqa4 hd128 bs16",
         num_heads: 32,
         num_kv_heads: 8,
@@ -559,6 +585,19 @@ fn splitk_cases<T: FloatElem>(cases: &[Case], seed: u64) {
             plans.push(SplitKPlan {
                 num_splits: 5,
                 heads_per_cta: 1,
+                mma: false,
+            });
+        }
+        // The tensor-core kernel where it applies, and the SIMT one at the same plan.
+        assert_eq!(
+            auto.mma,
+            splitk_mma_supported(T::DTYPE, c.head_dim, auto.heads_per_cta)
+        );
+        if auto.mma {
+            plans.push(SplitKPlan { mma: false, ..auto });
+            plans.push(SplitKPlan {
+                num_splits: 7,
+                ..auto
             });
         }
         assert_eq!(group % auto.heads_per_cta, 0);
@@ -580,8 +619,11 @@ fn splitk_cases<T: FloatElem>(cases: &[Case], seed: u64) {
             dev().synchronize().unwrap();
             check::<T>(
                 &format!(
-                    "paged_attention_decode_splitk {} splits={} heads/cta={}",
-                    c.name, plan.num_splits, plan.heads_per_cta
+                    "paged_attention_decode_splitk {} splits={} heads/cta={}{}",
+                    c.name,
+                    plan.num_splits,
+                    plan.heads_per_cta,
+                    if plan.mma { " mma" } else { "" }
                 ),
                 &down(&out_d),
                 &want,
@@ -646,6 +688,7 @@ fn attention_launchers_reject_bad_arguments_without_panicking() {
     let plan = |num_splits| SplitKPlan {
         num_splits,
         heads_per_cta: 1,
+        mma: false,
     };
     // Workspace too small for 2 seqs x 8 heads x 4 splits.
     let err = attention::paged_attention_decode_splitk(
@@ -735,6 +778,7 @@ fn attention_launchers_reject_bad_arguments_without_panicking() {
         SplitKPlan {
             num_splits: 1,
             heads_per_cta: 3,
+            mma: false,
         },
         &mut small,
     )
@@ -944,6 +988,7 @@ fn paged_attention_launchers_share_one_argument_check() {
     let plan = SplitKPlan {
         num_splits: 1,
         heads_per_cta: 1,
+        mma: false,
     };
     let good = PagedKv {
         k: &k,
@@ -1264,6 +1309,7 @@ fn bench_attention() {
                 let one_head = SplitKPlan {
                     num_splits: splitk_num_splits(num_sms, num_seqs, num_heads, 1, ctx),
                     heads_per_cta: 1,
+                    mma: false,
                 };
                 let iters = 20;
                 let base_ms = time_ms(iters, |i| {
@@ -1272,6 +1318,10 @@ fn bench_attention() {
                 });
                 let mut runs = vec![("decode", base_ms, 1, 1)];
                 let mut plans = vec![auto];
+                if auto.mma {
+                    // The SIMT kernel at the same plan.
+                    plans.push(SplitKPlan { mma: false, ..auto });
+                }
                 if auto.heads_per_cta > 1 {
                     plans.push(one_head);
                 }
@@ -1291,7 +1341,8 @@ fn bench_attention() {
                         )
                         .unwrap()
                     });
-                    runs.push(("splitk", ms, plan.num_splits, plan.heads_per_cta));
+                    let kernel = if plan.mma { "splitk_mma" } else { "splitk" };
+                    runs.push((kernel, ms, plan.num_splits, plan.heads_per_cta));
                 }
                 for (kernel, ms, n, h) in runs {
                     let gbs = kv_bytes / (ms * 1e-3) / 1e9;
@@ -1303,7 +1354,7 @@ fn bench_attention() {
                         &mut lines,
                     );
                     table.push(format!(
-                        "decode  {model:10} b{num_seqs:<3} ctx {ctx:<6} {kernel:7} splits {n:<3} heads/cta {h} {ms:8.4} ms  {gbs:7.0} GB/s ({:4.1}% of 3.02 TB/s)",
+                        "decode  {model:10} b{num_seqs:<3} ctx {ctx:<6} {kernel:10} splits {n:<3} heads/cta {h} {ms:8.4} ms  {gbs:7.0} GB/s ({:4.1}% of 3.02 TB/s)",
                         gbs / 30.2
                     ));
                 }

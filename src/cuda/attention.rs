@@ -350,6 +350,21 @@ pub struct SplitKPlan {
     pub num_splits: usize,
     /// Query heads of one GQA group a CTA serves (divides the group; at most 8).
     pub heads_per_cta: usize,
+    /// The tensor-core kernel (`splitk_mma_supported`) instead of the SIMT one.
+    pub mma: bool,
+}
+
+/// Whether the tensor-core split-K kernel serves this shape: bf16/f16, head_dim a multiple of
+/// 16, and at least two query heads per CTA (one head per CTA keeps the SIMT kernel, which is
+/// bound by memory there, not by its per-key arithmetic).
+pub fn splitk_mma_supported(dtype: DType, head_dim: usize, heads_per_cta: usize) -> bool {
+    dtype != DType::F32 && head_dim % 16 == 0 && (2..=8).contains(&heads_per_cta)
+}
+
+/// Dynamic shared memory of the tensor-core kernel (attention_splitk.cu's SK_MMA_SMEM_BYTES):
+/// per warp, two stages of K and V tiles of 16 rows of head_dim + 8 16-bit elements.
+fn splitk_mma_smem_bytes(head_dim: usize) -> usize {
+    THREADS as usize / 32 * 2 * 2 * 16 * (head_dim + 8) * 2
 }
 
 impl SplitKPlan {
@@ -374,6 +389,7 @@ impl SplitKPlan {
                 max_context_len,
             ),
             heads_per_cta,
+            mma: splitk_mma_supported(dtype, p.head_dim, heads_per_cta),
         }
     }
 }
@@ -402,6 +418,7 @@ pub fn paged_attention_decode_splitk<T: FloatElem>(
     let SplitKPlan {
         num_splits,
         heads_per_cta,
+        mma,
     } = plan;
     check_paged_attention(OP, dev, out, q, q_stride, cache, alibi_slopes, p)?;
     let num_seqs = check_decode_batch(OP, dev, out, q, q_stride, tables, p)?;
@@ -479,8 +496,28 @@ pub fn paged_attention_decode_splitk<T: FloatElem>(
         Define::new("GQA_HEADS", heads_per_cta),
     ];
     defines.extend(KernelId::AttentionSplitK.dtype_defines(T::DTYPE));
-    let entry = format!("paged_attention_splitk_{}", T::DTYPE);
+    if mma && !splitk_mma_supported(T::DTYPE, p.head_dim, heads_per_cta) {
+        return Err(CudaError::invalid(
+            OP,
+            "mma",
+            mma,
+            format!(
+                "the tensor-core kernel needs bf16/f16, head_dim % 16 == 0 and 2..=8 heads per \
+                 CTA (got {}, {}, {heads_per_cta})",
+                T::DTYPE,
+                p.head_dim
+            ),
+        ));
+    }
+    let (entry, smem) = match mma {
+        true => (
+            format!("paged_attention_splitk_mma_{}", T::DTYPE),
+            splitk_mma_smem_bytes(p.head_dim),
+        ),
+        false => (format!("paged_attention_splitk_{}", T::DTYPE), 0),
+    };
     let f = dev.function(KernelId::AttentionSplitK, &defines, &entry)?;
+    allow_smem(dev, &f, &entry, smem)?;
     let cfg = LaunchConfig {
         grid_dim: (
             to_u32(OP, "num_heads / heads_per_cta", p.num_heads / heads_per_cta)?,
@@ -488,7 +525,7 @@ pub fn paged_attention_decode_splitk<T: FloatElem>(
             to_u32(OP, "num_splits", num_splits)?,
         ),
         block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: smem as u32,
     };
     let q_stride_i = to_i32(OP, "q_stride", q_stride)?;
     let max_blocks_i = to_i32(OP, "max_blocks_per_seq", tables.max_blocks_per_seq)?;
@@ -523,7 +560,9 @@ pub fn paged_attention_decode_splitk<T: FloatElem>(
         .arg(&p.scale)
         .arg(&window_i)
         .arg(&num_splits_i);
-    // SAFETY: the arguments match attention_splitk.cu's paged_attention_splitk (out, part_m,
+    // SAFETY: the arguments match attention_splitk.cu's paged_attention_splitk and
+    // paged_attention_splitk_mma (same signature; the latter only where splitk_mma_supported,
+    // checked, with its SK_MMA_SMEM_BYTES of dynamic shared memory allowed above) (out, part_m,
     // part_l, part_acc, q, q_stride, k_cache, v_cache, block_tables, max_blocks_per_seq,
     // context_lens, alibi_slopes, num_heads, num_kv_heads, block_size, num_blocks, scale,
     // sliding_window, num_splits), compiled with HEAD_DIM = p.head_dim (16-byte rows, checked)
@@ -531,7 +570,7 @@ pub fn paged_attention_decode_splitk<T: FloatElem>(
     // num_seqs rows of q_stride (16-byte aligned rows), the caches and tables their shapes, and
     // with num_splits > 1 the workspace num_seqs * num_heads * num_splits partials (all checked
     // above, all on this device). The kernel clamps context lengths to the table and skips bad
-    // block ids; 128 threads, static shared memory only.
+    // block ids; 128 threads.
     unsafe { b.launch(cfg) }.map_err(|e| launch_error(dev, &entry, e))?;
     if num_splits == 1 {
         return Ok(());
@@ -626,6 +665,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn splitk_mma_serves_16_bit_gqa_ctas_of_16_multiple_head_sizes() {
+        assert!(splitk_mma_supported(DType::BF16, 128, 4));
+        assert!(splitk_mma_supported(DType::F16, 80, 2));
+        assert!(!splitk_mma_supported(DType::F32, 128, 4));
+        assert!(!splitk_mma_supported(DType::BF16, 128, 1));
+        assert!(!splitk_mma_supported(DType::BF16, 72, 4));
+        assert!(!splitk_mma_supported(DType::BF16, 128, 16));
+        let p = DecodeAttention {
+            num_heads: 32,
+            num_kv_heads: 8,
+            head_dim: 128,
+            scale: 1.0,
+            sliding_window: None,
+        };
+        assert!(SplitKPlan::choose(132, DType::BF16, 8, &p, 4096).mma);
+        assert!(!SplitKPlan::choose(132, DType::F32, 8, &p, 4096).mma);
+        let mha = DecodeAttention {
+            num_kv_heads: 32,
+            ..p
+        };
+        assert!(!SplitKPlan::choose(132, DType::BF16, 8, &mha, 4096).mma);
+        // Two stages of K and V, 16 rows of 136 elements, 4 warps.
+        assert_eq!(splitk_mma_smem_bytes(128), 4 * 2 * 2 * 16 * 136 * 2);
     }
 
     #[test]

@@ -638,33 +638,23 @@ __device__ void splitk_reduce_impl(T* out, const float* part_m, const float* par
     }
 }
 
-#define PAGED_ATTENTION_SPLITK(name, T)                                                        \
+// Both decode kernels take the same arguments (the launcher picks the entry).
+#define SK_SPLITK_ENTRY(name, T, impl)                                                         \
     extern "C" __global__ void __launch_bounds__(SK_THREADS)                                   \
         name(T* out, float* part_m, float* part_l, float* part_acc, const T* q, int q_stride,  \
              const T* k_cache, const T* v_cache, const i32* block_tables,                      \
              int max_blocks_per_seq, const i32* context_lens, const float* alibi_slopes,       \
              int num_heads, int num_kv_heads, int block_size, i64 num_blocks, float scale,     \
              int sliding_window, int num_splits) {                                             \
-        splitk_impl<T>(out, part_m, part_l, part_acc, q, q_stride, k_cache, v_cache,           \
-                       block_tables, max_blocks_per_seq, context_lens, alibi_slopes,           \
-                       num_heads, num_kv_heads, block_size, num_blocks, scale, sliding_window, \
-                       num_splits);                                                            \
+        impl<T>(out, part_m, part_l, part_acc, q, q_stride, k_cache, v_cache, block_tables,    \
+                max_blocks_per_seq, context_lens, alibi_slopes, num_heads, num_kv_heads,       \
+                block_size, num_blocks, scale, sliding_window, num_splits);                    \
     }
+#define PAGED_ATTENTION_SPLITK(name, T) SK_SPLITK_ENTRY(name, T, splitk_impl)
 SK_FOR_DTYPE(PAGED_ATTENTION_SPLITK, paged_attention_splitk)
 
 #ifdef SK_MMA
-#define PAGED_ATTENTION_SPLITK_MMA(name, T)                                                    \
-    extern "C" __global__ void __launch_bounds__(SK_THREADS)                                   \
-        name(T* out, float* part_m, float* part_l, float* part_acc, const T* q, int q_stride,  \
-             const T* k_cache, const T* v_cache, const i32* block_tables,                      \
-             int max_blocks_per_seq, const i32* context_lens, const float* alibi_slopes,       \
-             int num_heads, int num_kv_heads, int block_size, i64 num_blocks, float scale,     \
-             int sliding_window, int num_splits) {                                             \
-        splitk_mma_impl<T>(out, part_m, part_l, part_acc, q, q_stride, k_cache, v_cache,       \
-                           block_tables, max_blocks_per_seq, context_lens, alibi_slopes,       \
-                           num_heads, num_kv_heads, block_size, num_blocks, scale,             \
-                           sliding_window, num_splits);                                        \
-    }
+#define PAGED_ATTENTION_SPLITK_MMA(name, T) SK_SPLITK_ENTRY(name, T, splitk_mma_impl)
 SK_FOR_DTYPE(PAGED_ATTENTION_SPLITK_MMA, paged_attention_splitk_mma)
 #endif
 

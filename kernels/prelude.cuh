@@ -98,38 +98,25 @@ __device__ __forceinline__ float apply_act(float x, int act) {
 //   B (16x8, col):  b0 (k 2c..2c+1, n g) b1 (k 2c+8.., n g)
 //   C (16x8):       c0,c1 (g, 2c..2c+1) c2,c3 (g+8, 2c..2c+1)
 
+// Mma<T>::run: c += a.b on one m16n8k16 tile (f32 accumulators); Mma<T>::pack: two f32 to a
+// T pair, lo in the low 16 bits (the lower column), hi in the high ones.
 template <typename T> struct Mma;
-
-template <> struct Mma<bf16> {
-    static __device__ __forceinline__ void run(float* c, const u32* a, u32 b0, u32 b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
-            "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    // lo in the low 16 bits (the lower column), hi in the high ones.
-    static __device__ __forceinline__ u32 pack(float lo, float hi) {
-        u32 r;
-        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-        return r;
-    }
-};
-
-template <> struct Mma<f16> {
-    static __device__ __forceinline__ void run(float* c, const u32* a, u32 b0, u32 b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
-            "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    static __device__ __forceinline__ u32 pack(float lo, float hi) {
-        u32 r;
-        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-        return r;
-    }
-};
+#define FERRUM_MMA(T, PTX)                                                                     \
+    template <> struct Mma<T> {                                                                \
+        static __device__ __forceinline__ void run(float* c, const u32* a, u32 b0, u32 b1) {   \
+            asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTX "." PTX ".f32 "          \
+                         "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"               \
+                         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                      \
+                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));      \
+        }                                                                                      \
+        static __device__ __forceinline__ u32 pack(float lo, float hi) {                       \
+            u32 r;                                                                             \
+            asm("cvt.rn." PTX "x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));              \
+            return r;                                                                          \
+        }                                                                                      \
+    };
+FERRUM_MMA(bf16, "bf16")
+FERRUM_MMA(f16, "f16")
 
 __device__ __forceinline__ u32 smem_addr(const void* p) {
     u32 addr;

@@ -14,7 +14,7 @@ mod cuda_common;
 use cuda_common::*;
 use half::{bf16, f16};
 use triton_ferrum::cuda::attention::{
-    self, MAX_SPLITS, PrefillKernel, PrefillSeqs, SplitKPlan, SplitKWorkspace,
+    self, MAX_SPLITS, PrefillKernel, PrefillSeqs, SplitKKernel, SplitKPlan, SplitKWorkspace,
     splitk_heads_per_cta, splitk_mma_supported, splitk_num_splits, splitk_supported,
 };
 use triton_ferrum::cuda::kernels::DTYPES;
@@ -585,16 +585,19 @@ fn splitk_cases<T: FloatElem>(cases: &[Case], seed: u64) {
             plans.push(SplitKPlan {
                 num_splits: 5,
                 heads_per_cta: 1,
-                mma: false,
+                kernel: SplitKKernel::Simt,
             });
         }
         // The tensor-core kernel where it applies, and the SIMT one at the same plan.
         assert_eq!(
-            auto.mma,
+            auto.kernel == SplitKKernel::TensorCore,
             splitk_mma_supported(T::DTYPE, c.head_dim, auto.heads_per_cta)
         );
-        if auto.mma {
-            plans.push(SplitKPlan { mma: false, ..auto });
+        if auto.kernel == SplitKKernel::TensorCore {
+            plans.push(SplitKPlan {
+                kernel: SplitKKernel::Simt,
+                ..auto
+            });
             plans.push(SplitKPlan {
                 num_splits: 7,
                 ..auto
@@ -623,7 +626,10 @@ fn splitk_cases<T: FloatElem>(cases: &[Case], seed: u64) {
                     c.name,
                     plan.num_splits,
                     plan.heads_per_cta,
-                    if plan.mma { " mma" } else { "" }
+                    match plan.kernel {
+                        SplitKKernel::TensorCore => " mma",
+                        SplitKKernel::Simt => "",
+                    }
                 ),
                 &down(&out_d),
                 &want,
@@ -688,7 +694,7 @@ fn attention_launchers_reject_bad_arguments_without_panicking() {
     let plan = |num_splits| SplitKPlan {
         num_splits,
         heads_per_cta: 1,
-        mma: false,
+        kernel: SplitKKernel::Simt,
     };
     // Workspace too small for 2 seqs x 8 heads x 4 splits.
     let err = attention::paged_attention_decode_splitk(
@@ -778,7 +784,7 @@ fn attention_launchers_reject_bad_arguments_without_panicking() {
         SplitKPlan {
             num_splits: 1,
             heads_per_cta: 3,
-            mma: false,
+            kernel: SplitKKernel::Simt,
         },
         &mut small,
     )
@@ -988,7 +994,7 @@ fn paged_attention_launchers_share_one_argument_check() {
     let plan = SplitKPlan {
         num_splits: 1,
         heads_per_cta: 1,
-        mma: false,
+        kernel: SplitKKernel::Simt,
     };
     let good = PagedKv {
         k: &k,
@@ -1309,7 +1315,7 @@ fn bench_attention() {
                 let one_head = SplitKPlan {
                     num_splits: splitk_num_splits(num_sms, num_seqs, num_heads, 1, ctx),
                     heads_per_cta: 1,
-                    mma: false,
+                    kernel: SplitKKernel::Simt,
                 };
                 let iters = 20;
                 let base_ms = time_ms(iters, |i| {
@@ -1318,9 +1324,12 @@ fn bench_attention() {
                 });
                 let mut runs = vec![("decode", base_ms, 1, 1)];
                 let mut plans = vec![auto];
-                if auto.mma {
+                if auto.kernel == SplitKKernel::TensorCore {
                     // The SIMT kernel at the same plan.
-                    plans.push(SplitKPlan { mma: false, ..auto });
+                    plans.push(SplitKPlan {
+                        kernel: SplitKKernel::Simt,
+                        ..auto
+                    });
                 }
                 if auto.heads_per_cta > 1 {
                     plans.push(one_head);
@@ -1341,7 +1350,10 @@ fn bench_attention() {
                         )
                         .unwrap()
                     });
-                    let kernel = if plan.mma { "splitk_mma" } else { "splitk" };
+                    let kernel = match plan.kernel {
+                        SplitKKernel::TensorCore => "splitk_mma",
+                        SplitKKernel::Simt => "splitk",
+                    };
                     runs.push((kernel, ms, plan.num_splits, plan.heads_per_cta));
                 }
                 for (kernel, ms, n, h) in runs {

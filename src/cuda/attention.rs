@@ -350,8 +350,16 @@ pub struct SplitKPlan {
     pub num_splits: usize,
     /// Query heads of one GQA group a CTA serves (divides the group; at most 8).
     pub heads_per_cta: usize,
-    /// The tensor-core kernel (`splitk_mma_supported`) instead of the SIMT one.
-    pub mma: bool,
+    pub kernel: SplitKKernel,
+}
+
+/// Which split-K decode kernel runs a plan (both write the same partials and output).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SplitKKernel {
+    /// Lanes split each key row (any dtype and supported head size).
+    Simt,
+    /// The CTA's query heads are the rows of mma.m16n8k16 tiles (`splitk_mma_supported`).
+    TensorCore,
 }
 
 /// Whether the tensor-core split-K kernel serves this shape: bf16/f16, head_dim a multiple of
@@ -389,7 +397,10 @@ impl SplitKPlan {
                 max_context_len,
             ),
             heads_per_cta,
-            mma: splitk_mma_supported(dtype, p.head_dim, heads_per_cta),
+            kernel: match splitk_mma_supported(dtype, p.head_dim, heads_per_cta) {
+                true => SplitKKernel::TensorCore,
+                false => SplitKKernel::Simt,
+            },
         }
     }
 }
@@ -418,7 +429,7 @@ pub fn paged_attention_decode_splitk<T: FloatElem>(
     let SplitKPlan {
         num_splits,
         heads_per_cta,
-        mma,
+        kernel,
     } = plan;
     check_paged_attention(OP, dev, out, q, q_stride, cache, alibi_slopes, p)?;
     let num_seqs = check_decode_batch(OP, dev, out, q, q_stride, tables, p)?;
@@ -496,11 +507,13 @@ pub fn paged_attention_decode_splitk<T: FloatElem>(
         Define::new("GQA_HEADS", heads_per_cta),
     ];
     defines.extend(KernelId::AttentionSplitK.dtype_defines(T::DTYPE));
-    if mma && !splitk_mma_supported(T::DTYPE, p.head_dim, heads_per_cta) {
+    if kernel == SplitKKernel::TensorCore
+        && !splitk_mma_supported(T::DTYPE, p.head_dim, heads_per_cta)
+    {
         return Err(CudaError::invalid(
             OP,
-            "mma",
-            mma,
+            "kernel",
+            "TensorCore",
             format!(
                 "the tensor-core kernel needs bf16/f16, head_dim % 16 == 0 and 2..=8 heads per \
                  CTA (got {}, {}, {heads_per_cta})",
@@ -509,12 +522,12 @@ pub fn paged_attention_decode_splitk<T: FloatElem>(
             ),
         ));
     }
-    let (entry, smem) = match mma {
-        true => (
+    let (entry, smem) = match kernel {
+        SplitKKernel::TensorCore => (
             format!("paged_attention_splitk_mma_{}", T::DTYPE),
             splitk_mma_smem_bytes(p.head_dim),
         ),
-        false => (format!("paged_attention_splitk_{}", T::DTYPE), 0),
+        SplitKKernel::Simt => (format!("paged_attention_splitk_{}", T::DTYPE), 0),
     };
     let f = dev.function(KernelId::AttentionSplitK, &defines, &entry)?;
     allow_smem(dev, &f, &entry, smem)?;
@@ -682,13 +695,14 @@ mod tests {
             scale: 1.0,
             sliding_window: None,
         };
-        assert!(SplitKPlan::choose(132, DType::BF16, 8, &p, 4096).mma);
-        assert!(!SplitKPlan::choose(132, DType::F32, 8, &p, 4096).mma);
+        let kernel = |dt, p: &DecodeAttention| SplitKPlan::choose(132, dt, 8, p, 4096).kernel;
+        assert_eq!(kernel(DType::BF16, &p), SplitKKernel::TensorCore);
+        assert_eq!(kernel(DType::F32, &p), SplitKKernel::Simt);
         let mha = DecodeAttention {
             num_kv_heads: 32,
             ..p
         };
-        assert!(!SplitKPlan::choose(132, DType::BF16, 8, &mha, 4096).mma);
+        assert_eq!(kernel(DType::BF16, &mha), SplitKKernel::Simt);
         // Two stages of K and V, 16 rows of 136 elements, 4 warps.
         assert_eq!(splitk_mma_smem_bytes(128), 4 * 2 * 2 * 16 * 136 * 2);
     }

@@ -309,6 +309,50 @@ pub fn open_with(
     }
 }
 
+/// The scratch steps of `CudaExecutor::warm_up`: one prefill of as many tokens as a step and a
+/// sequence's blocks allow (none under 2 tokens: a 1-token chunk is a decode), and one decode
+/// step per batch size, every sequence a single token at position 0 of block 0. All of them
+/// write only the first blocks of the cache.
+#[derive(Debug, Clone, PartialEq)]
+struct WarmUpPlans {
+    prefill: Option<SchedulePlan>,
+    decode: Vec<SchedulePlan>,
+}
+
+impl WarmUpPlans {
+    /// `max_tokens`: the step's token capacity; `num_blocks`: blocks one sequence may use (the
+    /// cache's, capped by max_model_len).
+    fn new(
+        max_tokens: usize,
+        num_blocks: usize,
+        block_size: usize,
+        decode_batches: &[usize],
+    ) -> Self {
+        let scratch = |i: usize, tokens: usize| crate::scheduler::ScheduledSeq {
+            seq_id: crate::request::SeqId(i as u64),
+            token_ids: vec![0; tokens],
+            start_pos: 0,
+            block_table: (0..tokens.div_ceil(block_size.max(1)))
+                .map(|b| crate::kv_cache::BlockId(b as u32))
+                .collect(),
+            sample: true,
+        };
+        let plan = |seqs: Vec<crate::scheduler::ScheduledSeq>| SchedulePlan {
+            num_batched_tokens: seqs.iter().map(|s| s.token_ids.len()).sum(),
+            seqs,
+            preempted: vec![],
+        };
+        let prefill_tokens = max_tokens.min(num_blocks * block_size);
+        WarmUpPlans {
+            prefill: (prefill_tokens >= 2).then(|| plan(vec![scratch(0, prefill_tokens)])),
+            decode: decode_batches
+                .iter()
+                .map(|&b| plan((0..b).map(|i| scratch(i, 1)).collect()))
+                .collect(),
+        }
+    }
+}
+
 /// What `CudaExecutor::warm_up` did, for the load log.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WarmUpReport {
@@ -399,6 +443,13 @@ pub fn graph_buckets(max_num_seqs: usize) -> Vec<usize> {
         buckets.push(max_num_seqs);
     }
     buckets
+}
+
+/// Tokens and sequences the step buffers hold: a step of max_num_seqs decodes fits even when
+/// max_num_batched_tokens is smaller.
+fn step_capacity(cfg: &KvCacheConfig) -> (usize, usize) {
+    let max_seqs = cfg.max_num_seqs.max(1);
+    (cfg.max_num_batched_tokens.max(max_seqs), max_seqs)
 }
 
 /// Block-table entries per sequence in the step inputs: enough for `max_model_len` tokens.
@@ -1168,11 +1219,7 @@ impl<T: FloatElem> CudaExecutor<T> {
                 })
             })
             .collect::<Result<Vec<_>, crate::cuda::CudaError>>()?;
-        let max_tokens = kv_cfg
-            .max_num_batched_tokens
-            .max(kv_cfg.max_num_seqs)
-            .max(1);
-        let max_seqs = kv_cfg.max_num_seqs.max(1);
+        let (max_tokens, max_seqs) = step_capacity(kv_cfg);
         let ws = Workspace::new(&dev, &spec, kv_cfg, max_tokens, max_seqs)?;
         dev.synchronize()?;
         let profile = opts.profile;
@@ -1216,15 +1263,8 @@ impl<T: FloatElem> CudaExecutor<T> {
     /// fail on the first request).
     pub fn warm_up(&mut self) -> crate::Result<WarmUpReport> {
         let start = std::time::Instant::now();
-        let (modules, plans) = self.setup_counts();
-        let bs = self.kv_shape.block_size;
+        let (modules, gemm_plans) = self.setup_counts();
         let vocab = self.spec.vocab_size;
-        let blocks = self.kv_shape.num_blocks.min(self.max_blocks);
-        let table = |tokens: usize| -> Vec<crate::kv_cache::BlockId> {
-            (0..tokens.div_ceil(bs))
-                .map(|b| crate::kv_cache::BlockId(b as u32))
-                .collect()
-        };
         let mut history = crate::cuda::sampling::TokenHistory::new(&[1, 2, 3], vocab);
         history.accept(1);
         // One suppressed id (as min_tokens suppresses eos), unless that would leave nothing.
@@ -1242,27 +1282,15 @@ impl<T: FloatElem> CudaExecutor<T> {
             num_logprobs: Some(crate::request::MAX_LOGPROBS),
             uniform: 0.5,
         };
-        let step = |exec: &mut Self, seqs: Vec<crate::scheduler::ScheduledSeq>| {
+        let step = |exec: &mut Self, plan: &SchedulePlan| {
             let mut rows = SampleBatch::new();
-            for i in 0..seqs.len() {
+            for i in 0..plan.seqs.len() {
                 match i {
                     1 => rows.push(&RowSampling::greedy(), None, &[]),
                     _ => rows.push(&filtered, Some(&history), suppressed),
                 }?;
             }
-            let plan = SchedulePlan {
-                num_batched_tokens: seqs.iter().map(|s| s.token_ids.len()).sum(),
-                seqs,
-                preempted: vec![],
-            };
-            exec.execute_and_sample(&plan, &rows).map(|_| ())
-        };
-        let scratch = |i: usize, tokens: usize| crate::scheduler::ScheduledSeq {
-            seq_id: crate::request::SeqId(i as u64),
-            token_ids: vec![0; tokens],
-            start_pos: 0,
-            block_table: table(tokens),
-            sample: true,
+            exec.execute_and_sample(plan, &rows).map(|_| ())
         };
         let Some(mut ws) = self.ws.take() else {
             return Err(device_err("the step workspace is gone".into()));
@@ -1270,31 +1298,39 @@ impl<T: FloatElem> CudaExecutor<T> {
         let gemms = self.warm_up_gemms(&mut ws);
         self.ws = Some(ws);
         gemms?;
-        let prefill_tokens = self.max_tokens.min(blocks * bs);
-        let prefill_tokens = if prefill_tokens >= 2 {
-            prefill_tokens
-        } else {
-            0
-        };
-        if prefill_tokens > 0 {
-            step(self, vec![scratch(0, prefill_tokens)])?;
-        }
         let decode_batches: Vec<usize> = match self.graphs_enabled {
             true => self.buckets.iter().rev().copied().collect(),
             false => vec![1],
         };
-        for &b in &decode_batches {
-            for _ in 0..2 {
-                step(self, (0..b).map(|i| scratch(i, 1)).collect())?;
+        let plans = WarmUpPlans::new(
+            self.max_tokens,
+            self.kv_shape.num_blocks.min(self.max_blocks),
+            self.kv_shape.block_size,
+            &decode_batches,
+        );
+        // The profile (FERRUM_CUDA_PROFILE) times requests' steps, not these.
+        let profile = self.profile.take();
+        let ran = (|| -> crate::Result<()> {
+            if let Some(prefill) = &plans.prefill {
+                step(self, prefill)?;
             }
-        }
+            for decode in &plans.decode {
+                // The first run captures the bucket's graph, the second replays it.
+                step(self, decode)?;
+                step(self, decode)?;
+            }
+            Ok(())
+        })();
+        self.profile = profile;
+        ran?;
         self.dev.synchronize()?;
+        let prefill_tokens = plans.prefill.map_or(0, |p| p.num_batched_tokens);
         let (modules_now, plans_now) = self.setup_counts();
         Ok(WarmUpReport {
             prefill_tokens,
             decode_batches,
             modules_compiled: modules_now - modules,
-            gemm_plans: plans_now - plans,
+            gemm_plans: plans_now - gemm_plans,
             graphs_captured: self.graphs.values().filter(|g| g.is_some()).count(),
             seconds: start.elapsed().as_secs_f64(),
         })
@@ -2182,6 +2218,73 @@ mod tests {
         // Without graphs the same step is exact-sized.
         let l = pack_step(&plan, &limits(&[]), &mut host, &mut rows).unwrap();
         assert_eq!((l.num_tokens, l.num_rows, l.bucket), (3, 3, None));
+    }
+
+    #[test]
+    fn warm_up_plans_fit_every_step_capacity() {
+        // (max_num_batched_tokens, max_num_seqs, block_size, max_model_len, cache blocks)
+        let configs = [
+            (2048, 64, 16, 4096, 100_000),
+            (64, 4, 4, 128, 512),
+            (1, 1, 16, 16, 1),
+            (8, 256, 16, 2048, 40),
+            (8192, 1, 32, 100, 2),
+            (3, 2, 64, 64, 1),
+        ];
+        for (batched, seqs, block_size, max_model_len, cache_blocks) in configs {
+            let cfg = KvCacheConfig {
+                block_size,
+                max_num_batched_tokens: batched,
+                max_num_seqs: seqs,
+                max_model_len,
+                ..cfg()
+            };
+            let (max_tokens, max_seqs) = step_capacity(&cfg);
+            let max_blocks = max_blocks_per_seq(&cfg);
+            for graphs in [true, false] {
+                let buckets = if graphs {
+                    graph_buckets(max_seqs)
+                } else {
+                    vec![]
+                };
+                let batches: Vec<usize> = match graphs {
+                    true => buckets.iter().rev().copied().collect(),
+                    false => vec![1],
+                };
+                let plans = WarmUpPlans::new(
+                    max_tokens,
+                    cache_blocks.min(max_blocks),
+                    block_size,
+                    &batches,
+                );
+                let lim = StepLimits {
+                    block_size,
+                    num_blocks: cache_blocks,
+                    max_blocks,
+                    max_tokens,
+                    max_seqs,
+                    buckets: &buckets,
+                };
+                let (mut host, mut rows) = (vec![], vec![]);
+                let what = format!("{batched}/{seqs}/{block_size}/{max_model_len}/{cache_blocks}");
+                if let Some(p) = &plans.prefill {
+                    let l = pack_step(p, &lim, &mut host, &mut rows).unwrap();
+                    assert_eq!((l.num_prefill, l.num_decode), (1, 0), "{what}");
+                    assert!(l.num_tokens >= 2 && l.num_tokens <= max_tokens, "{what}");
+                }
+                assert_eq!(plans.decode.len(), batches.len());
+                for (p, &b) in plans.decode.iter().zip(&batches) {
+                    let l = pack_step(p, &lim, &mut host, &mut rows).unwrap();
+                    assert_eq!(l.num_decode, b, "{what}");
+                    // With graphs each batch is its own bucket: the capture the warm-up wants.
+                    assert_eq!(l.bucket, graphs.then_some(b), "{what}");
+                }
+            }
+        }
+        // A prefill takes as many tokens as the step and one sequence's blocks allow.
+        let p = WarmUpPlans::new(2048, 8, 16, &[1]);
+        assert_eq!(p.prefill.unwrap().num_batched_tokens, 128);
+        assert!(WarmUpPlans::new(1, 8, 16, &[1]).prefill.is_none());
     }
 
     #[test]

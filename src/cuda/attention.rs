@@ -28,6 +28,12 @@ use crate::dtype::DType;
 const THREADS: u32 = 128;
 /// Dynamic shared memory a kernel may use without opting in.
 const DEFAULT_SMEM_LIMIT: usize = 48 * 1024;
+/// The smallest per-block opt-in shared memory of the supported archs (sm_86/sm_89: 99 KB; sm_80
+/// 163 KB, sm_90 227 KB): every launch stays within it, so one choice serves every card.
+const PORTABLE_SMEM_LIMIT: usize = 99 * 1024;
+/// Static shared memory of the tensor-core split-K kernel beside its dynamic stages (red_m and
+/// red_l: SK_WARPS x GQA_HEADS floats each, at most 8 heads).
+const SPLITK_MMA_STATIC_SMEM: usize = 2 * 4 * 8 * 4;
 
 /// Largest head_dim the prefill and split-K kernels handle (the same bound as the decode
 /// kernel's, which `ops::check_paged_attention` enforces for all three).
@@ -363,10 +369,14 @@ pub enum SplitKKernel {
 }
 
 /// Whether the tensor-core split-K kernel serves this shape: bf16/f16, head_dim a multiple of
-/// 16, and at least two query heads per CTA (one head per CTA keeps the SIMT kernel, which is
-/// bound by memory there, not by its per-key arithmetic).
+/// 16 whose K/V stages fit `PORTABLE_SMEM_LIMIT` (head_dim <= 176), and at least two query heads
+/// per CTA (one head per CTA keeps the SIMT kernel, which is bound by memory there, not by its
+/// per-key arithmetic).
 pub fn splitk_mma_supported(dtype: DType, head_dim: usize, heads_per_cta: usize) -> bool {
-    dtype != DType::F32 && head_dim % 16 == 0 && (2..=8).contains(&heads_per_cta)
+    dtype != DType::F32
+        && head_dim % 16 == 0
+        && splitk_mma_smem_bytes(head_dim) + SPLITK_MMA_STATIC_SMEM <= PORTABLE_SMEM_LIMIT
+        && (2..=8).contains(&heads_per_cta)
 }
 
 /// Dynamic shared memory of the tensor-core kernel (attention_splitk.cu's SK_MMA_SMEM_BYTES):
@@ -649,7 +659,7 @@ mod tests {
             for dt in [DType::F32, DType::BF16, DType::F16] {
                 for k in [PrefillKernel::Fast, PrefillKernel::Simt] {
                     assert!(
-                        prefill_launch(k, dt, hd).smem_bytes <= 99 * 1024,
+                        prefill_launch(k, dt, hd).smem_bytes <= PORTABLE_SMEM_LIMIT,
                         "{k:?} {dt} {hd}"
                     );
                 }
@@ -688,6 +698,15 @@ mod tests {
         assert!(!splitk_mma_supported(DType::BF16, 128, 1));
         assert!(!splitk_mma_supported(DType::BF16, 72, 4));
         assert!(!splitk_mma_supported(DType::BF16, 128, 16));
+        // Its stages fit the 99 KB of sm_86/sm_89 up to head_dim 176; 256 stays on SIMT.
+        assert!(splitk_mma_supported(DType::BF16, 176, 2));
+        assert!(!splitk_mma_supported(DType::BF16, 192, 2));
+        assert!(!splitk_mma_supported(DType::F16, 256, 2));
+        for hd in (16..=256).step_by(16) {
+            if splitk_mma_supported(DType::BF16, hd, 4) {
+                assert!(splitk_mma_smem_bytes(hd) + SPLITK_MMA_STATIC_SMEM <= 99 * 1024);
+            }
+        }
         let p = DecodeAttention {
             num_heads: 32,
             num_kv_heads: 8,

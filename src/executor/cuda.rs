@@ -1251,8 +1251,9 @@ impl<T: FloatElem> CudaExecutor<T> {
     }
 
     /// Runs, once before any request, what would otherwise land in the first requests' latency:
-    /// the timed GEMM plans (`warm_up_gemms`), a prefill of `min(max_num_batched_tokens,
-    /// max_model_len)` scratch tokens (prefill kernels), then every decode graph bucket twice,
+    /// the timed GEMM plans (`warm_up_gemms`), a prefill of as many scratch tokens as one step
+    /// and one sequence's blocks hold (`WarmUpPlans`; prefill kernels), then every decode graph
+    /// bucket twice,
     /// largest first (decode and split-K kernels, the tuned GEMM plans of each bucket, the
     /// capture and a first replay), each step sampled on the device with a greedy row and a
     /// row with every filter, penalty and logprobs on (the sampler's kernels).

@@ -45,14 +45,16 @@ const MIN_KEYS_PER_SPLIT: usize = 256;
 /// CTAs per SM the split choice aims for (enough loads in flight to saturate HBM).
 const TARGET_CTAS_PER_SM: usize = 8;
 
-/// Raises the function's dynamic shared memory limit when it needs more than the default.
+/// Raises the function's dynamic shared memory limit when it needs more than the default. Not
+/// while the stream is captured into a graph: a capture only records launches, and the executor
+/// runs every captured step eagerly first, which set the (persistent) limit.
 fn allow_smem(
     dev: &CudaDevice,
     f: &CudaFunction,
     entry: &str,
     bytes: usize,
 ) -> Result<(), CudaError> {
-    if bytes > DEFAULT_SMEM_LIMIT {
+    if bytes > DEFAULT_SMEM_LIMIT && !dev.is_capturing()? {
         let bytes = i32::try_from(bytes).map_err(|_| {
             CudaError::invalid("attention", "shared memory", bytes, "must fit in i32")
         })?;

@@ -304,6 +304,11 @@ impl CudaDevice {
         .map_err(|e| CudaError::driver("copying packed step inputs", e))
     }
 
+    /// Whether this device's stream is being captured into a graph.
+    pub fn is_capturing(&self) -> Result<bool, CudaError> {
+        stream_capturing(&self.stream)
+    }
+
     /// Starts capturing this device's stream into a graph (thread-local mode: other threads'
     /// CUDA calls are not affected). Every launch until `end_capture` is recorded, not run.
     pub fn begin_capture(&self) -> Result<(), CudaError> {
@@ -430,4 +435,12 @@ impl CudaDevice {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+/// Whether `stream` is being captured into a graph.
+pub(crate) fn stream_capturing(stream: &CudaStream) -> Result<bool, CudaError> {
+    let status = stream
+        .capture_status()
+        .map_err(|e| CudaError::driver("reading the stream's capture status", e))?;
+    Ok(status != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
 }

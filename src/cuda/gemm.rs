@@ -415,11 +415,7 @@ impl Gemm {
     }
 
     fn capturing(&self) -> Result<bool, CudaError> {
-        let status = self
-            .stream
-            .capture_status()
-            .map_err(|e| CudaError::driver("reading the stream's capture status", e))?;
-        Ok(status != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+        super::device::stream_capturing(&self.stream)
     }
 
     /// cuBLASLt workspace size for `arch`: 32 MiB on Hopper and newer, 4 MiB before.

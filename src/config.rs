@@ -66,6 +66,8 @@ struct RawParameters {
     max_model_len: Option<String>,
     enable_chunked_context: Option<String>,
     batch_scheduler_policy: Option<String>,
+    cuda_graph_mode: Option<String>,
+    cuda_warmup: Option<String>,
     exclude_input_in_output: Option<String>,
     apply_chat_template: Option<String>,
     default_max_tokens: Option<String>,
@@ -92,6 +94,8 @@ pub const PARAMETER_KEYS: &[&str] = &[
     "max_model_len",
     "enable_chunked_context",
     "batch_scheduler_policy",
+    "cuda_graph_mode",
+    "cuda_warmup",
     "exclude_input_in_output",
     "apply_chat_template",
     "default_max_tokens",
@@ -131,6 +135,10 @@ pub struct BackendConfig {
     pub max_model_len: Option<usize>,
     pub enable_chunked_context: bool,
     pub batch_scheduler_policy: SchedulerPolicy,
+    /// GPU: decode steps replay CUDA graphs (tensorrtllm_backend's `cuda_graph_mode`).
+    pub cuda_graph_mode: bool,
+    /// GPU: compile kernels, time GEMM shapes and capture graphs at load.
+    pub cuda_warmup: bool,
     pub defaults: RequestDefaults,
 }
 
@@ -296,6 +304,8 @@ impl BackendConfig {
                 )
             })?,
         };
+        let cuda_graph_mode = parse_bool("cuda_graph_mode", raw.cuda_graph_mode.as_deref(), true)?;
+        let cuda_warmup = parse_bool("cuda_warmup", raw.cuda_warmup.as_deref(), true)?;
         let exclude_input_in_output = parse_bool(
             "exclude_input_in_output",
             raw.exclude_input_in_output.as_deref(),
@@ -364,6 +374,8 @@ impl BackendConfig {
             max_model_len,
             enable_chunked_context,
             batch_scheduler_policy,
+            cuda_graph_mode,
+            cuda_warmup,
             defaults: RequestDefaults {
                 max_tokens,
                 sampling,
@@ -393,6 +405,8 @@ impl BackendConfig {
             max_model_len: self.max_model_len,
             enable_chunked_prefill: self.enable_chunked_context,
             batch_scheduler_policy: self.batch_scheduler_policy,
+            cuda_graphs: self.cuda_graph_mode,
+            cuda_warm_up: self.cuda_warmup,
             progress: false,
             ..EngineOptions::new(self.model_path.clone())
         }
@@ -522,6 +536,9 @@ mod tests {
         assert_eq!(c.block_size, 16);
         assert!(c.enable_chunked_context);
         assert_eq!(c.batch_scheduler_policy, SchedulerPolicy::MaxUtilization);
+        assert!(c.cuda_graph_mode && c.cuda_warmup);
+        let o = c.engine_options();
+        assert!(o.cuda_graphs && o.cuda_warm_up);
         assert_eq!(c.defaults.max_tokens, DEFAULT_MAX_TOKENS);
         assert!(!c.defaults.exclude_input_in_output);
         // Relative to the model folder when not in the version folder.
@@ -554,6 +571,8 @@ mod tests {
                 ("max_model_len", "1024"),
                 ("enable_chunked_context", "false"),
                 ("batch_scheduler_policy", "GUARANTEED_NO_EVICT"),
+                ("cuda_graph_mode", "false"),
+                ("cuda_warmup", "0"),
                 ("exclude_input_in_output", "TRUE"),
                 ("apply_chat_template", "1"),
                 ("default_max_tokens", "7"),
@@ -587,6 +606,7 @@ mod tests {
         assert_eq!(o.max_model_len, Some(1024));
         assert!(!o.enable_chunked_prefill);
         assert_eq!(o.batch_scheduler_policy, SchedulerPolicy::GuaranteedNoEvict);
+        assert!(!o.cuda_graphs && !o.cuda_warm_up);
     }
 
     #[test]
@@ -614,6 +634,8 @@ mod tests {
                 &[("enable_chunked_context", "maybe")],
                 &["enable_chunked_context", "maybe"],
             ),
+            (&[("cuda_graph_mode", "on")], &["cuda_graph_mode", "on"]),
+            (&[("cuda_warmup", "2")], &["cuda_warmup", "2"]),
             (&[("weight_format", "int4")], &["weight_format", "int4"]),
             (&[("dtype", "int8")], &["dtype", "int8", "bfloat16"]),
             (

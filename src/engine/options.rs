@@ -81,6 +81,10 @@ pub struct EngineOptions {
     pub enable_chunked_prefill: bool,
     /// Admission policy (`batch_scheduler_policy`).
     pub batch_scheduler_policy: SchedulerPolicy,
+    /// GPU engine: replay decode steps from CUDA graphs (`cuda_graph_mode`).
+    pub cuda_graphs: bool,
+    /// GPU engine: compile, plan and capture at load (`cuda_warmup`).
+    pub cuda_warm_up: bool,
     /// CPU threads for the CPU engine (0: one per core).
     pub num_threads: usize,
     /// Show a progress bar while loading weights (only when stderr is a terminal).
@@ -103,6 +107,8 @@ impl EngineOptions {
             max_model_len: None,
             enable_chunked_prefill: true,
             batch_scheduler_policy: SchedulerPolicy::default(),
+            cuda_graphs: true,
+            cuda_warm_up: true,
             num_threads: 0,
             progress: false,
         }
@@ -285,7 +291,19 @@ fn start_on(target: Target, ckpt: Checkpoint, opts: &EngineOptions) -> crate::Re
                     executor,
                     plan,
                     warm_up,
-                } = cuda_executor::open(*dev, spec.clone(), weights, dtype, &kv)?;
+                } = cuda_executor::open_with(
+                    *dev,
+                    spec.clone(),
+                    weights,
+                    dtype,
+                    &kv,
+                    &cuda_executor::CudaExecOptions {
+                        cuda_graphs: opts.cuda_graphs,
+                        warm_up: opts.cuda_warm_up,
+                        profile: false,
+                    }
+                    .overridden_by_env(),
+                )?;
                 log.push(plan.describe(&kv));
                 log.extend(warm_up.map(|w| w.describe()));
                 (

@@ -235,19 +235,27 @@ impl Default for CudaExecOptions {
 }
 
 impl CudaExecOptions {
-    /// The defaults, overridden by `FERRUM_CUDA_GRAPHS=0|1`, `FERRUM_CUDA_PROFILE=0|1` and
-    /// `FERRUM_CUDA_WARMUP=0|1`.
+    /// The defaults, overridden by the environment (`overridden_by_env`).
     pub fn from_env() -> Self {
-        let flag = |name: &str| {
-            std::env::var(name)
-                .ok()
-                .map(|v| !matches!(v.as_str(), "" | "0" | "false" | "off"))
-        };
-        let d = CudaExecOptions::default();
+        CudaExecOptions::default().overridden_by_env()
+    }
+
+    /// These options, each overridden by its environment variable when set:
+    /// `FERRUM_CUDA_GRAPHS`, `FERRUM_CUDA_WARMUP`, `FERRUM_CUDA_PROFILE` (`0`, `false`, `off` or
+    /// empty: off; anything else: on). For measurements and debugging; models set the first two
+    /// with `cuda_graph_mode` and `cuda_warmup`.
+    pub fn overridden_by_env(self) -> Self {
+        self.overridden_by(|name| std::env::var(name).ok())
+    }
+
+    /// `overridden_by_env` with the variables read from `var`.
+    pub fn overridden_by(self, var: impl Fn(&str) -> Option<String>) -> Self {
+        let flag =
+            |name: &str| var(name).map(|v| !matches!(v.as_str(), "" | "0" | "false" | "off"));
         CudaExecOptions {
-            cuda_graphs: flag("FERRUM_CUDA_GRAPHS").unwrap_or(d.cuda_graphs),
-            profile: flag("FERRUM_CUDA_PROFILE").unwrap_or(d.profile),
-            warm_up: flag("FERRUM_CUDA_WARMUP").unwrap_or(d.warm_up),
+            cuda_graphs: flag("FERRUM_CUDA_GRAPHS").unwrap_or(self.cuda_graphs),
+            profile: flag("FERRUM_CUDA_PROFILE").unwrap_or(self.profile),
+            warm_up: flag("FERRUM_CUDA_WARMUP").unwrap_or(self.warm_up),
         }
     }
 }
@@ -2219,6 +2227,31 @@ mod tests {
         // Without graphs the same step is exact-sized.
         let l = pack_step(&plan, &limits(&[]), &mut host, &mut rows).unwrap();
         assert_eq!((l.num_tokens, l.num_rows, l.bucket), (3, 3, None));
+    }
+
+    #[test]
+    fn environment_overrides_only_the_options_it_sets() {
+        let base = CudaExecOptions {
+            cuda_graphs: false,
+            profile: false,
+            warm_up: true,
+        };
+        assert_eq!(base.overridden_by(|_| None), base);
+        let env = |name: &str| match name {
+            "FERRUM_CUDA_GRAPHS" => Some("1".to_owned()),
+            "FERRUM_CUDA_WARMUP" => Some("off".to_owned()),
+            _ => None,
+        };
+        assert_eq!(
+            base.overridden_by(env),
+            CudaExecOptions {
+                cuda_graphs: true,
+                profile: false,
+                warm_up: false,
+            }
+        );
+        let empty = |name: &str| (name == "FERRUM_CUDA_WARMUP").then(String::new);
+        assert!(!base.overridden_by(empty).warm_up);
     }
 
     #[test]

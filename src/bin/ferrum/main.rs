@@ -80,6 +80,13 @@ pub struct EngineArgs {
     /// max_tokens; never preempt).
     #[arg(long, default_value = "max_utilization", value_parser = parse_policy)]
     batch_scheduler_policy: SchedulerPolicy,
+    /// GPU: replay decode steps from CUDA graphs (true | false; the `cuda_graph_mode` parameter).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    cuda_graph_mode: bool,
+    /// GPU: compile kernels, time GEMM shapes and capture graphs at load (true | false; the
+    /// `cuda_warmup` parameter).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    cuda_warmup: bool,
 }
 
 impl EngineArgs {
@@ -97,6 +104,8 @@ impl EngineArgs {
             max_model_len: self.max_model_len,
             num_threads: self.threads,
             batch_scheduler_policy: self.batch_scheduler_policy,
+            cuda_graphs: self.cuda_graph_mode,
+            cuda_warm_up: self.cuda_warmup,
             progress: true,
             ..EngineOptions::new(model)
         }

@@ -394,9 +394,9 @@ __device__ void splitk_impl(T* out, float* part_m, float* part_l, float* part_ac
 // warp's other stage while the current one is computed. Shared rows are padded by 8 elements so
 // ldmatrix's 8 row addresses fall in different banks: K rows give the B fragments of Q.K^T
 // (ldmatrix), V rows those of P.V (ldmatrix.trans), and P is built in registers from the score
-// accumulators. Needs HEAD_DIM % 16 == 0 and GQA_HEADS <= 8 (rows g + 8 of every fragment are
+// accumulators. Needs HEAD_DIM % 16 == 0 and 2 <= GQA_HEADS <= 8 (rows g + 8 of every fragment are
 // padding); dynamic shared memory: SK_MMA_SMEM_BYTES.
-#if SK_CAT(SK_DTYPE_ID_, DTYPE) != 1 && HEAD_DIM % 16 == 0 && GQA_HEADS <= 8
+#if SK_CAT(SK_DTYPE_ID_, DTYPE) != 1 && HEAD_DIM % 16 == 0 && GQA_HEADS >= 2 && GQA_HEADS <= 8
 #define SK_MMA 1
 #define SK_TILE 16
 #define SK_ROW (HEAD_DIM + 8)

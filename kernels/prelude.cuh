@@ -34,23 +34,20 @@ template <> __device__ __forceinline__ f16 from_f32<f16>(float x) {
     return r;
 }
 
-// 16 / sizeof(T) values (eight bf16/f16, four f32) moved as one 16-byte load or store; the
-// address must be 16-byte aligned.
-struct alignas(16) Bits16 {
-    u32 w[4];
-};
+// 16 / sizeof(T) values (eight bf16/f16, four f32) moved as one 16-byte load or store (the
+// builtin uint4, as gemv.cu loads weights); the address must be 16-byte aligned.
 template <typename T> union Vec16 {
     static constexpr int N = 16 / (int)sizeof(T);
-    Bits16 bits;
+    uint4 bits;
     T e[16 / sizeof(T)];
 };
 template <typename T> __device__ __forceinline__ Vec16<T> load_vec16(const T* p) {
     Vec16<T> v;
-    v.bits = *reinterpret_cast<const Bits16*>(p);
+    v.bits = *reinterpret_cast<const uint4*>(p);
     return v;
 }
 template <typename T> __device__ __forceinline__ void store_vec16(T* p, const Vec16<T>& v) {
-    *reinterpret_cast<Bits16*>(p) = v.bits;
+    *reinterpret_cast<uint4*>(p) = v.bits;
 }
 
 #define FERRUM_NEG_INF (-__int_as_float(0x7f800000))

@@ -11,8 +11,7 @@
 //! live in a `SplitKWorkspace` the caller keeps, so a decode step can be captured in a graph.
 //! It never panics and knows nothing about requests or models.
 
-use cudarc::driver::sys::CUfunction_attribute_enum;
-use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::buffer::{DeviceBuffer, FloatElem};
 use super::device::CudaDevice;
@@ -26,8 +25,6 @@ use crate::dtype::DType;
 
 /// Threads per CTA of every kernel here.
 const THREADS: u32 = 128;
-/// Dynamic shared memory a kernel may use without opting in.
-const DEFAULT_SMEM_LIMIT: usize = 48 * 1024;
 /// The smallest per-block opt-in shared memory of the supported archs (sm_86/sm_89: 99 KB; sm_80
 /// 163 KB, sm_90 227 KB): every launch stays within it, so one choice serves every card.
 const PORTABLE_SMEM_LIMIT: usize = 99 * 1024;
@@ -44,28 +41,6 @@ pub const MAX_SPLITS: usize = 256;
 const MIN_KEYS_PER_SPLIT: usize = 256;
 /// CTAs per SM the split choice aims for (enough loads in flight to saturate HBM).
 const TARGET_CTAS_PER_SM: usize = 8;
-
-/// Raises the function's dynamic shared memory limit when it needs more than the default. Not
-/// while the stream is captured into a graph: a capture only records launches, and the executor
-/// runs every captured step eagerly first, which set the (persistent) limit.
-fn allow_smem(
-    dev: &CudaDevice,
-    f: &CudaFunction,
-    entry: &str,
-    bytes: usize,
-) -> Result<(), CudaError> {
-    if bytes > DEFAULT_SMEM_LIMIT && !dev.is_capturing()? {
-        let bytes = i32::try_from(bytes).map_err(|_| {
-            CudaError::invalid("attention", "shared memory", bytes, "must fit in i32")
-        })?;
-        f.set_attribute(
-            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            bytes,
-        )
-        .map_err(|e| launch_error(dev, entry, e))?;
-    }
-    Ok(())
-}
 
 // ---------------------------------------------------------------------------------------------
 // prefill
@@ -223,8 +198,12 @@ pub fn paged_attention_prefill<T: FloatElem>(
     };
     let entry = format!("{}_{}", launch.op, T::DTYPE);
     let defines = [Define::new("HEAD_DIM", p.head_dim)];
-    let f = dev.function(KernelId::AttentionPrefill, &defines, &entry)?;
-    allow_smem(dev, &f, &entry, launch.smem_bytes)?;
+    let f = dev.function_with_smem(
+        KernelId::AttentionPrefill,
+        &defines,
+        &entry,
+        launch.smem_bytes,
+    )?;
     let ints = [
         to_i32(OP, "q_stride", q_stride)?,
         to_i32(OP, "num_tokens", num_tokens)?,
@@ -541,8 +520,7 @@ pub fn paged_attention_decode_splitk<T: FloatElem>(
         ),
         SplitKKernel::Simt => (format!("paged_attention_splitk_{}", T::DTYPE), 0),
     };
-    let f = dev.function(KernelId::AttentionSplitK, &defines, &entry)?;
-    allow_smem(dev, &f, &entry, smem)?;
+    let f = dev.function_with_smem(KernelId::AttentionSplitK, &defines, &entry, smem)?;
     let cfg = LaunchConfig {
         grid_dim: (
             to_u32(OP, "num_heads / heads_per_cta", p.num_heads / heads_per_cta)?,
@@ -587,7 +565,7 @@ pub fn paged_attention_decode_splitk<T: FloatElem>(
         .arg(&num_splits_i);
     // SAFETY: the arguments match attention_splitk.cu's paged_attention_splitk and
     // paged_attention_splitk_mma (same signature; the latter only where splitk_mma_supported,
-    // checked, with its SK_MMA_SMEM_BYTES of dynamic shared memory allowed above) (out, part_m,
+    // checked, with its SK_MMA_SMEM_BYTES of dynamic shared memory allowed when loaded) (out, part_m,
     // part_l, part_acc, q, q_stride, k_cache, v_cache, block_tables, max_blocks_per_seq,
     // context_lens, alibi_slopes, num_heads, num_kv_heads, block_size, num_blocks, scale,
     // sliding_window, num_splits), compiled with HEAD_DIM = p.head_dim (16-byte rows, checked)

@@ -10,7 +10,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::sys::{
+    CUevent_flags, CUfunction_attribute_enum, CUgraphInstantiate_flags, CUstreamCaptureMode,
+};
 use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaStream, DevicePtr,
     DevicePtrMut,
@@ -34,6 +36,9 @@ pub struct DeviceInfo {
 }
 
 type ModuleKey = (KernelId, Vec<Define>);
+
+/// Dynamic shared memory a kernel may use without opting in.
+const DEFAULT_DYNAMIC_SMEM: usize = 48 * 1024;
 
 /// Compiled modules and the functions looked up in them.
 #[derive(Default)]
@@ -304,11 +309,6 @@ impl CudaDevice {
         .map_err(|e| CudaError::driver("copying packed step inputs", e))
     }
 
-    /// Whether this device's stream is being captured into a graph.
-    pub fn is_capturing(&self) -> Result<bool, CudaError> {
-        stream_capturing(&self.stream)
-    }
-
     /// Starts capturing this device's stream into a graph (thread-local mode: other threads'
     /// CUDA calls are not affected). Every launch until `end_capture` is recorded, not run.
     pub fn begin_capture(&self) -> Result<(), CudaError> {
@@ -406,19 +406,47 @@ impl CudaDevice {
         defines: &[Define],
         entry: &str,
     ) -> Result<CudaFunction, CudaError> {
+        self.function_with_smem(kernel, defines, entry, 0)
+    }
+
+    /// `function` for an entry launched with `dynamic_smem` bytes of dynamic shared memory (a
+    /// constant of the entry and its defines): above the default 48 KiB the function's limit is
+    /// raised once, when it is loaded, so launches (and graph captures) make no extra call.
+    pub(crate) fn function_with_smem(
+        &self,
+        kernel: KernelId,
+        defines: &[Define],
+        entry: &str,
+        dynamic_smem: usize,
+    ) -> Result<CudaFunction, CudaError> {
         let key = ((kernel, defines.to_vec()), entry.to_owned());
         if let Some(f) = self.lock_kernels().functions.get(&key) {
             return Ok(f.clone());
         }
         let module = self.module(kernel, defines)?;
-        let function = module
-            .load_function(entry)
-            .map_err(|source| CudaError::LoadKernel {
-                file: kernel.file_name(),
-                entry: entry.to_owned(),
-                arch: self.arch().to_string(),
-                source,
+        let load_error = |source| CudaError::LoadKernel {
+            file: kernel.file_name(),
+            entry: entry.to_owned(),
+            arch: self.arch().to_string(),
+            source,
+        };
+        let function = module.load_function(entry).map_err(load_error)?;
+        if dynamic_smem > DEFAULT_DYNAMIC_SMEM {
+            let bytes = i32::try_from(dynamic_smem).map_err(|_| {
+                CudaError::invalid(
+                    "function",
+                    "dynamic shared memory",
+                    dynamic_smem,
+                    "must fit in i32",
+                )
             })?;
+            function
+                .set_attribute(
+                    CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes,
+                )
+                .map_err(load_error)?;
+        }
         self.lock_kernels().functions.insert(key, function.clone());
         Ok(function)
     }
@@ -435,12 +463,4 @@ impl CudaDevice {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
-}
-
-/// Whether `stream` is being captured into a graph.
-pub(crate) fn stream_capturing(stream: &CudaStream) -> Result<bool, CudaError> {
-    let status = stream
-        .capture_status()
-        .map_err(|e| CudaError::driver("reading the stream's capture status", e))?;
-    Ok(status != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
 }

@@ -415,7 +415,11 @@ impl Gemm {
     }
 
     fn capturing(&self) -> Result<bool, CudaError> {
-        super::device::stream_capturing(&self.stream)
+        let status = self
+            .stream
+            .capture_status()
+            .map_err(|e| CudaError::driver("reading the stream's capture status", e))?;
+        Ok(status != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
     }
 
     /// cuBLASLt workspace size for `arch`: 32 MiB on Hopper and newer, 4 MiB before.

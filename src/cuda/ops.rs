@@ -219,7 +219,7 @@ pub fn norm<T: FloatElem>(
     let dim_i = to_i32(OP, "dim", dim)?;
     // One CTA per row: at batch 1 the whole op is one CTA, so give it every thread it can use:
     // one per element, or per 16-byte vector where norm.cu's RMSNorm takes them.
-    let vec = 16 / T::DTYPE.size_in_bytes();
+    let vec = vec16_len::<T>();
     let units = match (norm, dim % vec) {
         (Norm::Rms { .. }, 0) => dim / vec,
         _ => dim,
@@ -371,6 +371,11 @@ pub(crate) fn act_code(act: Activation) -> i32 {
     }
 }
 
+/// Elements of T in one 16-byte vector (prelude.cuh's `Vec16<T>::N`).
+fn vec16_len<T: FloatElem>() -> usize {
+    16 / T::DTYPE.size_in_bytes()
+}
+
 pub(crate) fn elementwise_grid(n: usize) -> LaunchConfig {
     const THREADS: usize = 256;
     // Grid-stride loops: 2^16 CTAs cover any n.
@@ -414,7 +419,7 @@ pub fn gated_activation<T: FloatElem>(
         act_code(act),
     );
     // activation.cu takes 16-byte vectors when they tile the rows: one thread per vector.
-    let vec = 16 / T::DTYPE.size_in_bytes();
+    let vec = vec16_len::<T>();
     let units = match inter % vec {
         0 => num_tokens * inter / vec,
         _ => num_tokens * inter,

@@ -319,8 +319,8 @@ pub fn open_with(
 
 /// The scratch steps of `CudaExecutor::warm_up`: one prefill of as many tokens as a step and a
 /// sequence's blocks allow (none under 2 tokens: a 1-token chunk is a decode), and one decode
-/// step per batch size, every sequence a single token at position 0 of block 0. All of them
-/// write only the first blocks of the cache.
+/// step per graph bucket, largest first (batch 1 without graphs), every sequence a single token
+/// at position 0 of block 0. All of them write only the first blocks of the cache.
 #[derive(Debug, Clone, PartialEq)]
 struct WarmUpPlans {
     prefill: Option<SchedulePlan>,
@@ -329,13 +329,8 @@ struct WarmUpPlans {
 
 impl WarmUpPlans {
     /// `max_tokens`: the step's token capacity; `num_blocks`: blocks one sequence may use (the
-    /// cache's, capped by max_model_len).
-    fn new(
-        max_tokens: usize,
-        num_blocks: usize,
-        block_size: usize,
-        decode_batches: &[usize],
-    ) -> Self {
+    /// cache's, capped by max_model_len); `buckets`: the decode graph buckets (empty: no graphs).
+    fn new(max_tokens: usize, num_blocks: usize, block_size: usize, buckets: &[usize]) -> Self {
         let scratch = |i: usize, tokens: usize| crate::scheduler::ScheduledSeq {
             seq_id: crate::request::SeqId(i as u64),
             token_ids: vec![0; tokens],
@@ -353,10 +348,13 @@ impl WarmUpPlans {
         let prefill_tokens = max_tokens.min(num_blocks * block_size);
         WarmUpPlans {
             prefill: (prefill_tokens >= 2).then(|| plan(vec![scratch(0, prefill_tokens)])),
-            decode: decode_batches
-                .iter()
-                .map(|&b| plan((0..b).map(|i| scratch(i, 1)).collect()))
-                .collect(),
+            decode: match buckets {
+                [] => vec![1],
+                _ => buckets.iter().rev().copied().collect(),
+            }
+            .into_iter()
+            .map(|b| plan((0..b).map(|i| scratch(i, 1)).collect()))
+            .collect(),
         }
     }
 }
@@ -1259,12 +1257,10 @@ impl<T: FloatElem> CudaExecutor<T> {
     }
 
     /// Runs, once before any request, what would otherwise land in the first requests' latency:
-    /// the timed GEMM plans (`warm_up_gemms`), a prefill of as many scratch tokens as one step
-    /// and one sequence's blocks hold (`WarmUpPlans`; prefill kernels), then every decode graph
-    /// bucket twice,
-    /// largest first (decode and split-K kernels, the tuned GEMM plans of each bucket, the
-    /// capture and a first replay), each step sampled on the device with a greedy row and a
-    /// row with every filter, penalty and logprobs on (the sampler's kernels).
+    /// the timed GEMM plans (`warm_up_gemms`), then the scratch steps of `WarmUpPlans`: a
+    /// prefill (prefill kernels) and every decode graph bucket twice (decode and split-K
+    /// kernels, the capture and a first replay), each step sampled on the device with a greedy
+    /// row and a row with every filter, penalty and logprobs on (the sampler's kernels).
     ///
     /// The scratch tokens write the KV slots of the first blocks only; the cache holds no
     /// sequence yet, and every sequence writes each slot it reads before reading it, so nothing
@@ -1307,15 +1303,15 @@ impl<T: FloatElem> CudaExecutor<T> {
         let gemms = self.warm_up_gemms(&mut ws);
         self.ws = Some(ws);
         gemms?;
-        let decode_batches: Vec<usize> = match self.graphs_enabled {
-            true => self.buckets.iter().rev().copied().collect(),
-            false => vec![1],
-        };
         let plans = WarmUpPlans::new(
             self.max_tokens,
             self.kv_shape.num_blocks.min(self.max_blocks),
             self.kv_shape.block_size,
-            &decode_batches,
+            if self.graphs_enabled {
+                &self.buckets
+            } else {
+                &[]
+            },
         );
         // The profile (FERRUM_CUDA_PROFILE) times requests' steps, not these.
         let profile = self.profile.take();
@@ -1334,6 +1330,7 @@ impl<T: FloatElem> CudaExecutor<T> {
         ran?;
         self.dev.synchronize()?;
         let prefill_tokens = plans.prefill.map_or(0, |p| p.num_batched_tokens);
+        let decode_batches = plans.decode.iter().map(|p| p.seqs.len()).collect();
         let (modules_now, plans_now) = self.setup_counts();
         Ok(WarmUpReport {
             prefill_tokens,
@@ -2281,6 +2278,7 @@ mod tests {
                 } else {
                     vec![]
                 };
+                // Largest bucket first; batch 1 without graphs.
                 let batches: Vec<usize> = match graphs {
                     true => buckets.iter().rev().copied().collect(),
                     false => vec![1],
@@ -2289,7 +2287,7 @@ mod tests {
                     max_tokens,
                     cache_blocks.min(max_blocks),
                     block_size,
-                    &batches,
+                    &buckets,
                 );
                 let lim = StepLimits {
                     block_size,
@@ -2316,9 +2314,9 @@ mod tests {
             }
         }
         // A prefill takes as many tokens as the step and one sequence's blocks allow.
-        let p = WarmUpPlans::new(2048, 8, 16, &[1]);
+        let p = WarmUpPlans::new(2048, 8, 16, &[]);
         assert_eq!(p.prefill.unwrap().num_batched_tokens, 128);
-        assert!(WarmUpPlans::new(1, 8, 16, &[1]).prefill.is_none());
+        assert!(WarmUpPlans::new(1, 8, 16, &[]).prefill.is_none());
     }
 
     #[test]

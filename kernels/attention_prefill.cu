@@ -22,9 +22,10 @@
 //   paged_attention_prefill_simt_{dt}: 16 rows x 32 keys per step, f32 everything in shared
 //     memory, any HEAD_DIM <= 256. Used for f32 and as the cross-check of the tensor-core one.
 //   paged_attention_prefill_{dt}: the fast one per dtype: bf16/f16 use tensor cores
-//     (mma.sync m16n8k16, f32 accumulation; 64 rows x 64 keys per step, 32 keys above
-//     HEAD_DIM 128), K/V tiles streamed by cp.async two stages deep (tile i + 1 loads while
-//     tile i computes); f32 falls back to the SIMT kernel. Needs HEAD_DIM % 8 == 0.
+//     (mma.sync m16n8k16, f32 accumulation; 128 rows x 64 keys per step up to a padded
+//     HEAD_DIM of 128, 64 rows x 32 keys above), Q/K/V tiles loaded by cp.async, K and V of
+//     one tile in flight while the other computes; f32 falls back to the SIMT kernel. Needs
+//     HEAD_DIM % 8 == 0.
 // Both take dynamic shared memory (sizes: src/cuda/attention.rs, prefill_smem_bytes).
 //
 // Device data the launcher cannot see is bounded here: context lengths are clamped to the block
@@ -249,30 +250,38 @@ __device__ void prefill_simt_impl(PREFILL_PARAMS(T)) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tensor cores (bf16/f16): 4 warps x 16 rows, mma.sync.m16n8k16 with f32 accumulators.
+// Tensor cores (bf16/f16): 4 warps, each TC_MT row tiles of 16 (both share every K and V
+// fragment the warp loads from shared memory: half the ldmatrix traffic per mma of one tile per
+// warp, and twice the independent mma chains), mma.sync.m16n8k16 with f32 accumulators.
 //
 // Fragment layouts: prelude.cuh.
 // Q.K^T: A = Q rows x dims (ldmatrix), B = K^T (ldmatrix of K rows, no transpose).
 // P.V:   A = P, built in registers from the S accumulators; B = V (ldmatrix.trans of V rows).
 // Shared rows are padded by 8 elements (16 bytes) so ldmatrix's 8 row addresses hit 8
 // different 16-byte bank groups.
+//
+// Pipeline (one K and one V buffer, flash-attention-2 style): V(i) lands while S = Q.K(i)^T
+// computes, K(i + 1) while the softmax and P.V(i) compute. Shared memory: Q tile + K tile + V
+// tile, under the 99 KB opt-in limit of sm_86/sm_89 for every HEAD_DIM (prefill_smem_bytes).
 
-#define TC_BM 64
 #define TC_HD_PAD ((HEAD_DIM + 15) / 16 * 16)
 #if TC_HD_PAD > 128
+#define TC_MT 1
 #define TC_BN 32
 #else
+#define TC_MT 2
 #define TC_BN 64
 #endif
+#define TC_WARPS (PF_THREADS / FERRUM_WARP)
+#define TC_WARP_ROWS (16 * TC_MT)
+#define TC_BM (TC_WARP_ROWS * TC_WARPS)
 #define TC_STRIDE (TC_HD_PAD + 8)
-// K/V tiles in flight: tile it + 1 loads while tile it computes.
-#define TC_STAGES 2
 
 // Mma<T>, smem_addr, ldmatrix_x4(_trans), cp_async_16 and cp_async_commit: prelude.cuh.
 
-// Waits until at most TC_STAGES - 1 committed groups are pending.
-__device__ __forceinline__ void cp_async_wait_stages() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(TC_STAGES - 1) : "memory");
+// Waits until at most one committed cp.async group is pending.
+__device__ __forceinline__ void cp_async_wait_all_but_newest() {
+    asm volatile("cp.async.wait_group 1;" ::: "memory");
 }
 
 // Starts the copy of keys n0 .. n0 + TC_BN of the cache into dst [TC_BN][TC_STRIDE]; keys past
@@ -298,14 +307,58 @@ __device__ __forceinline__ void tc_load_kv(unsigned short* dst, const T* cache, 
     }
 }
 
+// Starts the copy of the tile's Q rows into q_s [TC_BM][TC_STRIDE] (rows past the sequence and
+// dims past HEAD_DIM zero-filled): 16-byte cp.async chunks when every row start is 16-byte
+// aligned, else element by element.
 template <typename T>
+__device__ __forceinline__ void tc_load_q(unsigned short* q_s, const T* q, int q_stride,
+                                          const PrefillTile& t, int group, int kv_head) {
+    constexpr int CHUNKS = TC_HD_PAD / 8;
+    const unsigned short* q_bits = reinterpret_cast<const unsigned short*>(q);
+    const bool aligned = q_stride % 8 == 0 && (reinterpret_cast<unsigned long long>(q) & 15) == 0;
+    if (aligned) {
+        for (int idx = threadIdx.x; idx < TC_BM * CHUNKS; idx += PF_THREADS) {
+            const int r = idx / CHUNKS, c = idx % CHUNKS;
+            const int row = t.row0 + r;
+            const bool real = row < t.rows && c * 8 < HEAD_DIM;
+            const i64 src = real ? (i64)(t.q_start + row / group) * q_stride +
+                                       (kv_head * group + row % group) * HEAD_DIM + c * 8
+                                 : 0;
+            cp_async_16(q_s + r * TC_STRIDE + c * 8, q_bits + src, real ? 16 : 0);
+        }
+    } else {
+        for (int idx = threadIdx.x; idx < TC_BM * TC_HD_PAD; idx += PF_THREADS) {
+            const int r = idx / TC_HD_PAD, d = idx % TC_HD_PAD;
+            const int row = t.row0 + r;
+            unsigned short v = 0;
+            if (row < t.rows && d < HEAD_DIM) {
+                const int head = kv_head * group + row % group;
+                v = q_bits[(i64)(t.q_start + row / group) * q_stride + head * HEAD_DIM + d];
+            }
+            q_s[r * TC_STRIDE + d] = v;
+        }
+    }
+}
+
+// 2^x by the hardware approximation (flushes denormal results to zero, 2^-inf = 0): the
+// probabilities need no more than that, and exp2f adds range fix-ups around the same instruction.
+__device__ __forceinline__ float tc_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// ALIBI: alibi_slopes is not null (a template parameter so that models without ALiBi carry no
+// slope registers or adds).
+template <typename T, bool ALIBI>
 __device__ void prefill_tc_impl(PREFILL_PARAMS(T)) {
     static_assert(HEAD_DIM % 8 == 0, "the tensor-core prefill needs HEAD_DIM % 8 == 0");
     static_assert(PF_THREADS % TC_BN == 0, "threads per key");
     extern __shared__ float4 smem_f4[];
-    // Q tile, then TC_STAGES stages of (K tile, V tile), each [rows][TC_STRIDE].
+    // Q tile [TC_BM][TC_STRIDE], K tile and V tile [TC_BN][TC_STRIDE].
     unsigned short* q_s = reinterpret_cast<unsigned short*>(smem_f4);
-    unsigned short* kv_s = q_s + TC_BM * TC_STRIDE;
+    unsigned short* k_s = q_s + TC_BM * TC_STRIDE;
+    unsigned short* v_s = k_s + TC_BN * TC_STRIDE;
 
     const int group = num_heads / num_kv_heads;
     const int kv_head = blockIdx.y;
@@ -320,169 +373,208 @@ __device__ void prefill_tc_impl(PREFILL_PARAMS(T)) {
 
     const int n_begin = t.kv_begin / TC_BN * TC_BN;
     const int num_tiles = (t.kv_end - n_begin + TC_BN - 1) / TC_BN;
-    // Prologue: tiles 0 .. TC_STAGES - 1 in flight, one cp.async group per tile (empty groups
-    // past the last tile keep the group counting uniform).
-#pragma unroll
-    for (int st = 0; st < TC_STAGES; ++st) {
-        if (st < num_tiles) {
-            unsigned short* k_st = kv_s + st * 2 * TC_BN * TC_STRIDE;
-            tc_load_kv(k_st, k_cache, n_begin + st * TC_BN, t, block_size, num_blocks,
-                       num_kv_heads, kv_head);
-            tc_load_kv(k_st + TC_BN * TC_STRIDE, v_cache, n_begin + st * TC_BN, t, block_size,
-                       num_blocks, num_kv_heads, kv_head);
-        }
-        cp_async_commit();
-    }
+    // Prologue: group {Q, K(0)}, then group {V(0)}.
+    tc_load_q(q_s, q, q_stride, t, group, kv_head);
+    tc_load_kv(k_s, k_cache, n_begin, t, block_size, num_blocks, num_kv_heads, kv_head);
+    cp_async_commit();
+    tc_load_kv(v_s, v_cache, n_begin, t, block_size, num_blocks, num_kv_heads, kv_head);
+    cp_async_commit();
 
-    const unsigned short* q_bits = reinterpret_cast<const unsigned short*>(q);
-    for (int idx = threadIdx.x; idx < TC_BM * TC_HD_PAD; idx += PF_THREADS) {
-        const int r = idx / TC_HD_PAD, d = idx % TC_HD_PAD;
-        const int row = t.row0 + r;
-        unsigned short v = 0;
-        if (row < t.rows && d < HEAD_DIM) {
-            const int head = kv_head * group + row % group;
-            v = q_bits[(i64)(t.q_start + row / group) * q_stride + head * HEAD_DIM + d];
-        }
-        q_s[r * TC_STRIDE + d] = v;
-    }
+    // The warp's rows (warp-uniform): which keys any of them sees, and whether all see a whole
+    // tile (no mask needed).
+    const int w_row0 = t.row0 + warp * TC_WARP_ROWS;
+    const int w_rows = min(TC_WARP_ROWS, t.rows - w_row0);  // <= 0: nothing to compute
+    const int w_pos_first = t.pos0 + w_row0 / group;
+    const int w_pos_last = t.pos0 + (w_row0 + max(w_rows, 1) - 1) / group;
 
-    // This thread's two rows: g and g + 8 of the warp's 16.
-    int pos[2], lo[2];
-    float slope2[2], m[2], l[2];
+    // This thread's rows: g and g + 8 of each of the warp's TC_MT row tiles.
+    int pos[TC_MT][2];
+    float slope2[TC_MT][2], m[TC_MT][2], l[TC_MT][2];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int row = t.row0 + warp * 16 + g + h * 8;
-        const bool valid = row < t.rows;
-        pos[h] = valid ? t.pos0 + row / group : -1;
-        lo[h] = sliding_window > 0 ? pos[h] + 1 - sliding_window : 0;
-        slope2[h] = (valid && alibi_slopes != nullptr)
-                        ? alibi_slopes[kv_head * group + row % group] * PF_LOG2E
-                        : 0.0f;
-        m[h] = FERRUM_NEG_INF;
-        l[h] = 0.0f;
+    for (int mt = 0; mt < TC_MT; ++mt) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = w_row0 + mt * 16 + g + h * 8;
+            const bool valid = row < t.rows;
+            pos[mt][h] = valid ? t.pos0 + row / group : -1;
+            slope2[mt][h] = (ALIBI && valid)
+                                ? alibi_slopes[kv_head * group + row % group] * PF_LOG2E
+                                : 0.0f;
+            m[mt][h] = FERRUM_NEG_INF;
+            l[mt][h] = 0.0f;
+        }
     }
     const float scale2 = scale * PF_LOG2E;
-    float o[TC_HD_PAD / 8][4];
+    float o[TC_MT][TC_HD_PAD / 8][4];
 #pragma unroll
-    for (int dt = 0; dt < TC_HD_PAD / 8; ++dt) {
+    for (int mt = 0; mt < TC_MT; ++mt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) o[dt][e] = 0.0f;
+        for (int dt = 0; dt < TC_HD_PAD / 8; ++dt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[mt][dt][e] = 0.0f;
+        }
     }
     // ldmatrix row addresses of this lane: matrix lane / 8, row lane % 8.
     const int mat = lane / 8, mrow = lane % 8;
-    const unsigned short* q_frag = q_s + (warp * 16 + (mat % 2) * 8 + mrow) * TC_STRIDE + (mat / 2) * 8;
-    const int k_frag_off = ((mat / 2) * 8 + mrow) * TC_STRIDE + (mat % 2) * 8;
-    const int v_frag_off = TC_BN * TC_STRIDE + ((mat % 2) * 8 + mrow) * TC_STRIDE + (mat / 2) * 8;
+    // (32-bit shared addresses; each step below adds a compile-time byte offset.)
+    const u32 q_frag =
+        smem_addr(q_s + (warp * TC_WARP_ROWS + (mat % 2) * 8 + mrow) * TC_STRIDE + (mat / 2) * 8);
+    const u32 k_frag = smem_addr(k_s + ((mat / 2) * 8 + mrow) * TC_STRIDE + (mat % 2) * 8);
+    const u32 v_frag = smem_addr(v_s + ((mat % 2) * 8 + mrow) * TC_STRIDE + (mat / 2) * 8);
 
     for (int it = 0; it < num_tiles; ++it) {
         const int n0 = n_begin + it * TC_BN;
-        unsigned short* stage = kv_s + (it % TC_STAGES) * 2 * TC_BN * TC_STRIDE;
-        const unsigned short* k_frag = stage + k_frag_off;
-        const unsigned short* v_frag = stage + v_frag_off;
-        // Groups committed so far: TC_STAGES + it; all but the newest TC_STAGES - 1 done means
-        // tile `it` landed.
-        cp_async_wait_stages();
-        __syncthreads();  // ... for every thread; q_s written too
+        const int n_last = n0 + TC_BN - 1;
+        // Whether any row of the warp sees a key of this tile, and whether every row sees
+        // every key (rows all valid, tile at or below the warp's first position and inside
+        // every row's window).
+        const bool active = w_rows > 0 && n0 <= w_pos_last &&
+                            (sliding_window <= 0 || n_last > w_pos_first - sliding_window);
+        const bool full = w_rows == TC_WARP_ROWS && n_last <= w_pos_first &&
+                          (sliding_window <= 0 || n0 > w_pos_last - sliding_window);
 
-        float s[TC_BN / 8][4];
+        cp_async_wait_all_but_newest();  // K(it) (and Q) landed for this thread ...
+        __syncthreads();                 // ... and for every thread
+
+        float s[TC_MT][TC_BN / 8][4];
+        if (active) {
 #pragma unroll
-        for (int nt = 0; nt < TC_BN / 8; ++nt) {
+            for (int mt = 0; mt < TC_MT; ++mt) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) s[nt][e] = 0.0f;
-        }
+                for (int nt = 0; nt < TC_BN / 8; ++nt) {
 #pragma unroll
-        for (int kk = 0; kk < TC_HD_PAD / 16; ++kk) {
-            u32 a[4];
-            ldmatrix_x4(a, q_frag + kk * 16);
-#pragma unroll
-            for (int np = 0; np < TC_BN / 16; ++np) {
-                u32 b[4];
-                ldmatrix_x4(b, k_frag + np * 16 * TC_STRIDE + kk * 16);
-                Mma<T>::run(s[2 * np], a, b[0], b[1]);
-                Mma<T>::run(s[2 * np + 1], a, b[2], b[3]);
-            }
-        }
-        // Mask, scale, online softmax; P overwrites S.
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            float mx = FERRUM_NEG_INF;
-#pragma unroll
-            for (int nt = 0; nt < TC_BN / 8; ++nt) {
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int j = n0 + nt * 8 + 2 * c + e;
-                    const bool seen = j <= pos[h] && j >= lo[h];
-                    const float x = seen ? s[nt][2 * h + e] * scale2 + slope2[h] * (float)(j - pos[h])
-                                         : FERRUM_NEG_INF;
-                    s[nt][2 * h + e] = x;
-                    mx = fmaxf(mx, x);
+                    for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.0f;
                 }
             }
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_new = fmaxf(m[h], mx);
-            const float m_use = m_new == FERRUM_NEG_INF ? 0.0f : m_new;
-            const float corr = exp2f(m[h] - m_use);
-            float sum = 0.0f;
 #pragma unroll
-            for (int nt = 0; nt < TC_BN / 8; ++nt) {
+            for (int kk = 0; kk < TC_HD_PAD / 16; ++kk) {
+                u32 a[TC_MT][4];
 #pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const float p = exp2f(s[nt][2 * h + e] - m_use);
-                    s[nt][2 * h + e] = p;
-                    sum += p;
+                for (int mt = 0; mt < TC_MT; ++mt) {
+                    ldmatrix_x4(a[mt], q_frag + (mt * 16 * TC_STRIDE + kk * 16) * 2);
+                }
+#pragma unroll
+                for (int np = 0; np < TC_BN / 16; ++np) {
+                    u32 b[4];
+                    ldmatrix_x4(b, k_frag + (np * 16 * TC_STRIDE + kk * 16) * 2);
+#pragma unroll
+                    for (int mt = 0; mt < TC_MT; ++mt) {
+                        Mma<T>::run(s[mt][2 * np], a[mt], b[0], b[1]);
+                        Mma<T>::run(s[mt][2 * np + 1], a[mt], b[2], b[3]);
+                    }
                 }
             }
-            l[h] = l[h] * corr + sum;  // per-thread partial; the quad is summed at the end
-            m[h] = m_new;
+        }
+        __syncthreads();  // every warp is done with K(it)
+        if (it + 1 < num_tiles) {
+            tc_load_kv(k_s, k_cache, n0 + TC_BN, t, block_size, num_blocks, num_kv_heads,
+                       kv_head);
+        }
+        cp_async_commit();
+
+        if (active) {
+            // Mask, scale, online softmax; P overwrites S.
 #pragma unroll
-            for (int dt = 0; dt < TC_HD_PAD / 8; ++dt) {
-                o[dt][2 * h] *= corr;
-                o[dt][2 * h + 1] *= corr;
+            for (int mt = 0; mt < TC_MT; ++mt) {
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    float mx = FERRUM_NEG_INF;
+#pragma unroll
+                    for (int nt = 0; nt < TC_BN / 8; ++nt) {
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const int j = n0 + nt * 8 + 2 * c + e;
+                            float x = s[mt][nt][2 * h + e] * scale2;
+                            if (ALIBI) x += slope2[mt][h] * (float)(j - pos[mt][h]);
+                            if (!full && !(j <= pos[mt][h] &&
+                                           (sliding_window <= 0 || j > pos[mt][h] - sliding_window))) {
+                                x = FERRUM_NEG_INF;
+                            }
+                            s[mt][nt][2 * h + e] = x;
+                            mx = fmaxf(mx, x);
+                        }
+                    }
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                    const float m_new = fmaxf(m[mt][h], mx);
+                    const float m_use = m_new == FERRUM_NEG_INF ? 0.0f : m_new;
+                    const float corr = tc_exp2(m[mt][h] - m_use);
+                    float sum = 0.0f;
+#pragma unroll
+                    for (int nt = 0; nt < TC_BN / 8; ++nt) {
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const float p = tc_exp2(s[mt][nt][2 * h + e] - m_use);
+                            s[mt][nt][2 * h + e] = p;
+                            sum += p;
+                        }
+                    }
+                    // Per-thread partial; the quad is summed at the end.
+                    l[mt][h] = l[mt][h] * corr + sum;
+                    m[mt][h] = m_new;
+#pragma unroll
+                    for (int dt = 0; dt < TC_HD_PAD / 8; ++dt) {
+                        o[mt][dt][2 * h] *= corr;
+                        o[mt][dt][2 * h + 1] *= corr;
+                    }
+                }
             }
         }
 
+        cp_async_wait_all_but_newest();  // V(it) landed for this thread ...
+        __syncthreads();                 // ... and for every thread
+        if (active) {
 #pragma unroll
-        for (int kc = 0; kc < TC_BN / 16; ++kc) {
-            u32 a[4];
-            a[0] = Mma<T>::pack(s[2 * kc][0], s[2 * kc][1]);
-            a[1] = Mma<T>::pack(s[2 * kc][2], s[2 * kc][3]);
-            a[2] = Mma<T>::pack(s[2 * kc + 1][0], s[2 * kc + 1][1]);
-            a[3] = Mma<T>::pack(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+            for (int kc = 0; kc < TC_BN / 16; ++kc) {
+                u32 a[TC_MT][4];
 #pragma unroll
-            for (int dp = 0; dp < TC_HD_PAD / 16; ++dp) {
-                u32 b[4];
-                ldmatrix_x4_trans(b, v_frag + kc * 16 * TC_STRIDE + dp * 16);
-                Mma<T>::run(o[2 * dp], a, b[0], b[1]);
-                Mma<T>::run(o[2 * dp + 1], a, b[2], b[3]);
+                for (int mt = 0; mt < TC_MT; ++mt) {
+                    a[mt][0] = Mma<T>::pack(s[mt][2 * kc][0], s[mt][2 * kc][1]);
+                    a[mt][1] = Mma<T>::pack(s[mt][2 * kc][2], s[mt][2 * kc][3]);
+                    a[mt][2] = Mma<T>::pack(s[mt][2 * kc + 1][0], s[mt][2 * kc + 1][1]);
+                    a[mt][3] = Mma<T>::pack(s[mt][2 * kc + 1][2], s[mt][2 * kc + 1][3]);
+                }
+#pragma unroll
+                for (int dp = 0; dp < TC_HD_PAD / 16; ++dp) {
+                    u32 b[4];
+                    ldmatrix_x4_trans(b, v_frag + (kc * 16 * TC_STRIDE + dp * 16) * 2);
+#pragma unroll
+                    for (int mt = 0; mt < TC_MT; ++mt) {
+                        Mma<T>::run(o[mt][2 * dp], a[mt], b[0], b[1]);
+                        Mma<T>::run(o[mt][2 * dp + 1], a[mt], b[2], b[3]);
+                    }
+                }
             }
         }
-        __syncthreads();  // every warp is done with this stage before it is refilled
-        if (it + TC_STAGES < num_tiles) {
-            const int n_next = n0 + TC_STAGES * TC_BN;
-            tc_load_kv(stage, k_cache, n_next, t, block_size, num_blocks, num_kv_heads, kv_head);
-            tc_load_kv(stage + TC_BN * TC_STRIDE, v_cache, n_next, t, block_size, num_blocks,
-                       num_kv_heads, kv_head);
+        __syncthreads();  // every warp is done with V(it)
+        if (it + 1 < num_tiles) {
+            tc_load_kv(v_s, v_cache, n0 + TC_BN, t, block_size, num_blocks, num_kv_heads,
+                       kv_head);
         }
         cp_async_commit();
     }
 
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        float l_all = l[h];
-        l_all += __shfl_xor_sync(0xffffffffu, l_all, 1);
-        l_all += __shfl_xor_sync(0xffffffffu, l_all, 2);
-        const int row = t.row0 + warp * 16 + g + h * 8;
-        if (row >= t.rows) continue;
-        const float inv_l = l_all > 0.0f ? 1.0f / l_all : 0.0f;
-        const int head = kv_head * group + row % group;
-        T* orow = out + (i64)(t.q_start + row / group) * num_heads * HEAD_DIM + head * HEAD_DIM;
+    for (int mt = 0; mt < TC_MT; ++mt) {
 #pragma unroll
-        for (int dt = 0; dt < TC_HD_PAD / 8; ++dt) {
-            const int d = dt * 8 + 2 * c;
-            if (d < HEAD_DIM) {
-                orow[d] = from_f32<T>(o[dt][2 * h] * inv_l);
-                orow[d + 1] = from_f32<T>(o[dt][2 * h + 1] * inv_l);
+        for (int h = 0; h < 2; ++h) {
+            float l_all = l[mt][h];
+            l_all += __shfl_xor_sync(0xffffffffu, l_all, 1);
+            l_all += __shfl_xor_sync(0xffffffffu, l_all, 2);
+            const int row = w_row0 + mt * 16 + g + h * 8;
+            if (row >= t.rows) continue;
+            const float inv_l = l_all > 0.0f ? 1.0f / l_all : 0.0f;
+            const int head = kv_head * group + row % group;
+            // Two neighbouring dims per 4-byte store (HEAD_DIM is even, rows 4-byte aligned).
+            u32* orow = reinterpret_cast<u32*>(out + (i64)(t.q_start + row / group) * num_heads *
+                                                         HEAD_DIM + head * HEAD_DIM);
+#pragma unroll
+            for (int dt = 0; dt < TC_HD_PAD / 8; ++dt) {
+                const int d = dt * 8 + 2 * c;
+                if (d < HEAD_DIM) {
+                    orow[d / 2] = Mma<T>::pack(o[mt][dt][2 * h] * inv_l,
+                                               o[mt][dt][2 * h + 1] * inv_l);
+                }
             }
         }
     }
@@ -492,7 +584,11 @@ __device__ void prefill_tc_impl(PREFILL_PARAMS(T)) {
 template <typename T>
 __device__ __forceinline__ void prefill_best(PREFILL_PARAMS(T)) {
 #if HEAD_DIM % 8 == 0
-    prefill_tc_impl<T>(PREFILL_ARGS);
+    if (alibi_slopes != nullptr) {
+        prefill_tc_impl<T, true>(PREFILL_ARGS);
+    } else {
+        prefill_tc_impl<T, false>(PREFILL_ARGS);
+    }
 #else
     prefill_simt_impl<T>(PREFILL_ARGS);
 #endif

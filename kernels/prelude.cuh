@@ -123,16 +123,23 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
     return addr;
 }
 
-__device__ __forceinline__ void ldmatrix_x4(u32* r, const unsigned short* p) {
+// From a 32-bit shared-memory address (smem_addr) or a generic pointer into shared memory.
+__device__ __forceinline__ void ldmatrix_x4(u32* r, u32 addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
+                 : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4(u32* r, const unsigned short* p) {
+    ldmatrix_x4(r, smem_addr(p));
 }
 
-__device__ __forceinline__ void ldmatrix_x4_trans(u32* r, const unsigned short* p) {
+__device__ __forceinline__ void ldmatrix_x4_trans(u32* r, u32 addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
+                 : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(u32* r, const unsigned short* p) {
+    ldmatrix_x4_trans(r, smem_addr(p));
 }
 
 // 16 bytes global -> shared; src_bytes 0 writes zeros and reads nothing.

@@ -438,6 +438,33 @@ fn prefill_case<T: FloatElem>() {
                 &want,
             );
         }
+        // q rows that do not start on 16-byte boundaries (stride + 4 elements): the tensor-core
+        // kernel's element-wise Q load instead of its 16-byte copies.
+        let padded_stride = q_stride + 4;
+        let mut q_padded = vec![0.0f32; num_tokens * padded_stride];
+        for (dst, src) in q_padded.chunks_mut(padded_stride).zip(q.chunks(q_stride)) {
+            dst[..q_stride].copy_from_slice(src);
+        }
+        let q_padded_d = up::<T>(&q_padded);
+        let mut out_d = poisoned::<T>(num_tokens * c.num_heads * c.head_dim);
+        attention::paged_attention_prefill(
+            dev(),
+            &mut out_d,
+            &q_padded_d,
+            padded_stride,
+            &cache,
+            &seqs,
+            c.alibi.then_some(&slopes_d),
+            &params(c),
+            PrefillKernel::Fast,
+        )
+        .unwrap();
+        dev().synchronize().unwrap();
+        check::<T>(
+            &format!("paged_attention_prefill {} [Fast, q stride + 4]", c.name),
+            &down(&out_d),
+            &want,
+        );
     }
 }
 

@@ -74,15 +74,15 @@ pub fn prefill_launch(kernel: PrefillKernel, dtype: DType, head_dim: usize) -> P
         PrefillKernel::Simt => "paged_attention_prefill_simt",
     };
     if tensor_cores {
-        // TC_BM = 64 rows; TC_BN = 64 keys (32 above a padded head_dim of 128); a Q tile and
-        // TC_STAGES = 2 stages of K and V tiles, 16-bit rows padded to TC_HD_PAD + 8.
+        // TC_BM = 128 rows x TC_BN = 64 keys up to a padded head_dim of 128, 64 x 32 above; a
+        // Q tile, a K tile and a V tile of 16-bit rows padded to TC_HD_PAD + 8.
         let hd_pad = head_dim.next_multiple_of(16);
-        let block_n = if hd_pad > 128 { 32 } else { 64 };
+        let (rows, block_n) = if hd_pad > 128 { (64, 32) } else { (128, 64) };
         PrefillLaunch {
             op,
             tensor_cores,
-            rows_per_cta: 64,
-            smem_bytes: (64 + 2 * 2 * block_n) * (hd_pad + 8) * 2,
+            rows_per_cta: rows,
+            smem_bytes: (rows + 2 * block_n) * (hd_pad + 8) * 2,
         }
     } else {
         // SI_BM = 16 rows of q and one 32-key K-or-V tile with rows of head_dim + 1, all f32.
@@ -612,14 +612,13 @@ mod tests {
     fn prefill_launch_picks_tensor_cores_for_16_bit_types_only() {
         let tc = prefill_launch(PrefillKernel::Fast, DType::BF16, 128);
         assert!(tc.tensor_cores);
-        assert_eq!(tc.rows_per_cta, 64);
-        // Q tile 64 rows + 2 stages of K and V tiles of 64 keys, rows of 128 + 8 bf16.
-        assert_eq!(tc.smem_bytes, (64 + 256) * 136 * 2);
-        // head_dim 256: 32-key tiles.
-        assert_eq!(
-            prefill_launch(PrefillKernel::Fast, DType::F16, 256).smem_bytes,
-            (64 + 128) * 264 * 2
-        );
+        assert_eq!(tc.rows_per_cta, 128);
+        // Q tile 128 rows + a K and a V tile of 64 keys, rows of 128 + 8 bf16.
+        assert_eq!(tc.smem_bytes, (128 + 128) * 136 * 2);
+        // head_dim 256: 64 rows, 32-key tiles.
+        let hd256 = prefill_launch(PrefillKernel::Fast, DType::F16, 256);
+        assert_eq!(hd256.rows_per_cta, 64);
+        assert_eq!(hd256.smem_bytes, (64 + 64) * 264 * 2);
         // head_dim 80 pads to 80 (a multiple of 16); 72 pads to 80.
         assert_eq!(
             prefill_launch(PrefillKernel::Fast, DType::F16, 72).smem_bytes,

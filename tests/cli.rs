@@ -198,6 +198,42 @@ fn bench_json_on_a_random_preset() {
     }
 }
 
+#[test]
+fn bench_with_one_output_token_reports_no_decode_rate() {
+    // gen_len 1: the only token comes from the prefill; decode rates would divide by zero.
+    for json in [true, false] {
+        let mut args = vec![
+            "bench",
+            "--preset",
+            "tiny-llama",
+            "--prompt-len",
+            "8",
+            "--gen-len",
+            "1",
+        ];
+        if json {
+            args.push("--json");
+        }
+        let (ok, out, err) = ferrum(&args);
+        assert!(ok, "{err}");
+        if json {
+            let l: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+            for field in [
+                "decode_ms_per_token",
+                "decode_tokens_per_s",
+                "weight_gb_per_s",
+            ] {
+                assert!(l[field].is_null(), "{field}: {l}");
+            }
+            assert!(l["output_tokens_per_s"].as_f64().unwrap() > 0.0);
+            assert!(l["prefill_tflops"].as_f64().unwrap() > 0.0);
+        } else {
+            let row = out.lines().last().unwrap();
+            assert_eq!(row.matches('–').count(), 3, "{row}");
+        }
+    }
+}
+
 /// `ferrum bench --workload mixed` on tiny-llama: 12 requests, B = 4, prompts 3..=40, outputs
 /// 2..=24, seed 3, JSON, plus `extra` flags.
 fn mixed_bench(extra: &[&str]) -> (bool, String, String) {

@@ -77,14 +77,21 @@ pub struct BenchModel {
     pub source: String,
 }
 
+struct DecodeRate {
+    /// Mean over requests of (last token - first token) / (gen_len - 1).
+    ms_per_token: f64,
+    /// Decode tokens of the batch over (last token of any request - last first token).
+    tokens_per_s: f64,
+}
+
 struct RunResult {
     batch_size: usize,
     ttft_ms: f64,
     /// From the submission to the last request's first token: every prompt has been computed
     /// (decode steps of requests that started earlier may have run in between).
     prefill_s: f64,
-    decode_ms_per_token: f64,
-    decode_tokens_per_s: f64,
+    /// None when gen_len <= 1: no decode step ran.
+    decode: Option<DecodeRate>,
     output_tokens_per_s: f64,
     total_s: f64,
 }
@@ -192,8 +199,9 @@ fn run_fixed(a: &BenchArgs, model: BenchModel) -> CliResult {
     }
     for r in &results {
         // Each decode step reads every weight once: bandwidth = weight bytes × steps/s.
-        let steps_per_s = 1000.0 / r.decode_ms_per_token;
-        let gbs = weight_bytes * steps_per_s / 1e9;
+        let decode_ms = r.decode.as_ref().map(|d| d.ms_per_token);
+        let decode_tps = r.decode.as_ref().map(|d| d.tokens_per_s);
+        let gbs = decode_ms.map(|ms| weight_bytes * 1000.0 / ms / 1e9);
         if a.json {
             println!(
                 "{}",
@@ -201,21 +209,25 @@ fn run_fixed(a: &BenchArgs, model: BenchModel) -> CliResult {
                     "source": source, "arch": loaded.spec.arch, "device": loaded.device, "weight_format": format,
                     "weight_bytes": loaded.weight_bytes, "prompt_len": a.prompt_len, "gen_len": a.gen_len,
                     "batch_size": r.batch_size, "ttft_ms": r.ttft_ms, "prefill_s": r.prefill_s,
-                    "prefill_tflops": prefill_tflops(r), "decode_ms_per_token": r.decode_ms_per_token,
-                    "decode_tokens_per_s": r.decode_tokens_per_s, "output_tokens_per_s": r.output_tokens_per_s,
+                    "prefill_tflops": prefill_tflops(r), "decode_ms_per_token": decode_ms,
+                    "decode_tokens_per_s": decode_tps, "output_tokens_per_s": r.output_tokens_per_s,
                     "total_s": r.total_s, "weight_gb_per_s": gbs,
                 })
             );
         } else {
+            let or_dash = |v: Option<f64>, width: usize, prec: usize| match v {
+                Some(v) => format!("{v:>width$.prec$}"),
+                None => format!("{:>width$}", "–"),
+            };
             println!(
-                "{:>6} {:>10.1} {:>14.1} {:>14.2} {:>14.1} {:>14.1} {:>12.2}",
+                "{:>6} {:>10.1} {:>14.1} {} {} {:>14.1} {}",
                 r.batch_size,
                 r.ttft_ms,
                 prefill_tflops(r),
-                r.decode_ms_per_token,
-                r.decode_tokens_per_s,
+                or_dash(decode_ms, 14, 2),
+                or_dash(decode_tps, 14, 1),
                 r.output_tokens_per_s,
-                gbs
+                or_dash(gbs, 12, 2)
             );
         }
     }
@@ -251,19 +263,23 @@ fn run_batch(
         .filter_map(|t| t.last().copied())
         .max()
         .unwrap_or(t0);
-    let decode_s = (last - first).as_secs_f64().max(1e-9);
-    let decode_steps = gen_len.saturating_sub(1).max(1) as f64;
-    let per_seq_ms: f64 = times
-        .iter()
-        .map(|t| (t[t.len() - 1] - t[0]).as_secs_f64() * 1e3 / decode_steps)
-        .sum::<f64>()
-        / batch_size as f64;
+    let decode = (gen_len > 1).then(|| {
+        let decode_steps = (gen_len - 1) as f64;
+        let ms_per_token = times
+            .iter()
+            .map(|t| (t[t.len() - 1] - t[0]).as_secs_f64() * 1e3 / decode_steps)
+            .sum::<f64>()
+            / batch_size as f64;
+        DecodeRate {
+            ms_per_token,
+            tokens_per_s: batch_size as f64 * decode_steps / (last - first).as_secs_f64().max(1e-9),
+        }
+    });
     Ok(RunResult {
         batch_size,
         ttft_ms,
         prefill_s: (first - t0).as_secs_f64().max(1e-9),
-        decode_ms_per_token: per_seq_ms,
-        decode_tokens_per_s: batch_size as f64 * decode_steps / decode_s,
+        decode,
         output_tokens_per_s: (batch_size * gen_len) as f64 / total_s,
         total_s,
     })

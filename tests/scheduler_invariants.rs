@@ -3,10 +3,14 @@
 //! just-scheduled sequences, a tiny KV cache so preemption is frequent, and a fake model that
 //! samples random tokens (sometimes none) and finishes sequences at their cap or at a random
 //! "EOS". After every step the scheduler's own invariant check runs, and this test checks the
-//! plan against an independent mirror of every sequence's tokens and computed prefix.
+//! plan against an independent mirror of every sequence's tokens and computed prefix, and
+//! simulates the KV cache's contents: each computed slot records which prefix it holds (a hash
+//! of the tokens up to its position), and every position a chunk attends to but does not compute
+//! must hold its own sequence's prefix. With prefix caching on, prompts often share prefixes, so
+//! shared blocks and reuse after eviction and preemption are checked the same way.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use triton_ferrum::request::SeqId;
 use triton_ferrum::scheduler::{SchedulePlan, Scheduler, SchedulerConfig, SchedulerPolicy};
@@ -60,6 +64,9 @@ struct Stats {
     num_missing_samples: usize,
     num_near_full_budget_steps: usize,
     max_age_steps: usize,
+    /// Tokens a chunk started past because the prefix cache held them.
+    num_reused_tokens: usize,
+    num_admissions_with_reuse: usize,
 }
 
 struct Harness {
@@ -70,19 +77,46 @@ struct Harness {
     next_id: u64,
     step_idx: usize,
     stats: Stats,
+    /// Simulated cache: slot -> prefix hash of the token whose K/V it holds.
+    kv_contents: HashMap<usize, u64>,
+    /// Prompt prefixes new requests often start with (prefix caching runs).
+    shared_prefixes: Vec<Vec<u32>>,
+}
+
+/// Hash of tokens[..=pos] for every pos (FNV-1a over the ids, chained).
+fn prefix_hashes(tokens: &[u32]) -> Vec<u64> {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    tokens
+        .iter()
+        .map(|&t| {
+            for b in t.to_le_bytes() {
+                h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            }
+            h
+        })
+        .collect()
 }
 
 impl Harness {
     fn new(cfg: SchedulerConfig, seed: u64) -> Self {
         let sched = Scheduler::new(cfg.clone()).unwrap();
+        let mut rng = Rng(seed);
+        let shared_prefixes = (0..4)
+            .map(|_| {
+                let len = rng.range(1, cfg.max_model_len / 2);
+                (0..len).map(|_| rng.next_u64() as u32 % 50_000).collect()
+            })
+            .collect();
         Harness {
             cfg,
             sched,
             live: BTreeMap::new(),
-            rng: Rng(seed),
+            rng,
             next_id: 1,
             step_idx: 0,
             stats: Stats::default(),
+            kv_contents: HashMap::new(),
+            shared_prefixes,
         }
     }
 
@@ -110,9 +144,23 @@ impl Harness {
         };
         let seq_id = SeqId(self.next_id);
         self.next_id += 1;
-        let prompt: Vec<u32> = (0..num_prompt_tokens)
-            .map(|_| self.rng.next_u64() as u32 % 50_000)
-            .collect();
+        let mut prompt: Vec<u32> = Vec::with_capacity(num_prompt_tokens);
+        if self.cfg.enable_prefix_caching && self.rng.chance(60) {
+            let idx = self.rng.range(0, self.shared_prefixes.len() - 1);
+            let shared = &self.shared_prefixes[idx];
+            prompt.extend(&shared[..shared.len().min(num_prompt_tokens)]);
+        } else if self.cfg.enable_prefix_caching && self.rng.chance(50) {
+            // Blocks drawn from two patterns: the same block content after different prefixes
+            // (a cache keyed by block content alone would serve another prefix's K/V).
+            let bs = self.cfg.block_size;
+            while prompt.len() + bs <= num_prompt_tokens {
+                let pattern = self.rng.range(0, 1) as u32;
+                prompt.extend((0..bs as u32).map(|i| 60_000 + pattern * 100 + i));
+            }
+        }
+        while prompt.len() < num_prompt_tokens {
+            prompt.push(self.rng.next_u64() as u32 % 50_000);
+        }
         self.sched.add(seq_id, prompt.clone(), max_tokens).unwrap();
         let cap = (num_prompt_tokens + max_tokens).min(self.cfg.max_model_len);
         self.live.insert(
@@ -240,7 +288,13 @@ impl Harness {
             panic!("step {} {when}: {e}", self.step_idx);
         }
         let kv = self.sched.kv();
-        let num_used: usize = self.live.keys().map(|&id| kv.block_table(id).len()).sum();
+        // Distinct blocks: with prefix caching, sequences share cached ones.
+        let num_used = self
+            .live
+            .keys()
+            .flat_map(|&id| kv.block_table(id).iter().copied())
+            .collect::<HashSet<_>>()
+            .len();
         assert_eq!(
             num_used + kv.num_free_blocks(),
             self.cfg.num_blocks,
@@ -282,7 +336,9 @@ impl Harness {
             self.stats.num_preemptions += 1;
         }
         let mut seen_ids = HashSet::new();
-        let mut seen_blocks = HashSet::new();
+        // Blocks a chunk writes: no other scheduled sequence may list them.
+        let mut written_blocks = HashMap::new();
+        let mut listed_blocks: HashMap<_, usize> = HashMap::new();
         let block_size = self.cfg.block_size;
         for s in &plan.seqs {
             let seq_id = s.seq_id;
@@ -296,10 +352,18 @@ impl Harness {
             );
             let mirror = &self.live[&seq_id];
             assert!(!s.token_ids.is_empty());
-            assert_eq!(
-                s.start_pos, mirror.num_computed,
-                "step {step}: {seq_id} start_pos"
-            );
+            if self.cfg.enable_prefix_caching && mirror.num_computed == 0 && s.start_pos > 0 {
+                // Admitted from the prefix cache: whole blocks, never the last token.
+                assert_eq!(s.start_pos % block_size, 0, "step {step}: {seq_id} reuse");
+                assert!(s.start_pos < mirror.tokens.len(), "step {step}: {seq_id} reuse");
+                self.stats.num_reused_tokens += s.start_pos;
+                self.stats.num_admissions_with_reuse += 1;
+            } else {
+                assert_eq!(
+                    s.start_pos, mirror.num_computed,
+                    "step {step}: {seq_id} start_pos"
+                );
+            }
             let end = s.end_pos();
             assert!(
                 end <= mirror.tokens.len(),
@@ -328,19 +392,32 @@ impl Harness {
                 self.sched.kv().block_table(seq_id),
                 "step {step}: {seq_id} stale table"
             );
-            for b in &s.block_table {
+            for (i, b) in s.block_table.iter().enumerate() {
                 assert!(b.idx() < self.cfg.num_blocks);
-                assert!(
-                    seen_blocks.insert(*b),
-                    "step {step}: {b} in two block tables"
-                );
+                *listed_blocks.entry(*b).or_default() += 1;
+                if (i + 1) * block_size > s.start_pos && i * block_size < end {
+                    written_blocks.insert(*b, seq_id);
+                }
             }
+            let hashes = prefix_hashes(&mirror.tokens);
             for pos in 0..end {
                 let slot = self.sched.kv().slot(seq_id, pos).unwrap();
                 assert_eq!(
                     slot,
                     s.block_table[pos / block_size].idx() * block_size + pos % block_size
                 );
+                if pos < s.start_pos {
+                    assert_eq!(
+                        self.kv_contents.get(&slot),
+                        Some(&hashes[pos]),
+                        "step {step}: {seq_id} attends to position {pos} (slot {slot}) \
+                         holding another prefix"
+                    );
+                }
+            }
+            for pos in s.start_pos..end {
+                let slot = self.sched.kv().slot(seq_id, pos).unwrap();
+                self.kv_contents.insert(slot, hashes[pos]);
             }
             if s.start_pos == 0
                 && mirror.tokens.len() > mirror.num_prompt_tokens
@@ -357,6 +434,18 @@ impl Harness {
                     "step {step}: {seq_id} chunked while chunked prefill is off"
                 );
             }
+        }
+        for (b, writer) in &written_blocks {
+            assert_eq!(
+                listed_blocks[b], 1,
+                "step {step}: {writer} writes {b}, which another sequence lists"
+            );
+        }
+        if !self.cfg.enable_prefix_caching {
+            assert!(
+                listed_blocks.values().all(|&n| n == 1),
+                "step {step}: a block in two block tables without prefix caching"
+            );
         }
     }
 
@@ -486,6 +575,7 @@ fn randomized_invariants_with_chunked_prefill() {
         max_model_len: 96,
         enable_chunked_prefill: true,
         policy: SchedulerPolicy::MaxUtilization,
+        enable_prefix_caching: false,
     };
     let stats = Harness::new(cfg, 0x5EED_0001).run(12_000, 20_000);
     assert_busy(&stats, true);
@@ -501,6 +591,7 @@ fn randomized_invariants_without_chunked_prefill() {
         max_model_len: 64,
         enable_chunked_prefill: false,
         policy: SchedulerPolicy::MaxUtilization,
+        enable_prefix_caching: false,
     };
     let stats = Harness::new(cfg, 0x5EED_0002).run(12_000, 20_000);
     assert_busy(&stats, false);
@@ -516,8 +607,55 @@ fn randomized_invariants_under_guaranteed_no_evict_never_preempt() {
         max_model_len: 96,
         enable_chunked_prefill: true,
         policy: SchedulerPolicy::GuaranteedNoEvict,
+        enable_prefix_caching: false,
     };
     let stats = Harness::new(cfg, 0x5EED_0003).run(12_000, 20_000);
     assert_traffic(&stats, true);
     assert_eq!(stats.num_preemptions, 0, "a started sequence was preempted");
+}
+
+#[test]
+fn randomized_invariants_with_prefix_caching() {
+    let cfg = SchedulerConfig {
+        max_num_seqs: 8,
+        max_num_batched_tokens: 32,
+        block_size: 4,
+        num_blocks: 24,
+        max_model_len: 96,
+        enable_chunked_prefill: true,
+        policy: SchedulerPolicy::MaxUtilization,
+        enable_prefix_caching: true,
+    };
+    let stats = Harness::new(cfg, 0x5EED_0004).run(12_000, 20_000);
+    assert_busy(&stats, true);
+    assert!(
+        stats.num_admissions_with_reuse > 500 && stats.num_reused_tokens > 5000,
+        "prefix reuse not exercised"
+    );
+}
+
+#[test]
+fn randomized_invariants_with_prefix_caching_without_chunking_under_no_evict() {
+    for (policy, chunked, seed) in [
+        (SchedulerPolicy::MaxUtilization, false, 0x5EED_0005),
+        (SchedulerPolicy::GuaranteedNoEvict, true, 0x5EED_0006),
+    ] {
+        let cfg = SchedulerConfig {
+            max_num_seqs: 6,
+            max_num_batched_tokens: if chunked { 16 } else { 64 },
+            block_size: 8,
+            num_blocks: 12,
+            max_model_len: 64,
+            enable_chunked_prefill: chunked,
+            policy,
+            enable_prefix_caching: true,
+        };
+        let stats = Harness::new(cfg, seed).run(12_000, 20_000);
+        assert_traffic(&stats, chunked);
+        // The no-evict run holds fewer sequences at once, so fewer cached prefixes survive.
+        assert!(stats.num_admissions_with_reuse > 50, "{policy:?}");
+        if policy == SchedulerPolicy::GuaranteedNoEvict {
+            assert_eq!(stats.num_preemptions, 0, "a started sequence was preempted");
+        }
+    }
 }

@@ -81,6 +81,8 @@ pub struct EngineOptions {
     pub enable_chunked_prefill: bool,
     /// Admission policy (`batch_scheduler_policy`).
     pub batch_scheduler_policy: SchedulerPolicy,
+    /// Reuse the KV blocks of prompt prefixes computed before (`enable_kv_cache_reuse`).
+    pub enable_kv_cache_reuse: bool,
     /// GPU engine: replay decode steps from CUDA graphs (`cuda_graph_mode`).
     pub cuda_graphs: bool,
     /// GPU engine: compile, plan and capture at load (`cuda_warmup`).
@@ -107,6 +109,7 @@ impl EngineOptions {
             max_model_len: None,
             enable_chunked_prefill: true,
             batch_scheduler_policy: SchedulerPolicy::default(),
+            enable_kv_cache_reuse: false,
             cuda_graphs: true,
             cuda_warm_up: true,
             num_threads: 0,
@@ -327,6 +330,7 @@ fn start_on(target: Target, ckpt: Checkpoint, opts: &EngineOptions) -> crate::Re
         max_model_len,
         enable_chunked_prefill: opts.enable_chunked_prefill,
         policy: opts.batch_scheduler_policy,
+        enable_prefix_caching: opts.enable_kv_cache_reuse,
     };
     let info = ModelInfo {
         vocab_size: spec.vocab_size,

@@ -1,11 +1,13 @@
 //! Paged KV-cache bookkeeping, pure CPU: which physical cache blocks each sequence owns.
 //! `BlockPool` (free list, ref counts) → `KvCacheManager` (per-sequence block tables,
-//! `allocate_slots`, slot arithmetic). The device-side K/V arrays live in the executor; this
+//! `allocate_slots`, slot arithmetic) → `PrefixCache` (full blocks kept for reuse by content,
+//! when prefix caching is on). The device-side K/V arrays live in the executor; this
 //! module only hands out block and slot numbers. It must never import device, backend or Triton
 //! code, and never panics on a bad block id (errors instead).
 
 pub mod block_pool;
 pub mod manager;
+pub mod prefix_cache;
 
 pub use block_pool::{BlockId, BlockPool};
 pub use manager::KvCacheManager;

@@ -52,12 +52,17 @@ pub struct Scheduler {
     /// Admitted sequences, oldest admission first (the last one is the preemption victim).
     running: Vec<SeqId>,
     num_preemptions: u64,
+    /// Tokens of admitted sequences (prompts, and prompt + generated on a recompute), and how
+    /// many of them came from the prefix cache instead of being computed.
+    num_admitted_tokens: u64,
+    num_reused_tokens: u64,
 }
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Result<Self, ScheduleError> {
         cfg.validate()?;
-        let kv = KvCacheManager::new(cfg.num_blocks, cfg.block_size)?;
+        let kv = KvCacheManager::new(cfg.num_blocks, cfg.block_size)?
+            .with_prefix_caching(cfg.enable_prefix_caching);
         Ok(Scheduler {
             cfg,
             kv,
@@ -65,6 +70,8 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             num_preemptions: 0,
+            num_admitted_tokens: 0,
+            num_reused_tokens: 0,
         })
     }
 
@@ -207,7 +214,11 @@ impl Scheduler {
                 if budget == 0 || self.running.len() >= self.cfg.max_num_seqs {
                     break;
                 }
+                // Prefix caching: start from the longest cached prefix (undone below if the
+                // sequence cannot be admitted this step).
+                let reused = self.reuse_prefix(seq_id);
                 let Some((start_pos, chunk_len)) = self.next_chunk(seq_id, budget) else {
+                    self.undo_reuse(seq_id, reused);
                     break; // without chunked prefill the head waits for a step with more budget
                 };
                 let worst = match self.cfg.policy {
@@ -215,10 +226,16 @@ impl Scheduler {
                     SchedulerPolicy::GuaranteedNoEvict => self.worst_case_blocks(seq_id),
                 };
                 if worst > unpromised {
+                    self.undo_reuse(seq_id, reused);
                     break; // FIFO: the head waits until running sequences end
                 }
                 if !self.kv.allocate_slots(seq_id, start_pos + chunk_len) {
+                    self.undo_reuse(seq_id, reused);
                     break;
+                }
+                if let Some(seq) = self.seqs.get(&seq_id) {
+                    self.num_admitted_tokens += seq.tokens.len() as u64;
+                    self.num_reused_tokens += reused as u64;
                 }
                 unpromised -= worst;
                 self.waiting.pop_front();
@@ -277,6 +294,9 @@ impl Scheduler {
                     newly_capped.push(s.seq_id);
                 }
             }
+            // Full blocks now computed become reusable (before a capped sequence frees them).
+            self.kv
+                .register_computed(s.seq_id, &seq.tokens, seq.num_computed_tokens);
         }
         if !newly_capped.is_empty() {
             self.running.retain(|id| !newly_capped.contains(id));
@@ -313,6 +333,16 @@ impl Scheduler {
     /// Total preemptions since creation (for metrics).
     pub fn num_preemptions(&self) -> u64 {
         self.num_preemptions
+    }
+
+    /// Tokens of admitted sequences since creation (a recompute after preemption counts again).
+    pub fn num_admitted_tokens(&self) -> u64 {
+        self.num_admitted_tokens
+    }
+
+    /// Of `num_admitted_tokens`, those whose K/V came from the prefix cache.
+    pub fn num_reused_tokens(&self) -> u64 {
+        self.num_reused_tokens
     }
 
     /// Prompt + generated tokens of a sequence, or None if unknown.
@@ -486,6 +516,31 @@ impl Scheduler {
             })
             .sum();
         self.kv.num_free_blocks().saturating_sub(promised)
+    }
+
+    /// Prefix caching: gives a waiting sequence with nothing computed the cached blocks its
+    /// tokens start with and marks those tokens computed; returns how many.
+    fn reuse_prefix(&mut self, seq_id: SeqId) -> usize {
+        let Some(seq) = self.seqs.get_mut(&seq_id) else {
+            return 0;
+        };
+        if seq.num_computed_tokens != 0 {
+            return 0;
+        }
+        let reused = self.kv.match_prefix(seq_id, &seq.tokens);
+        seq.num_computed_tokens = reused;
+        reused
+    }
+
+    /// Takes back what `reuse_prefix` gave when the sequence stays waiting.
+    fn undo_reuse(&mut self, seq_id: SeqId, reused: usize) {
+        if reused == 0 {
+            return;
+        }
+        self.kv.free(seq_id);
+        if let Some(seq) = self.seqs.get_mut(&seq_id) {
+            seq.num_computed_tokens = 0;
+        }
     }
 
     fn preempt(&mut self, seq_id: SeqId) {

@@ -20,6 +20,9 @@ pub struct SchedulerConfig {
     pub enable_chunked_prefill: bool,
     /// Which waiting sequences may be admitted (`batch_scheduler_policy`).
     pub policy: SchedulerPolicy,
+    /// Keep full computed KV blocks for reuse and start new sequences from the longest cached
+    /// prefix of their tokens (`enable_kv_cache_reuse`).
+    pub enable_prefix_caching: bool,
 }
 
 /// Admission policy, as tensorrtllm_backend's `batch_scheduler_policy` names them.
@@ -72,6 +75,7 @@ impl Default for SchedulerConfig {
             max_model_len,
             enable_chunked_prefill: true,
             policy: SchedulerPolicy::default(),
+            enable_prefix_caching: false,
         }
     }
 }

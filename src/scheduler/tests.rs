@@ -17,6 +17,7 @@ fn cfg(
         max_model_len: num_blocks * block_size,
         enable_chunked_prefill: true,
         policy: SchedulerPolicy::MaxUtilization,
+        enable_prefix_caching: false,
     }
 }
 
@@ -140,6 +141,7 @@ fn without_chunked_prefill_a_prompt_waits_for_enough_budget() {
         max_model_len: 16,
         enable_chunked_prefill: false,
         policy: SchedulerPolicy::MaxUtilization,
+        enable_prefix_caching: false,
     };
     let mut s = Scheduler::new(config).unwrap();
     s.add(SeqId(1), prompt(1, 10), 5).unwrap();

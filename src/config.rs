@@ -66,6 +66,7 @@ struct RawParameters {
     max_model_len: Option<String>,
     enable_chunked_context: Option<String>,
     batch_scheduler_policy: Option<String>,
+    enable_kv_cache_reuse: Option<String>,
     cuda_graph_mode: Option<String>,
     cuda_warmup: Option<String>,
     exclude_input_in_output: Option<String>,
@@ -94,6 +95,7 @@ pub const PARAMETER_KEYS: &[&str] = &[
     "max_model_len",
     "enable_chunked_context",
     "batch_scheduler_policy",
+    "enable_kv_cache_reuse",
     "cuda_graph_mode",
     "cuda_warmup",
     "exclude_input_in_output",
@@ -135,6 +137,9 @@ pub struct BackendConfig {
     pub max_model_len: Option<usize>,
     pub enable_chunked_context: bool,
     pub batch_scheduler_policy: SchedulerPolicy,
+    /// Reuse the KV cache of prompt prefixes computed before (default false, as in
+    /// tensorrtllm_backend).
+    pub enable_kv_cache_reuse: bool,
     /// GPU: decode steps replay CUDA graphs (tensorrtllm_backend's `cuda_graph_mode`).
     pub cuda_graph_mode: bool,
     /// GPU: compile kernels, time GEMM shapes and capture graphs at load.
@@ -304,6 +309,11 @@ impl BackendConfig {
                 )
             })?,
         };
+        let enable_kv_cache_reuse = parse_bool(
+            "enable_kv_cache_reuse",
+            raw.enable_kv_cache_reuse.as_deref(),
+            false,
+        )?;
         let cuda_graph_mode = parse_bool("cuda_graph_mode", raw.cuda_graph_mode.as_deref(), true)?;
         let cuda_warmup = parse_bool("cuda_warmup", raw.cuda_warmup.as_deref(), true)?;
         let exclude_input_in_output = parse_bool(
@@ -374,6 +384,7 @@ impl BackendConfig {
             max_model_len,
             enable_chunked_context,
             batch_scheduler_policy,
+            enable_kv_cache_reuse,
             cuda_graph_mode,
             cuda_warmup,
             defaults: RequestDefaults {
@@ -405,6 +416,7 @@ impl BackendConfig {
             max_model_len: self.max_model_len,
             enable_chunked_prefill: self.enable_chunked_context,
             batch_scheduler_policy: self.batch_scheduler_policy,
+            enable_kv_cache_reuse: self.enable_kv_cache_reuse,
             cuda_graphs: self.cuda_graph_mode,
             cuda_warm_up: self.cuda_warmup,
             progress: false,
@@ -537,8 +549,13 @@ mod tests {
         assert!(c.enable_chunked_context);
         assert_eq!(c.batch_scheduler_policy, SchedulerPolicy::MaxUtilization);
         assert!(c.cuda_graph_mode && c.cuda_warmup);
+        assert!(
+            !c.enable_kv_cache_reuse,
+            "off by default, as in tensorrtllm_backend"
+        );
         let o = c.engine_options();
         assert!(o.cuda_graphs && o.cuda_warm_up);
+        assert!(!o.enable_kv_cache_reuse);
         assert_eq!(c.defaults.max_tokens, DEFAULT_MAX_TOKENS);
         assert!(!c.defaults.exclude_input_in_output);
         // Relative to the model folder when not in the version folder.
@@ -571,6 +588,7 @@ mod tests {
                 ("max_model_len", "1024"),
                 ("enable_chunked_context", "false"),
                 ("batch_scheduler_policy", "GUARANTEED_NO_EVICT"),
+                ("enable_kv_cache_reuse", "true"),
                 ("cuda_graph_mode", "false"),
                 ("cuda_warmup", "0"),
                 ("exclude_input_in_output", "TRUE"),
@@ -606,6 +624,7 @@ mod tests {
         assert_eq!(o.max_model_len, Some(1024));
         assert!(!o.enable_chunked_prefill);
         assert_eq!(o.batch_scheduler_policy, SchedulerPolicy::GuaranteedNoEvict);
+        assert!(o.enable_kv_cache_reuse);
         assert!(!o.cuda_graphs && !o.cuda_warm_up);
     }
 
@@ -615,6 +634,10 @@ mod tests {
         type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
         let cases: &[Case] = &[
             (&[("max_num_seq", "8")], &["max_num_seq"]),
+            (
+                &[("enable_kv_cache_reuse", "sometimes")],
+                &["enable_kv_cache_reuse", "sometimes"],
+            ),
             (&[("device", "tpu")], &["device", "tpu"]),
             (
                 &[("batch_scheduler_policy", "fcfs")],

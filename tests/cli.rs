@@ -199,6 +199,54 @@ fn bench_json_on_a_random_preset() {
 }
 
 #[test]
+fn bench_with_a_shared_prefix_reuses_it_only_with_kv_cache_reuse() {
+    let reused = |reuse: &str| -> Vec<u64> {
+        let (ok, out, err) = ferrum(&[
+            "bench",
+            "--preset",
+            "tiny-llama",
+            "--prompt-len",
+            "40",
+            "--gen-len",
+            "2",
+            "--shared-prefix-len",
+            "32",
+            "--block-size",
+            "8",
+            "--batch-size",
+            "1,3",
+            "--enable-kv-cache-reuse",
+            reuse,
+            "--json",
+        ]);
+        assert!(ok, "{err}");
+        out.lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                assert_eq!(v["shared_prefix_len"], 32);
+                v["reused_prompt_tokens"].as_u64().unwrap()
+            })
+            .collect()
+    };
+    // The warm-up pass cached the 32 shared tokens (4 blocks): every measured request reuses them.
+    assert_eq!(reused("true"), vec![32, 3 * 32]);
+    assert_eq!(reused("false"), vec![0, 0]);
+    let (ok, _, err) = ferrum(&[
+        "bench",
+        "--preset",
+        "tiny-llama",
+        "--prompt-len",
+        "8",
+        "--shared-prefix-len",
+        "9",
+    ]);
+    assert!(
+        !ok && err.contains("--shared-prefix-len 9") && err.contains("--prompt-len 8"),
+        "{err}"
+    );
+}
+
+#[test]
 fn bench_with_one_output_token_reports_no_decode_rate() {
     // gen_len 1: the only token comes from the prefill; decode rates would divide by zero.
     for json in [true, false] {

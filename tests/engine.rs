@@ -28,6 +28,16 @@ fn prompt(len: usize, salt: u32) -> Vec<u32> {
 /// of them at once (preemption and recompute).
 #[test]
 fn batch_invariance_under_chunking_and_preemption() {
+    batch_invariance(false);
+}
+
+/// The same with prefix caching on: preempted requests may resume from their own cached blocks.
+#[test]
+fn batch_invariance_under_chunking_and_preemption_with_kv_cache_reuse() {
+    batch_invariance(true);
+}
+
+fn batch_invariance(kv_cache_reuse: bool) {
     let lens = [1usize, 3, 7, 12, 20, 33, 5, 2, 17, 9, 41, 4, 26, 11, 8, 15];
     let max_tokens = 12;
     let alone = TestEngine::start(&model_dir(), Some(WeightFormat::F32), |_| {});
@@ -51,6 +61,7 @@ fn batch_invariance_under_chunking_and_preemption() {
         o.max_tokens_in_paged_kv_cache = Some(112);
         o.max_num_seqs = 16;
         o.max_model_len = Some(64);
+        o.enable_kv_cache_reuse = kv_cache_reuse;
     });
     let handle = batched.handle();
     let mut streams = vec![];
@@ -88,6 +99,75 @@ fn batch_invariance_under_chunking_and_preemption() {
         "the KV cache was sized to force preemption: {stats:?}"
     );
     assert_eq!(stats.num_finished, 16);
+    assert_eq!(
+        stats.num_kv_blocks_free, stats.num_kv_blocks_total,
+        "idle: every block free (cached ones are evictable)"
+    );
+    if kv_cache_reuse {
+        // Preempted requests resumed from their own cached blocks (48 tokens when written).
+        assert!(stats.num_reused_prompt_tokens > 0, "{stats:?}");
+    } else {
+        assert_eq!(stats.num_reused_prompt_tokens, 0);
+        assert_eq!(stats.num_kv_blocks_cached, 0);
+    }
+}
+
+/// Prefix caching: requests sharing a 24-token system prompt (and exact repeats, and a prompt
+/// that ends on a block boundary) give the tokens and logprobs they give without reuse, while
+/// the engine computes only what the cache lacks.
+#[test]
+fn kv_cache_reuse_gives_the_same_outputs_and_skips_cached_prefixes() {
+    let system = prompt(24, 7);
+    let mut prompts: Vec<Vec<u32>> = (0..6u32)
+        .map(|i| [system.clone(), prompt(3 + i as usize, 50 + i)].concat())
+        .collect();
+    prompts.push(system.clone()); // 24 tokens = 6 full blocks: the last is still computed
+    prompts.push(prompts[0].clone()); // an exact repeat
+    prompts.push(prompt(9, 99)); // nothing shared
+    let max_tokens = 8;
+    let run = |reuse: bool| {
+        let e = TestEngine::start(&model_dir(), Some(WeightFormat::F32), |o| {
+            o.block_size = 4;
+            o.enable_kv_cache_reuse = reuse;
+        });
+        let h = e.handle();
+        // The first request alone fills the cache; the rest arrive together.
+        let mut outs = vec![collect(&h, greedy(prompts[0].clone(), max_tokens, Some(2)))];
+        let streams: Vec<_> = prompts[1..]
+            .iter()
+            .map(|p| h.submit(greedy(p.clone(), max_tokens, Some(2))).unwrap())
+            .collect();
+        for s in streams {
+            outs.push(collect_stream(s));
+        }
+        (outs, h.stats().unwrap())
+    };
+    let (want, plain) = run(false);
+    let (got, reused) = run(true);
+    for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+        assert_eq!(g.output_ids, w.output_ids, "prompt {i}: tokens");
+        for (a, b) in g.logprobs.iter().zip(&w.logprobs) {
+            assert!(
+                (a.logprob - b.logprob).abs() < 1e-4,
+                "prompt {i}: logprob {} vs {}",
+                a.logprob,
+                b.logprob
+            );
+        }
+    }
+    assert_eq!(plain.num_reused_prompt_tokens, 0);
+    // Every prompt after the first reuses the 24 system tokens, except the block-aligned one
+    // (20: its last token is computed, so its last block is not reused), the repeat
+    // (24 + 3 = 27 tokens: 6 blocks) and the unrelated one (0).
+    let expected = 5 * 24 + 20 + 24;
+    assert!(
+        reused.num_reused_prompt_tokens >= expected as u64,
+        "{} reused prompt tokens, expected >= {expected}: {reused:?}",
+        reused.num_reused_prompt_tokens
+    );
+    assert!(reused.num_kv_blocks_cached >= 6, "{reused:?}");
+    assert_eq!(reused.num_kv_blocks_free, reused.num_kv_blocks_total);
+    assert_eq!(reused.num_prompt_tokens, plain.num_prompt_tokens);
 }
 
 #[test]

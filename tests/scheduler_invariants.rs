@@ -355,7 +355,10 @@ impl Harness {
             if self.cfg.enable_prefix_caching && mirror.num_computed == 0 && s.start_pos > 0 {
                 // Admitted from the prefix cache: whole blocks, never the last token.
                 assert_eq!(s.start_pos % block_size, 0, "step {step}: {seq_id} reuse");
-                assert!(s.start_pos < mirror.tokens.len(), "step {step}: {seq_id} reuse");
+                assert!(
+                    s.start_pos < mirror.tokens.len(),
+                    "step {step}: {seq_id} reuse"
+                );
                 self.stats.num_reused_tokens += s.start_pos;
                 self.stats.num_admissions_with_reuse += 1;
             } else {
@@ -400,7 +403,7 @@ impl Harness {
                 }
             }
             let hashes = prefix_hashes(&mirror.tokens);
-            for pos in 0..end {
+            for (pos, hash) in hashes.iter().enumerate().take(end) {
                 let slot = self.sched.kv().slot(seq_id, pos).unwrap();
                 assert_eq!(
                     slot,
@@ -409,15 +412,15 @@ impl Harness {
                 if pos < s.start_pos {
                     assert_eq!(
                         self.kv_contents.get(&slot),
-                        Some(&hashes[pos]),
+                        Some(hash),
                         "step {step}: {seq_id} attends to position {pos} (slot {slot}) \
                          holding another prefix"
                     );
                 }
             }
-            for pos in s.start_pos..end {
+            for (pos, &hash) in hashes.iter().enumerate().take(end).skip(s.start_pos) {
                 let slot = self.sched.kv().slot(seq_id, pos).unwrap();
-                self.kv_contents.insert(slot, hashes[pos]);
+                self.kv_contents.insert(slot, hash);
             }
             if s.start_pos == 0
                 && mirror.tokens.len() > mirror.num_prompt_tokens

@@ -59,6 +59,11 @@ pub struct EngineStats {
     pub num_waiting: usize,
     /// `max_num_seqs`: the most sequences that run at once.
     pub max_num_seqs: usize,
+    /// Prefix caching (`enable_kv_cache_reuse`): blocks kept for reuse (in use or evictable;
+    /// evictable ones also count as free), and prompt tokens whose K/V came from them instead of
+    /// being computed (a recompute after preemption counts again).
+    pub num_kv_blocks_cached: usize,
+    pub num_reused_prompt_tokens: u64,
 }
 
 enum Command {
@@ -428,8 +433,10 @@ impl Worker {
         let num_kv_blocks_free = kv.num_free_blocks();
         EngineStats {
             num_kv_blocks_total: kv.num_blocks(),
-            num_kv_blocks_used: kv.pool().num_used(),
+            num_kv_blocks_used: kv.num_used_blocks(),
             num_kv_blocks_free,
+            num_kv_blocks_cached: kv.num_cached_blocks(),
+            num_reused_prompt_tokens: self.scheduler.num_reused_tokens(),
             block_size: kv.block_size(),
             num_running: self.scheduler.num_running(),
             num_waiting: self.scheduler.num_waiting(),

@@ -330,9 +330,14 @@ impl KvCacheManager {
                 ));
             }
             if cached[b_idx] && n == 0 {
-                let evictable = self.prefix.as_ref().is_some_and(|p| p.cache.is_evictable(b));
+                let evictable = self
+                    .prefix
+                    .as_ref()
+                    .is_some_and(|p| p.cache.is_evictable(b));
                 if !evictable {
-                    return Err(format!("block{b_idx} is cached, unreferenced, not evictable"));
+                    return Err(format!(
+                        "block{b_idx} is cached, unreferenced, not evictable"
+                    ));
                 }
             }
             num_used += usize::from(rc > 0);
@@ -461,7 +466,9 @@ mod tests {
 
     #[test]
     fn prefix_caching_shares_full_computed_blocks_and_leaves_the_last_token() {
-        let mut kv = KvCacheManager::new(16, 4).unwrap().with_prefix_caching(true);
+        let mut kv = KvCacheManager::new(16, 4)
+            .unwrap()
+            .with_prefix_caching(true);
         let a: Vec<u32> = (0..10).collect(); // blocks [0..4) [4..8) and a partial [8..10)
         compute(&mut kv, SeqId(1), &a);
         assert_eq!(kv.num_cached_blocks(), 2, "only full blocks are registered");
@@ -518,8 +525,15 @@ mod tests {
         kv.free(SeqId(1));
         assert!(kv.allocate_slots(SeqId(2), 2)); // 1 block: from the pool, cache untouched
         assert_eq!(kv.num_cached_blocks(), 1);
-        assert!(!kv.allocate_slots(SeqId(3), 6), "needs 3, 2 free (1 evictable)");
-        assert_eq!(kv.num_cached_blocks(), 1, "a failed allocation evicts nothing");
+        assert!(
+            !kv.allocate_slots(SeqId(3), 6),
+            "needs 3, 2 free (1 evictable)"
+        );
+        assert_eq!(
+            kv.num_cached_blocks(),
+            1,
+            "a failed allocation evicts nothing"
+        );
         kv.check_invariants().unwrap();
     }
 

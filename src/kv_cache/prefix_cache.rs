@@ -146,7 +146,10 @@ impl PrefixCache {
         let mut ids = std::collections::HashSet::new();
         for (key, e) in &self.entries {
             if self.keys.get(&e.block) != Some(key) {
-                return Err(format!("prefix cache: {} is not stored under its key", e.block));
+                return Err(format!(
+                    "prefix cache: {} is not stored under its key",
+                    e.block
+                ));
             }
             if e.content_id == ROOT || !ids.insert(e.content_id) {
                 return Err(format!(
@@ -189,9 +192,7 @@ mod tests {
     #[test]
     fn evicts_least_recently_released_first_and_forgets_the_key() {
         let mut c = PrefixCache::new();
-        let ids: Vec<u64> = (0..3)
-            .map(|i| c.insert(ROOT, &[i], BlockId(i)))
-            .collect();
+        let ids: Vec<u64> = (0..3).map(|i| c.insert(ROOT, &[i], BlockId(i))).collect();
         c.mark_evictable(BlockId(2));
         c.mark_evictable(BlockId(0));
         c.mark_evictable(BlockId(1));

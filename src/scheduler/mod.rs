@@ -15,6 +15,10 @@
 //!
 //! One engine step: `schedule()` → executor runs the `SchedulePlan` → engine samples one token
 //! per `sample == true` entry → `update(&plan, &sampled)` → engine `remove`s finished sequences.
+//!
+//! With prefix caching (`SchedulerConfig::enable_prefix_caching`), `update` registers every
+//! block it completes and admission starts a sequence at `num_computed_tokens` = the tokens its
+//! cached prefix covers, so the first chunk's `start_pos` may be > 0 (whole blocks).
 
 mod batcher;
 mod config;

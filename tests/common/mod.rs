@@ -3,7 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use triton_ferrum::engine::{Engine, EngineHandle, EngineOptions, is_final, options};
+use triton_ferrum::engine::{
+    Engine, EngineHandle, EngineOptions, RequestStream, is_final, options,
+};
 use triton_ferrum::ops::linear::WeightFormat;
 use triton_ferrum::request::{
     GenerateRequest, Prompt, SamplingParams, StopCriteria, TokenEvent, TokenLogprobs,
@@ -86,7 +88,11 @@ pub fn greedy(prompt: Vec<u32>, max_tokens: usize, logprobs: Option<usize>) -> G
 }
 
 pub fn collect(handle: &EngineHandle, req: GenerateRequest) -> Collected {
-    let mut stream = handle.submit(req).unwrap();
+    collect_stream(handle.submit(req).unwrap())
+}
+
+/// Reads a submitted request's events to the end.
+pub fn collect_stream(mut stream: RequestStream) -> Collected {
     let mut c = Collected {
         prompt_ids: stream.prompt_ids.clone(),
         ..Collected::default()

@@ -46,6 +46,11 @@ pub struct BenchArgs {
     /// Output tokens of every request (--workload fixed).
     #[arg(long, default_value_t = 128)]
     gen_len: usize,
+    /// The first N prompt tokens are the same in every request and every run, like a system
+    /// prompt (--workload fixed; at most --prompt-len). With --enable-kv-cache-reuse true the
+    /// warm-up pass leaves them cached, so measured runs start from the cached prefix.
+    #[arg(long, default_value_t = 0)]
+    shared_prefix_len: usize,
     /// Requests submitted at once; comma-separated for several runs, e.g. 1,4,16 (default 1).
     /// With --workload mixed: one value B, the most sequences running at once in both modes
     /// (it sets max_num_seqs; default 64).
@@ -94,6 +99,8 @@ struct RunResult {
     decode: Option<DecodeRate>,
     output_tokens_per_s: f64,
     total_s: f64,
+    /// Prompt tokens the engine took from its prefix cache during the run.
+    reused_prompt_tokens: u64,
 }
 
 pub fn run(a: BenchArgs) -> CliResult {
@@ -145,6 +152,13 @@ pub fn weights_label(loaded: &LoadedEngine) -> String {
 }
 
 fn run_fixed(a: &BenchArgs, model: BenchModel) -> CliResult {
+    if a.shared_prefix_len > a.prompt_len {
+        return Err(format!(
+            "--shared-prefix-len {} must be <= --prompt-len {}",
+            a.shared_prefix_len, a.prompt_len
+        )
+        .into());
+    }
     let BenchModel { ckpt, source } = model;
     let batch_sizes = a.batch_size.clone().unwrap_or_else(|| vec![1]);
     let max_batch = batch_sizes.iter().copied().max().unwrap_or(1);
@@ -168,8 +182,13 @@ fn run_fixed(a: &BenchArgs, model: BenchModel) -> CliResult {
     for &b in &batch_sizes {
         // Warm-up at the measured shapes (first touch of weights and thread pools; on the GPU,
         // kernel compiles and GEMM algorithm choices per shape), a few tokens per request.
-        run_batch(&handle, b, a.prompt_len, a.gen_len.min(4), vocab, 1)?;
-        results.push(run_batch(&handle, b, a.prompt_len, a.gen_len, vocab, 7)?);
+        let shape = |gen_len| Shape {
+            prompt_len: a.prompt_len,
+            shared_prefix_len: a.shared_prefix_len,
+            gen_len,
+        };
+        run_batch(&handle, b, shape(a.gen_len.min(4)), vocab, 1)?;
+        results.push(run_batch(&handle, b, shape(a.gen_len), vocab, 7)?);
     }
     let format = weights_label(&loaded);
     // Prompt FLOPs per second over the prefill phase (at batch 1: the TTFT).
@@ -186,6 +205,18 @@ fn run_fixed(a: &BenchArgs, model: BenchModel) -> CliResult {
             a.gen_len,
             load_s
         );
+        if a.shared_prefix_len > 0 {
+            println!(
+                "shared prompt prefix {} tokens, kv cache reuse {}; prefill TFLOP/s counts every \
+                 prompt token, computed or reused",
+                a.shared_prefix_len,
+                if opts.enable_kv_cache_reuse {
+                    "on"
+                } else {
+                    "off"
+                }
+            );
+        }
         println!(
             "{:>6} {:>10} {:>14} {:>14} {:>14} {:>14} {:>12}",
             "batch",
@@ -208,7 +239,8 @@ fn run_fixed(a: &BenchArgs, model: BenchModel) -> CliResult {
                 json!({
                     "source": source, "arch": loaded.spec.arch, "device": loaded.device, "weight_format": format,
                     "weight_bytes": loaded.weight_bytes, "prompt_len": a.prompt_len, "gen_len": a.gen_len,
-                    "batch_size": r.batch_size, "ttft_ms": r.ttft_ms, "prefill_s": r.prefill_s,
+                    "shared_prefix_len": a.shared_prefix_len, "kv_cache_reuse": opts.enable_kv_cache_reuse,
+                    "reused_prompt_tokens": r.reused_prompt_tokens, "batch_size": r.batch_size, "ttft_ms": r.ttft_ms, "prefill_s": r.prefill_s,
                     "prefill_tflops": prefill_tflops(r), "decode_ms_per_token": decode_ms,
                     "decode_tokens_per_s": decode_tps, "output_tokens_per_s": r.output_tokens_per_s,
                     "total_s": r.total_s, "weight_gb_per_s": gbs,
@@ -234,20 +266,41 @@ fn run_fixed(a: &BenchArgs, model: BenchModel) -> CliResult {
     Ok(())
 }
 
+/// Prompt and output lengths of a fixed-workload run.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    prompt_len: usize,
+    shared_prefix_len: usize,
+    gen_len: usize,
+}
+
+/// Seed of the shared prompt prefix: the same in every run (warm-up included).
+const SHARED_PREFIX_SEED: u64 = 0x5eed_0f_5ba3ed;
+
 fn run_batch(
     handle: &EngineHandle,
     batch_size: usize,
-    prompt_len: usize,
-    gen_len: usize,
+    shape: Shape,
     vocab: usize,
     seed: u64,
 ) -> Result<RunResult, Box<dyn std::error::Error>> {
+    let Shape {
+        prompt_len,
+        shared_prefix_len,
+        gen_len,
+    } = shape;
+    let shared = pseudo_random_ids(SHARED_PREFIX_SEED, 0, shared_prefix_len, vocab);
     let requests: Vec<BenchRequest> = (0..batch_size)
-        .map(|r| BenchRequest {
-            prompt_ids: pseudo_random_ids(seed, r, prompt_len, vocab),
-            max_tokens: gen_len,
+        .map(|r| {
+            let mut prompt_ids = shared.clone();
+            prompt_ids.extend(&pseudo_random_ids(seed, r, prompt_len, vocab)[shared_prefix_len..]);
+            BenchRequest {
+                prompt_ids,
+                max_tokens: gen_len,
+            }
         })
         .collect();
+    let reused_before = handle.stats().map_or(0, |s| s.num_reused_prompt_tokens);
     let t0 = Instant::now();
     let times = submit_and_time(handle, &requests)?;
     let total_s = t0.elapsed().as_secs_f64();
@@ -282,6 +335,10 @@ fn run_batch(
         decode,
         output_tokens_per_s: (batch_size * gen_len) as f64 / total_s,
         total_s,
+        reused_prompt_tokens: handle
+            .stats()
+            .map_or(0, |s| s.num_reused_prompt_tokens)
+            .saturating_sub(reused_before),
     })
 }
 

@@ -80,6 +80,10 @@ pub struct EngineArgs {
     /// max_tokens; never preempt).
     #[arg(long, default_value = "max_utilization", value_parser = parse_policy)]
     batch_scheduler_policy: SchedulerPolicy,
+    /// Reuse the KV cache of prompt prefixes computed before (true | false; the
+    /// `enable_kv_cache_reuse` parameter).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    enable_kv_cache_reuse: bool,
     /// GPU: replay decode steps from CUDA graphs (true | false; the `cuda_graph_mode` parameter).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     cuda_graph_mode: bool,
@@ -104,6 +108,7 @@ impl EngineArgs {
             max_model_len: self.max_model_len,
             num_threads: self.threads,
             batch_scheduler_policy: self.batch_scheduler_policy,
+            enable_kv_cache_reuse: self.enable_kv_cache_reuse,
             cuda_graphs: self.cuda_graph_mode,
             cuda_warm_up: self.cuda_warmup,
             progress: true,

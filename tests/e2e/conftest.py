@@ -3,7 +3,8 @@ libtriton_ferrum.so on free loopback ports, with a temporary model repository:
 
 - ``smollm2``: the shipped model_repository/smollm2 config (decoupled, max_batch_size 64 =
   tensorrtllm_backend's batched tensor shapes), with ``model_path`` made absolute;
-- ``smollm2_nb``: non-decoupled, max_batch_size 0 (vLLM backend shapes);
+- ``smollm2_nb``: non-decoupled, max_batch_size 0 (vLLM backend shapes), with prefix caching
+  (``enable_kv_cache_reuse``) on, so its answers are checked against ``smollm2``'s (off);
 - ``bad_missing`` / ``bad_corrupt``: model folders with a missing / corrupt weight file (not loaded
   at startup; tests load them and expect a clear failure).
 
@@ -153,6 +154,7 @@ parameters [
   {{ key: "device", value: {{ string_value: "cpu" }} }},
   {{ key: "weight_format", value: {{ string_value: "f32" }} }},
   {{ key: "max_tokens_in_paged_kv_cache", value: {{ string_value: "16384" }} }},
+  {{ key: "enable_kv_cache_reuse", value: {{ string_value: "true" }} }},
   {{ key: "default_max_tokens", value: {{ string_value: "8" }} }},
   {{ key: "exclude_input_in_output", value: {{ string_value: "true" }} }}
 ]

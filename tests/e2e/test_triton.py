@@ -230,6 +230,27 @@ def test_vllm_interface_on_unbatched_model(server):
     client.close()
 
 
+def test_kv_cache_reuse_serves_shared_prefixes_with_unchanged_answers(server):
+    # smollm2_nb reuses cached prefixes (enable_kv_cache_reuse: true); smollm2 does not. A long
+    # shared "system prompt" with different questions, sequential then concurrent, and repeats.
+    system = (
+        "You are a helpful assistant. Answer in one short sentence, with facts only, and never "
+        "repeat the question. Use plain words. "
+    ) * 3
+    questions = ["The capital of France is", "Water boils at", "The largest planet is", "1, 2, 3, 4,"]
+    prompts = [system + q for q in questions] + [system + questions[0]]
+    want = [greedy(server, p, max_tokens=6)["text_output"] for p in prompts]
+
+    def nb(p):
+        r = server.generate(MODEL_NB, {"text_input": p, "parameters": {"max_tokens": 6}})
+        assert r.status_code == 200, r.text
+        return r.json()["text_output"]
+
+    assert [nb(p) for p in prompts] == want
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(nb, prompts * 2)) == want * 2
+
+
 # ---- stop conditions and seeds -----------------------------------------------------------------
 
 

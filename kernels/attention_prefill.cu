@@ -340,6 +340,18 @@ __device__ __forceinline__ void tc_load_q(unsigned short* q_s, const T* q, int q
     }
 }
 
+// acc[mt][2 * i], acc[mt][2 * i + 1] (columns 16 i .. 16 i + 16) += a[mt] . b for each of the
+// warp's row tiles; b holds the two 8-column halves of a 16 x 16 B tile (ldmatrix_x4 order).
+template <typename T, int N>
+__device__ __forceinline__ void tc_mma_16_cols(float (&acc)[TC_MT][N][4], int i,
+                                               const u32 (&a)[TC_MT][4], const u32 (&b)[4]) {
+#pragma unroll
+    for (int mt = 0; mt < TC_MT; ++mt) {
+        Mma<T>::run(acc[mt][2 * i], a[mt], b[0], b[1]);
+        Mma<T>::run(acc[mt][2 * i + 1], a[mt], b[2], b[3]);
+    }
+}
+
 // 2^x by the hardware approximation (flushes denormal results to zero, 2^-inf = 0): the
 // probabilities need no more than that, and exp2f adds range fix-ups around the same instruction.
 __device__ __forceinline__ float tc_exp2(float x) {
@@ -457,11 +469,7 @@ __device__ void prefill_tc_impl(PREFILL_PARAMS(T)) {
                 for (int np = 0; np < TC_BN / 16; ++np) {
                     u32 b[4];
                     ldmatrix_x4(b, k_frag + (np * 16 * TC_STRIDE + kk * 16) * 2);
-#pragma unroll
-                    for (int mt = 0; mt < TC_MT; ++mt) {
-                        Mma<T>::run(s[mt][2 * np], a[mt], b[0], b[1]);
-                        Mma<T>::run(s[mt][2 * np + 1], a[mt], b[2], b[3]);
-                    }
+                    tc_mma_16_cols<T>(s, np, a, b);
                 }
             }
         }
@@ -538,11 +546,7 @@ __device__ void prefill_tc_impl(PREFILL_PARAMS(T)) {
                 for (int dp = 0; dp < TC_HD_PAD / 16; ++dp) {
                     u32 b[4];
                     ldmatrix_x4_trans(b, v_frag + (kc * 16 * TC_STRIDE + dp * 16) * 2);
-#pragma unroll
-                    for (int mt = 0; mt < TC_MT; ++mt) {
-                        Mma<T>::run(o[mt][2 * dp], a[mt], b[0], b[1]);
-                        Mma<T>::run(o[mt][2 * dp + 1], a[mt], b[2], b[3]);
-                    }
+                    tc_mma_16_cols<T>(o, dp, a, b);
                 }
             }
         }

@@ -568,18 +568,23 @@ fn assert_busy(stats: &Stats, chunked: bool) {
     );
 }
 
-#[test]
-fn randomized_invariants_with_chunked_prefill() {
-    let cfg = SchedulerConfig {
+/// 8 sequences, a 32-token budget (chunked prefill) and 24 blocks of 4 tokens.
+fn chunked_config(policy: SchedulerPolicy, enable_prefix_caching: bool) -> SchedulerConfig {
+    SchedulerConfig {
         max_num_seqs: 8,
         max_num_batched_tokens: 32,
         block_size: 4,
         num_blocks: 24,
         max_model_len: 96,
         enable_chunked_prefill: true,
-        policy: SchedulerPolicy::MaxUtilization,
-        enable_prefix_caching: false,
-    };
+        policy,
+        enable_prefix_caching,
+    }
+}
+
+#[test]
+fn randomized_invariants_with_chunked_prefill() {
+    let cfg = chunked_config(SchedulerPolicy::MaxUtilization, false);
     let stats = Harness::new(cfg, 0x5EED_0001).run(12_000, 20_000);
     assert_busy(&stats, true);
 }
@@ -602,16 +607,7 @@ fn randomized_invariants_without_chunked_prefill() {
 
 #[test]
 fn randomized_invariants_under_guaranteed_no_evict_never_preempt() {
-    let cfg = SchedulerConfig {
-        max_num_seqs: 8,
-        max_num_batched_tokens: 32,
-        block_size: 4,
-        num_blocks: 24,
-        max_model_len: 96,
-        enable_chunked_prefill: true,
-        policy: SchedulerPolicy::GuaranteedNoEvict,
-        enable_prefix_caching: false,
-    };
+    let cfg = chunked_config(SchedulerPolicy::GuaranteedNoEvict, false);
     let stats = Harness::new(cfg, 0x5EED_0003).run(12_000, 20_000);
     assert_traffic(&stats, true);
     assert_eq!(stats.num_preemptions, 0, "a started sequence was preempted");
@@ -619,16 +615,7 @@ fn randomized_invariants_under_guaranteed_no_evict_never_preempt() {
 
 #[test]
 fn randomized_invariants_with_prefix_caching() {
-    let cfg = SchedulerConfig {
-        max_num_seqs: 8,
-        max_num_batched_tokens: 32,
-        block_size: 4,
-        num_blocks: 24,
-        max_model_len: 96,
-        enable_chunked_prefill: true,
-        policy: SchedulerPolicy::MaxUtilization,
-        enable_prefix_caching: true,
-    };
+    let cfg = chunked_config(SchedulerPolicy::MaxUtilization, true);
     let stats = Harness::new(cfg, 0x5EED_0004).run(12_000, 20_000);
     assert_busy(&stats, true);
     assert!(

@@ -1263,9 +1263,10 @@ impl<T: FloatElem> CudaExecutor<T> {
     /// row and a row with every filter, penalty and logprobs on (the sampler's kernels).
     ///
     /// The scratch tokens write the KV slots of the first blocks only; the cache holds no
-    /// sequence yet, and every sequence writes each slot it reads before reading it, so nothing
-    /// of the warm-up is ever attended to. Errors here are load errors (the same steps would
-    /// fail on the first request).
+    /// sequence yet, a sequence reads only slots it wrote or cached blocks some sequence
+    /// computed (prefix caching registers blocks from real steps only, and the warm-up runs
+    /// before the engine starts), so nothing of the warm-up is ever attended to. Errors here
+    /// are load errors (the same steps would fail on the first request).
     pub fn warm_up(&mut self) -> crate::Result<WarmUpReport> {
         let start = std::time::Instant::now();
         let (modules, gemm_plans) = self.setup_counts();

@@ -222,14 +222,16 @@ impl KvCacheManager {
     }
 
     /// Prefix caching: registers every full block of `seq_id` whose positions are all computed
-    /// (`num_computed` of `tokens`) and not registered yet. A block whose content is already
-    /// registered (another sequence computed the same prefix at the same time) stays private
-    /// and the chain continues through the registered one. No-op when caching is off.
+    /// (`num_computed` of `tokens`) and not registered yet. When the same content is already
+    /// registered (another sequence computed the same prefix in the same steps), the sequence
+    /// switches to the registered block and its own copy is freed: one copy stays, shared, and
+    /// the chain continues through it. Call only between steps (the swapped block's K/V are
+    /// final, nothing writes it again). No-op when caching is off.
     pub fn register_computed(&mut self, seq_id: SeqId, tokens: &[u32], num_computed: usize) {
         let Some(p) = &mut self.prefix else {
             return;
         };
-        let Some(table) = self.tables.get(&seq_id) else {
+        let Some(table) = self.tables.get_mut(&seq_id) else {
             return;
         };
         let bs = self.block_size;
@@ -241,15 +243,27 @@ impl KvCacheManager {
         while reg.num_blocks < num_full.min(table.len()) {
             let i = reg.num_blocks;
             let chunk = &tokens[i * bs..(i + 1) * bs];
+            let own = table[i];
             let content_id = match p.cache.lookup(reg.last_content_id, chunk) {
-                Some((_, content_id)) => content_id,
-                None => {
-                    let block = table[i];
-                    if self.pool.share(&[block]).is_err() {
-                        debug_assert!(false, "{seq_id}: {block} in a table but not allocated");
+                Some((registered, content_id)) if registered != own => {
+                    // Take a reference on the registered copy before dropping ours.
+                    if self.pool.share(&[registered]).is_err() {
+                        debug_assert!(false, "{registered} registered but not allocated");
                         return;
                     }
-                    p.cache.insert(reg.last_content_id, chunk, block)
+                    p.cache.unmark_evictable(registered);
+                    let dropped = self.pool.free(&[own]);
+                    debug_assert!(dropped.is_ok(), "{seq_id}: {own}: {dropped:?}");
+                    table[i] = registered;
+                    content_id
+                }
+                Some((_, content_id)) => content_id,
+                None => {
+                    if self.pool.share(&[own]).is_err() {
+                        debug_assert!(false, "{seq_id}: {own} in a table but not allocated");
+                        return;
+                    }
+                    p.cache.insert(reg.last_content_id, chunk, own)
                 }
             };
             reg.last_content_id = content_id;
@@ -538,20 +552,28 @@ mod tests {
     }
 
     #[test]
-    fn concurrent_equal_prefixes_register_once_and_chain_through_the_first() {
+    fn concurrent_equal_prefixes_end_up_sharing_one_copy() {
         let mut kv = KvCacheManager::new(8, 2).unwrap().with_prefix_caching(true);
         let t = [1, 2, 3, 4, 5];
-        // Both admitted before either registered: both compute their own copies.
+        // Both admitted before either registered: both compute their own copies (3 blocks each).
         assert!(kv.allocate_slots(SeqId(1), 5));
         assert!(kv.allocate_slots(SeqId(2), 5));
+        assert_eq!(kv.num_free_blocks(), 2);
         kv.register_computed(SeqId(1), &t, 5);
         kv.register_computed(SeqId(2), &t, 5);
-        assert_eq!(kv.num_cached_blocks(), 2, "the second copy stays private");
+        assert_eq!(kv.num_cached_blocks(), 2);
+        // The second switched to the registered copies and freed its own two full blocks.
+        assert_eq!(kv.block_table(SeqId(2))[..2], kv.block_table(SeqId(1))[..2]);
+        assert_ne!(kv.block_table(SeqId(2))[2], kv.block_table(SeqId(1))[2]);
+        assert_eq!(kv.num_free_blocks(), 4);
         kv.check_invariants().unwrap();
         // Registration is incremental: nothing new for fewer computed tokens.
         kv.register_computed(SeqId(1), &t, 3);
         assert_eq!(kv.num_cached_blocks(), 2);
+        // The first finishing leaves the copy in use by the second, not evictable.
         kv.free(SeqId(1));
+        assert_eq!(kv.num_evictable_blocks(), 0);
+        kv.check_invariants().unwrap();
         kv.free(SeqId(2));
         assert_eq!(kv.num_free_blocks(), 8);
         assert_eq!(kv.match_prefix(SeqId(3), &t), 4);

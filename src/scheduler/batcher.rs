@@ -205,11 +205,6 @@ impl Scheduler {
         }
 
         if preempted.is_empty() {
-            // GuaranteedNoEvict: blocks not promised to a running sequence's worst case.
-            let mut unpromised = match self.cfg.policy {
-                SchedulerPolicy::MaxUtilization => usize::MAX,
-                SchedulerPolicy::GuaranteedNoEvict => self.unpromised_blocks(),
-            };
             while let Some(&seq_id) = self.waiting.front() {
                 if budget == 0 || self.running.len() >= self.cfg.max_num_seqs {
                     break;
@@ -221,11 +216,12 @@ impl Scheduler {
                     self.undo_reuse(seq_id, reused);
                     break; // without chunked prefill the head waits for a step with more budget
                 };
-                let worst = match self.cfg.policy {
-                    SchedulerPolicy::MaxUtilization => 0,
-                    SchedulerPolicy::GuaranteedNoEvict => self.worst_case_blocks(seq_id),
-                };
-                if worst > unpromised {
+                // GuaranteedNoEvict: the blocks this sequence may still claim (beyond the cached
+                // ones it now shares) must fit in what no running sequence's worst case needs
+                // (recomputed after the match, which may have taken evictable blocks).
+                if self.cfg.policy == SchedulerPolicy::GuaranteedNoEvict
+                    && self.unclaimed_blocks(seq_id) > self.unpromised_blocks()
+                {
                     self.undo_reuse(seq_id, reused);
                     break; // FIFO: the head waits until running sequences end
                 }
@@ -237,7 +233,6 @@ impl Scheduler {
                     self.num_admitted_tokens += seq.tokens.len() as u64;
                     self.num_reused_tokens += reused as u64;
                 }
-                unpromised -= worst;
                 self.waiting.pop_front();
                 self.running.push(seq_id);
                 if let Some(seq) = self.seqs.get_mut(&seq_id) {
@@ -504,16 +499,20 @@ impl Scheduler {
             .map_or(0, |s| self.kv.num_blocks_for(s.max_num_tokens))
     }
 
+    /// Blocks `seq_id` may still take to reach its `max_num_tokens`: its worst case minus the
+    /// blocks it holds (cached ones it shares included).
+    fn unclaimed_blocks(&self, seq_id: SeqId) -> usize {
+        self.worst_case_blocks(seq_id)
+            .saturating_sub(self.kv.block_table(seq_id).len())
+    }
+
     /// Free blocks minus what the running sequences may still claim to reach their
     /// `max_num_tokens` (GuaranteedNoEvict's admission budget).
     fn unpromised_blocks(&self) -> usize {
         let promised: usize = self
             .running
             .iter()
-            .map(|&id| {
-                self.worst_case_blocks(id)
-                    .saturating_sub(self.kv.block_table(id).len())
-            })
+            .map(|&id| self.unclaimed_blocks(id))
             .sum();
         self.kv.num_free_blocks().saturating_sub(promised)
     }

@@ -427,3 +427,69 @@ fn scheduler_policy_names_are_tensorrtllm_backends() {
     assert_eq!(SchedulerPolicy::parse("fcfs"), None);
     assert_eq!(SchedulerPolicy::default(), SchedulerPolicy::MaxUtilization);
 }
+
+#[test]
+fn prefix_caching_starts_after_the_cached_prefix_and_counts_reused_tokens() {
+    let mut s = Scheduler::new(SchedulerConfig {
+        enable_prefix_caching: true,
+        ..cfg(4, 64, 4, 32)
+    })
+    .unwrap();
+    let system = prompt(9, 12); // 3 blocks
+    let with = |q: u32| [system.clone(), vec![q, q + 1]].concat();
+    s.add(SeqId(1), with(500), 2).unwrap();
+    assert_eq!(summary(&step(&mut s, 7)), vec![(1, 0, 14, true)]);
+    // seq1's 3 system blocks are registered once computed: seq2 starts at position 12.
+    s.add(SeqId(2), with(600), 2).unwrap();
+    let plan = step(&mut s, 8);
+    assert_eq!(summary(&plan), vec![(1, 14, 1, true), (2, 12, 2, true)]);
+    assert_eq!(plan.seqs[1].block_table[..3], plan.seqs[0].block_table[..3]);
+    assert_eq!(s.num_reused_tokens(), 12);
+    assert_eq!(s.num_admitted_tokens(), 14 + 14);
+    // A prompt that is exactly the cached blocks: its last token is computed again.
+    s.add(SeqId(3), system.clone(), 1).unwrap();
+    // (seq1 reached its cap last step; seq2 decodes.)
+    assert_eq!(
+        summary(&step(&mut s, 9)),
+        vec![(2, 14, 1, true), (3, 8, 4, true)]
+    );
+}
+
+#[test]
+fn guaranteed_no_evict_charges_a_sequence_only_for_blocks_beyond_its_cached_prefix() {
+    // 20 blocks of 4. Requests: a 32-token shared prefix (8 blocks) + 4 own tokens, 4 outputs
+    // = 40 tokens = 10 blocks, 2 of them beyond the prefix. Once the prefix is cached, 6 fit
+    // (8 shared + 6 x 2 = 20); charging each its full 10 blocks would admit only 1.
+    let mut s = Scheduler::new(SchedulerConfig {
+        enable_prefix_caching: true,
+        policy: SchedulerPolicy::GuaranteedNoEvict,
+        max_model_len: 64,
+        ..cfg(8, 64, 4, 20)
+    })
+    .unwrap();
+    let shared = prompt(7, 32);
+    let request = |i: u32| [shared.clone(), vec![900 + i; 4]].concat();
+    s.add(SeqId(100), request(100), 4).unwrap();
+    while s.has_work() {
+        let plan = step(&mut s, 1);
+        if s.reached_cap(SeqId(100)) {
+            s.remove(SeqId(100));
+        }
+        assert!(plan.preempted.is_empty());
+    }
+    for i in 0..6 {
+        s.add(SeqId(i), request(i as u32), 4).unwrap();
+    }
+    let plan = step(&mut s, 1);
+    assert_eq!(plan.seqs.len(), 6, "{:?}", summary(&plan));
+    assert!(plan.seqs.iter().all(|q| q.start_pos == 32));
+    // They run to their cap without preemption.
+    while s.has_work() {
+        assert!(step(&mut s, 1).preempted.is_empty());
+        for i in 0..6 {
+            if s.reached_cap(SeqId(i)) {
+                s.remove(SeqId(i));
+            }
+        }
+    }
+}

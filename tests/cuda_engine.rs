@@ -721,6 +721,47 @@ fn batch_invariance_with_chunked_prefill() {
     }
 }
 
+/// Prefix caching on the GPU: requests sharing a 40-token prefix (admitted from the cache, so
+/// their first chunk starts past position 0 against shared blocks), in flight, give the tokens
+/// they give with reuse off (f32: exact), and the engine reports the reused tokens.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run ci/gpu.sh"]
+fn kv_cache_reuse_matches_no_reuse() {
+    let model = fixtures().join("models/llama_gqa_llama3");
+    let vocab = 311;
+    let mut rng = Rng(7);
+    let shared: Vec<u32> = (0..40).map(|_| 3 + rng.below(vocab - 3) as u32).collect();
+    let requests: Vec<(Vec<u32>, usize)> = (0..12)
+        .map(|i| {
+            let own: Vec<u32> = (0..1 + rng.below(20))
+                .map(|_| 3 + rng.below(vocab - 3) as u32)
+                .collect();
+            ([shared.clone(), own].concat(), 4 + i % 9)
+        })
+        .collect();
+    let run = |reuse: bool| {
+        let engine = gpu_engine(&model, DType::F32, |o| {
+            o.block_size = 8;
+            o.max_num_batched_tokens = 64;
+            o.enable_kv_cache_reuse = reuse;
+        });
+        let handle = engine.handle();
+        // The first request alone fills the cache; the rest arrive together.
+        let mut outs =
+            vec![collect(&handle, greedy(requests[0].0.clone(), requests[0].1, None)).output_ids];
+        outs.extend(run_in_flight(&handle, &requests[1..]));
+        (outs, handle.stats().unwrap())
+    };
+    let (want, _) = run(false);
+    let (got, stats) = run(true);
+    assert_eq!(got, want, "f32: outputs differ with kv cache reuse");
+    assert!(
+        stats.num_reused_prompt_tokens >= 11 * 40,
+        "{} reused tokens: {stats:?}",
+        stats.num_reused_prompt_tokens
+    );
+}
+
 fn run_in_flight(handle: &EngineHandle, requests: &[(Vec<u32>, usize)]) -> Vec<Vec<u32>> {
     std::thread::scope(|s| {
         let threads: Vec<_> = requests

@@ -3,7 +3,9 @@
 //! and `tokens_per`) work unchanged:
 //!
 //! - `nv_trt_llm_kv_cache_block_metrics{model, version, kv_cache_block_type}`: `max` (blocks in
-//!   the KV cache), `free`, `used`, `tokens_per` (tokens per block);
+//!   the KV cache), `free`, `used`, `tokens_per` (tokens per block), `reused` (blocks taken from
+//!   the prefix cache since load, `enable_kv_cache_reuse`), `fraction` (used / max: the KV
+//!   utilization that load balancers such as the Gateway API inference extension read);
 //! - `nv_trt_llm_request_metrics{model, version, request_type}`: `active` (requests in the
 //!   engine), `max` (`max_num_seqs`), `scheduled` (running: in every step's batch), `waiting`.
 //!
@@ -30,12 +32,22 @@ const KV_CACHE_LABEL: &str = "kv_cache_block_type";
 const REQUEST_LABEL: &str = "request_type";
 
 /// The value of every exported gauge for `stats`: (family, category label value, value).
-pub fn gauge_values(stats: &EngineStats) -> [(&'static str, &'static str, f64); 8] {
+pub fn gauge_values(stats: &EngineStats) -> [(&'static str, &'static str, f64); 10] {
+    let fraction = match stats.num_kv_blocks_total {
+        0 => 0.0,
+        total => stats.num_kv_blocks_used as f64 / total as f64,
+    };
     [
         (KV_CACHE_FAMILY, "max", stats.num_kv_blocks_total as f64),
         (KV_CACHE_FAMILY, "free", stats.num_kv_blocks_free as f64),
         (KV_CACHE_FAMILY, "used", stats.num_kv_blocks_used as f64),
         (KV_CACHE_FAMILY, "tokens_per", stats.block_size as f64),
+        (
+            KV_CACHE_FAMILY,
+            "reused",
+            (stats.num_reused_prompt_tokens / stats.block_size.max(1) as u64) as f64,
+        ),
+        (KV_CACHE_FAMILY, "fraction", fraction),
         (
             REQUEST_FAMILY,
             "active",
@@ -111,12 +123,20 @@ mod tests {
             num_running: 3,
             num_waiting: 2,
             max_num_seqs: 32,
+            num_reused_prompt_tokens: 480,
             ..EngineStats::default()
         };
         assert_eq!(value(&stats, KV_CACHE_FAMILY, "max"), 4096.0);
         assert_eq!(value(&stats, KV_CACHE_FAMILY, "used"), 7.0);
         assert_eq!(value(&stats, KV_CACHE_FAMILY, "free"), 4089.0);
         assert_eq!(value(&stats, KV_CACHE_FAMILY, "tokens_per"), 16.0);
+        assert_eq!(value(&stats, KV_CACHE_FAMILY, "reused"), 30.0);
+        assert_eq!(value(&stats, KV_CACHE_FAMILY, "fraction"), 7.0 / 4096.0);
+        assert_eq!(
+            value(&EngineStats::default(), KV_CACHE_FAMILY, "fraction"),
+            0.0,
+            "no blocks: 0, not NaN"
+        );
         assert_eq!(value(&stats, REQUEST_FAMILY, "active"), 5.0);
         assert_eq!(value(&stats, REQUEST_FAMILY, "scheduled"), 3.0);
         assert_eq!(value(&stats, REQUEST_FAMILY, "waiting"), 2.0);
@@ -137,6 +157,8 @@ mod tests {
                 ("nv_trt_llm_kv_cache_block_metrics", "free"),
                 ("nv_trt_llm_kv_cache_block_metrics", "used"),
                 ("nv_trt_llm_kv_cache_block_metrics", "tokens_per"),
+                ("nv_trt_llm_kv_cache_block_metrics", "reused"),
+                ("nv_trt_llm_kv_cache_block_metrics", "fraction"),
                 ("nv_trt_llm_request_metrics", "active"),
                 ("nv_trt_llm_request_metrics", "max"),
                 ("nv_trt_llm_request_metrics", "scheduled"),

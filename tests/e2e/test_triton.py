@@ -249,6 +249,12 @@ def test_kv_cache_reuse_serves_shared_prefixes_with_unchanged_answers(server):
     assert [nb(p) for p in prompts] == want
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(nb, prompts * 2)) == want * 2
+    # tensorrtllm_backend's `reused` gauge counts the blocks taken from the cache (the system
+    # prompt is ~50 tokens: 3 whole blocks of 16, reused by 14 of the 15 requests at least).
+    reused = lambda: metric(server, KV_FAMILY, MODEL_NB, kv_cache_block_type="reused")  # noqa: E731
+    _poll(server, reused, lambda v: v is not None and v >= 14 * 3, timeout=2)
+    assert metric(server, KV_FAMILY, MODEL, kv_cache_block_type="reused") == 0
+    assert metric(server, KV_FAMILY, MODEL_NB, kv_cache_block_type="fraction") is not None
 
 
 # ---- stop conditions and seeds -----------------------------------------------------------------

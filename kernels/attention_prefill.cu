@@ -307,6 +307,19 @@ __device__ __forceinline__ void tc_load_kv(unsigned short* dst, const T* cache, 
     }
 }
 
+// Starts loading the keys at n_next into `buf` (which every thread is done with) when
+// `has_next`, as one cp.async group (an empty group otherwise, so the group count per tile
+// stays uniform).
+template <typename T>
+__device__ __forceinline__ void tc_refill(unsigned short* buf, const T* cache, bool has_next,
+                                          int n_next, const PrefillTile& t, int block_size,
+                                          i64 num_blocks, int num_kv_heads, int kv_head) {
+    if (has_next) {
+        tc_load_kv(buf, cache, n_next, t, block_size, num_blocks, num_kv_heads, kv_head);
+    }
+    cp_async_commit();
+}
+
 // Starts the copy of the tile's Q rows into q_s [TC_BM][TC_STRIDE] (rows past the sequence and
 // dims past HEAD_DIM zero-filled): 16-byte cp.async chunks when every row start is 16-byte
 // aligned, else element by element.
@@ -473,12 +486,9 @@ __device__ void prefill_tc_impl(PREFILL_PARAMS(T)) {
                 }
             }
         }
-        __syncthreads();  // every warp is done with K(it)
-        if (it + 1 < num_tiles) {
-            tc_load_kv(k_s, k_cache, n0 + TC_BN, t, block_size, num_blocks, num_kv_heads,
-                       kv_head);
-        }
-        cp_async_commit();
+        __syncthreads();  // every warp is done with K(it): K(it + 1) starts loading
+        tc_refill(k_s, k_cache, it + 1 < num_tiles, n0 + TC_BN, t, block_size, num_blocks,
+                  num_kv_heads, kv_head);
 
         if (active) {
             // Mask, scale, online softmax; P overwrites S.
@@ -550,12 +560,9 @@ __device__ void prefill_tc_impl(PREFILL_PARAMS(T)) {
                 }
             }
         }
-        __syncthreads();  // every warp is done with V(it)
-        if (it + 1 < num_tiles) {
-            tc_load_kv(v_s, v_cache, n0 + TC_BN, t, block_size, num_blocks, num_kv_heads,
-                       kv_head);
-        }
-        cp_async_commit();
+        __syncthreads();  // every warp is done with V(it): V(it + 1) starts loading
+        tc_refill(v_s, v_cache, it + 1 < num_tiles, n0 + TC_BN, t, block_size, num_blocks,
+                  num_kv_heads, kv_head);
     }
 
 #pragma unroll

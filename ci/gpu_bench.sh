@@ -13,6 +13,7 @@
 #   prefill   2048-token prompts, one output token: TTFT and prefill TFLOP/s at batch 1 and 4
 #   presets   gptj-6b, falcon-7b, mpt-7b, bloom-7b1, gpt3-6.7b: 128/128 at batch 1 and 64
 #   ifb       Llama-3-8B in-flight vs static batching on a mixed-length workload, equal KV memory
+#   prefix    Llama-3-8B 2048-token prompts sharing a 1536-token prefix, kv cache reuse off / on
 #   final     Llama-2-7B 128/128 at batch 1 and 64 (the headline decode numbers)
 #   ncu       Nsight Compute kernel tables of Llama-2-7B batch-1 decode (ci/ncu_summary.py)
 # DEADLINE=<s>: the presets suite skips the models it would start after that many seconds.
@@ -96,6 +97,13 @@ if [ "${1:-}" = "run" ]; then
       b --preset llama3-8b --workload mixed --num-requests 256 --batch-size 64 --inflight-max-num-seqs 256 --rounds 2 --max-num-batched-tokens 8192 --json
       # ... admitting only what can run to its max_tokens in that memory (no preemption).
       b --preset llama3-8b --workload mixed --num-requests 256 --batch-size 64 --inflight-max-num-seqs 256 --batch-scheduler-policy guaranteed_no_evict --rounds 2 --max-num-batched-tokens 8192 --json
+      # ... with prefix caching: a preempted sequence may resume from its own cached blocks.
+      b --preset llama3-8b --workload mixed --num-requests 256 --batch-size 64 --inflight-max-num-seqs 256 --enable-kv-cache-reuse true --rounds 2 --max-num-batched-tokens 8192 --json
+      ;;
+    prefix)
+      for reuse in false true; do
+        b --preset llama3-8b --prompt-len 2048 --shared-prefix-len 1536 --gen-len 64 --batch-size 1,32 --enable-kv-cache-reuse "$reuse" --max-num-batched-tokens 8192 --json
+      done
       ;;
     *)
       echo "unknown suite $suite" >&2

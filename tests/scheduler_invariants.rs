@@ -67,6 +67,8 @@ struct Stats {
     /// Tokens a chunk started past because the prefix cache held them.
     num_reused_tokens: usize,
     num_admissions_with_reuse: usize,
+    /// Preempted sequences with generated tokens that resumed from cached blocks (their own).
+    num_recomputes_from_cache: usize,
 }
 
 struct Harness {
@@ -361,6 +363,9 @@ impl Harness {
                 );
                 self.stats.num_reused_tokens += s.start_pos;
                 self.stats.num_admissions_with_reuse += 1;
+                if mirror.tokens.len() > mirror.num_prompt_tokens {
+                    self.stats.num_recomputes_from_cache += 1;
+                }
             } else {
                 assert_eq!(
                     s.start_pos, mirror.num_computed,
@@ -621,6 +626,10 @@ fn randomized_invariants_with_prefix_caching() {
     assert!(
         stats.num_admissions_with_reuse > 500 && stats.num_reused_tokens > 5000,
         "prefix reuse not exercised"
+    );
+    assert!(
+        stats.num_recomputes_from_cache > 20,
+        "preempted sequences never resumed from their cached blocks"
     );
 }
 

@@ -277,12 +277,8 @@ __device__ void prefill_simt_impl(PREFILL_PARAMS(T)) {
 #define TC_BM (TC_WARP_ROWS * TC_WARPS)
 #define TC_STRIDE (TC_HD_PAD + 8)
 
-// Mma<T>, smem_addr, ldmatrix_x4(_trans), cp_async_16 and cp_async_commit: prelude.cuh.
-
-// Waits until at most one committed cp.async group is pending.
-__device__ __forceinline__ void cp_async_wait_all_but_newest() {
-    asm volatile("cp.async.wait_group 1;" ::: "memory");
-}
+// Mma<T>, smem_addr, ldmatrix_x4(_trans), cp_async_16, cp_async_commit and cp_async_wait:
+// prelude.cuh.
 
 // Starts the copy of keys n0 .. n0 + TC_BN of the cache into dst [TC_BN][TC_STRIDE]; keys past
 // kv_end, bad blocks and the dims past HEAD_DIM are zero-filled. TC_KEY_THREADS threads share a
@@ -458,7 +454,7 @@ __device__ void prefill_tc_impl(PREFILL_PARAMS(T)) {
         const bool full = w_rows == TC_WARP_ROWS && n_last <= w_pos_first &&
                           (sliding_window <= 0 || n0 > w_pos_last - sliding_window);
 
-        cp_async_wait_all_but_newest();  // K(it) (and Q) landed for this thread ...
+        cp_async_wait<1>();  // K(it) (and Q) landed for this thread ...
         __syncthreads();                 // ... and for every thread
 
         float s[TC_MT][TC_BN / 8][4];
@@ -539,7 +535,7 @@ __device__ void prefill_tc_impl(PREFILL_PARAMS(T)) {
             }
         }
 
-        cp_async_wait_all_but_newest();  // V(it) landed for this thread ...
+        cp_async_wait<1>();  // V(it) landed for this thread ...
         __syncthreads();                 // ... and for every thread
         if (active) {
 #pragma unroll

@@ -466,7 +466,7 @@ __device__ void splitk_mma_impl(T* out, float* part_m, float* part_l, float* par
                         row < GQA_HEADS ? 16 : 0);
         }
         cp_async_commit();
-        asm volatile("cp.async.wait_group 0;" ::: "memory");
+        cp_async_wait<0>();
         __syncwarp();
     }
     u32 qa[KSTEPS][4];
@@ -503,7 +503,7 @@ __device__ void splitk_mma_impl(T* out, float* part_m, float* part_l, float* par
                          r.end, r.table, block_size, num_blocks, r.kv_dim, r.kv_head, lane);
         }
         cp_async_commit();
-        asm volatile("cp.async.wait_group 1;" ::: "memory");
+        cp_async_wait<1>();
         __syncwarp();
         const unsigned short* ks = wsmem + stage * SK_MMA_STAGE_ELEMS;
         const unsigned short* vs = ks + SK_TILE * SK_ROW;
@@ -577,7 +577,7 @@ __device__ void splitk_mma_impl(T* out, float* part_m, float* part_l, float* par
         __syncwarp();
         stage ^= 1;
     }
-    asm volatile("cp.async.wait_group 0;" ::: "memory");
+    cp_async_wait<0>();
 
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);

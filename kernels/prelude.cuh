@@ -148,6 +148,10 @@ __device__ __forceinline__ void cp_async_16(unsigned short* dst, const void* src
                  "l"(src), "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+// Waits until at most N committed cp.async groups of this thread are pending (0: all landed).
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
 // Instantiates `extern "C"` entry points `{op}_f32`, `{op}_bf16`, `{op}_f16` from a macro that
 // takes (entry name, element type).
 #define FERRUM_FOR_EACH_DTYPE(MACRO, op) \

@@ -14,6 +14,8 @@
 #   presets   gptj-6b, falcon-7b, mpt-7b, bloom-7b1, gpt3-6.7b: 128/128 at batch 1 and 64
 #   ifb       Llama-3-8B in-flight vs static batching on a mixed-length workload, equal KV memory
 #   prefix    Llama-3-8B 2048-token prompts sharing a 1536-token prefix, kv cache reuse off / on
+#   batch     Llama-3-8B 128/128 offline with 256, 512 and 1024 requests at once
+#   ifbchat   in-flight vs static on a chat-like mix (prompts 16..=512, outputs 16..=1024)
 #   final     Llama-2-7B 128/128 at batch 1 and 64 (the headline decode numbers)
 #   ncu       Nsight Compute kernel tables of Llama-2-7B batch-1 decode (ci/ncu_summary.py)
 # DEADLINE=<s>: the presets suite skips the models it would start after that many seconds.
@@ -99,6 +101,16 @@ if [ "${1:-}" = "run" ]; then
       b --preset llama3-8b --workload mixed --num-requests 256 --batch-size 64 --inflight-max-num-seqs 256 --batch-scheduler-policy guaranteed_no_evict --rounds 2 --max-num-batched-tokens 8192 --json
       # ... with prefix caching: a preempted sequence may resume from its own cached blocks.
       b --preset llama3-8b --workload mixed --num-requests 256 --batch-size 64 --inflight-max-num-seqs 256 --enable-kv-cache-reuse true --rounds 2 --max-num-batched-tokens 8192 --json
+      ;;
+    batch)
+      # The 128/128 offline target at larger batches: GEMMs leave the weight-bound regime
+      # (fewer tile waves lost), attention per token stays the same.
+      b --preset llama3-8b --prompt-len 128 --gen-len 128 --batch-size 256,512,1024 --max-num-batched-tokens 8192 --json
+      ;;
+    ifbchat)
+      # Output lengths varying most (as in chat traffic): static batching idles a slot from
+      # its request's end to its group's longest; KV for 64 sequences of 1536 tokens in both.
+      b --preset llama3-8b --workload mixed --num-requests 256 --min-prompt-len 16 --max-prompt-len 512 --min-gen-len 16 --max-gen-len 1024 --batch-size 64 --inflight-max-num-seqs 256 --rounds 1 --max-num-batched-tokens 8192 --json
       ;;
     prefix)
       for reuse in false true; do

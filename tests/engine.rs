@@ -69,8 +69,10 @@ fn batch_invariance(kv_cache_reuse: bool) {
         let mut s = handle
             .submit(greedy(prompt(n, i as u32), max_tokens, None))
             .unwrap();
-        // Let the engine take a few steps between arrivals.
-        if i % 4 == 3 {
+        // Two bursts of 8, the engine taking steps between them. Each burst alone needs more
+        // KV slots than the cache has (prompts + 8 × 12 outputs: 179 and 227 of 112), so
+        // preemption happens however fast the engine runs the first burst.
+        if i % 8 == 7 {
             let ev = s.recv().unwrap();
             assert!(matches!(ev, TokenEvent::Started { .. }));
             std::thread::sleep(Duration::from_millis(2));
@@ -338,5 +340,212 @@ fn invalid_requests_get_errors_naming_the_field() {
             .output_ids
             .len(),
         2
+    );
+}
+
+/// Samples greedily "on the device" the way the CUDA executor does (`samples_on_device`), so the
+/// engine overlaps its host work with the step: the CPU executor computes the logits, then the
+/// engine's `overlap` runs (the previous step's detokenization, stop strings and events), then
+/// the argmax.
+struct OverlappedGreedy(triton_ferrum::executor::cpu::CpuExecutor);
+
+impl triton_ferrum::executor::Executor for OverlappedGreedy {
+    fn describe(&self) -> String {
+        format!("{} sampling after an overlap", self.0.describe())
+    }
+    fn num_kv_blocks(&self) -> usize {
+        self.0.num_kv_blocks()
+    }
+    fn block_size(&self) -> usize {
+        self.0.block_size()
+    }
+    fn vocab_size(&self) -> usize {
+        self.0.vocab_size()
+    }
+    fn execute(
+        &mut self,
+        plan: &triton_ferrum::scheduler::SchedulePlan,
+    ) -> triton_ferrum::Result<triton_ferrum::executor::Logits> {
+        self.0.execute(plan)
+    }
+    fn samples_on_device(&self) -> bool {
+        true
+    }
+    fn execute_and_sample(
+        &mut self,
+        plan: &triton_ferrum::scheduler::SchedulePlan,
+        rows: &triton_ferrum::cuda::sampling::SampleBatch,
+    ) -> triton_ferrum::Result<Vec<triton_ferrum::sampling::Sampled>> {
+        self.execute_and_sample_overlapped(plan, rows, &mut || {})
+    }
+    fn execute_and_sample_overlapped(
+        &mut self,
+        plan: &triton_ferrum::scheduler::SchedulePlan,
+        rows: &triton_ferrum::cuda::sampling::SampleBatch,
+        overlap: &mut dyn FnMut(),
+    ) -> triton_ferrum::Result<Vec<triton_ferrum::sampling::Sampled>> {
+        let logits = self.0.execute(plan)?;
+        overlap();
+        let n = logits.data.len() / logits.vocab_size;
+        assert_eq!(rows.num_rows(), n, "one sampling row per logits row");
+        Ok(logits
+            .data
+            .chunks(logits.vocab_size)
+            .map(|row| {
+                let (token_id, _) =
+                    row.iter()
+                        .enumerate()
+                        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+                            if v > best.1 { (i, v) } else { best }
+                        });
+                triton_ferrum::sampling::Sampled {
+                    token_id: token_id as u32,
+                    logprobs: None,
+                }
+            })
+            .collect())
+    }
+}
+
+/// With the engine's host work overlapped with the step (as on the GPU), requests stopped by a
+/// string, a stop id or max_tokens (and one whose client goes away) come out exactly as on the
+/// host-sampling engine: the same ids, text and finish reason, one final event each, every
+/// block free at the end. A request stopped by a string is already in the next step when its
+/// text is matched, so that step's token for it must be dropped and its blocks freed.
+#[test]
+fn overlapped_host_work_gives_the_same_outputs() {
+    use triton_ferrum::engine::{Engine, ModelInfo, options};
+    use triton_ferrum::executor::cpu::CpuExecutor;
+    use triton_ferrum::model::Checkpoint;
+    use triton_ferrum::model::decoder::Decoder;
+    use triton_ferrum::scheduler::SchedulerConfig;
+
+    let tokenizer = fixtures().join("tokenizer/hf_tiny");
+    let (block_size, num_blocks, max_model_len) = (4, 40, 64);
+    let tweak = |o: &mut triton_ferrum::engine::EngineOptions| {
+        o.tokenizer = Some(tokenizer.clone());
+        o.block_size = block_size;
+        o.max_tokens_in_paged_kv_cache = Some(num_blocks * block_size);
+        o.max_num_batched_tokens = 24;
+        o.max_num_seqs = 16;
+        o.max_model_len = Some(max_model_len);
+    };
+    let reference = TestEngine::start(&model_dir(), Some(WeightFormat::F32), tweak);
+    let request = |i: usize| {
+        let mut r = greedy(prompt(3 + 5 * i, i as u32), 20, None);
+        r.detokenize = true;
+        r
+    };
+    // Free-running texts, to pick stop strings and stop ids that end requests midway.
+    let free: Vec<Collected> = (0..12)
+        .map(|i| collect(&reference.handle(), request(i)))
+        .collect();
+    let requests: Vec<_> = free
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let mut r = request(i);
+            match i % 3 {
+                0 => {
+                    // The text of tokens 4..6: stops at the 6th token at the latest.
+                    let chars: Vec<char> = c.text.chars().collect();
+                    let at = chars.len() / 3;
+                    r.stop.stop_strings = vec![chars[at..at + 2].iter().collect()];
+                }
+                1 => r.stop.stop_token_ids = vec![c.output_ids[7]],
+                _ => {}
+            }
+            r
+        })
+        .collect();
+    let handle = reference.handle();
+    let streams: Vec<_> = requests
+        .iter()
+        .map(|r| handle.submit(r.clone()).unwrap())
+        .collect();
+    let expected: Vec<Collected> = streams.into_iter().map(collect_stream).collect();
+    assert!(
+        (0..12)
+            .step_by(3)
+            .all(|i| expected[i].finish.as_deref() == Some("stop")
+                && expected[i].output_ids.len() < 20),
+        "every stop string ends its request early: {expected:?}"
+    );
+
+    let opts = {
+        let mut o = triton_ferrum::engine::EngineOptions::new(model_dir());
+        tweak(&mut o);
+        o
+    };
+    let ckpt = Checkpoint::open(&model_dir(), opts.tokenizer.as_deref()).unwrap();
+    let spec = ckpt.arch.spec.clone();
+    let weights = options::load_weights(&ckpt, WeightFormat::F32, false).unwrap();
+    let cpu = CpuExecutor::new(
+        Decoder::new(spec.clone(), weights),
+        num_blocks,
+        block_size,
+        0,
+    )
+    .unwrap();
+    let engine = Engine::start(
+        Box::new(OverlappedGreedy(cpu)),
+        SchedulerConfig {
+            max_num_seqs: opts.max_num_seqs,
+            max_num_batched_tokens: opts.max_num_batched_tokens,
+            block_size,
+            num_blocks,
+            max_model_len,
+            enable_chunked_prefill: true,
+            policy: opts.batch_scheduler_policy,
+            enable_prefix_caching: false,
+        },
+        ModelInfo {
+            vocab_size: spec.vocab_size,
+            max_model_len,
+            eos_token_ids: ckpt.eos_token_ids(),
+            tokenizer: ckpt.tokenizer.clone(),
+        },
+    )
+    .unwrap();
+    let handle = engine.handle();
+    // A client that goes away after its first token (of 50: the abort lands long before).
+    let mut gone = {
+        let mut r = greedy(prompt(5, 99), 50, None);
+        r.detokenize = true;
+        handle.submit(r).unwrap()
+    };
+    let streams: Vec<_> = requests
+        .iter()
+        .map(|r| handle.submit(r.clone()).unwrap())
+        .collect();
+    while !matches!(gone.recv(), Some(TokenEvent::Token { .. })) {}
+    drop(gone);
+    for (i, (s, want)) in streams.into_iter().zip(&expected).enumerate() {
+        let got = collect_stream(s);
+        assert_eq!(got.num_final_events, 1, "request {i}: one final event");
+        assert_eq!(
+            (&got.output_ids, &got.text, &got.finish),
+            (&want.output_ids, &want.text, &want.finish),
+            "request {i} differs with overlapped host work"
+        );
+    }
+    // The dropped client's abort is seen at the engine's next intake.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let stats = loop {
+        let stats = handle.stats().unwrap();
+        if stats.num_finished + stats.num_aborted == 13 || std::time::Instant::now() > deadline {
+            break stats;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(
+        (stats.num_finished, stats.num_aborted),
+        (12, 1),
+        "{stats:?}"
+    );
+    assert_eq!(stats.num_running + stats.num_waiting, 0, "{stats:?}");
+    assert_eq!(
+        stats.num_kv_blocks_free, stats.num_kv_blocks_total,
+        "{stats:?}"
     );
 }

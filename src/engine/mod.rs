@@ -1,7 +1,9 @@
 //! The engine thread: the one owner of the scheduler, the KV cache (inside the executor) and every
 //! request's sampling and detokenization state. Other threads talk to it only through a cheap,
 //! cloneable `EngineHandle` (submit, abort) over a channel; each request's events come back on its
-//! own channel. Loop: intake → schedule → execute → sample → update → emit.
+//! own channel. Loop: intake → schedule → execute → sample → update → emit, where a step's
+//! events (detokenization, stop strings, sending) are emitted while the device runs the next
+//! step.
 //!
 //! Guarantees: every accepted request receives exactly one final event (`finish` set, `Finished`
 //! or `Error`), also on abort, executor failure and shutdown; a removed request's KV blocks are
@@ -280,6 +282,7 @@ impl Engine {
             stats: EngineStats::default(),
             seed_base: seed_base(),
             sample_batch: SampleBatch::new(),
+            pending: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name("ferrum-engine".into())
@@ -353,6 +356,8 @@ struct Worker {
     seed_base: u64,
     /// The sampling rows of a device-sampled step, reused.
     sample_batch: SampleBatch,
+    /// The last step's tokens, accepted but not yet delivered (`step`, `deliver`).
+    pending: Vec<PendingToken>,
 }
 
 impl Worker {
@@ -360,6 +365,7 @@ impl Worker {
         loop {
             // Intake: block while idle, otherwise take whatever arrived since the last step.
             if !self.scheduler.has_work() {
+                self.flush_pending();
                 match commands.recv() {
                     Ok(cmd) => {
                         if !self.handle(cmd) {
@@ -393,6 +399,7 @@ impl Worker {
             }
             let plan = self.scheduler.schedule();
             if plan.seqs.is_empty() {
+                self.flush_pending();
                 // Nothing fits right now (cannot happen with validated requests, but never spin).
                 match commands.recv_timeout(Duration::from_millis(5)) {
                     Ok(cmd) => {
@@ -408,6 +415,7 @@ impl Worker {
             self.step(plan);
         }
         // Shutdown: every in-flight request gets its final event.
+        self.flush_pending();
         let ids: Vec<SeqId> = self.seqs.keys().copied().collect();
         for id in ids {
             self.finish_aborted(id);
@@ -528,13 +536,19 @@ impl Worker {
         }
     }
 
+    /// Runs one step. Its tokens are accepted at once (sampler, penalties, stop ids, max_tokens,
+    /// the scheduler), so the next step can be scheduled; their delivery (detokenization, stop
+    /// strings, events) is left in `pending` and runs while the device works on the next step
+    /// (`deliver`).
     fn step(&mut self, plan: SchedulePlan) {
         self.stats.num_steps += 1;
         self.stats.num_preemptions += plan.preempted.len() as u64;
         let outs = match self.sample_step(&plan) {
             Ok(outs) => outs,
             Err(e) => {
-                // A failed step fails the requests in it; the engine keeps serving the rest.
+                // A failed step fails the requests in it; the engine keeps serving the rest. What
+                // the previous step produced goes out first.
+                self.flush_pending();
                 for s in &plan.seqs {
                     self.scheduler.remove(s.seq_id);
                     if let Some(state) = self.seqs.remove(&s.seq_id) {
@@ -547,8 +561,10 @@ impl Worker {
                 return;
             }
         };
+        // `sample_step` has delivered the previous step's tokens.
+        debug_assert!(self.pending.is_empty());
         let mut sampled = Vec::new();
-        let mut done = Vec::new();
+        let mut finished = Vec::new();
         let sampling = plan.seqs.iter().filter(|s| s.sample);
         for (s, out) in sampling.zip(outs) {
             let Some(state) = self.seqs.get_mut(&s.seq_id) else {
@@ -567,62 +583,140 @@ impl Worker {
             state.num_generated += 1;
             self.stats.num_generated_tokens += 1;
             sampled.push((s.seq_id, token_id));
-
-            let mut finish = None;
-            let mut stopped_by_string = false;
-            let mut text = String::new();
-            if state.stop_ids.contains(&token_id) {
-                finish = Some(FinishReason::Stop);
-            } else if let Some(detok) = &mut state.detok {
-                // A tokenizer error on one token degrades to no text for it; never kill the request.
-                let delta = detok.step(token_id).unwrap_or_default();
-                match &mut state.stop_strings {
-                    Some(m) => {
-                        let r = m.push(&delta);
-                        text = r.emit;
-                        if r.stopped {
-                            finish = Some(FinishReason::Stop);
-                            stopped_by_string = true;
-                        }
-                    }
-                    None => text = delta,
-                }
+            // Stop strings are only known once the token is detokenized (`deliver`).
+            let finish = if state.stop_ids.contains(&token_id) {
+                Some(FinishReason::Stop)
+            } else if state.num_generated >= state.max_tokens {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            if finish.is_some() {
+                finished.push(s.seq_id);
             }
-            if finish.is_none() && state.num_generated >= state.max_tokens {
-                finish = Some(FinishReason::Length);
-            }
-            if finish.is_some() && !stopped_by_string {
-                // Flush what the detokenizer / stop matcher still held back.
-                if let Some(m) = &mut state.stop_strings {
-                    text.push_str(&m.flush());
-                }
-                if let Some(detok) = &mut state.detok {
-                    let rest = detok.flush();
-                    text.push_str(&rest);
-                }
-            }
-            let ev = TokenEvent::Token {
+            self.pending.push(PendingToken {
+                seq_id: s.seq_id,
                 token_id,
-                text,
                 logprobs: out.logprobs,
                 finish,
-            };
-            let delivered = state.events.send(s.seq_id, ev);
-            if finish.is_some() {
-                done.push((s.seq_id, true));
-            } else if !delivered {
-                done.push((s.seq_id, false)); // the client is gone: abort
-            }
+                finished_state: None,
+            });
         }
         self.scheduler.update(&plan, &sampled);
-        for (id, completed) in done {
+        // A finished sequence leaves the scheduler now (its blocks free for the next step); its
+        // state travels with its last token until that is delivered.
+        let mut finished_states = HashMap::with_capacity(finished.len());
+        for id in finished {
             self.scheduler.remove(id);
-            self.seqs.remove(&id);
-            if completed {
-                self.stats.num_finished += 1;
-            } else {
-                self.stats.num_aborted += 1;
+            if let Some(state) = self.seqs.remove(&id) {
+                finished_states.insert(id, state);
             }
+        }
+        if !finished_states.is_empty() {
+            for p in &mut self.pending {
+                if p.finish.is_some() {
+                    p.finished_state = finished_states.remove(&p.seq_id).map(Box::new);
+                }
+            }
+        }
+    }
+
+    /// Delivers the tokens still pending (when no further step will run them in its shadow).
+    fn flush_pending(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        deliver(
+            pending,
+            &mut self.seqs,
+            &mut self.scheduler,
+            &mut self.stats,
+        );
+    }
+}
+
+/// A sampled token accepted by `Worker::step` and not yet delivered.
+struct PendingToken {
+    seq_id: SeqId,
+    token_id: u32,
+    logprobs: Option<crate::request::TokenLogprobs>,
+    /// Stop id or max_tokens (a stop string is found on delivery).
+    finish: Option<FinishReason>,
+    /// The state of a sequence that finished with this token: it has left the engine's map (and
+    /// the scheduler) already.
+    finished_state: Option<Box<SeqState>>,
+}
+
+/// Detokenizes, matches stop strings and sends the events of one step's tokens, in order. A
+/// sequence stopped by a string here may already be in the next step on the device: it leaves
+/// the scheduler and the map now, and that step's token for it is dropped (`Worker::step` skips
+/// sequences it no longer tracks). A request aborted since the step has no state: its token is
+/// dropped (its final event went out with the abort).
+fn deliver(
+    pending: Vec<PendingToken>,
+    seqs: &mut HashMap<SeqId, SeqState>,
+    scheduler: &mut Scheduler,
+    stats: &mut EngineStats,
+) {
+    for p in pending {
+        let PendingToken {
+            seq_id,
+            token_id,
+            logprobs,
+            mut finish,
+            mut finished_state,
+        } = p;
+        let state = match &mut finished_state {
+            Some(state) => &mut **state,
+            None => match seqs.get_mut(&seq_id) {
+                Some(state) => state,
+                None => continue,
+            },
+        };
+        let mut stopped_by_string = false;
+        let mut text = String::new();
+        // A stop id ends generation before its text (it is not detokenized).
+        if finish != Some(FinishReason::Stop)
+            && let Some(detok) = &mut state.detok
+        {
+            // A tokenizer error on one token degrades to no text for it; never kill the request.
+            let delta = detok.step(token_id).unwrap_or_default();
+            match &mut state.stop_strings {
+                Some(m) => {
+                    let r = m.push(&delta);
+                    text = r.emit;
+                    if r.stopped {
+                        finish = Some(FinishReason::Stop);
+                        stopped_by_string = true;
+                    }
+                }
+                None => text = delta,
+            }
+        }
+        if finish.is_some() && !stopped_by_string {
+            // Flush what the detokenizer / stop matcher still held back.
+            if let Some(m) = &mut state.stop_strings {
+                text.push_str(&m.flush());
+            }
+            if let Some(detok) = &mut state.detok {
+                text.push_str(&detok.flush());
+            }
+        }
+        let ev = TokenEvent::Token {
+            token_id,
+            text,
+            logprobs,
+            finish,
+        };
+        let delivered = state.events.send(seq_id, ev);
+        if finish.is_some() {
+            stats.num_finished += 1;
+        } else if !delivered {
+            stats.num_aborted += 1; // the client is gone: abort
+        } else {
+            continue;
+        }
+        if finished_state.is_none() {
+            scheduler.remove(seq_id);
+            seqs.remove(&seq_id);
         }
     }
 }
@@ -660,13 +754,31 @@ impl Worker {
                     None => self.sample_batch.push(&greedy, None, &[])?,
                 }
             }
-            let outs = self.executor.execute_and_sample(plan, &self.sample_batch)?;
+            // The previous step's tokens are delivered while the device runs this one.
+            let pending = std::mem::take(&mut self.pending);
+            let (seqs, scheduler, stats) = (&mut self.seqs, &mut self.scheduler, &mut self.stats);
+            let mut overlap = Some(move || deliver(pending, seqs, scheduler, stats));
+            let outs =
+                self.executor
+                    .execute_and_sample_overlapped(plan, &self.sample_batch, &mut || {
+                        if let Some(f) = overlap.take() {
+                            f();
+                        }
+                    });
+            // A step that failed before its overlap point still delivers them.
+            if let Some(f) = overlap.take() {
+                f();
+            }
+            let outs = outs?;
             return Ok(outs
                 .into_iter()
                 .zip(known)
                 .map(|(o, k)| k.then_some(o))
                 .collect());
         }
+        // Host sampling: the executor has nothing in flight to overlap with, so the previous
+        // step's tokens go out first.
+        self.flush_pending();
         let mut logits = self.executor.execute(plan)?;
         let mut outs = Vec::new();
         for (row_idx, s) in plan.seqs.iter().filter(|s| s.sample).enumerate() {

@@ -1947,6 +1947,15 @@ impl<T: FloatElem> Executor for CudaExecutor<T> {
         plan: &SchedulePlan,
         rows: &SampleBatch,
     ) -> crate::Result<Vec<Sampled>> {
+        self.execute_and_sample_overlapped(plan, rows, &mut || {})
+    }
+
+    fn execute_and_sample_overlapped(
+        &mut self,
+        plan: &SchedulePlan,
+        rows: &SampleBatch,
+        overlap: &mut dyn FnMut(),
+    ) -> crate::Result<Vec<Sampled>> {
         self.dev.stream().context().bind_to_thread().map_err(|e| {
             crate::cuda::CudaError::driver("binding the device to the engine thread", e)
         })?;
@@ -1965,12 +1974,16 @@ impl<T: FloatElem> Executor for CudaExecutor<T> {
         let num_rows = self.sample_rows.len();
         self.with_step(&layout, |exec, ws| {
             if num_rows == 0 {
+                // A step of prompt chunks only: nothing to wait for here.
+                overlap();
                 return Ok(vec![]);
             }
             // Only the ids (and the logprobs asked for) come back.
             ws.logits.set_len(num_rows * vocab_size)?;
             exec.sampler
                 .sample(&exec.dev, &ws.logits, vocab_size, rows)?;
+            // The whole step is queued on the stream: the host's other work runs now.
+            overlap();
             Ok(exec.sampler.fetch(&exec.dev)?)
         })
     }

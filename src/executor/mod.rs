@@ -53,4 +53,17 @@ pub trait Executor: Send {
             self.describe()
         )))
     }
+
+    /// `execute_and_sample` with host work overlapped: `overlap` runs once, on the calling
+    /// thread, while the device works on the step (after everything is launched, before the host
+    /// waits for the ids). This default runs it first, then the step.
+    fn execute_and_sample_overlapped(
+        &mut self,
+        plan: &SchedulePlan,
+        rows: &SampleBatch,
+        overlap: &mut dyn FnMut(),
+    ) -> crate::Result<Vec<Sampled>> {
+        overlap();
+        self.execute_and_sample(plan, rows)
+    }
 }

@@ -16,6 +16,7 @@
 #   prefix    Llama-3-8B 2048-token prompts sharing a 1536-token prefix, kv cache reuse off / on
 #   batch     Llama-3-8B 128/128 offline with 256, 512 and 1024 requests at once
 #   ifbchat   in-flight vs static on a chat-like mix (prompts 16..=512, outputs 16..=1024)
+#   ifbchat-reuse  the same with prefix caching (preempted sequences resume from cached blocks)
 #   final     Llama-2-7B 128/128 at batch 1 and 64 (the headline decode numbers)
 #   ncu       Nsight Compute kernel tables of Llama-2-7B batch-1 decode (ci/ncu_summary.py)
 # DEADLINE=<s>: the presets suite skips the models it would start after that many seconds.
@@ -111,6 +112,10 @@ if [ "${1:-}" = "run" ]; then
       # Output lengths varying most (as in chat traffic): static batching idles a slot from
       # its request's end to its group's longest; KV for 64 sequences of 1536 tokens in both.
       b --preset llama3-8b --workload mixed --num-requests 256 --min-prompt-len 16 --max-prompt-len 512 --min-gen-len 16 --max-gen-len 1024 --batch-size 64 --inflight-max-num-seqs 256 --rounds 1 --max-num-batched-tokens 8192 --json
+      ;;
+    ifbchat-reuse)
+      # The same, a preempted sequence resuming from its own cached blocks (prefix caching).
+      b --preset llama3-8b --workload mixed --num-requests 256 --min-prompt-len 16 --max-prompt-len 512 --min-gen-len 16 --max-gen-len 1024 --batch-size 64 --inflight-max-num-seqs 256 --enable-kv-cache-reuse true --rounds 1 --max-num-batched-tokens 8192 --json
       ;;
     prefix)
       for reuse in false true; do

@@ -19,6 +19,7 @@ request; output tokens/s = N * gen_len / that time. The two sides alternate for 
 """
 
 import argparse
+import http.client
 import json
 import random
 import socket
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -168,16 +170,51 @@ parameters [
         return {"input_ids": ids, "input_lengths": [len(ids)], "request_output_len": n_gen, "ignore_eos": True}
 
     def run(self, b):
-        """Output tokens/s of b requests sent at once."""
+        """Output tokens/s of b requests sent at once, each thread opening its connection and
+        encoding its body inside the timed interval (a Python client's own cost included)."""
         bodies = [self.body(self.args.prompt_len, self.args.gen_len) for _ in range(b)]
         with ThreadPoolExecutor(b) as pool:
             t0 = time.perf_counter()
             outs = list(pool.map(lambda x: post(self.url, x), bodies))
             total_s = time.perf_counter() - t0
+        return self.check(b, outs) / total_s
+
+    def run_preconnected(self, b):
+        """Output tokens/s of b requests sent at once over b connections opened, with the bodies
+        encoded, before the clock starts (as a load generator with a connection pool sends
+        them): one thread writes every request, then b threads read the responses. Also the
+        spread of the sends: ms from the start to the last request written."""
+        parsed = urllib.parse.urlsplit(self.url)
+        bodies = [json.dumps(self.body(self.args.prompt_len, self.args.gen_len)).encode() for _ in range(b)]
+        conns = [http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=600) for _ in range(b)]
+        for c in conns:
+            c.connect()
+
+        def read(c):
+            r = c.getresponse()
+            raw = r.read()
+            if r.status != 200:
+                raise RuntimeError(f"HTTP {r.status}: {raw.decode(errors='replace')}")
+            return json.loads(raw)
+
+        try:
+            with ThreadPoolExecutor(b) as pool:
+                t0 = time.perf_counter()
+                for c, body in zip(conns, bodies):
+                    c.request("POST", parsed.path, body=body, headers={"Content-Type": "application/json"})
+                sent_ms = (time.perf_counter() - t0) * 1e3
+                outs = list(pool.map(read, conns))
+                total_s = time.perf_counter() - t0
+        finally:
+            for c in conns:
+                c.close()
+        return self.check(b, outs) / total_s, sent_ms
+
+    def check(self, b, outs):
         num_tokens = sum(len(flat(o["output_ids"])) for o in outs)
         if num_tokens != b * self.args.gen_len:
             raise RuntimeError(f"batch {b}: {num_tokens} output tokens, expected {b * self.args.gen_len}")
-        return num_tokens / total_s
+        return num_tokens
 
     def close(self):
         self.proc.terminate()
@@ -218,6 +255,8 @@ def main():
     # drift of the machine hits both alike.
     direct = {b: [] for b in batch_sizes}
     served = {b: [] for b in batch_sizes}
+    pooled = {b: [] for b in batch_sizes}
+    spread = {b: [] for b in batch_sizes}
     device = None
     server = Served(args, model, batch_sizes, kv_tokens, vocab, work)
     try:
@@ -227,22 +266,33 @@ def main():
             for b in batch_sizes:
                 direct[b].append(d[b]["output_tokens_per_s"])
                 served[b].append(server.run(b))
+                tok_s, spread_ms = server.run_preconnected(b)
+                pooled[b].append(tok_s)
+                spread[b].append(spread_ms)
             print(f"round {r}: direct {[round(direct[b][-1], 1) for b in batch_sizes]} "
-                  f"triton {[round(served[b][-1], 1) for b in batch_sizes]} output tok/s", flush=True)
+                  f"triton {[round(served[b][-1], 1) for b in batch_sizes]} "
+                  f"triton preconnected {[round(pooled[b][-1], 1) for b in batch_sizes]} output tok/s "
+                  f"(sends spread over {[round(spread[b][-1], 1) for b in batch_sizes]} ms)", flush=True)
     finally:
         server.close()
 
     print(f"\n{args.shape} random weights, {args.dtype}, {device}, prompt {args.prompt_len} + gen {args.gen_len}, "
           f"{args.rounds} rounds: output tok/s median (min-max)")
-    print(f"{'batch':>6} {'direct':>24} {'triton':>24} {'triton/direct':>14}")
+    print("triton: a connection per request opened by its thread after the clock starts; "
+          "preconnected: connections open and bodies encoded before it")
+    print(f"{'batch':>6} {'direct':>24} {'triton':>24} {'triton/direct':>14} {'preconnected':>24} {'pre/direct':>11}")
     rows = []
     for b in batch_sizes:
-        d, t = sorted(direct[b]), sorted(served[b])
+        d, t, p = sorted(direct[b]), sorted(served[b]), sorted(pooled[b])
         ratio = median(t) / median(d)
+        ratio_p = median(p) / median(d)
         rows.append({"batch_size": b, "direct_output_tokens_per_s": direct[b],
-                     "triton_output_tokens_per_s": served[b], "triton_over_direct_median": ratio})
+                     "triton_output_tokens_per_s": served[b], "triton_over_direct_median": ratio,
+                     "triton_preconnected_output_tokens_per_s": pooled[b],
+                     "triton_preconnected_send_spread_ms": spread[b],
+                     "triton_preconnected_over_direct_median": ratio_p})
         print(f"{b:>6} {median(d):>9.1f} ({d[0]:>6.0f}-{d[-1]:>6.0f}) {median(t):>9.1f} ({t[0]:>6.0f}-{t[-1]:>6.0f}) "
-              f"{ratio:>13.1%}")
+              f"{ratio:>13.1%} {median(p):>9.1f} ({p[0]:>6.0f}-{p[-1]:>6.0f}) {ratio_p:>10.1%}")
     if args.json:
         Path(args.json).write_text(json.dumps({"shape": args.shape, "dtype": args.dtype, "device": device,
                                                "prompt_len": args.prompt_len, "gen_len": args.gen_len,

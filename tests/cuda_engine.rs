@@ -721,6 +721,89 @@ fn batch_invariance_with_chunked_prefill() {
     }
 }
 
+/// Text requests in flight on the GPU, where the engine delivers a step's tokens (detokenization,
+/// stop strings, events) while the device runs the next step: stop strings, stop ids and
+/// max_tokens end them exactly as on the CPU engine (f32: the same ids, text and finish), one
+/// final event each, every KV block free afterwards. A request stopped by a string is already in
+/// the next step when its text is matched; that step's token for it must be dropped.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run ci/gpu.sh"]
+fn stop_strings_in_flight_match_the_cpu_engine() {
+    let model = fixtures().join("models/llama_gqa_llama3");
+    let tokenizer = fixtures().join("tokenizer/hf_tiny");
+    let cpu = TestEngine::start(&model, Some(WeightFormat::F32), |o| {
+        o.device = Device::Cpu;
+        o.tokenizer = Some(tokenizer.clone());
+    });
+    let gpu = gpu_engine(&model, DType::F32, |o| {
+        o.tokenizer = Some(tokenizer.clone());
+        o.max_num_batched_tokens = 48;
+        o.max_num_seqs = 16;
+    });
+    let request = |i: usize| {
+        let mut r = greedy(
+            (0..3 + 5 * i as u32)
+                .map(|j| 7 + (j * 37 + 11 * i as u32) % 300)
+                .collect(),
+            20,
+            None,
+        );
+        r.detokenize = true;
+        r
+    };
+    let free: Vec<Collected> = (0..12)
+        .map(|i| collect(&cpu.handle(), request(i)))
+        .collect();
+    let requests: Vec<_> = free
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let mut r = request(i);
+            match i % 3 {
+                0 => {
+                    let chars: Vec<char> = c.text.chars().collect();
+                    let at = chars.len() / 3;
+                    r.stop.stop_strings = vec![chars[at..at + 2].iter().collect()];
+                }
+                1 => r.stop.stop_token_ids = vec![c.output_ids[7]],
+                _ => {}
+            }
+            r
+        })
+        .collect();
+    let expected: Vec<Collected> = requests
+        .iter()
+        .map(|r| collect(&cpu.handle(), r.clone()))
+        .collect();
+    assert!(
+        (0..12)
+            .step_by(3)
+            .all(|i| expected[i].finish.as_deref() == Some("stop")),
+        "every stop string ends its request: {expected:?}"
+    );
+    let handle = gpu.handle();
+    let streams: Vec<_> = requests
+        .iter()
+        .map(|r| handle.submit(r.clone()).unwrap())
+        .collect();
+    for (i, (s, want)) in streams.into_iter().zip(&expected).enumerate() {
+        let got = collect_stream(s);
+        assert_eq!(got.num_final_events, 1, "request {i}: one final event");
+        assert_eq!(
+            (&got.output_ids, &got.text, &got.finish),
+            (&want.output_ids, &want.text, &want.finish),
+            "request {i} differs on the GPU"
+        );
+    }
+    let stats = handle.stats().unwrap();
+    assert_eq!(stats.num_running + stats.num_waiting, 0, "{stats:?}");
+    assert_eq!(
+        stats.num_kv_blocks_free, stats.num_kv_blocks_total,
+        "{stats:?}"
+    );
+    println!("STOP STRINGS IN FLIGHT: 12/12 requests as on the CPU engine");
+}
+
 /// Prefix caching on the GPU: requests sharing a 40-token prefix (admitted from the cache, so
 /// their first chunk starts past position 0 against shared blocks), in flight, give the tokens
 /// they give with reuse off (f32: exact), and the engine reports the reused tokens.

@@ -346,27 +346,31 @@ fn invalid_requests_get_errors_naming_the_field() {
 /// Samples greedily "on the device" the way the CUDA executor does (`samples_on_device`), so the
 /// engine overlaps its host work with the step: the CPU executor computes the logits, then the
 /// engine's `overlap` runs (the previous step's detokenization, stop strings and events), then
-/// the argmax.
-struct OverlappedGreedy(triton_ferrum::executor::cpu::CpuExecutor);
+/// the argmax. With `fail_at_step`, that step fails after its overlap ran.
+struct OverlappedGreedy {
+    cpu: triton_ferrum::executor::cpu::CpuExecutor,
+    num_steps: usize,
+    fail_at_step: Option<usize>,
+}
 
 impl triton_ferrum::executor::Executor for OverlappedGreedy {
     fn describe(&self) -> String {
-        format!("{} sampling after an overlap", self.0.describe())
+        format!("{} sampling after an overlap", self.cpu.describe())
     }
     fn num_kv_blocks(&self) -> usize {
-        self.0.num_kv_blocks()
+        self.cpu.num_kv_blocks()
     }
     fn block_size(&self) -> usize {
-        self.0.block_size()
+        self.cpu.block_size()
     }
     fn vocab_size(&self) -> usize {
-        self.0.vocab_size()
+        self.cpu.vocab_size()
     }
     fn execute(
         &mut self,
         plan: &triton_ferrum::scheduler::SchedulePlan,
     ) -> triton_ferrum::Result<triton_ferrum::executor::Logits> {
-        self.0.execute(plan)
+        self.cpu.execute(plan)
     }
     fn samples_on_device(&self) -> bool {
         true
@@ -384,8 +388,12 @@ impl triton_ferrum::executor::Executor for OverlappedGreedy {
         rows: &triton_ferrum::cuda::sampling::SampleBatch,
         overlap: &mut dyn FnMut(),
     ) -> triton_ferrum::Result<Vec<triton_ferrum::sampling::Sampled>> {
-        let logits = self.0.execute(plan)?;
+        let logits = self.cpu.execute(plan)?;
         overlap();
+        self.num_steps += 1;
+        if self.fail_at_step == Some(self.num_steps) {
+            return Err(triton_ferrum::Error::Device("injected failure".into()));
+        }
         let n = logits.data.len() / logits.vocab_size;
         assert_eq!(rows.num_rows(), n, "one sampling row per logits row");
         Ok(logits
@@ -407,36 +415,77 @@ impl triton_ferrum::executor::Executor for OverlappedGreedy {
     }
 }
 
-/// With the engine's host work overlapped with the step (as on the GPU), requests stopped by a
-/// string, a stop id or max_tokens (and one whose client goes away) come out exactly as on the
-/// host-sampling engine: the same ids, text and finish reason, one final event each, every
-/// block free at the end. A request stopped by a string is already in the next step when its
-/// text is matched, so that step's token for it must be dropped and its blocks freed.
-#[test]
-fn overlapped_host_work_gives_the_same_outputs() {
+const OVERLAP_BLOCK_SIZE: usize = 4;
+const OVERLAP_NUM_BLOCKS: usize = 40;
+const OVERLAP_MAX_MODEL_LEN: usize = 64;
+
+fn overlap_options() -> triton_ferrum::engine::EngineOptions {
+    let mut o = triton_ferrum::engine::EngineOptions::new(model_dir());
+    o.tokenizer = Some(fixtures().join("tokenizer/hf_tiny"));
+    o.block_size = OVERLAP_BLOCK_SIZE;
+    o.max_tokens_in_paged_kv_cache = Some(OVERLAP_NUM_BLOCKS * OVERLAP_BLOCK_SIZE);
+    o.max_num_batched_tokens = 24;
+    o.max_num_seqs = 16;
+    o.max_model_len = Some(OVERLAP_MAX_MODEL_LEN);
+    o
+}
+
+/// An engine on `OverlappedGreedy` with the limits of `overlap_options`.
+fn overlapped_engine(fail_at_step: Option<usize>) -> triton_ferrum::engine::Engine {
     use triton_ferrum::engine::{Engine, ModelInfo, options};
     use triton_ferrum::executor::cpu::CpuExecutor;
     use triton_ferrum::model::Checkpoint;
     use triton_ferrum::model::decoder::Decoder;
     use triton_ferrum::scheduler::SchedulerConfig;
 
-    let tokenizer = fixtures().join("tokenizer/hf_tiny");
-    let (block_size, num_blocks, max_model_len) = (4, 40, 64);
-    let tweak = |o: &mut triton_ferrum::engine::EngineOptions| {
-        o.tokenizer = Some(tokenizer.clone());
-        o.block_size = block_size;
-        o.max_tokens_in_paged_kv_cache = Some(num_blocks * block_size);
-        o.max_num_batched_tokens = 24;
-        o.max_num_seqs = 16;
-        o.max_model_len = Some(max_model_len);
-    };
-    let reference = TestEngine::start(&model_dir(), Some(WeightFormat::F32), tweak);
+    let opts = overlap_options();
+    let ckpt = Checkpoint::open(&model_dir(), opts.tokenizer.as_deref()).unwrap();
+    let spec = ckpt.arch.spec.clone();
+    let weights = options::load_weights(&ckpt, WeightFormat::F32, false).unwrap();
+    let cpu = CpuExecutor::new(
+        Decoder::new(spec.clone(), weights),
+        OVERLAP_NUM_BLOCKS,
+        OVERLAP_BLOCK_SIZE,
+        0,
+    )
+    .unwrap();
+    Engine::start(
+        Box::new(OverlappedGreedy {
+            cpu,
+            num_steps: 0,
+            fail_at_step,
+        }),
+        SchedulerConfig {
+            max_num_seqs: opts.max_num_seqs,
+            max_num_batched_tokens: opts.max_num_batched_tokens,
+            block_size: OVERLAP_BLOCK_SIZE,
+            num_blocks: OVERLAP_NUM_BLOCKS,
+            max_model_len: OVERLAP_MAX_MODEL_LEN,
+            enable_chunked_prefill: true,
+            policy: opts.batch_scheduler_policy,
+            enable_prefix_caching: false,
+        },
+        ModelInfo {
+            vocab_size: spec.vocab_size,
+            max_model_len: OVERLAP_MAX_MODEL_LEN,
+            eos_token_ids: ckpt.eos_token_ids(),
+            tokenizer: ckpt.tokenizer.clone(),
+        },
+    )
+    .unwrap()
+}
+
+/// Twelve text requests: every third stopped by a string, every third by a stop id, the rest by
+/// max_tokens (strings and ids taken from the free-running outputs of `reference`), and what the
+/// host-sampling `reference` engine gives for them, submitted together.
+fn overlap_requests(
+    reference: &TestEngine,
+) -> (Vec<triton_ferrum::request::GenerateRequest>, Vec<Collected>) {
     let request = |i: usize| {
         let mut r = greedy(prompt(3 + 5 * i, i as u32), 20, None);
         r.detokenize = true;
         r
     };
-    // Free-running texts, to pick stop strings and stop ids that end requests midway.
     let free: Vec<Collected> = (0..12)
         .map(|i| collect(&reference.handle(), request(i)))
         .collect();
@@ -447,7 +496,7 @@ fn overlapped_host_work_gives_the_same_outputs() {
             let mut r = request(i);
             match i % 3 {
                 0 => {
-                    // The text of tokens 4..6: stops at the 6th token at the latest.
+                    // Two characters from the first third of the text.
                     let chars: Vec<char> = c.text.chars().collect();
                     let at = chars.len() / 3;
                     r.stop.stop_strings = vec![chars[at..at + 2].iter().collect()];
@@ -471,42 +520,63 @@ fn overlapped_host_work_gives_the_same_outputs() {
                 && expected[i].output_ids.len() < 20),
         "every stop string ends its request early: {expected:?}"
     );
+    (requests, expected)
+}
 
-    let opts = {
-        let mut o = triton_ferrum::engine::EngineOptions::new(model_dir());
-        tweak(&mut o);
-        o
+/// Reads a shared event channel until each of `ids` has had its final event, then until the
+/// engine is idle, and returns every event per request. Fails on an event after a request's
+/// final one (the requests' own streams would hide it: they end at the final event).
+fn collect_shared(
+    handle: &triton_ferrum::engine::EngineHandle,
+    rx: &crossbeam_channel::Receiver<(triton_ferrum::request::SeqId, TokenEvent)>,
+    ids: &[triton_ferrum::request::SeqId],
+) -> std::collections::HashMap<triton_ferrum::request::SeqId, Vec<TokenEvent>> {
+    let mut events: std::collections::HashMap<_, Vec<TokenEvent>> = Default::default();
+    let mut finished = std::collections::HashSet::new();
+    let mut take = |id, ev: TokenEvent, finished: &mut std::collections::HashSet<_>| {
+        assert!(
+            !finished.contains(&id),
+            "{id:?}: {ev:?} after its final event"
+        );
+        if is_final(&ev) {
+            finished.insert(id);
+        }
+        events.entry(id).or_default().push(ev);
     };
-    let ckpt = Checkpoint::open(&model_dir(), opts.tokenizer.as_deref()).unwrap();
-    let spec = ckpt.arch.spec.clone();
-    let weights = options::load_weights(&ckpt, WeightFormat::F32, false).unwrap();
-    let cpu = CpuExecutor::new(
-        Decoder::new(spec.clone(), weights),
-        num_blocks,
-        block_size,
-        0,
-    )
-    .unwrap();
-    let engine = Engine::start(
-        Box::new(OverlappedGreedy(cpu)),
-        SchedulerConfig {
-            max_num_seqs: opts.max_num_seqs,
-            max_num_batched_tokens: opts.max_num_batched_tokens,
-            block_size,
-            num_blocks,
-            max_model_len,
-            enable_chunked_prefill: true,
-            policy: opts.batch_scheduler_policy,
-            enable_prefix_caching: false,
-        },
-        ModelInfo {
-            vocab_size: spec.vocab_size,
-            max_model_len,
-            eos_token_ids: ckpt.eos_token_ids(),
-            tokenizer: ckpt.tokenizer.clone(),
-        },
-    )
-    .unwrap();
+    while !ids.iter().all(|id| finished.contains(id)) {
+        let (id, ev) = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("every request ends within 30 s");
+        take(id, ev, &mut finished);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = handle.stats().unwrap();
+        while let Ok((id, ev)) = rx.try_recv() {
+            take(id, ev, &mut finished);
+        }
+        if stats.num_running + stats.num_waiting == 0 || std::time::Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    events
+}
+
+/// With the engine's host work overlapped with the step (as on the GPU), requests stopped by a
+/// string, a stop id or max_tokens (and one whose client goes away) come out exactly as on the
+/// host-sampling engine: the same ids, text and finish reason, one final event each and nothing
+/// after it, every block free at the end. A request stopped by a string is already in the next
+/// step when its text is matched, so that step's token for it must be dropped and its blocks
+/// freed.
+#[test]
+fn overlapped_host_work_gives_the_same_outputs() {
+    let reference = TestEngine::start(&model_dir(), Some(WeightFormat::F32), |o| {
+        *o = overlap_options()
+    });
+    let (requests, expected) = overlap_requests(&reference);
+
+    let engine = overlapped_engine(None);
     let handle = engine.handle();
     // A client that goes away after its first token (of 50: the abort lands long before).
     let mut gone = {
@@ -514,15 +584,29 @@ fn overlapped_host_work_gives_the_same_outputs() {
         r.detokenize = true;
         handle.submit(r).unwrap()
     };
-    let streams: Vec<_> = requests
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let ids: Vec<_> = requests
         .iter()
-        .map(|r| handle.submit(r.clone()).unwrap())
+        .map(|r| handle.submit_to(r.clone(), tx.clone()).unwrap().0)
         .collect();
     while !matches!(gone.recv(), Some(TokenEvent::Token { .. })) {}
     drop(gone);
-    for (i, (s, want)) in streams.into_iter().zip(&expected).enumerate() {
-        let got = collect_stream(s);
-        assert_eq!(got.num_final_events, 1, "request {i}: one final event");
+    let mut events = collect_shared(&handle, &rx, &ids);
+    for (i, (id, want)) in ids.iter().zip(&expected).enumerate() {
+        let mut got = Collected::default();
+        for ev in events.remove(id).unwrap() {
+            if let TokenEvent::Token {
+                token_id,
+                text,
+                finish,
+                ..
+            } = ev
+            {
+                got.output_ids.push(token_id);
+                got.text.push_str(&text);
+                got.finish = finish.map(|f| f.as_str().to_string());
+            }
+        }
         assert_eq!(
             (&got.output_ids, &got.text, &got.finish),
             (&want.output_ids, &want.text, &want.finish),
@@ -548,4 +632,61 @@ fn overlapped_host_work_gives_the_same_outputs() {
         stats.num_kv_blocks_free, stats.num_kv_blocks_total,
         "{stats:?}"
     );
+}
+
+/// A step that fails after its overlap ran (the previous step's tokens delivered, a request
+/// stopped by a string removed) fails the requests in it with one error each; those that ended
+/// before get their normal final event, nothing comes after any final event, every block is
+/// free, and the engine serves the next request.
+#[test]
+fn a_step_failing_after_its_overlap_fails_its_requests_once() {
+    let reference = TestEngine::start(&model_dir(), Some(WeightFormat::F32), |o| {
+        *o = overlap_options()
+    });
+    let (requests, expected) = overlap_requests(&reference);
+    let engine = overlapped_engine(Some(12));
+    let handle = engine.handle();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let ids: Vec<_> = requests
+        .iter()
+        .map(|r| handle.submit_to(r.clone(), tx.clone()).unwrap().0)
+        .collect();
+    let events = collect_shared(&handle, &rx, &ids);
+    let mut num_errors = 0;
+    for (i, (id, want)) in ids.iter().zip(&expected).enumerate() {
+        let evs = &events[id];
+        let tokens: Vec<u32> = evs
+            .iter()
+            .filter_map(|ev| match ev {
+                TokenEvent::Token { token_id, .. } => Some(*token_id),
+                _ => None,
+            })
+            .collect();
+        // What came out is a prefix of the reference output, whatever ended the request.
+        assert!(
+            want.output_ids.starts_with(&tokens),
+            "request {i}: {tokens:?} vs {:?}",
+            want.output_ids
+        );
+        match evs.last() {
+            Some(TokenEvent::Error(e)) => {
+                assert!(e.contains("injected failure"), "{e}");
+                num_errors += 1;
+            }
+            Some(TokenEvent::Token {
+                finish: Some(_), ..
+            }) => assert_eq!(tokens, want.output_ids, "request {i} ended normally"),
+            other => panic!("request {i}: last event {other:?}"),
+        }
+    }
+    assert!(num_errors > 0, "the failing step held requests");
+    let stats = handle.stats().unwrap();
+    assert_eq!(stats.num_running + stats.num_waiting, 0, "{stats:?}");
+    assert_eq!(
+        stats.num_kv_blocks_free, stats.num_kv_blocks_total,
+        "{stats:?}"
+    );
+    // Still serving.
+    let c = collect(&handle, greedy(prompt(6, 1), 4, None));
+    assert_eq!((c.output_ids.len(), c.num_final_events), (4, 1));
 }

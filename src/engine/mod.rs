@@ -397,6 +397,14 @@ impl Worker {
             if !self.scheduler.has_work() {
                 continue;
             }
+            if !self.executor.samples_on_device() {
+                // Nothing to overlap with: deliver before planning, so that a request stopped by
+                // a string or left by its client holds no seat or blocks in the next plan.
+                self.flush_pending();
+                if !self.scheduler.has_work() {
+                    continue;
+                }
+            }
             let plan = self.scheduler.schedule();
             if plan.seqs.is_empty() {
                 self.flush_pending();
@@ -523,6 +531,15 @@ impl Worker {
     }
 
     fn finish_aborted(&mut self, id: SeqId) {
+        // Its last token, accepted but not delivered yet, goes out first, as it would have
+        // without the overlap (it may end the request: then there is nothing left to abort).
+        if self.pending.iter().any(|p| p.seq_id == id) {
+            let (own, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+                .into_iter()
+                .partition(|p| p.seq_id == id);
+            self.pending = rest;
+            deliver(own, &mut self.seqs, &mut self.scheduler, &mut self.stats);
+        }
         self.scheduler.remove(id);
         if let Some(state) = self.seqs.remove(&id) {
             self.stats.num_aborted += 1;
@@ -776,8 +793,7 @@ impl Worker {
                 .map(|(o, k)| k.then_some(o))
                 .collect());
         }
-        // Host sampling: the executor has nothing in flight to overlap with, so the previous
-        // step's tokens go out first.
+        // Host sampling: the previous step's tokens went out before this plan was made (`run`).
         self.flush_pending();
         let mut logits = self.executor.execute(plan)?;
         let mut outs = Vec::new();

@@ -57,6 +57,11 @@ pub trait Executor: Send {
     /// `execute_and_sample` with host work overlapped: `overlap` runs once, on the calling
     /// thread, while the device works on the step (after everything is launched, before the host
     /// waits for the ids). This default runs it first, then the step.
+    ///
+    /// `overlap` may free KV blocks of sequences in this step (a request stopped by a string or
+    /// whose client left), and the next plan may give them to another sequence: an
+    /// implementation must order this step's cache writes before any later step's (the CUDA
+    /// executor runs every step on one stream).
     fn execute_and_sample_overlapped(
         &mut self,
         plan: &SchedulePlan,

@@ -346,11 +346,13 @@ fn invalid_requests_get_errors_naming_the_field() {
 /// Samples greedily "on the device" the way the CUDA executor does (`samples_on_device`), so the
 /// engine overlaps its host work with the step: the CPU executor computes the logits, then the
 /// engine's `overlap` runs (the previous step's detokenization, stop strings and events), then
-/// the argmax. With `fail_at_step`, that step fails after its overlap ran.
+/// the argmax. With `fail_at_step`, that step fails after its overlap ran; `step_time` stretches
+/// every step to at least that long (a device step's duration, to abort during).
 struct OverlappedGreedy {
     cpu: triton_ferrum::executor::cpu::CpuExecutor,
     num_steps: usize,
     fail_at_step: Option<usize>,
+    step_time: Duration,
 }
 
 impl triton_ferrum::executor::Executor for OverlappedGreedy {
@@ -388,8 +390,10 @@ impl triton_ferrum::executor::Executor for OverlappedGreedy {
         rows: &triton_ferrum::cuda::sampling::SampleBatch,
         overlap: &mut dyn FnMut(),
     ) -> triton_ferrum::Result<Vec<triton_ferrum::sampling::Sampled>> {
+        let start = std::time::Instant::now();
         let logits = self.cpu.execute(plan)?;
         overlap();
+        std::thread::sleep(self.step_time.saturating_sub(start.elapsed()));
         self.num_steps += 1;
         if self.fail_at_step == Some(self.num_steps) {
             return Err(triton_ferrum::Error::Device("injected failure".into()));
@@ -431,7 +435,10 @@ fn overlap_options() -> triton_ferrum::engine::EngineOptions {
 }
 
 /// An engine on `OverlappedGreedy` with the limits of `overlap_options`.
-fn overlapped_engine(fail_at_step: Option<usize>) -> triton_ferrum::engine::Engine {
+fn overlapped_engine(
+    fail_at_step: Option<usize>,
+    step_time: Duration,
+) -> triton_ferrum::engine::Engine {
     use triton_ferrum::engine::{Engine, ModelInfo, options};
     use triton_ferrum::executor::cpu::CpuExecutor;
     use triton_ferrum::model::Checkpoint;
@@ -454,6 +461,7 @@ fn overlapped_engine(fail_at_step: Option<usize>) -> triton_ferrum::engine::Engi
             cpu,
             num_steps: 0,
             fail_at_step,
+            step_time,
         }),
         SchedulerConfig {
             max_num_seqs: opts.max_num_seqs,
@@ -576,7 +584,7 @@ fn overlapped_host_work_gives_the_same_outputs() {
     });
     let (requests, expected) = overlap_requests(&reference);
 
-    let engine = overlapped_engine(None);
+    let engine = overlapped_engine(None, Duration::ZERO);
     let handle = engine.handle();
     // A client that goes away after its first token (of 50: the abort lands long before).
     let mut gone = {
@@ -644,7 +652,7 @@ fn a_step_failing_after_its_overlap_fails_its_requests_once() {
         *o = overlap_options()
     });
     let (requests, expected) = overlap_requests(&reference);
-    let engine = overlapped_engine(Some(12));
+    let engine = overlapped_engine(Some(12), Duration::ZERO);
     let handle = engine.handle();
     let (tx, rx) = crossbeam_channel::unbounded();
     let ids: Vec<_> = requests
@@ -689,4 +697,54 @@ fn a_step_failing_after_its_overlap_fails_its_requests_once() {
     // Still serving.
     let c = collect(&handle, greedy(prompt(6, 1), 4, None));
     assert_eq!((c.output_ids.len(), c.num_final_events), (4, 1));
+}
+
+/// An abort between steps of the overlapped engine delivers every token already accepted
+/// before the final `Abort` event: the events carry as many tokens as the engine counted.
+#[test]
+fn an_abort_on_the_overlapped_engine_delivers_the_accepted_tokens_first() {
+    // 50 steps of at least 2 ms: the abort after the 3rd token lands ~90 ms before the end.
+    let engine = overlapped_engine(None, Duration::from_millis(2));
+    let handle = engine.handle();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let mut r = greedy(prompt(5, 3), 50, None);
+    r.detokenize = true;
+    let (id, _) = handle.submit_to(r, tx).unwrap();
+    let mut num_tokens = 0;
+    while num_tokens < 3 {
+        if let (_, TokenEvent::Token { .. }) = rx.recv_timeout(Duration::from_secs(30)).unwrap() {
+            num_tokens += 1;
+        }
+    }
+    handle.abort(id);
+    let mut last = None;
+    while let Ok((_, ev)) = rx.recv_timeout(Duration::from_secs(30)) {
+        if matches!(ev, TokenEvent::Token { .. }) {
+            num_tokens += 1;
+        }
+        let done = is_final(&ev);
+        last = Some(ev);
+        if done {
+            break;
+        }
+    }
+    assert!(
+        matches!(
+            last,
+            Some(TokenEvent::Finished {
+                reason: FinishReason::Abort,
+                ..
+            })
+        ),
+        "{last:?}"
+    );
+    let stats = handle.stats().unwrap();
+    assert_eq!(
+        num_tokens as u64, stats.num_generated_tokens,
+        "every accepted token was delivered before the abort: {stats:?}"
+    );
+    assert_eq!(
+        stats.num_kv_blocks_free, stats.num_kv_blocks_total,
+        "{stats:?}"
+    );
 }

@@ -172,12 +172,49 @@ fn kv_cache_reuse_gives_the_same_outputs_and_skips_cached_prefixes() {
     assert_eq!(reused.num_prompt_tokens, plain.num_prompt_tokens);
 }
 
+/// The CPU executor with every step stretched to at least `step_time` (a slower device), so
+/// that a test acts while a request runs, however the machine schedules the test thread.
+struct SlowCpu {
+    cpu: triton_ferrum::executor::cpu::CpuExecutor,
+    step_time: Duration,
+}
+
+impl triton_ferrum::executor::Executor for SlowCpu {
+    fn describe(&self) -> String {
+        format!("{}, slowed down", self.cpu.describe())
+    }
+    fn num_kv_blocks(&self) -> usize {
+        self.cpu.num_kv_blocks()
+    }
+    fn block_size(&self) -> usize {
+        self.cpu.block_size()
+    }
+    fn vocab_size(&self) -> usize {
+        self.cpu.vocab_size()
+    }
+    fn execute(
+        &mut self,
+        plan: &triton_ferrum::scheduler::SchedulePlan,
+    ) -> triton_ferrum::Result<triton_ferrum::executor::Logits> {
+        let start = std::time::Instant::now();
+        let logits = self.cpu.execute(plan);
+        std::thread::sleep(self.step_time.saturating_sub(start.elapsed()));
+        logits
+    }
+}
+
 #[test]
 fn abort_ends_stream_and_frees_blocks() {
-    let e = TestEngine::start(&model_dir(), Some(WeightFormat::F32), |o| {
-        o.block_size = 4;
-        o.max_tokens_in_paged_kv_cache = Some(64);
-        o.max_model_len = Some(64);
+    let mut opts = triton_ferrum::engine::EngineOptions::new(model_dir());
+    opts.block_size = 4;
+    opts.max_tokens_in_paged_kv_cache = Some(64);
+    opts.max_model_len = Some(64);
+    // 50 tokens of at least 2 ms each: the abort lands long before the request could end.
+    let e = engine_with(&opts, |cpu| {
+        Box::new(SlowCpu {
+            cpu,
+            step_time: Duration::from_millis(2),
+        })
     });
     let handle = e.handle();
     let idle = handle.stats().unwrap();
@@ -419,25 +456,24 @@ impl triton_ferrum::executor::Executor for OverlappedGreedy {
     }
 }
 
-const OVERLAP_BLOCK_SIZE: usize = 4;
-const OVERLAP_NUM_BLOCKS: usize = 40;
-const OVERLAP_MAX_MODEL_LEN: usize = 64;
-
 fn overlap_options() -> triton_ferrum::engine::EngineOptions {
     let mut o = triton_ferrum::engine::EngineOptions::new(model_dir());
     o.tokenizer = Some(fixtures().join("tokenizer/hf_tiny"));
-    o.block_size = OVERLAP_BLOCK_SIZE;
-    o.max_tokens_in_paged_kv_cache = Some(OVERLAP_NUM_BLOCKS * OVERLAP_BLOCK_SIZE);
+    o.block_size = 4;
+    o.max_tokens_in_paged_kv_cache = Some(40 * 4);
     o.max_num_batched_tokens = 24;
     o.max_num_seqs = 16;
-    o.max_model_len = Some(OVERLAP_MAX_MODEL_LEN);
+    o.max_model_len = Some(64);
     o
 }
 
-/// An engine on `OverlappedGreedy` with the limits of `overlap_options`.
-fn overlapped_engine(
-    fail_at_step: Option<usize>,
-    step_time: Duration,
+/// An engine on the CPU executor wrapped by `wrap` (a test executor), with the limits of `opts`
+/// (block size, KV cache tokens, batch limits, max_model_len and tokenizer).
+fn engine_with(
+    opts: &triton_ferrum::engine::EngineOptions,
+    wrap: impl FnOnce(
+        triton_ferrum::executor::cpu::CpuExecutor,
+    ) -> Box<dyn triton_ferrum::executor::Executor>,
 ) -> triton_ferrum::engine::Engine {
     use triton_ferrum::engine::{Engine, ModelInfo, options};
     use triton_ferrum::executor::cpu::CpuExecutor;
@@ -445,42 +481,53 @@ fn overlapped_engine(
     use triton_ferrum::model::decoder::Decoder;
     use triton_ferrum::scheduler::SchedulerConfig;
 
-    let opts = overlap_options();
-    let ckpt = Checkpoint::open(&model_dir(), opts.tokenizer.as_deref()).unwrap();
+    let ckpt = Checkpoint::open(&opts.model, opts.tokenizer.as_deref()).unwrap();
     let spec = ckpt.arch.spec.clone();
+    let max_model_len = opts.max_model_len.unwrap();
+    let num_blocks = opts.max_tokens_in_paged_kv_cache.unwrap() / opts.block_size;
     let weights = options::load_weights(&ckpt, WeightFormat::F32, false).unwrap();
     let cpu = CpuExecutor::new(
         Decoder::new(spec.clone(), weights),
-        OVERLAP_NUM_BLOCKS,
-        OVERLAP_BLOCK_SIZE,
+        num_blocks,
+        opts.block_size,
         0,
     )
     .unwrap();
     Engine::start(
-        Box::new(OverlappedGreedy {
-            cpu,
-            num_steps: 0,
-            fail_at_step,
-            step_time,
-        }),
+        wrap(cpu),
         SchedulerConfig {
             max_num_seqs: opts.max_num_seqs,
             max_num_batched_tokens: opts.max_num_batched_tokens,
-            block_size: OVERLAP_BLOCK_SIZE,
-            num_blocks: OVERLAP_NUM_BLOCKS,
-            max_model_len: OVERLAP_MAX_MODEL_LEN,
+            block_size: opts.block_size,
+            num_blocks,
+            max_model_len,
             enable_chunked_prefill: true,
             policy: opts.batch_scheduler_policy,
             enable_prefix_caching: false,
         },
         ModelInfo {
             vocab_size: spec.vocab_size,
-            max_model_len: OVERLAP_MAX_MODEL_LEN,
+            max_model_len,
             eos_token_ids: ckpt.eos_token_ids(),
             tokenizer: ckpt.tokenizer.clone(),
         },
     )
     .unwrap()
+}
+
+/// An engine on `OverlappedGreedy` with the limits of `overlap_options`.
+fn overlapped_engine(
+    fail_at_step: Option<usize>,
+    step_time: Duration,
+) -> triton_ferrum::engine::Engine {
+    engine_with(&overlap_options(), |cpu| {
+        Box::new(OverlappedGreedy {
+            cpu,
+            num_steps: 0,
+            fail_at_step,
+            step_time,
+        })
+    })
 }
 
 /// Twelve text requests: every third stopped by a string, every third by a stop id, the rest by

@@ -751,26 +751,7 @@ fn stop_strings_in_flight_match_the_cpu_engine() {
         r.detokenize = true;
         r
     };
-    let free: Vec<Collected> = (0..12)
-        .map(|i| collect(&cpu.handle(), request(i)))
-        .collect();
-    let requests: Vec<_> = free
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let mut r = request(i);
-            match i % 3 {
-                0 => {
-                    let chars: Vec<char> = c.text.chars().collect();
-                    let at = chars.len() / 3;
-                    r.stop.stop_strings = vec![chars[at..at + 2].iter().collect()];
-                }
-                1 => r.stop.stop_token_ids = vec![c.output_ids[7]],
-                _ => {}
-            }
-            r
-        })
-        .collect();
+    let requests = requests_with_stops(&cpu.handle(), request);
     let expected: Vec<Collected> = requests
         .iter()
         .map(|r| collect(&cpu.handle(), r.clone()))

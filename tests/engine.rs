@@ -172,37 +172,6 @@ fn kv_cache_reuse_gives_the_same_outputs_and_skips_cached_prefixes() {
     assert_eq!(reused.num_prompt_tokens, plain.num_prompt_tokens);
 }
 
-/// The CPU executor with every step stretched to at least `step_time` (a slower device), so
-/// that a test acts while a request runs, however the machine schedules the test thread.
-struct SlowCpu {
-    cpu: triton_ferrum::executor::cpu::CpuExecutor,
-    step_time: Duration,
-}
-
-impl triton_ferrum::executor::Executor for SlowCpu {
-    fn describe(&self) -> String {
-        format!("{}, slowed down", self.cpu.describe())
-    }
-    fn num_kv_blocks(&self) -> usize {
-        self.cpu.num_kv_blocks()
-    }
-    fn block_size(&self) -> usize {
-        self.cpu.block_size()
-    }
-    fn vocab_size(&self) -> usize {
-        self.cpu.vocab_size()
-    }
-    fn execute(
-        &mut self,
-        plan: &triton_ferrum::scheduler::SchedulePlan,
-    ) -> triton_ferrum::Result<triton_ferrum::executor::Logits> {
-        let start = std::time::Instant::now();
-        let logits = self.cpu.execute(plan);
-        std::thread::sleep(self.step_time.saturating_sub(start.elapsed()));
-        logits
-    }
-}
-
 #[test]
 fn abort_ends_stream_and_frees_blocks() {
     let mut opts = triton_ferrum::engine::EngineOptions::new(model_dir());
@@ -211,9 +180,9 @@ fn abort_ends_stream_and_frees_blocks() {
     opts.max_model_len = Some(64);
     // 50 tokens of at least 2 ms each: the abort lands long before the request could end.
     let e = engine_with(&opts, |cpu| {
-        Box::new(SlowCpu {
-            cpu,
+        Box::new(TestExecutor {
             step_time: Duration::from_millis(2),
+            ..TestExecutor::new(cpu, false)
         })
     });
     let handle = e.handle();
@@ -380,21 +349,53 @@ fn invalid_requests_get_errors_naming_the_field() {
     );
 }
 
-/// Samples greedily "on the device" the way the CUDA executor does (`samples_on_device`), so the
-/// engine overlaps its host work with the step: the CPU executor computes the logits, then the
-/// engine's `overlap` runs (the previous step's detokenization, stop strings and events), then
-/// the argmax. With `fail_at_step`, that step fails after its overlap ran; `step_time` stretches
-/// every step to at least that long (a device step's duration, to abort during).
-struct OverlappedGreedy {
+/// The CPU executor behind test knobs. `on_device`: it samples greedily "on the device" the way
+/// the CUDA executor does (`samples_on_device`), so the engine overlaps its host work with the
+/// step: the CPU executor computes the logits, then the engine's `overlap` runs (the previous
+/// step's detokenization, stop strings and events), then the argmax; otherwise the engine
+/// samples on the host. `step_time` stretches every step to at least that long (a slower
+/// device, so that a test acts while a request runs); with `fail_at_step`, that step fails
+/// after its overlap ran.
+struct TestExecutor {
     cpu: triton_ferrum::executor::cpu::CpuExecutor,
+    on_device: bool,
     num_steps: usize,
     fail_at_step: Option<usize>,
     step_time: Duration,
 }
 
-impl triton_ferrum::executor::Executor for OverlappedGreedy {
+impl TestExecutor {
+    fn new(cpu: triton_ferrum::executor::cpu::CpuExecutor, on_device: bool) -> Self {
+        TestExecutor {
+            cpu,
+            on_device,
+            num_steps: 0,
+            fail_at_step: None,
+            step_time: Duration::ZERO,
+        }
+    }
+
+    /// The CPU step, stretched to `step_time`; `overlap` runs after the logits are computed.
+    fn logits(
+        &mut self,
+        plan: &triton_ferrum::scheduler::SchedulePlan,
+        overlap: &mut dyn FnMut(),
+    ) -> triton_ferrum::Result<triton_ferrum::executor::Logits> {
+        let start = std::time::Instant::now();
+        let logits = triton_ferrum::executor::Executor::execute(&mut self.cpu, plan)?;
+        overlap();
+        std::thread::sleep(self.step_time.saturating_sub(start.elapsed()));
+        self.num_steps += 1;
+        if self.fail_at_step == Some(self.num_steps) {
+            return Err(triton_ferrum::Error::Device("injected failure".into()));
+        }
+        Ok(logits)
+    }
+}
+
+impl triton_ferrum::executor::Executor for TestExecutor {
     fn describe(&self) -> String {
-        format!("{} sampling after an overlap", self.cpu.describe())
+        format!("{} (test knobs)", self.cpu.describe())
     }
     fn num_kv_blocks(&self) -> usize {
         self.cpu.num_kv_blocks()
@@ -409,10 +410,10 @@ impl triton_ferrum::executor::Executor for OverlappedGreedy {
         &mut self,
         plan: &triton_ferrum::scheduler::SchedulePlan,
     ) -> triton_ferrum::Result<triton_ferrum::executor::Logits> {
-        self.cpu.execute(plan)
+        self.logits(plan, &mut || {})
     }
     fn samples_on_device(&self) -> bool {
-        true
+        self.on_device
     }
     fn execute_and_sample(
         &mut self,
@@ -427,14 +428,7 @@ impl triton_ferrum::executor::Executor for OverlappedGreedy {
         rows: &triton_ferrum::cuda::sampling::SampleBatch,
         overlap: &mut dyn FnMut(),
     ) -> triton_ferrum::Result<Vec<triton_ferrum::sampling::Sampled>> {
-        let start = std::time::Instant::now();
-        let logits = self.cpu.execute(plan)?;
-        overlap();
-        std::thread::sleep(self.step_time.saturating_sub(start.elapsed()));
-        self.num_steps += 1;
-        if self.fail_at_step == Some(self.num_steps) {
-            return Err(triton_ferrum::Error::Device("injected failure".into()));
-        }
+        let logits = self.logits(plan, overlap)?;
         let n = logits.data.len() / logits.vocab_size;
         assert_eq!(rows.num_rows(), n, "one sampling row per logits row");
         Ok(logits
@@ -515,17 +509,16 @@ fn engine_with(
     .unwrap()
 }
 
-/// An engine on `OverlappedGreedy` with the limits of `overlap_options`.
+/// An engine on a device-sampling `TestExecutor` with the limits of `overlap_options`.
 fn overlapped_engine(
     fail_at_step: Option<usize>,
     step_time: Duration,
 ) -> triton_ferrum::engine::Engine {
     engine_with(&overlap_options(), |cpu| {
-        Box::new(OverlappedGreedy {
-            cpu,
-            num_steps: 0,
+        Box::new(TestExecutor {
             fail_at_step,
             step_time,
+            ..TestExecutor::new(cpu, true)
         })
     })
 }
@@ -541,27 +534,7 @@ fn overlap_requests(
         r.detokenize = true;
         r
     };
-    let free: Vec<Collected> = (0..12)
-        .map(|i| collect(&reference.handle(), request(i)))
-        .collect();
-    let requests: Vec<_> = free
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let mut r = request(i);
-            match i % 3 {
-                0 => {
-                    // Two characters from the first third of the text.
-                    let chars: Vec<char> = c.text.chars().collect();
-                    let at = chars.len() / 3;
-                    r.stop.stop_strings = vec![chars[at..at + 2].iter().collect()];
-                }
-                1 => r.stop.stop_token_ids = vec![c.output_ids[7]],
-                _ => {}
-            }
-            r
-        })
-        .collect();
+    let requests = requests_with_stops(&reference.handle(), request);
     let handle = reference.handle();
     let streams: Vec<_> = requests
         .iter()

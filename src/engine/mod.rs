@@ -581,7 +581,6 @@ impl Worker {
         // `sample_step` has delivered the previous step's tokens.
         debug_assert!(self.pending.is_empty());
         let mut sampled = Vec::new();
-        let mut finished = Vec::new();
         let sampling = plan.seqs.iter().filter(|s| s.sample);
         for (s, out) in sampling.zip(outs) {
             let Some(state) = self.seqs.get_mut(&s.seq_id) else {
@@ -608,9 +607,6 @@ impl Worker {
             } else {
                 None
             };
-            if finish.is_some() {
-                finished.push(s.seq_id);
-            }
             self.pending.push(PendingToken {
                 seq_id: s.seq_id,
                 token_id,
@@ -622,19 +618,9 @@ impl Worker {
         self.scheduler.update(&plan, &sampled);
         // A finished sequence leaves the scheduler now (its blocks free for the next step); its
         // state travels with its last token until that is delivered.
-        let mut finished_states = HashMap::with_capacity(finished.len());
-        for id in finished {
-            self.scheduler.remove(id);
-            if let Some(state) = self.seqs.remove(&id) {
-                finished_states.insert(id, state);
-            }
-        }
-        if !finished_states.is_empty() {
-            for p in &mut self.pending {
-                if p.finish.is_some() {
-                    p.finished_state = finished_states.remove(&p.seq_id).map(Box::new);
-                }
-            }
+        for p in self.pending.iter_mut().filter(|p| p.finish.is_some()) {
+            self.scheduler.remove(p.seq_id);
+            p.finished_state = self.seqs.remove(&p.seq_id).map(Box::new);
         }
     }
 
@@ -794,7 +780,6 @@ impl Worker {
                 .collect());
         }
         // Host sampling: the previous step's tokens went out before this plan was made (`run`).
-        self.flush_pending();
         let mut logits = self.executor.execute(plan)?;
         let mut outs = Vec::new();
         for (row_idx, s) in plan.seqs.iter().filter(|s| s.sample).enumerate() {

@@ -205,3 +205,29 @@ pub fn top5(v: &serde_json::Value) -> Vec<Vec<(u32, f32)>> {
         })
         .collect()
 }
+
+/// Twelve greedy text requests of 20 tokens (`request(i)`), ended three ways: every third by a
+/// stop string (two characters from the first third of its free-running text), every third by
+/// a stop id (its 8th free-running token), the rest by max_tokens. The free-running outputs come
+/// from `handle`, one request at a time.
+pub fn requests_with_stops(
+    handle: &EngineHandle,
+    request: impl Fn(usize) -> GenerateRequest,
+) -> Vec<GenerateRequest> {
+    (0..12)
+        .map(|i| {
+            let free = collect(handle, request(i));
+            let mut r = request(i);
+            match i % 3 {
+                0 => {
+                    let chars: Vec<char> = free.text.chars().collect();
+                    let at = chars.len() / 3;
+                    r.stop.stop_strings = vec![chars[at..at + 2].iter().collect()];
+                }
+                1 => r.stop.stop_token_ids = vec![free.output_ids[7]],
+                _ => {}
+            }
+            r
+        })
+        .collect()
+}

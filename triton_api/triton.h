@@ -4,10 +4,16 @@
  * that the ferrum backend calls. Only what is used is declared; names, enum values and
  * signatures follow the public API so the functions can be resolved at run time from the
  * tritonserver process (bindgen --dynamic-loading). Types that Triton keeps opaque stay opaque.
+ *
+ * Self-contained on purpose: no system header is included (the fixed-width types come from the
+ * compiler's predefined macros), so the generated bindings are the same on every machine and
+ * libclang needs no C headers of its own.
  */
-#include <stdbool.h>
-#include <stddef.h>
-#include <stdint.h>
+#define bool _Bool
+typedef __SIZE_TYPE__ size_t;
+typedef __INT64_TYPE__ int64_t;
+typedef __UINT32_TYPE__ uint32_t;
+typedef __UINT64_TYPE__ uint64_t;
 
 /* ---- opaque handles ---- */
 typedef struct TRITONSERVER_Error TRITONSERVER_Error;

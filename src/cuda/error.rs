@@ -135,6 +135,20 @@ pub enum CudaError {
 }
 
 impl CudaError {
+    /// For a machine that simply has no NVIDIA GPU: a one-line reason (no driver library, or a
+    /// driver that sees no device). `None` for a GPU machine whose CUDA setup is broken, whose
+    /// error must be shown in full.
+    pub fn no_gpu_reason(&self) -> Option<&'static str> {
+        match self {
+            CudaError::LibraryNotFound {
+                library: CudaLibrary::Driver,
+                ..
+            } => Some("no NVIDIA driver found"),
+            CudaError::NoSuchDevice { count: 0, .. } => Some("no NVIDIA GPU found"),
+            _ => None,
+        }
+    }
+
     pub(crate) fn driver(context: impl Into<String>, source: cudarc::driver::DriverError) -> Self {
         CudaError::Driver {
             context: context.into(),

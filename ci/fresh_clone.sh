@@ -6,7 +6,8 @@
 #      build needs no libclang), ci/fetch_models.sh, then each `target/release/ferrum` line of
 #      that section except the 7B random-weight bench (28 GB of f32 weights on the CPU);
 #   2. the first quick-start command, `ci/serve.sh`, until it has answered the demo request and
-#      says it is serving; then Ctrl-C (it needs ports 8000-8002 free);
+#      says it is serving; then it is stopped (SIGTERM, trapped like Ctrl-C; ports 8000-8002
+#      must be free);
 #   3. the second quick-start command, `ci/test.sh`.
 # Prints how long each step took; exits non-zero at the first failure.
 #
@@ -90,7 +91,7 @@ done <<<"$cli_lines"
 step "README CLI section (cargo build --release, fetch_models, ferrum ...)" "$cli_script"
 
 # 2. ci/serve.sh, the first quick-start command, as written: it must answer the demo request and
-#    report that it is serving; then it is stopped as a user would stop it (Ctrl-C = SIGINT).
+#    report that it is serving; then it is stopped, and tritonserver with it.
 serve_script='
 set -euo pipefail
 rm -rf models .venv   # as a new user has them: not yet
@@ -104,7 +105,9 @@ done
 cat serve.out
 grep -q "Press Ctrl-C" serve.out || { echo "ci/serve.sh did not serve within 30 minutes"; exit 1; }
 grep -q "smollm2: .*Paris" serve.out || { echo "the demo answer does not name Paris"; exit 1; }
-kill -INT $pid; wait $pid || true
+# A background job of a non-interactive shell ignores SIGINT, so Ctrl-C is sent as what the
+# script traps alike: SIGTERM (the same cleanup path: stop tritonserver, exit).
+kill -TERM $pid; wait $pid || true
 ! kill -0 $pid 2>/dev/null
 '
 step "ci/serve.sh (README quick start 1)" "$serve_script"

@@ -55,6 +55,87 @@ fn generate_json_with_prompt_ids_and_logprobs() {
     assert_eq!(lp[0][0][0], v["output_ids"][0]);
 }
 
+/// Reads a `[rows, cols]` f32 .npy file as written by `--dump-intermediates`.
+fn read_npy(path: &std::path::Path) -> (usize, usize, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(&bytes[..6], b"\x93NUMPY");
+    let hlen = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = std::str::from_utf8(&bytes[10..10 + hlen]).unwrap();
+    let shape = header.split("'shape': (").nth(1).unwrap();
+    let dims: Vec<usize> = shape
+        .split(')')
+        .next()
+        .unwrap()
+        .split(',')
+        .filter_map(|d| d.trim().parse().ok())
+        .collect();
+    let data: Vec<f32> = bytes[10 + hlen..]
+        .chunks(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    assert_eq!(data.len(), dims[0] * dims[1]);
+    (dims[0], dims[1], data)
+}
+
+#[test]
+fn generate_dumps_named_intermediates_per_layer_and_step() {
+    let dir = std::env::temp_dir().join(format!("ferrum-dump-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (ok, out, err) = ferrum(&[
+        "generate",
+        "--model",
+        &tiny(),
+        "--device",
+        "cpu",
+        "--prompt-ids",
+        "5,6,7",
+        "--max-tokens",
+        "2",
+        "--json",
+        "--dump-intermediates",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    let spec_cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("models/llama_gqa_llama3/config.json")).unwrap(),
+    )
+    .unwrap();
+    let hidden = spec_cfg["hidden_size"].as_u64().unwrap() as usize;
+    let layers = spec_cfg["num_hidden_layers"].as_u64().unwrap() as usize;
+    // Step 0 is the 3-token prefill, step 1 the first decode token.
+    for (step, rows) in [(0, 3), (1, 1)] {
+        let d = dir.join(format!("step{step:03}"));
+        for l in 0..layers {
+            for name in [
+                "attn_norm",
+                "qkv",
+                "attention",
+                "attn_out",
+                "mlp_norm",
+                "mlp",
+            ] {
+                let (r, _, _) = read_npy(&d.join(format!("layer{l:02}.{name}.npy")));
+                assert_eq!(r, rows, "step {step} layer {l} {name}");
+            }
+        }
+        let (r, c, _) = read_npy(&d.join("embedding.npy"));
+        assert_eq!((r, c), (rows, hidden));
+        // The dumped logits are the ones the greedy token came from.
+        let (r, vocab, logits) = read_npy(&d.join("lm_head.npy"));
+        assert_eq!(r, 1);
+        let argmax = (0..vocab)
+            .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
+            .unwrap();
+        assert_eq!(
+            serde_json::json!(argmax),
+            v["output_ids"][step],
+            "step {step}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn generate_text_with_the_real_model_and_tokenize() {
     let model = smollm2_gguf().display().to_string();

@@ -902,6 +902,7 @@ fn graph_replays_case(ckpt: &Checkpoint, dtype: DType, tol: f32) {
                     cuda_graphs: graphs,
                     profile: false,
                     warm_up: warm,
+                    dump_intermediates: None,
                 },
             )
             .unwrap();

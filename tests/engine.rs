@@ -472,7 +472,6 @@ fn engine_with(
     use triton_ferrum::engine::{Engine, ModelInfo, options};
     use triton_ferrum::executor::cpu::CpuExecutor;
     use triton_ferrum::model::Checkpoint;
-    use triton_ferrum::model::decoder::Decoder;
     use triton_ferrum::scheduler::SchedulerConfig;
 
     let ckpt = Checkpoint::open(&opts.model, opts.tokenizer.as_deref()).unwrap();
@@ -480,13 +479,7 @@ fn engine_with(
     let max_model_len = opts.max_model_len.unwrap();
     let num_blocks = opts.max_tokens_in_paged_kv_cache.unwrap() / opts.block_size;
     let weights = options::load_weights(&ckpt, WeightFormat::F32, false).unwrap();
-    let cpu = CpuExecutor::new(
-        Decoder::new(spec.clone(), weights),
-        num_blocks,
-        opts.block_size,
-        0,
-    )
-    .unwrap();
+    let cpu = CpuExecutor::new(spec.clone(), weights, num_blocks, opts.block_size, 0).unwrap();
     Engine::start(
         wrap(cpu),
         SchedulerConfig {

@@ -9,10 +9,13 @@
 mod common;
 
 use common::*;
+use triton_ferrum::executor::Executor;
+use triton_ferrum::executor::cpu::CpuExecutor;
+use triton_ferrum::kv_cache::BlockId;
 use triton_ferrum::model::Checkpoint;
-use triton_ferrum::model::decoder::{BatchInput, Decoder};
-use triton_ferrum::ops::attention::{AttnSeq, KvLayerCache};
 use triton_ferrum::ops::linear::WeightFormat;
+use triton_ferrum::request::SeqId;
+use triton_ferrum::scheduler::{SchedulePlan, ScheduledSeq};
 
 /// Logprob tolerance: both sides compute in f32 from identical weights; differences come from
 /// summation order only.
@@ -49,7 +52,7 @@ fn check_model_at(path: &std::path::Path, name: &str, format: WeightFormat, tol:
     }
 }
 
-/// Full last-position logits of each prompt, through the decoder directly.
+/// Full last-position logits of each prompt, through the CPU executor (one prefill step).
 fn check_last_logits(name: &str) {
     check_last_logits_at(&fixtures().join("models").join(name), name);
 }
@@ -60,36 +63,36 @@ fn check_last_logits_at(path: &std::path::Path, name: &str) {
     let weights =
         triton_ferrum::engine::options::load_weights(&ckpt, WeightFormat::F32, false).unwrap();
     let spec = ckpt.arch.spec.clone();
-    let decoder = Decoder::new(spec.clone(), weights);
     let block_size = 4;
+    let max_len = g["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| ids(&c["prompt_ids"]).len())
+        .max()
+        .unwrap();
+    let num_blocks = max_len.div_ceil(block_size);
+    let mut exec = CpuExecutor::new(spec.clone(), weights, num_blocks, block_size, 0).unwrap();
     for (i, case) in g["cases"].as_array().unwrap().iter().enumerate() {
         let prompt = ids(&case["prompt_ids"]);
         let n = prompt.len();
-        let num_blocks = n.div_ceil(block_size);
         // Blocks in reverse order, to exercise the block table.
-        let table: Vec<u32> = (0..num_blocks as u32).rev().collect();
-        let mut kv: Vec<KvLayerCache> = (0..spec.num_layers)
-            .map(|_| KvLayerCache::new(num_blocks, block_size, spec.kv_dim()))
+        let table: Vec<BlockId> = (0..n.div_ceil(block_size) as u32)
+            .rev()
+            .map(BlockId)
             .collect();
-        let positions: Vec<usize> = (0..n).collect();
-        let slots: Vec<usize> = positions
-            .iter()
-            .map(|&p| table[p / block_size] as usize * block_size + p % block_size)
-            .collect();
-        let seqs = [AttnSeq {
-            q_start: 0,
-            q_len: n,
-            context_len: n,
-            block_table: &table,
-        }];
-        let input = BatchInput {
-            token_ids: &prompt,
-            positions: &positions,
-            slots: &slots,
-            seqs: &seqs,
-            logits_rows: &[n - 1],
+        let plan = SchedulePlan {
+            seqs: vec![ScheduledSeq {
+                seq_id: SeqId(i as u64),
+                token_ids: prompt,
+                start_pos: 0,
+                block_table: table,
+                sample: true,
+            }],
+            preempted: vec![],
+            num_batched_tokens: n,
         };
-        let logits = decoder.forward(&mut kv, block_size, &input);
+        let logits = exec.execute(&plan).unwrap().data;
         let want: Vec<f32> = case["last_logits"]
             .as_array()
             .unwrap()

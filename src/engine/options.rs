@@ -14,7 +14,7 @@ use crate::executor::cpu::CpuExecutor;
 use crate::executor::cuda::{
     self as cuda_executor, DEFAULT_KV_CACHE_FREE_GPU_MEM_FRACTION, KvCacheConfig,
 };
-use crate::model::decoder::Decoder;
+use crate::executor::dump::Dumper;
 use crate::model::weights::DecoderWeights;
 use crate::model::{Checkpoint, CheckpointFormat};
 use crate::ops::linear::WeightFormat;
@@ -91,6 +91,9 @@ pub struct EngineOptions {
     pub num_threads: usize,
     /// Show a progress bar while loading weights (only when stderr is a terminal).
     pub progress: bool,
+    /// Write every step's named intermediates (per layer) as .npy files under this folder, for
+    /// a layer-by-layer comparison with a reference (`executor::dump`).
+    pub dump_intermediates: Option<PathBuf>,
 }
 
 impl EngineOptions {
@@ -114,6 +117,7 @@ impl EngineOptions {
             cuda_warm_up: true,
             num_threads: 0,
             progress: false,
+            dump_intermediates: None,
         }
     }
 }
@@ -261,12 +265,16 @@ fn start_on(target: Target, ckpt: Checkpoint, opts: &EngineOptions) -> crate::Re
                 });
                 let num_kv_blocks = kv_tokens.div_ceil(opts.block_size);
                 let weight_bytes = weights.size_in_bytes();
-                let executor = CpuExecutor::new(
-                    Decoder::new(spec.clone(), weights),
+                let mut executor = CpuExecutor::new(
+                    spec.clone(),
+                    weights,
                     num_kv_blocks,
                     opts.block_size,
                     opts.num_threads,
                 )?;
+                if let Some(dir) = &opts.dump_intermediates {
+                    executor = executor.with_dumper(Dumper::new(dir)?);
+                }
                 (
                     Box::new(executor),
                     format,
@@ -311,6 +319,7 @@ fn start_on(target: Target, ckpt: Checkpoint, opts: &EngineOptions) -> crate::Re
                         cuda_graphs: opts.cuda_graphs,
                         warm_up: opts.cuda_warm_up,
                         profile: false,
+                        dump_intermediates: opts.dump_intermediates.clone(),
                     }
                     .overridden_by_env(),
                 )?;

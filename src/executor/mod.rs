@@ -7,8 +7,10 @@ use crate::cuda::sampling::SampleBatch;
 use crate::sampling::Sampled;
 use crate::scheduler::SchedulePlan;
 
+pub mod batch;
 pub mod cpu;
 pub mod cuda;
+pub mod dump;
 
 /// Logits of the sampling sequences of one step, in plan order: `[num_rows, vocab_size]`.
 pub struct Logits {

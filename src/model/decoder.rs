@@ -1,254 +1,290 @@
-//! The one generic decoder: a forward pass over a mixed batch of prefill chunks and decode
-//! tokens, driven only by the `DecoderSpec`, reading and writing the paged KV cache.
+//! The one forward pass: a mixed batch of prefill chunks and decode tokens through every layer,
+//! driven only by the `DecoderSpec`, over a `DecoderBackend` of device ops. The CPU and CUDA
+//! executors implement the ops (and choose fusions inside them); neither interprets the spec's
+//! structure itself, so an architecture's quirk (parallel residuals, a shared norm, learned
+//! positions, ALiBi, clipped qkv) is written here once for every device.
+//!
+//! One step, in backend ops (`Act` names the step buffers the backend owns):
+//! ```text
+//!   X = embed(ids) (+ learned positions)            or Normed = embed(..); X = norm_emb(Normed)
+//!   per layer:
+//!     Normed = norm1(X)                (a Sequential layer before it left MlpOut pending:
+//!                                       X += MlpOut first, inside the same op)
+//!     Qkv = linear_qkv(Normed);  clamp(Qkv)?;  rotary(q, k) + write k, v at the step's slots
+//!     Attn = attention(Qkv, cache);  AttnProj = linear_out(Attn);  all_reduce(AttnProj)
+//!     Sequential:          Normed = norm2(X += AttnProj);  MlpOut = mlp(Normed)  (pending)
+//!     Parallel{shared}:    MlpOut = mlp(Normed);          X += AttnProj + MlpOut
+//!     Parallel{!shared}:   Normed = norm2(X);  MlpOut = mlp(Normed);  X += AttnProj + MlpOut
+//!   X += MlpOut (if pending);  Last = X[sampling rows];  LastNormed = final_norm(Last)
+//!   Logits = lm_head(LastNormed)
+//! ```
+//! After each named intermediate the pass calls `DecoderBackend::tap`, the one hook through
+//! which a backend profiles its ops or dumps tensors for a layer-by-layer comparison.
+//!
+//! The step's inputs (token ids, positions, KV slots, block tables, which rows sample) are the
+//! backend's: it packed them from the plan before calling `forward`.
 
-use crate::model::spec::{DecoderSpec, Mlp, PosEmbedding, Residual};
-use crate::model::weights::{DecoderWeights, LayerWeights, NormWeights};
-use crate::ops::attention::{AttnParams, AttnSeq, KvLayerCache, paged_attention};
-use crate::ops::linear::linear;
-use crate::ops::rope::RopeTable;
-use crate::ops::{activation, norm};
+use crate::model::spec::{Activation, DecoderSpec, Mlp, PosEmbedding, Residual};
 
-/// One step's input, flattened over the batch.
-pub struct BatchInput<'a> {
-    /// [num_tokens]
-    pub token_ids: &'a [u32],
-    /// [num_tokens] position of each token in its sequence
-    pub positions: &'a [usize],
-    /// [num_tokens] KV cache slot of each token
-    pub slots: &'a [usize],
-    /// The sequences, in batch order; their `q_len`s add up to num_tokens.
-    pub seqs: &'a [AttnSeq<'a>],
-    /// Token indices whose logits are wanted (the last token of each sequence that samples).
-    pub logits_rows: &'a [usize],
+/// The activation buffers of one step, owned by the backend and named by the forward pass.
+/// Shapes use `tokens` = the step's batch rows and `rows` = its sampling rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    /// [tokens, hidden] the residual stream
+    X,
+    /// [tokens, hidden] the input of a projection (a norm's output)
+    Normed,
+    /// [tokens, q_dim + 2 kv_dim] q | k | v
+    Qkv,
+    /// [tokens, q_dim]
+    Attn,
+    /// [tokens, hidden]
+    AttnProj,
+    /// [tokens, hidden]
+    MlpOut,
+    /// [rows, hidden] X at the sampling rows
+    Last,
+    /// [rows, hidden]
+    LastNormed,
+    /// [rows, vocab]
+    Logits,
 }
 
+impl Act {
+    pub const COUNT: usize = 9;
+    pub const ALL: [Act; Act::COUNT] = [
+        Act::X,
+        Act::Normed,
+        Act::Qkv,
+        Act::Attn,
+        Act::AttnProj,
+        Act::MlpOut,
+        Act::Last,
+        Act::LastNormed,
+        Act::Logits,
+    ];
+
+    /// Index into a backend's `[_; Act::COUNT]` buffer array.
+    pub fn idx(self) -> usize {
+        self as usize
+    }
+
+    /// Elements per row of this buffer for `spec`.
+    pub fn row_len(self, spec: &DecoderSpec) -> usize {
+        match self {
+            Act::Qkv => spec.q_dim() + 2 * spec.kv_dim(),
+            Act::Attn => spec.q_dim(),
+            Act::Logits => spec.vocab_size,
+            Act::X | Act::Normed | Act::AttnProj | Act::MlpOut | Act::Last | Act::LastNormed => {
+                spec.hidden_size
+            }
+        }
+    }
+
+    /// Whether the buffer has one row per batch token (else one per sampling row).
+    pub fn per_token(self) -> bool {
+        !matches!(self, Act::Last | Act::LastNormed | Act::Logits)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Act::X => "x",
+            Act::Normed => "normed",
+            Act::Qkv => "qkv",
+            Act::Attn => "attn",
+            Act::AttnProj => "attn_proj",
+            Act::MlpOut => "mlp_out",
+            Act::Last => "last",
+            Act::LastNormed => "last_normed",
+            Act::Logits => "logits",
+        }
+    }
+}
+
+/// Which norm's weights an op uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormSel {
+    /// Applied to the token embeddings (BLOOM).
+    Embedding,
+    /// Layer `l`'s first norm (before attention; shared with the MLP when the spec says so).
+    Attn(usize),
+    /// Layer `l`'s second norm (before the MLP).
+    Mlp(usize),
+    Final,
+}
+
+/// Which of a layer's attention projections a `linear` op uses. The MLP's projections are inside
+/// the `mlp` op, where a backend may fuse them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinearSel {
+    /// [q_dim + 2 kv_dim, hidden] (+ bias)
+    Qkv,
+    /// [hidden, q_dim] (+ bias)
+    AttnOut,
+}
+
+/// The MLP's shape as an op sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FfnAct {
+    /// down(act(gate(x)) * up(x)), gate and up in one `[2 inter, hidden]` weight
+    Gated(Activation),
+    /// down(act(up(x)))
+    Plain(Activation),
+}
+
+/// What the hook sees after each op of the forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tap {
+    /// The layer, or None for the embedding and the head.
+    pub layer: Option<usize>,
+    /// What was computed (e.g. "attn_norm", "qkv", "attention", "mlp"), stable for dumps.
+    pub name: &'static str,
+    /// The buffer holding it.
+    pub buf: Act,
+}
+
+/// The device ops the forward pass is written in. Every op reads and writes the backend's step
+/// buffers; the step's inputs are the backend's too. Buffers passed in one call are distinct
+/// (a backend returns an error, never panics, if they are not).
+pub trait DecoderBackend {
+    /// out = token embeddings of the step's ids (+ the learned position table's rows).
+    fn embed(&mut self, out: Act) -> crate::Result<()>;
+    /// out = norm(x); with `residual`: residual += x first, and out = norm(residual).
+    fn norm(&mut self, sel: NormSel, out: Act, x: Act, residual: Option<Act>) -> crate::Result<()>;
+    /// out = x · Wᵀ (+ bias) with layer `layer`'s weight `sel`.
+    fn linear(&mut self, layer: usize, sel: LinearSel, out: Act, x: Act) -> crate::Result<()>;
+    /// buf = clamp(buf, -limit, limit).
+    fn clamp(&mut self, buf: Act, limit: f32) -> crate::Result<()>;
+    /// Rotary embedding of q and k in `qkv` (rope models; else nothing), then k and v of every
+    /// token written into layer `layer`'s cache at the token's slot.
+    fn rotary_kv_write(&mut self, layer: usize, qkv: Act) -> crate::Result<()>;
+    /// out = causal attention of each token's q (in `qkv`) over its sequence's cached k, v.
+    fn attention(&mut self, layer: usize, out: Act, qkv: Act) -> crate::Result<()>;
+    /// out = the MLP of layer `layer` applied to x.
+    fn mlp(&mut self, layer: usize, ffn: FfnAct, out: Act, x: Act) -> crate::Result<()>;
+    /// x += a (+ b).
+    fn add(&mut self, x: Act, a: Act, b: Option<Act>) -> crate::Result<()>;
+    /// out = x at the step's sampling rows.
+    fn gather_rows(&mut self, out: Act, x: Act) -> crate::Result<()>;
+    /// out = x · lm_headᵀ (+ bias): the step's logits.
+    fn lm_head(&mut self, out: Act, x: Act) -> crate::Result<()>;
+    /// Sums `buf` over tensor-parallel ranks; the identity on one device.
+    fn all_reduce(&mut self, buf: Act) -> crate::Result<()>;
+    /// Called after each intermediate: a backend may record a profile mark or dump the buffer.
+    fn tap(&mut self, tap: Tap) -> crate::Result<()>;
+}
+
+/// The forward pass of one model: the spec, read once into the choices the pass makes.
+#[derive(Debug, Clone)]
 pub struct Decoder {
     pub spec: DecoderSpec,
-    pub weights: DecoderWeights,
-    /// [rotary_dim / 2], scaling applied
-    inv_freqs: Vec<f32>,
-    /// [num_heads] for ALiBi models
-    alibi_slopes: Option<Vec<f32>>,
+    ffn: FfnAct,
+    rope: bool,
 }
 
 impl Decoder {
-    pub fn new(spec: DecoderSpec, weights: DecoderWeights) -> Self {
-        let inv_freqs = match &spec.pos {
-            PosEmbedding::Rope(rope) => rope.inv_freqs(),
-            _ => vec![],
+    pub fn new(spec: DecoderSpec) -> Self {
+        let ffn = match spec.mlp {
+            Mlp::Gated => FfnAct::Gated(spec.act),
+            Mlp::Plain => FfnAct::Plain(spec.act),
         };
-        let alibi_slopes = spec.alibi_slopes();
-        Decoder {
-            spec,
-            weights,
-            inv_freqs,
-            alibi_slopes,
-        }
+        let rope = matches!(spec.pos, PosEmbedding::Rope(_));
+        Decoder { spec, ffn, rope }
     }
 
-    /// Runs the batch through every layer, writing each token's k/v into `kv` at its slot.
-    /// Returns logits `[logits_rows.len(), vocab_size]`.
-    pub fn forward(
-        &self,
-        kv: &mut [KvLayerCache],
-        block_size: usize,
-        input: &BatchInput<'_>,
-    ) -> Vec<f32> {
-        let spec = &self.spec;
-        let w = &self.weights;
-        let h = spec.hidden_size;
-        let num_tokens = input.token_ids.len();
+    /// The MLP's op shape.
+    pub fn ffn(&self) -> FfnAct {
+        self.ffn
+    }
 
-        // x: [num_tokens, hidden]
-        let mut x = vec![0.0f32; num_tokens * h];
-        for (row, &id) in x.chunks_mut(h).zip(input.token_ids) {
-            w.embedding.row_to_f32(id as usize, row);
+    /// Runs the step through every layer and the LM head (when `num_rows` > 0 rows sample).
+    pub fn forward<B: DecoderBackend + ?Sized>(
+        &self,
+        be: &mut B,
+        num_rows: usize,
+    ) -> crate::Result<()> {
+        let spec = &self.spec;
+        let head = |name, buf| Tap {
+            layer: None,
+            name,
+            buf,
+        };
+        if spec.embedding_norm {
+            be.embed(Act::Normed)?;
+            be.norm(NormSel::Embedding, Act::X, Act::Normed, None)?;
+        } else {
+            be.embed(Act::X)?;
         }
-        if let Some(pos_table) = &w.position_embedding {
-            for (row, &pos) in x.chunks_mut(h).zip(input.positions) {
-                for (v, p) in row.iter_mut().zip(&pos_table[pos * h..(pos + 1) * h]) {
-                    *v += p;
+        be.tap(head("embedding", Act::X))?;
+
+        // A Sequential layer leaves its MLP output to be added to X by the next norm (one fused
+        // op instead of an add and a norm); after the last layer, by an add.
+        let mut mlp_out_pending = false;
+        for l in 0..spec.num_layers {
+            let tap = |name, buf| Tap {
+                layer: Some(l),
+                name,
+                buf,
+            };
+            let pending = mlp_out_pending.then_some(Act::X);
+            let src = if mlp_out_pending { Act::MlpOut } else { Act::X };
+            be.norm(NormSel::Attn(l), Act::Normed, src, pending)?;
+            mlp_out_pending = false;
+            be.tap(tap("attn_norm", Act::Normed))?;
+            be.linear(l, LinearSel::Qkv, Act::Qkv, Act::Normed)?;
+            if let Some(c) = spec.clip_qkv {
+                be.clamp(Act::Qkv, c)?;
+            }
+            be.tap(tap("qkv", Act::Qkv))?;
+            be.rotary_kv_write(l, Act::Qkv)?;
+            be.tap(tap(
+                if self.rope {
+                    "rotary_kv_write"
+                } else {
+                    "kv_write"
+                },
+                Act::Qkv,
+            ))?;
+            be.attention(l, Act::Attn, Act::Qkv)?;
+            be.tap(tap("attention", Act::Attn))?;
+            be.linear(l, LinearSel::AttnOut, Act::AttnProj, Act::Attn)?;
+            be.all_reduce(Act::AttnProj)?;
+            be.tap(tap("attn_out", Act::AttnProj))?;
+            match spec.residual {
+                Residual::Sequential => {
+                    be.norm(NormSel::Mlp(l), Act::Normed, Act::AttnProj, Some(Act::X))?;
+                    be.tap(tap("mlp_norm", Act::Normed))?;
+                    be.mlp(l, self.ffn, Act::MlpOut, Act::Normed)?;
+                    be.all_reduce(Act::MlpOut)?;
+                    be.tap(tap("mlp", Act::MlpOut))?;
+                    mlp_out_pending = true;
+                }
+                Residual::Parallel { shared_norm } => {
+                    if !shared_norm {
+                        be.norm(NormSel::Mlp(l), Act::Normed, Act::X, None)?;
+                        be.tap(tap("mlp_norm", Act::Normed))?;
+                    }
+                    be.mlp(l, self.ffn, Act::MlpOut, Act::Normed)?;
+                    be.all_reduce(Act::MlpOut)?;
+                    be.tap(tap("mlp", Act::MlpOut))?;
+                    be.add(Act::X, Act::AttnProj, Some(Act::MlpOut))?;
+                    be.tap(tap("residual", Act::X))?;
                 }
             }
         }
-        if let Some(n) = &w.embedding_norm {
-            let src = x.clone();
-            self.norm(n, &src, &mut x);
+        if mlp_out_pending {
+            be.add(Act::X, Act::MlpOut, None)?;
+            be.tap(head("residual", Act::X))?;
         }
-        let rope = match &spec.pos {
-            PosEmbedding::Rope(_) => Some(RopeTable::new(&self.inv_freqs, input.positions)),
-            _ => None,
-        };
-        let mut scratch = Scratch::new(spec, num_tokens);
-        for (layer, cache) in w.layers.iter().zip(kv.iter_mut()) {
-            self.layer(
-                layer,
-                cache,
-                block_size,
-                rope.as_ref(),
-                input,
-                &mut x,
-                &mut scratch,
-            );
+        if num_rows == 0 {
+            return Ok(());
         }
-
         // Final norm and LM head only for the rows that sample.
-        let num_rows = input.logits_rows.len();
-        let mut last = vec![0.0f32; num_rows * h];
-        for (dst, &t) in last.chunks_mut(h).zip(input.logits_rows) {
-            dst.copy_from_slice(&x[t * h..(t + 1) * h]);
-        }
-        let mut normed = vec![0.0f32; num_rows * h];
-        self.norm(&w.final_norm, &last, &mut normed);
-        let mut logits = vec![0.0f32; num_rows * spec.vocab_size];
-        linear(
-            &normed,
-            num_rows,
-            w.lm_head(),
-            w.lm_head_bias.as_deref(),
-            &mut logits,
-        );
-        logits
-    }
-
-    fn norm(&self, n: &NormWeights, x: &[f32], out: &mut [f32]) {
-        norm::norm_rows(self.spec.norm, x, &n.weight, n.bias.as_deref(), out);
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn layer(
-        &self,
-        lw: &LayerWeights,
-        cache: &mut KvLayerCache,
-        block_size: usize,
-        rope: Option<&RopeTable>,
-        input: &BatchInput<'_>,
-        x: &mut [f32],
-        s: &mut Scratch,
-    ) {
-        let spec = &self.spec;
-        let (h, q_dim, kv_dim) = (spec.hidden_size, spec.q_dim(), spec.kv_dim());
-        let qkv_dim = q_dim + 2 * kv_dim;
-        let m = input.token_ids.len();
-
-        // Attention block.
-        self.norm(&lw.attn_norm, x, &mut s.normed);
-        linear(&s.normed, m, &lw.qkv, lw.qkv_bias.as_deref(), &mut s.qkv);
-        if let Some(c) = spec.clip_qkv {
-            s.qkv.iter_mut().for_each(|v| *v = v.clamp(-c, c));
-        }
-        if let (Some(rope), PosEmbedding::Rope(r)) = (rope, &spec.pos) {
-            rope.apply(&mut s.qkv, qkv_dim, spec.num_heads, spec.head_dim, r.style);
-            rope.apply(
-                &mut s.qkv[q_dim..],
-                qkv_dim,
-                spec.num_kv_heads,
-                spec.head_dim,
-                r.style,
-            );
-        }
-        for (row, &slot) in s.qkv.chunks(qkv_dim).zip(input.slots) {
-            cache.write(slot, &row[q_dim..q_dim + kv_dim], &row[q_dim + kv_dim..]);
-        }
-        let params = AttnParams {
-            num_heads: spec.num_heads,
-            num_kv_heads: spec.num_kv_heads,
-            head_dim: spec.head_dim,
-            block_size,
-            scale: spec.attn_scale,
-            sliding_window: spec.sliding_window,
-            alibi_slopes: self.alibi_slopes.as_deref(),
-        };
-        paged_attention(&mut s.attn, &s.qkv, qkv_dim, cache, input.seqs, &params);
-        linear(
-            &s.attn,
-            m,
-            &lw.attn_out,
-            lw.attn_out_bias.as_deref(),
-            &mut s.attn_proj,
-        );
-
-        // MLP block and residuals.
-        match spec.residual {
-            Residual::Sequential => {
-                add_into(x, &s.attn_proj);
-                let mlp_norm = lw.mlp_norm.as_ref().unwrap_or(&lw.attn_norm);
-                self.norm(mlp_norm, x, &mut s.normed);
-                self.mlp(lw, m, s);
-                add_into(x, &s.mlp_out);
-            }
-            Residual::Parallel { shared_norm } => {
-                if !shared_norm {
-                    let mlp_norm = lw.mlp_norm.as_ref().unwrap_or(&lw.attn_norm);
-                    self.norm(mlp_norm, x, &mut s.normed);
-                }
-                self.mlp(lw, m, s);
-                add_into(x, &s.attn_proj);
-                add_into(x, &s.mlp_out);
-            }
-        }
-        debug_assert_eq!(x.len(), m * h);
-    }
-
-    /// mlp_out = down(act(gate(normed)) * up(normed)) or down(act(up(normed)))
-    fn mlp(&self, lw: &LayerWeights, m: usize, s: &mut Scratch) {
-        let inter = self.spec.intermediate_size;
-        linear(
-            &s.normed,
-            m,
-            &lw.gate_up,
-            lw.gate_up_bias.as_deref(),
-            &mut s.gate_up,
-        );
-        match self.spec.mlp {
-            Mlp::Gated => activation::gated(self.spec.act, &s.gate_up, inter, &mut s.act),
-            Mlp::Plain => {
-                s.act.copy_from_slice(&s.gate_up[..m * inter]);
-                activation::in_place(self.spec.act, &mut s.act);
-            }
-        }
-        linear(&s.act, m, &lw.down, lw.down_bias.as_deref(), &mut s.mlp_out);
-    }
-}
-
-/// Activation buffers of one forward pass, sized for its number of tokens.
-struct Scratch {
-    /// [m, hidden]
-    normed: Vec<f32>,
-    /// [m, q_dim + 2 kv_dim]
-    qkv: Vec<f32>,
-    /// [m, q_dim]
-    attn: Vec<f32>,
-    /// [m, hidden]
-    attn_proj: Vec<f32>,
-    /// [m, 2 inter] (gated) or [m, inter]
-    gate_up: Vec<f32>,
-    /// [m, inter]
-    act: Vec<f32>,
-    /// [m, hidden]
-    mlp_out: Vec<f32>,
-}
-
-impl Scratch {
-    fn new(spec: &DecoderSpec, m: usize) -> Self {
-        let gate_up_cols = match spec.mlp {
-            Mlp::Gated => 2 * spec.intermediate_size,
-            Mlp::Plain => spec.intermediate_size,
-        };
-        Scratch {
-            normed: vec![0.0; m * spec.hidden_size],
-            qkv: vec![0.0; m * (spec.q_dim() + 2 * spec.kv_dim())],
-            attn: vec![0.0; m * spec.q_dim()],
-            attn_proj: vec![0.0; m * spec.hidden_size],
-            gate_up: vec![0.0; m * gate_up_cols],
-            act: vec![0.0; m * spec.intermediate_size],
-            mlp_out: vec![0.0; m * spec.hidden_size],
-        }
-    }
-}
-
-fn add_into(x: &mut [f32], y: &[f32]) {
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += b;
+        be.gather_rows(Act::Last, Act::X)?;
+        be.norm(NormSel::Final, Act::LastNormed, Act::Last, None)?;
+        be.tap(head("final_norm", Act::LastNormed))?;
+        be.lm_head(Act::Logits, Act::LastNormed)?;
+        be.tap(head("lm_head", Act::Logits))?;
+        Ok(())
     }
 }

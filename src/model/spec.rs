@@ -230,6 +230,22 @@ impl DecoderSpec {
         self.num_kv_heads * self.head_dim
     }
 
+    /// The rotary embedding, for rope models.
+    pub fn rope(&self) -> Option<&Rope> {
+        match &self.pos {
+            PosEmbedding::Rope(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// Rows of the fused gate|up weight: `2 * intermediate` (gated) or `intermediate` (plain).
+    pub fn gate_up_dim(&self) -> usize {
+        match self.mlp {
+            Mlp::Gated => 2 * self.intermediate_size,
+            Mlp::Plain => self.intermediate_size,
+        }
+    }
+
     /// Per-head ALiBi slopes with the bias scale applied (`[num_heads]`), for ALiBi models.
     pub fn alibi_slopes(&self) -> Option<Vec<f32>> {
         match self.pos {

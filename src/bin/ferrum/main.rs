@@ -91,6 +91,11 @@ pub struct EngineArgs {
     /// `cuda_warmup` parameter).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     cuda_warmup: bool,
+    /// Write every step's named intermediates (each layer's norm, qkv, attention, MLP outputs,
+    /// the logits) as .npy files under DIR/stepNNN/, for a layer-by-layer comparison with a
+    /// reference. GPU: turns CUDA graphs off.
+    #[arg(long, value_name = "DIR")]
+    dump_intermediates: Option<PathBuf>,
 }
 
 impl EngineArgs {
@@ -112,6 +117,7 @@ impl EngineArgs {
             cuda_graphs: self.cuda_graph_mode,
             cuda_warm_up: self.cuda_warmup,
             progress: true,
+            dump_intermediates: self.dump_intermediates.clone(),
             ..EngineOptions::new(model)
         }
     }

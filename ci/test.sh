@@ -40,6 +40,16 @@ if grep -rlnE 'triton_api::|use triton_api' src --include='*.rs' | grep -v '^src
   echo "error: only src/backend may use triton_api (the raw Triton FFI)" >&2
   exit 1
 fi
+# The lower layers (CPU ops, the CUDA layer, the loaders) never import the layers above them.
+if grep -rnE 'crate::(model|request|sampling|engine|scheduler|executor|backend)\b' src/ops src/cuda src/loader; then
+  echo "error: ops, cuda and loader must not import model, request, sampling, engine, scheduler, executor or backend" >&2
+  exit 1
+fi
+# src/tensor.rs is the leaf: it imports nothing from the crate.
+if grep -nE 'crate::' src/tensor.rs; then
+  echo "error: src/tensor.rs is the leaf module and imports nothing from the crate" >&2
+  exit 1
+fi
 
 echo "== tests"
 cargo nextest run --workspace --locked --no-fail-fast

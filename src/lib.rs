@@ -23,6 +23,7 @@ pub mod ops;
 pub mod request;
 pub mod sampling;
 pub mod scheduler;
+pub mod tensor;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -242,14 +242,7 @@ impl FinishReason {
     }
 }
 
-/// Log-probability information of one generated token.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct TokenLogprobs {
-    /// Log-probability of the sampled token under the model's (unprocessed) distribution.
-    pub logprob: f32,
-    /// The `n` most likely tokens and their log-probabilities, most likely first.
-    pub top: Vec<(u32, f32)>,
-}
+pub use crate::tensor::TokenLogprobs;
 
 /// What the engine emits for a request. A request's stream ends with exactly one event whose
 /// `finish` is set (or an `Error` event).

@@ -123,7 +123,7 @@ pub fn gated_gemv_applies(dtype: DType, m: usize, k: usize) -> bool {
 #[allow(clippy::too_many_arguments)]
 pub fn gated_gemv<T: FloatElem>(
     dev: &CudaDevice,
-    act: crate::model::spec::Activation,
+    act: crate::tensor::Activation,
     y: &mut DeviceBuffer<T>,
     x: &DeviceBuffer<T>,
     w: &DeviceBuffer<T>,

@@ -12,7 +12,7 @@ use super::buffer::{DeviceBuffer, FloatElem};
 use super::device::CudaDevice;
 use super::error::CudaError;
 use super::kernels::KernelId;
-use crate::model::spec::{Activation, Norm, RopeStyle};
+use crate::tensor::{Activation, Norm, RopeStyle};
 
 /// Kernel argument for an absent optional pointer (the kernels test for null).
 pub(crate) const NULL_PTR: u64 = 0;

@@ -30,8 +30,7 @@ use super::buffer::{DeviceBuffer, DeviceElem, FloatElem};
 use super::device::CudaDevice;
 use super::error::CudaError;
 use super::kernels::KernelId;
-use crate::request::TokenLogprobs;
-use crate::sampling::{Penalties, Sampled};
+use crate::tensor::{Penalties, Sampled, TokenLogprobs};
 
 /// `u32` words per row in the packed parameters (`RowParams` in kernels/sample.cu).
 pub const PARAM_WORDS: usize = 16;

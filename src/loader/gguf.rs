@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use super::mmap::{FileBytes, memory_label};
 use super::shard::{Run, plan_shard};
 use super::{HostTensor, LoadError, Q8Tensor, Shard, SourceDType, TensorInfo, TensorSource};
-use crate::ops::quant::{BlockQ8, QK};
+use crate::tensor::{BlockQ8, QK};
 
 /// The four bytes every GGUF file starts with.
 pub const GGUF_MAGIC: [u8; 4] = *b"GGUF";

@@ -14,7 +14,7 @@
 
 use std::path::PathBuf;
 
-use crate::ops::quant::BlockQ8;
+pub use crate::tensor::{HostTensor, Q8Tensor};
 
 pub mod gguf;
 pub mod mmap;
@@ -49,28 +49,6 @@ pub struct TensorInfo {
     /// PyTorch order, outermost first.
     pub shape: Vec<usize>,
     pub dtype: SourceDType,
-}
-
-/// A dense f32 tensor in host memory, row-major, shape in PyTorch order.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HostTensor {
-    pub shape: Vec<usize>,
-    pub data: Vec<f32>,
-}
-
-impl HostTensor {
-    pub fn numel(&self) -> usize {
-        self.shape.iter().product()
-    }
-}
-
-/// A 2-D weight `[rows, cols]` in the compact block format: `rows * cols / 32` blocks, row-major,
-/// each block covering 32 consecutive elements of one row (`cols % 32 == 0`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Q8Tensor {
-    pub rows: usize,
-    pub cols: usize,
-    pub blocks: Vec<BlockQ8>,
 }
 
 /// A source of named tensors.

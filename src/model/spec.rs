@@ -13,24 +13,7 @@
 
 use serde::Serialize;
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum Norm {
-    /// x / rms(x) * w
-    Rms { eps: f32 },
-    /// (x - mean) / std * w (+ b)
-    Layer { eps: f32, bias: bool },
-}
-
-/// How rotary embedding pairs dimensions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RopeStyle {
-    /// Pairs (i, i + rotary_dim/2): Hugging Face Llama/GPT-NeoX `rotate_half`.
-    NeoX,
-    /// Pairs (2i, 2i+1): GPT-J, and llama.cpp's GGUF Llama (whose converter permutes Q/K rows).
-    GptJ,
-}
+pub use crate::tensor::{Activation, Norm, RopeStyle};
 
 /// Frequency scaling for long contexts, applied to the inverse frequencies at load.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -159,17 +142,6 @@ pub enum FusedQkv {
 pub enum Residual {
     Sequential,
     Parallel { shared_norm: bool },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Activation {
-    Silu,
-    /// GELU, tanh approximation (GPT-2 `gelu_new`, `gelu_pytorch_tanh`).
-    GeluTanh,
-    /// GELU, exact (erf).
-    Gelu,
-    Relu,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -1,6 +1,6 @@
 //! Elementwise activations, and the gated form `act(gate) * up` used by Llama-style MLPs.
 
-use crate::model::spec::Activation;
+use crate::tensor::Activation;
 
 pub fn apply(act: Activation, x: f32) -> f32 {
     match act {

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use super::OpsError;
 use super::quant::{self, BlockQ8, BlockQ8Act, QK};
-use crate::loader::{HostTensor, Q8Tensor};
+use crate::tensor::{HostTensor, Q8Tensor};
 
 /// Largest `m` (number of activation rows) that uses the int8 dot-product kernel for `BlockQ8`
 /// weights by default; above it weight tiles are dequantized and multiplied with `gemm`.

@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use crate::model::spec::Norm;
+use crate::tensor::Norm;
 
 /// Below this many elements the rows are normalized on the calling thread.
 const PAR_THRESHOLD: usize = 1 << 14;

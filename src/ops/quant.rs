@@ -13,16 +13,7 @@
 
 use multiversion::multiversion;
 
-/// Number of weights per block.
-pub const QK: usize = 32;
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-#[repr(C)]
-pub struct BlockQ8 {
-    pub scale: f32,
-    pub min: f32,
-    pub qs: [i8; QK],
-}
+pub use crate::tensor::{BlockQ8, QK};
 
 /// 32 activations quantized symmetrically: `x[i] ≈ d * qs[i]`, with `sum = d * Σ qs[i]`
 /// precomputed so that a dot product with an asymmetric weight block needs no second pass:

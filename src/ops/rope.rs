@@ -4,7 +4,7 @@
 //! Two pairings (see `RopeStyle`): NeoX pairs (i, i + rotary_dim/2); GPT-J pairs (2i, 2i+1).
 //! Only the first `rotary_dim` dims of each head rotate (partial rotary); the rest pass through.
 
-use crate::model::spec::RopeStyle;
+use crate::tensor::RopeStyle;
 
 pub struct RopeTable {
     num_pairs: usize,

@@ -23,6 +23,7 @@ mod logprobs;
 mod penalties;
 mod rng;
 
+pub use crate::tensor::Sampled;
 pub use filters::Filter;
 pub use penalties::Penalties;
 pub use rng::Rng;
@@ -65,14 +66,6 @@ impl Strategy {
             filters,
         }
     }
-}
-
-/// The result of one sampling step.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sampled {
-    pub token_id: u32,
-    /// Present when the request asked for logprobs.
-    pub logprobs: Option<TokenLogprobs>,
 }
 
 /// Per-request sampler state: strategy, penalty bookkeeping, RNG and reusable scratch.

@@ -12,32 +12,7 @@
 
 use std::collections::HashMap;
 
-/// The three penalty strengths of one request; `Penalties::default()` disables all of them.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Penalties {
-    /// 1.0 disables.
-    pub repetition: f32,
-    /// 0.0 disables.
-    pub presence: f32,
-    /// 0.0 disables.
-    pub frequency: f32,
-}
-
-impl Default for Penalties {
-    fn default() -> Self {
-        Penalties {
-            repetition: 1.0,
-            presence: 0.0,
-            frequency: 0.0,
-        }
-    }
-}
-
-impl Penalties {
-    pub fn is_enabled(&self) -> bool {
-        *self != Penalties::default()
-    }
-}
+pub use crate::tensor::Penalties;
 
 /// Token bookkeeping of one request plus its penalty strengths.
 #[derive(Debug, Clone)]

@@ -1,0 +1,115 @@
+//! The leaf of ferrum's module graph: plain data types shared by the layers above it (the CPU
+//! ops, the CUDA layer, the loaders and the model), so that none of those imports another for a
+//! type. It holds op-level enums (norm kind, activation, rotary pairing), host tensors as the
+//! loaders return them, the compact 8-bit block format, and the plain data of one sampling step
+//! (penalty strengths, a sampled token and its logprobs), which the CPU sampler and the GPU
+//! sampler share. It imports nothing from the crate.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Norm {
+    /// x / rms(x) * w
+    Rms { eps: f32 },
+    /// (x - mean) / std * w (+ b)
+    Layer { eps: f32, bias: bool },
+}
+
+/// How rotary embedding pairs dimensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RopeStyle {
+    /// Pairs (i, i + rotary_dim/2): Hugging Face Llama/GPT-NeoX `rotate_half`.
+    NeoX,
+    /// Pairs (2i, 2i+1): GPT-J, and llama.cpp's GGUF Llama (whose converter permutes Q/K rows).
+    GptJ,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    Silu,
+    /// GELU, tanh approximation (GPT-2 `gelu_new`, `gelu_pytorch_tanh`).
+    GeluTanh,
+    /// GELU, exact (erf).
+    Gelu,
+    Relu,
+}
+
+/// Number of weights per block.
+pub const QK: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
+pub struct BlockQ8 {
+    pub scale: f32,
+    pub min: f32,
+    pub qs: [i8; QK],
+}
+
+/// A dense f32 tensor in host memory, row-major, shape in PyTorch order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl HostTensor {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// A 2-D weight `[rows, cols]` in the compact block format: `rows * cols / 32` blocks, row-major,
+/// each block covering 32 consecutive elements of one row (`cols % 32 == 0`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Q8Tensor {
+    pub rows: usize,
+    pub cols: usize,
+    pub blocks: Vec<BlockQ8>,
+}
+
+/// The three penalty strengths of one request; `Penalties::default()` disables all of them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Penalties {
+    /// 1.0 disables.
+    pub repetition: f32,
+    /// 0.0 disables.
+    pub presence: f32,
+    /// 0.0 disables.
+    pub frequency: f32,
+}
+
+impl Default for Penalties {
+    fn default() -> Self {
+        Penalties {
+            repetition: 1.0,
+            presence: 0.0,
+            frequency: 0.0,
+        }
+    }
+}
+
+impl Penalties {
+    pub fn is_enabled(&self) -> bool {
+        *self != Penalties::default()
+    }
+}
+
+/// Log-probability information of one generated token.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TokenLogprobs {
+    /// Log-probability of the sampled token under the model's (unprocessed) distribution.
+    pub logprob: f32,
+    /// The `n` most likely tokens and their log-probabilities, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// The result of one sampling step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub token_id: u32,
+    /// Present when the request asked for logprobs.
+    pub logprobs: Option<TokenLogprobs>,
+}

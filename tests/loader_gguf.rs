@@ -8,10 +8,9 @@
 mod loader_common;
 
 use half::{bf16, f16};
+use loader_common::gguf_writer::GgufWriter;
 use loader_common::{Rng, smollm2_gguf, temp_dir};
-use triton_ferrum::loader::gguf::{
-    GgmlType, GgufFile, GgufWriter, MetadataValue, convert_to_q8, dequantize,
-};
+use triton_ferrum::loader::gguf::{GgmlType, GgufFile, MetadataValue, convert_to_q8, dequantize};
 use triton_ferrum::loader::{LoadError, Shard, SourceDType, TensorSource};
 use triton_ferrum::ops::quant::BlockQ8;
 

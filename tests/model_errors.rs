@@ -4,14 +4,16 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+mod loader_common;
 
 use std::path::{Path, PathBuf};
 
 use common::*;
+use loader_common::gguf_writer::GgufWriter;
 use serde_json::Value;
 use triton_ferrum::engine::{EngineOptions, options};
 use triton_ferrum::loader::TensorSource;
-use triton_ferrum::loader::gguf::{GgufWriter, MetadataValue};
+use triton_ferrum::loader::gguf::MetadataValue;
 use triton_ferrum::loader::safetensors::{SafetensorsSource, SafetensorsWriter};
 use triton_ferrum::model::spec::{FusedQkv, PosEmbedding, QkvLayout};
 use triton_ferrum::model::{ArchInfo, Checkpoint, TensorNames, presets, weights};
@@ -404,6 +406,73 @@ fn checkpoint_without_the_transformer_prefix_loads() {
         collect(&ours.handle(), greedy(prompt.clone(), 6, None)).output_ids,
         collect(&reference.handle(), greedy(prompt, 6, None)).output_ids
     );
+}
+
+// ---- MPT's MLP width (issue 17 item 8) ----
+
+/// The mpt fixture's d_model; transformers' MptMLP is always 4 * d_model wide.
+const MPT_D_MODEL: usize = 54;
+const MPT_UP: &str = "transformer.blocks.0.ffn.up_proj.weight";
+
+#[test]
+fn mpt_mlp_width_follows_the_tensors_over_expansion_ratio() {
+    // What transformers saves for a config with expansion_ratio 2: a 4 x d_model MLP.
+    let dir = variant_of(
+        "mpt",
+        "mpt_ratio_2",
+        |c| c["expansion_ratio"] = 2.into(),
+        keep,
+    );
+    let fixture = fixtures().join("models/mpt");
+    let ckpt = Checkpoint::open(&dir, None).unwrap();
+    assert_eq!(ckpt.arch.spec.intermediate_size, 4 * MPT_D_MODEL);
+    assert!(
+        ckpt.notes
+            .iter()
+            .any(|n| n.contains("expansion_ratio") && n.contains(MPT_UP)),
+        "{:?}",
+        ckpt.notes
+    );
+    assert_eq!(
+        Checkpoint::open(&fixture, None).unwrap().notes,
+        Vec::<String>::new()
+    );
+    let ours = TestEngine::start(&dir, None, |_| {});
+    let reference = TestEngine::start(&fixture, None, |_| {});
+    for prompt in [vec![5, 9, 30, 7], vec![1, 2, 3, 4, 5, 6, 7, 8]] {
+        let a = collect(&ours.handle(), greedy(prompt.clone(), 6, Some(5)));
+        let b = collect(&reference.handle(), greedy(prompt, 6, Some(5)));
+        assert_eq!(a.output_ids, b.output_ids);
+        assert_eq!(a.logprobs, b.logprobs);
+    }
+}
+
+#[test]
+fn mpt_mlp_tensors_that_disagree_with_each_other_are_named() {
+    // up_proj 3 x d_model, down_proj 4 x d_model: no width fits both, so whatever the config
+    // says, loading fails on up_proj.
+    for ratio in [2, 4] {
+        let dir = variant_of(
+            "mpt",
+            &format!("mpt_up_3x_ratio_{ratio}"),
+            |c| c["expansion_ratio"] = ratio.into(),
+            |n, s, d| {
+                if n == MPT_UP {
+                    let (rows, cols) = (3 * MPT_D_MODEL, s[1]);
+                    Some((vec![rows, cols], d[..rows * cols].to_vec()))
+                } else {
+                    Some((s, d))
+                }
+            },
+        );
+        let e = load_err(&dir);
+        let expected = format!("[{}, {MPT_D_MODEL}]", ratio * MPT_D_MODEL);
+        let actual = format!("[{}, {MPT_D_MODEL}]", 3 * MPT_D_MODEL);
+        assert!(
+            e.contains(MPT_UP) && e.contains(&expected) && e.contains(&actual),
+            "ratio {ratio}: {e}"
+        );
+    }
 }
 
 /// A whole tiny model of `preset` written as GGUF `arch` (llama.cpp names and metadata), with

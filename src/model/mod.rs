@@ -56,6 +56,9 @@ pub struct Checkpoint {
     pub tokenizer: Option<Arc<Tokenizer>>,
     /// EOS ids from the checkpoint config (used when there is no tokenizer).
     pub config_eos_ids: Vec<u32>,
+    /// Load notes: where the tensors overruled the config (one line each). `open` logs them to
+    /// stderr as `ferrum: <path>: <note>`, like the engine's load lines.
+    pub notes: Vec<String>,
 }
 
 impl Checkpoint {
@@ -102,6 +105,9 @@ impl Checkpoint {
                 ))
             })?));
         }
+        for note in &ckpt.notes {
+            eprintln!("ferrum: {}: {note}", path.display());
+        }
         Ok(ckpt)
     }
 
@@ -129,6 +135,7 @@ impl Checkpoint {
             arch,
             tokenizer,
             config_eos_ids,
+            notes: vec![],
         };
         ckpt.fix_up_from_tensors()?;
         Ok(ckpt)
@@ -152,6 +159,7 @@ impl Checkpoint {
             source: Box::new(gguf),
             tokenizer,
             config_eos_ids,
+            notes: vec![],
         };
         ckpt.fix_up_from_tensors()?;
         Ok(ckpt)
@@ -159,10 +167,15 @@ impl Checkpoint {
 
     /// Settles what the config leaves implicit from the tensors present: a missing LM head means
     /// tied embeddings (in GGUF, a present one means untied); GGUF bias tensors switch biases on (and LayerNorm biases), a GGUF Falcon
-    /// with `attn_norm_2` has two norms; GGUF rope frequency factors; checkpoints that omit the
+    /// with `attn_norm_2` has two norms; GGUF rope frequency factors; the MLP width of Hugging
+    /// Face MPT (`mpt::ffn_width_from_tensors`, which adds a note); checkpoints that omit the
     /// base model's `transformer.` prefix were wrapped in `BarePrefixSource` by `open_hf`.
     fn fix_up_from_tensors(&mut self) -> Result<(), LoadError> {
         let names = self.arch.names;
+        if names == TensorNames::HfMpt {
+            let note = arch::mpt::ffn_width_from_tensors(&mut self.arch.spec, self.source.as_ref());
+            self.notes.extend(note);
+        }
         let rope_freqs = match names.global(GlobalTensor::RopeFreqs) {
             Some(n) if self.source.contains(&n) => {
                 Some(self.source.get(&n, Shard::Replicated)?.data)
@@ -216,6 +229,7 @@ impl Checkpoint {
             source: Box::new(source),
             tokenizer: None,
             config_eos_ids: vec![],
+            notes: vec![],
         })
     }
 

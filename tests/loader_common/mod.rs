@@ -1,5 +1,8 @@
-//! Helpers shared by the loader integration tests: a seeded RNG, temp dirs, the real-model path.
+//! Helpers shared by the loader integration tests: a seeded RNG, temp dirs, the real-model path,
+//! and `GgufWriter` (building GGUF files).
 #![allow(dead_code)]
+
+pub mod gguf_writer;
 
 use std::path::PathBuf;
 

@@ -17,7 +17,6 @@ use triton_ferrum::scheduler::SchedulerPolicy;
 use triton_ferrum::tokenizer::ChatMessage;
 
 mod bench;
-mod bench_mixed;
 
 #[derive(Parser)]
 #[command(name = "ferrum", version, about = "ferrum LLM inference engine")]

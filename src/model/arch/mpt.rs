@@ -4,9 +4,13 @@
 //! Quirks handled here:
 //! - ALiBi slopes honour `attn_config.alibi_bias_max`; scores use `attn_config.softmax_scale` if
 //!   set.
-//!   transformers' `MptForCausalLM` always uses max_bias 8 and a 4x MLP whatever the config says;
-//!   ferrum follows the config (as MosaicML's code and vLLM do), and checks the MLP width against
-//!   the tensors.
+//!   transformers' `MptForCausalLM` always uses max_bias 8 whatever the config says; ferrum
+//!   follows the config (as MosaicML's code, llama.cpp and vLLM do).
+//! - The MLP width: transformers' `MptMLP` is always `4 * d_model` wide and ignores
+//!   `expansion_ratio`, so a checkpoint it saves can disagree with its own config. The config
+//!   gives the width first; `ffn_width_from_tensors` then lets layer 0's `up_proj`/`down_proj`
+//!   overrule it when the two agree with each other (as loading in transformers would), with a
+//!   load note. Any other FFN shape mismatch stays a shape error naming the tensor.
 //! - Features transformers' MPT does not run either are refused by name: no-ALiBi (learned
 //!   positions), `qk_ln`, `prefix_lm`, and attention types other than multi-head.
 
@@ -15,6 +19,7 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 use super::{ArchInfo, GgufMeta, GlobalTensor, HfConfig, LayerTensor, TensorNames};
+use crate::loader::TensorSource;
 use crate::loader::gguf::MetadataValue;
 use crate::model::ModelError;
 use crate::model::spec::{
@@ -162,6 +167,38 @@ pub fn from_hf(config: &Value) -> Result<ArchInfo, ModelError> {
     })
 }
 
+/// Settles the MLP width of a Hugging Face MPT checkpoint from its tensors (see the module
+/// quirks): when layer 0's `up_proj: [width, d_model]` and `down_proj: [d_model, width]` agree on
+/// a `width` other than the config's, `spec.intermediate_size` becomes `width` and the returned
+/// note says what was overruled. Returns None, changing nothing, when the tensors match the
+/// config, are missing, or disagree with each other: the weight loader then reports the first
+/// tensor whose shape is wrong, by name.
+pub(crate) fn ffn_width_from_tensors(
+    spec: &mut DecoderSpec,
+    src: &dyn TensorSource,
+) -> Option<String> {
+    let h = spec.hidden_size;
+    let up = TensorNames::HfMpt.layer(0, LayerTensor::Up)?;
+    let down = TensorNames::HfMpt.layer(0, LayerTensor::Down)?;
+    let up_shape = src.info(&up)?.shape;
+    let down_shape = src.info(&down)?.shape;
+    // up: [width, d_model], down: [d_model, width]
+    let [width, up_in] = up_shape[..] else {
+        return None;
+    };
+    if up_in != h || down_shape != [h, width] || width == 0 || width == spec.intermediate_size {
+        return None;
+    }
+    let configured = spec.intermediate_size;
+    spec.intermediate_size = width;
+    Some(format!(
+        "config.json's expansion_ratio gives an MLP width of {configured} ({} x d_model {h}), but \
+         {up} is {up_shape:?} and {down} is {down_shape:?}: following the tensors (width {width}), \
+         as transformers' MptForCausalLM does (its MLP ignores expansion_ratio)",
+        configured as f64 / h as f64
+    ))
+}
+
 pub fn from_gguf(md: &BTreeMap<String, MetadataValue>) -> Result<ArchInfo, ModelError> {
     let g = GgufMeta { md, arch: "mpt" };
     let mut spec = mpt_spec(
@@ -182,4 +219,73 @@ pub fn from_gguf(md: &BTreeMap<String, MetadataValue>) -> Result<ArchInfo, Model
         spec,
         names: TensorNames::Gguf,
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::loader::random::RandomSource;
+
+    /// d_model 8: an `expansion_ratio` of 2 configures a width of 16.
+    fn spec_with_ratio(ratio: f64) -> DecoderSpec {
+        let config = serde_json::json!({
+            "d_model": 8, "n_heads": 2, "n_layers": 1, "vocab_size": 16,
+            "expansion_ratio": ratio, "attn_config": {"alibi": true},
+        });
+        from_hf(&config).unwrap().spec
+    }
+
+    fn ffn_tensors(up: Option<[usize; 2]>, down: [usize; 2]) -> RandomSource {
+        let mut tensors = vec![(
+            "transformer.blocks.0.ffn.down_proj.weight".to_string(),
+            down.to_vec(),
+        )];
+        if let Some(up) = up {
+            tensors.push((
+                "transformer.blocks.0.ffn.up_proj.weight".to_string(),
+                up.to_vec(),
+            ));
+        }
+        RandomSource::new(tensors, 1)
+    }
+
+    #[test]
+    fn mlp_width_follows_tensors_that_agree_with_each_other() {
+        let mut spec = spec_with_ratio(2.0);
+        assert_eq!(spec.intermediate_size, 16);
+        let note = ffn_width_from_tensors(&mut spec, &ffn_tensors(Some([32, 8]), [8, 32]));
+        assert_eq!(spec.intermediate_size, 32);
+        assert_eq!(
+            note.as_deref(),
+            Some(
+                "config.json's expansion_ratio gives an MLP width of 16 (2 x d_model 8), but \
+                 transformer.blocks.0.ffn.up_proj.weight is [32, 8] and \
+                 transformer.blocks.0.ffn.down_proj.weight is [8, 32]: following the tensors \
+                 (width 32), as transformers' MptForCausalLM does (its MLP ignores \
+                 expansion_ratio)"
+            )
+        );
+    }
+
+    #[test]
+    fn mlp_width_stays_when_tensors_match_or_disagree() {
+        let cases = [
+            // Matching the config: nothing to settle.
+            (Some([16, 8]), [8, 16]),
+            // up and down disagree on the width (3x vs 4x): the loader reports up_proj.
+            (Some([24, 8]), [8, 32]),
+            // Wrong input / output width.
+            (Some([32, 4]), [8, 32]),
+            (Some([32, 8]), [4, 32]),
+            // Missing up_proj: the loader reports it.
+            (None, [8, 32]),
+        ];
+        for (up, down) in cases {
+            let mut spec = spec_with_ratio(2.0);
+            let note = ffn_width_from_tensors(&mut spec, &ffn_tensors(up, down));
+            assert!(note.is_none(), "{up:?} {down:?}: {note:?}");
+            assert_eq!(spec.intermediate_size, 16, "{up:?} {down:?}");
+        }
+    }
 }

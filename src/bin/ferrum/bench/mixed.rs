@@ -2,7 +2,7 @@
 //! mixed-length workload, on one loaded engine, at equal KV cache capacity.
 //!
 //! Owns the workload generator (seeded prompt and output lengths, pseudo-random prompt ids) and
-//! the two submission strategies; tokens are timestamped by `bench::submit_and_time`.
+//! the two submission strategies; tokens are timestamped by `common::submit_and_time`.
 //!
 //! ```text
 //! every request arrives at t0, in the same order for both modes; batch size B = max_num_seqs
@@ -32,8 +32,8 @@ use serde_json::{Value, json};
 use triton_ferrum::engine::EngineHandle;
 use triton_ferrum::engine::options;
 
-use super::bench::{self, BenchModel, BenchRequest};
-use super::{CliResult, EngineArgs};
+use super::common::{self, BenchModel, BenchRequest};
+use crate::{CliResult, EngineArgs};
 
 /// Batch size B when `--batch-size` is not given.
 pub const DEFAULT_BATCH_SIZE: usize = 64;
@@ -172,7 +172,7 @@ pub fn generate_workload(
             let prompt_len = rng.in_range(&cfg.prompt_len);
             let max_tokens = rng.in_range(&cfg.gen_len);
             BenchRequest {
-                prompt_ids: bench::pseudo_random_ids(cfg.seed, request_idx, prompt_len, vocab),
+                prompt_ids: common::pseudo_random_ids(cfg.seed, request_idx, prompt_len, vocab),
                 max_tokens,
             }
         })
@@ -223,7 +223,7 @@ fn run_mode(
     let t0 = Instant::now();
     let mut times = Vec::with_capacity(requests.len());
     for g in &groups {
-        times.extend(bench::submit_and_time(handle, &requests[g.clone()])?);
+        times.extend(common::submit_and_time(handle, &requests[g.clone()])?);
     }
     Ok(Timeline {
         t0,
@@ -370,7 +370,7 @@ pub fn run(
         )
         .into());
     }
-    let mut opts = bench::engine_options(engine);
+    let mut opts = common::engine_options(engine);
     // Static mode keeps B in flight by its groups; the engine admits up to M in-flight ones.
     opts.max_num_seqs = inflight_seqs;
     let need = cfg.max_seq_len();
@@ -393,7 +393,7 @@ pub fn run(
     let prompt_lens: Vec<usize> = requests.iter().map(|r| r.prompt_ids.len()).collect();
     let common = json!({
         "workload": "mixed", "source": source, "arch": loaded.spec.arch, "device": loaded.device,
-        "weight_format": bench::weights_label(&loaded), "num_requests": requests.len(),
+        "weight_format": common::weights_label(&loaded), "num_requests": requests.len(),
         "batch_size": batch_size, "inflight_max_num_seqs": inflight_seqs,
         "batch_scheduler_policy": opts.batch_scheduler_policy.name(),
         "kv_cache_tokens": kv_tokens, "num_prompt_tokens": num_prompt_tokens,
@@ -409,7 +409,7 @@ pub fn run(
             "ferrum bench --workload mixed: {source}, {} ({:.1} M params, weights {} {:.1} MiB), {}, load {load_s:.2} s",
             loaded.spec.arch,
             loaded.spec.num_params() as f64 / 1e6,
-            bench::weights_label(&loaded),
+            common::weights_label(&loaded),
             loaded.weight_bytes as f64 / 1048576.0,
             loaded.device,
         );

@@ -11,7 +11,9 @@
 #                                     $OUT/compare.jsonl tagged with "build", a summary to stdout
 #
 # Benches (random weights, bf16, greedy): Llama-2-7B 128/128 decode at batch 1 and 64;
-# Llama-3-8B 128/128 offline with 512 requests.
+# Llama-3-8B 128/128 offline with 512 requests; then the load of a 7B-shape bf16 safetensors
+# checkpoint written there (scripts/write_random_llama.py): wall time and peak host RSS per
+# build (SKIP_LOAD=1 leaves it out).
 set -euo pipefail
 
 if [ "${1:-}" = "run" ]; then
@@ -39,6 +41,19 @@ for l in sys.stdin:
       done
     done
   done
+  # Loading a real-size bf16 safetensors checkpoint: seconds to ready and peak host RSS (the
+  # [design] rule: the GPU load holds about one layer on the host, not a full f32 copy).
+  if [ "${SKIP_LOAD:-0}" != 1 ] && python3 -c "import torch, safetensors" 2>/dev/null; then
+    ckpt=/tmp/ferrum-llama2-7b-random
+    [ -f "$ckpt/model.safetensors.index.json" ] ||
+      python3 "$here/write_random_llama.py" --shape llama2-7b --out "$ckpt" | tee -a "$out/compare.log"
+    for build in base new; do
+      /usr/bin/time -v -o "$out/load-$build.time" timeout 400 "$here/ferrum-$build" bench --device cuda \
+        --model "$ckpt" --prompt-len 16 --gen-len 2 --batch-size 1 --json >>"$out/load-$build.jsonl" 2>>"$out/compare.log"
+      echo "load $build: $(grep -E 'Maximum resident|Elapsed \(wall' "$out/load-$build.time" | tr -s ' ' | tr '\n' ';')" |
+        tee -a "$out/compare.log"
+    done
+  fi
   python3 - "$out/compare.jsonl" <<'PY'
 import json, sys, collections
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
@@ -83,6 +98,7 @@ mkdir -p "$dest"
 strip -o "$dest/ferrum-base" "$base_bin"
 strip -o "$dest/ferrum-new" target/release/ferrum
 cp "$0" "$dest/gpu_compare.sh"
+cp scripts/write_random_llama.py "$dest/"
 printf '#!/usr/bin/env bash\nexec bash "$(dirname "$0")/gpu_compare.sh" run\n' >"$dest/run.sh"
 {
   echo "base: $base_ref $base_bin"

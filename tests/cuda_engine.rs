@@ -35,6 +35,7 @@ use triton_ferrum::executor::cuda::{self as cuda_executor, CudaExecOptions, KvCa
 use triton_ferrum::kv_cache::BlockId;
 use triton_ferrum::model::Checkpoint;
 use triton_ferrum::model::spec::Activation;
+use triton_ferrum::model::weights::WeightReader;
 use triton_ferrum::ops::linear::{Weight, WeightFormat, linear};
 use triton_ferrum::request::{SeqId, TokenLogprobs};
 use triton_ferrum::scheduler::{SchedulePlan, ScheduledSeq};
@@ -477,8 +478,6 @@ fn run_fixture_cases(name: &str, dtype: DType) -> (usize, usize, f32) {
 fn check_last_logits_gpu(name: &str) -> f32 {
     let g = golden(name);
     let ckpt = Checkpoint::open(&fixtures().join("models").join(name), None).unwrap();
-    let weights = options::load_weights(&ckpt, WeightFormat::F32, false).unwrap();
-    let spec = ckpt.arch.spec.clone();
     let block_size = 4;
     let kv = KvCacheConfig {
         block_size,
@@ -492,12 +491,13 @@ fn check_last_logits_gpu(name: &str) -> f32 {
         executor: mut exec,
         plan,
         ..
-    } = cuda_executor::open(
+    } = cuda_executor::open_with(
         CudaDevice::open(0).unwrap(),
-        spec.clone(),
-        weights,
+        &ckpt,
+        &mut |_| {},
         DType::F32,
         &kv,
+        &CudaExecOptions::from_env(),
     )
     .unwrap();
     assert_eq!(plan.num_blocks, 64);
@@ -891,11 +891,10 @@ fn graph_replays_case(ckpt: &Checkpoint, dtype: DType, tol: f32) {
     let mut execs: Vec<Box<dyn Executor>> = variants
         .iter()
         .map(|&(graphs, warm)| {
-            let weights = options::load_weights(ckpt, WeightFormat::F32, false).unwrap();
             let opened = cuda_executor::open_with(
                 CudaDevice::open(0).unwrap(),
-                spec.clone(),
-                weights,
+                ckpt,
+                &mut |_| {},
                 dtype,
                 &kv,
                 &CudaExecOptions {
@@ -1039,11 +1038,12 @@ fn warm_up_leaves_no_setup_to_the_first_requests() {
         max_num_seqs: 6,
         max_model_len: 128,
     };
-    let weights = options::load_weights(&ckpt, WeightFormat::F32, false).unwrap();
+    let reader = WeightReader::new(ckpt.source.as_ref(), &ckpt.arch, WeightFormat::F32);
     let (mut exec, _) = cuda_executor::CudaExecutor::<half::bf16>::new(
         CudaDevice::open(0).unwrap(),
         spec.clone(),
-        weights,
+        &reader,
+        &mut |_| {},
         &kv,
         &CudaExecOptions::default(),
     )

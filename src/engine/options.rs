@@ -292,9 +292,8 @@ fn start_on(target: Target, ckpt: Checkpoint, opts: &EngineOptions) -> crate::Re
                         dtype_name(dtype)
                     ));
                 }
-                // Dequantized at load; converted to `dtype` during the upload.
-                let weights = load_weights(&ckpt, WeightFormat::F32, opts.progress)?;
-                let weight_bytes = weights.size_in_bytes() / 4 * dtype.size_in_bytes();
+                // Read one tensor at a time, dequantized, converted to `dtype` and uploaded.
+                let bar = layer_progress(&ckpt, opts.progress);
                 let kv = KvCacheConfig {
                     block_size: opts.block_size,
                     max_tokens: opts.max_tokens_in_paged_kv_cache,
@@ -309,10 +308,15 @@ fn start_on(target: Target, ckpt: Checkpoint, opts: &EngineOptions) -> crate::Re
                     executor,
                     plan,
                     warm_up,
+                    weight_bytes,
                 } = cuda_executor::open_with(
                     *dev,
-                    spec.clone(),
-                    weights,
+                    &ckpt,
+                    &mut |_| {
+                        if let Some(b) = &bar {
+                            b.inc(1);
+                        }
+                    },
                     dtype,
                     &kv,
                     &cuda_executor::CudaExecOptions {
@@ -323,6 +327,9 @@ fn start_on(target: Target, ckpt: Checkpoint, opts: &EngineOptions) -> crate::Re
                     }
                     .overridden_by_env(),
                 )?;
+                if let Some(b) = bar {
+                    b.finish_and_clear();
+                }
                 log.push(plan.describe(&kv));
                 log.extend(warm_up.map(|w| w.describe()));
                 (
@@ -370,14 +377,10 @@ fn start_on(target: Target, ckpt: Checkpoint, opts: &EngineOptions) -> crate::Re
     })
 }
 
-/// Loads the decoder weights, with a progress bar over layers when asked and on a terminal.
-pub fn load_weights(
-    ckpt: &Checkpoint,
-    format: WeightFormat,
-    progress: bool,
-) -> crate::Result<DecoderWeights> {
+/// A progress bar over the layers of `ckpt`, when asked and stderr is a terminal.
+fn layer_progress(ckpt: &Checkpoint, progress: bool) -> Option<indicatif::ProgressBar> {
     use std::io::IsTerminal;
-    let bar = (progress && std::io::stderr().is_terminal()).then(|| {
+    (progress && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(ckpt.arch.spec.num_layers as u64);
         bar.set_style(
             indicatif::ProgressStyle::with_template(
@@ -387,7 +390,17 @@ pub fn load_weights(
         );
         bar.set_message(ckpt.source.describe());
         bar
-    });
+    })
+}
+
+/// Loads the decoder weights into host memory (the CPU engine), with a progress bar over
+/// layers when asked and on a terminal.
+pub fn load_weights(
+    ckpt: &Checkpoint,
+    format: WeightFormat,
+    progress: bool,
+) -> crate::Result<DecoderWeights> {
+    let bar = layer_progress(ckpt, progress);
     let weights = DecoderWeights::load(ckpt.source.as_ref(), &ckpt.arch, format, |_| {
         if let Some(b) = &bar {
             b.inc(1);

@@ -94,40 +94,16 @@ impl DecoderWeights {
         format: WeightFormat,
         mut on_layer: impl FnMut(usize),
     ) -> Result<DecoderWeights, LoadError> {
-        let spec = &arch.spec;
-        let l = Loader { src, arch, format };
-        let h = spec.hidden_size;
-        let embedding = l.matrix(
-            &[l.global(GlobalTensor::TokenEmbedding)?],
-            &[spec.vocab_size],
-            h,
-        )?;
-        let position_embedding = match spec.pos {
-            PosEmbedding::Learned { num_positions } => Some(l.vector(
-                &l.global(GlobalTensor::PositionEmbedding)?,
-                num_positions * h,
-            )?),
-            _ => None,
-        };
-        let embedding_norm = if spec.embedding_norm {
-            Some(l.norm_global(GlobalTensor::EmbeddingNorm, GlobalTensor::EmbeddingNormBias)?)
-        } else {
-            None
-        };
-        let final_norm = l.norm_global(GlobalTensor::FinalNorm, GlobalTensor::FinalNormBias)?;
-        let lm_head = if spec.tie_embeddings {
-            None
-        } else {
-            Some(l.matrix(&[l.global(GlobalTensor::LmHead)?], &[spec.vocab_size], h)?)
-        };
-        let lm_head_bias = if spec.biases.lm_head {
-            Some(l.vector(&l.global(GlobalTensor::LmHeadBias)?, spec.vocab_size)?)
-        } else {
-            None
-        };
-        let mut layers = Vec::with_capacity(spec.num_layers);
-        for i in 0..spec.num_layers {
-            layers.push(l.layer(i)?);
+        let r = WeightReader::new(src, arch, format);
+        let embedding = r.embedding()?;
+        let position_embedding = r.position_embedding()?;
+        let embedding_norm = r.embedding_norm()?;
+        let final_norm = r.final_norm()?;
+        let lm_head = r.lm_head()?;
+        let lm_head_bias = r.lm_head_bias()?;
+        let mut layers = Vec::with_capacity(arch.spec.num_layers);
+        for i in 0..arch.spec.num_layers {
+            layers.push(r.layer(i)?);
             on_layer(i);
         }
         Ok(DecoderWeights {
@@ -139,6 +115,91 @@ impl DecoderWeights {
             lm_head_bias,
             layers,
         })
+    }
+}
+
+/// Reads the decoder's weights one piece at a time, each checked against the spec, so that a
+/// consumer that converts and drops each piece (the GPU upload) never holds more than one
+/// tensor (or one layer) on the host. `DecoderWeights::load` reads them all.
+pub struct WeightReader<'a> {
+    l: Loader<'a>,
+}
+
+impl<'a> WeightReader<'a> {
+    pub fn new(src: &'a dyn TensorSource, arch: &'a ArchInfo, format: WeightFormat) -> Self {
+        WeightReader {
+            l: Loader { src, arch, format },
+        }
+    }
+
+    /// [vocab, hidden]; also the LM head when embeddings are tied.
+    pub fn embedding(&self) -> Result<Weight, LoadError> {
+        let (l, spec) = (&self.l, self.l.spec());
+        l.matrix(
+            &[l.global(GlobalTensor::TokenEmbedding)?],
+            &[spec.vocab_size],
+            spec.hidden_size,
+        )
+    }
+
+    /// [num_positions, hidden] for learned positions (GPT-2), else None.
+    pub fn position_embedding(&self) -> Result<Option<Vec<f32>>, LoadError> {
+        let (l, spec) = (&self.l, self.l.spec());
+        match spec.pos {
+            PosEmbedding::Learned { num_positions } => Ok(Some(l.vector(
+                &l.global(GlobalTensor::PositionEmbedding)?,
+                num_positions * spec.hidden_size,
+            )?)),
+            _ => Ok(None),
+        }
+    }
+
+    pub fn embedding_norm(&self) -> Result<Option<NormWeights>, LoadError> {
+        match self.l.spec().embedding_norm {
+            true => Ok(Some(self.l.norm_global(
+                GlobalTensor::EmbeddingNorm,
+                GlobalTensor::EmbeddingNormBias,
+            )?)),
+            false => Ok(None),
+        }
+    }
+
+    pub fn final_norm(&self) -> Result<NormWeights, LoadError> {
+        self.l
+            .norm_global(GlobalTensor::FinalNorm, GlobalTensor::FinalNormBias)
+    }
+
+    /// [vocab, hidden]; None when tied to the embedding.
+    pub fn lm_head(&self) -> Result<Option<Weight>, LoadError> {
+        let (l, spec) = (&self.l, self.l.spec());
+        match spec.tie_embeddings {
+            true => Ok(None),
+            false => Ok(Some(l.matrix(
+                &[l.global(GlobalTensor::LmHead)?],
+                &[spec.vocab_size],
+                spec.hidden_size,
+            )?)),
+        }
+    }
+
+    /// [vocab] when the spec has an LM head bias.
+    pub fn lm_head_bias(&self) -> Result<Option<Vec<f32>>, LoadError> {
+        let (l, spec) = (&self.l, self.l.spec());
+        match spec.biases.lm_head {
+            true => Ok(Some(
+                l.vector(&l.global(GlobalTensor::LmHeadBias)?, spec.vocab_size)?,
+            )),
+            false => Ok(None),
+        }
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.l.spec().num_layers
+    }
+
+    /// Layer `i`'s weights.
+    pub fn layer(&self, i: usize) -> Result<LayerWeights, LoadError> {
+        self.l.layer(i)
     }
 }
 

@@ -66,47 +66,40 @@ use crate::cuda::ops::{self, KvCacheShape, RotaryLayout};
 use crate::cuda::sampling::{GpuSampler, RowSampling, SampleBatch};
 use crate::cuda::{CudaDevice, DeviceBuffer, DeviceGraph, FloatElem, Gemm, KernelId};
 use crate::dtype::DType;
+use crate::model::Checkpoint;
 use crate::model::DecoderSpec;
 use crate::model::decoder::Act;
 use crate::model::decoder::{Decoder, Tap};
-use crate::model::weights::DecoderWeights;
+use crate::model::weights::WeightReader;
+use crate::ops::linear::WeightFormat;
 use crate::request::SamplingParams;
 use crate::sampling::{Penalties, Rng, Sampled};
 use crate::scheduler::SchedulePlan;
 use kv::{max_blocks_per_seq, step_capacity};
 use pack::StepLayout;
 use profile::{Profile, SAMPLE_WALL_OP};
-use weights::{
-    DeviceLayer, DeviceWeights, LayerKv, upload_f32, upload_layer, upload_norm, upload_weight,
-};
+use weights::{DeviceLayer, DeviceWeights, LayerKv};
 use workspace::Workspace;
 
-/// A CUDA executor as `open` returns it, with what its construction decided (for the load log).
+/// A CUDA executor as `open_with` returns it, with what its construction decided (for the load
+/// log).
 pub struct OpenedExecutor {
     pub executor: Box<dyn Executor>,
     pub plan: KvCachePlan,
     /// None when the warm-up was turned off (`CudaExecOptions::warm_up`).
     pub warm_up: Option<WarmUpReport>,
+    /// Device bytes of the uploaded weights.
+    pub weight_bytes: usize,
 }
 
-/// Opens a CUDA executor on `dev` for `dtype`: uploads `weights`, sizes and allocates the KV
-/// cache, then warms it up (`CudaExecutor::warm_up`). Options from the environment
-/// (`CudaExecOptions::from_env`).
-pub fn open(
-    dev: CudaDevice,
-    spec: DecoderSpec,
-    weights: DecoderWeights,
-    dtype: DType,
-    kv: &KvCacheConfig,
-) -> crate::Result<OpenedExecutor> {
-    open_with(dev, spec, weights, dtype, kv, &CudaExecOptions::from_env())
-}
-
-/// `open` with explicit options.
+/// Opens a CUDA executor on `dev` for `dtype`: reads the checkpoint's weights one tensor at a
+/// time, each converted to `dtype` and uploaded before the next is read (`on_layer(i)` after
+/// each layer, for progress), sizes and allocates the KV cache, then warms it up
+/// (`CudaExecutor::warm_up`).
 pub fn open_with(
     dev: CudaDevice,
-    spec: DecoderSpec,
-    weights: DecoderWeights,
+    ckpt: &Checkpoint,
+    on_layer: &mut dyn FnMut(usize),
     dtype: DType,
     kv: &KvCacheConfig,
     opts: &CudaExecOptions,
@@ -119,23 +112,28 @@ pub fn open_with(
         if let Some(dir) = &opts.dump_intermediates {
             e.set_dumper(Dumper::new(dir)?);
         }
+        let weight_bytes = e.w.size_in_bytes();
         Ok(OpenedExecutor {
             executor: Box::new(e),
             plan,
             warm_up,
+            weight_bytes,
         })
     }
+    // Reads f32 (GGUF blocks dequantized); the upload converts to `dtype`.
+    let reader = WeightReader::new(ckpt.source.as_ref(), &ckpt.arch, WeightFormat::F32);
+    let spec = ckpt.arch.spec.clone();
     match dtype {
         DType::F32 => finish(
-            CudaExecutor::<f32>::new(dev, spec, weights, kv, opts)?,
+            CudaExecutor::<f32>::new(dev, spec, &reader, on_layer, kv, opts)?,
             opts,
         ),
         DType::BF16 => finish(
-            CudaExecutor::<bf16>::new(dev, spec, weights, kv, opts)?,
+            CudaExecutor::<bf16>::new(dev, spec, &reader, on_layer, kv, opts)?,
             opts,
         ),
         DType::F16 => finish(
-            CudaExecutor::<f16>::new(dev, spec, weights, kv, opts)?,
+            CudaExecutor::<f16>::new(dev, spec, &reader, on_layer, kv, opts)?,
             opts,
         ),
     }
@@ -219,7 +217,8 @@ impl<T: FloatElem> CudaExecutor<T> {
     pub fn new(
         dev: CudaDevice,
         spec: DecoderSpec,
-        weights: DecoderWeights,
+        reader: &WeightReader<'_>,
+        on_layer: &mut dyn FnMut(usize),
         kv_cfg: &KvCacheConfig,
         opts: &CudaExecOptions,
     ) -> crate::Result<(Self, KvCachePlan)> {
@@ -244,37 +243,7 @@ impl<T: FloatElem> CudaExecutor<T> {
             KernelId::Elementwise,
         ])?;
         let gemm = Gemm::new(&dev)?;
-        let w = DeviceWeights {
-            embedding: upload_weight(&dev, &weights.embedding, "embedding")?,
-            position_embedding: weights
-                .position_embedding
-                .as_deref()
-                .map(|p| upload_f32(&dev, p))
-                .transpose()?,
-            embedding_norm: weights
-                .embedding_norm
-                .as_ref()
-                .map(|n| upload_norm(&dev, n))
-                .transpose()?,
-            final_norm: upload_norm(&dev, &weights.final_norm)?,
-            lm_head: weights
-                .lm_head
-                .as_ref()
-                .map(|l| upload_weight(&dev, l, "lm_head"))
-                .transpose()?,
-            lm_head_bias: weights
-                .lm_head_bias
-                .as_deref()
-                .map(|b| upload_f32(&dev, b))
-                .transpose()?,
-            layers: weights
-                .layers
-                .iter()
-                .enumerate()
-                .map(|(i, l)| upload_layer(&dev, l, i))
-                .collect::<crate::Result<_>>()?,
-        };
-        drop(weights);
+        let w = DeviceWeights::upload(&dev, reader, on_layer)?;
         let inv_freq = match spec.rope() {
             Some(rope) => Some(dev.upload(&rope.inv_freqs())?),
             None => None,

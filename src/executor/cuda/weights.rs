@@ -3,7 +3,7 @@
 
 use super::device_err;
 use crate::cuda::{CudaDevice, DeviceBuffer, FloatElem};
-use crate::model::weights::{LayerWeights, NormWeights};
+use crate::model::weights::{LayerWeights, NormWeights, WeightReader};
 use crate::ops::linear::Weight;
 
 pub(super) struct DeviceNorm<T> {
@@ -160,4 +160,76 @@ pub(super) fn upload_layer<T: FloatElem>(
             &format!("layer {idx} down"),
         )?,
     })
+}
+
+impl<T: FloatElem> DeviceWeights<T> {
+    /// Reads the weights one tensor at a time from `r` and uploads each, converted to `T`,
+    /// before reading the next: the host holds at most one layer (or one global tensor) in f32
+    /// at a time, never the whole model. `on_layer(i)` runs after layer i is on the device.
+    pub(super) fn upload(
+        dev: &CudaDevice,
+        r: &WeightReader<'_>,
+        on_layer: &mut dyn FnMut(usize),
+    ) -> crate::Result<Self> {
+        let embedding = upload_weight(dev, &r.embedding()?, "embedding")?;
+        let position_embedding = match r.position_embedding()? {
+            Some(p) => Some(upload_f32(dev, &p)?),
+            None => None,
+        };
+        let embedding_norm = match r.embedding_norm()? {
+            Some(n) => Some(upload_norm(dev, &n)?),
+            None => None,
+        };
+        let final_norm = upload_norm(dev, &r.final_norm()?)?;
+        let lm_head = match r.lm_head()? {
+            Some(l) => Some(upload_weight(dev, &l, "lm_head")?),
+            None => None,
+        };
+        let lm_head_bias = match r.lm_head_bias()? {
+            Some(b) => Some(upload_f32(dev, &b)?),
+            None => None,
+        };
+        let num_layers = r.num_layers();
+        let mut layers = Vec::with_capacity(num_layers);
+        for i in 0..num_layers {
+            layers.push(upload_layer(dev, &r.layer(i)?, i)?);
+            on_layer(i);
+        }
+        Ok(DeviceWeights {
+            embedding,
+            position_embedding,
+            embedding_norm,
+            final_norm,
+            lm_head,
+            lm_head_bias,
+            layers,
+        })
+    }
+
+    /// Device bytes of every weight.
+    pub(super) fn size_in_bytes(&self) -> usize {
+        let b = |x: &DeviceBuffer<T>| x.len() * std::mem::size_of::<T>();
+        let ob = |x: &Option<DeviceBuffer<T>>| x.as_ref().map_or(0, b);
+        let norm = |n: &DeviceNorm<T>| b(&n.weight) + ob(&n.bias);
+        let linear = |l: &DeviceLinear<T>| b(&l.w) + ob(&l.bias);
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                norm(&l.attn_norm)
+                    + l.mlp_norm.as_ref().map_or(0, norm)
+                    + linear(&l.qkv)
+                    + linear(&l.attn_out)
+                    + linear(&l.gate_up)
+                    + linear(&l.down)
+            })
+            .sum();
+        b(&self.embedding)
+            + ob(&self.position_embedding)
+            + self.embedding_norm.as_ref().map_or(0, norm)
+            + norm(&self.final_norm)
+            + ob(&self.lm_head)
+            + ob(&self.lm_head_bias)
+            + layers
+    }
 }

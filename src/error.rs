@@ -2,6 +2,7 @@
 //! knows (file, tensor, field, value); `Error` wraps them so callers can use `?` across layers.
 
 use crate::cuda::CudaError;
+use crate::executor::batch::ExecutorError;
 use crate::loader::LoadError;
 use crate::model::ModelError;
 use crate::request::RequestError;
@@ -22,6 +23,8 @@ pub enum Error {
     Schedule(#[from] ScheduleError),
     #[error(transparent)]
     Cuda(#[from] CudaError),
+    #[error(transparent)]
+    Executor(#[from] ExecutorError),
     #[error("device error: {0}")]
     Device(String),
     #[error("engine error: {0}")]

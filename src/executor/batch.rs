@@ -62,12 +62,6 @@ pub enum ExecutorError {
     Device(String),
 }
 
-impl From<ExecutorError> for crate::Error {
-    fn from(e: ExecutorError) -> Self {
-        crate::Error::Device(e.to_string())
-    }
-}
-
 /// What a plan is checked against.
 #[derive(Debug, Clone, Copy)]
 pub struct StepLimits {

@@ -52,7 +52,7 @@ impl CpuExecutor {
             .num_threads(num_threads)
             .thread_name(|i| format!("ferrum-cpu-{i}"))
             .build()
-            .map_err(|e| crate::Error::Device(format!("cannot start the CPU thread pool: {e}")))?;
+            .map_err(|e| ExecutorError::Device(format!("cannot start the CPU thread pool: {e}")))?;
         Ok(CpuExecutor {
             rope: spec.rope().map(|r| (r.inv_freqs(), r.style)),
             alibi_slopes: spec.alibi_slopes(),

@@ -52,7 +52,8 @@ impl Dumper {
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> crate::Error {
-    crate::Error::Device(format!("dumping intermediates to {}: {e}", path.display()))
+    super::batch::ExecutorError::Device(format!("dumping intermediates to {}: {e}", path.display()))
+        .into()
 }
 
 /// The bytes of a version-1.0 `.npy` file of a `[rows, cols]` little-endian f32 array.

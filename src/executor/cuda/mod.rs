@@ -499,7 +499,7 @@ impl<T: FloatElem> CudaExecutor<T> {
 }
 
 pub(super) fn device_err(what: String) -> crate::Error {
-    crate::Error::Device(what)
+    super::batch::ExecutorError::Device(what).into()
 }
 
 /// Downloads one tapped buffer and writes it (`--dump-intermediates`; eager steps only).

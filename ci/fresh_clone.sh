@@ -16,6 +16,14 @@
 # --keep leaves the clone (default: removed on success); --source defaults to this checkout.
 set -euo pipefail
 SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# bash reads a script as it runs: run from a private copy, so that editing (or checking out)
+# this file during the long run cannot change what the rest of the run executes.
+if [ -z "${FERRUM_FRESH_COPY:-}" ]; then
+    copy="$(mktemp /tmp/fresh_clone.XXXXXX.sh)"
+    cp "${BASH_SOURCE[0]}" "$copy"
+    FERRUM_FRESH_COPY="$copy" FERRUM_FRESH_SRC="$SRC" exec bash "$copy" "$@"
+fi
+SRC="${FERRUM_FRESH_SRC:-$SRC}"
 DIR=""
 KEEP=0
 while [ $# -gt 0 ]; do

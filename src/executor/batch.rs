@@ -62,6 +62,21 @@ pub enum ExecutorError {
     Device(String),
 }
 
+impl ExecutorError {
+    /// Two buffers of one op that must be distinct are the same.
+    pub fn aliased(
+        op: &'static str,
+        a: crate::model::decoder::Act,
+        b: crate::model::decoder::Act,
+    ) -> Self {
+        ExecutorError::Aliased {
+            op,
+            a: a.name(),
+            b: b.name(),
+        }
+    }
+}
+
 /// What a plan is checked against.
 #[derive(Debug, Clone, Copy)]
 pub struct StepLimits {

@@ -187,7 +187,7 @@ impl<'a> CpuStep<'a> {
     ) -> crate::Result<(&mut [f32], &[f32])> {
         match self.acts.get_disjoint_mut([out.idx(), x.idx()]) {
             Ok([o, i]) => Ok((o, i)),
-            Err(_) => Err(aliased(op, out, x)),
+            Err(_) => Err(ExecutorError::aliased(op, out, x).into()),
         }
     }
 
@@ -218,15 +218,6 @@ impl<'a> CpuStep<'a> {
             .into()
         })
     }
-}
-
-fn aliased(op: &'static str, a: Act, b: Act) -> crate::Error {
-    ExecutorError::Aliased {
-        op,
-        a: a.name(),
-        b: b.name(),
-    }
-    .into()
 }
 
 fn add_into(x: &mut [f32], y: &[f32]) {
@@ -266,7 +257,7 @@ impl DecoderBackend for CpuStep<'_> {
                 let [o, i, r] = self
                     .acts
                     .get_disjoint_mut([out.idx(), x.idx(), res.idx()])
-                    .map_err(|_| aliased("norm", out, res))?;
+                    .map_err(|_| crate::Error::from(ExecutorError::aliased("norm", out, res)))?;
                 add_into(r, i);
                 norm::norm_rows(kind, r, &n.weight, n.bias.as_deref(), o);
             }
@@ -334,7 +325,7 @@ impl DecoderBackend for CpuStep<'_> {
         let [o, i] = self
             .acts
             .get_disjoint_mut([out.idx(), qkv.idx()])
-            .map_err(|_| aliased("attention", out, qkv))?;
+            .map_err(|_| crate::Error::from(ExecutorError::aliased("attention", out, qkv)))?;
         paged_attention(o, i, qkv_dim, cache, self.seqs, &self.attn);
         Ok(())
     }
@@ -346,7 +337,7 @@ impl DecoderBackend for CpuStep<'_> {
         let [o, i] = self
             .acts
             .get_disjoint_mut([out.idx(), x.idx()])
-            .map_err(|_| aliased("mlp", out, x))?;
+            .map_err(|_| crate::Error::from(ExecutorError::aliased("mlp", out, x)))?;
         let m = i.len() / lw.gate_up.cols();
         linear(i, m, &lw.gate_up, lw.gate_up_bias.as_deref(), gate_up);
         match ffn {

@@ -116,15 +116,6 @@ impl<T: FloatElem> CudaExecutor<T> {
     }
 }
 
-fn aliased(op: &'static str, a: Act, b: Act) -> crate::Error {
-    ExecutorError::Aliased {
-        op,
-        a: a.name(),
-        b: b.name(),
-    }
-    .into()
-}
-
 impl<'a, T: FloatElem> CudaStep<'a, T> {
     /// (out, x): two distinct step buffers.
     fn out_in(
@@ -135,7 +126,7 @@ impl<'a, T: FloatElem> CudaStep<'a, T> {
     ) -> crate::Result<(&mut DeviceBuffer<T>, &DeviceBuffer<T>)> {
         match self.ws.acts.get_disjoint_mut([out.idx(), x.idx()]) {
             Ok([o, i]) => Ok((o, i)),
-            Err(_) => Err(aliased(op, out, x)),
+            Err(_) => Err(ExecutorError::aliased(op, out, x).into()),
         }
     }
 
@@ -190,7 +181,7 @@ impl<T: FloatElem> DecoderBackend for CudaStep<'_, T> {
                     .ws
                     .acts
                     .get_disjoint_mut([out.idx(), x.idx(), res.idx()])
-                    .map_err(|_| aliased("norm", out, res))?;
+                    .map_err(|_| crate::Error::from(ExecutorError::aliased("norm", out, res)))?;
                 ops::norm(dev, kind, o, i, Some(r), &n.weight, n.bias.as_ref())?;
             }
             None => {
@@ -282,7 +273,7 @@ impl<T: FloatElem> DecoderBackend for CudaStep<'_, T> {
         let [attn, qkv_buf] = ws
             .acts
             .get_disjoint_mut([out.idx(), qkv.idx()])
-            .map_err(|_| aliased("attention", out, qkv))?;
+            .map_err(|_| crate::Error::from(ExecutorError::aliased("attention", out, qkv)))?;
         let (m, d) = (layout.num_tokens, layout.num_decode);
         if d > 0 {
             // The decode kernels see the decode rows only: a prefix of the batch.
@@ -369,7 +360,7 @@ impl<T: FloatElem> DecoderBackend for CudaStep<'_, T> {
         let [o, i] = ws
             .acts
             .get_disjoint_mut([out.idx(), x.idx()])
-            .map_err(|_| aliased("mlp", out, x))?;
+            .map_err(|_| crate::Error::from(ExecutorError::aliased("mlp", out, x)))?;
         match ffn {
             FfnAct::Gated(act) if gated_gemv_applies(T::DTYPE, m, k) => {
                 // Decode-sized batches: gate_up and the activation in one kernel.
@@ -410,7 +401,7 @@ impl<T: FloatElem> DecoderBackend for CudaStep<'_, T> {
                     .ws
                     .acts
                     .get_disjoint_mut([x.idx(), a.idx(), b.idx()])
-                    .map_err(|_| aliased("add", a, b))?;
+                    .map_err(|_| crate::Error::from(ExecutorError::aliased("add", a, b)))?;
                 elementwise::add(dev, xs, av, Some(bv))?;
             }
             None => {
@@ -428,7 +419,7 @@ impl<T: FloatElem> DecoderBackend for CudaStep<'_, T> {
         let [o, i] = ws
             .acts
             .get_disjoint_mut([out.idx(), x.idx()])
-            .map_err(|_| aliased("gather_rows", out, x))?;
+            .map_err(|_| crate::Error::from(ExecutorError::aliased("gather_rows", out, x)))?;
         elementwise::gather_rows(dev, o, i, &ws.logits_rows, h)?;
         Ok(())
     }

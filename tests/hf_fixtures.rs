@@ -214,3 +214,46 @@ fn gguf_mpt_alibi_matches_transformers() {
     check_model_at(&gguf("mpt.gguf"), "mpt", WeightFormat::F32, LOGPROB_TOL);
     check_last_logits_at(&gguf("mpt.gguf"), "mpt");
 }
+
+/// A plan whose block table does not cover its chunk is an error naming the sequence and the
+/// numbers, not an out-of-bounds panic of the CPU executor (it used to index the short table).
+#[test]
+fn cpu_executor_refuses_a_short_block_table() {
+    let path = fixtures().join("models").join("llama_gqa_llama3");
+    let ckpt = Checkpoint::open(&path, None).unwrap();
+    let weights =
+        triton_ferrum::engine::options::load_weights(&ckpt, WeightFormat::F32, false).unwrap();
+    let mut exec = CpuExecutor::new(ckpt.arch.spec.clone(), weights, 8, 4, 1).unwrap();
+    let plan = SchedulePlan {
+        seqs: vec![ScheduledSeq {
+            seq_id: SeqId(7),
+            token_ids: vec![1, 2, 3, 4, 5, 6],
+            start_pos: 0,
+            block_table: vec![BlockId(0)],
+            sample: true,
+        }],
+        preempted: vec![],
+        num_batched_tokens: 6,
+    };
+    let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| exec.execute(&plan)))
+        .expect("the executor panicked on a bad plan")
+        .err()
+        .expect("a short block table must be an error")
+        .to_string();
+    assert_eq!(
+        err,
+        "sequence 7: block table of 1 blocks of 4 does not cover positions up to 6"
+    );
+    // The executor is still usable afterwards.
+    let ok = SchedulePlan {
+        seqs: vec![ScheduledSeq {
+            block_table: vec![BlockId(0), BlockId(1)],
+            ..plan.seqs[0].clone()
+        }],
+        ..plan
+    };
+    assert_eq!(
+        exec.execute(&ok).unwrap().data.len(),
+        ckpt.arch.spec.vocab_size
+    );
+}

@@ -15,24 +15,43 @@ use crate::ops::linear::WeightFormat;
 use crate::request::SamplingParams;
 use crate::scheduler::SchedulerPolicy;
 
+/// Why a model's `parameters` were rejected at load; each variant names the key and, where there
+/// is one, the offending value.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ConfigError {
+    /// The `parameters` map failed to deserialize (an unknown key, which serde names together with
+    /// the list of known keys); holds serde's message.
     #[error("invalid model configuration parameters: {0}")]
     Parameters(String),
+    /// A parameter was given without a `string_value` (e.g. as `int_value`).
     #[error("parameter '{key}' must have a string_value in config.pbtxt")]
-    NotAString { key: String },
+    NotAString {
+        /// The parameter's key as written in config.pbtxt.
+        key: String,
+    },
+    /// A key's value does not parse or is out of range.
     #[error("invalid value for parameter '{key}': '{value}' ({expected})")]
     InvalidValue {
+        /// The parameter key (for the `default_*` sampling keys, the config key, not the request
+        /// field).
         key: &'static str,
+        /// The value as written.
         value: String,
+        /// What is allowed, e.g. "must be an integer in [1, 4096]".
         expected: String,
     },
+    /// A `model_path`/`tokenizer_path` resolved to no existing file or folder.
     #[error("parameter '{key}' = '{value}': no such file or folder (looked at {tried})")]
     PathNotFound {
+        /// `model_path` or `tokenizer_path`.
         key: &'static str,
+        /// The path as written.
         value: String,
+        /// The candidate paths that were checked, comma-separated (version folder first, then model
+        /// folder).
         tried: String,
     },
+    /// The model configuration Triton passed is not valid JSON; holds serde_json's message.
     #[error("the model configuration is not valid JSON: {0}")]
     Json(String),
 }
@@ -111,9 +130,17 @@ pub const PARAMETER_KEYS: &[&str] = &[
 /// Defaults applied to a request field the request leaves out.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RequestDefaults {
+    /// `max_tokens` of a request that sends none (`default_max_tokens`, 1..=2^20; default 128).
     pub max_tokens: usize,
+    /// Sampling parameters of a request that sends none of its own (`default_temperature`,
+    /// `default_top_k`, `default_top_p`, `default_min_p`, `default_repetition_penalty`), validated
+    /// like request values.
     pub sampling: SamplingParams,
+    /// Whether non-streaming outputs leave out the prompt when the request does not say
+    /// (`exclude_input_in_output`; default false, as tensorrtllm_backend).
     pub exclude_input_in_output: bool,
+    /// Whether `text_input` is formatted with the model's chat template as one user message when
+    /// the request does not say (`apply_chat_template`; default false).
     pub apply_chat_template: bool,
 }
 
@@ -122,20 +149,35 @@ pub struct RequestDefaults {
 pub struct BackendConfig {
     /// Resolved path of the checkpoint (.gguf file, folder with one .gguf, or HF folder).
     pub model_path: PathBuf,
+    /// A folder with `tokenizer.json` to use instead of the checkpoint's own tokenizer, resolved
+    /// like `model_path`; None: the checkpoint's.
     pub tokenizer_path: Option<PathBuf>,
+    /// Where the engine runs: `auto` (GPU 0 when CUDA opens, else CPU), `cpu`, `cuda` or `cuda:N`.
     pub device: Device,
+    /// GPU ordinals from `gpu_device_ids`; the first picks the ordinal for a plain `cuda`. Empty
+    /// with `cpu`.
     pub gpu_device_ids: Vec<usize>,
     /// None: q8 for GGUF, f32 for Hugging Face checkpoints.
     pub weight_format: Option<WeightFormat>,
     /// GPU engine dtype; None (`auto`): bf16 on the GPU, f32 on the CPU.
     pub dtype: Option<DType>,
+    /// Most sequences in flight, batched per step (1..=4096; default 64).
     pub max_num_seqs: usize,
+    /// Token budget of one engine step, prefill chunks plus decode tokens (1..=2^20; default 2048).
     pub max_num_batched_tokens: usize,
+    /// KV cache capacity in tokens, rounded up to whole blocks; None: 1 GiB worth on the CPU, the
+    /// memory fraction's capacity on the GPU (where the smaller of the two wins when both are set).
     pub max_tokens_in_paged_kv_cache: Option<usize>,
+    /// GPU: fraction in (0, 1] of the memory free after loading the weights (less an activation
+    /// workspace) that the KV cache takes; None: the engine's default (0.9).
     pub kv_cache_free_gpu_mem_fraction: Option<f32>,
+    /// Tokens per KV cache block: a power of two in [1, 256] (default 16).
     pub block_size: usize,
+    /// Longest prompt + output in tokens (2..=2^20); None: the model's own limit, capped at 8192.
     pub max_model_len: Option<usize>,
+    /// Split long prompts across engine steps (chunked prefill; default true).
     pub enable_chunked_context: bool,
+    /// Admission policy for waiting requests (`max_utilization` or `guaranteed_no_evict`).
     pub batch_scheduler_policy: SchedulerPolicy,
     /// Reuse the KV cache of prompt prefixes computed before (default false, as in
     /// tensorrtllm_backend).
@@ -144,23 +186,32 @@ pub struct BackendConfig {
     pub cuda_graph_mode: bool,
     /// GPU: compile kernels, time GEMM shapes and capture graphs at load.
     pub cuda_warmup: bool,
+    /// What a request gets for the fields it leaves out.
     pub defaults: RequestDefaults,
 }
 
 /// The Triton-level facts of a model configuration the backend needs besides `parameters`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfigInfo {
+    /// Triton's `max_batch_size` (0 when absent): greater than 0 means requests carry a leading
+    /// batch dimension.
     pub max_batch_size: usize,
+    /// Whether `model_transaction_policy { decoupled: true }` is set, i.e. a request may get many
+    /// responses.
     pub decoupled: bool,
 }
 
 /// Where the model lives: `model_dir` holds config.pbtxt, `version_dir` is `model_dir/<version>`.
 #[derive(Debug, Clone)]
 pub struct ModelLocation {
+    /// The model's folder in the repository, where config.pbtxt lives.
     pub model_dir: PathBuf,
+    /// `model_dir/<version>`: the folder relative `model_path`/`tokenizer_path` values are tried in
+    /// first.
     pub version_dir: PathBuf,
 }
 
+/// `max_tokens` of a request that sends none, unless `default_max_tokens` says otherwise.
 pub const DEFAULT_MAX_TOKENS: usize = 128;
 
 impl BackendConfig {
@@ -426,6 +477,8 @@ impl BackendConfig {
 }
 
 impl ModelConfigInfo {
+    /// Reads `max_batch_size` and the decoupled transaction policy from the model configuration
+    /// JSON; missing keys mean 0 and not decoupled.
     pub fn from_model_config(config: &serde_json::Value) -> Self {
         ModelConfigInfo {
             max_batch_size: config

@@ -6,12 +6,16 @@ use std::fmt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DType {
+    /// IEEE single precision, 4 bytes.
     F32,
+    /// IEEE half precision, 2 bytes.
     F16,
+    /// bfloat16 (f32's exponent, 8-bit mantissa), 2 bytes.
     BF16,
 }
 
 impl DType {
+    /// Bytes one element takes in memory: 4 for `F32`, 2 for `F16` and `BF16`.
     pub fn size_in_bytes(self) -> usize {
         match self {
             DType::F32 => 4,

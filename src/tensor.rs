@@ -7,13 +7,23 @@
 
 use serde::Serialize;
 
+/// Normalization applied before attention and MLP (and at the end of the decoder); `eps` is
+/// added to the variance before the square root.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Norm {
     /// x / rms(x) * w
-    Rms { eps: f32 },
+    Rms {
+        /// Added to the mean square before the square root.
+        eps: f32,
+    },
     /// (x - mean) / std * w (+ b)
-    Layer { eps: f32, bias: bool },
+    Layer {
+        /// Added to the variance before the square root.
+        eps: f32,
+        /// Whether the norm has a learned bias `b` besides the weight `w`.
+        bias: bool,
+    },
 }
 
 /// How rotary embedding pairs dimensions.
@@ -26,36 +36,47 @@ pub enum RopeStyle {
     GptJ,
 }
 
+/// Element-wise activation of the MLP (applied to the gate projection in a gated MLP).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Activation {
+    /// `x * sigmoid(x)` (SiLU / swish): Llama, Mistral, Qwen.
     Silu,
     /// GELU, tanh approximation (GPT-2 `gelu_new`, `gelu_pytorch_tanh`).
     GeluTanh,
     /// GELU, exact (erf).
     Gelu,
+    /// `max(x, 0)`.
     Relu,
 }
 
 /// Number of weights per block.
 pub const QK: usize = 32;
 
+/// 32 consecutive weights of one row as `w[i] = scale * qs[i] + min`; `min = 0` for the symmetric
+/// 8-bit format, a per-block minimum for GGUF's asymmetric formats (see `ops::quant`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[repr(C)]
 pub struct BlockQ8 {
+    /// Step between quantized levels (multiplies `qs`).
     pub scale: f32,
+    /// Offset added to every dequantized value of the block; 0 for symmetric blocks.
     pub min: f32,
+    /// The 32 quantized values, in [-127, 127] for symmetric blocks.
     pub qs: [i8; QK],
 }
 
 /// A dense f32 tensor in host memory, row-major, shape in PyTorch order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostTensor {
+    /// Dimensions, outermost first; the product equals `data.len()`.
     pub shape: Vec<usize>,
+    /// Elements in row-major order.
     pub data: Vec<f32>,
 }
 
 impl HostTensor {
+    /// Number of elements (product of `shape`).
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
@@ -65,8 +86,12 @@ impl HostTensor {
 /// each block covering 32 consecutive elements of one row (`cols % 32 == 0`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Q8Tensor {
+    /// Output features (one row per output).
     pub rows: usize,
+    /// Input features; a multiple of 32 (`QK`).
     pub cols: usize,
+    /// `rows * cols / 32` blocks, row-major: block `r * cols / 32 + c` holds `row r, cols [32c, 32c
+    /// + 32)`.
     pub blocks: Vec<BlockQ8>,
 }
 
@@ -92,6 +117,8 @@ impl Default for Penalties {
 }
 
 impl Penalties {
+    /// Whether any penalty differs from its neutral value, i.e. whether the sampler must apply
+    /// penalties.
     pub fn is_enabled(&self) -> bool {
         *self != Penalties::default()
     }
@@ -109,6 +136,7 @@ pub struct TokenLogprobs {
 /// The result of one sampling step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sampled {
+    /// The sampled token's id in the model's vocabulary.
     pub token_id: u32,
     /// Present when the request asked for logprobs.
     pub logprobs: Option<TokenLogprobs>,

@@ -60,9 +60,12 @@ pub enum PrefillKernel {
 pub struct PrefillLaunch {
     /// Entry name without the dtype suffix.
     pub op: &'static str,
+    /// Whether the mma.sync tensor-core kernel runs (bf16/f16, head_dim % 8 == 0, `Fast` asked
+    /// for).
     pub tensor_cores: bool,
     /// (query token, head) rows per CTA.
     pub rows_per_cta: usize,
+    /// Dynamic shared memory per CTA in bytes (Q, K and V tiles).
     pub smem_bytes: usize,
 }
 
@@ -107,6 +110,7 @@ pub struct PrefillSeqs<'a> {
     pub context_lens: &'a DeviceBuffer<i32>,
     /// [num_seqs, max_blocks_per_seq] physical block ids.
     pub block_tables: &'a DeviceBuffer<i32>,
+    /// Columns of `block_tables`: the row stride of each sequence's block ids.
     pub max_blocks_per_seq: usize,
     /// The largest q_len of the batch, known to the host; it sizes the grid. Query tokens past
     /// it are not computed.
@@ -337,6 +341,7 @@ pub struct SplitKPlan {
     pub num_splits: usize,
     /// Query heads of one GQA group a CTA serves (divides the group; at most 8).
     pub heads_per_cta: usize,
+    /// Which kernel runs the plan: tensor cores where `splitk_mma_supported`, else SIMT.
     pub kernel: SplitKKernel,
 }
 

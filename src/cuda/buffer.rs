@@ -31,8 +31,11 @@ impl DeviceElem for i64 {}
 
 /// A float type the kernels are instantiated for; `DTYPE` picks the `{op}_{dtype}` entry point.
 pub trait FloatElem: DeviceElem {
+    /// The dtype this type stores; picks the `{op}_{dtype}` kernel entry point.
     const DTYPE: DType;
+    /// Widens to f32 (exact for every implementor).
     fn to_f32(self) -> f32;
+    /// Rounds an f32 to this type (round to nearest even for bf16 and f16).
     fn from_f32(v: f32) -> Self;
 }
 
@@ -87,6 +90,7 @@ impl<T> DeviceBuffer<T> {
         self.len
     }
 
+    /// Whether no element is in use (`len() == 0`); the allocation may still be larger.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -27,11 +27,18 @@ use super::probe::{CudaLibraries, probe};
 /// What a device is, as read when it was opened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceInfo {
+    /// CUDA ordinal of the device (its index among the devices the driver sees).
     pub ordinal: usize,
+    /// The device's name as the driver reports it, e.g. "NVIDIA H100 80GB HBM3".
     pub name: String,
+    /// Compute capability; at least `SmArch::MIN` (sm_80) for an opened device.
     pub arch: SmArch,
+    /// Device memory in bytes.
     pub total_memory_bytes: usize,
+    /// Free device memory in bytes when the device was opened (see `CudaDevice::memory_info` for
+    /// now).
     pub free_memory_bytes: usize,
+    /// Streaming multiprocessors (SMs), for sizing grids.
     pub num_multiprocessors: usize,
 }
 
@@ -72,6 +79,8 @@ impl std::fmt::Debug for DeviceGraph {
     }
 }
 
+/// One opened GPU: its primary context, the single stream every op and copy on it is ordered on,
+/// the libraries probed for it and its cache of compiled kernels. Opened with `CudaDevice::open`.
 pub struct CudaDevice {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -156,18 +165,22 @@ impl CudaDevice {
         })
     }
 
+    /// What the device is, as read when it was opened.
     pub fn info(&self) -> &DeviceInfo {
         &self.info
     }
 
+    /// The CUDA libraries found and version-checked when the device was opened.
     pub fn libraries(&self) -> &CudaLibraries {
         &self.libraries
     }
 
+    /// The device's compute capability (kernels are compiled for it).
     pub fn arch(&self) -> SmArch {
         self.info.arch
     }
 
+    /// CUDA ordinal of the device.
     pub fn ordinal(&self) -> usize {
         self.info.ordinal
     }

@@ -174,8 +174,11 @@ pub fn gated_gemv<T: FloatElem>(
 /// The sizes of one product: y `[m, n]` = x `[m, k]` · W `[n, k]`ᵀ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct GemmShape {
+    /// Rows of x and y (tokens in the step).
     pub m: usize,
+    /// Output features: rows of W, columns of y.
     pub n: usize,
+    /// Input features: columns of x and W (must be > 0).
     pub k: usize,
 }
 
@@ -209,6 +212,7 @@ pub fn gemv_supported(dtype: DType, m: usize, k: usize) -> bool {
 /// How the bias was applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BiasPath {
+    /// The product had no bias.
     None,
     /// cuBLASLt's `EPILOGUE_BIAS`, fused into the product.
     Epilogue,
@@ -219,7 +223,10 @@ pub enum BiasPath {
 /// What ran a product (returned so tests and benchmarks can see the fallbacks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GemmPath {
+    /// `CublasLt` or `Cublas` for the library that ran the product; `Nvrtc` stands for ferrum's own
+    /// gemv kernel (compiled by NVRTC).
     pub library: CudaLibrary,
+    /// Whether and how the bias was added.
     pub bias: BiasPath,
 }
 

@@ -53,6 +53,7 @@ pub enum KernelId {
 }
 
 impl KernelId {
+    /// Every kernel file, for tests that compile all of them and for warm-up lists.
     pub const ALL: [KernelId; 12] = [
         KernelId::Embedding,
         KernelId::Norm,
@@ -68,6 +69,7 @@ impl KernelId {
         KernelId::Gemv,
     ];
 
+    /// The file's name under `kernels/` (what error messages and NVRTC's log call it).
     pub fn file_name(self) -> &'static str {
         match self {
             KernelId::Embedding => "embedding.cu",
@@ -85,6 +87,7 @@ impl KernelId {
         }
     }
 
+    /// The file's CUDA source, embedded at build time (without the prelude `compile` prepends).
     pub fn source(self) -> &'static str {
         match self {
             KernelId::Embedding => include_str!("../../kernels/embedding.cu"),
@@ -175,14 +178,18 @@ pub fn dtype_define(dtype: DType) -> Define {
 /// dtypes whose entry points the module holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DtypeModule {
+    /// The `-D` defines of this compile: none, or `DTYPE=<dtype>` for a `per_dtype` file.
     pub defines: Vec<Define>,
+    /// The dtypes whose `{op}_{dtype}` entry points this module holds.
     pub dtypes: Vec<DType>,
 }
 
 /// A CUDA compute capability, compiled for as the real architecture `sm_{major}{minor}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SmArch {
+    /// Major compute capability, e.g. 9 for sm_90.
     pub major: u32,
+    /// Minor compute capability, e.g. 0 for sm_90.
     pub minor: u32,
 }
 
@@ -208,11 +215,14 @@ impl fmt::Display for SmArch {
 /// A `-D{name}={value}` preprocessor define passed to NVRTC.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Define {
+    /// The macro's name, e.g. `HEAD_DIM`.
     pub name: String,
+    /// The macro's value as written into the source, e.g. `128`.
     pub value: String,
 }
 
 impl Define {
+    /// `-D{name}={value}`, the value formatted with `Display`.
     pub fn new(name: impl Into<String>, value: impl fmt::Display) -> Self {
         Define {
             name: name.into(),
@@ -224,7 +234,9 @@ impl Define {
 /// The output of one NVRTC compilation.
 #[derive(Debug, Clone)]
 pub struct CompiledKernel {
+    /// The source file that was compiled.
     pub kernel: KernelId,
+    /// The real architecture the CUBIN is for.
     pub arch: SmArch,
     /// ELF image for `arch`, loadable with `cuModuleLoadData`.
     pub cubin: Vec<u8>,

@@ -253,13 +253,17 @@ pub fn norm<T: FloatElem>(
 pub struct RotaryLayout {
     /// Elements per token row of the qkv buffer.
     pub row_stride: usize,
+    /// Query heads, contiguous `head_dim` elements each from offset 0 of the row.
     pub num_q_heads: usize,
+    /// Key heads, contiguous from `k_offset` (fewer than `num_q_heads` under GQA/MQA).
     pub num_kv_heads: usize,
     /// Element offset of k head 0 in a row (q head 0 is at 0).
     pub k_offset: usize,
+    /// Elements per head.
     pub head_dim: usize,
     /// Leading dims of each head that rotate (even, <= head_dim).
     pub rotary_dim: usize,
+    /// Which dimensions form a rotation pair (NeoX: i and i + rotary_dim/2; GPT-J: 2i and 2i+1).
     pub style: RopeStyle,
 }
 
@@ -471,17 +475,23 @@ pub fn activation_in_place<T: FloatElem>(
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvCacheShape {
+    /// Physical KV blocks in the layer's cache.
     pub num_blocks: usize,
+    /// Tokens (slots) per block.
     pub block_size: usize,
+    /// Key/value heads stored per token.
     pub num_kv_heads: usize,
+    /// Elements per head.
     pub head_dim: usize,
 }
 
 impl KvCacheShape {
+    /// Elements of one token's K (or V) row: `num_kv_heads * head_dim`.
     pub fn kv_dim(&self) -> usize {
         self.num_kv_heads * self.head_dim
     }
 
+    /// Token slots in the cache: `num_blocks * block_size`.
     pub fn num_slots(&self) -> usize {
         self.num_blocks * self.block_size
     }
@@ -497,7 +507,9 @@ impl KvCacheShape {
 pub struct KvSource {
     /// Elements per token row.
     pub row_stride: usize,
+    /// Element offset of k head 0 within a source row.
     pub k_offset: usize,
+    /// Element offset of v head 0 within a source row.
     pub v_offset: usize,
 }
 
@@ -707,9 +719,14 @@ fn check_kv_write<T: FloatElem>(
 /// Head configuration of decode attention.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DecodeAttention {
+    /// Query heads.
     pub num_heads: usize,
+    /// Key/value heads; divides `num_heads` (query head h reads kv head h / (num_heads /
+    /// num_kv_heads)).
     pub num_kv_heads: usize,
+    /// Elements per head, 1..=`MAX_DECODE_HEAD_DIM`.
     pub head_dim: usize,
+    /// Multiplies q·k before the softmax (usually 1/sqrt(head_dim)).
     pub scale: f32,
     /// Attend only to the last `w` positions (the query's own included).
     pub sliding_window: Option<usize>,
@@ -726,6 +743,7 @@ pub struct PagedKv<'a, T> {
     pub k: &'a DeviceBuffer<T>,
     /// [num_blocks, block_size, num_kv_heads, head_dim]
     pub v: &'a DeviceBuffer<T>,
+    /// Layout of `k` and `v`, each `num_elements()` long.
     pub shape: KvCacheShape,
 }
 
@@ -735,6 +753,7 @@ pub struct BlockTables<'a> {
     /// [num_seqs, max_blocks_per_seq] physical block ids; entries past a sequence's blocks are
     /// ignored.
     pub block_tables: &'a DeviceBuffer<i32>,
+    /// Columns of `block_tables`: the row stride of each sequence's block ids.
     pub max_blocks_per_seq: usize,
     /// [num_seqs]: tokens in the cache for each sequence, this step's token included (its query
     /// sits at position context_len - 1).

@@ -32,10 +32,14 @@ pub const MIN_DRIVER_VERSION: LibraryVersion = LibraryVersion {
 /// Toolkit majors of NVRTC/cuBLAS/cuBLASLt that ferrum's bindings (cudarc `cuda-13000`) accept.
 pub const SUPPORTED_TOOLKIT_MAJORS: [u32; 2] = [12, 13];
 
+/// A library's version as `major.minor.patch`; ordered, so it compares against bounds directly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct LibraryVersion {
+    /// Major version; for the driver, the newest CUDA major it supports.
     pub major: u32,
+    /// Minor version.
     pub minor: u32,
+    /// Patch level (0 where the library reports none: driver and NVRTC).
     pub patch: u32,
 }
 
@@ -48,6 +52,7 @@ impl fmt::Display for LibraryVersion {
 /// One library found on this machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadedLibrary {
+    /// Which of the four libraries this is.
     pub library: CudaLibrary,
     /// The candidate name that loaded (what cudarc will load too), e.g. `libnvrtc.so.13`.
     pub file: String,
@@ -58,9 +63,13 @@ pub struct LoadedLibrary {
 /// Every library the CUDA engine needs, found and version-checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CudaLibraries {
+    /// `libcuda`; its version is the newest CUDA it supports.
     pub driver: LoadedLibrary,
+    /// NVRTC, which compiles `kernels/*.cu` at run time.
     pub nvrtc: LoadedLibrary,
+    /// cuBLAS (bf16/f16/f32 GEMMs).
     pub cublas: LoadedLibrary,
+    /// cuBLASLt (GEMMs with fused bias and tuned algorithms).
     pub cublas_lt: LoadedLibrary,
 }
 

@@ -55,6 +55,8 @@ pub struct RowSampling {
     pub top_p: f32,
     /// 0.0 disables.
     pub min_p: f32,
+    /// Repetition, presence and frequency strengths; when any is on, `SampleBatch::push` needs the
+    /// row's `TokenHistory`.
     pub penalties: Penalties,
     /// Number of top logprobs (<= `MAX_TOP_LOGPROBS`); None: no logprobs for this row.
     pub num_logprobs: Option<usize>,
@@ -93,6 +95,8 @@ pub struct TokenHistory {
 }
 
 impl TokenHistory {
+    /// The history of a request before any output: the distinct ids of `prompt_ids` below
+    /// `vocab_size`, in first-seen order, each with output count 0.
     pub fn new(prompt_ids: &[u32], vocab_size: usize) -> Self {
         let mut history = TokenHistory {
             entries: Vec::new(),
@@ -144,6 +148,7 @@ pub struct SampleBatch {
 }
 
 impl SampleBatch {
+    /// An empty batch (no rows, no allocation).
     pub fn new() -> Self {
         SampleBatch::default()
     }
@@ -158,6 +163,7 @@ impl SampleBatch {
         self.num_rows = 0;
     }
 
+    /// Rows pushed since the last `clear`: one per sampling sequence, in plan order.
     pub fn num_rows(&self) -> usize {
         self.num_rows
     }
@@ -295,6 +301,8 @@ pub struct GpuSampler {
 }
 
 impl GpuSampler {
+    /// A sampler with no device scratch yet; buffers are allocated on the first `sample` and grown
+    /// to the largest step seen.
     pub fn new() -> Self {
         GpuSampler::default()
     }

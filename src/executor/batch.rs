@@ -16,48 +16,96 @@ use crate::scheduler::{SchedulePlan, ScheduledSeq};
 /// Errors of the executors: a plan that does not fit the executor, or a device failure.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecutorError {
+    /// The plan batches more tokens than the executor's buffers hold.
     #[error(
         "plan of {num_tokens} batched tokens exceeds the executor's max_num_batched_tokens {max}"
     )]
-    TooManyTokens { num_tokens: usize, max: usize },
+    TooManyTokens {
+        /// `plan.num_batched_tokens`.
+        num_tokens: usize,
+        /// The executor's `max_num_batched_tokens`.
+        max: usize,
+    },
+    /// The plan has more sequences than the executor serves per step.
     #[error("plan of {num_seqs} sequences exceeds the executor's max_num_seqs {max}")]
-    TooManySeqs { num_seqs: usize, max: usize },
+    TooManySeqs {
+        /// Sequences in the plan.
+        num_seqs: usize,
+        /// The executor's `max_num_seqs`.
+        max: usize,
+    },
+    /// `plan.num_batched_tokens` disagrees with the sum of its chunks' lengths.
     #[error("plan counts {counted} batched tokens but its sequences hold {actual}")]
-    TokenCount { counted: usize, actual: usize },
+    TokenCount {
+        /// What the plan says (`num_batched_tokens`).
+        counted: usize,
+        /// The sum of `token_ids.len()` over its sequences.
+        actual: usize,
+    },
+    /// A sequence's block table does not cover the positions its chunk writes.
     #[error(
         "sequence {seq}: block table of {num_blocks} blocks of {block_size} does not cover positions up to {end}"
     )]
     ShortBlockTable {
+        /// The sequence's id (`SeqId.0`).
         seq: u64,
+        /// Blocks in its table.
         num_blocks: usize,
+        /// Tokens per block.
         block_size: usize,
+        /// One past the last position of the chunk.
         end: usize,
     },
+    /// A sequence reaches past `max_model_len` (more blocks than a table row holds, or a position
+    /// that does not fit an i32).
     #[error(
         "sequence {seq}: {end} tokens exceed max_model_len ({max_blocks} blocks of {block_size})"
     )]
     TooLong {
+        /// The sequence's id (`SeqId.0`).
         seq: u64,
+        /// One past the last position of the chunk.
         end: usize,
+        /// Block-table entries one sequence may have.
         max_blocks: usize,
+        /// Tokens per block.
         block_size: usize,
     },
+    /// A block id in a sequence's table is not a block of the cache.
     #[error("sequence {seq}: block id {block} outside the cache's {num_blocks} blocks")]
     BadBlock {
+        /// The sequence's id (`SeqId.0`).
         seq: u64,
+        /// The offending block id.
         block: u32,
+        /// Blocks in the cache.
         num_blocks: usize,
     },
+    /// A plan entry has no tokens to compute.
     #[error("sequence {seq}: a chunk of no tokens")]
-    EmptyChunk { seq: u64 },
+    EmptyChunk {
+        /// The sequence's id (`SeqId.0`).
+        seq: u64,
+    },
+    /// An op was called with the same activation buffer for two operands that must differ (a bug
+    /// in the forward pass or a backend, caught before any launch).
     #[error("{op}: buffers {a} and {b} are the same buffer")]
     Aliased {
+        /// The op, e.g. `mlp`.
         op: &'static str,
+        /// Name of the first buffer (`Act::name`).
         a: &'static str,
+        /// Name of the second buffer.
         b: &'static str,
     },
+    /// A weight the forward pass asks for was not loaded (a layer index past the model, or a norm
+    /// the spec does not have).
     #[error("{what} is missing from the loaded weights")]
-    MissingWeight { what: String },
+    MissingWeight {
+        /// Which weight, e.g. "layer 40" or "the embedding norm".
+        what: String,
+    },
+    /// A device-side failure (CUDA, thread pool, dump file), as a message.
     #[error("{0}")]
     Device(String),
 }
@@ -80,25 +128,32 @@ impl ExecutorError {
 /// What a plan is checked against.
 #[derive(Debug, Clone, Copy)]
 pub struct StepLimits {
+    /// Tokens per KV cache block.
     pub block_size: usize,
+    /// Blocks in the cache; every block id must be below it.
     pub num_blocks: usize,
     /// Block-table entries one sequence may have (max_model_len / block_size, rounded up).
     pub max_blocks_per_seq: usize,
+    /// Most batched tokens per step (`max_num_batched_tokens`).
     pub max_tokens: usize,
+    /// Most sequences per step (`max_num_seqs`).
     pub max_seqs: usize,
 }
 
 /// The shape of a checked plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PlanShape {
+    /// Query tokens in the step (`plan.num_batched_tokens`).
     pub num_tokens: usize,
     /// Sequences with one query token.
     pub num_decode: usize,
     /// Sequences with more than one.
     pub num_prefill: usize,
+    /// The longest prefill chunk (0 without prefill).
     pub max_q_len: usize,
     /// Longest context of a decode sequence.
     pub max_decode_context: usize,
+    /// Sequences whose chunk reaches their end, so a token is sampled for them.
     pub num_sampling: usize,
 }
 
@@ -192,6 +247,7 @@ pub fn batch_order(plan: &SchedulePlan) -> impl Iterator<Item = &ScheduledSeq> {
 pub struct BatchSeq {
     /// Batch row of the sequence's first query token.
     pub q_start: usize,
+    /// Query tokens of the sequence in this step (1 for a decode row).
     pub q_len: usize,
     /// Tokens in the cache after this step's writes (start_pos + q_len).
     pub context_len: usize,
@@ -202,6 +258,7 @@ pub struct BatchSeq {
 /// A checked plan, flattened (see the module comment for the order).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StepBatch {
+    /// The plan's counts, from `check_plan`.
     pub shape: PlanShape,
     /// [tokens]
     pub token_ids: Vec<u32>,
@@ -275,6 +332,7 @@ impl StepBatch {
         Ok(b)
     }
 
+    /// Query tokens in the batch (rows of the step's activations).
     pub fn num_tokens(&self) -> usize {
         self.token_ids.len()
     }

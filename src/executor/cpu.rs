@@ -17,6 +17,8 @@ use crate::ops::rope::RopeTable;
 use crate::ops::{activation, norm};
 use crate::scheduler::SchedulePlan;
 
+/// The CPU engine: runs the generic decoder over host weights (f32 or 8-bit blocks) and an f32
+/// paged KV cache per layer, inside its own rayon pool; the engine samples its logits on the host.
 pub struct CpuExecutor {
     decoder: Decoder,
     weights: DecoderWeights,

@@ -14,21 +14,31 @@ pub mod dump;
 
 /// Logits of the sampling sequences of one step, in plan order: `[num_rows, vocab_size]`.
 pub struct Logits {
+    /// Columns of each row (the model's vocabulary size).
     pub vocab_size: usize,
+    /// `[num_rows, vocab_size]`, row-major, raw (unprocessed) logits.
     pub data: Vec<f32>,
 }
 
 impl Logits {
+    /// Row `idx` (the plan's idx-th sampling sequence), for in-place sampling. Panics past the last
+    /// row.
     pub fn row_mut(&mut self, idx: usize) -> &mut [f32] {
         &mut self.data[idx * self.vocab_size..(idx + 1) * self.vocab_size]
     }
 }
 
+/// Runs scheduled steps on one device: owns the weights and the KV cache arrays and turns a
+/// `SchedulePlan` into logits (or sampled tokens). The engine thread owns it; implementations
+/// never see requests, only plans.
 pub trait Executor: Send {
     /// Device description for logs, e.g. "cpu (2 threads)".
     fn describe(&self) -> String;
+    /// KV cache blocks the executor allocated (what the scheduler may hand out).
     fn num_kv_blocks(&self) -> usize;
+    /// Tokens per KV cache block.
     fn block_size(&self) -> usize;
+    /// Columns of the logits (`Logits::vocab_size`).
     fn vocab_size(&self) -> usize;
     /// Runs one step. Every scheduled chunk's k/v is written to the cache at its block table's
     /// slots; logits come back for the sequences with `sample == true`, in plan order.

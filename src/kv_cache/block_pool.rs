@@ -55,10 +55,12 @@ impl BlockPool {
         })
     }
 
+    /// Blocks in the pool, free or not (fixed at construction).
     pub fn num_blocks(&self) -> usize {
         self.ref_counts.len()
     }
 
+    /// Blocks on the free list (ref count 0).
     pub fn num_free(&self) -> usize {
         self.free_list.len()
     }

@@ -31,6 +31,9 @@ use super::block_pool::{BlockId, BlockPool};
 use super::prefix_cache::{PrefixCache, ROOT};
 use crate::request::SeqId;
 
+/// Per-sequence block tables over one `BlockPool`, plus the prefix cache when it is on: hands
+/// out blocks (`allocate_slots`), maps token positions to cache slots (`slot`) and frees a
+/// sequence's blocks (`free`). Owned by the scheduler; pure CPU.
 #[derive(Debug, Clone)]
 pub struct KvCacheManager {
     pool: BlockPool,
@@ -57,6 +60,8 @@ struct Registered {
 }
 
 impl KvCacheManager {
+    /// A manager over `num_blocks` blocks of `block_size` token slots each, all free, prefix
+    /// caching off. Fails when `block_size` is 0 or `num_blocks` does not fit a u32 block id.
     pub fn new(num_blocks: usize, block_size: usize) -> Result<Self, KvCacheError> {
         if block_size == 0 {
             return Err(KvCacheError::InvalidConfig {
@@ -82,6 +87,7 @@ impl KvCacheManager {
         self
     }
 
+    /// Whether prefix caching is on (`with_prefix_caching(true)`).
     pub fn prefix_caching(&self) -> bool {
         self.prefix.is_some()
     }
@@ -96,10 +102,12 @@ impl KvCacheManager {
         self.prefix.as_ref().map_or(0, |p| p.cache.num_evictable())
     }
 
+    /// Token positions per block.
     pub fn block_size(&self) -> usize {
         self.block_size
     }
 
+    /// Blocks in the pool (the cache's capacity is `num_blocks() * block_size()` tokens).
     pub fn num_blocks(&self) -> usize {
         self.pool.num_blocks()
     }
@@ -290,6 +298,7 @@ impl KvCacheManager {
             .map(|(&seq_id, t)| (seq_id, t.as_slice()))
     }
 
+    /// The underlying pool, for statistics and invariant checks.
     pub fn pool(&self) -> &BlockPool {
         &self.pool
     }

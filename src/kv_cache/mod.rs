@@ -12,21 +12,41 @@ pub mod prefix_cache;
 pub use block_pool::{BlockId, BlockPool};
 pub use manager::KvCacheManager;
 
+/// A refused KV-cache operation; the pool or manager is left unchanged. Each variant names the
+/// block or setting concerned.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KvCacheError {
+    /// A size given to `BlockPool::new` or `KvCacheManager::new` is out of range.
     #[error("kv cache: invalid value for '{field}': {value} ({bound})")]
     InvalidConfig {
+        /// The setting, e.g. `block_size` or `num_blocks`.
         field: &'static str,
+        /// The value given.
         value: usize,
+        /// What is allowed, e.g. "must be >= 1".
         bound: String,
     },
+    /// A block id at or past the pool's `num_blocks`.
     #[error("kv cache: {block_id} is out of range: the pool has {num_blocks} blocks")]
     BlockOutOfRange {
+        /// The offending block id.
         block_id: BlockId,
+        /// Blocks in the pool.
         num_blocks: usize,
     },
+    /// `free` would drop more owners of a block than it has (freed twice, or listed more often than
+    /// it is owned).
     #[error("kv cache: double free of {block_id}: it has {ref_count} owner(s) left")]
-    DoubleFree { block_id: BlockId, ref_count: u32 },
+    DoubleFree {
+        /// The block freed once too often.
+        block_id: BlockId,
+        /// Owners the block has at the time of the refused call.
+        ref_count: u32,
+    },
+    /// `share` of a block that is free (ref count 0): only a block in use can gain an owner.
     #[error("kv cache: {block_id} is free, so it cannot be shared")]
-    NotAllocated { block_id: BlockId },
+    NotAllocated {
+        /// The free block.
+        block_id: BlockId,
+    },
 }

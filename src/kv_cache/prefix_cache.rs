@@ -34,6 +34,8 @@ struct Entry {
     content_id: u64,
 }
 
+/// The index of registered (full, computed) KV blocks by exact token prefix, plus the
+/// least-recently-released order of the evictable ones. Build with `new`, not `Default`.
 #[derive(Debug, Clone, Default)]
 pub struct PrefixCache {
     /// Entries by parent content id, then by tokens: a lookup borrows its tokens (no key is
@@ -49,6 +51,7 @@ pub struct PrefixCache {
 }
 
 impl PrefixCache {
+    /// An empty cache whose first content id is `ROOT + 1`.
     pub fn new() -> Self {
         PrefixCache {
             next_content_id: ROOT + 1,
@@ -80,6 +83,7 @@ impl PrefixCache {
         content_id
     }
 
+    /// Whether `block` is registered (evictable or in use).
     pub fn contains_block(&self, block: BlockId) -> bool {
         self.keys.contains_key(&block)
     }
@@ -89,10 +93,12 @@ impl PrefixCache {
         self.keys.len()
     }
 
+    /// Registered blocks no sequence references (they count as free in the manager).
     pub fn num_evictable(&self) -> usize {
         self.evictable.len()
     }
 
+    /// Whether `block` is registered and no sequence references it.
     pub fn is_evictable(&self, block: BlockId) -> bool {
         self.released_at.contains_key(&block)
     }

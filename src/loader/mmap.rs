@@ -32,7 +32,9 @@ pub fn map_file(path: &Path) -> Result<Mmap, LoadError> {
 /// e.g. by tests).
 #[derive(Debug)]
 pub enum FileBytes {
+    /// A read-only mapping of the whole file (`map_file`).
     Mapped(Mmap),
+    /// Bytes held in memory (files built by tests or tools).
     Owned(Vec<u8>),
 }
 

@@ -28,26 +28,41 @@ pub enum Shard {
     /// Every rank gets the whole tensor.
     Replicated,
     /// Split along dim 0 (the output dimension of a `[out, in]` weight; a bias splits too).
-    Column { rank: usize, world_size: usize },
+    Column {
+        /// This rank's index, in `0..world_size`.
+        rank: usize,
+        /// Ranks the tensor is split across; must divide dim 0.
+        world_size: usize,
+    },
     /// Split along the last dim (the input dimension of a `[out, in]` weight). A 1-D tensor (bias)
     /// is not split: only rank 0 should add it.
-    Row { rank: usize, world_size: usize },
+    Row {
+        /// This rank's index, in `0..world_size`.
+        rank: usize,
+        /// Ranks the tensor is split across; must divide the last dim.
+        world_size: usize,
+    },
 }
 
 /// Storage type of a tensor in its source file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourceDType {
+    /// IEEE single precision, stored as is.
     F32,
+    /// IEEE half precision, widened to f32 on read.
     F16,
+    /// bfloat16, widened to f32 on read.
     BF16,
     /// A GGML type id from a GGUF file (see `gguf::GgmlType`).
     Ggml(gguf::GgmlType),
 }
 
+/// What a source knows about a tensor without reading its data.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TensorInfo {
     /// PyTorch order, outermost first.
     pub shape: Vec<usize>,
+    /// How the tensor is stored in the file (`get` converts every supported type to f32).
     pub dtype: SourceDType,
 }
 
@@ -57,7 +72,9 @@ pub trait TensorSource: Send + Sync {
     fn describe(&self) -> String;
     /// All tensor names, sorted.
     fn names(&self) -> Vec<String>;
+    /// Shape and storage type of `name`, or None when the source has no such tensor.
     fn info(&self, name: &str) -> Option<TensorInfo>;
+    /// Whether the source has a tensor called `name`.
     fn contains(&self, name: &str) -> bool {
         self.info(name).is_some()
     }
@@ -68,51 +85,92 @@ pub trait TensorSource: Send + Sync {
     fn get_q8(&self, name: &str, shard: Shard) -> Result<Option<Q8Tensor>, LoadError>;
 }
 
+/// A checkpoint that could not be read. Each variant names the file and, where it applies, the
+/// tensor or metadata key, so the message says what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    /// A file could not be opened, mapped or read.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The OS error.
         source: std::io::Error,
     },
+    /// A file is not in the expected format (bad magic, truncated header, invalid JSON header,
+    /// ...).
     #[error("{path}: not a {format} file: {reason}")]
     BadFormat {
+        /// The file.
         path: PathBuf,
+        /// The format it should have been: `GGUF`, `safetensors`, `safetensors index` or `JSON`.
         format: &'static str,
+        /// What does not parse.
         reason: String,
     },
+    /// A tensor's entry is inconsistent (offsets past the end of the data, a byte size that does
+    /// not match its shape and type, ...).
     #[error("{path}: tensor '{tensor}': {reason}")]
     BadTensor {
+        /// The file holding the tensor.
         path: PathBuf,
+        /// The tensor's name in the file.
         tensor: String,
+        /// What is inconsistent.
         reason: String,
     },
+    /// A tensor the model needs is not in the checkpoint.
     #[error("{path}: tensor '{tensor}' not found")]
-    MissingTensor { path: PathBuf, tensor: String },
+    MissingTensor {
+        /// The checkpoint file (or folder) searched.
+        path: PathBuf,
+        /// The tensor's name as the source spells it.
+        tensor: String,
+    },
+    /// A tensor is stored in a type this reader cannot convert (e.g. an unsupported GGML type, or
+    /// an integer safetensors dtype).
     #[error("{path}: tensor '{tensor}' has unsupported type {dtype}")]
     UnsupportedType {
+        /// The file holding the tensor.
         path: PathBuf,
+        /// The tensor's name in the file.
         tensor: String,
+        /// The storage type, as the file names it.
         dtype: String,
     },
+    /// A tensor's shape is not the one the model's config implies.
     #[error("{path}: tensor '{tensor}' has shape {actual:?}, expected {expected:?}")]
     ShapeMismatch {
+        /// The file holding the tensor.
         path: PathBuf,
+        /// The tensor's name in the file.
         tensor: String,
+        /// The shape the config implies (PyTorch order).
         expected: Vec<usize>,
+        /// The shape in the file (PyTorch order).
         actual: Vec<usize>,
     },
+    /// A tensor cannot be split as asked (rank not below world size, or a dimension the world size
+    /// does not divide).
     #[error("{path}: tensor '{tensor}' of shape {shape:?} cannot be split {shard:?}")]
     BadShard {
+        /// The file holding the tensor.
         path: PathBuf,
+        /// The tensor's name in the file.
         tensor: String,
+        /// Its full shape (PyTorch order).
         shape: Vec<usize>,
+        /// The split that was asked for.
         shard: Shard,
     },
+    /// A metadata key (GGUF key-value, or a header field) is missing, mistyped or out of range.
     #[error("{path}: metadata '{key}': {reason}")]
     BadMetadata {
+        /// The file.
         path: PathBuf,
+        /// The key, e.g. `general.alignment`.
         key: String,
+        /// What is wrong with its value.
         reason: String,
     },
 }

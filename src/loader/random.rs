@@ -6,6 +6,9 @@ use std::collections::BTreeMap;
 
 use super::{HostTensor, LoadError, Q8Tensor, Shard, SourceDType, TensorInfo, TensorSource};
 
+/// A `TensorSource` that invents deterministic weights for a fixed list of names and shapes (a
+/// pure function of seed, name and element index), so benchmarks run at real shapes without a
+/// checkpoint.
 pub struct RandomSource {
     tensors: BTreeMap<String, Vec<usize>>,
     seed: u64,

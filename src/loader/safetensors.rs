@@ -30,20 +30,35 @@ pub const MAX_HEADER_LEN: u64 = 100 << 20;
 /// Element types a safetensors header may name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SafetensorsDType {
+    /// `BOOL`, 1 byte (not readable).
     Bool,
+    /// `U8`, 1 byte (not readable).
     U8,
+    /// `I8`, 1 byte (not readable).
     I8,
+    /// `F8_E5M2` float8, 1 byte (not readable).
     F8E5M2,
+    /// `F8_E4M3` float8, 1 byte (not readable).
     F8E4M3,
+    /// `I16`, 2 bytes (not readable).
     I16,
+    /// `U16`, 2 bytes (not readable).
     U16,
+    /// `F16` IEEE half, 2 bytes; read as f32.
     F16,
+    /// `BF16` bfloat16, 2 bytes; read as f32.
     BF16,
+    /// `I32`, 4 bytes (not readable).
     I32,
+    /// `U32`, 4 bytes (not readable).
     U32,
+    /// `F32` IEEE single, 4 bytes.
     F32,
+    /// `F64`, 8 bytes (not readable).
     F64,
+    /// `I64`, 8 bytes (not readable; e.g. position ids).
     I64,
+    /// `U64`, 8 bytes (not readable).
     U64,
 }
 
@@ -71,10 +86,12 @@ impl SafetensorsDType {
         Self::ALL.iter().find(|e| e.1 == s).map(|e| e.0)
     }
 
+    /// The header's spelling of the dtype, e.g. `"F8_E4M3"`.
     pub fn name(self) -> &'static str {
         Self::ALL.iter().find(|e| e.0 == self).map_or("?", |e| e.1)
     }
 
+    /// Bytes per element in the file.
     pub fn size_in_bytes(self) -> usize {
         Self::ALL.iter().find(|e| e.0 == self).map_or(1, |e| e.2)
     }
@@ -476,15 +493,18 @@ pub struct SafetensorsWriter {
 }
 
 impl SafetensorsWriter {
+    /// A writer with no tensors and no metadata.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// Adds a `__metadata__` string entry (e.g. `format` = `pt`); a repeated key overwrites.
     pub fn metadata(&mut self, key: &str, value: &str) -> &mut Self {
         self.metadata.insert(key.to_string(), value.to_string());
         self
     }
 
+    /// Appends an F32 tensor; `data` must hold the product of `shape` elements (not checked).
     pub fn f32(&mut self, name: &str, shape: &[usize], data: &[f32]) -> &mut Self {
         self.raw(
             name,
@@ -525,6 +545,8 @@ impl SafetensorsWriter {
         self
     }
 
+    /// The complete file: 8-byte little-endian header length, the JSON header padded with spaces
+    /// to 8-byte alignment, then the tensors' bytes in insertion order.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut header = serde_json::Map::new();
         if !self.metadata.is_empty() {
@@ -551,6 +573,7 @@ impl SafetensorsWriter {
         out
     }
 
+    /// Writes `to_bytes()` to `path`.
     pub fn write(&self, path: impl AsRef<Path>) -> std::io::Result<()> {
         std::fs::write(path, self.to_bytes())
     }

@@ -51,7 +51,9 @@ pub enum Act {
 }
 
 impl Act {
+    /// Number of activation buffers (variants of `Act`).
     pub const COUNT: usize = 9;
+    /// Every buffer, in `idx` order.
     pub const ALL: [Act; Act::COUNT] = [
         Act::X,
         Act::Normed,
@@ -86,6 +88,7 @@ impl Act {
         !matches!(self, Act::Last | Act::LastNormed | Act::Logits)
     }
 
+    /// Short name of the buffer, used in intermediate dumps and profiles (e.g. `attn_proj`).
     pub fn name(self) -> &'static str {
         match self {
             Act::X => "x",
@@ -110,6 +113,7 @@ pub enum NormSel {
     Attn(usize),
     /// Layer `l`'s second norm (before the MLP).
     Mlp(usize),
+    /// The norm after the last layer, before the LM head.
     Final,
 }
 
@@ -177,12 +181,16 @@ pub trait DecoderBackend {
 /// The forward pass of one model: the spec, read once into the choices the pass makes.
 #[derive(Debug, Clone)]
 pub struct Decoder {
+    /// The model the pass runs. `new` derives the MLP shape and the rotary flag from it, so build a
+    /// new `Decoder` rather than editing it.
     pub spec: DecoderSpec,
     ffn: FfnAct,
     rope: bool,
 }
 
 impl Decoder {
+    /// Reads `spec` once into the pass's choices (gated or plain MLP, rotary or not); the spec is
+    /// assumed validated.
     pub fn new(spec: DecoderSpec) -> Self {
         let ffn = match spec.mlp {
             Mlp::Gated => FfnAct::Gated(spec.act),

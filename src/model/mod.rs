@@ -20,16 +20,33 @@ pub mod weights;
 pub use arch::{ArchInfo, GlobalTensor, LayerTensor, TensorNames};
 pub use spec::DecoderSpec;
 
+/// A checkpoint that does not describe a model ferrum can build (as opposed to a file that cannot
+/// be read: `LoadError`).
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
+    /// The config's architecture (HF `architectures`/`model_type`, GGUF `general.architecture`) is
+    /// not one ferrum implements; the message names it and the supported ones.
     #[error("unsupported architecture: {0}")]
     UnsupportedArchitecture(String),
+    /// The checkpoint's config is missing a field, has a bad value or an inconsistent combination;
+    /// the message names the file and field.
     #[error("{0}")]
     Config(String),
+    /// The path is neither a `.gguf` file, a folder with exactly one `.gguf`, nor a folder with
+    /// config.json.
     #[error("{path}: no model found: expected a .gguf file or a folder with config.json")]
-    NotAModel { path: PathBuf },
+    NotAModel {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// A tensor the model needs is unusable; no loader constructs this variant at present.
     #[error("tensor '{tensor}': {reason}")]
-    Tensor { tensor: String, reason: String },
+    Tensor {
+        /// The tensor's name.
+        tensor: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// Which format a checkpoint came from.
@@ -37,22 +54,31 @@ pub enum ModelError {
 pub enum CheckpointFormat {
     /// A Hugging Face folder: config.json + safetensors.
     HuggingFace {
+        /// The checkpoint folder (config.json, safetensors, tokenizer files).
         dir: PathBuf,
     },
+    /// A single GGUF file (metadata, tensors and tokenizer in one).
     Gguf {
+        /// The `.gguf` file.
         file: PathBuf,
     },
     /// Random weights at a preset's shapes (benchmarks).
     Random {
+        /// The preset's name (`presets::PRESETS`).
         preset: String,
     },
 }
 
 /// An opened checkpoint: spec, tensor source and tokenizer; weights not yet read.
 pub struct Checkpoint {
+    /// Where the checkpoint came from.
     pub format: CheckpointFormat,
+    /// The model as data (`DecoderSpec`) plus how its tensors are named.
     pub arch: ArchInfo,
+    /// Reads the weights by name (safetensors, GGUF or random), sliced per `Shard` at load.
     pub source: Box<dyn TensorSource>,
+    /// The checkpoint's tokenizer (or the override's); None for random checkpoints and for a folder
+    /// without tokenizer files.
     pub tokenizer: Option<Arc<Tokenizer>>,
     /// EOS ids from the checkpoint config (used when there is no tokenizer).
     pub config_eos_ids: Vec<u32>,

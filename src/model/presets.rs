@@ -12,6 +12,8 @@ use super::spec::{
     RopeScaling, RopeStyle,
 };
 
+/// Every name `preset` knows: published shapes of real models, then `tiny-*` shapes of each
+/// architecture for tests.
 pub const PRESETS: &[&str] = &[
     "smollm2-135m",
     "llama2-7b",

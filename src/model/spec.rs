@@ -19,30 +19,43 @@ pub use crate::tensor::{Activation, Norm, RopeStyle};
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum RopeScaling {
+    /// Plain RoPE: `inv_freq[i] = theta^(-2i / rotary_dim)`.
     None,
     /// Positions divided by `factor` (equivalently, every inverse frequency).
     Linear {
+        /// Divisor of every inverse frequency (> 1 stretches the context).
         factor: f32,
     },
     /// Llama 3.1 wavelength-dependent scaling.
     Llama3 {
+        /// Divisor of the low-frequency (long-wavelength) inverse frequencies, e.g. 8.
         factor: f32,
+        /// Wavelengths above `original_max_position_embeddings / low_freq_factor` are divided by
+        /// `factor`.
         low_freq_factor: f32,
+        /// Wavelengths below `original_max_position_embeddings / high_freq_factor` are kept;
+        /// between the two bounds the result is interpolated.
         high_freq_factor: f32,
+        /// Context length the model was pre-trained with (e.g. 8192 for Llama 3.1).
         original_max_position_embeddings: usize,
     },
     /// Per-dimension divisors stored in the checkpoint (GGUF `rope_freqs.weight`), one per pair.
     FreqFactors {
+        /// One divisor per rotated pair (`rotary_dim / 2`; missing entries count as 1).
         factors: Vec<f32>,
     },
 }
 
+/// Rotary position embedding: which dimensions rotate, how they pair, and at what frequencies.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Rope {
+    /// Frequency base (`rope_theta`, e.g. 10000 or 500000); finite and > 0.
     pub theta: f32,
     /// Number of leading head dimensions rotated (== head_dim for full rotary).
     pub rotary_dim: usize,
+    /// How dimensions pair up (NeoX halves or GPT-J interleaved).
     pub style: RopeStyle,
+    /// Long-context scaling of the inverse frequencies.
     pub scaling: RopeScaling,
 }
 
@@ -94,20 +107,25 @@ impl Rope {
     }
 }
 
+/// How token positions enter the model.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum PosEmbedding {
+    /// Rotary embedding of q and k (Llama, Mistral, Qwen, GPT-J, Falcon, ...).
     Rope(Rope),
     /// Attention bias `bias_scale * slope_h * (key_pos - query_pos)`, added to the scaled scores;
     /// slopes from `max_bias` (`alibi_bias_max`, 8 for BLOOM and MPT-7B): see
     /// `ops::attention::alibi_slopes` (BLOOM's, MPT's and llama.cpp's constructions agree).
     Alibi {
+        /// `alibi_bias_max`: for n heads (a power of two) head h (1-based) gets slope `2^(-max_bias
+        /// * h / n)`.
         max_bias: f32,
         /// 1 for BLOOM and MPT; Falcon-RW scales the bias with the scores (1 / sqrt(head_dim)).
         bias_scale: f32,
     },
     /// A learned `[num_positions, hidden]` table added to the token embeddings (GPT-2).
     Learned {
+        /// Rows of the position table: the most positions the model can embed.
         num_positions: usize,
     },
 }
@@ -120,7 +138,10 @@ pub enum QkvLayout {
     Separate,
     /// One tensor `[q_dim + 2 * kv_dim, hidden]` whose rows are in `FusedQkv` order; it is
     /// re-ordered at load into the decoder's q | k | v rows.
-    Fused { layout: FusedQkv },
+    Fused {
+        /// Row order of the fused tensor in the checkpoint.
+        layout: FusedQkv,
+    },
 }
 
 /// Row order of a fused qkv tensor (and its bias).
@@ -137,13 +158,21 @@ pub enum FusedQkv {
     KvGroups,
 }
 
+/// How attention and MLP are combined with the residual stream (see the module diagram).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Residual {
+    /// `h = x + attn(norm1(x)); y = h + mlp(norm2(h))`: Llama, GPT-2, BLOOM, MPT, Falcon-RW.
     Sequential,
-    Parallel { shared_norm: bool },
+    /// `y = x + attn(..) + mlp(..)`, both reading the layer input x: GPT-J, Falcon.
+    Parallel {
+        /// One norm feeds both attention and MLP (GPT-J, Falcon-7B) instead of one each (Falcon
+        /// `new_decoder_architecture`).
+        shared_norm: bool,
+    },
 }
 
+/// The MLP's shape: gated (three projections) or plain (two).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Mlp {
@@ -156,32 +185,55 @@ pub enum Mlp {
 /// Which linear layers carry a bias.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub struct Biases {
+    /// The q, k and v projections have biases (Qwen2, GPT-2, BLOOM, ...).
     pub qkv: bool,
+    /// The attention output projection has a bias.
     pub attn_out: bool,
+    /// The MLP projections (gate/up and down) have biases.
     pub mlp: bool,
+    /// The LM head has a bias.
     pub lm_head: bool,
 }
 
+/// One architecture as data: every number and choice the generic decoder needs, read from the
+/// checkpoint's config by `model::arch`. Validated with `validate`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DecoderSpec {
     /// Architecture family name, e.g. "llama", "mistral", "qwen2".
     pub arch: String,
+    /// Rows of the embedding table and outputs of the LM head (the tokenizer's ids are below it).
     pub vocab_size: usize,
+    /// Width of the residual stream (`d_model`).
     pub hidden_size: usize,
+    /// Decoder layers.
     pub num_layers: usize,
+    /// Query heads.
     pub num_heads: usize,
+    /// Key/value heads; divides `num_heads` (equal: MHA, 1: MQA, otherwise GQA).
     pub num_kv_heads: usize,
+    /// Elements per attention head (`hidden_size / num_heads` unless the config sets `head_dim`).
     pub head_dim: usize,
+    /// Width of the MLP's hidden layer (per projection; a gated MLP's gate_up has twice as many
+    /// rows).
     pub intermediate_size: usize,
+    /// Longest context the checkpoint was trained for (the default cap of `max_model_len`).
     pub max_position_embeddings: usize,
+    /// The normalization of every layer, the final norm and the optional embedding norm.
     pub norm: Norm,
+    /// How positions are encoded.
     pub pos: PosEmbedding,
+    /// How attention and MLP outputs join the residual stream.
     pub residual: Residual,
+    /// The MLP's activation (applied to the gate in a gated MLP, to the up projection in a plain
+    /// one).
     pub act: Activation,
+    /// Gated (`down(act(gate) * up)`) or plain (`down(act(up))`) MLP.
     pub mlp: Mlp,
     /// How the checkpoint stores q/k/v (a load-time concern: the decoder always sees q | k | v).
     pub qkv: QkvLayout,
+    /// Which linear layers carry a bias.
     pub biases: Biases,
+    /// The LM head reuses the token embedding table (no separate `lm_head` weight).
     pub tie_embeddings: bool,
     /// A norm applied to the token embeddings before the first layer (BLOOM).
     pub embedding_norm: bool,
@@ -194,10 +246,12 @@ pub struct DecoderSpec {
 }
 
 impl DecoderSpec {
+    /// Width of all query heads together: `num_heads * head_dim`.
     pub fn q_dim(&self) -> usize {
         self.num_heads * self.head_dim
     }
 
+    /// Width of all key (or value) heads together: `num_kv_heads * head_dim`.
     pub fn kv_dim(&self) -> usize {
         self.num_kv_heads * self.head_dim
     }

@@ -16,6 +16,7 @@ use crate::model::spec::{DecoderSpec, FusedQkv, Mlp, Norm, PosEmbedding, QkvLayo
 use crate::ops::linear::{Weight, WeightFormat};
 use crate::ops::quant::{BlockQ8, QK};
 
+/// The weight and optional bias of one norm, f32 on the host.
 pub struct NormWeights {
     /// [hidden]
     pub weight: Vec<f32>,
@@ -23,42 +24,56 @@ pub struct NormWeights {
     pub bias: Option<Vec<f32>>,
 }
 
+/// Every weight of one decoder layer, in the decoder's layout (fused qkv and gate_up, `[out, in]`).
 pub struct LayerWeights {
+    /// The norm before attention (also before the MLP when the spec shares it).
     pub attn_norm: NormWeights,
     /// None when the spec shares one norm between attention and MLP.
     pub mlp_norm: Option<NormWeights>,
     /// [q_dim + 2 * kv_dim, hidden]
     pub qkv: Weight,
+    /// [q_dim + 2 * kv_dim], q | k | v like the rows of `qkv`; None without qkv biases.
     pub qkv_bias: Option<Vec<f32>>,
     /// [hidden, q_dim]
     pub attn_out: Weight,
+    /// [hidden]; None without an output-projection bias.
     pub attn_out_bias: Option<Vec<f32>>,
     /// Gated: [2 * intermediate, hidden] (gate rows, then up rows). Plain: [intermediate, hidden].
     pub gate_up: Weight,
+    /// Same row order as `gate_up`; None without MLP biases.
     pub gate_up_bias: Option<Vec<f32>>,
     /// [hidden, intermediate]
     pub down: Weight,
+    /// [hidden]; None without MLP biases.
     pub down_bias: Option<Vec<f32>>,
 }
 
+/// Every weight of a model as the CPU engine keeps them: the layers plus the embedding, position
+/// table, norms and LM head. Built by `DecoderWeights::load`.
 pub struct DecoderWeights {
     /// [vocab, hidden]; also the LM head when embeddings are tied.
     pub embedding: Weight,
     /// [num_positions, hidden]
     pub position_embedding: Option<Vec<f32>>,
+    /// The norm applied to the embeddings before layer 0 (BLOOM); None for other models.
     pub embedding_norm: Option<NormWeights>,
+    /// The norm after the last layer.
     pub final_norm: NormWeights,
     /// [vocab, hidden]; None when tied to `embedding`.
     pub lm_head: Option<Weight>,
+    /// [vocab]; None without an LM head bias.
     pub lm_head_bias: Option<Vec<f32>>,
+    /// One entry per decoder layer, in order.
     pub layers: Vec<LayerWeights>,
 }
 
 impl DecoderWeights {
+    /// The LM head: `lm_head`, or the embedding table when the embeddings are tied.
     pub fn lm_head(&self) -> &Weight {
         self.lm_head.as_ref().unwrap_or(&self.embedding)
     }
 
+    /// Bytes of weight data held (matrices in their format, vectors as f32).
     pub fn size_in_bytes(&self) -> usize {
         let v = |o: &Option<Vec<f32>>| o.as_ref().map_or(0, |v| v.len() * 4);
         let n = |o: &NormWeights| o.weight.len() * 4 + v(&o.bias);
@@ -126,6 +141,8 @@ pub struct WeightReader<'a> {
 }
 
 impl<'a> WeightReader<'a> {
+    /// A reader of `arch`'s weights from `src`, converting matrices to `format` (f32 or compact
+    /// 8-bit blocks) as they are read.
     pub fn new(src: &'a dyn TensorSource, arch: &'a ArchInfo, format: WeightFormat) -> Self {
         WeightReader {
             l: Loader { src, arch, format },
@@ -154,6 +171,7 @@ impl<'a> WeightReader<'a> {
         }
     }
 
+    /// The embedding norm when the spec has one (BLOOM), else None.
     pub fn embedding_norm(&self) -> Result<Option<NormWeights>, LoadError> {
         match self.l.spec().embedding_norm {
             true => Ok(Some(self.l.norm_global(
@@ -164,6 +182,7 @@ impl<'a> WeightReader<'a> {
         }
     }
 
+    /// The norm after the last layer.
     pub fn final_norm(&self) -> Result<NormWeights, LoadError> {
         self.l
             .norm_global(GlobalTensor::FinalNorm, GlobalTensor::FinalNormBias)
@@ -193,6 +212,7 @@ impl<'a> WeightReader<'a> {
         }
     }
 
+    /// Decoder layers to read (`layer(0..num_layers())`).
     pub fn num_layers(&self) -> usize {
         self.l.spec().num_layers
     }

@@ -2,6 +2,7 @@
 
 use crate::tensor::Activation;
 
+/// `act(x)` for one value (the reference the GPU kernels are checked against).
 pub fn apply(act: Activation, x: f32) -> f32 {
     match act {
         Activation::Silu => x / (1.0 + (-x).exp()),
@@ -24,6 +25,7 @@ pub fn gated(act: Activation, gate_up: &[f32], inter: usize, out: &mut [f32]) {
     }
 }
 
+/// Applies `act` to every element of `x`, in place (the plain, non-gated MLP).
 pub fn in_place(act: Activation, x: &mut [f32]) {
     for v in x {
         *v = apply(act, *v);

@@ -21,6 +21,8 @@ pub struct KvLayerCache {
 }
 
 impl KvLayerCache {
+    /// A zeroed cache of `num_blocks * block_size` slots, each `kv_dim` (= num_kv_heads * head_dim)
+    /// elements wide, for K and for V.
     pub fn new(num_blocks: usize, block_size: usize, kv_dim: usize) -> Self {
         let n = num_blocks * block_size * kv_dim;
         KvLayerCache {
@@ -42,6 +44,7 @@ impl KvLayerCache {
 pub struct AttnSeq<'a> {
     /// Index of the sequence's first query token in the batch.
     pub q_start: usize,
+    /// Query tokens of the sequence in this step (a prefill chunk's length, or 1 for a decode).
     pub q_len: usize,
     /// Tokens in the cache for this sequence after this step's writes (start_pos + q_len).
     pub context_len: usize,
@@ -49,13 +52,20 @@ pub struct AttnSeq<'a> {
     pub block_table: &'a [u32],
 }
 
+/// Head configuration and options of one attention call.
 #[derive(Debug, Clone, Copy)]
 pub struct AttnParams<'a> {
+    /// Query heads.
     pub num_heads: usize,
+    /// Key/value heads; divides `num_heads` (GQA groups of `num_heads / num_kv_heads` query heads).
     pub num_kv_heads: usize,
+    /// Elements per head.
     pub head_dim: usize,
+    /// Token slots per cache block.
     pub block_size: usize,
+    /// Multiplies q·k before the softmax (usually 1/sqrt(head_dim)).
     pub scale: f32,
+    /// Attend only to the last `w` positions, the query's own included; None: the whole context.
     pub sliding_window: Option<usize>,
     /// ALiBi: per-head slopes, bias = slope * (key_pos - query_pos).
     pub alibi_slopes: Option<&'a [f32]>,

@@ -56,11 +56,17 @@ pub enum WeightFormat {
 /// A linear-layer weight `[rows = out_features, cols = in_features]`, row-major.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Weight {
+    /// Dense f32 weights, exact.
     F32 {
+        /// Output features.
         rows: usize,
+        /// Input features.
         cols: usize,
+        /// `rows * cols` elements, row-major.
         data: Vec<f32>,
     },
+    /// Compact 8-bit blocks (`cols % 32 == 0`): symmetric from `WeightFormat::Q8`, or GGUF's
+    /// asymmetric blocks kept exactly.
     Q8(Q8Tensor),
 }
 
@@ -131,6 +137,7 @@ impl Weight {
         Weight::Q8(t)
     }
 
+    /// Output features (`out_features`).
     pub fn rows(&self) -> usize {
         match self {
             Weight::F32 { rows, .. } => *rows,
@@ -138,6 +145,7 @@ impl Weight {
         }
     }
 
+    /// Input features (`in_features`).
     pub fn cols(&self) -> usize {
         match self {
             Weight::F32 { cols, .. } => *cols,

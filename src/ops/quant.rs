@@ -21,12 +21,16 @@ pub use crate::tensor::{BlockQ8, QK};
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[repr(C)]
 pub struct BlockQ8Act {
+    /// Scale: `max|x| / 127` of the block (0 for an all-zero block).
     pub d: f32,
+    /// `d * Σ qs[i]`, precomputed for the asymmetric weight term.
     pub sum: f32,
+    /// The 32 quantized activations, in [-127, 127].
     pub qs: [i8; QK],
 }
 
 impl BlockQ8Act {
+    /// An all-zero block (scale 0), for initializing scratch.
     pub const ZERO: BlockQ8Act = BlockQ8Act {
         d: 0.0,
         sum: 0.0,

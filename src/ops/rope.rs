@@ -6,6 +6,8 @@
 
 use crate::tensor::RopeStyle;
 
+/// cos/sin of every (token, rotation pair) angle of one step: `[num_tokens, rotary_dim / 2]`, built
+/// once per step and applied to q and k of every layer.
 pub struct RopeTable {
     num_pairs: usize,
     /// [num_tokens, num_pairs]

@@ -39,7 +39,11 @@ pub enum Strategy {
     Greedy,
     /// Sample from `softmax(logits / temperature)` truncated by `filters`, applied in order.
     Random {
+        /// Divides the logits before the softmax; > 0 (0 is `Greedy`). Below 1 sharpens, above 1
+        /// flattens.
         temperature: f32,
+        /// Truncations of the distribution (top-k, top-p, min-p), applied in this order; empty:
+        /// none.
         filters: Vec<Filter>,
     },
 }
@@ -107,6 +111,7 @@ impl Sampler {
         }
     }
 
+    /// How this request's tokens are chosen (fixed at construction from its `SamplingParams`).
     pub fn strategy(&self) -> &Strategy {
         &self.strategy
     }

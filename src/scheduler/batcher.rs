@@ -59,6 +59,8 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
+    /// A scheduler with no sequences over a fresh `KvCacheManager` of `cfg.num_blocks` blocks
+    /// (prefix caching per `cfg`). Fails when `cfg.validate()` does.
     pub fn new(cfg: SchedulerConfig) -> Result<Self, ScheduleError> {
         cfg.validate()?;
         let kv = KvCacheManager::new(cfg.num_blocks, cfg.block_size)?
@@ -75,6 +77,7 @@ impl Scheduler {
         })
     }
 
+    /// The validated limits this scheduler enforces.
     pub fn config(&self) -> &SchedulerConfig {
         &self.cfg
     }
@@ -301,6 +304,7 @@ impl Scheduler {
         }
     }
 
+    /// Sequences queued for admission (new, or preempted and waiting to be recomputed).
     pub fn num_waiting(&self) -> usize {
         self.waiting.len()
     }
@@ -321,6 +325,8 @@ impl Scheduler {
         !self.waiting.is_empty() || !self.running.is_empty()
     }
 
+    /// The KV cache manager (block tables, free and cached block counts), read-only: for
+    /// statistics and checks.
     pub fn kv(&self) -> &KvCacheManager {
         &self.kv
     }

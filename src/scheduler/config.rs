@@ -42,6 +42,8 @@ impl SchedulerPolicy {
     /// The `batch_scheduler_policy` values (case-insensitive).
     pub const NAMES: [&'static str; 2] = ["max_utilization", "guaranteed_no_evict"];
 
+    /// Parses a `batch_scheduler_policy` value (case-insensitive, surrounding space ignored); None
+    /// for anything not in `NAMES`.
     pub fn parse(s: &str) -> Option<Self> {
         match s.trim().to_ascii_lowercase().as_str() {
             "max_utilization" => Some(SchedulerPolicy::MaxUtilization),
@@ -50,6 +52,7 @@ impl SchedulerPolicy {
         }
     }
 
+    /// The policy's `batch_scheduler_policy` spelling (lowercase), as in `NAMES`.
     pub fn name(self) -> &'static str {
         match self {
             SchedulerPolicy::MaxUtilization => Self::NAMES[0],

@@ -31,25 +31,46 @@ pub use plan::{SchedulePlan, ScheduledSeq};
 use crate::kv_cache::KvCacheError;
 use crate::request::SeqId;
 
+/// Why the scheduler refused a config or a request; each variant names the sequence, field,
+/// value and bound concerned.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ScheduleError {
+    /// A `SchedulerConfig` limit is out of range or inconsistent (see `SchedulerConfig::validate`).
     #[error("scheduler config: invalid value for '{field}': {value} ({bound})")]
     InvalidConfig {
+        /// The config field, e.g. `max_num_batched_tokens`.
         field: &'static str,
+        /// The value given.
         value: usize,
+        /// What is required, e.g. "must be >= max_num_seqs (64)".
         bound: String,
     },
+    /// A request the scheduler cannot run (`max_tokens` of 0, or a prompt that leaves no room for a
+    /// generated token).
     #[error("{seq_id}: invalid {field}: {value} ({bound})")]
     InvalidRequest {
+        /// The refused sequence.
         seq_id: SeqId,
+        /// What is wrong: `max_tokens` or `prompt length`.
         field: &'static str,
+        /// The value given (tokens).
         value: usize,
+        /// What is required, e.g. "must be < max_model_len (4096) ...".
         bound: String,
     },
+    /// `Scheduler::add` got no prompt tokens.
     #[error("{seq_id}: prompt is empty: at least one token is required")]
-    EmptyPrompt { seq_id: SeqId },
+    EmptyPrompt {
+        /// The refused sequence.
+        seq_id: SeqId,
+    },
+    /// `Scheduler::add` with an id that is still in use (waiting, running or capped).
     #[error("{seq_id} is already scheduled; sequence ids must be unique")]
-    DuplicateSeqId { seq_id: SeqId },
+    DuplicateSeqId {
+        /// The id already in use.
+        seq_id: SeqId,
+    },
+    /// The KV cache manager refused its configuration.
     #[error(transparent)]
     Kv(#[from] KvCacheError),
 }

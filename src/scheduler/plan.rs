@@ -10,6 +10,7 @@ use crate::request::SeqId;
 /// `start_pos ..`, attending to positions `0 .. end_pos()`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SchedulePlan {
+    /// The chunks to compute, in the order above; at most `max_num_seqs` entries.
     pub seqs: Vec<ScheduledSeq>,
     /// Sequences preempted by this `schedule()` call (their KV blocks are already freed; they
     /// will be recomputed from position 0). The engine only logs and counts them.
@@ -28,6 +29,7 @@ impl SchedulePlan {
 /// One sequence's chunk in a step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScheduledSeq {
+    /// The sequence this chunk belongs to (the engine's key for its request).
     pub seq_id: SeqId,
     /// The tokens to compute this step: a prefill chunk, or the last sampled token of a decode.
     // token_ids: [chunk_len], chunk_len >= 1

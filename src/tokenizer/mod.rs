@@ -25,58 +25,135 @@ mod stream;
 pub use chat::ChatMessage;
 pub use stream::{IncrementalDecoder, StopMatch, StopStringMatcher};
 
+/// A tokenizer that could not be loaded, or a text that could not be encoded, decoded or
+/// templated. Each variant names the file, metadata key or value concerned.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
+    /// A tokenizer file exists but could not be read.
     #[error("reading {path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The OS error.
         source: std::io::Error,
     },
+    /// A tokenizer JSON file (tokenizer_config.json, generation_config.json, vocab.json, ...) is
+    /// not valid JSON.
     #[error("parsing JSON {path}: {source}")]
     Json {
+        /// The file.
         path: PathBuf,
+        /// serde_json's error (with line and column).
         source: serde_json::Error,
     },
+    /// A field of a tokenizer config file has the wrong type or an impossible value (e.g. an
+    /// `eos_token_id` not below the vocab size).
     #[error("{path}: field `{field}`: {problem}")]
     Config {
+        /// The file the field was read from.
         path: PathBuf,
+        /// The field, e.g. `add_bos_token`.
         field: &'static str,
+        /// What is wrong with it.
         problem: String,
     },
+    /// The `tokenizers` crate rejected tokenizer.json.
     #[error("loading tokenizer {path}: {message}")]
-    TokenizerJson { path: PathBuf, message: String },
+    TokenizerJson {
+        /// The tokenizer.json file.
+        path: PathBuf,
+        /// The `tokenizers` crate's message.
+        message: String,
+    },
+    /// A GPT-2 slow-tokenizer file (vocab.json, added_tokens.json, ...) is malformed.
     #[error("{path}: {problem}")]
-    BadFile { path: PathBuf, problem: String },
+    BadFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// A line of merges.txt is not two space-separated tokens of the vocabulary.
     #[error("{path}: line {line_number} ({line:?}): {problem}")]
     BadMergesLine {
+        /// The merges.txt file.
         path: PathBuf,
         /// 1-based, counting the `#version` header.
         line_number: usize,
+        /// The line as written.
         line: String,
+        /// What is wrong with it.
         problem: String,
     },
+    /// Only one of vocab.json and merges.txt exists: GPT-2's slow tokenizer needs both.
     #[error(
         "{path} is missing (a GPT-2 tokenizer without tokenizer.json needs it next to {needed_by})"
     )]
-    MissingFile { path: PathBuf, needed_by: PathBuf },
+    MissingFile {
+        /// The missing file.
+        path: PathBuf,
+        /// The file that was found and needs it.
+        needed_by: PathBuf,
+    },
+    /// A `tokenizer.ggml.*` GGUF key is missing, mistyped or inconsistent.
     #[error("GGUF metadata `{key}`: {problem}")]
-    Metadata { key: String, problem: String },
+    Metadata {
+        /// The metadata key, e.g. `tokenizer.ggml.merges`.
+        key: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// `tokenizer.ggml.model` names a vocabulary kind ferrum cannot build.
     #[error(
         "GGUF metadata `tokenizer.ggml.model` = {value:?} is not supported (supported: gpt2, llama)"
     )]
-    UnsupportedModel { value: String },
+    UnsupportedModel {
+        /// The value of `tokenizer.ggml.model`.
+        value: String,
+    },
+    /// The `tokenizers` crate refused the tokenizer built from GGUF metadata.
     #[error("building the {kind} tokenizer from GGUF metadata: {message}")]
-    Build { kind: &'static str, message: String },
+    Build {
+        /// The vocabulary kind being built: `gpt2` (byte-level BPE) or `llama`
+        /// (SentencePiece-style).
+        kind: &'static str,
+        /// The `tokenizers` crate's message.
+        message: String,
+    },
+    /// The `tokenizers` crate failed to encode a text.
     #[error("encoding a text of {num_bytes} bytes: {message}")]
-    Encode { num_bytes: usize, message: String },
+    Encode {
+        /// Length of the text in bytes (the text itself is not kept: it may be large or private).
+        num_bytes: usize,
+        /// The `tokenizers` crate's message.
+        message: String,
+    },
+    /// `decode` got an id at or past the vocabulary size.
     #[error("decoding: token id {token_id} is out of range (vocab size {vocab_size})")]
-    TokenIdOutOfRange { token_id: u32, vocab_size: usize },
+    TokenIdOutOfRange {
+        /// The offending id.
+        token_id: u32,
+        /// Ids in the vocabulary (added tokens included).
+        vocab_size: usize,
+    },
+    /// The `tokenizers` crate failed to decode ids.
     #[error("decoding {num_ids} ids: {message}")]
-    Decode { num_ids: usize, message: String },
+    Decode {
+        /// How many ids were being decoded.
+        num_ids: usize,
+        /// The `tokenizers` crate's message.
+        message: String,
+    },
+    /// `apply_chat_template` on a model that has no chat template.
     #[error("the tokenizer has no chat template")]
     NoChatTemplate,
+    /// The chat template failed to compile or to render (minijinja's error, or the template's own
+    /// `raise_exception`).
     #[error("chat template: {message}")]
-    ChatTemplate { message: String },
+    ChatTemplate {
+        /// minijinja's message.
+        message: String,
+    },
 }
 
 /// The token strings a chat template may refer to (`bos_token`, `eos_token`, ...).
@@ -301,6 +378,7 @@ impl Tokenizer {
         self.vocab_size
     }
 
+    /// The id `encode` puts first when the model adds BOS (None: the model has no BOS token).
     pub fn bos_token_id(&self) -> Option<u32> {
         self.bos_token_id
     }
@@ -310,6 +388,7 @@ impl Tokenizer {
         &self.eos_token_ids
     }
 
+    /// The chat template's Jinja source, if the model has one.
     pub fn chat_template(&self) -> Option<&str> {
         self.chat_template.as_ref().map(|t| t.source())
     }

@@ -37,6 +37,9 @@ pub struct IncrementalDecoder {
 }
 
 impl IncrementalDecoder {
+    /// A decoder for the tokens generated after `prompt_ids`; the last few prompt ids seed the
+    /// window so the first piece decodes with its context (e.g. the leading space of a
+    /// SentencePiece word).
     pub fn new(tokenizer: Arc<Tokenizer>, prompt_ids: &[u32], skip_special_tokens: bool) -> Self {
         let context_start = prompt_ids.len().saturating_sub(NUM_PROMPT_CONTEXT_IDS);
         let window = prompt_ids[context_start..].to_vec();
@@ -150,6 +153,9 @@ impl StopStringMatcher {
         }
     }
 
+    /// Feeds the next text delta: returns what may be emitted now (holding back a tail that could
+    /// start a stop string) and whether a stop string matched, in which case the match and all
+    /// later text are dropped and every further call returns `stopped` with nothing to emit.
     pub fn push(&mut self, delta: &str) -> StopMatch {
         if self.matched_idx.is_some() {
             return StopMatch {

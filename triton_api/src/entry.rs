@@ -30,6 +30,8 @@ pub trait Backend: 'static {
         None
     }
 
+    /// Builds the per-model state when Triton loads `model` (TRITONBACKEND_ModelInitialize); an
+    /// error fails the load with its message. `model` is only valid during this call.
     fn model_initialize(model: &Model<'_>) -> Result<Self::Model, TritonError>;
 
     /// Consumes the model state (e.g. to shut an engine down and join its threads).
@@ -37,6 +39,8 @@ pub trait Backend: 'static {
         drop(state);
     }
 
+    /// Builds the state of one model instance (TRITONBACKEND_ModelInstanceInitialize); `instance`
+    /// stays valid until `instance_finalize`.
     fn instance_initialize(
         model: &Self::Model,
         instance: InstanceHandle,

@@ -9,13 +9,21 @@ use crate::sys;
 /// `TRITONSERVER_Error_Code`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
+    /// `TRITONSERVER_ERROR_UNKNOWN`, and any code this crate does not know.
     Unknown,
+    /// `TRITONSERVER_ERROR_INTERNAL`: a bug or an unexpected failure on our side.
     Internal,
+    /// `TRITONSERVER_ERROR_NOT_FOUND`: e.g. a missing input, parameter or file.
     NotFound,
+    /// `TRITONSERVER_ERROR_INVALID_ARG`: the request or configuration is wrong.
     InvalidArg,
+    /// `TRITONSERVER_ERROR_UNAVAILABLE`: the service cannot serve now (e.g. shutting down).
     Unavailable,
+    /// `TRITONSERVER_ERROR_UNSUPPORTED`: a feature or version we do not handle.
     Unsupported,
+    /// `TRITONSERVER_ERROR_ALREADY_EXISTS`.
     AlreadyExists,
+    /// `TRITONSERVER_ERROR_CANCELLED`: the request was cancelled.
     Cancelled,
 }
 
@@ -63,6 +71,7 @@ impl std::fmt::Display for TritonError {
 impl std::error::Error for TritonError {}
 
 impl TritonError {
+    /// An error with `code` and `message` (interior NULs become spaces when handed to Triton).
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         TritonError {
             code,
@@ -70,18 +79,22 @@ impl TritonError {
         }
     }
 
+    /// An `InvalidArg` error: what clients get for a bad request.
     pub fn invalid_arg(message: impl Into<String>) -> Self {
         TritonError::new(ErrorCode::InvalidArg, message)
     }
 
+    /// An `Internal` error.
     pub fn internal(message: impl Into<String>) -> Self {
         TritonError::new(ErrorCode::Internal, message)
     }
 
+    /// The Triton error code.
     pub fn code(&self) -> ErrorCode {
         self.code
     }
 
+    /// The message, without the code.
     pub fn message(&self) -> &str {
         &self.message
     }

@@ -15,24 +15,41 @@ use crate::{TritonError, api, sys};
 /// `TRITONSERVER_DataType`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataType {
+    /// `TYPE_INVALID`, and any type id this crate does not know.
     Invalid,
+    /// `TYPE_BOOL`, 1 byte.
     Bool,
+    /// `TYPE_UINT8`, 1 byte.
     Uint8,
+    /// `TYPE_UINT16`, 2 bytes.
     Uint16,
+    /// `TYPE_UINT32`, 4 bytes.
     Uint32,
+    /// `TYPE_UINT64`, 8 bytes.
     Uint64,
+    /// `TYPE_INT8`, 1 byte.
     Int8,
+    /// `TYPE_INT16`, 2 bytes.
     Int16,
+    /// `TYPE_INT32`, 4 bytes.
     Int32,
+    /// `TYPE_INT64`, 8 bytes.
     Int64,
+    /// `TYPE_FP16`, 2 bytes.
     Fp16,
+    /// `TYPE_FP32`, 4 bytes.
     Fp32,
+    /// `TYPE_FP64`, 8 bytes.
     Fp64,
+    /// `TYPE_BYTES` (`TYPE_STRING` in model configs): elements of 4-byte little-endian length +
+    /// bytes.
     Bytes,
+    /// `TYPE_BF16`, 2 bytes.
     Bf16,
 }
 
 impl DataType {
+    /// The variant of a raw `TRITONSERVER_DataType`; unknown ids become `Invalid`.
     pub fn from_raw(v: sys::TRITONSERVER_DataType) -> Self {
         match v {
             sys::TRITONSERVER_TYPE_BOOL => DataType::Bool,
@@ -53,6 +70,7 @@ impl DataType {
         }
     }
 
+    /// The raw `TRITONSERVER_DataType` of this variant.
     pub fn to_raw(self) -> sys::TRITONSERVER_DataType {
         match self {
             DataType::Invalid => sys::TRITONSERVER_TYPE_INVALID,
@@ -109,9 +127,13 @@ impl DataType {
 /// `TRITONSERVER_InstanceGroupKind`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InstanceGroupKind {
+    /// `KIND_AUTO`: Triton picks (also any kind this crate does not know).
     Auto,
+    /// `KIND_CPU`: instances run on the CPU.
     Cpu,
+    /// `KIND_GPU`: one instance per listed GPU.
     Gpu,
+    /// `KIND_MODEL`: the backend places the model itself.
     Model,
 }
 
@@ -139,9 +161,13 @@ impl InstanceGroupKind {
 /// are not model inputs arrive.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ParamValue {
+    /// `TRITONSERVER_PARAMETER_STRING`, copied.
     String(String),
+    /// `TRITONSERVER_PARAMETER_INT` (64-bit).
     Int(i64),
+    /// `TRITONSERVER_PARAMETER_BOOL`.
     Bool(bool),
+    /// `TRITONSERVER_PARAMETER_DOUBLE`.
     Double(f64),
     /// A BYTES parameter; its content is not read.
     Bytes,
@@ -150,9 +176,13 @@ pub enum ParamValue {
 /// An input tensor copied out of a request: dtype, shape and the concatenated CPU bytes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InputTensor {
+    /// The input's name as the request (and the model config) spells it.
     pub name: String,
+    /// Element type as sent.
     pub dtype: DataType,
+    /// Shape as sent, batch dimension included when the model batches (`max_batch_size > 0`).
     pub shape: Vec<i64>,
+    /// The input's buffers concatenated in order; BYTES elements keep their 4-byte length prefixes.
     pub data: Vec<u8>,
 }
 
@@ -177,6 +207,7 @@ impl Request {
         }
     }
 
+    /// The request's client-given id (empty when the client set none), copied.
     pub fn id(&self) -> Result<String, TritonError> {
         let api = api()?;
         let mut p = std::ptr::null();
@@ -186,6 +217,7 @@ impl Request {
         Ok(unsafe { owned_str(p) })
     }
 
+    /// Names of every input the request carries, in Triton's order, copied.
     pub fn input_names(&self) -> Result<Vec<String>, TritonError> {
         let api = api()?;
         let mut count = 0u32;
@@ -341,6 +373,7 @@ impl Request {
         Ok(params)
     }
 
+    /// Whether the client cancelled the request (e.g. closed the stream).
     pub fn is_cancelled(&self) -> Result<bool, TritonError> {
         let api = api()?;
         let mut cancelled = false;
@@ -410,6 +443,8 @@ pub struct ResponseFactory {
 unsafe impl Send for ResponseFactory {}
 
 impl ResponseFactory {
+    /// A factory for `request`'s responses; it may be used after the request is released and is
+    /// deleted on drop.
     pub fn new(request: &Request) -> Result<Self, TritonError> {
         let api = api()?;
         let mut raw = std::ptr::null_mut();
@@ -423,6 +458,7 @@ impl ResponseFactory {
         Ok(ResponseFactory { raw })
     }
 
+    /// Whether the request behind this factory was cancelled; works after the request is released.
     pub fn is_cancelled(&self) -> Result<bool, TritonError> {
         let api = api()?;
         let mut cancelled = false;
@@ -436,6 +472,8 @@ impl ResponseFactory {
         Ok(cancelled)
     }
 
+    /// A new, empty response of this request; add outputs, then `send` it once (dropped unsent, it
+    /// is deleted).
     pub fn response(&self) -> Result<Response, TritonError> {
         let api = api()?;
         let mut raw = std::ptr::null_mut();
@@ -614,6 +652,7 @@ impl Model<'_> {
         }
     }
 
+    /// The model's name as in the repository.
     pub fn name(&self) -> Result<String, TritonError> {
         let api = api()?;
         let mut p = std::ptr::null();
@@ -624,6 +663,7 @@ impl Model<'_> {
         }
     }
 
+    /// The model version being loaded (the numbered folder).
     pub fn version(&self) -> Result<u64, TritonError> {
         let api = api()?;
         let mut v = 0u64;
@@ -738,6 +778,7 @@ impl InstanceHandle {
         self.raw as usize
     }
 
+    /// The instance's name (e.g. `model_0_0`), copied.
     pub fn name(&self) -> Result<String, TritonError> {
         let api = api()?;
         let mut p = std::ptr::null();
@@ -748,6 +789,7 @@ impl InstanceHandle {
         }
     }
 
+    /// Where Triton placed the instance (its instance-group kind).
     pub fn kind(&self) -> Result<InstanceGroupKind, TritonError> {
         let api = api()?;
         let mut k = sys::TRITONSERVER_INSTANCEGROUPKIND_AUTO;
@@ -784,6 +826,8 @@ impl InstanceHandle {
         }
     }
 
+    /// Batch statistics of one execution of `batch_size` requests; timestamps in `now_ns()`
+    /// nanoseconds (execution start, compute start, compute end, execution end).
     pub fn report_batch_statistics(
         &self,
         batch_size: u64,

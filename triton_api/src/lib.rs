@@ -31,6 +31,7 @@ pub use handles::{
     non_snake_case,
     non_upper_case_globals,
     dead_code,
+    missing_docs,
     unsafe_op_in_unsafe_fn,
     clippy::all,
     clippy::undocumented_unsafe_blocks,

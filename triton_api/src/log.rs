@@ -5,11 +5,16 @@
 use crate::error::{c_string, check};
 use crate::sys;
 
+/// Severity of a log message, as Triton's log levels (`TRITONSERVER_LOG_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
+    /// Normal operation (model loaded, settings chosen).
     Info,
+    /// Something degraded but working (e.g. a fallback).
     Warn,
+    /// A failure.
     Error,
+    /// Detail shown only with `--log-verbose`; dropped outside tritonserver.
     Verbose,
 }
 
@@ -52,14 +57,17 @@ pub fn message(level: Level, file: &str, line: u32, msg: &str) {
     let _ = unsafe { check(api, err) };
 }
 
+/// Logs `msg` at `Info`, attributed to "ferrum" (use `triton_log!` for the caller's file and line).
 pub fn info(msg: &str) {
     message(Level::Info, "ferrum", 0, msg);
 }
 
+/// Logs `msg` at `Warn`, attributed to "ferrum".
 pub fn warn(msg: &str) {
     message(Level::Warn, "ferrum", 0, msg);
 }
 
+/// Logs `msg` at `Error`, attributed to "ferrum".
 pub fn error(msg: &str) {
     message(Level::Error, "ferrum", 0, msg);
 }

@@ -106,6 +106,7 @@ impl MetricFamily {
         })
     }
 
+    /// The family's metric name, as Prometheus shows it.
     pub fn name(&self) -> &str {
         &self.handle.name
     }
@@ -169,6 +170,7 @@ pub struct Metric {
 unsafe impl Send for Metric {}
 
 impl Metric {
+    /// Sets the gauge to `value`.
     pub fn set(&self, value: f64) -> Result<(), TritonError> {
         let api = api()?;
         // SAFETY: the metric is live (deleted only in Drop) and a gauge.

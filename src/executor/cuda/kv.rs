@@ -15,6 +15,7 @@ pub const RESERVED_GPU_BYTES: usize = 256 << 20;
 /// How to size the paged KV cache.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KvCacheConfig {
+    /// Tokens per KV cache block.
     pub block_size: usize,
     /// Capacity in tokens (rounded up to whole blocks); None: from the memory fraction alone.
     pub max_tokens: Option<usize>,
@@ -22,17 +23,23 @@ pub struct KvCacheConfig {
     pub free_gpu_mem_fraction: f32,
     /// Step token budget: the activation workspace is estimated for this many tokens.
     pub max_num_batched_tokens: usize,
+    /// Most sequences per step; with `max_model_len` it bounds the cache to what can ever be used.
     pub max_num_seqs: usize,
+    /// Longest prompt + output in tokens; sizes block-table rows and bounds the cache.
     pub max_model_len: usize,
 }
 
 /// What the KV cache sizing decided, and from which numbers (for the load log).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KvCachePlan {
+    /// KV cache blocks to allocate (each `bytes_per_block`, all layers).
     pub num_blocks: usize,
     /// K and V of every layer for one block.
     pub bytes_per_block: usize,
+    /// Free device memory in bytes when the cache was sized (after the weights were uploaded).
     pub free_bytes: usize,
+    /// The activation workspace estimate held back from `free_bytes`
+    /// (`activation_workspace_bytes`).
     pub workspace_bytes: usize,
     /// Which bound decided `num_blocks`: "memory fraction", "max_tokens_in_paged_kv_cache" or
     /// "max_num_seqs x max_model_len".
@@ -40,6 +47,7 @@ pub struct KvCachePlan {
 }
 
 impl KvCachePlan {
+    /// One line for the load log: blocks, tokens per block, MiB, the deciding bound and the inputs.
     pub fn describe(&self, cfg: &KvCacheConfig) -> String {
         format!(
             "KV cache: {} blocks of {} tokens ({:.1} MiB, {} bytes/block; limited by {}; free after weights {:.1} MiB, activation workspace {:.1} MiB, fraction {})",

@@ -84,7 +84,9 @@ use workspace::Workspace;
 /// A CUDA executor as `open_with` returns it, with what its construction decided (for the load
 /// log).
 pub struct OpenedExecutor {
+    /// The opened executor, ready for the engine (a `CudaExecutor` of the chosen dtype).
     pub executor: Box<dyn Executor>,
+    /// How the KV cache was sized (blocks, bytes per block, the bound that decided).
     pub plan: KvCachePlan,
     /// None when the warm-up was turned off (`CudaExecOptions::warm_up`).
     pub warm_up: Option<WarmUpReport>,

@@ -67,12 +67,16 @@ pub struct WarmUpReport {
     pub decode_batches: Vec<usize>,
     /// Kernel modules compiled, GEMM shapes planned and graphs captured by the warm-up.
     pub modules_compiled: usize,
+    /// GEMM shapes the warm-up planned (cuBLASLt algorithm chosen and cached).
     pub gemm_plans: usize,
+    /// Decode graphs the warm-up captured (one per bucket that captured).
     pub graphs_captured: usize,
+    /// Wall time of the whole warm-up, in seconds.
     pub seconds: f64,
 }
 
 impl WarmUpReport {
+    /// One line for the load log: what was compiled, planned and captured, and how long it took.
     pub fn describe(&self) -> String {
         format!(
             "CUDA warm-up: prefill of {} tokens, decode batches {:?}: compiled {} kernel modules, planned {} GEMM shapes, captured {} graphs in {:.2} s",

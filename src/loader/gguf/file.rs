@@ -38,7 +38,9 @@ const PAR_CHUNK_ELEMS: usize = 1 << 16;
 /// Layout of one tensor in a GGUF file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GgufTensorInfo {
+    /// The tensor's name in the file, e.g. `blk.0.attn_q.weight`.
     pub name: String,
+    /// How the data is stored (f32, f16, or a block-quantized type).
     pub ggml_type: GgmlType,
     /// GGUF order: `ne[0]` is the innermost (contiguous) dimension.
     pub ne: Vec<u64>,
@@ -46,7 +48,9 @@ pub struct GgufTensorInfo {
     pub shape: Vec<usize>,
     /// Offset of the data from the start of the data section.
     pub offset: u64,
+    /// Elements in the tensor (product of `shape`).
     pub num_elems: usize,
+    /// Bytes of stored data (whole blocks for a quantized type).
     pub num_bytes: usize,
 }
 
@@ -98,6 +102,7 @@ impl GgufFile {
         })
     }
 
+    /// The file this was read from (named in every error).
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -107,6 +112,8 @@ impl GgufFile {
         self.version
     }
 
+    /// Byte alignment of the data section and of every tensor's offset (`general.alignment`, else
+    /// 32).
     pub fn alignment(&self) -> u64 {
         self.alignment
     }
@@ -116,6 +123,7 @@ impl GgufFile {
         self.data_start
     }
 
+    /// Every metadata key-value pair, by key.
     pub fn metadata(&self) -> &BTreeMap<String, MetadataValue> {
         &self.metadata
     }
@@ -125,6 +133,7 @@ impl GgufFile {
         &self.tensors
     }
 
+    /// The layout of tensor `name`, or None when the file has no such tensor.
     pub fn tensor_info(&self, name: &str) -> Option<&GgufTensorInfo> {
         self.by_name.get(name).and_then(|&i| self.tensors.get(i))
     }

@@ -9,18 +9,31 @@ use crate::loader::LoadError;
 /// One GGUF metadata value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum MetadataValue {
+    /// GGUF type 0: unsigned 8-bit integer.
     U8(u8),
+    /// GGUF type 1: signed 8-bit integer.
     I8(i8),
+    /// GGUF type 2: unsigned 16-bit integer.
     U16(u16),
+    /// GGUF type 3: signed 16-bit integer.
     I16(i16),
+    /// GGUF type 4: unsigned 32-bit integer.
     U32(u32),
+    /// GGUF type 5: signed 32-bit integer.
     I32(i32),
+    /// GGUF type 10: unsigned 64-bit integer.
     U64(u64),
+    /// GGUF type 11: signed 64-bit integer.
     I64(i64),
+    /// GGUF type 6: 32-bit float.
     F32(f32),
+    /// GGUF type 12: 64-bit float.
     F64(f64),
+    /// GGUF type 7: boolean (one byte).
     Bool(bool),
+    /// GGUF type 8: UTF-8 string (u64 length, then bytes).
     String(String),
+    /// GGUF type 9: array of values of one element type (nesting allowed, at most 8 deep).
     Array(Vec<MetadataValue>),
 }
 
@@ -81,6 +94,7 @@ impl MetadataValue {
         }
     }
 
+    /// The value of a `Bool`; None for any other type (integers are not coerced).
     pub fn as_bool(&self) -> Option<bool> {
         match *self {
             MetadataValue::Bool(v) => Some(v),
@@ -88,6 +102,7 @@ impl MetadataValue {
         }
     }
 
+    /// The text of a `String`; None for any other type.
     pub fn as_str(&self) -> Option<&str> {
         match self {
             MetadataValue::String(s) => Some(s),
@@ -95,6 +110,7 @@ impl MetadataValue {
         }
     }
 
+    /// The elements of an `Array`; None for any other type.
     pub fn as_array(&self) -> Option<&[MetadataValue]> {
         match self {
             MetadataValue::Array(a) => Some(a),
@@ -200,14 +216,17 @@ impl GgufFile {
         self.typed(key, "a number", |v| v.as_f64().map(|v| v as f32))
     }
 
+    /// A string value; `Ok(None)` when absent, an error naming the key for any other type.
     pub fn get_str(&self, key: &str) -> Result<Option<&str>, LoadError> {
         self.typed(key, "a string", MetadataValue::as_str)
     }
 
+    /// A bool value; `Ok(None)` when absent, an error naming the key for any other type.
     pub fn get_bool(&self, key: &str) -> Result<Option<bool>, LoadError> {
         self.typed(key, "a bool", MetadataValue::as_bool)
     }
 
+    /// An array value of any element type; `Ok(None)` when absent, an error for any other type.
     pub fn get_array(&self, key: &str) -> Result<Option<&[MetadataValue]>, LoadError> {
         self.typed(key, "an array", MetadataValue::as_array)
     }

@@ -55,37 +55,77 @@ const TYPE_TABLE: &[(u32, &str, usize, usize)] = &[
 ];
 
 impl GgmlType {
+    /// ggml type 0, 32-bit float; 4 bytes per element.
     pub const F32: Self = Self(0);
+    /// ggml type 1, IEEE half; 2 bytes per element.
     pub const F16: Self = Self(1);
+    /// ggml type 2, 4-bit, one f16 scale per block: `y = (q - 8) * d`; 32 elements in 18 bytes.
     pub const Q4_0: Self = Self(2);
+    /// ggml type 3, 4-bit with an f16 scale and minimum per block: `y = q * d + m`; 32 elements in
+    /// 20 bytes.
     pub const Q4_1: Self = Self(3);
+    /// ggml type 6, 5-bit, one f16 scale per block: `y = (q - 16) * d`; 32 elements in 22 bytes.
     pub const Q5_0: Self = Self(6);
+    /// ggml type 7, 5-bit with an f16 scale and minimum per block: `y = q * d + m`; 32 elements in
+    /// 24 bytes.
     pub const Q5_1: Self = Self(7);
+    /// ggml type 8, 8-bit, one f16 scale per block: `y = q * d`; 32 elements in 34 bytes.
     pub const Q8_0: Self = Self(8);
+    /// ggml type 9, 8-bit with scale and block sum (ggml's activation format; not read here); 32
+    /// elements in 36 bytes.
     pub const Q8_1: Self = Self(9);
+    /// ggml type 10, 2-bit K-quant: 16 sub-blocks of 16 with 4-bit scales and minimums; 256
+    /// elements in 84 bytes.
     pub const Q2_K: Self = Self(10);
+    /// ggml type 11, 3-bit K-quant: 16 sub-blocks of 16 with 6-bit scales; 256 elements in 110
+    /// bytes.
     pub const Q3_K: Self = Self(11);
+    /// ggml type 12, 4-bit K-quant: 8 sub-blocks of 32 with 6-bit scales and minimums; 256 elements
+    /// in 144 bytes.
     pub const Q4_K: Self = Self(12);
+    /// ggml type 13, 5-bit K-quant: 8 sub-blocks of 32 with 6-bit scales and minimums; 256 elements
+    /// in 176 bytes.
     pub const Q5_K: Self = Self(13);
+    /// ggml type 14, 6-bit K-quant: 16 sub-blocks of 16 with 8-bit scales; 256 elements in 210
+    /// bytes.
     pub const Q6_K: Self = Self(14);
+    /// ggml type 15, 8-bit K-quant with an f32 scale and block sums; 256 elements in 292 bytes.
     pub const Q8_K: Self = Self(15);
+    /// ggml type 16, 2-bit importance quant (not read here); 256 elements in 66 bytes.
     pub const IQ2_XXS: Self = Self(16);
+    /// ggml type 17, 2-bit importance quant (not read here); 256 elements in 74 bytes.
     pub const IQ2_XS: Self = Self(17);
+    /// ggml type 18, 3-bit importance quant (not read here); 256 elements in 98 bytes.
     pub const IQ3_XXS: Self = Self(18);
+    /// ggml type 19, 1.5-bit importance quant (not read here); 256 elements in 50 bytes.
     pub const IQ1_S: Self = Self(19);
+    /// ggml type 20, 4-bit non-linear quant (not read here); 32 elements in 18 bytes.
     pub const IQ4_NL: Self = Self(20);
+    /// ggml type 21, 3-bit importance quant (not read here); 256 elements in 110 bytes.
     pub const IQ3_S: Self = Self(21);
+    /// ggml type 22, 2-bit importance quant (not read here); 256 elements in 82 bytes.
     pub const IQ2_S: Self = Self(22);
+    /// ggml type 23, 4-bit non-linear importance quant (not read here); 256 elements in 136 bytes.
     pub const IQ4_XS: Self = Self(23);
+    /// ggml type 24, 8-bit integer (not read here); 1 byte per element.
     pub const I8: Self = Self(24);
+    /// ggml type 25, 16-bit integer (not read here); 2 bytes per element.
     pub const I16: Self = Self(25);
+    /// ggml type 26, 32-bit integer (not read here); 4 bytes per element.
     pub const I32: Self = Self(26);
+    /// ggml type 27, 64-bit integer (not read here); 8 bytes per element.
     pub const I64: Self = Self(27);
+    /// ggml type 28, 64-bit float (not read here); 8 bytes per element.
     pub const F64: Self = Self(28);
+    /// ggml type 29, 1.75-bit importance quant (not read here); 256 elements in 56 bytes.
     pub const IQ1_M: Self = Self(29);
+    /// ggml type 30, bfloat16; 2 bytes per element.
     pub const BF16: Self = Self(30);
+    /// ggml type 34, ternary quant, BitNet-style (not read here); 256 elements in 54 bytes.
     pub const TQ1_0: Self = Self(34);
+    /// ggml type 35, ternary quant, BitNet-style (not read here); 256 elements in 66 bytes.
     pub const TQ2_0: Self = Self(35);
+    /// ggml type 39, microscaling fp4 (not read here); 32 elements in 17 bytes.
     pub const MXFP4: Self = Self(39);
 
     /// Types `dequantize` handles.
@@ -136,10 +176,12 @@ impl GgmlType {
         self.entry().map(|e| e.3)
     }
 
+    /// Whether `dequantize` reads this type (listed in `DEQUANTIZABLE`).
     pub fn is_dequantizable(self) -> bool {
         Self::DEQUANTIZABLE.contains(&self)
     }
 
+    /// Whether `convert_to_q8` re-blocks this type into `BlockQ8` without loss (`Q8_CONVERTIBLE`).
     pub fn converts_to_q8(self) -> bool {
         Self::Q8_CONVERTIBLE.contains(&self)
     }
@@ -167,16 +209,23 @@ impl fmt::Display for GgmlType {
 /// Errors of `dequantize` / `convert_to_q8` (callers add the file and tensor).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DequantError {
+    /// The type has no dequantization (or no exact `BlockQ8` conversion, for `convert_to_q8`).
     #[error("type {0} is not supported")]
     Unsupported(GgmlType),
+    /// The byte or element count does not fit the type's block layout.
     #[error(
         "{num_bytes} bytes of {ty} do not hold {num_elems} values (blocks of {block_size} values, {type_size} bytes)"
     )]
     Length {
+        /// The tensor's type.
         ty: GgmlType,
+        /// Bytes given.
         num_bytes: usize,
+        /// Elements asked for.
         num_elems: usize,
+        /// Elements per block of `ty`.
         block_size: usize,
+        /// Bytes per block of `ty`.
         type_size: usize,
     },
 }

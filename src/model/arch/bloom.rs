@@ -94,6 +94,8 @@ pub fn bloom_spec(
     }
 }
 
+/// The spec of a `BloomForCausalLM` config.json (fused qkv interleaved per head, tied head unless
+/// `tie_word_embeddings: false`); refuses `apply_residual_connection_post_layernorm: true`.
 pub fn from_hf(config: &Value) -> Result<ArchInfo, ModelError> {
     let c = HfConfig(config);
     c.reject_true(
@@ -127,6 +129,8 @@ pub fn from_hf(config: &Value) -> Result<ArchInfo, ModelError> {
     })
 }
 
+/// The spec of GGUF `bloom` metadata (`bloom.*` keys; the converter's q | k | v row order, MLP
+/// width `4 * hidden` unless `feed_forward_length` says otherwise).
 pub fn from_gguf(md: &BTreeMap<String, MetadataValue>) -> Result<ArchInfo, ModelError> {
     let g = GgufMeta { md, arch: "bloom" };
     let hidden_size = g.usize("embedding_length")?;

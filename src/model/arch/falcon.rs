@@ -110,6 +110,9 @@ pub fn falcon_spec(
     }
 }
 
+/// The spec of a `FalconForCausalLM` (or RW-era `RefinedWeb`/`RefinedWebModel`) config.json:
+/// picks the layer shape, fused qkv layout and KV heads from `new_decoder_architecture`,
+/// `multi_query`, `parallel_attn` and `num_ln_in_parallel_attn`, and ALiBi or rotary positions.
 pub fn from_hf(model_type: &str, config: &Value) -> Result<ArchInfo, ModelError> {
     let c = HfConfig(config);
     let hidden_size = c.usize_any(&["hidden_size", "n_embed"])?;

@@ -95,6 +95,9 @@ pub fn gpt2_spec(
     }
 }
 
+/// The spec of a `GPT2LMHeadModel` config.json (`n_embd`, `n_head`, `n_layer`, `n_inner`,
+/// `n_positions`, `activation_function`, `scale_attn_weights`); refuses per-layer attention
+/// scaling and cross-attention.
 pub fn from_hf(config: &Value) -> Result<ArchInfo, ModelError> {
     let c = HfConfig(config);
     c.reject_true(
@@ -131,6 +134,7 @@ pub fn from_hf(config: &Value) -> Result<ArchInfo, ModelError> {
     })
 }
 
+/// The spec of GGUF `gpt2` metadata (`gpt2.*` keys; GELU-tanh MLP).
 pub fn from_gguf(md: &BTreeMap<String, MetadataValue>) -> Result<ArchInfo, ModelError> {
     let g = GgufMeta { md, arch: "gpt2" };
     let hidden_size = g.usize("embedding_length")?;

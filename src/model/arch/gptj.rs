@@ -95,6 +95,8 @@ pub fn gptj_spec(
     }
 }
 
+/// The spec of a `GPTJForCausalLM` config.json (partial rotary from `rotary_dim`, untied head
+/// unless `tie_word_embeddings: true`).
 pub fn from_hf(config: &Value) -> Result<ArchInfo, ModelError> {
     let c = HfConfig(config);
     let hidden_size = c.usize_any(&["n_embd", "hidden_size"])?;
@@ -125,6 +127,8 @@ pub fn from_hf(config: &Value) -> Result<ArchInfo, ModelError> {
     })
 }
 
+/// The spec of GGUF `gptj` metadata (`gptj.*` keys; rotary width from `rope.dimension_count`,
+/// context 2048 unless `context_length` is set).
 pub fn from_gguf(md: &BTreeMap<String, MetadataValue>) -> Result<ArchInfo, ModelError> {
     let g = GgufMeta { md, arch: "gptj" };
     let hidden_size = g.usize("embedding_length")?;

@@ -52,6 +52,9 @@ pub(super) fn hf_layer(t: LayerTensor) -> Option<&'static str> {
     })
 }
 
+/// The spec of a Llama, Mistral or Qwen2 config.json (`model_type` as given): GQA heads,
+/// `head_dim`, rope parameters and scaling, biases, Mistral's sliding window; refuses Qwen2's
+/// per-layer `use_sliding_window`.
 pub fn from_hf(model_type: &str, config: &Value) -> Result<ArchInfo, ModelError> {
     let c = HfConfig(config);
     let hidden_size = c.usize("hidden_size")?;
@@ -165,6 +168,9 @@ pub(super) fn hf_rope(c: &HfConfig<'_>, head_dim: usize) -> Result<Rope, ModelEr
     })
 }
 
+/// The spec of GGUF `llama`, `mistral` or `qwen2` metadata (`{arch}.*` keys): GPT-J-style
+/// rope pairing for the permuted llama/mistral Q/K rows, NeoX for qwen2; linear rope scaling
+/// only. Biases and tied embeddings are settled later from the tensors present.
 pub fn from_gguf(arch: &str, md: &BTreeMap<String, MetadataValue>) -> Result<ArchInfo, ModelError> {
     let g = GgufMeta { md, arch };
     let hidden_size = g.usize("embedding_length")?;

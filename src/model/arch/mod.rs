@@ -19,13 +19,21 @@ pub mod mpt;
 /// A tensor of the model outside the layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GlobalTensor {
+    /// Token embedding table `[vocab_size, hidden]`.
     TokenEmbedding,
+    /// Learned position table `[num_positions, hidden]` (GPT-2).
     PositionEmbedding,
+    /// Weight of the norm applied to the embeddings before layer 0 (BLOOM) `[hidden]`.
     EmbeddingNorm,
+    /// Bias of the embedding norm `[hidden]`.
     EmbeddingNormBias,
+    /// Weight of the norm after the last layer `[hidden]`.
     FinalNorm,
+    /// Bias of the final norm `[hidden]` (LayerNorm models).
     FinalNormBias,
+    /// LM head `[vocab_size, hidden]`; absent when the embeddings are tied.
     LmHead,
+    /// LM head bias `[vocab_size]`.
     LmHeadBias,
     /// GGUF Llama 3 per-pair rope frequency divisors.
     RopeFreqs,
@@ -35,26 +43,45 @@ pub enum GlobalTensor {
 /// checkpoints (one qkv tensor) are split or re-laid out at load by the architecture's fix-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LayerTensor {
+    /// Weight of the norm before attention (the shared norm of a parallel layer) `[hidden]`.
     AttnNorm,
+    /// Bias of that norm `[hidden]`.
     AttnNormBias,
+    /// Query projection `[q_dim, hidden]`.
     Q,
+    /// Key projection `[kv_dim, hidden]`.
     K,
+    /// Value projection `[kv_dim, hidden]`.
     V,
+    /// Query bias `[q_dim]`.
     QBias,
+    /// Key bias `[kv_dim]`.
     KBias,
+    /// Value bias `[kv_dim]`.
     VBias,
     /// Fused q/k/v projection, rows in the spec's `FusedQkv` order.
     Qkv,
+    /// Bias of the fused projection `[q_dim + 2 * kv_dim]`, in the same order as its rows.
     QkvBias,
+    /// Attention output projection `[hidden, q_dim]`.
     AttnOut,
+    /// Bias of the output projection `[hidden]`.
     AttnOutBias,
+    /// Weight of the norm before the MLP `[hidden]` (absent in shared-norm parallel layers).
     MlpNorm,
+    /// Bias of that norm `[hidden]`.
     MlpNormBias,
+    /// Gate projection of a gated MLP `[intermediate, hidden]`.
     Gate,
+    /// Gate bias `[intermediate]`.
     GateBias,
+    /// Up projection `[intermediate, hidden]` (the only input projection of a plain MLP).
     Up,
+    /// Up bias `[intermediate]`.
     UpBias,
+    /// Down projection `[hidden, intermediate]`.
     Down,
+    /// Down bias `[hidden]`.
     DownBias,
 }
 
@@ -70,7 +97,11 @@ pub enum TensorNames {
     HfGptJ,
     /// `FalconForCausalLM`: `transformer.h.N.*`; `ln_attn_mlp` selects `ln_attn`/`ln_mlp`
     /// (`new_decoder_architecture` with two norms) over `input_layernorm`/`post_attention_layernorm`.
-    HfFalcon { ln_attn_mlp: bool },
+    HfFalcon {
+        /// Two-norm layers name their norms `ln_attn`/`ln_mlp` (true) instead of
+        /// `input_layernorm`/`post_attention_layernorm` (false).
+        ln_attn_mlp: bool,
+    },
     /// `MptForCausalLM`: `transformer.blocks.N.*`.
     HfMpt,
     /// `BloomForCausalLM`: `transformer.h.N.*`.
@@ -82,6 +113,7 @@ pub enum TensorNames {
 }
 
 impl TensorNames {
+    /// The checkpoint's name for a global tensor, or None when this family has no such tensor.
     pub fn global(self, t: GlobalTensor) -> Option<String> {
         let name = match self {
             TensorNames::HfLlama => llama::hf_global(t),
@@ -95,6 +127,8 @@ impl TensorNames {
         Some(name.to_string())
     }
 
+    /// The checkpoint's name for tensor `t` of layer `layer_idx` (0-based), or None when this
+    /// family has no such tensor.
     pub fn layer(self, layer_idx: usize, t: LayerTensor) -> Option<String> {
         let suffix = match self {
             TensorNames::HfLlama => llama::hf_layer(t),
@@ -119,6 +153,7 @@ impl TensorNames {
         Some(format!("{prefix}{layer_idx}.{suffix}"))
     }
 
+    /// Whether the names are llama.cpp's GGUF names (`blk.N.*`).
     pub fn is_gguf(self) -> bool {
         matches!(self, TensorNames::Gguf | TensorNames::GgufFalcon)
     }
@@ -187,7 +222,10 @@ fn gguf_layer(t: LayerTensor) -> Option<&'static str> {
 /// An architecture recognized from a checkpoint: its spec and how its tensors are named.
 #[derive(Debug, Clone)]
 pub struct ArchInfo {
+    /// The model as data, from the checkpoint's config (fixed up from the tensors present by
+    /// `Checkpoint::open`).
     pub spec: DecoderSpec,
+    /// How the checkpoint names its tensors.
     pub names: TensorNames,
 }
 

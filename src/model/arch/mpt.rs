@@ -107,6 +107,9 @@ pub fn mpt_spec(
     }
 }
 
+/// The spec of an `MptForCausalLM` config.json (`d_model`, `n_heads`, `n_layers`,
+/// `expansion_ratio`, `max_seq_len`, `no_bias` and `attn_config`'s ALiBi, softmax scale and
+/// `clip_qkv`); refuses the variants listed in the module docs.
 pub fn from_hf(config: &Value) -> Result<ArchInfo, ModelError> {
     let c = HfConfig(config);
     let hidden_size = c.usize_any(&["d_model", "hidden_size"])?;
@@ -199,6 +202,8 @@ pub(crate) fn ffn_width_from_tensors(
     ))
 }
 
+/// The spec of GGUF `mpt` metadata (`mpt.*` keys: `attention.max_alibi_bias`,
+/// `attention.clamp_kqv`, ...).
 pub fn from_gguf(md: &BTreeMap<String, MetadataValue>) -> Result<ArchInfo, ModelError> {
     let g = GgufMeta { md, arch: "mpt" };
     let mut spec = mpt_spec(

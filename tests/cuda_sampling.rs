@@ -305,6 +305,24 @@ fn greedy_is_the_cpu_argmax() {
             compare("greedy", &rows, &outputs, &logits, &gpu);
             assert_eq!(gpu.sampled[0].token_id, (vocab_size / 2) as u32);
         }
+        // Rows the argmax must survive (they were the retired argmax kernel's cases): all -inf,
+        // NaNs sprinkled in, and the maximum at the very last id.
+        let mut logits = vec![f32::NEG_INFINITY; vocab_size];
+        let mut nan_row = random_logits(&mut rng, vocab_size, 8.0);
+        for i in (0..vocab_size).step_by(3) {
+            nan_row[i] = f32::NAN;
+        }
+        logits.extend(nan_row);
+        let mut last = random_logits(&mut rng, vocab_size, 8.0);
+        last[vocab_size - 1] = 1e4;
+        logits.extend(last);
+        let rows: Vec<Row> = (0..3)
+            .map(|i| Row::new(SamplingParams::default(), i as u64))
+            .collect();
+        let outputs = vec![Vec::new(); 3];
+        let gpu = gpu_step::<f32>(&mut sampler, &rows, &outputs, &logits, vocab_size);
+        compare("greedy edge rows", &rows, &outputs, &logits, &gpu);
+        assert_eq!(gpu.sampled[2].token_id, (vocab_size - 1) as u32);
     }
     println!("CHECK sampler greedy: exact");
 }

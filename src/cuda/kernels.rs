@@ -37,8 +37,6 @@ pub enum KernelId {
     KvCache,
     /// `paged_attention_decode_{dt}`
     Attention,
-    /// `argmax_{dt}`
-    Sampling,
     /// `paged_attention_prefill_{dt}`, `paged_attention_prefill_simt_{dt}` (defines `HEAD_DIM`)
     AttentionPrefill,
     /// `paged_attention_splitk_{dt}`, `paged_attention_splitk_reduce_{dt}` (defines `HEAD_DIM`,
@@ -54,14 +52,13 @@ pub enum KernelId {
 
 impl KernelId {
     /// Every kernel file, for tests that compile all of them and for warm-up lists.
-    pub const ALL: [KernelId; 12] = [
+    pub const ALL: [KernelId; 11] = [
         KernelId::Embedding,
         KernelId::Norm,
         KernelId::Rotary,
         KernelId::Activation,
         KernelId::KvCache,
         KernelId::Attention,
-        KernelId::Sampling,
         KernelId::AttentionPrefill,
         KernelId::AttentionSplitK,
         KernelId::Elementwise,
@@ -78,7 +75,6 @@ impl KernelId {
             KernelId::Activation => "activation.cu",
             KernelId::KvCache => "kv_cache.cu",
             KernelId::Attention => "attention.cu",
-            KernelId::Sampling => "sampling.cu",
             KernelId::AttentionPrefill => "attention_prefill.cu",
             KernelId::AttentionSplitK => "attention_splitk.cu",
             KernelId::Elementwise => "elementwise.cu",
@@ -96,7 +92,6 @@ impl KernelId {
             KernelId::Activation => include_str!("../../kernels/activation.cu"),
             KernelId::KvCache => include_str!("../../kernels/kv_cache.cu"),
             KernelId::Attention => include_str!("../../kernels/attention.cu"),
-            KernelId::Sampling => include_str!("../../kernels/sampling.cu"),
             KernelId::AttentionPrefill => include_str!("../../kernels/attention_prefill.cu"),
             KernelId::AttentionSplitK => include_str!("../../kernels/attention_splitk.cu"),
             KernelId::Elementwise => include_str!("../../kernels/elementwise.cu"),
@@ -151,7 +146,6 @@ impl KernelId {
             KernelId::Activation => &["gated_act", "act"],
             KernelId::KvCache => &["kv_cache_write"],
             KernelId::Attention => &["paged_attention_decode"],
-            KernelId::Sampling => &["argmax"],
             KernelId::AttentionPrefill => {
                 &["paged_attention_prefill", "paged_attention_prefill_simt"]
             }

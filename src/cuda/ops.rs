@@ -959,35 +959,3 @@ pub fn paged_attention_decode<T: FloatElem>(
     unsafe { b.launch(cfg) }.map_err(|e| launch_error(dev, &entry, e))?;
     Ok(())
 }
-
-/// Greedy argmax per row: token_ids[r] = the lowest id among the largest logits of row r.
-/// logits: [num_rows, vocab_size]; token_ids: [num_rows].
-pub fn argmax<T: FloatElem>(
-    dev: &CudaDevice,
-    token_ids: &mut DeviceBuffer<u32>,
-    logits: &DeviceBuffer<T>,
-    vocab_size: usize,
-) -> Result<(), CudaError> {
-    const OP: &str = "argmax";
-    dev.check_buffer(OP, "token_ids", token_ids)?;
-    dev.check_buffer(OP, "logits", logits)?;
-    if vocab_size == 0 {
-        return Err(CudaError::invalid(OP, "vocab_size", 0, "must be > 0"));
-    }
-    let num_rows = token_ids.len();
-    expect_len(OP, "logits", logits, num_rows * vocab_size)?;
-    if num_rows == 0 {
-        return Ok(());
-    }
-    let entry = entry::<T>(OP);
-    let f = dev.function(KernelId::Sampling, &[], &entry)?;
-    let vocab_i = to_i32(OP, "vocab_size", vocab_size)?;
-    let cfg = grid((to_u32(OP, "num_rows", num_rows)?, 1), 1024);
-    let mut b = dev.stream().launch_builder(&f);
-    b.arg(&mut token_ids.slice).arg(&logits.slice).arg(&vocab_i);
-    // SAFETY: the arguments match sampling.cu's argmax (token_ids, logits, vocab_size);
-    // token_ids holds num_rows and logits num_rows * vocab_size elements (checked above, both on
-    // this device); the block has 1024 threads = 32 warps, the size of the kernel's scratch.
-    unsafe { b.launch(cfg) }.map_err(|e| launch_error(dev, &entry, e))?;
-    Ok(())
-}

@@ -35,10 +35,10 @@ pub enum ExecutorError {
         max: usize,
     },
     /// `plan.num_batched_tokens` disagrees with the sum of its chunks' lengths.
-    #[error("plan counts {counted} batched tokens but its sequences hold {actual}")]
+    #[error("plan counts {declared} batched tokens but its sequences hold {actual}")]
     TokenCount {
         /// What the plan says (`num_batched_tokens`).
-        counted: usize,
+        declared: usize,
         /// The sum of `token_ids.len()` over its sequences.
         actual: usize,
     },
@@ -56,8 +56,7 @@ pub enum ExecutorError {
         /// One past the last position of the chunk.
         end: usize,
     },
-    /// A sequence reaches past `max_model_len` (more blocks than a table row holds, or a position
-    /// that does not fit an i32).
+    /// A sequence reaches past `max_model_len` (more blocks than a table row holds).
     #[error(
         "sequence {seq}: {end} tokens exceed max_model_len ({max_blocks} blocks of {block_size})"
     )]
@@ -70,6 +69,14 @@ pub enum ExecutorError {
         max_blocks: usize,
         /// Tokens per block.
         block_size: usize,
+    },
+    /// A position past what the device kernels index (i32).
+    #[error("sequence {seq}: position {end} does not fit in i32")]
+    PositionOverflow {
+        /// The sequence's id (`SeqId.0`).
+        seq: u64,
+        /// One past the last position of the chunk.
+        end: usize,
     },
     /// A block id in a sequence's table is not a block of the cache.
     #[error("sequence {seq}: block id {block} outside the cache's {num_blocks} blocks")]
@@ -178,7 +185,7 @@ pub fn check_plan(plan: &SchedulePlan, lim: &StepLimits) -> Result<PlanShape, Ex
         num_tokens: plan.num_batched_tokens,
         ..PlanShape::default()
     };
-    let mut counted = 0;
+    let mut actual = 0;
     for s in &plan.seqs {
         let seq = s.seq_id.0;
         let end = s.start_pos + s.token_ids.len();
@@ -194,7 +201,10 @@ pub fn check_plan(plan: &SchedulePlan, lim: &StepLimits) -> Result<PlanShape, Ex
                 end,
             });
         }
-        if needed > lim.max_blocks_per_seq || i32::try_from(end).is_err() {
+        if i32::try_from(end).is_err() {
+            return Err(ExecutorError::PositionOverflow { seq, end });
+        }
+        if needed > lim.max_blocks_per_seq {
             return Err(ExecutorError::TooLong {
                 seq,
                 end,
@@ -212,7 +222,7 @@ pub fn check_plan(plan: &SchedulePlan, lim: &StepLimits) -> Result<PlanShape, Ex
                 num_blocks: lim.num_blocks,
             });
         }
-        counted += s.token_ids.len();
+        actual += s.token_ids.len();
         match s.token_ids.len() {
             1 => {
                 shape.num_decode += 1;
@@ -225,10 +235,10 @@ pub fn check_plan(plan: &SchedulePlan, lim: &StepLimits) -> Result<PlanShape, Ex
         }
         shape.num_sampling += usize::from(s.sample);
     }
-    if counted != plan.num_batched_tokens {
+    if actual != plan.num_batched_tokens {
         return Err(ExecutorError::TokenCount {
-            counted: plan.num_batched_tokens,
-            actual: counted,
+            declared: plan.num_batched_tokens,
+            actual,
         });
     }
     Ok(shape)

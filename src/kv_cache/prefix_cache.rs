@@ -35,8 +35,9 @@ struct Entry {
 }
 
 /// The index of registered (full, computed) KV blocks by exact token prefix, plus the
-/// least-recently-released order of the evictable ones. Build with `new`, not `Default`.
-#[derive(Debug, Clone, Default)]
+/// least-recently-released order of the evictable ones. `Default` is `new` (a derived default
+/// would start content ids at `ROOT`, the id that means "no parent").
+#[derive(Debug, Clone)]
 pub struct PrefixCache {
     /// Entries by parent content id, then by tokens: a lookup borrows its tokens (no key is
     /// built per probe). Most parents have one child; an empty inner map is removed.
@@ -50,12 +51,22 @@ pub struct PrefixCache {
     next_tick: u64,
 }
 
+impl Default for PrefixCache {
+    fn default() -> Self {
+        PrefixCache::new()
+    }
+}
+
 impl PrefixCache {
     /// An empty cache whose first content id is `ROOT + 1`.
     pub fn new() -> Self {
         PrefixCache {
+            entries: HashMap::new(),
+            keys: HashMap::new(),
+            evictable: BTreeMap::new(),
+            released_at: HashMap::new(),
             next_content_id: ROOT + 1,
-            ..Default::default()
+            next_tick: 0,
         }
     }
 

@@ -39,14 +39,6 @@ pub enum ModelError {
         /// The path given.
         path: PathBuf,
     },
-    /// A tensor the model needs is unusable; no loader constructs this variant at present.
-    #[error("tensor '{tensor}': {reason}")]
-    Tensor {
-        /// The tensor's name.
-        tensor: String,
-        /// What is wrong with it.
-        reason: String,
-    },
 }
 
 /// Which format a checkpoint came from.

@@ -226,7 +226,7 @@ pub fn from_gguf(arch: &str, md: &BTreeMap<String, MetadataValue>) -> Result<Arc
         act: Activation::Silu,
         mlp: Mlp::Gated,
         qkv: QkvLayout::Separate,
-        // Biases and tied embeddings are decided from which tensors exist (see `model::load`).
+        // Biases and tied embeddings are decided from which tensors exist (see `Checkpoint::fix_up_from_tensors`).
         biases: Biases {
             qkv: arch == "qwen2",
             ..Biases::default()

@@ -7,10 +7,9 @@ mod loader_common;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
+use loader_common::safetensors_writer::SafetensorsWriter;
 use loader_common::{Rng, temp_dir};
-use triton_ferrum::loader::safetensors::{
-    SafetensorsDType, SafetensorsSource, SafetensorsWriter, read_json,
-};
+use triton_ferrum::loader::safetensors::{SafetensorsDType, SafetensorsSource, read_json};
 use triton_ferrum::loader::{LoadError, Shard, SourceDType, TensorSource};
 
 fn fixture_dir() -> PathBuf {

@@ -10,11 +10,12 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use loader_common::gguf_writer::GgufWriter;
+use loader_common::safetensors_writer::SafetensorsWriter;
 use serde_json::Value;
 use triton_ferrum::engine::{EngineOptions, options};
 use triton_ferrum::loader::TensorSource;
 use triton_ferrum::loader::gguf::MetadataValue;
-use triton_ferrum::loader::safetensors::{SafetensorsSource, SafetensorsWriter};
+use triton_ferrum::loader::safetensors::SafetensorsSource;
 use triton_ferrum::model::spec::{FusedQkv, PosEmbedding, QkvLayout};
 use triton_ferrum::model::{ArchInfo, Checkpoint, TensorNames, presets, weights};
 

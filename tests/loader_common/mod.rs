@@ -1,8 +1,9 @@
 //! Helpers shared by the loader integration tests: a seeded RNG, temp dirs, the real-model path,
-//! and `GgufWriter` (building GGUF files).
+//! `GgufWriter` and `SafetensorsWriter` (building GGUF and safetensors files).
 #![allow(dead_code)]
 
 pub mod gguf_writer;
+pub mod safetensors_writer;
 
 use std::path::PathBuf;
 

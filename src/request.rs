@@ -245,7 +245,7 @@ impl FinishReason {
 pub use crate::tensor::TokenLogprobs;
 
 /// What the engine emits for a request. A request's stream ends with exactly one event whose
-/// `finish` is set (or an `Error` event).
+/// `finish` is set (or an `Error` or `Unavailable` event).
 #[derive(Debug, Clone, PartialEq)]
 pub enum TokenEvent {
     /// Prompt accepted: the tokenized prompt (useful when the request carried text).
@@ -263,4 +263,8 @@ pub enum TokenEvent {
     Finished { text: String, reason: FinishReason },
     /// The request failed; no more events follow.
     Error(String),
+    /// The engine did not take the request: it is not serving (restarting after a failure, or
+    /// failed for good). The message says since when, why, and what to do (retry or reload the
+    /// model). No more events follow.
+    Unavailable(String),
 }

@@ -1,5 +1,6 @@
 //! Engine behaviour on a tiny fixture model: in-flight batching invariance (with chunked prefill
-//! and preemption), aborts, seeds, stop conditions, and request validation errors.
+//! and preemption), aborts, seeds, stop conditions, request validation errors, and surviving a
+//! panicking step (rebuild, refusals meanwhile, failing closed).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -7,10 +8,14 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use triton_ferrum::engine::is_final;
+use triton_ferrum::engine::{
+    Device, Engine, EngineHandle, EngineOptions, EngineSetup, FaultInjection, Incident, Recovery,
+    is_final, options,
+};
+use triton_ferrum::executor::Executor;
 use triton_ferrum::ops::linear::WeightFormat;
 use triton_ferrum::request::{
-    FinishReason, Prompt, RequestError, SamplingParams, StopCriteria, TokenEvent,
+    FinishReason, GenerateRequest, Prompt, RequestError, SamplingParams, StopCriteria, TokenEvent,
 };
 
 fn model_dir() -> std::path::PathBuf {
@@ -355,12 +360,14 @@ fn invalid_requests_get_errors_naming_the_field() {
 /// step's detokenization, stop strings and events), then the argmax; otherwise the engine
 /// samples on the host. `step_time` stretches every step to at least that long (a slower
 /// device, so that a test acts while a request runs); with `fail_at_step`, that step fails
-/// after its overlap ran.
+/// after its overlap ran; with `panic_at_step`, that step panics before anything else (before
+/// its overlap: the previous step's tokens are still undelivered).
 struct TestExecutor {
     cpu: triton_ferrum::executor::cpu::CpuExecutor,
     on_device: bool,
     num_steps: usize,
     fail_at_step: Option<usize>,
+    panic_at_step: Option<usize>,
     step_time: Duration,
 }
 
@@ -371,6 +378,7 @@ impl TestExecutor {
             on_device,
             num_steps: 0,
             fail_at_step: None,
+            panic_at_step: None,
             step_time: Duration::ZERO,
         }
     }
@@ -381,6 +389,9 @@ impl TestExecutor {
         plan: &triton_ferrum::scheduler::SchedulePlan,
         overlap: &mut dyn FnMut(),
     ) -> triton_ferrum::Result<triton_ferrum::executor::Logits> {
+        if self.panic_at_step == Some(self.num_steps + 1) {
+            panic!("test executor panics in step {}", self.num_steps + 1);
+        }
         let start = std::time::Instant::now();
         let logits = triton_ferrum::executor::Executor::execute(&mut self.cpu, plan)?;
         overlap();
@@ -469,7 +480,20 @@ fn engine_with(
         triton_ferrum::executor::cpu::CpuExecutor,
     ) -> Box<dyn triton_ferrum::executor::Executor>,
 ) -> triton_ferrum::engine::Engine {
-    use triton_ferrum::engine::{Engine, ModelInfo, options};
+    let (cpu, info, scheduler) = cpu_executor(opts);
+    triton_ferrum::engine::Engine::start(wrap(cpu), scheduler, info).unwrap()
+}
+
+/// A CPU executor with the limits of `opts` (see `engine_with`), the model's facts and the
+/// scheduler configuration to match.
+fn cpu_executor(
+    opts: &triton_ferrum::engine::EngineOptions,
+) -> (
+    triton_ferrum::executor::cpu::CpuExecutor,
+    triton_ferrum::engine::ModelInfo,
+    triton_ferrum::scheduler::SchedulerConfig,
+) {
+    use triton_ferrum::engine::{ModelInfo, options};
     use triton_ferrum::executor::cpu::CpuExecutor;
     use triton_ferrum::model::Checkpoint;
     use triton_ferrum::scheduler::SchedulerConfig;
@@ -480,26 +504,23 @@ fn engine_with(
     let num_blocks = opts.max_tokens_in_paged_kv_cache.unwrap() / opts.block_size;
     let weights = options::load_weights(&ckpt, WeightFormat::F32, false).unwrap();
     let cpu = CpuExecutor::new(spec.clone(), weights, num_blocks, opts.block_size, 0).unwrap();
-    Engine::start(
-        wrap(cpu),
-        SchedulerConfig {
-            max_num_seqs: opts.max_num_seqs,
-            max_num_batched_tokens: opts.max_num_batched_tokens,
-            block_size: opts.block_size,
-            num_blocks,
-            max_model_len,
-            enable_chunked_prefill: true,
-            policy: opts.batch_scheduler_policy,
-            enable_prefix_caching: false,
-        },
-        ModelInfo {
-            vocab_size: spec.vocab_size,
-            max_model_len,
-            eos_token_ids: ckpt.eos_token_ids(),
-            tokenizer: ckpt.tokenizer.clone(),
-        },
-    )
-    .unwrap()
+    let info = ModelInfo {
+        vocab_size: spec.vocab_size,
+        max_model_len,
+        eos_token_ids: ckpt.eos_token_ids(),
+        tokenizer: ckpt.tokenizer.clone(),
+    };
+    let scheduler = SchedulerConfig {
+        max_num_seqs: opts.max_num_seqs,
+        max_num_batched_tokens: opts.max_num_batched_tokens,
+        block_size: opts.block_size,
+        num_blocks,
+        max_model_len,
+        enable_chunked_prefill: true,
+        policy: opts.batch_scheduler_policy,
+        enable_prefix_caching: false,
+    };
+    (cpu, info, scheduler)
 }
 
 /// An engine on a device-sampling `TestExecutor` with the limits of `overlap_options`.
@@ -760,4 +781,440 @@ fn an_abort_on_the_overlapped_engine_delivers_the_accepted_tokens_first() {
         stats.num_kv_blocks_free, stats.num_kv_blocks_total,
         "{stats:?}"
     );
+}
+
+// ---- a panicking step ----------------------------------------------------------------------------
+
+/// A token id no `prompt()` holds (they use 3..=302 of the fixture's 311).
+const POISON: u32 = 305;
+
+fn next_incident(incidents: &crossbeam_channel::Receiver<Incident>) -> Incident {
+    incidents
+        .recv_timeout(Duration::from_secs(60))
+        .expect("an incident within 60 s")
+}
+
+/// The events of one request, up to its final one (each within 30 s).
+fn request_events(handle: &EngineHandle, req: GenerateRequest) -> Vec<TokenEvent> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let (id, _) = handle.submit_to(req, tx).unwrap();
+    let mut events = vec![];
+    while !events.last().is_some_and(is_final) {
+        let (got, ev) = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("every event within 30 s");
+        assert_eq!(got, id);
+        events.push(ev);
+    }
+    events
+}
+
+fn tokens_of(events: &[TokenEvent]) -> Vec<u32> {
+    events
+        .iter()
+        .filter_map(|ev| match ev {
+            TokenEvent::Token { token_id, .. } => Some(*token_id),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A step that panics (here on a poisoned prompt, `FaultInjection`, on the engine `options`
+/// starts for Triton) fails every request the engine holds with exactly one error naming the
+/// panic: two midway with tokens out, the poisoned one, and one waiting for a seat. A request
+/// that ended before keeps its answer. The engine reports the panic, rebuilds from the model path
+/// and gives the same greedy answers as before with its whole KV cache free; the next poisoned
+/// prompt costs another rebuild, not the engine.
+#[test]
+fn a_panicking_step_fails_every_request_in_flight_once_and_the_engine_rebuilds() {
+    let mut opts = EngineOptions::new(model_dir());
+    opts.device = Device::Cpu;
+    opts.weight_format = Some(WeightFormat::F32);
+    opts.block_size = 4;
+    opts.max_model_len = Some(128);
+    // Three seats: the poisoned prompt waits for the short request's seat, so it is scheduled
+    // (and the step panics) while two long requests are midway, however fast the steps run.
+    opts.max_num_seqs = 3;
+    let faults = FaultInjection {
+        panic_token_id: Some(POISON),
+    };
+    let engine = options::start_with_faults(&opts, faults).unwrap().engine;
+    let (handle, incidents) = (engine.handle(), engine.incidents());
+    let short = greedy(prompt(5, 1), 10, None);
+    let reference = collect(&handle, short.clone());
+    let before = handle.stats().unwrap();
+
+    let requests = [
+        short.clone(),
+        greedy(prompt(6, 2), 100, None),
+        greedy(prompt(7, 3), 100, None),
+        greedy([prompt(4, 4), vec![POISON]].concat(), 10, None),
+        greedy(prompt(8, 5), 10, None),
+    ];
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let ids: Vec<_> = requests
+        .iter()
+        .map(|r| handle.submit_to(r.clone(), tx.clone()).unwrap().0)
+        .collect();
+    let events = collect_shared(&handle, &rx, &ids);
+    let first = &events[&ids[0]];
+    assert_eq!(tokens_of(first), reference.output_ids);
+    assert!(
+        matches!(
+            first.last(),
+            Some(TokenEvent::Token {
+                finish: Some(FinishReason::Length),
+                ..
+            })
+        ),
+        "the short request ended before the panic: {first:?}"
+    );
+    for (i, id) in ids.iter().enumerate().skip(1) {
+        let evs = &events[id];
+        assert_eq!(evs.iter().filter(|ev| is_final(ev)).count(), 1, "{evs:?}");
+        match evs.last() {
+            Some(TokenEvent::Error(e)) => assert!(
+                e.starts_with(
+                    "engine failed: panic in step: injected panic: the prompt of request"
+                ) && e.contains(&format!("holds token {POISON} (FERRUM_INJECT_PANIC_TOKEN)"))
+                    && e.ends_with("the engine is restarting, retry the request"),
+                "request {i}: {e}"
+            ),
+            other => panic!("request {i}: last event {other:?}"),
+        }
+    }
+    for i in [1, 2] {
+        assert!(
+            tokens_of(&events[&ids[i]]).len() >= 9,
+            "request {i} was midway: {:?}",
+            events[&ids[i]]
+        );
+    }
+    match next_incident(&incidents) {
+        Incident::StepPanicked {
+            failure,
+            num_failed_requests,
+            rebuilding,
+        } => {
+            assert!(
+                failure.reason.starts_with("panic in step: injected panic"),
+                "{failure}"
+            );
+            assert_eq!((num_failed_requests, rebuilding), (4, true));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        next_incident(&incidents),
+        Incident::Rebuilt { .. }
+    ));
+    // The rebuilt engine: the same answer, its whole KV cache free, the counters kept.
+    assert_eq!(
+        collect(&handle, short.clone()).output_ids,
+        reference.output_ids
+    );
+    let after = handle.stats().unwrap();
+    assert_eq!(after.num_engine_failures, 1, "{after:?}");
+    assert_eq!(after.num_finished, before.num_finished + 2, "{after:?}");
+    assert_eq!(after.num_kv_blocks_total, before.num_kv_blocks_total);
+    assert_eq!(after.num_kv_blocks_free, after.num_kv_blocks_total);
+    // Every poisoned prompt costs a rebuild, not the engine.
+    let evs = request_events(&handle, greedy(vec![POISON], 4, None));
+    assert!(
+        matches!(evs.last(), Some(TokenEvent::Error(e)) if e.contains("injected panic")),
+        "{evs:?}"
+    );
+    assert!(matches!(
+        next_incident(&incidents),
+        Incident::StepPanicked {
+            num_failed_requests: 1,
+            rebuilding: true,
+            ..
+        }
+    ));
+    assert!(matches!(
+        next_incident(&incidents),
+        Incident::Rebuilt { .. }
+    ));
+    assert_eq!(collect(&handle, short).output_ids, reference.output_ids);
+    assert_eq!(handle.stats().unwrap().num_engine_failures, 2);
+}
+
+/// A rebuild opens the model path again; if it no longer holds the model the engine started
+/// with (the folder was overwritten with another checkpoint since), the rebuild fails and the
+/// engine fails closed, saying so, rather than serving a different model under the old facts.
+#[test]
+fn a_rebuild_refuses_a_model_path_that_now_holds_another_model() {
+    let dir = std::env::temp_dir().join(format!("ferrum-rebuild-{}", std::process::id()));
+    let copy = |from: &std::path::Path| {
+        for name in ["config.json", "generation_config.json", "model.safetensors"] {
+            std::fs::copy(from.join(name), dir.join(name)).unwrap();
+        }
+    };
+    std::fs::create_dir_all(&dir).unwrap();
+    copy(&model_dir());
+    let mut opts = EngineOptions::new(&dir);
+    opts.device = Device::Cpu;
+    opts.max_model_len = Some(64);
+    let faults = FaultInjection {
+        panic_token_id: Some(POISON),
+    };
+    let engine = options::start_with_faults(&opts, faults).unwrap().engine;
+    let (handle, incidents) = (engine.handle(), engine.incidents());
+    assert_eq!(
+        collect(&handle, greedy(prompt(5, 1), 4, None))
+            .output_ids
+            .len(),
+        4
+    );
+    copy(&fixtures().join("models/gpt2"));
+    let evs = request_events(&handle, greedy(vec![POISON], 4, None));
+    assert!(
+        matches!(evs.last(), Some(TokenEvent::Error(e)) if e.contains("injected panic")),
+        "{evs:?}"
+    );
+    assert!(matches!(
+        next_incident(&incidents),
+        Incident::StepPanicked {
+            rebuilding: true,
+            ..
+        }
+    ));
+    match next_incident(&incidents) {
+        Incident::RebuildFailed { error } => assert!(
+            error.contains("no longer holds the model the engine was started with"),
+            "{error}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    match &request_events(&handle, greedy(prompt(5, 1), 4, None))[..] {
+        [TokenEvent::Unavailable(e)] => assert!(e.contains("reload the model"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    drop(engine);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// On the overlapped engine (as on the GPU), the executor panics in a step before its overlap
+/// delivered the previous step's tokens: requests that ended before keep their answer, every
+/// other one gets exactly one error naming the panic (also one whose last token was accepted but
+/// not delivered yet). While the engine rebuilds (held here at a gate), a new request is refused
+/// at once with `Unavailable` saying why; then the engine gives the same answers as before. After
+/// a later panic whose rebuild fails, it fails closed: every request is refused with when and
+/// why, until it is dropped.
+#[test]
+fn requests_are_refused_with_the_reason_while_rebuilding_and_after_a_failed_rebuild() {
+    let reference = TestEngine::start(&model_dir(), Some(WeightFormat::F32), |o| {
+        *o = overlap_options()
+    });
+    let (requests, expected) = overlap_requests(&reference);
+    let opts = overlap_options();
+    let (cpu, info, scheduler) = cpu_executor(&opts);
+    // The test lets each rebuild through (Ok) or fails it (Err).
+    let (gate_opener, gate) = crossbeam_channel::unbounded::<Result<(), String>>();
+    let rebuild = move || -> triton_ferrum::Result<Box<dyn Executor>> {
+        match gate.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(triton_ferrum::Error::Engine(e)),
+            Err(_) => return Err(triton_ferrum::Error::Engine("the test ended".into())),
+        }
+        Ok(Box::new(TestExecutor::new(cpu_executor(&opts).0, true)))
+    };
+    let engine = Engine::start_with(
+        Box::new(TestExecutor {
+            panic_at_step: Some(12),
+            ..TestExecutor::new(cpu, true)
+        }),
+        info,
+        EngineSetup {
+            scheduler,
+            recovery: Recovery::Rebuild(Box::new(rebuild)),
+            faults: FaultInjection {
+                panic_token_id: Some(POISON),
+            },
+        },
+    )
+    .unwrap();
+    // Bound after `engine`, so dropped before it when an assertion fails: a rebuild waiting at
+    // the gate then ends (the engine's shutdown waits for it) instead of hanging the test.
+    let gate_tx = gate_opener;
+    let (handle, incidents) = (engine.handle(), engine.incidents());
+    let submit_all = |tx: &crossbeam_channel::Sender<_>| -> Vec<_> {
+        requests
+            .iter()
+            .map(|r| handle.submit_to(r.clone(), tx.clone()).unwrap().0)
+            .collect()
+    };
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let ids = submit_all(&tx);
+    let events = collect_shared(&handle, &rx, &ids);
+    let mut num_errors = 0;
+    for (i, (id, want)) in ids.iter().zip(&expected).enumerate() {
+        let evs = &events[id];
+        let tokens = tokens_of(evs);
+        assert!(
+            want.output_ids.starts_with(&tokens),
+            "request {i}: {tokens:?} vs {:?}",
+            want.output_ids
+        );
+        match evs.last() {
+            Some(TokenEvent::Error(e)) => {
+                assert_eq!(
+                    e,
+                    "engine failed: panic in step: test executor panics in step 12; the engine is restarting, retry the request",
+                    "request {i}"
+                );
+                num_errors += 1;
+            }
+            Some(TokenEvent::Token {
+                finish: Some(_), ..
+            }) => assert_eq!(tokens, want.output_ids, "request {i} ended normally"),
+            other => panic!("request {i}: last event {other:?}"),
+        }
+    }
+    assert!(num_errors > 0, "the panicking step held requests");
+    match next_incident(&incidents) {
+        Incident::StepPanicked {
+            num_failed_requests,
+            rebuilding: true,
+            ..
+        } => assert_eq!(num_failed_requests, num_errors),
+        other => panic!("{other:?}"),
+    }
+
+    // Rebuilding (held at the gate): a request is refused at once; stats still answer.
+    let evs = request_events(&handle, greedy(prompt(6, 1), 4, None));
+    match &evs[..] {
+        [TokenEvent::Unavailable(e)] => assert!(
+            e.starts_with("the engine is restarting after it failed at ")
+                && e.contains(" UTC: panic in step: test executor panics in step 12; retry"),
+            "{e}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    let stats = handle.stats().unwrap();
+    assert_eq!(
+        (
+            stats.num_engine_failures,
+            stats.num_kv_blocks_total,
+            stats.num_running + stats.num_waiting
+        ),
+        (1, 0, 0),
+        "{stats:?}"
+    );
+    gate_tx.send(Ok(())).unwrap();
+    assert!(matches!(
+        next_incident(&incidents),
+        Incident::Rebuilt { .. }
+    ));
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let ids = submit_all(&tx);
+    let events = collect_shared(&handle, &rx, &ids);
+    for (i, (id, want)) in ids.iter().zip(&expected).enumerate() {
+        assert_eq!(
+            tokens_of(&events[id]),
+            want.output_ids,
+            "request {i} after the rebuild"
+        );
+    }
+
+    // A second panic, and a rebuild that fails: the engine fails closed.
+    let evs = request_events(
+        &handle,
+        greedy([prompt(3, 9), vec![POISON]].concat(), 4, None),
+    );
+    assert!(
+        matches!(evs.last(), Some(TokenEvent::Error(e)) if e.contains("injected panic")),
+        "{evs:?}"
+    );
+    assert!(matches!(
+        next_incident(&incidents),
+        Incident::StepPanicked {
+            num_failed_requests: 1,
+            rebuilding: true,
+            ..
+        }
+    ));
+    gate_tx.send(Err("no device left".into())).unwrap();
+    match next_incident(&incidents) {
+        Incident::RebuildFailed { error } => assert_eq!(error, "engine error: no device left"),
+        other => panic!("{other:?}"),
+    }
+    for _ in 0..2 {
+        let evs = request_events(&handle, greedy(prompt(6, 1), 4, None));
+        match &evs[..] {
+            [TokenEvent::Unavailable(e)] => assert!(
+                e.starts_with("the engine failed at ")
+                    && e.contains(" UTC: panic in step: injected panic")
+                    && e.ends_with(
+                        "; rebuilding it failed: engine error: no device left; reload the model"
+                    ),
+                "{e}"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(handle.stats().unwrap().num_engine_failures, 2);
+    drop(engine);
+    assert!(incidents.try_recv().is_err(), "nothing after the failure");
+}
+
+/// With `Recovery::FailClosed` (`Engine::start`, `options::start_checkpoint`), a panicked step
+/// fails the requests in flight once each, and every later request is refused, saying when and
+/// why the engine failed and that the model must be reloaded.
+#[test]
+fn a_fail_closed_engine_refuses_every_request_after_a_panic() {
+    let (cpu, info, scheduler) = cpu_executor(&overlap_options());
+    let engine = Engine::start_with(
+        Box::new(cpu),
+        info,
+        EngineSetup {
+            scheduler,
+            recovery: Recovery::FailClosed,
+            faults: FaultInjection {
+                panic_token_id: Some(POISON),
+            },
+        },
+    )
+    .unwrap();
+    let (handle, incidents) = (engine.handle(), engine.incidents());
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let ids: Vec<_> = [
+        greedy(prompt(5, 1), 10, None),
+        greedy([prompt(3, 2), vec![POISON]].concat(), 10, None),
+    ]
+    .into_iter()
+    .map(|r| handle.submit_to(r, tx.clone()).unwrap().0)
+    .collect();
+    let events = collect_shared(&handle, &rx, &ids);
+    for id in &ids {
+        match events[id].last() {
+            Some(TokenEvent::Error(e)) => assert!(
+                e.starts_with("engine failed: panic in step: injected panic")
+                    && e.ends_with("the engine serves no more, the model must be reloaded"),
+                "{e}"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(matches!(
+        next_incident(&incidents),
+        Incident::StepPanicked {
+            num_failed_requests: 2,
+            rebuilding: false,
+            ..
+        }
+    ));
+    let evs = request_events(&handle, greedy(prompt(5, 1), 10, None));
+    match &evs[..] {
+        [TokenEvent::Unavailable(e)] => assert!(
+            e.starts_with("the engine failed at ")
+                && e.contains(" UTC: panic in step: injected panic")
+                && e.ends_with("; reload the model"),
+            "{e}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    drop(engine);
+    assert!(incidents.try_recv().is_err());
 }

@@ -22,7 +22,7 @@ use triton_api::{
 use crate::config::{BackendConfig, ModelConfigInfo, ModelLocation};
 use crate::engine::{Engine, EngineHandle};
 use parse::{ParseContext, RawRequest};
-use respond::{Job, NewJob, Responder, ResponseSender};
+use respond::{Job, NewJob, Responder, ResponderSetup, ResponseSender};
 
 /// The `Backend` implementation Triton talks to.
 pub struct FerrumBackend;
@@ -140,7 +140,13 @@ impl triton_api::entry::Backend for FerrumBackend {
                 None
             }
         };
-        let responder = Responder::start(handle.clone(), info.max_batch_size > 0, model_metrics)?;
+        let responder = Responder::start(ResponderSetup {
+            model_name: name.clone(),
+            engine: handle.clone(),
+            incidents: loaded.engine.incidents(),
+            batched: info.max_batch_size > 0,
+            metrics: model_metrics,
+        })?;
         Ok(ModelState {
             name,
             info,

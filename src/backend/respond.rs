@@ -7,9 +7,9 @@
 //! come back on one shared channel tagged by `SeqId`), turns events into responses (a delta per
 //! response when streaming, one full response otherwise), polls Triton for cancellation every
 //! `CANCEL_POLL` and aborts cancelled requests in the engine, refreshes the model's custom
-//! metrics every `METRICS_INTERVAL` (and owns them: they are deleted when the thread ends), and
-//! drains an instance's requests before that instance is finalized. It never blocks Triton's
-//! Execute thread.
+//! metrics every `METRICS_INTERVAL` (and owns them: they are deleted when the thread ends), logs
+//! the engine's incidents (a panicked step, a rebuild), and drains an instance's requests before
+//! that instance is finalized. It never blocks Triton's Execute thread.
 
 use std::collections::HashMap;
 use std::thread::JoinHandle;
@@ -20,7 +20,7 @@ use triton_api::{DataType, ErrorCode, InstanceHandle, Request, ResponseFactory, 
 
 use super::metrics::{METRICS_INTERVAL, ModelMetrics};
 use super::parse::{Interface, ParsedRequest};
-use crate::engine::EngineHandle;
+use crate::engine::{EngineHandle, Incident};
 use crate::request::{FinishReason, SeqId, TokenEvent};
 
 /// How often in-flight requests are checked for cancellation.
@@ -423,6 +423,15 @@ impl Active {
                     .send_error(&TritonError::internal(format!("generation failed: {msg}")));
                 true
             }
+            // UNAVAILABLE: the request itself is fine; the client may retry (or an operator has
+            // to reload the model, as the message says).
+            TokenEvent::Unavailable(msg) => {
+                self.job.sender.send_error(&TritonError::new(
+                    ErrorCode::Unavailable,
+                    format!("the model is not serving: {msg}"),
+                ));
+                true
+            }
         }
     }
 
@@ -496,18 +505,25 @@ pub struct Responder {
     thread: Option<JoinHandle<()>>,
 }
 
+/// What the response thread serves: the model's engine, its incidents (logged under the model's
+/// name) and its metrics.
+pub struct ResponderSetup {
+    pub model_name: String,
+    pub engine: EngineHandle,
+    pub incidents: Receiver<Incident>,
+    /// The model's outputs have a batch dimension.
+    pub batched: bool,
+    pub metrics: Option<ModelMetrics>,
+}
+
 impl Responder {
-    pub fn start(
-        engine: EngineHandle,
-        batched: bool,
-        mut metrics: Option<ModelMetrics>,
-    ) -> Result<Self, TritonError> {
+    pub fn start(mut setup: ResponderSetup) -> Result<Self, TritonError> {
         // Set the gauges before the model is reported ready (the thread refreshes them later).
-        refresh_metrics(&engine, &mut metrics);
+        refresh_metrics(&setup.engine, &mut setup.metrics);
         let (intake_tx, intake_rx) = crossbeam_channel::unbounded();
         let thread = std::thread::Builder::new()
             .name("ferrum-responder".into())
-            .spawn(move || run(engine, intake_rx, batched, metrics))
+            .spawn(move || run(setup, intake_rx))
             .map_err(|e| TritonError::internal(format!("cannot start the response thread: {e}")))?;
         Ok(Responder {
             intake: Some(intake_tx),
@@ -555,6 +571,18 @@ impl Drop for Responder {
     }
 }
 
+/// Logs an engine incident: at error level when requests failed or the model stopped serving,
+/// at info level when it serves again.
+fn log_incident(model_name: &str, incident: &Incident) {
+    let level = match incident {
+        Incident::StepPanicked { .. } | Incident::RebuildFailed { .. } => {
+            triton_api::log::Level::Error
+        }
+        Incident::Rebuilt { .. } => triton_api::log::Level::Info,
+    };
+    triton_api::triton_log!(level, "ferrum: model '{model_name}': {incident}");
+}
+
 /// Sets the metrics from the engine's current statistics; a failure is logged once, then the
 /// metrics are given up (dropped, so deleted) rather than logged every interval.
 fn refresh_metrics(engine: &EngineHandle, metrics: &mut Option<ModelMetrics>) {
@@ -566,12 +594,14 @@ fn refresh_metrics(engine: &EngineHandle, metrics: &mut Option<ModelMetrics>) {
     }
 }
 
-fn run(
-    engine: EngineHandle,
-    intake: Receiver<Intake>,
-    batched: bool,
-    mut metrics: Option<ModelMetrics>,
-) {
+fn run(setup: ResponderSetup, intake: Receiver<Intake>) {
+    let ResponderSetup {
+        model_name,
+        engine,
+        mut incidents,
+        batched,
+        mut metrics,
+    } = setup;
     let (events_tx, events_rx) = crossbeam_channel::unbounded::<(SeqId, TokenEvent)>();
     let mut active: HashMap<SeqId, Active> = HashMap::new();
     let mut last_poll = Instant::now();
@@ -620,6 +650,11 @@ fn run(
                         active.remove(&seq_id);
                     }
                 }
+            },
+            recv(incidents) -> msg => match msg {
+                Ok(incident) => log_incident(&model_name, &incident),
+                // The engine is gone (shutting down): stop selecting on a closed channel.
+                Err(_) => incidents = crossbeam_channel::never(),
             },
             default(CANCEL_POLL) => {},
         }

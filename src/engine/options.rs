@@ -1,12 +1,13 @@
 //! From a model path and a few options to a running engine: pick the device (`auto` tries CUDA
 //! device 0 and falls back to the CPU with a log line saying why), open the checkpoint, load
 //! weights (CPU: in the chosen format; GPU: dequantized, uploaded in `dtype`), size the paged KV
-//! cache, start the engine thread.
+//! cache, start the engine thread. The engine keeps the options, so that after a step panicked
+//! it can open the model again and rebuild its executor the same way (`Recovery::Rebuild`).
 
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use super::{Engine, ModelInfo};
+use super::{Engine, EngineSetup, FaultInjection, ModelInfo, Recovery};
 use crate::cuda::{CudaDevice, CudaError};
 use crate::dtype::DType;
 use crate::executor::Executor;
@@ -185,18 +186,35 @@ fn auto_fallback_reason(e: &CudaError) -> String {
     }
 }
 
+/// Starts an engine with the faults the environment asks for (`FaultInjection::from_env`). If a
+/// step panics, the engine rebuilds its executor from `opts.model` (`Recovery::Rebuild`).
 pub fn start(opts: &EngineOptions) -> crate::Result<LoadedEngine> {
+    start_with_faults(opts, FaultInjection::from_env()?)
+}
+
+/// `start` with the given faults instead of the environment's (tests).
+pub fn start_with_faults(
+    opts: &EngineOptions,
+    faults: FaultInjection,
+) -> crate::Result<LoadedEngine> {
     check_options(opts)?;
     let target = open_target(opts.device)?;
     let ckpt = Checkpoint::open(&opts.model, opts.tokenizer.as_deref())?;
-    start_on(target, ckpt, opts)
+    start_on(target, ckpt, opts, faults, RebuildFrom::ModelPath)
 }
 
-/// Starts an engine on an already opened checkpoint (`opts.model` is not read again).
+/// Starts an engine on an already opened checkpoint (`opts.model` is not read again). It fails
+/// closed if a step panics: it has no checkpoint to rebuild from.
 pub fn start_checkpoint(ckpt: Checkpoint, opts: &EngineOptions) -> crate::Result<LoadedEngine> {
     check_options(opts)?;
     let target = open_target(opts.device)?;
-    start_on(target, ckpt, opts)
+    start_on(
+        target,
+        ckpt,
+        opts,
+        FaultInjection::from_env()?,
+        RebuildFrom::Nothing,
+    )
 }
 
 /// Option combinations refused before anything is opened.
@@ -234,122 +252,56 @@ pub fn dtype_name(dtype: DType) -> &'static str {
     }
 }
 
-fn start_on(target: Target, ckpt: Checkpoint, opts: &EngineOptions) -> crate::Result<LoadedEngine> {
+/// What a rebuild after a panicked step builds its executor from.
+enum RebuildFrom {
+    /// `opts.model`, opened again (nothing stays mapped between builds); it must still hold the
+    /// model the engine was started with.
+    ModelPath,
+    /// Nothing: the caller opened the checkpoint itself (it may be no file at all, e.g. random
+    /// weights for a benchmark), so the engine fails closed instead.
+    Nothing,
+}
+
+/// An executor and what was loaded into it.
+struct BuiltExecutor {
+    executor: Box<dyn Executor>,
+    /// Host weight format the weights were loaded in.
+    weight_format: WeightFormat,
+    dtype: DType,
+    weight_bytes: usize,
+    num_kv_blocks: usize,
+}
+
+fn start_on(
+    target: Target,
+    ckpt: Checkpoint,
+    opts: &EngineOptions,
+    faults: FaultInjection,
+    rebuild_from: RebuildFrom,
+) -> crate::Result<LoadedEngine> {
     let mut log = vec![];
     let spec = ckpt.arch.spec.clone();
     let max_model_len = opts
         .max_model_len
         .unwrap_or(spec.max_position_embeddings.min(DEFAULT_MAX_MODEL_LEN_CAP))
         .min(spec.max_position_embeddings);
-    let (executor, format, dtype, weight_bytes, num_kv_blocks): (Box<dyn Executor>, _, _, _, _) =
-        match target {
-            Target::Cpu { fallback } => {
-                if let Some(reason) = fallback {
-                    log.push(match opts.dtype {
-                        Some(d @ (DType::BF16 | DType::F16)) => format!(
-                            "{reason} (dtype {} ignored: the CPU engine computes in float32)",
-                            dtype_name(d)
-                        ),
-                        _ => reason,
-                    });
-                }
-                let format = opts
-                    .weight_format
-                    .unwrap_or_else(|| default_weight_format(&ckpt));
-                let weights = load_weights(&ckpt, format, opts.progress)?;
-                let bytes_per_token = CpuExecutor::kv_bytes_per_token(&spec);
-                let kv_tokens = opts.max_tokens_in_paged_kv_cache.unwrap_or_else(|| {
-                    (DEFAULT_CPU_KV_BYTES / bytes_per_token)
-                        .min(opts.max_num_seqs * max_model_len)
-                        .max(max_model_len)
-                });
-                let num_kv_blocks = kv_tokens.div_ceil(opts.block_size);
-                let weight_bytes = weights.size_in_bytes();
-                let mut executor = CpuExecutor::new(
-                    spec.clone(),
-                    weights,
-                    num_kv_blocks,
-                    opts.block_size,
-                    opts.num_threads,
-                )?;
-                if let Some(dir) = &opts.dump_intermediates {
-                    executor = executor.with_dumper(Dumper::new(dir)?);
-                }
-                (
-                    Box::new(executor),
-                    format,
-                    DType::F32,
-                    weight_bytes,
-                    num_kv_blocks,
-                )
-            }
-            Target::Cuda(dev) => {
-                let dtype = opts.dtype.unwrap_or(DType::BF16);
-                if opts.weight_format == Some(WeightFormat::Q8) {
-                    // Only reachable with `auto` (`cuda` + q8 is refused up front).
-                    log.push(format!(
-                        "weight_format q8 applies to the CPU engine only; the GPU engine holds weights in {}",
-                        dtype_name(dtype)
-                    ));
-                }
-                // Read one tensor at a time, dequantized, converted to `dtype` and uploaded.
-                let bar = layer_progress(&ckpt, opts.progress);
-                let kv = KvCacheConfig {
-                    block_size: opts.block_size,
-                    max_tokens: opts.max_tokens_in_paged_kv_cache,
-                    free_gpu_mem_fraction: opts
-                        .kv_cache_free_gpu_mem_fraction
-                        .unwrap_or(DEFAULT_KV_CACHE_FREE_GPU_MEM_FRACTION),
-                    max_num_batched_tokens: opts.max_num_batched_tokens,
-                    max_num_seqs: opts.max_num_seqs,
-                    max_model_len,
-                };
-                let cuda_executor::OpenedExecutor {
-                    executor,
-                    plan,
-                    warm_up,
-                    weight_bytes,
-                } = cuda_executor::open_with(
-                    *dev,
-                    &ckpt,
-                    &mut |_| {
-                        if let Some(b) = &bar {
-                            b.inc(1);
-                        }
-                    },
-                    dtype,
-                    &kv,
-                    &cuda_executor::CudaExecOptions {
-                        cuda_graphs: opts.cuda_graphs,
-                        warm_up: opts.cuda_warm_up,
-                        profile: false,
-                        dump_intermediates: opts.dump_intermediates.clone(),
-                    }
-                    .overridden_by_env(),
-                )?;
-                if let Some(b) = bar {
-                    b.finish_and_clear();
-                }
-                log.push(plan.describe(&kv));
-                log.extend(warm_up.map(|w| w.describe()));
-                (
-                    executor,
-                    WeightFormat::F32,
-                    dtype,
-                    weight_bytes,
-                    plan.num_blocks,
-                )
-            }
-        };
+    // A rebuild opens the device `auto` settled on, not whatever `auto` finds then.
+    let device = match &target {
+        Target::Cpu { .. } => Device::Cpu,
+        Target::Cuda(dev) => Device::Cuda {
+            ordinal: dev.ordinal(),
+        },
+    };
+    let built = build_executor(target, &ckpt, opts, max_model_len, &mut log)?;
     for line in &log {
         eprintln!("ferrum: {line}");
     }
-    let device_name = executor.describe();
+    let device_name = built.executor.describe();
     let scheduler = SchedulerConfig {
         max_num_seqs: opts.max_num_seqs,
         max_num_batched_tokens: opts.max_num_batched_tokens,
         block_size: opts.block_size,
-        num_blocks: num_kv_blocks,
+        num_blocks: built.num_kv_blocks,
         max_model_len,
         enable_chunked_prefill: opts.enable_chunked_prefill,
         policy: opts.batch_scheduler_policy,
@@ -361,19 +313,170 @@ fn start_on(target: Target, ckpt: Checkpoint, opts: &EngineOptions) -> crate::Re
         eos_token_ids: ckpt.eos_token_ids(),
         tokenizer: ckpt.tokenizer.clone(),
     };
-    let engine = Engine::start(executor, scheduler, info)?;
+    let recovery = match rebuild_from {
+        RebuildFrom::ModelPath => {
+            let opts = EngineOptions {
+                device,
+                progress: false,
+                ..opts.clone()
+            };
+            let spec = spec.clone();
+            Recovery::Rebuild(Box::new(move || {
+                let ckpt = Checkpoint::open(&opts.model, opts.tokenizer.as_deref())?;
+                if ckpt.arch.spec != spec {
+                    return Err(crate::Error::Engine(format!(
+                        "{} no longer holds the model the engine was started with",
+                        opts.model.display()
+                    )));
+                }
+                let mut log = vec![];
+                let built = build_executor(
+                    open_target(opts.device)?,
+                    &ckpt,
+                    &opts,
+                    max_model_len,
+                    &mut log,
+                )?;
+                for line in &log {
+                    eprintln!("ferrum: rebuild: {line}");
+                }
+                Ok(built.executor)
+            }))
+        }
+        RebuildFrom::Nothing => Recovery::FailClosed,
+    };
+    let engine = Engine::start_with(
+        built.executor,
+        info,
+        EngineSetup {
+            scheduler,
+            recovery,
+            faults,
+        },
+    )?;
     Ok(LoadedEngine {
         engine,
         checkpoint_format: ckpt.format.clone(),
         spec,
-        weight_format: format,
-        dtype,
-        weight_bytes,
-        num_kv_blocks,
+        weight_format: built.weight_format,
+        dtype: built.dtype,
+        weight_bytes: built.weight_bytes,
+        num_kv_blocks: built.num_kv_blocks,
         block_size: opts.block_size,
         max_model_len,
         device: device_name,
         log,
+    })
+}
+
+/// Loads `ckpt`'s weights and builds the executor on `target`; appends what is worth logging
+/// (device fallback, KV cache sizing, warm-up) to `log`.
+fn build_executor(
+    target: Target,
+    ckpt: &Checkpoint,
+    opts: &EngineOptions,
+    max_model_len: usize,
+    log: &mut Vec<String>,
+) -> crate::Result<BuiltExecutor> {
+    let spec = &ckpt.arch.spec;
+    Ok(match target {
+        Target::Cpu { fallback } => {
+            if let Some(reason) = fallback {
+                log.push(match opts.dtype {
+                    Some(d @ (DType::BF16 | DType::F16)) => format!(
+                        "{reason} (dtype {} ignored: the CPU engine computes in float32)",
+                        dtype_name(d)
+                    ),
+                    _ => reason,
+                });
+            }
+            let format = opts
+                .weight_format
+                .unwrap_or_else(|| default_weight_format(ckpt));
+            let weights = load_weights(ckpt, format, opts.progress)?;
+            let bytes_per_token = CpuExecutor::kv_bytes_per_token(spec);
+            let kv_tokens = opts.max_tokens_in_paged_kv_cache.unwrap_or_else(|| {
+                (DEFAULT_CPU_KV_BYTES / bytes_per_token)
+                    .min(opts.max_num_seqs * max_model_len)
+                    .max(max_model_len)
+            });
+            let num_kv_blocks = kv_tokens.div_ceil(opts.block_size);
+            let weight_bytes = weights.size_in_bytes();
+            let mut executor = CpuExecutor::new(
+                spec.clone(),
+                weights,
+                num_kv_blocks,
+                opts.block_size,
+                opts.num_threads,
+            )?;
+            if let Some(dir) = &opts.dump_intermediates {
+                executor = executor.with_dumper(Dumper::new(dir)?);
+            }
+            BuiltExecutor {
+                executor: Box::new(executor),
+                weight_format: format,
+                dtype: DType::F32,
+                weight_bytes,
+                num_kv_blocks,
+            }
+        }
+        Target::Cuda(dev) => {
+            let dtype = opts.dtype.unwrap_or(DType::BF16);
+            if opts.weight_format == Some(WeightFormat::Q8) {
+                // Only reachable with `auto` (`cuda` + q8 is refused up front).
+                log.push(format!(
+                    "weight_format q8 applies to the CPU engine only; the GPU engine holds weights in {}",
+                    dtype_name(dtype)
+                ));
+            }
+            // Read one tensor at a time, dequantized, converted to `dtype` and uploaded.
+            let bar = layer_progress(ckpt, opts.progress);
+            let kv = KvCacheConfig {
+                block_size: opts.block_size,
+                max_tokens: opts.max_tokens_in_paged_kv_cache,
+                free_gpu_mem_fraction: opts
+                    .kv_cache_free_gpu_mem_fraction
+                    .unwrap_or(DEFAULT_KV_CACHE_FREE_GPU_MEM_FRACTION),
+                max_num_batched_tokens: opts.max_num_batched_tokens,
+                max_num_seqs: opts.max_num_seqs,
+                max_model_len,
+            };
+            let cuda_executor::OpenedExecutor {
+                executor,
+                plan,
+                warm_up,
+                weight_bytes,
+            } = cuda_executor::open_with(
+                *dev,
+                ckpt,
+                &mut |_| {
+                    if let Some(b) = &bar {
+                        b.inc(1);
+                    }
+                },
+                dtype,
+                &kv,
+                &cuda_executor::CudaExecOptions {
+                    cuda_graphs: opts.cuda_graphs,
+                    warm_up: opts.cuda_warm_up,
+                    profile: false,
+                    dump_intermediates: opts.dump_intermediates.clone(),
+                }
+                .overridden_by_env(),
+            )?;
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            log.push(plan.describe(&kv));
+            log.extend(warm_up.map(|w| w.describe()));
+            BuiltExecutor {
+                executor,
+                weight_format: WeightFormat::F32,
+                dtype,
+                weight_bytes,
+                num_kv_blocks: plan.num_blocks,
+            }
+        }
     })
 }
 

@@ -120,7 +120,7 @@ pub fn collect_stream(mut stream: RequestStream) -> Collected {
                 c.text.push_str(&text);
                 c.finish = Some(reason.as_str().to_string());
             }
-            TokenEvent::Error(e) => panic!("request failed: {e}"),
+            TokenEvent::Error(e) | TokenEvent::Unavailable(e) => panic!("request failed: {e}"),
         }
     }
     c

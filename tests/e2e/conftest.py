@@ -10,10 +10,15 @@ libtriton_ferrum.so on free loopback ports, with a temporary model repository:
 
 The server runs with ``--model-control-mode=explicit`` so tests can unload and reload models.
 
+``panic_server`` is a second server (started only by the tests that ask for it) serving the
+shipped ``smollm2`` config with ``FERRUM_INJECT_PANIC_TOKEN=PANIC_TOKEN``: its engine panics in
+the step that schedules a prompt holding that token id.
+
 Env: TRITONSERVER (binary), FERRUM_BACKEND_LIB (default target/release/libtriton_ferrum.so),
 FERRUM_CLI (default target/release/ferrum), FERRUM_SMOLLM2_GGUF (default models/...gguf).
 """
 
+import contextlib
 import os
 import re
 import shutil
@@ -67,7 +72,7 @@ def _write_model(repo: Path, name: str, config: str) -> None:
 
 
 class Server:
-    def __init__(self, proc, http_port, grpc_port, metrics_port, log_path, repo):
+    def __init__(self, proc, http_port, grpc_port, metrics_port, log_path, repo, ready_models):
         self.proc = proc
         self.http_port = http_port
         self.grpc_port = grpc_port
@@ -76,16 +81,18 @@ class Server:
         self.grpc_url = f"127.0.0.1:{grpc_port}"
         self.log_path = log_path
         self.repo = repo
+        self.ready_models = ready_models
 
     def log(self) -> str:
         return Path(self.log_path).read_text(errors="replace")
 
     def healthy(self) -> bool:
-        """Live, and both good models ready. (`/v2/health/ready` is not used: with strict
-        readiness a failed load of a broken test model makes the whole server "not ready".)"""
+        """Live, and every model of `ready_models` ready. (`/v2/health/ready` is not used: with
+        strict readiness a failed load of a broken test model makes the whole server "not
+        ready".)"""
         try:
             ok = requests.get(f"{self.url}/v2/health/live", timeout=5).status_code == 200
-            for m in ("smollm2", "smollm2_nb"):
+            for m in self.ready_models:
                 ok = ok and requests.get(f"{self.url}/v2/models/{m}/ready", timeout=5).status_code == 200
             return ok
         except requests.RequestException:
@@ -127,23 +134,80 @@ class Server:
         return int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory):
+def _shipped_smollm2_config() -> str:
+    """model_repository/smollm2/config.pbtxt with ``model_path`` made absolute."""
     gguf = _gguf()
+    shipped = (REPO / "model_repository" / "smollm2" / "config.pbtxt").read_text()
+    shipped = re.sub(r'"\.\./\.\./\.\./models/[^"]+"', f'"{gguf}"', shipped)
+    assert str(gguf) in shipped, "the shipped config must reference the GGUF through model_path"
+    return shipped
+
+
+@contextlib.contextmanager
+def _serve(root: Path, repo: Path, load: list, ready: list, env: dict = None):
+    """Runs tritonserver on free loopback ports over the model repository `repo` (under `root`)
+    with the ferrum library installed as a backend, loading the models `load`; yields a `Server`
+    once the models `ready` are ready, stops the server on exit. `env` adds variables."""
     binary = _tritonserver()
     lib = Path(os.environ.get("FERRUM_BACKEND_LIB", REPO / "target" / "release" / "libtriton_ferrum.so"))
     if not lib.exists():
         pytest.fail(f"{lib} is missing: build it with `cargo build --release --lib`")
-    root = tmp_path_factory.mktemp("triton")
     backends = root / "backends"
     (backends / "ferrum").mkdir(parents=True)
     shutil.copy(lib, backends / "ferrum" / "libtriton_ferrum.so")
 
+    http, grpc, metrics = _free_port(), _free_port(), _free_port()
+    log_path = root / "tritonserver.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--model-repository", str(repo),
+            "--backend-directory", str(backends),
+            "--model-control-mode", "explicit",
+            *[arg for name in load for arg in ("--load-model", name)],
+            "--http-address", "127.0.0.1", "--http-port", str(http),
+            "--grpc-address", "127.0.0.1", "--grpc-port", str(grpc),
+            "--metrics-address", "127.0.0.1", "--metrics-port", str(metrics),
+            "--allow-gpu-metrics", "false",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=root,
+        # glibc keeps freed memory in per-thread arenas; Triton loads models on changing threads,
+        # so with the default (8 x cores arenas) each reload can park a model's worth of freed
+        # pages in a new arena. Two arenas make the reload test's RSS bound meaningful
+        # (docs/configuration.md recommends the same for servers that reload models often).
+        env={**os.environ, "MALLOC_ARENA_MAX": "2", **(env or {})},
+    )
+    srv = Server(proc, http, grpc, metrics, log_path, repo, ready)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"tritonserver exited with {proc.returncode}:\n{srv.log()[-4000:]}")
+            if srv.healthy():
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"tritonserver did not become ready:\n{srv.log()[-4000:]}")
+        yield srv
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    gguf = _gguf()
+    root = tmp_path_factory.mktemp("triton")
     repo = root / "models"
-    shipped = (REPO / "model_repository" / "smollm2" / "config.pbtxt").read_text()
-    shipped = re.sub(r'"\.\./\.\./\.\./models/[^"]+"', f'"{gguf}"', shipped)
-    assert str(gguf) in shipped, "the shipped config must reference the GGUF through model_path"
-    _write_model(repo, "smollm2", shipped)
+    _write_model(repo, "smollm2", _shipped_smollm2_config())
     _write_model(
         repo,
         "smollm2_nb",
@@ -204,49 +268,22 @@ parameters [
 """,
     )
 
-    http, grpc, metrics = _free_port(), _free_port(), _free_port()
-    log_path = root / "tritonserver.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--model-repository", str(repo),
-            "--backend-directory", str(backends),
-            "--model-control-mode", "explicit",
-            "--load-model", "smollm2",
-            "--load-model", "smollm2_nb",
-            *[arg for name in TINY_ARCH_MODELS for arg in ("--load-model", name)],
-            "--http-address", "127.0.0.1", "--http-port", str(http),
-            "--grpc-address", "127.0.0.1", "--grpc-port", str(grpc),
-            "--metrics-address", "127.0.0.1", "--metrics-port", str(metrics),
-            "--allow-gpu-metrics", "false",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=root,
-        # glibc keeps freed memory in per-thread arenas; Triton loads models on changing threads,
-        # so with the default (8 x cores arenas) each reload can park a model's worth of freed
-        # pages in a new arena. Two arenas make the reload test's RSS bound meaningful
-        # (docs/configuration.md recommends the same for servers that reload models often).
-        env={**os.environ, "MALLOC_ARENA_MAX": "2"},
-    )
-    srv = Server(proc, http, grpc, metrics, log_path, repo)
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"tritonserver exited with {proc.returncode}:\n{srv.log()[-4000:]}")
-            if srv.healthy():
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"tritonserver did not become ready:\n{srv.log()[-4000:]}")
+    with _serve(
+        root, repo, load=["smollm2", "smollm2_nb", *TINY_ARCH_MODELS], ready=["smollm2", "smollm2_nb"]
+    ) as srv:
         yield srv
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+
+
+# A SmolLM2 token id (of 49152) that none of the tests' text prompts holds.
+PANIC_TOKEN = 49000
+
+
+@pytest.fixture(scope="session")
+def panic_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("triton_panic")
+    repo = root / "models"
+    _write_model(repo, "smollm2", _shipped_smollm2_config())
+    with _serve(
+        root, repo, load=["smollm2"], ready=["smollm2"], env={"FERRUM_INJECT_PANIC_TOKEN": str(PANIC_TOKEN)}
+    ) as srv:
+        yield srv

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from conftest import REPO, TINY_ARCH_MODELS
+from conftest import PANIC_TOKEN, REPO, TINY_ARCH_MODELS
 
 PROMPT = "The capital of France is"
 MODEL = "smollm2"  # decoupled, max_batch_size 64 (tensorrtllm shapes)
@@ -106,9 +106,11 @@ def _grpc_inputs(batched, **tensors):
     return out
 
 
-def _stream(server, model, inputs, stop_after=None):
+def _stream(server, model, inputs, stop_after=None, linger=0.0, first=None):
     """Runs one request over a gRPC stream; returns (results, error). With `stop_after`, closes
-    the stream (cancelling the request) after that many responses."""
+    the stream (cancelling the request) after that many responses. With `linger` (seconds), keeps
+    listening that long after the final response (or error) and fails if anything else comes.
+    `first` (a threading.Event) is set when the first response with an output arrives."""
     responses = queue.Queue()
     client = grpcclient.InferenceServerClient(server.grpc_url)
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
@@ -122,12 +124,17 @@ def _stream(server, model, inputs, stop_after=None):
         final = result.get_response().parameters.get("triton_final_response")
         if result.as_numpy("text_output") is not None or result.as_numpy("output_ids") is not None:
             results.append(result)
+            if first is not None:
+                first.set()
         if stop_after is not None and len(results) >= stop_after:
             client.stop_stream(cancel_requests=True)
             client.close()
             return results, None
         if final is not None and final.bool_param:
             break
+    if linger:
+        time.sleep(linger)
+        assert responses.empty(), f"responses after the final one: {list(responses.queue)}"
     client.stop_stream()
     client.close()
     return results, error
@@ -148,16 +155,21 @@ def test_grpc_streaming_text(server):
     assert results[-1].as_numpy("finish_reason").reshape(-1)[0] == b"length"
 
 
-def test_token_interface(server):
-    # The tensorrt_llm model's interface: input_ids/input_lengths/request_output_len → output_ids.
-    ids = json.loads(
+def _tokenize(text):
+    """SmolLM2's token ids of `text`, from the `ferrum` CLI."""
+    return json.loads(
         subprocess.run(
             [str(REPO / "target" / "release" / "ferrum"), "tokenize", "--model",
              os.environ.get("FERRUM_SMOLLM2_GGUF", str(REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")),
-             "--text", PROMPT],
+             "--text", text],
             capture_output=True, text=True, check=True, timeout=120,
         ).stdout
     )
+
+
+def test_token_interface(server):
+    # The tensorrt_llm model's interface: input_ids/input_lengths/request_output_len → output_ids.
+    ids = _tokenize(PROMPT)
     inputs = _grpc_inputs(
         True,
         input_ids=("int32", ids),
@@ -347,6 +359,67 @@ def test_cancelled_stream_is_aborted_in_the_engine(server):
         pytest.fail("the cancelled request was not finished")
     assert time.time() - t0 < 60
     assert_serving(server)
+
+
+# ---- a panicking engine (FERRUM_INJECT_PANIC_TOKEN) ---------------------------------------------
+
+
+def test_a_panic_in_the_engine_fails_requests_in_flight_once_and_the_model_serves_again(panic_server):
+    srv = panic_server
+    before = greedy(srv, PROMPT, max_tokens=8)["text_output"]
+    story = "Tell me a very long story about a dragon."
+    ids = _tokenize(PROMPT)
+    assert PANIC_TOKEN not in ids + _tokenize(story)
+    long = _grpc_inputs(
+        True,
+        text_input=("BYTES", [story]),
+        max_tokens=("int32", [2000]),
+        stream=("bool", [True]),
+        ignore_eos=("bool", [True]),
+    )
+    poisoned = _grpc_inputs(
+        True,
+        input_ids=("int32", ids + [PANIC_TOKEN]),
+        input_lengths=("int32", [len(ids) + 1]),
+        request_output_len=("int32", [8]),
+    )
+    # Three streams generate (2000 tokens each: minutes on a CPU) when the poisoned prompt comes.
+    # Each request must end with exactly one error naming the panic, and nothing after it.
+    with ThreadPoolExecutor(3) as pool:
+        started = [threading.Event() for _ in range(3)]
+        running = [pool.submit(_stream, srv, MODEL, long, linger=1.0, first=s) for s in started]
+        assert all(s.wait(timeout=120) for s in started), "the long requests generate"
+        results, error = _stream(srv, MODEL, poisoned, linger=1.0)
+        assert results == [] and error is not None
+        assert "generation failed: engine failed: panic in step: injected panic" in str(error), error
+        assert f"holds token {PANIC_TOKEN} (FERRUM_INJECT_PANIC_TOKEN)" in str(error), error
+        for f in running:
+            results, error = f.result(timeout=300)
+            assert error is not None, "a long request ended without the panic's error"
+            assert "engine failed: panic in step: injected panic" in str(error), error
+            assert "the engine is restarting, retry the request" in str(error), error
+            assert 1 <= len(results) < 2000
+    assert srv.proc.poll() is None, "the server survives"
+    assert re.search(
+        r"^E.*ferrum: model 'smollm2': engine failed at .* UTC: panic in step: injected panic.*"
+        r"its 4 request\(s\) in flight got an error.*rebuilding the engine",
+        srv.log(),
+        re.M,
+    ), srv.log()[-4000:]
+    # Until the rebuild is done a request is refused (UNAVAILABLE, saying why); then the model
+    # gives the answers it gave before.
+    deadline = time.time() + 180
+    while True:
+        r = srv.generate(MODEL, {"text_input": PROMPT, "max_tokens": 8})
+        if r.status_code == 200:
+            break
+        assert "the model is not serving: the engine is restarting after it failed at" in r.text, r.text
+        assert "panic in step: injected panic" in r.text, r.text
+        assert time.time() < deadline, "the engine did not serve again within 180 s"
+        time.sleep(0.2)
+    assert r.json()["text_output"] == before
+    assert "engine rebuilt in" in srv.log()
+    assert srv.healthy()
 
 
 # ---- custom metrics (tensorrtllm_backend families) ----------------------------------------------

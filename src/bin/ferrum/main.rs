@@ -346,7 +346,7 @@ fn generate(a: GenerateArgs) -> CliResult {
                 text.push_str(&delta);
                 finish_reason = Some(reason);
             }
-            TokenEvent::Error(e) => return Err(e.into()),
+            TokenEvent::Error(e) | TokenEvent::Unavailable(e) => return Err(e.into()),
         }
         if last {
             break;

@@ -109,7 +109,7 @@ pub fn submit_and_time(
         let last = is_final(&ev);
         match ev {
             TokenEvent::Token { .. } => times[idx].push(Instant::now()),
-            TokenEvent::Error(e) => {
+            TokenEvent::Error(e) | TokenEvent::Unavailable(e) => {
                 abort_all(&idx_of);
                 return Err(format!("bench request {idx}: {e}").into());
             }

@@ -1,0 +1,221 @@
+//! The engine's boundary: `EngineHandle` (submit, abort, stats) and a request's `RequestStream`;
+//! `EventSink` carries each request's debt of one final event (a sink dropped unsettled hands its
+//! target to the supervisor, which answers it).
+
+use super::*;
+
+/// Where a request's events go: its own channel (`submit`), or a channel shared by many
+/// requests with each event tagged by its `SeqId` (`submit_to`, e.g. one response thread
+/// serving every request of a Triton model).
+pub(super) enum EventTarget {
+    Own(Sender<TokenEvent>),
+    Shared(Sender<(SeqId, TokenEvent)>),
+}
+
+impl EventTarget {
+    /// False when the receiving side is gone.
+    pub(super) fn send(&self, seq_id: SeqId, ev: TokenEvent) -> bool {
+        match self {
+            EventTarget::Own(tx) => tx.send(ev).is_ok(),
+            EventTarget::Shared(tx) => tx.send((seq_id, ev)).is_ok(),
+        }
+    }
+}
+
+/// A request's `EventTarget` plus the debt of its final event, while a worker holds the request.
+/// Sending the final event (or finding the receiver gone) settles the debt and empties the sink.
+/// A sink dropped unsettled (a panic unwinding through a step, or the state of a panicked worker
+/// being dropped) hands its target to the engine thread's `orphans` channel, where the
+/// `Supervisor` sends the final error naming the failure: no request is lost, wherever its state
+/// was when the panic struck.
+pub(super) struct EventSink {
+    pub(super) seq_id: SeqId,
+    pub(super) target: Option<EventTarget>,
+    pub(super) orphans: Sender<Orphan>,
+}
+
+/// The target of a request whose sink was dropped before its final event.
+pub(super) type Orphan = (SeqId, EventTarget);
+
+impl EventSink {
+    /// False when the receiving side is gone (or the final event was sent already).
+    pub(super) fn send(&mut self, ev: TokenEvent) -> bool {
+        let Some(target) = &self.target else {
+            return false;
+        };
+        let last = is_final(&ev);
+        let delivered = target.send(self.seq_id, ev);
+        if last || !delivered {
+            self.target = None;
+        }
+        delivered
+    }
+}
+
+impl Drop for EventSink {
+    fn drop(&mut self) {
+        if let Some(target) = self.target.take() {
+            // The receiver is the engine thread's own; it is only gone once that thread ends.
+            let _ = self.orphans.send((self.seq_id, target));
+        }
+    }
+}
+
+/// A cheap, cloneable handle to the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    pub(super) commands: Sender<Command>,
+    pub(super) next_id: Arc<AtomicU64>,
+    pub(super) info: Arc<ModelInfo>,
+}
+
+/// The events of one request. Dropping it before the final event aborts the request.
+pub struct RequestStream {
+    pub seq_id: SeqId,
+    pub prompt_ids: Vec<u32>,
+    pub(super) events: Receiver<TokenEvent>,
+    pub(super) commands: Sender<Command>,
+    pub(super) finished: bool,
+}
+
+impl RequestStream {
+    /// Next event; None after the final one (or if the engine is gone).
+    pub fn recv(&mut self) -> Option<TokenEvent> {
+        if self.finished {
+            return None;
+        }
+        match self.events.recv() {
+            Ok(ev) => {
+                self.finished = is_final(&ev);
+                Some(ev)
+            }
+            Err(_) => {
+                self.finished = true;
+                None
+            }
+        }
+    }
+}
+
+impl Iterator for RequestStream {
+    type Item = TokenEvent;
+    fn next(&mut self) -> Option<TokenEvent> {
+        self.recv()
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = self.commands.send(Command::Abort(self.seq_id));
+        }
+    }
+}
+
+pub fn is_final(ev: &TokenEvent) -> bool {
+    matches!(
+        ev,
+        TokenEvent::Token {
+            finish: Some(_),
+            ..
+        } | TokenEvent::Finished { .. }
+            | TokenEvent::Error(_)
+            | TokenEvent::Unavailable(_)
+    )
+}
+
+impl EngineHandle {
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// Validates and tokenizes the request on the caller's thread, then queues it.
+    pub fn submit(&self, request: GenerateRequest) -> Result<RequestStream, RequestError> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (seq_id, prompt_ids) = self.enqueue(request, EventTarget::Own(tx))?;
+        Ok(RequestStream {
+            seq_id,
+            prompt_ids,
+            events: rx,
+            commands: self.commands.clone(),
+            finished: false,
+        })
+    }
+
+    /// Like `submit`, but the request's events go to `events`, a channel shared with other
+    /// requests, tagged with the returned `SeqId`. The caller owns the request's lifetime: it
+    /// must `abort` a request it stops listening to. Returns the id and the prompt's token ids.
+    pub fn submit_to(
+        &self,
+        request: GenerateRequest,
+        events: Sender<(SeqId, TokenEvent)>,
+    ) -> Result<(SeqId, Vec<u32>), RequestError> {
+        self.enqueue(request, EventTarget::Shared(events))
+    }
+
+    pub(super) fn enqueue(
+        &self,
+        request: GenerateRequest,
+        events: EventTarget,
+    ) -> Result<(SeqId, Vec<u32>), RequestError> {
+        let info = &self.info;
+        let prompt_ids = match &request.prompt {
+            Prompt::TokenIds(ids) => ids.clone(),
+            Prompt::Text(text) => {
+                let tok = info.tokenizer.as_ref().ok_or(RequestError::NoTokenizer {
+                    field: "text_input",
+                })?;
+                tok.encode(text, true)
+                    .map_err(|e| RequestError::Tokenizer(e.to_string()))?
+            }
+        };
+        if prompt_ids.is_empty() {
+            return Err(RequestError::EmptyPrompt);
+        }
+        if let Some(&bad) = prompt_ids
+            .iter()
+            .find(|&&id| id as usize >= info.vocab_size)
+        {
+            return Err(RequestError::TokenOutOfRange {
+                field: "input_ids",
+                token_id: bad.into(),
+                vocab_size: info.vocab_size,
+            });
+        }
+        // At least one token must fit after the prompt.
+        if prompt_ids.len() >= info.max_model_len {
+            return Err(RequestError::PromptTooLong {
+                num_prompt_tokens: prompt_ids.len(),
+                max_model_len: info.max_model_len,
+            });
+        }
+        request.sampling.validate()?;
+        request.stop.validate()?;
+        if request.detokenize && info.tokenizer.is_none() && !request.stop.stop_strings.is_empty() {
+            return Err(RequestError::NoTokenizer { field: "stop" });
+        }
+        let seq_id = SeqId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let sub = Submission {
+            seq_id,
+            prompt_ids: prompt_ids.clone(),
+            request,
+            events,
+        };
+        self.commands
+            .send(Command::Submit(Box::new(sub)))
+            .map_err(|_| RequestError::invalid("engine", "stopped", "the engine is not running"))?;
+        Ok((seq_id, prompt_ids))
+    }
+
+    /// Aborts a request; its stream ends with `Finished { reason: Abort }` and its KV blocks are
+    /// freed in the engine's next intake (before the next step).
+    pub fn abort(&self, seq_id: SeqId) {
+        let _ = self.commands.send(Command::Abort(seq_id));
+    }
+
+    pub fn stats(&self) -> Option<EngineStats> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.commands.send(Command::Stats(tx)).ok()?;
+        rx.recv().ok()
+    }
+}

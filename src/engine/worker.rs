@@ -1,0 +1,518 @@
+//! The worker: one step of the loop (intake → schedule → execute → sample → update → emit) over
+//! the scheduler, the executor and each request's state; a step's events are delivered while the
+//! device runs the next one (`deliver`).
+
+use super::*;
+
+pub(super) fn seed_base() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0x5eed, |d| d.as_nanos() as u64)
+}
+
+/// A request's sampling state when the executor samples on its device: the same seed as its
+/// host `Sampler`, so the device consumes the RNG exactly as the host would
+/// (`executor::cuda::row_sampling`).
+pub(super) struct DeviceSampling {
+    pub(super) params: SamplingParams,
+    pub(super) rng: Rng,
+    /// Penalty bookkeeping; None when every penalty is off.
+    pub(super) history: Option<TokenHistory>,
+}
+
+/// Per-request state kept by the engine thread.
+pub(super) struct SeqState {
+    pub(super) sampler: Sampler,
+    /// Set when the executor samples on its device (then `sampler` only keeps its bookkeeping).
+    pub(super) device_sampling: Option<DeviceSampling>,
+    pub(super) detok: Option<IncrementalDecoder>,
+    pub(super) stop_strings: Option<StopStringMatcher>,
+    pub(super) events: EventSink,
+    pub(super) num_generated: usize,
+    pub(super) max_tokens: usize,
+    pub(super) min_tokens: usize,
+    /// Ids that end generation: stop_token_ids plus EOS unless ignore_eos.
+    pub(super) stop_ids: Vec<u32>,
+    /// The prompt holds `FaultInjection::panic_token_id`: a step that schedules it panics.
+    pub(super) injects_panic: bool,
+}
+
+pub(super) struct Worker {
+    pub(super) executor: Box<dyn Executor>,
+    pub(super) scheduler: Scheduler,
+    pub(super) info: Arc<ModelInfo>,
+    pub(super) seqs: HashMap<SeqId, SeqState>,
+    pub(super) stats: EngineStats,
+    pub(super) seed_base: u64,
+    /// The sampling rows of a device-sampled step, reused.
+    pub(super) sample_batch: SampleBatch,
+    /// The last step's tokens, accepted but not yet delivered (`step`, `deliver`).
+    pub(super) pending: Vec<PendingToken>,
+    pub(super) faults: FaultInjection,
+    /// Where a request's sink goes when dropped before its final event (`EventSink`).
+    pub(super) orphans: Sender<Orphan>,
+}
+
+impl Worker {
+    /// Serves until shutdown (then every request it holds gets its final event). A panic
+    /// unwinds out of here to `Supervisor::run`, which never calls this worker again.
+    pub(super) fn serve(&mut self, commands: &Receiver<Command>) {
+        loop {
+            // Intake: block while idle, otherwise take whatever arrived since the last step.
+            if !self.scheduler.has_work() {
+                self.flush_pending();
+                match commands.recv() {
+                    Ok(cmd) => {
+                        if !self.handle(cmd) {
+                            break;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            let mut shutdown = false;
+            loop {
+                match commands.try_recv() {
+                    Ok(cmd) => {
+                        if !self.handle(cmd) {
+                            shutdown = true;
+                            break;
+                        }
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        shutdown = true;
+                        break;
+                    }
+                }
+            }
+            if shutdown {
+                break;
+            }
+            if !self.scheduler.has_work() {
+                continue;
+            }
+            if !self.executor.samples_on_device() {
+                // Nothing to overlap with: deliver before planning, so that a request stopped by
+                // a string or left by its client holds no seat or blocks in the next plan.
+                self.flush_pending();
+                if !self.scheduler.has_work() {
+                    continue;
+                }
+            }
+            let plan = self.scheduler.schedule();
+            if plan.seqs.is_empty() {
+                self.flush_pending();
+                // Nothing fits right now (cannot happen with validated requests, but never spin).
+                match commands.recv_timeout(Duration::from_millis(5)) {
+                    Ok(cmd) => {
+                        if !self.handle(cmd) {
+                            break;
+                        }
+                    }
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+                continue;
+            }
+            self.step(plan);
+        }
+        // Shutdown: every in-flight request gets its final event.
+        self.flush_pending();
+        let ids: Vec<SeqId> = self.seqs.keys().copied().collect();
+        for id in ids {
+            self.finish_aborted(id);
+        }
+    }
+
+    /// Returns false on shutdown.
+    pub(super) fn handle(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Submit(sub) => self.admit(*sub),
+            Command::Abort(id) => self.finish_aborted(id),
+            Command::Stats(tx) => {
+                let _ = tx.send(self.snapshot());
+            }
+            Command::Shutdown => return false,
+        }
+        true
+    }
+
+    /// The counters plus the current KV cache and queue occupancy.
+    pub(super) fn snapshot(&self) -> EngineStats {
+        let kv = self.scheduler.kv();
+        let num_kv_blocks_free = kv.num_free_blocks();
+        EngineStats {
+            num_kv_blocks_total: kv.num_blocks(),
+            num_kv_blocks_used: kv.num_used_blocks(),
+            num_kv_blocks_free,
+            num_kv_blocks_cached: kv.num_cached_blocks(),
+            block_size: kv.block_size(),
+            num_running: self.scheduler.num_running(),
+            num_waiting: self.scheduler.num_waiting(),
+            max_num_seqs: self.scheduler.config().max_num_seqs,
+            // Earlier workers' schedulers (a rebuild starts a new one) plus this one's.
+            num_reused_prompt_tokens: self.stats.num_reused_prompt_tokens
+                + self.scheduler.num_reused_tokens(),
+            ..self.stats.clone()
+        }
+    }
+
+    pub(super) fn admit(&mut self, sub: Submission) {
+        let Submission {
+            seq_id,
+            prompt_ids,
+            request,
+            events,
+        } = sub;
+        let mut events = EventSink {
+            seq_id,
+            target: Some(events),
+            orphans: self.orphans.clone(),
+        };
+        let info = &self.info;
+        let max_tokens = request
+            .stop
+            .max_tokens
+            .min(info.max_model_len - prompt_ids.len());
+        if let Err(e) = self.scheduler.add(seq_id, prompt_ids.clone(), max_tokens) {
+            events.send(TokenEvent::Error(e.to_string()));
+            return;
+        }
+        let seed = request
+            .sampling
+            .seed
+            .unwrap_or(self.seed_base ^ seq_id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let sampler = Sampler::new(&request.sampling, seed, &prompt_ids, info.vocab_size);
+        let device_sampling = self.executor.samples_on_device().then(|| {
+            let p = &request.sampling;
+            let penalties = Penalties {
+                repetition: p.repetition_penalty,
+                presence: p.presence_penalty,
+                frequency: p.frequency_penalty,
+            };
+            DeviceSampling {
+                params: p.clone(),
+                rng: Rng::new(seed),
+                history: penalties
+                    .is_enabled()
+                    .then(|| TokenHistory::new(&prompt_ids, info.vocab_size)),
+            }
+        });
+        let detok = match (&info.tokenizer, request.detokenize) {
+            (Some(t), true) => Some(IncrementalDecoder::new(t.clone(), &prompt_ids, true)),
+            _ => None,
+        };
+        let stop_strings = (detok.is_some() && !request.stop.stop_strings.is_empty())
+            .then(|| StopStringMatcher::new(request.stop.stop_strings.clone()));
+        let mut stop_ids = request.stop.stop_token_ids.clone();
+        if !request.stop.ignore_eos {
+            stop_ids.extend(&info.eos_token_ids);
+        }
+        self.stats.num_prompt_tokens += prompt_ids.len() as u64;
+        let injects_panic = self
+            .faults
+            .panic_token_id
+            .is_some_and(|id| prompt_ids.contains(&id));
+        events.send(TokenEvent::Started {
+            prompt_ids: prompt_ids.clone(),
+        });
+        self.seqs.insert(
+            seq_id,
+            SeqState {
+                sampler,
+                device_sampling,
+                detok,
+                stop_strings,
+                events,
+                num_generated: 0,
+                max_tokens,
+                min_tokens: request.stop.min_tokens,
+                stop_ids,
+                injects_panic,
+            },
+        );
+    }
+
+    pub(super) fn finish_aborted(&mut self, id: SeqId) {
+        // Its last token, accepted but not delivered yet, goes out first, as it would have
+        // without the overlap (it may end the request: then there is nothing left to abort).
+        if self.pending.iter().any(|p| p.seq_id == id) {
+            let (own, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+                .into_iter()
+                .partition(|p| p.seq_id == id);
+            self.pending = rest;
+            deliver(own, &mut self.seqs, &mut self.scheduler, &mut self.stats);
+        }
+        self.scheduler.remove(id);
+        if let Some(mut state) = self.seqs.remove(&id) {
+            self.stats.num_aborted += 1;
+            state.events.send(TokenEvent::Finished {
+                text: String::new(),
+                reason: FinishReason::Abort,
+            });
+        }
+    }
+
+    /// Runs one step. Its tokens are accepted at once (sampler, penalties, stop ids, max_tokens,
+    /// the scheduler), so the next step can be scheduled; their delivery (detokenization, stop
+    /// strings, events) is left in `pending` and runs while the device works on the next step
+    /// (`deliver`).
+    pub(super) fn step(&mut self, plan: SchedulePlan) {
+        self.stats.num_steps += 1;
+        self.stats.num_preemptions += plan.preempted.len() as u64;
+        let outs = match self.sample_step(&plan) {
+            Ok(outs) => outs,
+            Err(e) => {
+                // A failed step fails the requests in it; the engine keeps serving the rest. What
+                // the previous step produced goes out first.
+                self.flush_pending();
+                for s in &plan.seqs {
+                    self.scheduler.remove(s.seq_id);
+                    if let Some(mut state) = self.seqs.remove(&s.seq_id) {
+                        state
+                            .events
+                            .send(TokenEvent::Error(format!("execution failed: {e}")));
+                    }
+                }
+                return;
+            }
+        };
+        // `sample_step` has delivered the previous step's tokens.
+        debug_assert!(self.pending.is_empty());
+        let mut sampled = Vec::new();
+        let sampling = plan.seqs.iter().filter(|s| s.sample);
+        for (s, out) in sampling.zip(outs) {
+            let Some(state) = self.seqs.get_mut(&s.seq_id) else {
+                continue;
+            };
+            let Some(out) = out else {
+                continue;
+            };
+            let token_id = out.token_id;
+            state.sampler.accept(token_id);
+            if let Some(ds) = &mut state.device_sampling
+                && let Some(h) = &mut ds.history
+            {
+                h.accept(token_id);
+            }
+            state.num_generated += 1;
+            self.stats.num_generated_tokens += 1;
+            sampled.push((s.seq_id, token_id));
+            // Stop strings are only known once the token is detokenized (`deliver`).
+            let finish = if state.stop_ids.contains(&token_id) {
+                Some(FinishReason::Stop)
+            } else if state.num_generated >= state.max_tokens {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            self.pending.push(PendingToken {
+                seq_id: s.seq_id,
+                token_id,
+                logprobs: out.logprobs,
+                finish,
+                finished_state: None,
+            });
+        }
+        self.scheduler.update(&plan, &sampled);
+        // A finished sequence leaves the scheduler now (its blocks free for the next step); its
+        // state travels with its last token until that is delivered.
+        for p in self.pending.iter_mut().filter(|p| p.finish.is_some()) {
+            self.scheduler.remove(p.seq_id);
+            p.finished_state = self.seqs.remove(&p.seq_id).map(Box::new);
+        }
+    }
+
+    /// Delivers the tokens still pending (when no further step will run them in its shadow).
+    pub(super) fn flush_pending(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        deliver(
+            pending,
+            &mut self.seqs,
+            &mut self.scheduler,
+            &mut self.stats,
+        );
+    }
+}
+
+/// A sampled token accepted by `Worker::step` and not yet delivered.
+pub(super) struct PendingToken {
+    pub(super) seq_id: SeqId,
+    pub(super) token_id: u32,
+    pub(super) logprobs: Option<crate::request::TokenLogprobs>,
+    /// Stop id or max_tokens (a stop string is found on delivery).
+    pub(super) finish: Option<FinishReason>,
+    /// The state of a sequence that finished with this token: it has left the engine's map (and
+    /// the scheduler) already.
+    pub(super) finished_state: Option<Box<SeqState>>,
+}
+
+/// Detokenizes, matches stop strings and sends the events of one step's tokens, in order. A
+/// sequence stopped by a string here may already be in the next step on the device: it leaves
+/// the scheduler and the map now, and that step's token for it is dropped (`Worker::step` skips
+/// sequences it no longer tracks). A request aborted since the step has no state: its token is
+/// dropped (its final event went out with the abort).
+pub(super) fn deliver(
+    pending: Vec<PendingToken>,
+    seqs: &mut HashMap<SeqId, SeqState>,
+    scheduler: &mut Scheduler,
+    stats: &mut EngineStats,
+) {
+    for p in pending {
+        let PendingToken {
+            seq_id,
+            token_id,
+            logprobs,
+            mut finish,
+            mut finished_state,
+        } = p;
+        let state = match &mut finished_state {
+            Some(state) => &mut **state,
+            None => match seqs.get_mut(&seq_id) {
+                Some(state) => state,
+                None => continue,
+            },
+        };
+        let mut stopped_by_string = false;
+        let mut text = String::new();
+        // A stop id ends generation before its text (it is not detokenized).
+        if finish != Some(FinishReason::Stop)
+            && let Some(detok) = &mut state.detok
+        {
+            // A tokenizer error on one token degrades to no text for it; never kill the request.
+            let delta = detok.step(token_id).unwrap_or_default();
+            match &mut state.stop_strings {
+                Some(m) => {
+                    let r = m.push(&delta);
+                    text = r.emit;
+                    if r.stopped {
+                        finish = Some(FinishReason::Stop);
+                        stopped_by_string = true;
+                    }
+                }
+                None => text = delta,
+            }
+        }
+        if finish.is_some() && !stopped_by_string {
+            // Flush what the detokenizer / stop matcher still held back.
+            if let Some(m) = &mut state.stop_strings {
+                text.push_str(&m.flush());
+            }
+            if let Some(detok) = &mut state.detok {
+                text.push_str(&detok.flush());
+            }
+        }
+        let ev = TokenEvent::Token {
+            token_id,
+            text,
+            logprobs,
+            finish,
+        };
+        let delivered = state.events.send(ev);
+        if finish.is_some() {
+            stats.num_finished += 1;
+        } else if !delivered {
+            stats.num_aborted += 1; // the client is gone: abort
+        } else {
+            continue;
+        }
+        if finished_state.is_none() {
+            scheduler.remove(seq_id);
+            seqs.remove(&seq_id);
+        }
+    }
+}
+
+impl Worker {
+    /// Executes the plan and samples one token per sampling sequence (plan order; None for a
+    /// sequence the engine no longer tracks): on the device when the executor samples there
+    /// (only ids and requested logprobs cross back), else on the host from the logits.
+    pub(super) fn sample_step(
+        &mut self,
+        plan: &SchedulePlan,
+    ) -> crate::Result<Vec<Option<Sampled>>> {
+        // Testing aid: a panic where the executor is called, as if it had panicked.
+        if let Some(token_id) = self.faults.panic_token_id
+            && let Some(s) = plan.seqs.iter().find(|s| {
+                self.seqs
+                    .get(&s.seq_id)
+                    .is_some_and(|state| state.injects_panic)
+            })
+        {
+            panic!(
+                "injected panic: the prompt of request {} holds token {token_id} \
+                 ({INJECT_PANIC_TOKEN_VAR})",
+                s.seq_id
+            );
+        }
+        if self.executor.samples_on_device() {
+            self.sample_batch.clear();
+            let mut known = Vec::new();
+            for s in plan.seqs.iter().filter(|s| s.sample) {
+                let greedy = RowSampling::greedy();
+                let state = self.seqs.get_mut(&s.seq_id);
+                known.push(state.is_some());
+                match state {
+                    Some(state) => {
+                        let suppressed: &[u32] = if state.num_generated < state.min_tokens {
+                            &state.stop_ids
+                        } else {
+                            &[]
+                        };
+                        let Some(ds) = &mut state.device_sampling else {
+                            return Err(crate::Error::Device(format!(
+                                "sequence {:?} has no device sampling state",
+                                s.seq_id
+                            )));
+                        };
+                        let row = row_sampling(&ds.params, &mut ds.rng);
+                        self.sample_batch
+                            .push(&row, ds.history.as_ref(), suppressed)?;
+                    }
+                    // Keeps the rows aligned with the plan; its token is dropped.
+                    None => self.sample_batch.push(&greedy, None, &[])?,
+                }
+            }
+            // The previous step's tokens are delivered while the device runs this one.
+            let pending = std::mem::take(&mut self.pending);
+            let (seqs, scheduler, stats) = (&mut self.seqs, &mut self.scheduler, &mut self.stats);
+            let mut overlap = Some(move || deliver(pending, seqs, scheduler, stats));
+            let outs =
+                self.executor
+                    .execute_and_sample_overlapped(plan, &self.sample_batch, &mut || {
+                        if let Some(f) = overlap.take() {
+                            f();
+                        }
+                    });
+            // A step that failed before its overlap point still delivers them.
+            if let Some(f) = overlap.take() {
+                f();
+            }
+            let outs = outs?;
+            return Ok(outs
+                .into_iter()
+                .zip(known)
+                .map(|(o, k)| k.then_some(o))
+                .collect());
+        }
+        // Host sampling: the previous step's tokens went out before this plan was made (`run`).
+        let mut logits = self.executor.execute(plan)?;
+        let mut outs = Vec::new();
+        for (row_idx, s) in plan.seqs.iter().filter(|s| s.sample).enumerate() {
+            let Some(state) = self.seqs.get_mut(&s.seq_id) else {
+                outs.push(None);
+                continue;
+            };
+            let suppressed: &[u32] = if state.num_generated < state.min_tokens {
+                &state.stop_ids
+            } else {
+                &[]
+            };
+            outs.push(Some(
+                state.sampler.sample(logits.row_mut(row_idx), suppressed),
+            ));
+        }
+        Ok(outs)
+    }
+}

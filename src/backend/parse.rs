@@ -2,14 +2,19 @@
 //! `GenerateRequest` plus how to answer it (`ParsedRequest`). Pure code over copied data
 //! (`RawRequest`), so every rule is unit-tested without a server.
 //!
-//! Accepted interfaces (names, dtypes, dims in `INPUTS`): the union of tensorrtllm_backend's
-//! text (`ensemble`) and token (`tensorrt_llm`) interfaces, and Triton's vLLM backend interface
-//! (`sampling_parameters` JSON). Old and new names are both accepted (`random_seed`/`seed`,
+//! Accepted interfaces: the union of tensorrtllm_backend's text (`ensemble`) and token
+//! (`tensorrt_llm`) interfaces, and Triton's vLLM backend interface (`sampling_parameters` JSON).
+//! `FIELDS` is the one list of what a request may carry: for each field, the tensors (name,
+//! aliases, dtype, dims: `INPUTS` is built from it), the JSON keys, and how its value is read and
+//! where it is stored. Old and new names are both accepted (`random_seed`/`seed`,
 //! `min_length`/`min_tokens`). Precedence for a setting given more than once: tensor >
-//! `sampling_parameters` JSON > request parameter > model default. Every error names the field,
-//! the value and the bound. This module must never call Triton or the engine.
+//! `sampling_parameters` JSON > request parameter > model default; `parse` starts from the
+//! defaults and applies the sources in the reverse order, each overwriting the last (stop strings
+//! and stop ids accumulate instead). A value that cannot be read fails wherever it is given;
+//! ranges are checked once every source is in, on the winning value only. Every error names the
+//! field, the value and the bound. This module must never call Triton or the engine.
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 use triton_api::{DataType, InputTensor, ParamValue};
 
 use crate::config::RequestDefaults;
@@ -17,6 +22,7 @@ use crate::request::{GenerateRequest, Prompt, RequestError, SamplingParams, Stop
 use crate::tokenizer::{ChatMessage, Tokenizer};
 
 /// An input the backend declares: name, dtype, dims (without the batch dimension).
+#[derive(Debug, Clone, Copy)]
 pub struct TensorSpec {
     pub name: &'static str,
     pub dtype: DataType,
@@ -27,42 +33,32 @@ const fn spec(name: &'static str, dtype: DataType, dims: &'static [i64]) -> Tens
     TensorSpec { name, dtype, dims }
 }
 
-/// Every input ferrum accepts; all optional (a request needs `text_input` or `input_ids`).
-pub const INPUTS: &[TensorSpec] = &[
-    spec("text_input", DataType::Bytes, &[1]),
-    spec("input_ids", DataType::Int32, &[-1]),
-    spec("input_lengths", DataType::Int32, &[1]),
-    spec("max_tokens", DataType::Int32, &[1]),
-    spec("request_output_len", DataType::Int32, &[1]),
-    spec("stream", DataType::Bool, &[1]),
-    spec("streaming", DataType::Bool, &[1]),
-    spec("temperature", DataType::Fp32, &[1]),
-    spec("top_k", DataType::Int32, &[1]),
-    spec("runtime_top_k", DataType::Int32, &[1]),
-    spec("top_p", DataType::Fp32, &[1]),
-    spec("runtime_top_p", DataType::Fp32, &[1]),
-    spec("min_p", DataType::Fp32, &[1]),
-    spec("repetition_penalty", DataType::Fp32, &[1]),
-    spec("presence_penalty", DataType::Fp32, &[1]),
-    spec("frequency_penalty", DataType::Fp32, &[1]),
-    spec("min_tokens", DataType::Int32, &[1]),
-    spec("min_length", DataType::Int32, &[1]),
-    spec("seed", DataType::Uint64, &[1]),
-    spec("random_seed", DataType::Uint64, &[1]),
-    spec("end_id", DataType::Int32, &[1]),
-    spec("pad_id", DataType::Int32, &[1]),
-    spec("stop_words", DataType::Bytes, &[-1]),
-    spec("bad_words", DataType::Bytes, &[-1]),
-    spec("stop_words_list", DataType::Int32, &[2, -1]),
-    spec("bad_words_list", DataType::Int32, &[2, -1]),
-    spec("ignore_eos", DataType::Bool, &[1]),
-    spec("apply_chat_template", DataType::Bool, &[1]),
-    spec("return_log_probs", DataType::Bool, &[1]),
-    spec("exclude_input_in_output", DataType::Bool, &[1]),
-    spec("beam_width", DataType::Int32, &[1]),
-    spec("num_return_sequences", DataType::Int32, &[1]),
-    spec("sampling_parameters", DataType::Bytes, &[1]),
-];
+/// Every input ferrum accepts, in `FIELDS` order; all optional (a request needs `text_input` or
+/// `input_ids`).
+pub const INPUTS: &[TensorSpec] = &{
+    let mut inputs = [spec("", DataType::Invalid, &[]); NUM_INPUTS];
+    let (mut field_idx, mut input_idx) = (0, 0);
+    while field_idx < FIELDS.len() {
+        let f = &FIELDS[field_idx];
+        let mut name_idx = 0;
+        while name_idx < f.tensors.len() {
+            inputs[input_idx] = spec(f.tensors[name_idx], f.dtype, f.dims);
+            input_idx += 1;
+            name_idx += 1;
+        }
+        field_idx += 1;
+    }
+    inputs
+};
+
+const NUM_INPUTS: usize = {
+    let (mut num_inputs, mut field_idx) = (0, 0);
+    while field_idx < FIELDS.len() {
+        num_inputs += FIELDS[field_idx].tensors.len();
+        field_idx += 1;
+    }
+    num_inputs
+};
 
 /// Every output ferrum may produce (dims without the batch dimension).
 pub const OUTPUTS: &[TensorSpec] = &[
@@ -75,6 +71,195 @@ pub const OUTPUTS: &[TensorSpec] = &[
     spec("num_input_tokens", DataType::Uint32, &[1]),
     spec("num_output_tokens", DataType::Uint32, &[1]),
 ];
+
+/// One setting a request may carry, under every name it goes by.
+struct Field {
+    /// The input tensors that carry it: the canonical name first, then aliases (tensorrtllm's
+    /// older names). Empty: no tensor.
+    tensors: &'static [&'static str],
+    /// The tensors' dtype and dims (without the batch dimension).
+    dtype: DataType,
+    dims: &'static [i64],
+    keys: Keys,
+    kind: Kind,
+}
+
+/// The JSON-style keys that carry a field.
+#[derive(Clone, Copy)]
+enum Keys {
+    TensorOnly,
+    /// Keys of `sampling_parameters` (vLLM's names), accepted as request parameters as well.
+    Sampling(&'static [&'static str]),
+    /// Request parameters only: `sampling_parameters` rejects them, as vLLM has no such key.
+    Parameter(&'static [&'static str]),
+}
+
+/// How a field's value is read from a tensor or a JSON value, and the setter that stores it in
+/// the `Draft` (the only place that knows the field's destination). Integer and float setters get
+/// the name the value came under: errors on it name what the client sent.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// One integer.
+    Int(fn(&mut Draft, &'static str, i64)),
+    /// One integer, where JSON's -1 means 0 (vLLM's "off"); a tensor's -1 stays, and fails its
+    /// bound.
+    IntJsonOff(fn(&mut Draft, &'static str, i64)),
+    /// One number (a tensor may be FP32, FP64 or an integer type).
+    Float(fn(&mut Draft, &'static str, f64)),
+    /// One boolean (JSON: also "true"/"false").
+    Bool(fn(&mut Draft, bool)),
+    /// A seed: a UINT64 tensor is read exactly, anything else must be an integer >= 0.
+    Seed(fn(&mut Draft, u64)),
+    /// Strings, empty ones dropped: a BYTES tensor, or JSON's string or list of strings.
+    Strings(fn(&mut Draft, Vec<String>)),
+    /// Token ids: JSON's list, or one tensor id where a negative one means none (`end_id = -1`).
+    TokenIds(fn(&mut Draft, Vec<u32>)),
+    /// The prompt text: one non-empty string.
+    Text(fn(&mut Draft, String)),
+    /// Every element of an integer tensor.
+    Ints(fn(&mut Draft, Vec<i64>)),
+    /// tensorrtllm's `[2, N]` word list: a one-token word is a stop id, a longer one is decoded
+    /// into a stop string.
+    StopWordList,
+    /// Accepted only when it holds no word (a BYTES list or a `[2, N]` word list); the bound says
+    /// why.
+    MustBeEmpty(&'static str),
+    /// Accepted only when 1; the bound says why.
+    MustBeOne(&'static str),
+    /// The `sampling_parameters` JSON, whose keys are read as their fields (before every other
+    /// tensor, see `parse`).
+    SamplingParameters,
+}
+
+/// The dtype and dims of a field's tensors.
+type TensorType = (DataType, &'static [i64]);
+const INT: TensorType = (DataType::Int32, &[1]);
+const INTS: TensorType = (DataType::Int32, &[-1]);
+const WORD_LIST: TensorType = (DataType::Int32, &[2, -1]);
+const FLOAT: TensorType = (DataType::Fp32, &[1]);
+const BOOL: TensorType = (DataType::Bool, &[1]);
+const U64: TensorType = (DataType::Uint64, &[1]);
+const STRING: TensorType = (DataType::Bytes, &[1]);
+const STRINGS: TensorType = (DataType::Bytes, &[-1]);
+const NO_TENSOR: TensorType = (DataType::Invalid, &[]);
+
+const fn field(
+    tensors: &'static [&'static str],
+    (dtype, dims): TensorType,
+    keys: Keys,
+    kind: Kind,
+) -> Field {
+    Field {
+        tensors,
+        dtype,
+        dims,
+        keys,
+        kind,
+    }
+}
+
+const NO_BAD_WORDS: &str = "bad words are not supported by ferrum; send an empty list";
+
+/// Everything a request may carry. The order is that of `INPUTS` and of the keys listed by the
+/// error for an unknown `sampling_parameters` key.
+#[rustfmt::skip]
+const FIELDS: &[Field] = {
+    use Keys::{Parameter, Sampling, TensorOnly};
+    use Kind::*;
+    &[
+    //    tensors: canonical name, aliases          dtype/dims JSON keys
+    //        kind: how the value is read, and its setter
+    field(&["text_input"],                          STRING,    TensorOnly,
+          Text(|d, s| d.text = Some(s))),
+    field(&["input_ids"],                           INTS,      TensorOnly,
+          Ints(|d, ids| d.input_ids = Some(ids))),
+    // The number of valid ids in `input_ids` (the rest is padding).
+    field(&["input_lengths"],                       INT,       TensorOnly,
+          Int(|d, _, n| d.input_lengths = Some(n))),
+    field(&["max_tokens", "request_output_len"],    INT,       Sampling(&["max_tokens"]),
+          Int(|d, name, n| d.max_tokens = (name, n))),
+    field(&["min_tokens", "min_length"],            INT,       Sampling(&["min_tokens"]),
+          Int(|d, name, n| d.min_tokens = (name, n))),
+    field(&["stream", "streaming"],                 BOOL,      Parameter(&["stream"]),
+          Bool(|d, b| d.stream = b)),
+    field(&["temperature"],                         FLOAT,     Sampling(&["temperature"]),
+          Float(|d, _, v| d.sampling.temperature = v as f32)),
+    field(&["top_k", "runtime_top_k"],              INT,       Sampling(&["top_k"]),
+          IntJsonOff(|d, name, k| d.top_k = Some((name, k)))),
+    field(&["top_p", "runtime_top_p"],              FLOAT,     Sampling(&["top_p"]),
+          Float(|d, name, p| d.top_p = Some((name, p)))),
+    field(&["min_p"],                               FLOAT,     Sampling(&["min_p"]),
+          Float(|d, _, v| d.sampling.min_p = v as f32)),
+    field(&["repetition_penalty"],                  FLOAT,     Sampling(&["repetition_penalty"]),
+          Float(|d, _, v| d.sampling.repetition_penalty = v as f32)),
+    field(&["presence_penalty"],                    FLOAT,     Sampling(&["presence_penalty"]),
+          Float(|d, _, v| d.sampling.presence_penalty = v as f32)),
+    field(&["frequency_penalty"],                   FLOAT,     Sampling(&["frequency_penalty"]),
+          Float(|d, _, v| d.sampling.frequency_penalty = v as f32)),
+    field(&["seed", "random_seed"],                 U64,       Sampling(&["seed"]),
+          Seed(|d, s| d.sampling.seed = Some(s))),
+    field(&["end_id"],                              INT,       TensorOnly,
+          TokenIds(|d, ids| d.stop.stop_token_ids.extend(ids))),
+    // Accepted and unused.
+    field(&["pad_id"],                              INT,       TensorOnly,
+          Int(|_, _, _| {})),
+    field(&["stop_words"],                          STRINGS,   Sampling(&["stop"]),
+          Strings(|d, s| d.stop.stop_strings.extend(s))),
+    field(&[],                                      NO_TENSOR, Sampling(&["stop_token_ids"]),
+          TokenIds(|d, ids| d.stop.stop_token_ids.extend(ids))),
+    field(&["bad_words"],                           STRINGS,   TensorOnly,
+          MustBeEmpty(NO_BAD_WORDS)),
+    field(&["stop_words_list"],                     WORD_LIST, TensorOnly,
+          StopWordList),
+    field(&["bad_words_list"],                      WORD_LIST, TensorOnly,
+          MustBeEmpty(NO_BAD_WORDS)),
+    field(&["ignore_eos"],                          BOOL,      Sampling(&["ignore_eos"]),
+          Bool(|d, b| d.stop.ignore_eos = b)),
+    field(&["apply_chat_template"],                 BOOL,      Parameter(&["apply_chat_template"]),
+          Bool(|d, b| d.apply_chat_template = b)),
+    field(&["return_log_probs"],                    BOOL,      Parameter(&["return_log_probs"]),
+          Bool(|d, b| d.return_log_probs = b)),
+    field(&["exclude_input_in_output"],             BOOL,      Parameter(&["exclude_input_in_output"]),
+          Bool(|d, b| d.exclude_input_in_output = b)),
+    field(&[],                                      NO_TENSOR, Sampling(&["logprobs"]),
+          Int(|d, name, n| d.logprobs = Some((name, n)))),
+    field(&["beam_width", "num_return_sequences"],  INT,       TensorOnly,
+          MustBeOne("must be 1: beam search and multiple sequences are not supported")),
+    field(&[],                                      NO_TENSOR, Sampling(&["n", "best_of"]),
+          MustBeOne("must be 1: multiple sequences per request are not supported")),
+    field(&["sampling_parameters"],                 STRING,    TensorOnly,
+          SamplingParameters),
+    ]
+};
+
+impl Keys {
+    /// The keys accepted inside `sampling_parameters`.
+    fn in_sampling_parameters(self) -> &'static [&'static str] {
+        match self {
+            Keys::Sampling(keys) => keys,
+            Keys::Parameter(_) | Keys::TensorOnly => &[],
+        }
+    }
+
+    /// The keys accepted as request parameters.
+    fn in_parameters(self) -> &'static [&'static str] {
+        match self {
+            Keys::Sampling(keys) | Keys::Parameter(keys) => keys,
+            Keys::TensorOnly => &[],
+        }
+    }
+}
+
+/// The field that has `name` among its `names`, and the table's copy of the name (errors need a
+/// `&'static str`).
+fn find(
+    name: &str,
+    names: fn(&Field) -> &'static [&'static str],
+) -> Option<(&'static Field, &'static str)> {
+    FIELDS
+        .iter()
+        .find_map(|f| names(f).iter().find(|n| **n == name).map(|n| (f, *n)))
+}
 
 /// One request's inputs and parameters, copied out of Triton.
 #[derive(Debug, Clone, Default)]
@@ -115,27 +300,27 @@ pub struct ParsedRequest {
     pub prompt_text: Option<String>,
 }
 
-/// Settings collected from all sources before validation; `None` = not given.
-#[derive(Debug, Default)]
-struct Fields {
-    max_tokens: Option<(&'static str, i64)>,
-    min_tokens: Option<(&'static str, i64)>,
-    temperature: Option<f64>,
+/// A request's settings while its sources are applied: starts at the model defaults, and each
+/// source's setters overwrite what it carries. Values whose bounds depend on the other sources
+/// or need the name the client used stay raw (`(name, value)`) until `finish` checks them.
+#[derive(Default)]
+struct Draft {
+    text: Option<String>,
+    input_ids: Option<Vec<i64>>,
+    input_lengths: Option<i64>,
+    max_tokens: (&'static str, i64),
+    min_tokens: (&'static str, i64),
     top_k: Option<(&'static str, i64)>,
     top_p: Option<(&'static str, f64)>,
-    min_p: Option<f64>,
-    repetition_penalty: Option<f64>,
-    presence_penalty: Option<f64>,
-    frequency_penalty: Option<f64>,
-    seed: Option<u64>,
-    logprobs: Option<i64>,
-    stop_strings: Vec<String>,
-    stop_token_ids: Vec<u32>,
-    ignore_eos: Option<bool>,
-    stream: Option<bool>,
-    exclude_input_in_output: Option<bool>,
-    apply_chat_template: Option<bool>,
-    return_log_probs: Option<bool>,
+    logprobs: Option<(&'static str, i64)>,
+    /// Final but for `top_k`, `top_p` and `logprobs`, which `finish` fills.
+    sampling: SamplingParams,
+    /// Final but for `max_tokens` and `min_tokens`, which `finish` fills.
+    stop: StopCriteria,
+    stream: bool,
+    exclude_input_in_output: bool,
+    apply_chat_template: bool,
+    return_log_probs: bool,
 }
 
 fn invalid(
@@ -144,13 +329,6 @@ fn invalid(
     bound: impl Into<String>,
 ) -> RequestError {
     RequestError::invalid(field, value, bound)
-}
-
-fn static_name(name: &str) -> &'static str {
-    INPUTS
-        .iter()
-        .find(|s| s.name == name)
-        .map_or("input", |s| s.name)
 }
 
 /// A tensor with its batch dimension (if any) checked and removed.
@@ -162,8 +340,12 @@ struct Tensor<'a> {
 }
 
 impl<'a> Tensor<'a> {
-    fn new(t: &'a InputTensor, max_batch_size: usize) -> Result<Self, RequestError> {
-        let field = static_name(&t.name);
+    /// `field`: the table's name of the tensor (errors name it).
+    fn new(
+        t: &'a InputTensor,
+        field: &'static str,
+        max_batch_size: usize,
+    ) -> Result<Self, RequestError> {
         let mut shape = t.shape.clone();
         if max_batch_size > 0 {
             match shape.first() {
@@ -198,111 +380,90 @@ impl<'a> Tensor<'a> {
         self.shape.iter().map(|&d| d.max(0) as usize).product()
     }
 
+    fn wrong_dtype(&self, bound: &str) -> RequestError {
+        invalid(
+            self.field,
+            format!("{} data", self.dtype.config_name()),
+            bound,
+        )
+    }
+
+    /// The data as little-endian words of `elem` bytes, zero-extended.
+    fn words(&self, elem: usize) -> impl Iterator<Item = u64> + '_ {
+        self.data.chunks_exact(elem).map(move |c| {
+            let mut b = [0u8; 8];
+            b[..elem].copy_from_slice(c);
+            u64::from_le_bytes(b)
+        })
+    }
+
+    /// Every element of an integer (or BOOL) tensor. UINT64 values above i64::MAX wrap;
+    /// `seed_u64` reads them exactly.
     fn ints(&self) -> Result<Vec<i64>, RequestError> {
-        let n = self.num_elements();
-        let elem = self.dtype.byte_size().unwrap_or(0);
-        let wrong = || {
-            invalid(
-                self.field,
-                format!("{} data", self.dtype.config_name()),
-                "expected an integer tensor",
-            )
+        let elem = match self.dtype {
+            DataType::Fp16 | DataType::Fp32 | DataType::Fp64 | DataType::Bf16 => None,
+            dtype => dtype.byte_size(),
         };
-        if elem == 0
-            || matches!(
-                self.dtype,
-                DataType::Fp16 | DataType::Fp32 | DataType::Fp64 | DataType::Bf16
-            )
-        {
-            return Err(wrong());
-        }
-        if self.data.len() != n * elem {
+        let Some(elem) = elem else {
+            return Err(self.wrong_dtype("expected an integer tensor"));
+        };
+        if self.data.len() != self.num_elements() * elem {
             return Err(invalid(
                 self.field,
                 format!("{} bytes for shape {:?}", self.data.len(), self.shape),
                 "size mismatch",
             ));
         }
-        let out = self
-            .data
-            .chunks_exact(elem)
-            .map(|c| {
-                let mut b = [0u8; 8];
-                b[..elem].copy_from_slice(c);
-                match self.dtype {
-                    DataType::Bool | DataType::Uint8 => c[0] as i64,
-                    DataType::Int8 => c[0] as i8 as i64,
-                    DataType::Uint16 => u16::from_le_bytes([c[0], c[1]]) as i64,
-                    DataType::Int16 => i16::from_le_bytes([c[0], c[1]]) as i64,
-                    DataType::Uint32 => u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64,
-                    DataType::Int32 => i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64,
-                    // u64 seeds above i64::MAX wrap; `seed_u64` reads them exactly.
-                    _ => i64::from_le_bytes(b),
-                }
-            })
-            .collect();
-        Ok(out)
+        let sign_extend = |w: u64| match self.dtype {
+            DataType::Int8 => w as i8 as i64,
+            DataType::Int16 => w as i16 as i64,
+            DataType::Int32 => w as i32 as i64,
+            _ => w as i64,
+        };
+        Ok(self.words(elem).map(sign_extend).collect())
     }
 
+    /// Every element of a float (or integer) tensor.
     fn floats(&self) -> Result<Vec<f64>, RequestError> {
-        match self.dtype {
-            DataType::Fp32 => {
-                if self.data.len() != self.num_elements() * 4 {
-                    return Err(invalid(
-                        self.field,
-                        format!("{} bytes", self.data.len()),
-                        "size mismatch",
-                    ));
-                }
-                Ok(self
-                    .data
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
-                    .collect())
+        let elem = match self.dtype {
+            DataType::Fp32 => 4,
+            DataType::Fp64 => 8,
+            DataType::Bytes | DataType::Fp16 | DataType::Bf16 | DataType::Invalid => {
+                return Err(self.wrong_dtype("expected TYPE_FP32 (or another numeric type)"));
             }
-            DataType::Fp64 => {
-                if self.data.len() != self.num_elements() * 8 {
-                    return Err(invalid(
-                        self.field,
-                        format!("{} bytes", self.data.len()),
-                        "size mismatch",
-                    ));
-                }
-                Ok(self
-                    .data
-                    .chunks_exact(8)
-                    .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-                    .collect())
-            }
-            DataType::Bytes | DataType::Fp16 | DataType::Bf16 | DataType::Invalid => Err(invalid(
-                self.field,
-                format!("{} data", self.dtype.config_name()),
-                "expected TYPE_FP32 (or another numeric type)",
-            )),
-            _ => Ok(self.ints()?.into_iter().map(|i| i as f64).collect()),
-        }
-    }
-
-    fn strings(&self) -> Result<Vec<String>, RequestError> {
-        if self.dtype != DataType::Bytes {
+            _ => return Ok(self.ints()?.into_iter().map(|i| i as f64).collect()),
+        };
+        if self.data.len() != self.num_elements() * elem {
             return Err(invalid(
                 self.field,
-                format!("{} data", self.dtype.config_name()),
-                "expected TYPE_STRING (BYTES)",
+                format!("{} bytes", self.data.len()),
+                "size mismatch",
             ));
+        }
+        let float = |w: u64| match elem {
+            4 => f32::from_bits(w as u32) as f64,
+            _ => f64::from_bits(w),
+        };
+        Ok(self.words(elem).map(float).collect())
+    }
+
+    /// Every element of a BYTES tensor (each a 4-byte length, then the bytes), as UTF-8 text.
+    fn strings(&self) -> Result<Vec<String>, RequestError> {
+        if self.dtype != DataType::Bytes {
+            return Err(self.wrong_dtype("expected TYPE_STRING (BYTES)"));
         }
         let mut out = Vec::new();
         let mut rest = self.data;
         while !rest.is_empty() {
-            if rest.len() < 4 {
+            let Some((len, tail)) = rest.split_first_chunk::<4>() else {
                 return Err(invalid(
                     self.field,
                     "truncated BYTES element",
                     "each element needs a 4-byte length",
                 ));
-            }
-            let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-            let Some(bytes) = rest.get(4..4 + len) else {
+            };
+            let len = u32::from_le_bytes(*len) as usize;
+            let Some(bytes) = tail.get(..len) else {
                 return Err(invalid(
                     self.field,
                     format!("element length {len}"),
@@ -317,17 +478,16 @@ impl<'a> Tensor<'a> {
                 )
             })?;
             out.push(s.to_string());
-            rest = &rest[4 + len..];
+            rest = &tail[len..];
         }
         Ok(out)
     }
 
     fn one<T>(&self, v: Vec<T>) -> Result<T, RequestError> {
         let n = v.len();
-        let mut it = v.into_iter();
-        match (it.next(), n) {
-            (Some(x), 1) => Ok(x),
-            _ => Err(invalid(
+        match <[T; 1]>::try_from(v) {
+            Ok([x]) => Ok(x),
+            Err(_) => Err(invalid(
                 self.field,
                 format!("{n} elements (shape {:?})", self.shape),
                 "must have exactly one element",
@@ -336,40 +496,235 @@ impl<'a> Tensor<'a> {
     }
 
     fn int(&self) -> Result<i64, RequestError> {
-        let v = self.ints()?;
-        self.one(v)
+        self.one(self.ints()?)
     }
     fn float(&self) -> Result<f64, RequestError> {
-        let v = self.floats()?;
-        self.one(v)
+        self.one(self.floats()?)
     }
     fn boolean(&self) -> Result<bool, RequestError> {
-        let v = self.ints()?;
-        Ok(self.one(v)? != 0)
+        Ok(self.int()? != 0)
     }
     fn seed_u64(&self) -> Result<u64, RequestError> {
-        if self.dtype == DataType::Uint64 && self.data.len() == 8 {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(self.data);
-            return Ok(u64::from_le_bytes(b));
+        if let (DataType::Uint64, Some(w), 8) = (self.dtype, self.words(8).next(), self.data.len())
+        {
+            return Ok(w);
         }
         let v = self.int()?;
         u64::try_from(v).map_err(|_| invalid(self.field, v, "must be >= 0"))
     }
 }
 
+/// One value as a source carries it: a tensor, or a JSON value (in `sampling_parameters` or a
+/// request parameter) under its key. Every kind reads both through these methods, so a value
+/// means the same whichever source carries it.
+#[derive(Clone, Copy)]
+enum Given<'a> {
+    Tensor(&'a Tensor<'a>),
+    Json(&'static str, &'a Value),
+}
+
+impl<'a> Given<'a> {
+    /// The name the value came under.
+    fn name(self) -> &'static str {
+        match self {
+            Given::Tensor(t) => t.field,
+            Given::Json(key, _) => key,
+        }
+    }
+
+    fn int(self) -> Result<i64, RequestError> {
+        match self {
+            Given::Tensor(t) => t.int(),
+            Given::Json(key, v) => match (v.as_i64(), v.as_f64()) {
+                (Some(i), _) => Ok(i),
+                (None, Some(x)) if x.fract() == 0.0 && x.abs() < 9.0e15 => Ok(x as i64),
+                _ => Err(invalid(key, v, "must be an integer")),
+            },
+        }
+    }
+
+    fn float(self) -> Result<f64, RequestError> {
+        match self {
+            Given::Tensor(t) => t.float(),
+            Given::Json(key, v) => v
+                .as_f64()
+                .ok_or_else(|| invalid(key, v, "must be a number")),
+        }
+    }
+
+    fn boolean(self) -> Result<bool, RequestError> {
+        match self {
+            Given::Tensor(t) => t.boolean(),
+            Given::Json(_, Value::Bool(b)) => Ok(*b),
+            Given::Json(_, Value::String(s)) if s.eq_ignore_ascii_case("true") => Ok(true),
+            Given::Json(_, Value::String(s)) if s.eq_ignore_ascii_case("false") => Ok(false),
+            Given::Json(key, v) => Err(invalid(key, v, "must be true or false")),
+        }
+    }
+
+    /// A UINT64 tensor is read exactly; anything else must be an integer >= 0.
+    fn seed(self) -> Result<u64, RequestError> {
+        match self {
+            Given::Tensor(t) => t.seed_u64(),
+            Given::Json(key, _) => {
+                let s = self.int()?;
+                u64::try_from(s).map_err(|_| invalid(key, s, "must be >= 0"))
+            }
+        }
+    }
+
+    /// Strings, empty ones dropped: a BYTES tensor, or JSON's string or list of strings.
+    fn strings(self) -> Result<Vec<String>, RequestError> {
+        let strings = match self {
+            Given::Tensor(t) => t.strings()?,
+            Given::Json(key, v) => {
+                // A single string is a list of one.
+                let items = v.as_array().map_or(std::slice::from_ref(v), Vec::as_slice);
+                let string = |item: &Value| {
+                    let bound = format!("{key} must be a string or a list of strings");
+                    item.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| invalid(key, item, bound))
+                };
+                items.iter().map(string).collect::<Result<_, _>>()?
+            }
+        };
+        Ok(strings.into_iter().filter(|s| !s.is_empty()).collect())
+    }
+
+    /// Token ids: JSON's list, or one tensor id where a negative one means none (`end_id = -1`).
+    fn token_ids(self) -> Result<Vec<u32>, RequestError> {
+        match self {
+            Given::Tensor(t) => match t.int()? {
+                id if id < 0 => Ok(vec![]),
+                id => Ok(vec![token_id(t.field, id)?]),
+            },
+            Given::Json(key, v) => v
+                .as_array()
+                .ok_or_else(|| invalid(key, v, "must be a list of token ids"))?
+                .iter()
+                .map(|item| token_id(key, Given::Json(key, item).int()?))
+                .collect(),
+        }
+    }
+
+    /// The tensor, for the kinds that only a tensor carries.
+    fn tensor(self) -> Result<&'a Tensor<'a>, RequestError> {
+        match self {
+            Given::Tensor(t) => Ok(t),
+            Given::Json(key, v) => Err(invalid(key, v, "only accepted as a tensor")),
+        }
+    }
+}
+
+impl Field {
+    /// Reads this field's value from `given` into `d`.
+    fn read(
+        &self,
+        given: Given<'_>,
+        d: &mut Draft,
+        tokenizer: Option<&Tokenizer>,
+    ) -> Result<(), RequestError> {
+        let name = given.name();
+        match self.kind {
+            Kind::Int(set) => set(d, name, given.int()?),
+            Kind::IntJsonOff(set) => match (given, given.int()?) {
+                (Given::Json(..), -1) => set(d, name, 0),
+                (_, n) => set(d, name, n),
+            },
+            Kind::Float(set) => set(d, name, given.float()?),
+            Kind::Bool(set) => set(d, given.boolean()?),
+            Kind::Seed(set) => set(d, given.seed()?),
+            Kind::Strings(set) => set(d, given.strings()?),
+            Kind::TokenIds(set) => set(d, given.token_ids()?),
+            Kind::MustBeOne(bound) => {
+                let n = given.int()?;
+                if n != 1 {
+                    return Err(invalid(name, n, bound));
+                }
+            }
+            Kind::Text(set) => {
+                let t = given.tensor()?;
+                let text = t.one(t.strings()?)?;
+                if text.is_empty() {
+                    return Err(RequestError::EmptyPrompt);
+                }
+                set(d, text);
+            }
+            Kind::Ints(set) => set(d, given.tensor()?.ints()?),
+            Kind::StopWordList => {
+                for word in word_list(given.tensor()?)? {
+                    match word.as_slice() {
+                        [id] => d.stop.stop_token_ids.push(*id),
+                        ids => {
+                            let tok = tokenizer.ok_or(RequestError::NoTokenizer { field: name })?;
+                            let s = tok
+                                .decode(ids, false)
+                                .map_err(|e| RequestError::Tokenizer(e.to_string()))?;
+                            if !s.is_empty() {
+                                d.stop.stop_strings.push(s);
+                            }
+                        }
+                    }
+                }
+            }
+            Kind::MustBeEmpty(bound) => {
+                // Read as declared: an INT32 `bad_words` fails as "expected TYPE_STRING".
+                let first_word = match self.dtype {
+                    DataType::Bytes => given.strings()?.first().map(|w| format!("{w:?}")),
+                    _ => word_list(given.tensor()?)?
+                        .first()
+                        .map(|w| format!("{w:?}")),
+                };
+                if let Some(w) = first_word {
+                    return Err(invalid(name, w, bound));
+                }
+            }
+            // vLLM's JSON: strict, an unknown key is an error (a null value is skipped, whatever
+            // its key).
+            Kind::SamplingParameters => {
+                let t = given.tensor()?;
+                let text = t.one(t.strings()?)?;
+                let v: Value = serde_json::from_str(&text).map_err(|e| {
+                    invalid(
+                        name,
+                        format!("{text:?}"),
+                        format!("must be a JSON object: {e}"),
+                    )
+                })?;
+                let obj = v
+                    .as_object()
+                    .ok_or_else(|| invalid(name, format!("{text:?}"), "must be a JSON object"))?;
+                for (key, v) in obj.iter().filter(|(_, v)| !v.is_null()) {
+                    let Some((field, key)) = find(key, |f| f.keys.in_sampling_parameters()) else {
+                        let accepted: Vec<&str> = FIELDS
+                            .iter()
+                            .flat_map(|f| f.keys.in_sampling_parameters())
+                            .copied()
+                            .collect();
+                        return Err(invalid(
+                            name,
+                            format!("unknown key '{key}'"),
+                            format!("accepted keys: {}", accepted.join(", ")),
+                        ));
+                    };
+                    field.read(Given::Json(key, v), d, tokenizer)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Parses and validates one request.
 pub fn parse(raw: &RawRequest, ctx: &ParseContext<'_>) -> Result<ParsedRequest, RequestError> {
-    let mut f = Fields::default();
+    let mut d = Draft::new(ctx.defaults);
 
     // 1. Request parameters (generate-endpoint keys that are not inputs): known keys only;
     //    others (Triton's own, e.g. `triton_enable_empty_final_response`) are ignored.
-    let param_obj: serde_json::Map<String, Value> = raw
+    let params: Map<String, Value> = raw
         .params
         .iter()
-        .filter(|(k, _)| {
-            SAMPLING_KEYS.contains(&k.as_str()) || REQUEST_PARAM_KEYS.contains(&k.as_str())
-        })
         .filter_map(|(k, v)| {
             let jv = match v {
                 ParamValue::String(s) => Value::String(s.clone()),
@@ -381,293 +736,176 @@ pub fn parse(raw: &RawRequest, ctx: &ParseContext<'_>) -> Result<ParsedRequest, 
             Some((k.clone(), jv))
         })
         .collect();
-    apply_json(&mut f, &param_obj, "parameters", true)?;
-
-    // 2. The vLLM-style `sampling_parameters` JSON: strict, an unknown key is an error.
-    let mut prompt: Option<(Interface, Prompt, Option<String>)> = None;
-    let mut input_ids: Option<Vec<i64>> = None;
-    let mut input_lengths: Option<i64> = None;
-    for t in &raw.inputs {
-        if t.name == "sampling_parameters" {
-            let tensor = Tensor::new(t, ctx.max_batch_size)?;
-            let strings = tensor.strings()?;
-            let text = tensor.one(strings)?;
-            let v: Value = serde_json::from_str(&text).map_err(|e| {
-                invalid(
-                    "sampling_parameters",
-                    format!("{text:?}"),
-                    format!("must be a JSON object: {e}"),
-                )
-            })?;
-            let obj = v.as_object().ok_or_else(|| {
-                invalid(
-                    "sampling_parameters",
-                    format!("{text:?}"),
-                    "must be a JSON object",
-                )
-            })?;
-            apply_json(&mut f, obj, "sampling_parameters", false)?;
+    for (key, v) in &params {
+        if let Some((field, key)) = find(key, |f| f.keys.in_parameters()) {
+            field.read(Given::Json(key, v), &mut d, ctx.tokenizer)?;
         }
     }
 
-    // 3. Tensors.
-    for t in &raw.inputs {
-        let tensor = Tensor::new(t, ctx.max_batch_size)?;
-        match t.name.as_str() {
-            "sampling_parameters" => {}
-            "text_input" => {
-                let strings = tensor.strings()?;
-                let text = tensor.one(strings)?;
-                if text.is_empty() {
-                    return Err(RequestError::EmptyPrompt);
-                }
-                prompt = Some((Interface::Text, Prompt::Text(text.clone()), Some(text)));
+    // 2. Tensors, in two passes: `sampling_parameters` first (any other tensor outranks its
+    //    keys), then the others.
+    for json_pass in [true, false] {
+        for t in &raw.inputs {
+            let found = find(&t.name, |f| f.tensors);
+            if found.is_some_and(|(f, _)| matches!(f.kind, Kind::SamplingParameters)) != json_pass {
+                continue;
             }
-            "input_ids" => input_ids = Some(tensor.ints()?),
-            "input_lengths" => input_lengths = Some(tensor.int()?),
-            "max_tokens" | "request_output_len" => {
-                f.max_tokens = Some((tensor.field, tensor.int()?))
-            }
-            "min_tokens" | "min_length" => f.min_tokens = Some((tensor.field, tensor.int()?)),
-            "stream" | "streaming" => f.stream = Some(tensor.boolean()?),
-            "temperature" => f.temperature = Some(tensor.float()?),
-            "top_k" | "runtime_top_k" => f.top_k = Some((tensor.field, tensor.int()?)),
-            "top_p" | "runtime_top_p" => f.top_p = Some((tensor.field, tensor.float()?)),
-            "min_p" => f.min_p = Some(tensor.float()?),
-            "repetition_penalty" => f.repetition_penalty = Some(tensor.float()?),
-            "presence_penalty" => f.presence_penalty = Some(tensor.float()?),
-            "frequency_penalty" => f.frequency_penalty = Some(tensor.float()?),
-            "seed" | "random_seed" => f.seed = Some(tensor.seed_u64()?),
-            "end_id" => {
-                let id = tensor.int()?;
-                if id >= 0 {
-                    f.stop_token_ids.push(token_id(tensor.field, id)?);
-                }
-            }
-            "pad_id" => {
-                tensor.int()?;
-            }
-            "stop_words" => f
-                .stop_strings
-                .extend(tensor.strings()?.into_iter().filter(|s| !s.is_empty())),
-            "bad_words" => {
-                if let Some(w) = tensor.strings()?.into_iter().find(|s| !s.is_empty()) {
-                    return Err(invalid(
-                        "bad_words",
-                        format!("{w:?}"),
-                        "bad words are not supported by ferrum; send an empty list",
-                    ));
-                }
-            }
-            "stop_words_list" => {
-                for seq in word_list(&tensor)? {
-                    match seq.as_slice() {
-                        [one] => f.stop_token_ids.push(*one),
-                        many => {
-                            let tok = ctx.tokenizer.ok_or(RequestError::NoTokenizer {
-                                field: "stop_words_list",
-                            })?;
-                            let s = tok
-                                .decode(many, false)
-                                .map_err(|e| RequestError::Tokenizer(e.to_string()))?;
-                            if !s.is_empty() {
-                                f.stop_strings.push(s);
-                            }
-                        }
-                    }
-                }
-            }
-            "bad_words_list" => {
-                if let Some(seq) = word_list(&tensor)?.first() {
-                    return Err(invalid(
-                        "bad_words_list",
-                        format!("{seq:?}"),
-                        "bad words are not supported by ferrum; send an empty list",
-                    ));
-                }
-            }
-            "ignore_eos" => f.ignore_eos = Some(tensor.boolean()?),
-            "apply_chat_template" => f.apply_chat_template = Some(tensor.boolean()?),
-            "return_log_probs" => f.return_log_probs = Some(tensor.boolean()?),
-            "exclude_input_in_output" => f.exclude_input_in_output = Some(tensor.boolean()?),
-            "beam_width" | "num_return_sequences" => {
-                let n = tensor.int()?;
-                if n != 1 {
-                    return Err(invalid(
-                        tensor.field,
-                        n,
-                        "must be 1: beam search and multiple sequences are not supported",
-                    ));
-                }
-            }
-            other => {
-                return Err(RequestError::InvalidValue {
-                    field: "input",
-                    value: format!("'{other}'"),
-                    bound: "not an input ferrum accepts (see docs/configuration.md)".into(),
-                });
-            }
-        }
-    }
-
-    // The prompt.
-    if let Some(ids) = input_ids {
-        if prompt.is_some() {
-            return Err(invalid(
-                "input_ids",
-                "given together with text_input",
-                "send either text_input or input_ids",
-            ));
-        }
-        let mut ids = ids;
-        if let Some(len) = input_lengths {
-            if len < 0 || len as usize > ids.len() {
+            let name = found.map_or("input", |(_, name)| name);
+            let tensor = Tensor::new(t, name, ctx.max_batch_size)?;
+            let Some((field, _)) = found else {
                 return Err(invalid(
-                    "input_lengths",
-                    len,
-                    format!("must be in [0, {}] (the length of input_ids)", ids.len()),
+                    "input",
+                    format!("'{}'", t.name),
+                    "not an input ferrum accepts (see docs/configuration.md)",
+                ));
+            };
+            field.read(Given::Tensor(&tensor), &mut d, ctx.tokenizer)?;
+        }
+    }
+    d.finish(ctx)
+}
+
+impl Draft {
+    fn new(defaults: &RequestDefaults) -> Self {
+        Draft {
+            max_tokens: ("max_tokens", defaults.max_tokens as i64),
+            min_tokens: ("min_tokens", 0),
+            sampling: defaults.sampling.clone(),
+            exclude_input_in_output: defaults.exclude_input_in_output,
+            apply_chat_template: defaults.apply_chat_template,
+            ..Draft::default()
+        }
+    }
+
+    /// Builds the prompt and checks every bound, in a fixed order (the first error wins).
+    fn finish(mut self, ctx: &ParseContext<'_>) -> Result<ParsedRequest, RequestError> {
+        let (interface, mut prompt, prompt_text) = match (self.text, self.input_ids) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "input_ids",
+                    "given together with text_input",
+                    "send either text_input or input_ids",
                 ));
             }
-            ids.truncate(len as usize);
-        }
-        if ids.is_empty() {
-            return Err(RequestError::EmptyPrompt);
-        }
-        let ids = ids
-            .into_iter()
-            .map(|id| token_id("input_ids", id))
-            .collect::<Result<Vec<_>, _>>()?;
-        prompt = Some((Interface::Tokens, Prompt::TokenIds(ids), None));
-    }
-    let Some((interface, mut prompt, prompt_text)) = prompt else {
-        return Err(invalid(
-            "text_input",
-            "missing",
-            "a request needs text_input (BYTES) or input_ids (INT32)",
-        ));
-    };
-    if interface == Interface::Text
-        && f.apply_chat_template
-            .unwrap_or(ctx.defaults.apply_chat_template)
-    {
-        let tok = ctx.tokenizer.ok_or(RequestError::NoTokenizer {
-            field: "apply_chat_template",
-        })?;
-        let text = prompt_text.clone().unwrap_or_default();
-        let rendered = tok
-            .apply_chat_template(&[ChatMessage::new("user", text)], true)
-            .map_err(|e| {
-                invalid(
-                    "apply_chat_template",
-                    "true",
-                    format!("the chat template cannot be applied: {e}"),
-                )
+            (Some(text), None) => (Interface::Text, Prompt::Text(text.clone()), Some(text)),
+            (None, Some(mut ids)) => {
+                if let Some(len) = self.input_lengths {
+                    if len < 0 || len as usize > ids.len() {
+                        return Err(invalid(
+                            "input_lengths",
+                            len,
+                            format!("must be in [0, {}] (the length of input_ids)", ids.len()),
+                        ));
+                    }
+                    ids.truncate(len as usize);
+                }
+                if ids.is_empty() {
+                    return Err(RequestError::EmptyPrompt);
+                }
+                let ids = ids
+                    .into_iter()
+                    .map(|id| token_id("input_ids", id))
+                    .collect::<Result<Vec<_>, _>>()?;
+                (Interface::Tokens, Prompt::TokenIds(ids), None)
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "text_input",
+                    "missing",
+                    "a request needs text_input (BYTES) or input_ids (INT32)",
+                ));
+            }
+        };
+        if interface == Interface::Text && self.apply_chat_template {
+            let tok = ctx.tokenizer.ok_or(RequestError::NoTokenizer {
+                field: "apply_chat_template",
             })?;
-        // The template already holds any BOS token: encode without adding specials.
-        prompt = Prompt::TokenIds(
-            tok.encode(&rendered, false)
-                .map_err(|e| RequestError::Tokenizer(e.to_string()))?,
-        );
-    }
-
-    let stream = f.stream.unwrap_or(false);
-    if stream && !ctx.decoupled {
-        return Err(invalid(
-            "stream",
-            "true",
-            "streaming needs a decoupled model (model_transaction_policy { decoupled: true }); use stream=false",
-        ));
-    }
-
-    let defaults = ctx.defaults;
-    let (max_field, max_tokens) = f
-        .max_tokens
-        .unwrap_or(("max_tokens", defaults.max_tokens as i64));
-    if max_tokens < 1 || max_tokens as usize >= ctx.max_model_len {
-        return Err(invalid(
-            max_field,
-            max_tokens,
-            format!(
-                "must be in [1, {}] (the model's context is {} tokens)",
-                ctx.max_model_len - 1,
-                ctx.max_model_len
-            ),
-        ));
-    }
-    let (min_field, min_tokens) = f.min_tokens.unwrap_or(("min_tokens", 0));
-    if min_tokens < 0 {
-        return Err(invalid(min_field, min_tokens, "must be >= 0"));
-    }
-    let top_k = match f.top_k {
-        None => defaults.sampling.top_k,
-        Some((field, k)) if k < 0 => {
-            return Err(invalid(field, k, "must be >= 0 (0 disables top-k)"));
+            let text = prompt_text.clone().unwrap_or_default();
+            let rendered = tok
+                .apply_chat_template(&[ChatMessage::new("user", text)], true)
+                .map_err(|e| {
+                    invalid(
+                        "apply_chat_template",
+                        "true",
+                        format!("the chat template cannot be applied: {e}"),
+                    )
+                })?;
+            // The template already holds any BOS token: encode without adding specials.
+            prompt = Prompt::TokenIds(
+                tok.encode(&rendered, false)
+                    .map_err(|e| RequestError::Tokenizer(e.to_string()))?,
+            );
         }
-        Some((_, k)) => k as usize,
-    };
-    let logprobs = match (f.logprobs, f.return_log_probs.unwrap_or(false)) {
-        (Some(n), _) if n < 0 => return Err(invalid("logprobs", n, "must be >= 0")),
-        (Some(n), _) => Some(n as usize),
-        (None, true) => Some(0),
-        (None, false) => None,
-    };
-    let return_log_probs = logprobs.is_some();
-    let sampling = SamplingParams {
-        temperature: f
-            .temperature
-            .map_or(defaults.sampling.temperature, |v| v as f32),
-        top_k,
-        top_p: f.top_p.map_or(defaults.sampling.top_p, |(_, v)| v as f32),
-        min_p: f.min_p.map_or(defaults.sampling.min_p, |v| v as f32),
-        repetition_penalty: f
-            .repetition_penalty
-            .map_or(defaults.sampling.repetition_penalty, |v| v as f32),
-        presence_penalty: f
-            .presence_penalty
-            .map_or(defaults.sampling.presence_penalty, |v| v as f32),
-        frequency_penalty: f
-            .frequency_penalty
-            .map_or(defaults.sampling.frequency_penalty, |v| v as f32),
-        seed: f.seed.or(defaults.sampling.seed),
-        logprobs,
-    };
-    // Report the field name the client used for top_p.
-    if let (
-        Some((field, v)),
-        Err(RequestError::InvalidValue {
-            field: "top_p",
-            bound,
-            ..
-        }),
-    ) = (f.top_p, sampling.validate())
-    {
-        return Err(invalid(field, v, bound));
+
+        if self.stream && !ctx.decoupled {
+            return Err(invalid(
+                "stream",
+                "true",
+                "streaming needs a decoupled model (model_transaction_policy { decoupled: true }); use stream=false",
+            ));
+        }
+        let (max_name, max_tokens) = self.max_tokens;
+        if max_tokens < 1 || max_tokens as usize >= ctx.max_model_len {
+            return Err(invalid(
+                max_name,
+                max_tokens,
+                format!(
+                    "must be in [1, {}] (the model's context is {} tokens)",
+                    ctx.max_model_len - 1,
+                    ctx.max_model_len
+                ),
+            ));
+        }
+        let (min_name, min_tokens) = self.min_tokens;
+        if min_tokens < 0 {
+            return Err(invalid(min_name, min_tokens, "must be >= 0"));
+        }
+        let sampling = &mut self.sampling;
+        if let Some((name, k)) = self.top_k {
+            if k < 0 {
+                return Err(invalid(name, k, "must be >= 0 (0 disables top-k)"));
+            }
+            sampling.top_k = k as usize;
+        }
+        sampling.logprobs = match (self.logprobs, self.return_log_probs) {
+            (Some((name, n)), _) if n < 0 => return Err(invalid(name, n, "must be >= 0")),
+            (Some((_, n)), _) => Some(n as usize),
+            (None, true) => Some(0),
+            (None, false) => None,
+        };
+        if let Some((_, p)) = self.top_p {
+            sampling.top_p = p as f32;
+        }
+        // Report the name the client used for top_p.
+        sampling.validate().map_err(|e| match (e, self.top_p) {
+            (
+                RequestError::InvalidValue {
+                    field: "top_p",
+                    bound,
+                    ..
+                },
+                Some((name, p)),
+            ) => invalid(name, p, bound),
+            (e, _) => e,
+        })?;
+        self.stop.max_tokens = max_tokens as usize;
+        self.stop.min_tokens = min_tokens as usize;
+        self.stop.validate()?;
+        let detokenize = interface == Interface::Text || !self.stop.stop_strings.is_empty();
+        Ok(ParsedRequest {
+            interface,
+            stream: self.stream,
+            exclude_input_in_output: self.exclude_input_in_output,
+            return_log_probs: self.sampling.logprobs.is_some(),
+            prompt_text,
+            generate: GenerateRequest {
+                prompt,
+                sampling: self.sampling,
+                stop: self.stop,
+                detokenize,
+            },
+        })
     }
-    sampling.validate()?;
-    let stop = StopCriteria {
-        max_tokens: max_tokens as usize,
-        min_tokens: min_tokens as usize,
-        stop_token_ids: f.stop_token_ids,
-        stop_strings: f.stop_strings,
-        ignore_eos: f.ignore_eos.unwrap_or(false),
-    };
-    stop.validate()?;
-    let detokenize = interface == Interface::Text || !stop.stop_strings.is_empty();
-    Ok(ParsedRequest {
-        generate: GenerateRequest {
-            prompt,
-            sampling,
-            stop,
-            detokenize,
-        },
-        interface,
-        stream,
-        exclude_input_in_output: f
-            .exclude_input_in_output
-            .unwrap_or(defaults.exclude_input_in_output),
-        return_log_probs,
-        prompt_text,
-    })
 }
 
 fn token_id(field: &'static str, id: i64) -> Result<u32, RequestError> {
@@ -712,161 +950,6 @@ fn word_list(t: &Tensor<'_>) -> Result<Vec<Vec<u32>>, RequestError> {
         start = end;
     }
     Ok(words)
-}
-
-/// Keys of the vLLM `sampling_parameters` JSON (and of request parameters) ferrum accepts.
-const SAMPLING_KEYS: &[&str] = &[
-    "max_tokens",
-    "min_tokens",
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "seed",
-    "stop",
-    "stop_token_ids",
-    "ignore_eos",
-    "logprobs",
-    "n",
-    "best_of",
-];
-
-/// Request-parameter keys that are not sampling settings.
-const REQUEST_PARAM_KEYS: &[&str] = &[
-    "stream",
-    "exclude_input_in_output",
-    "apply_chat_template",
-    "return_log_probs",
-];
-
-fn json_f64(field: &'static str, v: &Value) -> Result<f64, RequestError> {
-    v.as_f64()
-        .ok_or_else(|| invalid(field, v, "must be a number"))
-}
-
-fn json_i64(field: &'static str, v: &Value) -> Result<i64, RequestError> {
-    if let Some(i) = v.as_i64() {
-        return Ok(i);
-    }
-    match v.as_f64() {
-        Some(x) if x.fract() == 0.0 && x.abs() < 9.0e15 => Ok(x as i64),
-        _ => Err(invalid(field, v, "must be an integer")),
-    }
-}
-
-fn json_bool(field: &'static str, v: &Value) -> Result<bool, RequestError> {
-    match v {
-        Value::Bool(b) => Ok(*b),
-        Value::String(s) if s.eq_ignore_ascii_case("true") => Ok(true),
-        Value::String(s) if s.eq_ignore_ascii_case("false") => Ok(false),
-        _ => Err(invalid(field, v, "must be true or false")),
-    }
-}
-
-/// Applies a JSON object of settings. `lenient`: unknown keys are skipped (request
-/// parameters); otherwise they are an error naming the key (`sampling_parameters`).
-fn apply_json(
-    f: &mut Fields,
-    obj: &serde_json::Map<String, Value>,
-    source: &'static str,
-    lenient: bool,
-) -> Result<(), RequestError> {
-    for (key, v) in obj {
-        if v.is_null() {
-            continue;
-        }
-        let Some(&field) = SAMPLING_KEYS
-            .iter()
-            .chain(REQUEST_PARAM_KEYS)
-            .find(|k| **k == key.as_str())
-        else {
-            if lenient {
-                continue;
-            }
-            return Err(invalid(
-                source,
-                format!("unknown key '{key}'"),
-                format!("accepted keys: {}", SAMPLING_KEYS.join(", ")),
-            ));
-        };
-        if source == "sampling_parameters" && REQUEST_PARAM_KEYS.contains(&field) {
-            return Err(invalid(
-                source,
-                format!("unknown key '{key}'"),
-                format!("accepted keys: {}", SAMPLING_KEYS.join(", ")),
-            ));
-        }
-        match field {
-            "max_tokens" => f.max_tokens = Some((field, json_i64(field, v)?)),
-            "min_tokens" => f.min_tokens = Some((field, json_i64(field, v)?)),
-            "temperature" => f.temperature = Some(json_f64(field, v)?),
-            "top_k" => {
-                // vLLM: -1 disables top-k.
-                let k = json_i64(field, v)?;
-                f.top_k = Some((field, if k == -1 { 0 } else { k }));
-            }
-            "top_p" => f.top_p = Some((field, json_f64(field, v)?)),
-            "min_p" => f.min_p = Some(json_f64(field, v)?),
-            "repetition_penalty" => f.repetition_penalty = Some(json_f64(field, v)?),
-            "presence_penalty" => f.presence_penalty = Some(json_f64(field, v)?),
-            "frequency_penalty" => f.frequency_penalty = Some(json_f64(field, v)?),
-            "seed" => {
-                let s = json_i64(field, v)?;
-                f.seed = Some(u64::try_from(s).map_err(|_| invalid(field, s, "must be >= 0"))?);
-            }
-            "stop" => match v {
-                Value::String(s) if s.is_empty() => {}
-                Value::String(s) => f.stop_strings.push(s.clone()),
-                Value::Array(items) => {
-                    for item in items {
-                        let s = item.as_str().ok_or_else(|| {
-                            invalid(field, item, "stop must be a string or a list of strings")
-                        })?;
-                        if !s.is_empty() {
-                            f.stop_strings.push(s.to_string());
-                        }
-                    }
-                }
-                other => {
-                    return Err(invalid(
-                        field,
-                        other,
-                        "stop must be a string or a list of strings",
-                    ));
-                }
-            },
-            "stop_token_ids" => {
-                let items = v
-                    .as_array()
-                    .ok_or_else(|| invalid(field, v, "must be a list of token ids"))?;
-                for item in items {
-                    f.stop_token_ids
-                        .push(token_id(field, json_i64(field, item)?)?);
-                }
-            }
-            "ignore_eos" => f.ignore_eos = Some(json_bool(field, v)?),
-            "logprobs" => f.logprobs = Some(json_i64(field, v)?),
-            "n" | "best_of" => {
-                let n = json_i64(field, v)?;
-                if n != 1 {
-                    return Err(invalid(
-                        field,
-                        n,
-                        "must be 1: multiple sequences per request are not supported",
-                    ));
-                }
-            }
-            "stream" => f.stream = Some(json_bool(field, v)?),
-            "exclude_input_in_output" => f.exclude_input_in_output = Some(json_bool(field, v)?),
-            "apply_chat_template" => f.apply_chat_template = Some(json_bool(field, v)?),
-            "return_log_probs" => f.return_log_probs = Some(json_bool(field, v)?),
-            _ => {}
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -1277,6 +1360,287 @@ mod tests {
             }
             if let Err(e) = run(inputs) {
                 assert!(!e.to_string().contains("not an input"), "{}: {e}", s.name);
+            }
+        }
+    }
+
+    // ---- the table ------------------------------------------------------------------------------
+
+    /// Where a test gives a value; in precedence order, lowest first.
+    #[derive(Debug, Clone, Copy)]
+    enum Src {
+        Param(&'static str),
+        Json(&'static str),
+        Tensor(&'static str),
+    }
+
+    impl Src {
+        fn rank(self) -> u8 {
+            match self {
+                Src::Param(_) => 0,
+                Src::Json(_) => 1,
+                Src::Tensor(_) => 2,
+            }
+        }
+        fn name(self) -> &'static str {
+            match self {
+                Src::Param(n) | Src::Json(n) | Src::Tensor(n) => n,
+            }
+        }
+    }
+
+    /// Every place the table says `f` may be given.
+    fn sources(f: &Field) -> Vec<Src> {
+        let tensors = f.tensors.iter().map(|&n| Src::Tensor(n));
+        let json = f.keys.in_sampling_parameters().iter();
+        let params = f.keys.in_parameters().iter();
+        tensors
+            .chain(json.map(|&k| Src::Json(k)))
+            .chain(params.map(|&k| Src::Param(k)))
+            .collect()
+    }
+
+    /// Two distinct values of a kind (ids: one tensor id, or a one-id JSON list).
+    #[derive(Clone, Copy)]
+    enum Sample {
+        Int(i32),
+        Float(f32),
+        Bool(bool),
+        Seed(u64),
+        Text(&'static str),
+        Id(i32),
+    }
+
+    fn sample(kind: Kind, i: usize) -> Option<Sample> {
+        Some(match kind {
+            Kind::Int(_) | Kind::IntJsonOff(_) | Kind::MustBeOne(_) => Sample::Int([2, 3][i]),
+            Kind::Float(_) => Sample::Float([0.25, 0.5][i]),
+            Kind::Bool(_) => Sample::Bool([true, false][i]),
+            Kind::Seed(_) => Sample::Seed([5, 6][i]),
+            Kind::Strings(_) => Sample::Text(["END", "STOP"][i]),
+            Kind::TokenIds(_) => Sample::Id([5, 6][i]),
+            _ => return None,
+        })
+    }
+
+    /// Parses `text_input` plus `f`'s `i`-th sample at each source; None when a source cannot
+    /// carry the sample (a list as a request parameter). Errors name the field as `'<name>'`,
+    /// so that aliases compare equal.
+    fn given(f: &Field, at: &[(Src, usize)]) -> Option<String> {
+        let mut inputs = vec![text("x")];
+        let mut json = serde_json::Map::new();
+        let mut params = vec![];
+        for &(src, i) in at {
+            let v = sample(f.kind, i)?;
+            match src {
+                Src::Tensor(name) => {
+                    let t = match v {
+                        Sample::Int(n) | Sample::Id(n) => i32s(name, vec![1], &[n]),
+                        Sample::Float(x) => f32s(name, x),
+                        Sample::Bool(b) => boolean(name, b),
+                        Sample::Seed(s) => u64s(name, s),
+                        Sample::Text(s) => bytes_tensor(name, vec![1], &[s.as_bytes()]),
+                    };
+                    assert_eq!(t.dtype, f.dtype, "{name}: the kind does not read the dtype");
+                    inputs.push(t);
+                }
+                Src::Json(key) => {
+                    let jv = match v {
+                        Sample::Int(n) => Value::from(n),
+                        Sample::Float(x) => Value::from(x),
+                        Sample::Bool(b) => Value::from(b),
+                        Sample::Seed(s) => Value::from(s),
+                        Sample::Text(s) => Value::from(vec![s]),
+                        Sample::Id(n) => Value::from(vec![n]),
+                    };
+                    json.insert(key.to_string(), jv);
+                }
+                Src::Param(key) => {
+                    let pv = match v {
+                        Sample::Int(n) => ParamValue::Int(n.into()),
+                        Sample::Float(x) => ParamValue::Double(x.into()),
+                        Sample::Bool(b) => ParamValue::Bool(b),
+                        Sample::Seed(s) => ParamValue::Int(s as i64),
+                        Sample::Text(s) => ParamValue::String(s.into()),
+                        Sample::Id(_) => return None,
+                    };
+                    params.push((key.to_string(), pv));
+                }
+            }
+        }
+        if !json.is_empty() {
+            let sp = Value::Object(json).to_string();
+            inputs.push(bytes_tensor(
+                "sampling_parameters",
+                vec![1],
+                &[sp.as_bytes()],
+            ));
+        }
+        Some(match run_with(inputs, params, 0, true) {
+            Ok(p) => format!("{p:?}"),
+            Err(e) => at.iter().fold(e.to_string(), |e, (src, _)| {
+                e.replace(&format!("'{}'", src.name()), "'<name>'")
+            }),
+        })
+    }
+
+    #[test]
+    fn every_name_of_a_field_reads_the_same_value_into_its_own_place() {
+        let baseline = format!("{:?}", run(vec![text("x")]).unwrap());
+        let mut stored: Vec<(String, Src)> = vec![];
+        for f in FIELDS {
+            let mut first: Option<(Src, String)> = None;
+            for src in sources(f) {
+                let Some(got) = given(f, &[(src, 0)]) else {
+                    continue;
+                };
+                match &first {
+                    None => first = Some((src, got)),
+                    Some((first_src, want)) => assert_eq!(&got, want, "{src:?} vs {first_src:?}"),
+                }
+            }
+            let Some((src, got)) = first else {
+                continue;
+            };
+            // `pad_id` is unused; `input_lengths` only cuts `input_ids`.
+            if matches!(f.tensors, ["pad_id"] | ["input_lengths"]) {
+                continue;
+            }
+            assert_ne!(got, baseline, "{src:?} changes nothing");
+            // No two fields store into the same place, but for the two kinds of stop ids.
+            if let Some((_, other)) = stored.iter().find(|(s, _)| *s == got) {
+                let names = [other.name(), src.name()];
+                assert_eq!(names, ["end_id", "stop_token_ids"], "same result");
+            }
+            stored.push((got, src));
+        }
+        assert!(stored.len() > 20, "{}", stored.len());
+    }
+
+    #[test]
+    fn a_field_given_twice_takes_the_source_of_higher_precedence() {
+        for f in FIELDS {
+            // Stop strings and ids accumulate instead (see the next test); a must-be-one check
+            // is made wherever the value is given.
+            if matches!(
+                f.kind,
+                Kind::Strings(_) | Kind::TokenIds(_) | Kind::MustBeOne(_)
+            ) {
+                continue;
+            }
+            let sources = sources(f);
+            for (lo, hi) in sources
+                .iter()
+                .flat_map(|&lo| sources.iter().map(move |&hi| (lo, hi)))
+            {
+                if lo.rank() >= hi.rank() {
+                    continue;
+                }
+                let (Some(both), Some(hi_only), Some(lo_only)) = (
+                    given(f, &[(lo, 0), (hi, 1)]),
+                    given(f, &[(hi, 1)]),
+                    given(f, &[(lo, 0)]),
+                ) else {
+                    continue;
+                };
+                assert_ne!(lo_only, hi_only, "{lo:?}/{hi:?}: the samples look alike");
+                assert_eq!(both, hi_only, "{lo:?} overrides {hi:?}");
+            }
+        }
+        // Both aliases of one source: the later tensor wins, and errors name it.
+        let e = err_text(vec![
+            text("x"),
+            i32s("max_tokens", vec![1], &[5]),
+            i32s("request_output_len", vec![1], &[0]),
+        ]);
+        assert!(e.contains("'request_output_len': 0"), "{e}");
+    }
+
+    #[test]
+    fn stop_strings_and_ids_accumulate_across_sources() {
+        let sp = r#"{"stop": ["B", ""], "stop_token_ids": [6]}"#;
+        let p = run_with(
+            vec![
+                text("x"),
+                bytes_tensor("stop_words", vec![1], &[b"C"]),
+                i32s("end_id", vec![1], &[5]),
+                i32s("end_id", vec![1], &[-1]),
+                bytes_tensor("sampling_parameters", vec![1], &[sp.as_bytes()]),
+            ],
+            vec![("stop".into(), ParamValue::String("A".into()))],
+            0,
+            true,
+        )
+        .unwrap();
+        assert_eq!(p.generate.stop.stop_strings, ["A", "B", "C"]);
+        assert_eq!(p.generate.stop.stop_token_ids, [6, 5]);
+    }
+
+    #[test]
+    fn sampling_parameters_keys_and_request_parameters() {
+        let sp = |json: &str| bytes_tensor("sampling_parameters", vec![1], &[json.as_bytes()]);
+        // The accepted keys, in table order.
+        assert_eq!(
+            err_text(vec![text("x"), sp(r#"{"temprature": 1}"#)]),
+            "invalid value for 'sampling_parameters': unknown key 'temprature' (accepted keys: \
+             max_tokens, min_tokens, temperature, top_k, top_p, min_p, repetition_penalty, \
+             presence_penalty, frequency_penalty, seed, stop, stop_token_ids, ignore_eos, \
+             logprobs, n, best_of)"
+        );
+        // Request-parameter keys and tensor aliases are not sampling_parameters keys.
+        for key in ["stream", "streaming", "random_seed"] {
+            let e = err_text(vec![text("x"), sp(&format!(r#"{{"{key}": 1}}"#))]);
+            assert!(e.contains(&format!("unknown key '{key}'")), "{e}");
+        }
+        // A null value is skipped, whatever its key.
+        assert!(
+            run(vec![
+                text("x"),
+                sp(r#"{"temprature": null, "top_k": null}"#)
+            ])
+            .is_ok()
+        );
+        // Unknown request parameters (and tensor aliases) are ignored.
+        let p = run_with(
+            vec![text("x")],
+            vec![
+                ("temprature".into(), ParamValue::Double(-1.0)),
+                ("random_seed".into(), ParamValue::Int(-1)),
+                ("top_k".into(), ParamValue::Int(-1)),
+            ],
+            0,
+            false,
+        )
+        .unwrap();
+        assert_eq!(p.generate.sampling.seed, None);
+        // vLLM's -1 (off) holds in JSON, not in a tensor.
+        assert_eq!(p.generate.sampling.top_k, 0);
+        let e = err_text(vec![text("x"), i32s("top_k", vec![1], &[-1])]);
+        assert!(e.contains("'top_k': -1"), "{e}");
+    }
+
+    #[test]
+    fn the_table_is_consistent() {
+        let tensor_names: Vec<&str> = FIELDS.iter().flat_map(|f| f.tensors).copied().collect();
+        let input_names: Vec<&str> = INPUTS.iter().map(|s| s.name).collect();
+        assert_eq!(input_names, tensor_names);
+        for (i, name) in tensor_names.iter().enumerate() {
+            assert!(!tensor_names[..i].contains(name), "tensor {name} twice");
+        }
+        let keys: Vec<&str> = FIELDS
+            .iter()
+            .flat_map(|f| f.keys.in_parameters())
+            .copied()
+            .collect();
+        for (i, key) in keys.iter().enumerate() {
+            assert!(!keys[..i].contains(key), "key {key} twice");
+        }
+        for f in FIELDS {
+            assert!(!sources(f).is_empty());
+            assert_eq!(f.tensors.is_empty(), f.dtype == DataType::Invalid);
+            if sample(f.kind, 0).is_none() {
+                // Kinds only a tensor carries.
+                assert!(matches!(f.keys, Keys::TensorOnly), "{:?}", f.tensors);
             }
         }
     }

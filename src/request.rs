@@ -14,37 +14,61 @@ impl fmt::Display for SeqId {
     }
 }
 
+/// Why a request was refused before generation started: by `backend::parse` or by
+/// `EngineHandle::submit`. The `Display` text is what the client reads (Triton `INVALID_ARG`).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum RequestError {
     /// A field is out of its allowed range. `bound` says what is allowed, e.g. "must be >= 0".
     #[error("invalid value for '{field}': {value} ({bound})")]
     InvalidValue {
+        /// The name the client used (tensor, `sampling_parameters` key or request parameter,
+        /// e.g. `runtime_top_k` rather than `top_k`).
         field: &'static str,
+        /// The rejected value as displayed in the message.
         value: String,
+        /// What is allowed, e.g. "must be in (0, 1]".
         bound: String,
     },
+    /// No prompt token: an empty `text_input`, `input_ids` empty (after `input_lengths`), or
+    /// text that tokenized to nothing.
     #[error("prompt is empty: at least one token is required")]
     EmptyPrompt,
+    /// The prompt leaves no room for one generated token: `num_prompt_tokens >= max_model_len`.
     #[error(
         "prompt has {num_prompt_tokens} tokens, which exceeds the model's context of {max_model_len} tokens"
     )]
     PromptTooLong {
+        /// Prompt length after tokenization (and any chat template).
         num_prompt_tokens: usize,
+        /// The engine's limit on prompt + output tokens (`ModelInfo::max_model_len`).
         max_model_len: usize,
     },
+    /// A prompt token id is not in the model's vocabulary (`token_id >= vocab_size`; negative
+    /// ids are refused earlier as `InvalidValue`).
     #[error("token id {token_id} in '{field}' is out of range: vocabulary size is {vocab_size}")]
     TokenOutOfRange {
+        /// The tensor that carried it (`input_ids`).
         field: &'static str,
+        /// The offending id, signed as clients send it (INT32/INT64 tensors).
         token_id: i64,
+        /// Valid ids are `0..vocab_size`.
         vocab_size: usize,
     },
+    /// The request needs text handling (a text prompt, stop strings, a chat template) but the
+    /// model was loaded without a tokenizer.
     #[error("the model has no tokenizer, so '{field}' cannot be used; send token ids instead")]
-    NoTokenizer { field: &'static str },
+    NoTokenizer {
+        /// The field that needs the tokenizer (`text_input`, `stop`, `apply_chat_template`, ...).
+        field: &'static str,
+    },
+    /// The tokenizer failed on the prompt text (or the rendered chat template); holds its
+    /// message.
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
 }
 
 impl RequestError {
+    /// An `InvalidValue`: `value` is rendered with `Display`, `bound` says what is allowed.
     pub fn invalid(
         field: &'static str,
         value: impl fmt::Display,
@@ -62,6 +86,8 @@ impl RequestError {
 /// `temperature == 0` means greedy (argmax) regardless of the other filters.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
+    /// Divides the logits before top-k/top-p/min-p and the draw; finite and >= 0 (default 0,
+    /// greedy). Below 1 sharpens, above 1 flattens.
     pub temperature: f32,
     /// 0 disables top-k.
     pub top_k: usize,
@@ -157,6 +183,8 @@ impl SamplingParams {
         Ok(())
     }
 
+    /// True when `temperature` is 0: the token is the argmax of the (penalized) logits, so the
+    /// top-k/top-p/min-p filters and the seed play no part.
     pub fn is_greedy(&self) -> bool {
         self.temperature == 0.0
     }
@@ -178,6 +206,8 @@ pub struct StopCriteria {
 }
 
 impl StopCriteria {
+    /// Checks `max_tokens >= 1`, `min_tokens <= max_tokens` and that no stop string is empty;
+    /// the error names the field, its value and the bound.
     pub fn validate(&self) -> Result<(), RequestError> {
         if self.max_tokens == 0 {
             return Err(RequestError::invalid(
@@ -207,20 +237,31 @@ impl StopCriteria {
 /// The prompt of a request: already tokenized, or text for the engine's tokenizer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Prompt {
+    /// Ids in the model's vocabulary, run exactly as given (no BOS or other special token is
+    /// added).
     TokenIds(Vec<u32>),
+    /// Text, encoded by the model's tokenizer with the special tokens it adds (e.g. BOS); a
+    /// model without a tokenizer refuses it (`RequestError::NoTokenizer`).
     Text(String),
 }
 
 /// One validated generation request as the engine receives it.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
+    /// What to continue; `EngineHandle::submit` tokenizes a text prompt and checks its ids
+    /// against the vocabulary and `max_model_len`.
     pub prompt: Prompt,
+    /// How each token is picked; checked by `SamplingParams::validate` at submit.
     pub sampling: SamplingParams,
+    /// When generation ends; the engine further caps `max_tokens` so prompt + output fit in
+    /// `max_model_len` (the request then ends with `FinishReason::Length`).
     pub stop: StopCriteria,
     /// Produce incremental text deltas (UTF-8 safe) with each token event.
     pub detokenize: bool,
 }
 
+/// Why a request's generation ended; sent to clients as the `finish_reason` output and
+/// serialized in lowercase (`length`, `stop`, `abort`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FinishReason {
@@ -233,6 +274,7 @@ pub enum FinishReason {
 }
 
 impl FinishReason {
+    /// The lowercase name clients see in `finish_reason` (as vLLM and OpenAI spell it).
     pub fn as_str(self) -> &'static str {
         match self {
             FinishReason::Length => "length",
@@ -249,18 +291,32 @@ pub use crate::tensor::TokenLogprobs;
 #[derive(Debug, Clone, PartialEq)]
 pub enum TokenEvent {
     /// Prompt accepted: the tokenized prompt (useful when the request carried text).
-    Started { prompt_ids: Vec<u32> },
+    Started {
+        /// The prompt's token ids as the engine runs them (after tokenization).
+        prompt_ids: Vec<u32>,
+    },
     /// One generated token. `text` is the UTF-8 safe delta it completes (may be empty while a
     /// multi-byte character or a possible stop string is still pending).
     Token {
+        /// The sampled id (a stop id included: it ends the request but adds no text).
         token_id: u32,
+        /// The text delta; always empty when the request did not ask to detokenize. On the last
+        /// event it also carries what the detokenizer still held back.
         text: String,
+        /// The token's log-probability and the top-N alternatives; None unless the request set
+        /// `SamplingParams::logprobs`.
         logprobs: Option<TokenLogprobs>,
         /// Set on the last event of the request.
         finish: Option<FinishReason>,
     },
     /// The request ended without a token (aborted before producing one, or the final text flush).
-    Finished { text: String, reason: FinishReason },
+    Finished {
+        /// Text not yet sent with a token (empty on abort).
+        text: String,
+        /// Why it ended; the engine emits `Finished` only for `Abort` (a request that ends on
+        /// a token says so in that `Token`'s `finish`).
+        reason: FinishReason,
+    },
     /// The request failed; no more events follow.
     Error(String),
     /// The engine did not take the request: it is not serving (restarting after a failure, or

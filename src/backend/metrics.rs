@@ -24,7 +24,11 @@ use crate::engine::EngineStats;
 /// How often the response thread refreshes the metrics.
 pub const METRICS_INTERVAL: Duration = Duration::from_millis(100);
 
+/// The KV cache gauges' family, named as in tensorrtllm_backend (ORCA reads it); its categories
+/// are the `kv_cache_block_type` label.
 pub const KV_CACHE_FAMILY: &str = "nv_trt_llm_kv_cache_block_metrics";
+/// The request gauges' family, named as in tensorrtllm_backend; its categories are the
+/// `request_type` label.
 pub const REQUEST_FAMILY: &str = "nv_trt_llm_request_metrics";
 const KV_CACHE_HELP: &str = "KV cache block metrics (ferrum)";
 const REQUEST_HELP: &str = "Request metrics (ferrum)";
@@ -92,6 +96,8 @@ impl ModelMetrics {
         })
     }
 
+    /// Sets every gauge from `stats` (`gauge_values`). An error is Triton refusing a value; the
+    /// response thread then drops the metrics rather than retry every interval.
     pub fn update(&self, stats: &EngineStats) -> Result<(), TritonError> {
         for (gauge, (_, _, value)) in self.gauges.iter().zip(gauge_values(stats)) {
             gauge.set(value)?;

@@ -55,6 +55,8 @@ impl Drop for ModelState {
     }
 }
 
+/// One model instance: only its handle, whose id `instance_finalize` drains the instance's
+/// requests by. Instances own no engine; they feed their model's.
 pub struct InstanceState {
     handle: InstanceHandle,
 }

@@ -24,8 +24,12 @@ use crate::tokenizer::{ChatMessage, Tokenizer};
 /// An input the backend declares: name, dtype, dims (without the batch dimension).
 #[derive(Debug, Clone, Copy)]
 pub struct TensorSpec {
+    /// The tensor's name in config.pbtxt and in requests.
     pub name: &'static str,
+    /// The declared datatype (what autocomplete writes; reading an input may accept more, e.g.
+    /// FP64 or an integer for an FP32 number).
     pub dtype: DataType,
+    /// Declared dims without the batch dimension; -1 is any length.
     pub dims: &'static [i64],
 }
 
@@ -264,7 +268,9 @@ fn find(
 /// One request's inputs and parameters, copied out of Triton.
 #[derive(Debug, Clone, Default)]
 pub struct RawRequest {
+    /// Every input tensor the request carries, data copied (shape with any batch dimension).
     pub inputs: Vec<InputTensor>,
+    /// The request's parameters (key, value); keys that name no field are ignored by `parse`.
     pub params: Vec<(String, ParamValue)>,
 }
 
@@ -272,9 +278,14 @@ pub struct RawRequest {
 pub struct ParseContext<'a> {
     /// > 0: every tensor carries a leading batch dimension (which must be 1).
     pub max_batch_size: usize,
+    /// The model is decoupled (`model_transaction_policy { decoupled: true }`); `stream` needs it.
     pub decoupled: bool,
+    /// The engine's prompt + output limit: `max_tokens` must be in [1, max_model_len - 1].
     pub max_model_len: usize,
+    /// What a request gets for the fields it leaves out (the model's `default_*` keys).
     pub defaults: &'a RequestDefaults,
+    /// For the chat template and for decoding multi-token stop words; None: those fields fail
+    /// with `RequestError::NoTokenizer`.
     pub tokenizer: Option<&'a Tokenizer>,
 }
 
@@ -287,14 +298,20 @@ pub enum Interface {
     Tokens,
 }
 
+/// A validated request plus how to answer it; goes to the responder with its `Job`.
 #[derive(Debug, Clone)]
 pub struct ParsedRequest {
+    /// What the engine runs; `detokenize` is set for the text interface and whenever stop
+    /// strings are given.
     pub generate: GenerateRequest,
+    /// Which tensor carried the prompt, hence which carry the answer.
     pub interface: Interface,
     /// Send each delta as its own response (decoupled models only).
     pub stream: bool,
     /// Leave the prompt out of non-streaming outputs.
     pub exclude_input_in_output: bool,
+    /// Send `cum_log_probs` and `output_log_probs`: set by `return_log_probs` or by a
+    /// `logprobs` count (then `generate.sampling.logprobs` is Some).
     pub return_log_probs: bool,
     /// The prompt text as sent (prepended to `text_output` when the input is not excluded).
     pub prompt_text: Option<String>,

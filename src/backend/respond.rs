@@ -29,9 +29,13 @@ pub const CANCEL_POLL: Duration = Duration::from_millis(20);
 /// One output tensor of a response (shape includes the batch dimension when the model has one).
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutputTensor {
+    /// One of the names in `parse::OUTPUTS`.
     pub name: &'static str,
+    /// Its Triton datatype, as `parse::OUTPUTS` declares it.
     pub dtype: DataType,
+    /// Dims, with a leading 1 when the model is batched.
     pub shape: Vec<i64>,
+    /// Little-endian elements; BYTES as Triton serializes them (a u32 length before each).
     pub data: Vec<u8>,
 }
 
@@ -48,6 +52,8 @@ pub struct ResponseData {
     pub finish: Option<FinishReason>,
     /// Reported on the last response.
     pub num_input_tokens: Option<usize>,
+    /// Tokens generated over the whole request (not only this response's), on the last
+    /// response.
     pub num_output_tokens: Option<usize>,
 }
 
@@ -162,6 +168,8 @@ pub struct ResponseSender {
 }
 
 impl ResponseSender {
+    /// Takes the request's response factory; the sender now owes the request its final
+    /// response.
     pub fn new(factory: ResponseFactory) -> Self {
         ResponseSender {
             factory,
@@ -170,6 +178,8 @@ impl ResponseSender {
         }
     }
 
+    /// Sends one response of `outputs`; `final_flag` makes it the last. Fails after the final
+    /// response, or when Triton refuses to build or send this one.
     pub fn send(&mut self, outputs: &[OutputTensor], final_flag: bool) -> Result<(), TritonError> {
         if self.final_sent {
             return Err(TritonError::internal("a response after the final one"));
@@ -199,10 +209,13 @@ impl ResponseSender {
         }
     }
 
+    /// Whether the client cancelled the request (polled every `CANCEL_POLL`); a failed query
+    /// reads as not cancelled.
     pub fn is_cancelled(&self) -> bool {
         self.factory.is_cancelled().unwrap_or(false)
     }
 
+    /// Whether the final response (or final error) went out: nothing more may be sent.
     pub fn final_sent(&self) -> bool {
         self.final_sent
     }
@@ -226,6 +239,7 @@ impl Drop for ResponseSender {
 /// A request the backend owns until it is answered: on drop, the final response is ensured,
 /// statistics are reported and the request is released (in that order).
 pub struct Job {
+    /// The request's responses; if none was final when the job drops, an error is sent.
     pub sender: ResponseSender,
     request: Option<Request>,
     instance: InstanceHandle,
@@ -235,6 +249,8 @@ pub struct Job {
 }
 
 impl Job {
+    /// Takes ownership of an unreleased request. `exec_start_ns` (`triton_api::now_ns`) is when
+    /// its Execute call started, for the statistics reported on drop.
     pub fn new(
         request: Request,
         sender: ResponseSender,
@@ -262,6 +278,8 @@ impl Job {
         }
     }
 
+    /// The id of the instance whose Execute accepted the request (`Responder::drain` selects
+    /// by it).
     pub fn instance_id(&self) -> usize {
         self.instance.id()
     }
@@ -314,7 +332,9 @@ impl Drop for Job {
 
 /// A request waiting for the responder to submit it.
 pub struct NewJob {
+    /// The request and its response sender.
     pub job: Job,
+    /// What to submit to the engine and how to shape the responses.
     pub parsed: ParsedRequest,
 }
 
@@ -508,15 +528,22 @@ pub struct Responder {
 /// What the response thread serves: the model's engine, its incidents (logged under the model's
 /// name) and its metrics.
 pub struct ResponderSetup {
+    /// The model's name, for log lines.
     pub model_name: String,
+    /// Where requests go (`submit_to`, all events on one channel) and stats come from.
     pub engine: EngineHandle,
+    /// The engine's incidents (`Engine::incidents`), logged as they arrive.
     pub incidents: Receiver<Incident>,
     /// The model's outputs have a batch dimension.
     pub batched: bool,
+    /// The model's gauges, refreshed every `METRICS_INTERVAL` and dropped with the thread;
+    /// None: serve without them (metrics disabled on the server).
     pub metrics: Option<ModelMetrics>,
 }
 
 impl Responder {
+    /// Sets the metrics once (before the model reports ready), then starts the response
+    /// thread; fails only when the thread cannot be spawned.
     pub fn start(mut setup: ResponderSetup) -> Result<Self, TritonError> {
         // Set the gauges before the model is reported ready (the thread refreshes them later).
         refresh_metrics(&setup.engine, &mut setup.metrics);

@@ -71,7 +71,9 @@ pub struct EngineHandle {
 
 /// The events of one request. Dropping it before the final event aborts the request.
 pub struct RequestStream {
+    /// The request's engine id, for `EngineHandle::abort`.
     pub seq_id: SeqId,
+    /// The prompt as the engine runs it (tokenized by `submit` if it was text).
     pub prompt_ids: Vec<u32>,
     pub(super) events: Receiver<TokenEvent>,
     pub(super) commands: Sender<Command>,
@@ -112,6 +114,8 @@ impl Drop for RequestStream {
     }
 }
 
+/// Whether `ev` ends its request's stream: a `Token` with `finish` set, `Finished`, `Error` or
+/// `Unavailable`. The engine sends exactly one such event per accepted request, and it is the last.
 pub fn is_final(ev: &TokenEvent) -> bool {
     matches!(
         ev,
@@ -125,6 +129,8 @@ pub fn is_final(ev: &TokenEvent) -> bool {
 }
 
 impl EngineHandle {
+    /// The model facts `submit` validates requests against (vocabulary, `max_model_len`, EOS
+    /// ids, tokenizer); callers use them to validate or tokenize ahead of `submit`.
     pub fn info(&self) -> &ModelInfo {
         &self.info
     }
@@ -213,6 +219,8 @@ impl EngineHandle {
         let _ = self.commands.send(Command::Abort(seq_id));
     }
 
+    /// The counters and the current KV cache and queue occupancy, answered by the engine thread
+    /// at its next intake (so this waits up to one step). None once the engine has stopped.
     pub fn stats(&self) -> Option<EngineStats> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.commands.send(Command::Stats(tx)).ok()?;

@@ -57,10 +57,17 @@ use worker::*;
 /// What the engine knows about its model that request validation needs.
 #[derive(Clone)]
 pub struct ModelInfo {
+    /// Rows of the model's embedding: prompt ids must be below it
+    /// (`RequestError::TokenOutOfRange`).
     pub vocab_size: usize,
     /// Prompt + generated tokens may not exceed this.
     pub max_model_len: usize,
+    /// Ids that end generation unless `StopCriteria::ignore_eos`: the tokenizer's EOS ids, else
+    /// the checkpoint config's (`Checkpoint::eos_token_ids`).
     pub eos_token_ids: Vec<u32>,
+    /// Encodes text prompts and decodes output text (the checkpoint's, or `tokenizer_path`'s).
+    /// None: text prompts, and stop strings of a detokenizing request, are refused
+    /// (`RequestError::NoTokenizer`).
     pub tokenizer: Option<Arc<Tokenizer>>,
 }
 
@@ -69,16 +76,26 @@ pub struct ModelInfo {
 /// request's blocks are already back in `num_kv_blocks_free` when its final event is out).
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct EngineStats {
+    /// Steps run (one executor call over one `SchedulePlan` each), failed and panicked ones
+    /// included.
     pub num_steps: u64,
+    /// Sequences preempted to free KV blocks (recomputed when readmitted); a sequence preempted
+    /// twice counts twice.
     pub num_preemptions: u64,
+    /// Prompt tokens of admitted requests, counted once at admission (not again on recompute).
     pub num_prompt_tokens: u64,
+    /// Tokens sampled and accepted, stop tokens included.
     pub num_generated_tokens: u64,
+    /// Requests that ended with `FinishReason::Stop` or `Length`.
     pub num_finished: u64,
+    /// Requests that ended with `Abort` (`EngineHandle::abort`, a dropped `RequestStream`,
+    /// shutdown) or whose receiver was gone when a token was sent; errors count in neither.
     pub num_aborted: u64,
     /// KV cache blocks in the pool; capacity in tokens is `num_kv_blocks_total * block_size`.
     pub num_kv_blocks_total: usize,
     /// Blocks held by some sequence (`num_kv_blocks_total - num_kv_blocks_free`).
     pub num_kv_blocks_used: usize,
+    /// Blocks a sequence can still get: unused ones plus evictable prefix-cache blocks.
     pub num_kv_blocks_free: usize,
     /// Token positions per KV cache block.
     pub block_size: usize,
@@ -92,6 +109,8 @@ pub struct EngineStats {
     /// evictable ones also count as free), and prompt tokens whose K/V came from them instead of
     /// being computed (a recompute after preemption counts again).
     pub num_kv_blocks_cached: usize,
+    /// Prompt tokens since start whose K/V came from the prefix cache (see `num_kv_blocks_cached`;
+    /// kept across engine rebuilds).
     pub num_reused_prompt_tokens: u64,
     /// Steps that panicked. Each failed every request in flight and discarded the engine's state
     /// (`Recovery`).
@@ -182,6 +201,8 @@ impl Engine {
         })
     }
 
+    /// A new handle to the engine thread (cheap: channel ends and `Arc`s). It outlives the
+    /// `Engine` harmlessly: after shutdown `submit` fails and `stats` returns None.
     pub fn handle(&self) -> EngineHandle {
         self.handle.clone()
     }
@@ -191,6 +212,9 @@ impl Engine {
         self.incidents.clone()
     }
 
+    /// Stops the engine thread and joins it. Every request submitted before the call gets its
+    /// final event first (`Finished { reason: Abort }` while serving, `Unavailable` while
+    /// refusing). Idempotent; `Drop` calls it.
     pub fn shutdown(&mut self) {
         let _ = self.handle.commands.send(Command::Shutdown);
         if let Some(t) = self.thread.take() {

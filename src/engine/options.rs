@@ -26,8 +26,12 @@ use crate::scheduler::{SchedulerConfig, SchedulerPolicy};
 pub enum Device {
     /// The GPU when one is usable, else the CPU.
     Auto,
+    /// The CPU executor, which computes in f32 (a bf16/f16 `dtype` is refused).
     Cpu,
+    /// One CUDA GPU; loading fails if the CUDA libraries or the device cannot be opened (no
+    /// fallback to the CPU).
     Cuda {
+        /// The device index as CUDA numbers devices (`cuda:N`; plain `cuda` is 0).
         ordinal: usize,
     },
 }
@@ -55,10 +59,18 @@ pub const DEFAULT_CPU_KV_BYTES: usize = 1 << 30;
 /// Longest prompt + output when `max_model_len` is not set and the model allows more.
 pub const DEFAULT_MAX_MODEL_LEN_CAP: usize = 8192;
 
+/// How to load and run a model: what `BackendConfig::engine_options` makes of a model's Triton
+/// `parameters` (the key is named per field), and what the CLI's engine flags set. `new` gives
+/// the defaults.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
+    /// The checkpoint: a .gguf file, a folder holding one .gguf, or a Hugging Face folder
+    /// (`model_path`). A rebuild after a panicked step opens it again.
     pub model: PathBuf,
+    /// A folder with tokenizer.json (or vocab.json + merges.txt) to use instead of the
+    /// checkpoint's tokenizer (`tokenizer_path`); None: the checkpoint's.
     pub tokenizer: Option<PathBuf>,
+    /// Where to run (`device`; default `Auto`).
     pub device: Device,
     /// CPU engine: weight storage. None: q8 for quantized GGUF files, f32 otherwise. The GPU
     /// engine takes `auto`/`f32` only (it dequantizes at load and stores weights in `dtype`).
@@ -67,8 +79,15 @@ pub struct EngineOptions {
     /// engine computes in f32 and refuses bf16/f16 with `device: cpu` (ignored when `auto` falls
     /// back to the CPU).
     pub dtype: Option<DType>,
+    /// Most sequences running (holding KV blocks and a batch seat) at once (`max_num_seqs`;
+    /// default 64).
     pub max_num_seqs: usize,
+    /// Token budget of one step: prefill chunks plus one token per decoding sequence
+    /// (`max_num_batched_tokens`; default 2048; >= `max_num_seqs`, and >= `max_model_len`
+    /// without chunked prefill).
     pub max_num_batched_tokens: usize,
+    /// Token positions per KV cache block (`block_size`; default 16; the config key takes a
+    /// power of two in [1, 256]).
     pub block_size: usize,
     /// KV cache capacity in tokens (rounded up to whole blocks). None: from `DEFAULT_CPU_KV_BYTES`
     /// on the CPU, from `kv_cache_free_gpu_mem_fraction` on the GPU; on the GPU with both set,
@@ -79,6 +98,8 @@ pub struct EngineOptions {
     pub kv_cache_free_gpu_mem_fraction: Option<f32>,
     /// Longest prompt + output. None: the model's maximum (capped at 8192).
     pub max_model_len: Option<usize>,
+    /// Split prompts longer than a step's remaining token budget across steps
+    /// (`enable_chunked_context`; default true). Off, a prompt is prefilled in one step or waits.
     pub enable_chunked_prefill: bool,
     /// Admission policy (`batch_scheduler_policy`).
     pub batch_scheduler_policy: SchedulerPolicy,
@@ -98,6 +119,10 @@ pub struct EngineOptions {
 }
 
 impl EngineOptions {
+    /// The defaults for the checkpoint at `model`: `Device::Auto`, dtype and weight format by
+    /// device and checkpoint, 64 sequences, 2048 tokens per step, blocks of 16 tokens, KV cache
+    /// and `max_model_len` sized automatically, chunked prefill, CUDA graphs and warm-up on, no
+    /// prefix caching, one CPU thread per core.
     pub fn new(model: impl Into<PathBuf>) -> Self {
         EngineOptions {
             model: model.into(),
@@ -125,8 +150,11 @@ impl EngineOptions {
 
 /// A started engine plus what was loaded, for logs and `inspect`.
 pub struct LoadedEngine {
+    /// The running engine; dropping it shuts the engine down.
     pub engine: Engine,
+    /// What was opened: GGUF, Hugging Face folder or random weights.
     pub checkpoint_format: CheckpointFormat,
+    /// The model's architecture as the decoder runs it.
     pub spec: crate::model::DecoderSpec,
     /// Host weight format the weights were loaded in (the GPU engine loads f32 and converts).
     pub weight_format: WeightFormat,
@@ -134,9 +162,15 @@ pub struct LoadedEngine {
     pub dtype: DType,
     /// Bytes of weights on the device (in `dtype` on the GPU).
     pub weight_bytes: usize,
+    /// KV cache blocks allocated: capacity `num_kv_blocks * block_size` tokens.
     pub num_kv_blocks: usize,
+    /// Token positions per KV cache block (`EngineOptions::block_size`).
     pub block_size: usize,
+    /// Prompt + output limit in effect: `EngineOptions::max_model_len` or the model's own
+    /// (capped at `DEFAULT_MAX_MODEL_LEN_CAP`), never above the model's maximum.
     pub max_model_len: usize,
+    /// Where the executor runs, as it describes itself: `cpu (N threads)` or
+    /// `cuda:N (name, arch, dtype, graphs ...)`.
     pub device: String,
     /// Load log lines (device fallback, KV cache sizing), also printed to stderr.
     pub log: Vec<String>,

@@ -17,8 +17,12 @@ pub enum Recovery {
 
 /// How an engine is set up, besides its first executor and its model's facts.
 pub struct EngineSetup {
+    /// Batch limits, block geometry and admission policy; `num_blocks` must be the first
+    /// executor's `num_kv_blocks()` (a rebuild takes its new executor's).
     pub scheduler: SchedulerConfig,
+    /// What happens after a step panics (`Engine::start` uses `FailClosed`).
     pub recovery: Recovery,
+    /// Panics to cause on purpose (tests); `FaultInjection::default()` causes none.
     pub faults: FaultInjection,
 }
 
@@ -64,6 +68,7 @@ impl FaultInjection {
 /// When and why the engine stopped serving. Displays as `<UTC time>: <reason>`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Failure {
+    /// When the panic was caught (wall clock; displayed in UTC).
     pub at: SystemTime,
     /// E.g. `panic in step: index out of bounds: the len is 3 but the index is 3`.
     pub reason: String,
@@ -83,14 +88,24 @@ pub enum Incident {
     /// A step panicked: `num_failed_requests` requests in flight got an error and the engine's
     /// state was dropped; `rebuilding` says whether a rebuild follows (else it fails closed).
     StepPanicked {
+        /// When the panic struck and its message.
         failure: Failure,
+        /// Requests answered with `Error`: running, waiting, or with a last token not yet
+        /// delivered.
         num_failed_requests: usize,
+        /// True with `Recovery::Rebuild`: `Rebuilt` or `RebuildFailed` follows.
         rebuilding: bool,
     },
     /// The engine serves again after a panic; the rebuild took `took`.
-    Rebuilt { took: Duration },
+    Rebuilt {
+        /// Wall time from the start of the rebuild (weights read again) to serving.
+        took: Duration,
+    },
     /// The rebuild after a panic failed: the engine serves no more.
-    RebuildFailed { error: String },
+    RebuildFailed {
+        /// The build's error, or its panic message; later requests get `Unavailable` naming it.
+        error: String,
+    },
 }
 
 impl std::fmt::Display for Incident {

@@ -331,6 +331,11 @@ pub unsafe fn instance_execute<B: Backend>(
 #[macro_export]
 macro_rules! declare_backend {
     ($backend:ty) => {
+        /// Triton calls this once when it loads the backend library: resolves the Triton API,
+        /// checks its version, then runs `Backend::initialize`.
+        ///
+        /// # Safety
+        /// Only Triton calls this, with a valid backend handle.
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn TRITONBACKEND_Initialize(
             backend: *mut $crate::sys::TRITONBACKEND_Backend,
@@ -339,6 +344,11 @@ macro_rules! declare_backend {
             unsafe { $crate::entry::initialize::<$backend>(backend) }
         }
 
+        /// Triton calls this when it unloads the backend library (after every model is
+        /// finalized); nothing to do.
+        ///
+        /// # Safety
+        /// Only Triton calls this, with a valid backend handle.
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn TRITONBACKEND_Finalize(
             backend: *mut $crate::sys::TRITONBACKEND_Backend,
@@ -347,6 +357,11 @@ macro_rules! declare_backend {
             unsafe { $crate::entry::finalize::<$backend>(backend) }
         }
 
+        /// Triton asks for the backend's attributes: reports `Backend::preferred_instance_group`,
+        /// the instance group a model gets when its config names none.
+        ///
+        /// # Safety
+        /// Only Triton calls this, with valid backend and attribute handles.
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn TRITONBACKEND_GetBackendAttribute(
             backend: *mut $crate::sys::TRITONBACKEND_Backend,
@@ -356,6 +371,11 @@ macro_rules! declare_backend {
             unsafe { $crate::entry::get_backend_attribute::<$backend>(backend, attr) }
         }
 
+        /// Triton loads a model: runs `Backend::model_initialize` and stores the model state it
+        /// returns; its error fails the load.
+        ///
+        /// # Safety
+        /// Only Triton calls this, with a valid model handle.
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn TRITONBACKEND_ModelInitialize(
             model: *mut $crate::sys::TRITONBACKEND_Model,
@@ -364,6 +384,11 @@ macro_rules! declare_backend {
             unsafe { $crate::entry::model_initialize::<$backend>(model) }
         }
 
+        /// Triton unloads a model (after its instances are finalized): takes back the model
+        /// state and hands it to `Backend::model_finalize`.
+        ///
+        /// # Safety
+        /// Only Triton calls this, with a valid model handle whose state ModelInitialize set.
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn TRITONBACKEND_ModelFinalize(
             model: *mut $crate::sys::TRITONBACKEND_Model,
@@ -372,6 +397,11 @@ macro_rules! declare_backend {
             unsafe { $crate::entry::model_finalize::<$backend>(model) }
         }
 
+        /// Triton creates a model instance: runs `Backend::instance_initialize` and stores the
+        /// instance state it returns.
+        ///
+        /// # Safety
+        /// Only Triton calls this, with a valid instance handle of an initialized model.
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn TRITONBACKEND_ModelInstanceInitialize(
             instance: *mut $crate::sys::TRITONBACKEND_ModelInstance,
@@ -380,6 +410,11 @@ macro_rules! declare_backend {
             unsafe { $crate::entry::instance_initialize::<$backend>(instance) }
         }
 
+        /// Triton removes a model instance: takes back its state and hands it to
+        /// `Backend::instance_finalize`, which must stop every use of the instance.
+        ///
+        /// # Safety
+        /// Only Triton calls this, with a valid instance handle whose state was set.
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn TRITONBACKEND_ModelInstanceFinalize(
             instance: *mut $crate::sys::TRITONBACKEND_ModelInstance,
@@ -388,6 +423,13 @@ macro_rules! declare_backend {
             unsafe { $crate::entry::instance_finalize::<$backend>(instance) }
         }
 
+        /// Triton hands an instance a batch of requests: they are owned from here on and go to
+        /// `Backend::execute`; always returns success (per-request failures are error
+        /// responses).
+        ///
+        /// # Safety
+        /// Only Triton calls this, with a valid instance and `request_count` valid request
+        /// pointers.
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn TRITONBACKEND_ModelInstanceExecute(
             instance: *mut $crate::sys::TRITONBACKEND_ModelInstance,

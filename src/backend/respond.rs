@@ -184,13 +184,20 @@ impl ResponseSender {
         if self.final_sent {
             return Err(TritonError::internal("a response after the final one"));
         }
-        self.final_sent = final_flag;
-        self.num_sent += 1;
-        let mut resp = self.factory.response()?;
-        for o in outputs {
-            resp.add_output(o.name, o.dtype, &o.shape, &o.data)?;
+        let sent = (|| {
+            let mut resp = self.factory.response()?;
+            for o in outputs {
+                resp.add_output(o.name, o.dtype, &o.shape, &o.data)?;
+            }
+            resp.send(final_flag, None)
+        })();
+        // Only a response that went out counts: after a failed final one, `Drop` still sends the
+        // request its final error or flag (exactly one final response).
+        if sent.is_ok() {
+            self.final_sent = final_flag;
+            self.num_sent += 1;
         }
-        resp.send(final_flag, None)
+        sent
     }
 
     /// Sends `error` as the final response (no-op if a final response went out already).

@@ -354,14 +354,15 @@ fn invalid_requests_get_errors_naming_the_field() {
     );
 }
 
-/// The CPU executor behind test knobs. `on_device`: it samples greedily "on the device" the way
-/// the CUDA executor does (`samples_on_device`), so the engine overlaps its host work with the
-/// step: the CPU executor computes the logits, then the engine's `overlap` runs (the previous
-/// step's detokenization, stop strings and events), then the argmax; otherwise the engine
-/// samples on the host. `step_time` stretches every step to at least that long (a slower
-/// device, so that a test acts while a request runs); with `fail_at_step`, that step fails
-/// after its overlap ran; with `panic_at_step`, that step panics before anything else (before
-/// its overlap: the previous step's tokens are still undelivered).
+/// The CPU executor behind test knobs. `on_device`: it reports that it `overlaps` host work
+/// with its steps, as the CUDA executor does, so the engine plans the next step before it has
+/// delivered the previous one's tokens and delivers them inside `execute` (here: before the
+/// CPU step, with the plan already made: a sequence stopped by a string there is still in the
+/// step, its token dropped); otherwise the engine delivers before planning. `step_time`
+/// stretches every step to at least that long (a slower device, so that a test acts while a
+/// request runs); with `fail_at_step`, that step fails after its overlap ran; with
+/// `panic_at_step`, that step panics before anything else (before its overlap: the previous
+/// step's tokens are still undelivered).
 struct TestExecutor {
     cpu: triton_ferrum::executor::cpu::CpuExecutor,
     on_device: bool,
@@ -382,26 +383,6 @@ impl TestExecutor {
             step_time: Duration::ZERO,
         }
     }
-
-    /// The CPU step, stretched to `step_time`; `overlap` runs after the logits are computed.
-    fn logits(
-        &mut self,
-        plan: &triton_ferrum::scheduler::SchedulePlan,
-        overlap: &mut dyn FnMut(),
-    ) -> triton_ferrum::Result<triton_ferrum::executor::Logits> {
-        if self.panic_at_step == Some(self.num_steps + 1) {
-            panic!("test executor panics in step {}", self.num_steps + 1);
-        }
-        let start = std::time::Instant::now();
-        let logits = triton_ferrum::executor::Executor::execute(&mut self.cpu, plan)?;
-        overlap();
-        std::thread::sleep(self.step_time.saturating_sub(start.elapsed()));
-        self.num_steps += 1;
-        if self.fail_at_step == Some(self.num_steps) {
-            return Err(triton_ferrum::Error::Device("injected failure".into()));
-        }
-        Ok(logits)
-    }
 }
 
 impl triton_ferrum::executor::Executor for TestExecutor {
@@ -417,47 +398,42 @@ impl triton_ferrum::executor::Executor for TestExecutor {
     fn vocab_size(&self) -> usize {
         self.cpu.vocab_size()
     }
+    fn add_request(
+        &mut self,
+        seq_id: triton_ferrum::request::SeqId,
+        setup: &triton_ferrum::executor::SamplingSetup<'_>,
+    ) -> triton_ferrum::Result<()> {
+        self.cpu.add_request(seq_id, setup)
+    }
+    fn remove_request(&mut self, seq_id: triton_ferrum::request::SeqId) {
+        self.cpu.remove_request(seq_id)
+    }
+    /// The CPU step (its overlap first), stretched to `step_time`.
     fn execute(
         &mut self,
         plan: &triton_ferrum::scheduler::SchedulePlan,
-    ) -> triton_ferrum::Result<triton_ferrum::executor::Logits> {
-        self.logits(plan, &mut || {})
-    }
-    fn samples_on_device(&self) -> bool {
-        self.on_device
-    }
-    fn execute_and_sample(
-        &mut self,
-        plan: &triton_ferrum::scheduler::SchedulePlan,
-        rows: &triton_ferrum::cuda::sampling::SampleBatch,
-    ) -> triton_ferrum::Result<Vec<triton_ferrum::sampling::Sampled>> {
-        self.execute_and_sample_overlapped(plan, rows, &mut || {})
-    }
-    fn execute_and_sample_overlapped(
-        &mut self,
-        plan: &triton_ferrum::scheduler::SchedulePlan,
-        rows: &triton_ferrum::cuda::sampling::SampleBatch,
         overlap: &mut dyn FnMut(),
     ) -> triton_ferrum::Result<Vec<triton_ferrum::sampling::Sampled>> {
-        let logits = self.logits(plan, overlap)?;
-        let n = logits.data.len() / logits.vocab_size;
-        assert_eq!(rows.num_rows(), n, "one sampling row per logits row");
-        Ok(logits
-            .data
-            .chunks(logits.vocab_size)
-            .map(|row| {
-                let (token_id, _) =
-                    row.iter()
-                        .enumerate()
-                        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
-                            if v > best.1 { (i, v) } else { best }
-                        });
-                triton_ferrum::sampling::Sampled {
-                    token_id: token_id as u32,
-                    logprobs: None,
-                }
-            })
-            .collect())
+        if self.panic_at_step == Some(self.num_steps + 1) {
+            panic!("test executor panics in step {}", self.num_steps + 1);
+        }
+        let start = std::time::Instant::now();
+        let out = self.cpu.execute(plan, overlap)?;
+        std::thread::sleep(self.step_time.saturating_sub(start.elapsed()));
+        self.num_steps += 1;
+        if self.fail_at_step == Some(self.num_steps) {
+            return Err(triton_ferrum::Error::Device("injected failure".into()));
+        }
+        Ok(out)
+    }
+    fn overlaps(&self) -> bool {
+        self.on_device
+    }
+    fn logits(
+        &mut self,
+        plan: &triton_ferrum::scheduler::SchedulePlan,
+    ) -> triton_ferrum::Result<triton_ferrum::executor::Logits> {
+        self.cpu.logits(plan)
     }
 }
 
@@ -1217,4 +1193,44 @@ fn a_fail_closed_engine_refuses_every_request_after_a_panic() {
     }
     drop(engine);
     assert!(incidents.try_recv().is_err());
+}
+
+/// The executor owns each request's penalty history and updates it with every generated token:
+/// a huge repetition penalty (which also counts the prompt) plus the largest presence and
+/// frequency penalties make a greedy request never repeat a token it generated, on both the
+/// host-delivering and the overlapping executor (without the update the same prompt repeats,
+/// checked first so the test can fail).
+#[test]
+fn penalties_see_every_generated_token() {
+    let max_tokens = 24;
+    let p = prompt(5, 9);
+    let plain = TestEngine::start(&model_dir(), Some(WeightFormat::F32), |_| {});
+    let out = collect(&plain.handle(), greedy(p.clone(), max_tokens, None)).output_ids;
+    let distinct: std::collections::HashSet<_> = out.iter().collect();
+    assert!(
+        distinct.len() < out.len(),
+        "the unpenalized greedy output should repeat a token: {out:?}"
+    );
+    drop(plain);
+    let penalized = |engine: &triton_ferrum::engine::Engine| {
+        let mut req = greedy(p.clone(), max_tokens, None);
+        req.sampling.repetition_penalty = 1e4;
+        req.sampling.presence_penalty = 2.0;
+        req.sampling.frequency_penalty = 2.0;
+        collect(&engine.handle(), req).output_ids
+    };
+    let host = TestEngine::start(&model_dir(), Some(WeightFormat::F32), |_| {});
+    let overlapped = overlapped_engine(None, Duration::ZERO);
+    for (kind, out) in [
+        ("host", penalized(&host.engine)),
+        ("overlapped", penalized(&overlapped)),
+    ] {
+        let distinct: std::collections::HashSet<_> = out.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            out.len(),
+            "{kind}: a token repeats: {out:?}"
+        );
+        assert_eq!(out.len(), max_tokens, "{kind}");
+    }
 }

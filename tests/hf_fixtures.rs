@@ -92,7 +92,7 @@ fn check_last_logits_at(path: &std::path::Path, name: &str) {
             preempted: vec![],
             num_batched_tokens: n,
         };
-        let logits = exec.execute(&plan).unwrap().data;
+        let logits = exec.logits(&plan).unwrap().data;
         let want: Vec<f32> = case["last_logits"]
             .as_array()
             .unwrap()
@@ -235,7 +235,7 @@ fn cpu_executor_refuses_a_short_block_table() {
         preempted: vec![],
         num_batched_tokens: 6,
     };
-    let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| exec.execute(&plan)))
+    let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| exec.logits(&plan)))
         .expect("the executor panicked on a bad plan")
         .err()
         .expect("a short block table must be an error")
@@ -253,7 +253,7 @@ fn cpu_executor_refuses_a_short_block_table() {
         ..plan
     };
     assert_eq!(
-        exec.execute(&ok).unwrap().data.len(),
+        exec.logits(&ok).unwrap().data.len(),
         ckpt.arch.spec.vocab_size
     );
 }

@@ -32,13 +32,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, select};
 
-use crate::cuda::sampling::{RowSampling, SampleBatch, TokenHistory};
-use crate::executor::Executor;
-use crate::executor::cuda::row_sampling;
-use crate::request::{
-    FinishReason, GenerateRequest, Prompt, RequestError, SamplingParams, SeqId, TokenEvent,
-};
-use crate::sampling::{Penalties, Rng, Sampled, Sampler};
+use crate::executor::{Executor, SamplingSetup};
+use crate::request::{FinishReason, GenerateRequest, Prompt, RequestError, SeqId, TokenEvent};
+use crate::sampling::Sampled;
 use crate::scheduler::{SchedulePlan, Scheduler, SchedulerConfig};
 use crate::tokenizer::{IncrementalDecoder, StopStringMatcher, Tokenizer};
 

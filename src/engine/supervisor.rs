@@ -185,7 +185,7 @@ impl Supervisor {
             seqs: HashMap::new(),
             stats: std::mem::take(&mut self.stats),
             seed_base: self.seed_base,
-            sample_batch: SampleBatch::new(),
+            removed: Vec::new(),
             pending: Vec::new(),
             faults: self.faults,
             orphans: self.orphans_tx.clone(),

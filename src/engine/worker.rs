@@ -10,27 +10,14 @@ pub(super) fn seed_base() -> u64 {
         .map_or(0x5eed, |d| d.as_nanos() as u64)
 }
 
-/// A request's sampling state when the executor samples on its device: the same seed as its
-/// host `Sampler`, so the device consumes the RNG exactly as the host would
-/// (`executor::cuda::row_sampling`).
-pub(super) struct DeviceSampling {
-    pub(super) params: SamplingParams,
-    pub(super) rng: Rng,
-    /// Penalty bookkeeping; None when every penalty is off.
-    pub(super) history: Option<TokenHistory>,
-}
-
 /// Per-request state kept by the engine thread.
+/// Sampling state (RNG, penalty history, `min_tokens`) is the executor's.
 pub(super) struct SeqState {
-    pub(super) sampler: Sampler,
-    /// Set when the executor samples on its device (then `sampler` only keeps its bookkeeping).
-    pub(super) device_sampling: Option<DeviceSampling>,
     pub(super) detok: Option<IncrementalDecoder>,
     pub(super) stop_strings: Option<StopStringMatcher>,
     pub(super) events: EventSink,
     pub(super) num_generated: usize,
     pub(super) max_tokens: usize,
-    pub(super) min_tokens: usize,
     /// Ids that end generation: stop_token_ids plus EOS unless ignore_eos.
     pub(super) stop_ids: Vec<u32>,
     /// The prompt holds `FaultInjection::panic_token_id`: a step that schedules it panics.
@@ -44,8 +31,9 @@ pub(super) struct Worker {
     pub(super) seqs: HashMap<SeqId, SeqState>,
     pub(super) stats: EngineStats,
     pub(super) seed_base: u64,
-    /// The sampling rows of a device-sampled step, reused.
-    pub(super) sample_batch: SampleBatch,
+    /// Sequences `deliver` removed while the executor was busy with a step: the executor drops
+    /// their sampling state once the step returns.
+    pub(super) removed: Vec<SeqId>,
     /// The last step's tokens, accepted but not yet delivered (`step`, `deliver`).
     pub(super) pending: Vec<PendingToken>,
     pub(super) faults: FaultInjection,
@@ -92,7 +80,7 @@ impl Worker {
             if !self.scheduler.has_work() {
                 continue;
             }
-            if !self.executor.samples_on_device() {
+            if !self.executor.overlaps() {
                 // Nothing to overlap with: deliver before planning, so that a request stopped by
                 // a string or left by its client holds no seat or blocks in the next plan.
                 self.flush_pending();
@@ -179,26 +167,6 @@ impl Worker {
             events.send(TokenEvent::Error(e.to_string()));
             return;
         }
-        let seed = request
-            .sampling
-            .seed
-            .unwrap_or(self.seed_base ^ seq_id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let sampler = Sampler::new(&request.sampling, seed, &prompt_ids, info.vocab_size);
-        let device_sampling = self.executor.samples_on_device().then(|| {
-            let p = &request.sampling;
-            let penalties = Penalties {
-                repetition: p.repetition_penalty,
-                presence: p.presence_penalty,
-                frequency: p.frequency_penalty,
-            };
-            DeviceSampling {
-                params: p.clone(),
-                rng: Rng::new(seed),
-                history: penalties
-                    .is_enabled()
-                    .then(|| TokenHistory::new(&prompt_ids, info.vocab_size)),
-            }
-        });
         let detok = match (&info.tokenizer, request.detokenize) {
             (Some(t), true) => Some(IncrementalDecoder::new(t.clone(), &prompt_ids, true)),
             _ => None,
@@ -208,6 +176,22 @@ impl Worker {
         let mut stop_ids = request.stop.stop_token_ids.clone();
         if !request.stop.ignore_eos {
             stop_ids.extend(&info.eos_token_ids);
+        }
+        let seed = request
+            .sampling
+            .seed
+            .unwrap_or(self.seed_base ^ seq_id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let setup = SamplingSetup {
+            params: &request.sampling,
+            seed,
+            prompt_ids: &prompt_ids,
+            suppressed_ids: &stop_ids,
+            min_tokens: request.stop.min_tokens,
+        };
+        if let Err(e) = self.executor.add_request(seq_id, &setup) {
+            self.scheduler.remove(seq_id);
+            events.send(TokenEvent::Error(e.to_string()));
+            return;
         }
         self.stats.num_prompt_tokens += prompt_ids.len() as u64;
         let injects_panic = self
@@ -220,14 +204,11 @@ impl Worker {
         self.seqs.insert(
             seq_id,
             SeqState {
-                sampler,
-                device_sampling,
                 detok,
                 stop_strings,
                 events,
                 num_generated: 0,
                 max_tokens,
-                min_tokens: request.stop.min_tokens,
                 stop_ids,
                 injects_panic,
             },
@@ -242,9 +223,17 @@ impl Worker {
                 .into_iter()
                 .partition(|p| p.seq_id == id);
             self.pending = rest;
-            deliver(own, &mut self.seqs, &mut self.scheduler, &mut self.stats);
+            deliver(
+                own,
+                &mut self.seqs,
+                &mut self.scheduler,
+                &mut self.stats,
+                &mut self.removed,
+            );
+            self.drop_removed();
         }
         self.scheduler.remove(id);
+        self.executor.remove_request(id);
         if let Some(mut state) = self.seqs.remove(&id) {
             self.stats.num_aborted += 1;
             state.events.send(TokenEvent::Finished {
@@ -269,6 +258,7 @@ impl Worker {
                 self.flush_pending();
                 for s in &plan.seqs {
                     self.scheduler.remove(s.seq_id);
+                    self.executor.remove_request(s.seq_id);
                     if let Some(mut state) = self.seqs.remove(&s.seq_id) {
                         state
                             .events
@@ -290,12 +280,6 @@ impl Worker {
                 continue;
             };
             let token_id = out.token_id;
-            state.sampler.accept(token_id);
-            if let Some(ds) = &mut state.device_sampling
-                && let Some(h) = &mut ds.history
-            {
-                h.accept(token_id);
-            }
             state.num_generated += 1;
             self.stats.num_generated_tokens += 1;
             sampled.push((s.seq_id, token_id));
@@ -320,6 +304,7 @@ impl Worker {
         // state travels with its last token until that is delivered.
         for p in self.pending.iter_mut().filter(|p| p.finish.is_some()) {
             self.scheduler.remove(p.seq_id);
+            self.executor.remove_request(p.seq_id);
             p.finished_state = self.seqs.remove(&p.seq_id).map(Box::new);
         }
     }
@@ -332,7 +317,16 @@ impl Worker {
             &mut self.seqs,
             &mut self.scheduler,
             &mut self.stats,
+            &mut self.removed,
         );
+        self.drop_removed();
+    }
+
+    /// Drops the executor's state of the sequences `deliver` removed.
+    fn drop_removed(&mut self) {
+        for id in self.removed.drain(..) {
+            self.executor.remove_request(id);
+        }
     }
 }
 
@@ -352,12 +346,14 @@ pub(super) struct PendingToken {
 /// sequence stopped by a string here may already be in the next step on the device: it leaves
 /// the scheduler and the map now, and that step's token for it is dropped (`Worker::step` skips
 /// sequences it no longer tracks). A request aborted since the step has no state: its token is
-/// dropped (its final event went out with the abort).
+/// dropped (its final event went out with the abort). Sequences it removes are listed in
+/// `removed` (the executor, busy with the step, drops their sampling state afterwards).
 pub(super) fn deliver(
     pending: Vec<PendingToken>,
     seqs: &mut HashMap<SeqId, SeqState>,
     scheduler: &mut Scheduler,
     stats: &mut EngineStats,
+    removed: &mut Vec<SeqId>,
 ) {
     for p in pending {
         let PendingToken {
@@ -420,14 +416,14 @@ pub(super) fn deliver(
         if finished_state.is_none() {
             scheduler.remove(seq_id);
             seqs.remove(&seq_id);
+            removed.push(seq_id);
         }
     }
 }
 
 impl Worker {
-    /// Executes the plan and samples one token per sampling sequence (plan order; None for a
-    /// sequence the engine no longer tracks): on the device when the executor samples there
-    /// (only ids and requested logprobs cross back), else on the host from the logits.
+    /// Executes the plan; the executor samples one token per sampling sequence (plan order; None
+    /// for a sequence the engine no longer tracks).
     pub(super) fn sample_step(
         &mut self,
         plan: &SchedulePlan,
@@ -446,73 +442,31 @@ impl Worker {
                 s.seq_id
             );
         }
-        if self.executor.samples_on_device() {
-            self.sample_batch.clear();
-            let mut known = Vec::new();
-            for s in plan.seqs.iter().filter(|s| s.sample) {
-                let greedy = RowSampling::greedy();
-                let state = self.seqs.get_mut(&s.seq_id);
-                known.push(state.is_some());
-                match state {
-                    Some(state) => {
-                        let suppressed: &[u32] = if state.num_generated < state.min_tokens {
-                            &state.stop_ids
-                        } else {
-                            &[]
-                        };
-                        let Some(ds) = &mut state.device_sampling else {
-                            return Err(crate::Error::Device(format!(
-                                "sequence {:?} has no device sampling state",
-                                s.seq_id
-                            )));
-                        };
-                        let row = row_sampling(&ds.params, &mut ds.rng);
-                        self.sample_batch
-                            .push(&row, ds.history.as_ref(), suppressed)?;
-                    }
-                    // Keeps the rows aligned with the plan; its token is dropped.
-                    None => self.sample_batch.push(&greedy, None, &[])?,
-                }
-            }
-            // The previous step's tokens are delivered while the device runs this one.
-            let pending = std::mem::take(&mut self.pending);
-            let (seqs, scheduler, stats) = (&mut self.seqs, &mut self.scheduler, &mut self.stats);
-            let mut overlap = Some(move || deliver(pending, seqs, scheduler, stats));
-            let outs =
-                self.executor
-                    .execute_and_sample_overlapped(plan, &self.sample_batch, &mut || {
-                        if let Some(f) = overlap.take() {
-                            f();
-                        }
-                    });
-            // A step that failed before its overlap point still delivers them.
+        // The previous step's tokens are delivered while the device runs this one (or before
+        // it, on an executor that does not overlap).
+        let pending = std::mem::take(&mut self.pending);
+        let (seqs, scheduler, stats, removed) = (
+            &mut self.seqs,
+            &mut self.scheduler,
+            &mut self.stats,
+            &mut self.removed,
+        );
+        let mut overlap = Some(move || deliver(pending, seqs, scheduler, stats, removed));
+        let outs = self.executor.execute(plan, &mut || {
             if let Some(f) = overlap.take() {
                 f();
             }
-            let outs = outs?;
-            return Ok(outs
-                .into_iter()
-                .zip(known)
-                .map(|(o, k)| k.then_some(o))
-                .collect());
+        });
+        // A step that failed before its overlap point still delivers them.
+        if let Some(f) = overlap.take() {
+            f();
         }
-        // Host sampling: the previous step's tokens went out before this plan was made (`run`).
-        let mut logits = self.executor.execute(plan)?;
-        let mut outs = Vec::new();
-        for (row_idx, s) in plan.seqs.iter().filter(|s| s.sample).enumerate() {
-            let Some(state) = self.seqs.get_mut(&s.seq_id) else {
-                outs.push(None);
-                continue;
-            };
-            let suppressed: &[u32] = if state.num_generated < state.min_tokens {
-                &state.stop_ids
-            } else {
-                &[]
-            };
-            outs.push(Some(
-                state.sampler.sample(logits.row_mut(row_idx), suppressed),
-            ));
-        }
-        Ok(outs)
+        self.drop_removed();
+        // A sequence delivery ended meanwhile has no state here: its token is dropped.
+        Ok(outs?
+            .into_iter()
+            .zip(plan.seqs.iter().filter(|s| s.sample))
+            .map(|(o, s)| self.seqs.contains_key(&s.seq_id).then_some(o))
+            .collect())
     }
 }

@@ -6,7 +6,7 @@
 
 use super::batch::{ExecutorError, StepBatch, StepLimits};
 use super::dump::Dumper;
-use super::{Executor, Logits};
+use super::{Executor, Logits, MinTokens, SamplingSetup, SeqStates, seq_state};
 use crate::model::DecoderSpec;
 use crate::model::decoder::{Act, Decoder, DecoderBackend, FfnAct, LinearSel, NormSel, Tap};
 use crate::model::spec::RopeStyle;
@@ -15,6 +15,8 @@ use crate::ops::attention::{AttnParams, AttnSeq, KvLayerCache, paged_attention};
 use crate::ops::linear::{Weight, linear};
 use crate::ops::rope::RopeTable;
 use crate::ops::{activation, norm};
+use crate::request::SeqId;
+use crate::sampling::{Sampled, Sampler};
 use crate::scheduler::SchedulePlan;
 
 /// The CPU engine: runs the generic decoder over host weights (f32 or 8-bit blocks) and an f32
@@ -35,6 +37,8 @@ pub struct CpuExecutor {
     block_size: usize,
     /// Writes each step's named intermediates (`--dump-intermediates`).
     dumper: Option<Dumper>,
+    /// Each request's sampler (RNG, filters, penalty history) and `min_tokens` rule.
+    seqs: SeqStates<(Sampler, MinTokens)>,
 }
 
 impl CpuExecutor {
@@ -65,6 +69,7 @@ impl CpuExecutor {
             num_blocks,
             block_size,
             dumper: None,
+            seqs: SeqStates::new(),
         })
     }
 
@@ -107,7 +112,42 @@ impl Executor for CpuExecutor {
         self.decoder.spec.vocab_size
     }
 
-    fn execute(&mut self, plan: &SchedulePlan) -> crate::Result<Logits> {
+    fn add_request(&mut self, seq_id: SeqId, setup: &SamplingSetup<'_>) -> crate::Result<()> {
+        let sampler = Sampler::new(
+            setup.params,
+            setup.seed,
+            setup.prompt_ids,
+            self.decoder.spec.vocab_size,
+        );
+        self.seqs.insert(seq_id, (sampler, MinTokens::new(setup)));
+        Ok(())
+    }
+
+    fn remove_request(&mut self, seq_id: SeqId) {
+        self.seqs.remove(&seq_id);
+    }
+
+    /// Runs `overlap` first (nothing runs in its shadow on the CPU), then the step, then samples
+    /// each sampling row on the host.
+    fn execute(
+        &mut self,
+        plan: &SchedulePlan,
+        overlap: &mut dyn FnMut(),
+    ) -> crate::Result<Vec<Sampled>> {
+        overlap();
+        let mut logits = self.logits(plan)?;
+        let mut out = Vec::with_capacity(logits.data.len() / logits.vocab_size.max(1));
+        for (row_idx, s) in plan.seqs.iter().filter(|s| s.sample).enumerate() {
+            let (sampler, min) = seq_state(&mut self.seqs, s.seq_id)?;
+            let sampled = sampler.sample(logits.row_mut(row_idx), min.suppressed());
+            sampler.accept(sampled.token_id);
+            min.accept();
+            out.push(sampled);
+        }
+        Ok(out)
+    }
+
+    fn logits(&mut self, plan: &SchedulePlan) -> crate::Result<Logits> {
         let batch = StepBatch::pack(plan, &self.limits())?;
         let spec = &self.decoder.spec;
         let seqs: Vec<AttnSeq<'_>> = batch

@@ -1,9 +1,14 @@
-//! Executors run a `SchedulePlan` on a device and return the logits of the sequences that
-//! sample. The CPU executor is the reference; the CUDA executor (`cuda`) implements the same
-//! trait on one GPU, and also samples there (`execute_and_sample`), so that only token ids and
+//! Executors run a `SchedulePlan` on a device and sample one token per sampling sequence. One
+//! contract for every device: `add_request` registers a request's sampling setup, `execute`
+//! runs a step and returns the sampled ids (+ the logprobs asked for), `remove_request` drops
+//! the request. The executor owns each request's sampling state (one seeded RNG, one penalty
+//! history, its count of generated tokens for `min_tokens`): the CPU executor samples with
+//! `sampling::Sampler`, the CUDA executor on the GPU from its per-sequence table, so only ids and
 //! requested logprobs cross back to the host.
 
-use crate::cuda::sampling::SampleBatch;
+use std::collections::HashMap;
+
+use crate::request::{SamplingParams, SeqId};
 use crate::sampling::Sampled;
 use crate::scheduler::SchedulePlan;
 
@@ -28,59 +33,132 @@ impl Logits {
     }
 }
 
-/// Runs scheduled steps on one device: owns the weights and the KV cache arrays and turns a
-/// `SchedulePlan` into logits (or sampled tokens). The engine thread owns it; implementations
-/// never see requests, only plans.
+/// A request's sampling setup, given to the executor when the engine admits the request.
+#[derive(Debug, Clone, Copy)]
+pub struct SamplingSetup<'a> {
+    /// Strategy, filters, penalties, logprobs.
+    pub params: &'a SamplingParams,
+    /// Seeds the request's RNG (the same seed gives the same tokens on every device).
+    pub seed: u64,
+    /// The prompt (the repetition penalty counts its ids).
+    pub prompt_ids: &'a [u32],
+    /// Ids that cannot be sampled before `min_tokens` tokens were generated (the stop ids).
+    pub suppressed_ids: &'a [u32],
+    /// Tokens to generate before `suppressed_ids` may be sampled.
+    pub min_tokens: usize,
+}
+
+/// The `min_tokens` rule of one request, kept by every executor beside its sampler.
+#[derive(Debug, Clone)]
+pub struct MinTokens {
+    suppressed_ids: Vec<u32>,
+    min_tokens: usize,
+    num_generated: usize,
+}
+
+impl MinTokens {
+    /// The rule of `setup`, with nothing generated yet.
+    pub fn new(setup: &SamplingSetup<'_>) -> Self {
+        MinTokens {
+            suppressed_ids: setup.suppressed_ids.to_vec(),
+            min_tokens: setup.min_tokens,
+            num_generated: 0,
+        }
+    }
+
+    /// The ids this step may not sample.
+    pub fn suppressed(&self) -> &[u32] {
+        match self.num_generated < self.min_tokens {
+            true => &self.suppressed_ids,
+            false => &[],
+        }
+    }
+
+    /// One more token generated.
+    pub fn accept(&mut self) {
+        self.num_generated += 1;
+    }
+}
+
+/// The per-request states of an executor, by sequence.
+pub type SeqStates<S> = HashMap<SeqId, S>;
+
+/// The state of `seq_id` in `states`, or the error naming it (the engine registers every request
+/// before its first step, so a miss is a bug, reported, not a panic).
+pub fn seq_state<S>(states: &mut SeqStates<S>, seq_id: SeqId) -> crate::Result<&mut S> {
+    states.get_mut(&seq_id).ok_or_else(|| {
+        batch::ExecutorError::Device(format!(
+            "sequence {} has no sampling state (not added to the executor)",
+            seq_id.0
+        ))
+        .into()
+    })
+}
+
+/// Runs scheduled steps on one device: owns the weights, the KV cache arrays and each request's
+/// sampling state, and turns a `SchedulePlan` into sampled tokens. The engine thread owns it.
 pub trait Executor: Send {
     /// Device description for logs, e.g. "cpu (2 threads)".
     fn describe(&self) -> String;
-    /// KV cache blocks the executor allocated (what the scheduler may hand out).
+    /// KV cache blocks the scheduler may hand out.
     fn num_kv_blocks(&self) -> usize;
     /// Tokens per KV cache block.
     fn block_size(&self) -> usize;
-    /// Columns of the logits (`Logits::vocab_size`).
+    /// The model's vocabulary size.
     fn vocab_size(&self) -> usize;
-    /// Runs one step. Every scheduled chunk's k/v is written to the cache at its block table's
-    /// slots; logits come back for the sequences with `sample == true`, in plan order.
-    fn execute(&mut self, plan: &SchedulePlan) -> crate::Result<Logits>;
-
-    /// Whether this executor samples on its device (`execute_and_sample`); the engine then keeps
-    /// each request's RNG and token history and passes one row per sampling sequence each step.
-    /// The CPU executor returns logits and the engine samples on the host.
-    fn samples_on_device(&self) -> bool {
-        false
-    }
-
-    /// Runs one step like `execute` and samples one token per sampling sequence on the device
-    /// (`rows`: one row per sampling sequence, plan order); only the ids and the logprobs asked
-    /// for come back, in plan order.
-    fn execute_and_sample(
-        &mut self,
-        plan: &SchedulePlan,
-        rows: &SampleBatch,
-    ) -> crate::Result<Vec<Sampled>> {
-        let _ = (plan, rows);
-        Err(crate::Error::Device(format!(
-            "{} does not sample on its device",
-            self.describe()
-        )))
-    }
-
-    /// `execute_and_sample` with host work overlapped: `overlap` runs once, on the calling
-    /// thread, while the device works on the step (after everything is launched, before the host
-    /// waits for the ids). This default runs it first, then the step.
+    /// Registers a request's sampling state before its first step.
+    fn add_request(&mut self, seq_id: SeqId, setup: &SamplingSetup<'_>) -> crate::Result<()>;
+    /// Drops a request's sampling state (finished, aborted or failed); unknown ids are ignored.
+    fn remove_request(&mut self, seq_id: SeqId);
+    /// Runs one step: every scheduled chunk's k/v is written to the cache at its block table's
+    /// slots, and one token is sampled (and accepted into its request's state) per sampling
+    /// sequence, returned in plan order. `overlap` runs exactly once, on the calling thread:
+    /// while the device works on the step where the executor `overlaps`, else first.
     ///
     /// `overlap` may free KV blocks of sequences in this step (a request stopped by a string or
     /// whose client left), and the next plan may give them to another sequence: an
     /// implementation must order this step's cache writes before any later step's (the CUDA
     /// executor runs every step on one stream).
-    fn execute_and_sample_overlapped(
+    fn execute(
         &mut self,
         plan: &SchedulePlan,
-        rows: &SampleBatch,
         overlap: &mut dyn FnMut(),
-    ) -> crate::Result<Vec<Sampled>> {
-        overlap();
-        self.execute_and_sample(plan, rows)
+    ) -> crate::Result<Vec<Sampled>>;
+    /// Whether `overlap` runs while the device computes the step. When it does not, the engine
+    /// delivers the previous step's tokens before planning, so that a request they end holds no
+    /// seat in the next plan.
+    fn overlaps(&self) -> bool {
+        false
+    }
+    /// The raw logits of the plan's sampling rows (tests and tools; no sampling state is read
+    /// or changed).
+    fn logits(&mut self, plan: &SchedulePlan) -> crate::Result<Logits>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn min_tokens_suppresses_the_stop_ids_until_enough_tokens_were_generated() {
+        let params = SamplingParams::default();
+        let setup = SamplingSetup {
+            params: &params,
+            seed: 1,
+            prompt_ids: &[1, 2],
+            suppressed_ids: &[7, 9],
+            min_tokens: 2,
+        };
+        let mut m = MinTokens::new(&setup);
+        assert_eq!(m.suppressed(), &[7, 9]);
+        m.accept();
+        assert_eq!(m.suppressed(), &[7, 9]);
+        m.accept();
+        assert!(m.suppressed().is_empty());
+        let none = MinTokens::new(&SamplingSetup {
+            min_tokens: 0,
+            ..setup
+        });
+        assert!(none.suppressed().is_empty());
     }
 }

@@ -61,9 +61,9 @@ pub use step::graph_buckets;
 pub use warmup::WarmUpReport;
 
 use super::dump::Dumper;
-use super::{Executor, Logits};
+use super::{Executor, Logits, MinTokens, SamplingSetup, SeqStates, seq_state};
 use crate::cuda::ops::{self, KvCacheShape, RotaryLayout};
-use crate::cuda::sampling::{GpuSampler, RowSampling, SampleBatch};
+use crate::cuda::sampling::{GpuSampler, RowSampling, SampleBatch, TokenHistory};
 use crate::cuda::{CudaDevice, DeviceBuffer, DeviceGraph, FloatElem, Gemm, KernelId};
 use crate::dtype::DType;
 use crate::model::Checkpoint;
@@ -72,7 +72,7 @@ use crate::model::decoder::Act;
 use crate::model::decoder::{Decoder, Tap};
 use crate::model::weights::WeightReader;
 use crate::ops::linear::WeightFormat;
-use crate::request::SamplingParams;
+use crate::request::{SamplingParams, SeqId};
 use crate::sampling::{Penalties, Rng, Sampled};
 use crate::scheduler::SchedulePlan;
 use kv::{max_blocks_per_seq, step_capacity};
@@ -212,6 +212,20 @@ pub struct CudaExecutor<T: FloatElem> {
     profile: Option<Profile>,
     /// Writes each step's named intermediates (`--dump-intermediates`; graphs off).
     dumper: Option<Dumper>,
+    /// Each request's sampling state (`Executor::add_request`).
+    seqs: SeqStates<DeviceSeq>,
+    /// The sampling rows of the current step, reused.
+    sample_batch: SampleBatch,
+}
+
+/// A request's sampling state on the GPU executor: its parameters, its RNG (seeded as the CPU
+/// sampler's, drawn as the CPU draws), its penalty history (None when every penalty is off) and
+/// its `min_tokens` rule.
+struct DeviceSeq {
+    params: SamplingParams,
+    rng: Rng,
+    history: Option<TokenHistory>,
+    min_tokens: MinTokens,
 }
 
 impl<T: FloatElem> CudaExecutor<T> {
@@ -309,6 +323,8 @@ impl<T: FloatElem> CudaExecutor<T> {
                 graphs_enabled,
                 profile: profile.then(Profile::default),
                 dumper: None,
+                seqs: SeqStates::new(),
+                sample_batch: SampleBatch::new(),
             },
             plan,
         ))
@@ -375,7 +391,67 @@ impl<T: FloatElem> Executor for CudaExecutor<T> {
         self.decoder.spec.vocab_size
     }
 
-    fn execute(&mut self, plan: &SchedulePlan) -> crate::Result<Logits> {
+    fn add_request(&mut self, seq_id: SeqId, setup: &SamplingSetup<'_>) -> crate::Result<()> {
+        let p = setup.params;
+        let penalties = Penalties {
+            repetition: p.repetition_penalty,
+            presence: p.presence_penalty,
+            frequency: p.frequency_penalty,
+        };
+        let vocab_size = self.decoder.spec.vocab_size;
+        self.seqs.insert(
+            seq_id,
+            DeviceSeq {
+                params: p.clone(),
+                rng: Rng::new(setup.seed),
+                history: penalties
+                    .is_enabled()
+                    .then(|| TokenHistory::new(setup.prompt_ids, vocab_size)),
+                min_tokens: MinTokens::new(setup),
+            },
+        );
+        Ok(())
+    }
+
+    fn remove_request(&mut self, seq_id: SeqId) {
+        self.seqs.remove(&seq_id);
+    }
+
+    fn execute(
+        &mut self,
+        plan: &SchedulePlan,
+        overlap: &mut dyn FnMut(),
+    ) -> crate::Result<Vec<Sampled>> {
+        // This step's sampling rows, from each request's state: its draw consumes the request's
+        // RNG exactly as the CPU sampler would (`row_sampling`).
+        let mut rows = std::mem::replace(&mut self.sample_batch, SampleBatch::new());
+        rows.clear();
+        let built = (|| -> crate::Result<()> {
+            for s in plan.seqs.iter().filter(|s| s.sample) {
+                let seq = seq_state(&mut self.seqs, s.seq_id)?;
+                let row = row_sampling(&seq.params, &mut seq.rng);
+                rows.push(&row, seq.history.as_ref(), seq.min_tokens.suppressed())?;
+            }
+            Ok(())
+        })();
+        let out = built.and_then(|()| self.execute_rows(plan, &rows, overlap));
+        self.sample_batch = rows;
+        let out = out?;
+        for (s, sampled) in plan.seqs.iter().filter(|s| s.sample).zip(&out) {
+            let seq = seq_state(&mut self.seqs, s.seq_id)?;
+            if let Some(h) = &mut seq.history {
+                h.accept(sampled.token_id);
+            }
+            seq.min_tokens.accept();
+        }
+        Ok(out)
+    }
+
+    fn overlaps(&self) -> bool {
+        true
+    }
+
+    fn logits(&mut self, plan: &SchedulePlan) -> crate::Result<Logits> {
         // The engine thread is not the loading thread: make the context current here.
         self.dev.stream().context().bind_to_thread().map_err(|e| {
             crate::cuda::CudaError::driver("binding the device to the engine thread", e)
@@ -403,20 +479,14 @@ impl<T: FloatElem> Executor for CudaExecutor<T> {
         })?;
         Ok(Logits { vocab_size, data })
     }
+}
 
-    fn samples_on_device(&self) -> bool {
-        true
-    }
-
-    fn execute_and_sample(
-        &mut self,
-        plan: &SchedulePlan,
-        rows: &SampleBatch,
-    ) -> crate::Result<Vec<Sampled>> {
-        self.execute_and_sample_overlapped(plan, rows, &mut || {})
-    }
-
-    fn execute_and_sample_overlapped(
+impl<T: FloatElem> CudaExecutor<T> {
+    /// Runs one step and samples `rows` (one per sampling sequence, plan order) on the device;
+    /// `overlap` runs once, after the step and its sampling are queued and before the host waits
+    /// for the ids. The warm-up and the tests drive this with rows of their own; `execute` with
+    /// the registered requests' rows.
+    pub fn execute_rows(
         &mut self,
         plan: &SchedulePlan,
         rows: &SampleBatch,
@@ -452,6 +522,15 @@ impl<T: FloatElem> Executor for CudaExecutor<T> {
             overlap();
             Ok(exec.sampler.fetch(&exec.dev)?)
         })
+    }
+
+    /// `execute_rows` with nothing to overlap.
+    pub fn execute_and_sample(
+        &mut self,
+        plan: &SchedulePlan,
+        rows: &SampleBatch,
+    ) -> crate::Result<Vec<Sampled>> {
+        self.execute_rows(plan, rows, &mut || {})
     }
 }
 

@@ -6,7 +6,6 @@ use super::{CudaExecutor, device_err};
 use crate::cuda::FloatElem;
 use crate::cuda::gemm::tuned_m;
 use crate::cuda::sampling::{RowSampling, SampleBatch};
-use crate::executor::Executor;
 use crate::model::decoder::Act;
 use crate::sampling::Penalties;
 use crate::scheduler::SchedulePlan;

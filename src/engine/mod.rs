@@ -1,5 +1,5 @@
-//! The engine thread: the one owner of the scheduler, the KV cache (inside the executor) and every
-//! request's sampling and detokenization state. Other threads talk to it only through a cheap,
+//! The engine thread: the one owner of the scheduler, the executor (which holds the KV cache and
+//! every request's sampling state) and every request's detokenization and stop state. Other threads talk to it only through a cheap,
 //! cloneable `EngineHandle` (submit, abort) over a channel; each request's events come back on its
 //! own channel. Loop: intake → schedule → execute → sample → update → emit, where a step's
 //! events (detokenization, stop strings, sending) are emitted while the device runs the next

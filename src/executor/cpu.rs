@@ -194,7 +194,7 @@ impl Executor for CpuExecutor {
         if let Some(d) = step.dumper {
             d.next_step();
         }
-        let [logits] = [std::mem::take(&mut step.acts[Act::Logits.idx()])];
+        let logits = std::mem::take(&mut step.acts[Act::Logits.idx()]);
         Ok(Logits {
             vocab_size: spec.vocab_size,
             data: logits,

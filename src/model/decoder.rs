@@ -200,11 +200,6 @@ impl Decoder {
         Decoder { spec, ffn, rope }
     }
 
-    /// The MLP's op shape.
-    pub fn ffn(&self) -> FfnAct {
-        self.ffn
-    }
-
     /// Runs the step through every layer and the LM head (when `num_rows` > 0 rows sample).
     pub fn forward<B: DecoderBackend + ?Sized>(
         &self,

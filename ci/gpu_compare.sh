@@ -13,7 +13,7 @@
 # Benches (random weights, bf16, greedy): Llama-2-7B 128/128 decode at batch 1 and 64;
 # Llama-3-8B 128/128 offline with 512 requests; then the load of a 7B-shape bf16 safetensors
 # checkpoint written there (scripts/write_random_llama.py): wall time and peak host RSS per
-# build (SKIP_LOAD=1 leaves it out).
+# build (SKIP_LOAD=1 leaves it out, SKIP_BENCH=1 runs only it).
 set -euo pipefail
 
 if [ "${1:-}" = "run" ]; then
@@ -26,6 +26,8 @@ if [ "${1:-}" = "run" ]; then
     "--preset llama2-7b --prompt-len 128 --gen-len 128 --batch-size 1,64"
     "--preset llama3-8b --prompt-len 128 --gen-len 128 --batch-size 512 --max-num-batched-tokens 8192"
   )
+  # SKIP_BENCH=1 runs only the load check (so the two halves fit separate device calls).
+  [ "${SKIP_BENCH:-0}" = 1 ] && benches=()
   for args in "${benches[@]}"; do
     for round in 1 2; do
       for build in base new; do

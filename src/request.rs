@@ -1,8 +1,13 @@
-//! What a client asks for, validated once: `GenerateRequest { prompt, SamplingParams, StopCriteria }`,
-//! and what the engine streams back (`TokenEvent`). Nothing downstream re-checks these values.
+//! What a client asks for (`RequestSpec { Prompt, SamplingParams, StopCriteria }`), validated and
+//! tokenized once against a model (`GenerateRequest::new`, the only way to build a
+//! `GenerateRequest`), and what the engine streams back (`TokenEvent`). Nothing downstream
+//! re-checks these values.
 //! This module must never import device, backend or Triton code.
 
 use std::fmt;
+use std::sync::Arc;
+
+use crate::tokenizer::{ChatMessage, Tokenizer};
 
 /// Engine-wide unique id of one generation request (one sequence; beam search is not supported).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -193,7 +198,7 @@ impl SamplingParams {
 /// When generation stops. The first condition met wins.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct StopCriteria {
-    /// Maximum number of generated tokens (>= 1).
+    /// Maximum number of generated tokens: in [1, max_model_len - 1] (`GenerateRequest::new`).
     pub max_tokens: usize,
     /// No EOS/stop token or stop string ends generation before this many tokens were generated.
     pub min_tokens: usize,
@@ -206,16 +211,10 @@ pub struct StopCriteria {
 }
 
 impl StopCriteria {
-    /// Checks `max_tokens >= 1`, `min_tokens <= max_tokens` and that no stop string is empty;
-    /// the error names the field, its value and the bound.
+    /// Checks `min_tokens <= max_tokens` and that no stop string is empty; the error names the
+    /// field, its value and the bound. (`max_tokens` is checked against the model's context by
+    /// `GenerateRequest::new`.)
     pub fn validate(&self) -> Result<(), RequestError> {
-        if self.max_tokens == 0 {
-            return Err(RequestError::invalid(
-                "max_tokens",
-                self.max_tokens,
-                "must be >= 1",
-            ));
-        }
         if self.min_tokens > self.max_tokens {
             return Err(RequestError::invalid(
                 "min_tokens",
@@ -234,7 +233,7 @@ impl StopCriteria {
     }
 }
 
-/// The prompt of a request: already tokenized, or text for the engine's tokenizer.
+/// The prompt of a request as the caller gives it; `GenerateRequest::new` turns it into token ids.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Prompt {
     /// Ids in the model's vocabulary, run exactly as given (no BOS or other special token is
@@ -243,21 +242,168 @@ pub enum Prompt {
     /// Text, encoded by the model's tokenizer with the special tokens it adds (e.g. BOS); a
     /// model without a tokenizer refuses it (`RequestError::NoTokenizer`).
     Text(String),
+    /// Messages rendered by the model's chat template (with the generation prompt), then encoded
+    /// without adding special tokens (the template holds any BOS). A model without a tokenizer
+    /// refuses it (`NoTokenizer { field: "apply_chat_template" }`).
+    Chat(Vec<ChatMessage>),
 }
 
-/// One validated generation request as the engine receives it.
+/// What the engine knows about its model that request validation needs.
+#[derive(Clone)]
+pub struct ModelInfo {
+    /// Rows of the model's embedding: prompt ids must be below it
+    /// (`RequestError::TokenOutOfRange`).
+    pub vocab_size: usize,
+    /// Prompt + generated tokens may not exceed this.
+    pub max_model_len: usize,
+    /// Ids that end generation unless `StopCriteria::ignore_eos`: the tokenizer's EOS ids, else
+    /// the checkpoint config's (`Checkpoint::eos_token_ids`).
+    pub eos_token_ids: Vec<u32>,
+    /// Encodes text prompts and decodes output text (the checkpoint's, or `tokenizer_path`'s).
+    /// None: text prompts, and stop strings of a detokenizing request, are refused
+    /// (`RequestError::NoTokenizer`).
+    pub tokenizer: Option<Arc<Tokenizer>>,
+}
+
+/// What a caller asks for, not yet checked: `GenerateRequest::new` validates it against a model.
 #[derive(Debug, Clone)]
-pub struct GenerateRequest {
-    /// What to continue; `EngineHandle::submit` tokenizes a text prompt and checks its ids
-    /// against the vocabulary and `max_model_len`.
+pub struct RequestSpec {
+    /// What to continue.
     pub prompt: Prompt,
-    /// How each token is picked; checked by `SamplingParams::validate` at submit.
+    /// How each token is picked.
     pub sampling: SamplingParams,
-    /// When generation ends; the engine further caps `max_tokens` so prompt + output fit in
-    /// `max_model_len` (the request then ends with `FinishReason::Length`).
+    /// When generation ends.
     pub stop: StopCriteria,
     /// Produce incremental text deltas (UTF-8 safe) with each token event.
     pub detokenize: bool,
+}
+
+/// The allowed range of `max_tokens` for a model whose context is `max_model_len` tokens (at
+/// least one prompt token must fit), as error messages state it.
+pub fn max_tokens_bound(max_model_len: usize) -> String {
+    format!(
+        "must be in [1, {}] (the model's context is {max_model_len} tokens)",
+        max_model_len.saturating_sub(1)
+    )
+}
+
+/// One generation request, tokenized and validated against one model by `GenerateRequest::new`,
+/// the only way to build one: the engine takes it as it is.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    prompt_ids: Vec<u32>,
+    sampling: SamplingParams,
+    stop: StopCriteria,
+    detokenize: bool,
+    /// `(vocab_size, max_model_len)` of the model it was validated for: the engine refuses a
+    /// request built for another model instead of checking it again.
+    validated_for: (usize, usize),
+}
+
+impl GenerateRequest {
+    /// Tokenizes the prompt (applying the chat template for `Prompt::Chat`) and checks every
+    /// rule, in this order: a non-empty prompt whose ids are in the vocabulary and that leaves
+    /// room for one generated token; `max_tokens` in [1, max_model_len - 1]; the sampling and stop
+    /// bounds (`SamplingParams::validate`, `StopCriteria::validate`); a tokenizer for stop
+    /// strings of a detokenizing request. Prompt + `max_tokens` may exceed `max_model_len`: the
+    /// engine then ends the request at the context's end with `FinishReason::Length`.
+    pub fn new(spec: RequestSpec, model: &ModelInfo) -> Result<Self, RequestError> {
+        let RequestSpec {
+            prompt,
+            sampling,
+            stop,
+            detokenize,
+        } = spec;
+        let tokenizer = |field| {
+            model
+                .tokenizer
+                .as_deref()
+                .ok_or(RequestError::NoTokenizer { field })
+        };
+        let tokenizer_error =
+            |e: crate::tokenizer::TokenizerError| RequestError::Tokenizer(e.to_string());
+        let prompt_ids = match prompt {
+            Prompt::TokenIds(ids) => ids,
+            Prompt::Text(text) => tokenizer("text_input")?
+                .encode(&text, true)
+                .map_err(tokenizer_error)?,
+            Prompt::Chat(messages) => {
+                let tok = tokenizer("apply_chat_template")?;
+                let rendered = tok.apply_chat_template(&messages, true).map_err(|e| {
+                    RequestError::invalid(
+                        "apply_chat_template",
+                        "true",
+                        format!("the chat template cannot be applied: {e}"),
+                    )
+                })?;
+                tok.encode(&rendered, false).map_err(tokenizer_error)?
+            }
+        };
+        if prompt_ids.is_empty() {
+            return Err(RequestError::EmptyPrompt);
+        }
+        if let Some(&bad) = prompt_ids
+            .iter()
+            .find(|&&id| id as usize >= model.vocab_size)
+        {
+            return Err(RequestError::TokenOutOfRange {
+                field: "input_ids",
+                token_id: bad.into(),
+                vocab_size: model.vocab_size,
+            });
+        }
+        // At least one token must fit after the prompt.
+        if prompt_ids.len() >= model.max_model_len {
+            return Err(RequestError::PromptTooLong {
+                num_prompt_tokens: prompt_ids.len(),
+                max_model_len: model.max_model_len,
+            });
+        }
+        if stop.max_tokens == 0 || stop.max_tokens >= model.max_model_len {
+            return Err(RequestError::invalid(
+                "max_tokens",
+                stop.max_tokens,
+                max_tokens_bound(model.max_model_len),
+            ));
+        }
+        sampling.validate()?;
+        stop.validate()?;
+        if detokenize && model.tokenizer.is_none() && !stop.stop_strings.is_empty() {
+            return Err(RequestError::NoTokenizer { field: "stop" });
+        }
+        Ok(GenerateRequest {
+            prompt_ids,
+            sampling,
+            stop,
+            detokenize,
+            validated_for: (model.vocab_size, model.max_model_len),
+        })
+    }
+
+    /// The prompt's token ids as the engine runs them (after tokenization and chat template).
+    pub fn prompt_ids(&self) -> &[u32] {
+        &self.prompt_ids
+    }
+
+    /// How each token is picked.
+    pub fn sampling(&self) -> &SamplingParams {
+        &self.sampling
+    }
+
+    /// When generation ends.
+    pub fn stop(&self) -> &StopCriteria {
+        &self.stop
+    }
+
+    /// Whether token events carry text deltas.
+    pub fn detokenize(&self) -> bool {
+        self.detokenize
+    }
+
+    /// Whether this request was validated for a model with `model`'s vocabulary and context.
+    pub fn is_for(&self, model: &ModelInfo) -> bool {
+        self.validated_for == (model.vocab_size, model.max_model_len)
+    }
 }
 
 /// Why a request's generation ended; sent to clients as the `finish_reason` output and

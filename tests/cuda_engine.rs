@@ -766,7 +766,7 @@ fn stop_strings_in_flight_match_the_cpu_engine() {
     let handle = gpu.handle();
     let streams: Vec<_> = requests
         .iter()
-        .map(|r| handle.submit(r.clone()).unwrap())
+        .map(|r| submit(&handle, r.clone()).unwrap())
         .collect();
     for (i, (s, want)) in streams.into_iter().zip(&expected).enumerate() {
         let got = collect_stream(s);

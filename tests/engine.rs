@@ -15,7 +15,8 @@ use triton_ferrum::engine::{
 use triton_ferrum::executor::Executor;
 use triton_ferrum::ops::linear::WeightFormat;
 use triton_ferrum::request::{
-    FinishReason, GenerateRequest, Prompt, RequestError, SamplingParams, StopCriteria, TokenEvent,
+    FinishReason, GenerateRequest, ModelInfo, Prompt, RequestError, RequestSpec, SamplingParams,
+    StopCriteria, TokenEvent,
 };
 
 fn model_dir() -> std::path::PathBuf {
@@ -71,9 +72,7 @@ fn batch_invariance(kv_cache_reuse: bool) {
     let handle = batched.handle();
     let mut streams = vec![];
     for (i, &n) in lens.iter().enumerate() {
-        let mut s = handle
-            .submit(greedy(prompt(n, i as u32), max_tokens, None))
-            .unwrap();
+        let mut s = submit(&handle, greedy(prompt(n, i as u32), max_tokens, None)).unwrap();
         // Two bursts of 8, the engine taking steps between them. Each burst alone needs more
         // KV slots than the cache has (prompts + 8 × 12 outputs: 179 and 227 of 112), so
         // preemption happens however fast the engine runs the first burst.
@@ -142,7 +141,7 @@ fn kv_cache_reuse_gives_the_same_outputs_and_skips_cached_prefixes() {
         let mut outs = vec![collect(&h, greedy(prompts[0].clone(), max_tokens, Some(2)))];
         let streams: Vec<_> = prompts[1..]
             .iter()
-            .map(|p| h.submit(greedy(p.clone(), max_tokens, Some(2))).unwrap())
+            .map(|p| submit(&h, greedy(p.clone(), max_tokens, Some(2))).unwrap())
             .collect();
         for s in streams {
             outs.push(collect_stream(s));
@@ -199,7 +198,7 @@ fn abort_ends_stream_and_frees_blocks() {
     );
     assert_eq!(idle.num_kv_blocks_used, 0);
     assert_eq!(idle.num_kv_blocks_free, 16);
-    let mut s = handle.submit(greedy(prompt(10, 1), 50, None)).unwrap();
+    let mut s = submit(&handle, greedy(prompt(10, 1), 50, None)).unwrap();
     assert!(matches!(s.recv(), Some(TokenEvent::Started { .. })));
     // Stats are answered between steps: within a step or two the request holds its blocks.
     let mut running = handle.stats().unwrap();
@@ -248,7 +247,7 @@ fn abort_ends_stream_and_frees_blocks() {
 fn dropping_the_stream_aborts_the_request() {
     let e = TestEngine::start(&model_dir(), Some(WeightFormat::F32), |_| {});
     let handle = e.handle();
-    let s = handle.submit(greedy(prompt(5, 3), 100, None)).unwrap();
+    let s = submit(&handle, greedy(prompt(5, 3), 100, None)).unwrap();
     drop(s);
     // The next request completes and the dropped one is counted as aborted.
     let c = collect(&handle, greedy(prompt(5, 4), 3, None));
@@ -311,7 +310,7 @@ fn invalid_requests_get_errors_naming_the_field() {
         o.max_model_len = Some(64)
     });
     let handle = e.handle();
-    let err = |req| handle.submit(req).err().unwrap();
+    let err = |req| submit(&handle, req).err().unwrap();
     assert!(matches!(
         err(greedy(vec![], 4, None)),
         RequestError::EmptyPrompt
@@ -345,6 +344,22 @@ fn invalid_requests_get_errors_naming_the_field() {
         err(r).to_string().contains("tokenizer"),
         "fixture has no tokenizer"
     );
+    let e4 = err(greedy(prompt(3, 1), 64, None));
+    assert!(e4.to_string().contains("[1, 63]"), "{e4}");
+    // Prompt + max_tokens may pass the context: the request ends there with `length`.
+    let c = collect(&handle, greedy(prompt(60, 1), 63, None));
+    assert_eq!(
+        (c.output_ids.len(), c.finish.as_deref()),
+        (4, Some("length"))
+    );
+    // A request validated for another model is refused, not checked again.
+    let other = ModelInfo {
+        max_model_len: 4096,
+        ..handle.info().clone()
+    };
+    let req = GenerateRequest::new(greedy(prompt(100, 1), 4, None), &other).unwrap();
+    let e5 = handle.submit(req).err().unwrap();
+    assert!(e5.to_string().contains("another model"), "{e5}");
     // The engine still serves after all of that.
     assert_eq!(
         collect(&handle, greedy(prompt(3, 1), 2, None))
@@ -518,7 +533,7 @@ fn overlapped_engine(
 /// host-sampling `reference` engine gives for them, submitted together.
 fn overlap_requests(
     reference: &TestEngine,
-) -> (Vec<triton_ferrum::request::GenerateRequest>, Vec<Collected>) {
+) -> (Vec<triton_ferrum::request::RequestSpec>, Vec<Collected>) {
     let request = |i: usize| {
         let mut r = greedy(prompt(3 + 5 * i, i as u32), 20, None);
         r.detokenize = true;
@@ -528,7 +543,7 @@ fn overlap_requests(
     let handle = reference.handle();
     let streams: Vec<_> = requests
         .iter()
-        .map(|r| handle.submit(r.clone()).unwrap())
+        .map(|r| submit(&handle, r.clone()).unwrap())
         .collect();
     let expected: Vec<Collected> = streams.into_iter().map(collect_stream).collect();
     assert!(
@@ -600,12 +615,12 @@ fn overlapped_host_work_gives_the_same_outputs() {
     let mut gone = {
         let mut r = greedy(prompt(5, 99), 50, None);
         r.detokenize = true;
-        handle.submit(r).unwrap()
+        submit(&handle, r).unwrap()
     };
     let (tx, rx) = crossbeam_channel::unbounded();
     let ids: Vec<_> = requests
         .iter()
-        .map(|r| handle.submit_to(r.clone(), tx.clone()).unwrap().0)
+        .map(|r| submit_to(&handle, r.clone(), tx.clone()).unwrap().0)
         .collect();
     while !matches!(gone.recv(), Some(TokenEvent::Token { .. })) {}
     drop(gone);
@@ -667,7 +682,7 @@ fn a_step_failing_after_its_overlap_fails_its_requests_once() {
     let (tx, rx) = crossbeam_channel::unbounded();
     let ids: Vec<_> = requests
         .iter()
-        .map(|r| handle.submit_to(r.clone(), tx.clone()).unwrap().0)
+        .map(|r| submit_to(&handle, r.clone(), tx.clone()).unwrap().0)
         .collect();
     let events = collect_shared(&handle, &rx, &ids);
     let mut num_errors = 0;
@@ -719,7 +734,7 @@ fn an_abort_on_the_overlapped_engine_delivers_the_accepted_tokens_first() {
     let (tx, rx) = crossbeam_channel::unbounded();
     let mut r = greedy(prompt(5, 3), 50, None);
     r.detokenize = true;
-    let (id, _) = handle.submit_to(r, tx).unwrap();
+    let (id, _) = submit_to(&handle, r, tx).unwrap();
     let mut num_tokens = 0;
     while num_tokens < 3 {
         if let (_, TokenEvent::Token { .. }) = rx.recv_timeout(Duration::from_secs(30)).unwrap() {
@@ -771,9 +786,9 @@ fn next_incident(incidents: &crossbeam_channel::Receiver<Incident>) -> Incident 
 }
 
 /// The events of one request, up to its final one (each within 30 s).
-fn request_events(handle: &EngineHandle, req: GenerateRequest) -> Vec<TokenEvent> {
+fn request_events(handle: &EngineHandle, req: RequestSpec) -> Vec<TokenEvent> {
     let (tx, rx) = crossbeam_channel::unbounded();
-    let (id, _) = handle.submit_to(req, tx).unwrap();
+    let (id, _) = submit_to(handle, req, tx).unwrap();
     let mut events = vec![];
     while !events.last().is_some_and(is_final) {
         let (got, ev) = rx
@@ -830,7 +845,7 @@ fn a_panicking_step_fails_every_request_in_flight_once_and_the_engine_rebuilds()
     let (tx, rx) = crossbeam_channel::unbounded();
     let ids: Vec<_> = requests
         .iter()
-        .map(|r| handle.submit_to(r.clone(), tx.clone()).unwrap().0)
+        .map(|r| submit_to(&handle, r.clone(), tx.clone()).unwrap().0)
         .collect();
     let events = collect_shared(&handle, &rx, &ids);
     let first = &events[&ids[0]];
@@ -1018,7 +1033,7 @@ fn requests_are_refused_with_the_reason_while_rebuilding_and_after_a_failed_rebu
     let submit_all = |tx: &crossbeam_channel::Sender<_>| -> Vec<_> {
         requests
             .iter()
-            .map(|r| handle.submit_to(r.clone(), tx.clone()).unwrap().0)
+            .map(|r| submit_to(&handle, r.clone(), tx.clone()).unwrap().0)
             .collect()
     };
     let (tx, rx) = crossbeam_channel::unbounded();
@@ -1160,7 +1175,7 @@ fn a_fail_closed_engine_refuses_every_request_after_a_panic() {
         greedy([prompt(3, 2), vec![POISON]].concat(), 10, None),
     ]
     .into_iter()
-    .map(|r| handle.submit_to(r, tx.clone()).unwrap().0)
+    .map(|r| submit_to(&handle, r, tx.clone()).unwrap().0)
     .collect();
     let events = collect_shared(&handle, &rx, &ids);
     for id in &ids {

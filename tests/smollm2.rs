@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use serde_json::Value;
 use triton_ferrum::ops::linear::WeightFormat;
-use triton_ferrum::request::{GenerateRequest, Prompt, SamplingParams, StopCriteria};
+use triton_ferrum::request::{Prompt, RequestSpec, SamplingParams, StopCriteria};
 
 fn golden() -> Value {
     let p = fixtures().join("golden/smollm2.json");
@@ -119,7 +119,7 @@ fn chat_prompt_gives_a_sensible_answer() {
     );
     let prompt = tok.encode(&rendered, false).unwrap();
     assert_eq!(prompt, ids(&chat["prompt_ids"]));
-    let req = GenerateRequest {
+    let req = RequestSpec {
         prompt: Prompt::TokenIds(prompt),
         sampling: SamplingParams::default(),
         stop: StopCriteria {
@@ -143,7 +143,7 @@ fn stop_strings_and_streamed_text() {
         o.max_model_len = Some(256)
     });
     let handle = engine.handle();
-    let req = |stop: Vec<String>| GenerateRequest {
+    let req = |stop: Vec<String>| RequestSpec {
         prompt: Prompt::Text("The capital of France is".into()),
         sampling: SamplingParams::default(),
         stop: StopCriteria {

@@ -235,13 +235,11 @@ impl ModelState {
         };
         let job = Job::new(request, ResponseSender::new(factory), instance, exec_start);
         let parsed = job.read(read_request).and_then(|raw| {
-            let info = self.handle.info();
             let ctx = ParseContext {
                 max_batch_size: self.info.max_batch_size,
                 decoupled: self.info.decoupled,
-                max_model_len: info.max_model_len,
+                model: self.handle.info(),
                 defaults: &self.config.defaults,
-                tokenizer: info.tokenizer.as_deref(),
             };
             parse::parse(&raw, &ctx).map_err(|e| TritonError::invalid_arg(e.to_string()))
         });

@@ -18,7 +18,9 @@ use serde_json::{Map, Value};
 use triton_api::{DataType, InputTensor, ParamValue};
 
 use crate::config::RequestDefaults;
-use crate::request::{GenerateRequest, Prompt, RequestError, SamplingParams, StopCriteria};
+use crate::request::{
+    GenerateRequest, ModelInfo, Prompt, RequestError, RequestSpec, SamplingParams, StopCriteria,
+};
 use crate::tokenizer::{ChatMessage, Tokenizer};
 
 /// An input the backend declares: name, dtype, dims (without the batch dimension).
@@ -181,7 +183,7 @@ const FIELDS: &[Field] = {
     field(&["input_lengths"],                       INT,       TensorOnly,
           Int(|d, _, n| d.input_lengths = Some(n))),
     field(&["max_tokens", "request_output_len"],    INT,       Sampling(&["max_tokens"]),
-          Int(|d, name, n| d.max_tokens = (name, n))),
+          Int(|d, name, n| d.max_tokens = Some((name, n)))),
     field(&["min_tokens", "min_length"],            INT,       Sampling(&["min_tokens"]),
           Int(|d, name, n| d.min_tokens = (name, n))),
     field(&["stream", "streaming"],                 BOOL,      Parameter(&["stream"]),
@@ -280,13 +282,12 @@ pub struct ParseContext<'a> {
     pub max_batch_size: usize,
     /// The model is decoupled (`model_transaction_policy { decoupled: true }`); `stream` needs it.
     pub decoupled: bool,
-    /// The engine's prompt + output limit: `max_tokens` must be in [1, max_model_len - 1].
-    pub max_model_len: usize,
+    /// What the request is validated against (`GenerateRequest::new`): vocabulary, context,
+    /// tokenizer (also for decoding multi-token stop words; None: text fields fail with
+    /// `RequestError::NoTokenizer`).
+    pub model: &'a ModelInfo,
     /// What a request gets for the fields it leaves out (the model's `default_*` keys).
     pub defaults: &'a RequestDefaults,
-    /// For the chat template and for decoding multi-token stop words; None: those fields fail
-    /// with `RequestError::NoTokenizer`.
-    pub tokenizer: Option<&'a Tokenizer>,
 }
 
 /// Which tensors carry the prompt and the answer.
@@ -325,7 +326,8 @@ struct Draft {
     text: Option<String>,
     input_ids: Option<Vec<i64>>,
     input_lengths: Option<i64>,
-    max_tokens: (&'static str, i64),
+    /// None: the model's `default_max_tokens`, capped to fit the context.
+    max_tokens: Option<(&'static str, i64)>,
     min_tokens: (&'static str, i64),
     top_k: Option<(&'static str, i64)>,
     top_p: Option<(&'static str, f64)>,
@@ -338,6 +340,10 @@ struct Draft {
     exclude_input_in_output: bool,
     apply_chat_template: bool,
     return_log_probs: bool,
+    /// Each field read and the name it came under, in the order applied (the last one of a
+    /// field is the value that counts): errors of `GenerateRequest::new` name the field as the
+    /// client did.
+    used: Vec<(&'static Field, &'static str)>,
 }
 
 fn invalid(
@@ -637,12 +643,13 @@ impl<'a> Given<'a> {
 impl Field {
     /// Reads this field's value from `given` into `d`.
     fn read(
-        &self,
+        &'static self,
         given: Given<'_>,
         d: &mut Draft,
         tokenizer: Option<&Tokenizer>,
     ) -> Result<(), RequestError> {
         let name = given.name();
+        d.used.push((self, name));
         match self.kind {
             Kind::Int(set) => set(d, name, given.int()?),
             Kind::IntJsonOff(set) => match (given, given.int()?) {
@@ -736,6 +743,7 @@ impl Field {
 /// Parses and validates one request.
 pub fn parse(raw: &RawRequest, ctx: &ParseContext<'_>) -> Result<ParsedRequest, RequestError> {
     let mut d = Draft::new(ctx.defaults);
+    let tokenizer = ctx.model.tokenizer.as_deref();
 
     // 1. Request parameters (generate-endpoint keys that are not inputs): known keys only;
     //    others (Triton's own, e.g. `triton_enable_empty_final_response`) are ignored.
@@ -755,7 +763,7 @@ pub fn parse(raw: &RawRequest, ctx: &ParseContext<'_>) -> Result<ParsedRequest, 
         .collect();
     for (key, v) in &params {
         if let Some((field, key)) = find(key, |f| f.keys.in_parameters()) {
-            field.read(Given::Json(key, v), &mut d, ctx.tokenizer)?;
+            field.read(Given::Json(key, v), &mut d, tokenizer)?;
         }
     }
 
@@ -776,7 +784,7 @@ pub fn parse(raw: &RawRequest, ctx: &ParseContext<'_>) -> Result<ParsedRequest, 
                     "not an input ferrum accepts (see docs/configuration.md)",
                 ));
             };
-            field.read(Given::Tensor(&tensor), &mut d, ctx.tokenizer)?;
+            field.read(Given::Tensor(&tensor), &mut d, tokenizer)?;
         }
     }
     d.finish(ctx)
@@ -785,7 +793,6 @@ pub fn parse(raw: &RawRequest, ctx: &ParseContext<'_>) -> Result<ParsedRequest, 
 impl Draft {
     fn new(defaults: &RequestDefaults) -> Self {
         Draft {
-            max_tokens: ("max_tokens", defaults.max_tokens as i64),
             min_tokens: ("min_tokens", 0),
             sampling: defaults.sampling.clone(),
             exclude_input_in_output: defaults.exclude_input_in_output,
@@ -794,9 +801,11 @@ impl Draft {
         }
     }
 
-    /// Builds the prompt and checks every bound, in a fixed order (the first error wins).
+    /// Builds the prompt, converts what the client sent to the request's types and hands the
+    /// rest of the checking to `GenerateRequest::new` (tokenization, vocabulary, context, every
+    /// bound), whose errors are renamed to the names the client used.
     fn finish(mut self, ctx: &ParseContext<'_>) -> Result<ParsedRequest, RequestError> {
-        let (interface, mut prompt, prompt_text) = match (self.text, self.input_ids) {
+        let (interface, prompt, prompt_text) = match (self.text.take(), self.input_ids.take()) {
             (Some(_), Some(_)) => {
                 return Err(invalid(
                     "input_ids",
@@ -804,7 +813,14 @@ impl Draft {
                     "send either text_input or input_ids",
                 ));
             }
-            (Some(text), None) => (Interface::Text, Prompt::Text(text.clone()), Some(text)),
+            (Some(text), None) => {
+                let prompt = if self.apply_chat_template {
+                    Prompt::Chat(vec![ChatMessage::new("user", text.clone())])
+                } else {
+                    Prompt::Text(text.clone())
+                };
+                (Interface::Text, prompt, Some(text))
+            }
             (None, Some(mut ids)) => {
                 if let Some(len) = self.input_lengths {
                     if len < 0 || len as usize > ids.len() {
@@ -815,9 +831,6 @@ impl Draft {
                         ));
                     }
                     ids.truncate(len as usize);
-                }
-                if ids.is_empty() {
-                    return Err(RequestError::EmptyPrompt);
                 }
                 let ids = ids
                     .into_iter()
@@ -833,26 +846,6 @@ impl Draft {
                 ));
             }
         };
-        if interface == Interface::Text && self.apply_chat_template {
-            let tok = ctx.tokenizer.ok_or(RequestError::NoTokenizer {
-                field: "apply_chat_template",
-            })?;
-            let text = prompt_text.clone().unwrap_or_default();
-            let rendered = tok
-                .apply_chat_template(&[ChatMessage::new("user", text)], true)
-                .map_err(|e| {
-                    invalid(
-                        "apply_chat_template",
-                        "true",
-                        format!("the chat template cannot be applied: {e}"),
-                    )
-                })?;
-            // The template already holds any BOS token: encode without adding specials.
-            prompt = Prompt::TokenIds(
-                tok.encode(&rendered, false)
-                    .map_err(|e| RequestError::Tokenizer(e.to_string()))?,
-            );
-        }
 
         if self.stream && !ctx.decoupled {
             return Err(invalid(
@@ -861,68 +854,81 @@ impl Draft {
                 "streaming needs a decoupled model (model_transaction_policy { decoupled: true }); use stream=false",
             ));
         }
-        let (max_name, max_tokens) = self.max_tokens;
-        if max_tokens < 1 || max_tokens as usize >= ctx.max_model_len {
-            return Err(invalid(
-                max_name,
-                max_tokens,
-                format!(
-                    "must be in [1, {}] (the model's context is {} tokens)",
-                    ctx.max_model_len - 1,
-                    ctx.max_model_len
-                ),
-            ));
-        }
+        // Conversions to the request's unsigned types; every range is GenerateRequest::new's.
+        // A default that does not fit a short context is capped; a client's value is checked.
+        let max_tokens = match self.max_tokens {
+            None => ctx
+                .defaults
+                .max_tokens
+                .min(ctx.model.max_model_len.saturating_sub(1)),
+            Some((name, n)) => usize::try_from(n).map_err(|_| {
+                invalid(
+                    name,
+                    n,
+                    crate::request::max_tokens_bound(ctx.model.max_model_len),
+                )
+            })?,
+        };
         let (min_name, min_tokens) = self.min_tokens;
-        if min_tokens < 0 {
-            return Err(invalid(min_name, min_tokens, "must be >= 0"));
-        }
-        let sampling = &mut self.sampling;
+        let min_tokens = usize::try_from(min_tokens)
+            .map_err(|_| invalid(min_name, min_tokens, "must be >= 0"))?;
         if let Some((name, k)) = self.top_k {
-            if k < 0 {
-                return Err(invalid(name, k, "must be >= 0 (0 disables top-k)"));
-            }
-            sampling.top_k = k as usize;
+            self.sampling.top_k = usize::try_from(k)
+                .map_err(|_| invalid(name, k, "must be >= 0 (0 disables top-k)"))?;
         }
-        sampling.logprobs = match (self.logprobs, self.return_log_probs) {
-            (Some((name, n)), _) if n < 0 => return Err(invalid(name, n, "must be >= 0")),
-            (Some((_, n)), _) => Some(n as usize),
+        self.sampling.logprobs = match (self.logprobs, self.return_log_probs) {
+            (Some((name, n)), _) => {
+                Some(usize::try_from(n).map_err(|_| invalid(name, n, "must be >= 0"))?)
+            }
             (None, true) => Some(0),
             (None, false) => None,
         };
         if let Some((_, p)) = self.top_p {
-            sampling.top_p = p as f32;
+            self.sampling.top_p = p as f32;
         }
-        // Report the name the client used for top_p.
-        sampling.validate().map_err(|e| match (e, self.top_p) {
-            (
-                RequestError::InvalidValue {
-                    field: "top_p",
-                    bound,
-                    ..
-                },
-                Some((name, p)),
-            ) => invalid(name, p, bound),
-            (e, _) => e,
-        })?;
-        self.stop.max_tokens = max_tokens as usize;
-        self.stop.min_tokens = min_tokens as usize;
-        self.stop.validate()?;
+        self.stop.max_tokens = max_tokens;
+        self.stop.min_tokens = min_tokens;
         let detokenize = interface == Interface::Text || !self.stop.stop_strings.is_empty();
+        let return_log_probs = self.sampling.logprobs.is_some();
+        let spec = RequestSpec {
+            prompt,
+            sampling: self.sampling,
+            stop: self.stop,
+            detokenize,
+        };
+        let used = self.used;
+        let generate = GenerateRequest::new(spec, ctx.model).map_err(|e| match e {
+            RequestError::InvalidValue {
+                field,
+                value,
+                bound,
+            } => RequestError::InvalidValue {
+                field: client_name(&used, field),
+                value,
+                bound,
+            },
+            e => e,
+        })?;
         Ok(ParsedRequest {
             interface,
             stream: self.stream,
             exclude_input_in_output: self.exclude_input_in_output,
-            return_log_probs: self.sampling.logprobs.is_some(),
+            return_log_probs,
             prompt_text,
-            generate: GenerateRequest {
-                prompt,
-                sampling: self.sampling,
-                stop: self.stop,
-                detokenize,
-            },
+            generate,
         })
     }
+}
+
+/// The name the client gave the field that `canonical` names (its last use, which is the value
+/// that counts); `canonical` itself when the client did not send it under another name.
+fn client_name(used: &[(&'static Field, &'static str)], canonical: &'static str) -> &'static str {
+    used.iter()
+        .rev()
+        .find(|(f, _)| {
+            f.tensors.contains(&canonical) || f.keys.in_parameters().contains(&canonical)
+        })
+        .map_or(canonical, |&(_, name)| name)
 }
 
 fn token_id(field: &'static str, id: i64) -> Result<u32, RequestError> {
@@ -1036,7 +1042,40 @@ mod tests {
         run_with(inputs, vec![], 0, true)
     }
 
+    /// The tiny BPE tokenizer of tests/fixtures (400 ids, with a chat template).
+    fn tokenizer() -> std::sync::Arc<Tokenizer> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tokenizer/hf_tiny");
+        std::sync::Arc::new(Tokenizer::from_hf_dir(&dir).unwrap().unwrap())
+    }
+
+    /// A model of 2048 tokens of context with the fixture tokenizer (None: no tokenizer).
+    fn model(tokenizer: Option<std::sync::Arc<Tokenizer>>) -> ModelInfo {
+        ModelInfo {
+            vocab_size: 400,
+            max_model_len: 2048,
+            eos_token_ids: vec![],
+            tokenizer,
+        }
+    }
+
     fn run_with(
+        inputs: Vec<InputTensor>,
+        params: Vec<(String, ParamValue)>,
+        max_batch_size: usize,
+        decoupled: bool,
+    ) -> Result<ParsedRequest, RequestError> {
+        run_on(
+            &model(Some(tokenizer())),
+            inputs,
+            params,
+            max_batch_size,
+            decoupled,
+        )
+    }
+
+    fn run_on(
+        model: &ModelInfo,
         inputs: Vec<InputTensor>,
         params: Vec<(String, ParamValue)>,
         max_batch_size: usize,
@@ -1046,9 +1085,8 @@ mod tests {
         let ctx = ParseContext {
             max_batch_size,
             decoupled,
-            max_model_len: 2048,
+            model,
             defaults: &d,
-            tokenizer: None,
         };
         parse(&RawRequest { inputs, params }, &ctx)
     }
@@ -1061,11 +1099,16 @@ mod tests {
     fn text_interface_with_defaults() {
         let p = run(vec![text("Hello")]).unwrap();
         assert_eq!(p.interface, Interface::Text);
-        assert_eq!(p.generate.prompt, Prompt::Text("Hello".into()));
-        assert_eq!(p.generate.stop.max_tokens, 16);
-        assert!(p.generate.detokenize);
+        // Tokenized here, with the tokenizer's special tokens.
+        assert_eq!(
+            p.generate.prompt_ids(),
+            tokenizer().encode("Hello", true).unwrap()
+        );
+        assert_eq!(p.prompt_text.as_deref(), Some("Hello"));
+        assert_eq!(p.generate.stop().max_tokens, 16);
+        assert!(p.generate.detokenize());
         assert!(!p.stream && !p.exclude_input_in_output && !p.return_log_probs);
-        assert_eq!(p.generate.sampling, SamplingParams::default());
+        assert_eq!(*p.generate.sampling(), SamplingParams::default());
     }
 
     #[test]
@@ -1093,7 +1136,7 @@ mod tests {
             boolean("ignore_eos", true),
         ])
         .unwrap();
-        let s = &p.generate.sampling;
+        let s = &p.generate.sampling();
         assert_eq!(
             (s.temperature, s.top_k, s.top_p, s.min_p),
             (0.7, 40, 0.9, 0.05)
@@ -1108,7 +1151,7 @@ mod tests {
         );
         assert_eq!(s.seed, Some(u64::MAX));
         assert_eq!(s.logprobs, Some(0));
-        let st = &p.generate.stop;
+        let st = &p.generate.stop();
         assert_eq!((st.max_tokens, st.min_tokens, st.ignore_eos), (5, 2, true));
         assert_eq!(st.stop_token_ids, vec![7]);
         assert_eq!(st.stop_strings, vec!["\n\n".to_string()]);
@@ -1117,7 +1160,8 @@ mod tests {
 
     #[test]
     fn token_interface_with_batch_dimension() {
-        let p = run_with(
+        let p = run_on(
+            &model(None),
             vec![
                 i32s("input_ids", vec![1, 4], &[1, 2, 3, 0]),
                 i32s("input_lengths", vec![1, 1], &[3]),
@@ -1157,11 +1201,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.interface, Interface::Tokens);
-        assert_eq!(p.generate.prompt, Prompt::TokenIds(vec![1, 2, 3]));
-        assert_eq!(p.generate.stop.max_tokens, 9);
-        assert_eq!(p.generate.stop.min_tokens, 1);
-        assert_eq!(p.generate.stop.stop_token_ids, vec![5, 6]);
-        assert!(!p.generate.detokenize);
+        assert_eq!(p.generate.prompt_ids(), [1, 2, 3]);
+        assert_eq!(p.generate.stop().max_tokens, 9);
+        assert_eq!(p.generate.stop().min_tokens, 1);
+        assert_eq!(p.generate.stop().stop_token_ids, vec![5, 6]);
+        assert!(!p.generate.detokenize());
     }
 
     #[test]
@@ -1187,13 +1231,13 @@ mod tests {
         )
         .unwrap();
         // sampling_parameters wins over request parameters.
-        assert_eq!(p.generate.sampling.temperature, 0.5);
-        assert_eq!(p.generate.sampling.top_k, 0);
-        assert_eq!(p.generate.sampling.min_p, 0.1);
-        assert_eq!(p.generate.sampling.seed, Some(3));
-        assert_eq!(p.generate.sampling.logprobs, Some(2));
-        assert_eq!(p.generate.stop.max_tokens, 7);
-        assert_eq!(p.generate.stop.stop_strings, vec!["END".to_string()]);
+        assert_eq!(p.generate.sampling().temperature, 0.5);
+        assert_eq!(p.generate.sampling().top_k, 0);
+        assert_eq!(p.generate.sampling().min_p, 0.1);
+        assert_eq!(p.generate.sampling().seed, Some(3));
+        assert_eq!(p.generate.sampling().logprobs, Some(2));
+        assert_eq!(p.generate.stop().max_tokens, 7);
+        assert_eq!(p.generate.stop().stop_strings, vec!["END".to_string()]);
         assert!(p.stream);
         // Tensors win over sampling_parameters.
         let p = run(vec![
@@ -1202,7 +1246,7 @@ mod tests {
             bytes_tensor("sampling_parameters", vec![1], &[sp.as_bytes()]),
         ])
         .unwrap();
-        assert_eq!(p.generate.stop.max_tokens, 4);
+        assert_eq!(p.generate.stop().max_tokens, 4);
         // Request parameters alone (the generate endpoint's `parameters` object).
         let p = run_with(
             vec![text("x")],
@@ -1214,8 +1258,8 @@ mod tests {
             false,
         )
         .unwrap();
-        assert_eq!(p.generate.stop.max_tokens, 3);
-        assert_eq!(p.generate.sampling.seed, Some(11));
+        assert_eq!(p.generate.stop().max_tokens, 3);
+        assert_eq!(p.generate.sampling().seed, Some(11));
     }
 
     #[test]
@@ -1349,13 +1393,76 @@ mod tests {
 
     #[test]
     fn chat_template_without_tokenizer_is_a_clear_error() {
-        let e = run(vec![text("x"), boolean("apply_chat_template", true)]).unwrap_err();
+        let inputs = |chat| vec![text("x"), boolean("apply_chat_template", chat)];
+        let no_tokenizer = model(None);
+        let e = run_on(&no_tokenizer, inputs(true), vec![], 0, true).unwrap_err();
         assert_eq!(
             e,
             RequestError::NoTokenizer {
                 field: "apply_chat_template"
             }
         );
+        let e = run_on(&no_tokenizer, inputs(false), vec![], 0, true).unwrap_err();
+        assert_eq!(
+            e,
+            RequestError::NoTokenizer {
+                field: "text_input"
+            }
+        );
+    }
+
+    #[test]
+    fn the_chat_template_is_applied_once_and_encoded_without_added_specials() {
+        let tok = tokenizer();
+        let rendered = tok
+            .apply_chat_template(&[ChatMessage::new("user", "Hi there")], true)
+            .unwrap();
+        let p = run(vec![text("Hi there"), boolean("apply_chat_template", true)]).unwrap();
+        assert_eq!(
+            p.generate.prompt_ids(),
+            tok.encode(&rendered, false).unwrap()
+        );
+        // The answer echoes the text as sent, not the rendered template.
+        assert_eq!(p.prompt_text.as_deref(), Some("Hi there"));
+    }
+
+    #[test]
+    fn the_default_max_tokens_is_capped_to_fit_the_context_and_a_clients_value_is_not() {
+        let short = ModelInfo {
+            max_model_len: 8,
+            ..model(Some(tokenizer()))
+        };
+        let p = run_on(&short, vec![text("x")], vec![], 0, true).unwrap();
+        assert_eq!(p.generate.stop().max_tokens, 7);
+        let e = run_on(
+            &short,
+            vec![text("x"), i32s("max_tokens", vec![1], &[8])],
+            vec![],
+            0,
+            true,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("[1, 7]"), "{e}");
+    }
+
+    #[test]
+    fn model_rules_name_the_field_as_the_client_sent_it() {
+        // Out of the vocabulary (400 ids) and too long for the context: GenerateRequest::new.
+        let e = run(vec![i32s("input_ids", vec![2], &[1, 400])]).unwrap_err();
+        assert!(e.to_string().contains("400"), "{e}");
+        let long = vec![1; 2048];
+        let e = run(vec![i32s("input_ids", vec![2048], &long)]).unwrap_err();
+        assert!(matches!(e, RequestError::PromptTooLong { .. }), "{e}");
+        // The same bound under an alias is reported under the alias.
+        for name in ["max_tokens", "request_output_len"] {
+            let e = err_text(vec![text("x"), i32s(name, vec![1], &[2048])]);
+            assert!(
+                e.contains(&format!("'{name}'")) && e.contains("[1, 2047]"),
+                "{e}"
+            );
+        }
+        let e = err_text(vec![text("x"), f32s("runtime_top_p", 0.0)]);
+        assert!(e.contains("'runtime_top_p'") && e.contains("(0, 1]"), "{e}");
     }
 
     #[test]
@@ -1589,8 +1696,8 @@ mod tests {
             true,
         )
         .unwrap();
-        assert_eq!(p.generate.stop.stop_strings, ["A", "B", "C"]);
-        assert_eq!(p.generate.stop.stop_token_ids, [6, 5]);
+        assert_eq!(p.generate.stop().stop_strings, ["A", "B", "C"]);
+        assert_eq!(p.generate.stop().stop_token_ids, [6, 5]);
     }
 
     #[test]
@@ -1629,9 +1736,9 @@ mod tests {
             false,
         )
         .unwrap();
-        assert_eq!(p.generate.sampling.seed, None);
+        assert_eq!(p.generate.sampling().seed, None);
         // vLLM's -1 (off) holds in JSON, not in a tensor.
-        assert_eq!(p.generate.sampling.top_k, 0);
+        assert_eq!(p.generate.sampling().top_k, 0);
         let e = err_text(vec![text("x"), i32s("top_k", vec![1], &[-1])]);
         assert!(e.contains("'top_k': -1"), "{e}");
     }

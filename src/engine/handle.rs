@@ -135,7 +135,7 @@ impl EngineHandle {
         &self.info
     }
 
-    /// Validates and tokenizes the request on the caller's thread, then queues it.
+    /// Queues a request (validated and tokenized by `GenerateRequest::new` against `info()`).
     pub fn submit(&self, request: GenerateRequest) -> Result<RequestStream, RequestError> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let (seq_id, prompt_ids) = self.enqueue(request, EventTarget::Own(tx))?;
@@ -164,46 +164,21 @@ impl EngineHandle {
         request: GenerateRequest,
         events: EventTarget,
     ) -> Result<(SeqId, Vec<u32>), RequestError> {
-        let info = &self.info;
-        let prompt_ids = match &request.prompt {
-            Prompt::TokenIds(ids) => ids.clone(),
-            Prompt::Text(text) => {
-                let tok = info.tokenizer.as_ref().ok_or(RequestError::NoTokenizer {
-                    field: "text_input",
-                })?;
-                tok.encode(text, true)
-                    .map_err(|e| RequestError::Tokenizer(e.to_string()))?
-            }
-        };
-        if prompt_ids.is_empty() {
-            return Err(RequestError::EmptyPrompt);
-        }
-        if let Some(&bad) = prompt_ids
-            .iter()
-            .find(|&&id| id as usize >= info.vocab_size)
-        {
-            return Err(RequestError::TokenOutOfRange {
-                field: "input_ids",
-                token_id: bad.into(),
-                vocab_size: info.vocab_size,
-            });
-        }
-        // At least one token must fit after the prompt.
-        if prompt_ids.len() >= info.max_model_len {
-            return Err(RequestError::PromptTooLong {
-                num_prompt_tokens: prompt_ids.len(),
-                max_model_len: info.max_model_len,
-            });
-        }
-        request.sampling.validate()?;
-        request.stop.validate()?;
-        if request.detokenize && info.tokenizer.is_none() && !request.stop.stop_strings.is_empty() {
-            return Err(RequestError::NoTokenizer { field: "stop" });
+        if !request.is_for(&self.info) {
+            return Err(RequestError::invalid(
+                "request",
+                "built for another model",
+                format!(
+                    "must be built by GenerateRequest::new with this engine's model info \
+                     (vocabulary {}, context {} tokens)",
+                    self.info.vocab_size, self.info.max_model_len
+                ),
+            ));
         }
         let seq_id = SeqId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let prompt_ids = request.prompt_ids().to_vec();
         let sub = Submission {
             seq_id,
-            prompt_ids: prompt_ids.clone(),
             request,
             events,
         };

@@ -33,10 +33,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, select};
 
 use crate::executor::{Executor, SamplingSetup};
-use crate::request::{FinishReason, GenerateRequest, Prompt, RequestError, SeqId, TokenEvent};
+use crate::request::{FinishReason, GenerateRequest, RequestError, SeqId, TokenEvent};
 use crate::sampling::Sampled;
 use crate::scheduler::{SchedulePlan, Scheduler, SchedulerConfig};
-use crate::tokenizer::{IncrementalDecoder, StopStringMatcher, Tokenizer};
+use crate::tokenizer::{IncrementalDecoder, StopStringMatcher};
 
 mod handle;
 mod supervisor;
@@ -50,22 +50,7 @@ pub use supervisor::{
 };
 use worker::*;
 
-/// What the engine knows about its model that request validation needs.
-#[derive(Clone)]
-pub struct ModelInfo {
-    /// Rows of the model's embedding: prompt ids must be below it
-    /// (`RequestError::TokenOutOfRange`).
-    pub vocab_size: usize,
-    /// Prompt + generated tokens may not exceed this.
-    pub max_model_len: usize,
-    /// Ids that end generation unless `StopCriteria::ignore_eos`: the tokenizer's EOS ids, else
-    /// the checkpoint config's (`Checkpoint::eos_token_ids`).
-    pub eos_token_ids: Vec<u32>,
-    /// Encodes text prompts and decodes output text (the checkpoint's, or `tokenizer_path`'s).
-    /// None: text prompts, and stop strings of a detokenizing request, are refused
-    /// (`RequestError::NoTokenizer`).
-    pub tokenizer: Option<Arc<Tokenizer>>,
-}
+pub use crate::request::ModelInfo;
 
 /// Counters since start, plus the KV cache and queue occupancy at the time of the
 /// `EngineHandle::stats` call (read from the scheduler's `KvCacheManager`, so an aborted
@@ -122,7 +107,6 @@ enum Command {
 
 struct Submission {
     seq_id: SeqId,
-    prompt_ids: Vec<u32>,
     request: GenerateRequest,
     events: EventTarget,
 }

@@ -149,44 +149,41 @@ impl Worker {
     pub(super) fn admit(&mut self, sub: Submission) {
         let Submission {
             seq_id,
-            prompt_ids,
             request,
             events,
         } = sub;
+        let prompt_ids = request.prompt_ids().to_vec();
+        let (sampling, stop) = (request.sampling(), request.stop());
         let mut events = EventSink {
             seq_id,
             target: Some(events),
             orphans: self.orphans.clone(),
         };
         let info = &self.info;
-        let max_tokens = request
-            .stop
-            .max_tokens
-            .min(info.max_model_len - prompt_ids.len());
+        let max_tokens = stop.max_tokens.min(info.max_model_len - prompt_ids.len());
         if let Err(e) = self.scheduler.add(seq_id, prompt_ids.clone(), max_tokens) {
             events.send(TokenEvent::Error(e.to_string()));
             return;
         }
-        let detok = match (&info.tokenizer, request.detokenize) {
+        let detok = match (&info.tokenizer, request.detokenize()) {
             (Some(t), true) => Some(IncrementalDecoder::new(t.clone(), &prompt_ids, true)),
             _ => None,
         };
-        let stop_strings = (detok.is_some() && !request.stop.stop_strings.is_empty())
-            .then(|| StopStringMatcher::new(request.stop.stop_strings.clone()));
-        let mut stop_ids = request.stop.stop_token_ids.clone();
-        if !request.stop.ignore_eos {
+        let stop_strings = (detok.is_some() && !stop.stop_strings.is_empty())
+            .then(|| StopStringMatcher::new(stop.stop_strings.clone()));
+        let mut stop_ids = stop.stop_token_ids.clone();
+        if !stop.ignore_eos {
             stop_ids.extend(&info.eos_token_ids);
         }
-        let seed = request
-            .sampling
+        let seed = sampling
             .seed
             .unwrap_or(self.seed_base ^ seq_id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let setup = SamplingSetup {
-            params: &request.sampling,
+            params: sampling,
             seed,
             prompt_ids: &prompt_ids,
             suppressed_ids: &stop_ids,
-            min_tokens: request.stop.min_tokens,
+            min_tokens: stop.min_tokens,
         };
         if let Err(e) = self.executor.add_request(seq_id, &setup) {
             self.scheduler.remove(seq_id);

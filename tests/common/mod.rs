@@ -8,7 +8,8 @@ use triton_ferrum::engine::{
 };
 use triton_ferrum::ops::linear::WeightFormat;
 use triton_ferrum::request::{
-    GenerateRequest, Prompt, SamplingParams, StopCriteria, TokenEvent, TokenLogprobs,
+    GenerateRequest, Prompt, RequestError, RequestSpec, SamplingParams, SeqId, StopCriteria,
+    TokenEvent, TokenLogprobs,
 };
 
 pub fn repo() -> PathBuf {
@@ -71,8 +72,8 @@ pub struct Collected {
     pub num_final_events: usize,
 }
 
-pub fn greedy(prompt: Vec<u32>, max_tokens: usize, logprobs: Option<usize>) -> GenerateRequest {
-    GenerateRequest {
+pub fn greedy(prompt: Vec<u32>, max_tokens: usize, logprobs: Option<usize>) -> RequestSpec {
+    RequestSpec {
         prompt: Prompt::TokenIds(prompt),
         sampling: SamplingParams {
             logprobs,
@@ -87,8 +88,22 @@ pub fn greedy(prompt: Vec<u32>, max_tokens: usize, logprobs: Option<usize>) -> G
     }
 }
 
-pub fn collect(handle: &EngineHandle, req: GenerateRequest) -> Collected {
-    collect_stream(handle.submit(req).unwrap())
+/// Validates `spec` against `handle`'s model (`GenerateRequest::new`) and submits it.
+pub fn submit(handle: &EngineHandle, spec: RequestSpec) -> Result<RequestStream, RequestError> {
+    handle.submit(GenerateRequest::new(spec, handle.info())?)
+}
+
+/// Like `submit`, with the events on a shared channel (`EngineHandle::submit_to`).
+pub fn submit_to(
+    handle: &EngineHandle,
+    spec: RequestSpec,
+    events: crossbeam_channel::Sender<(SeqId, TokenEvent)>,
+) -> Result<(SeqId, Vec<u32>), RequestError> {
+    handle.submit_to(GenerateRequest::new(spec, handle.info())?, events)
+}
+
+pub fn collect(handle: &EngineHandle, req: RequestSpec) -> Collected {
+    collect_stream(submit(handle, req).unwrap())
 }
 
 /// Reads a submitted request's events to the end.
@@ -212,8 +227,8 @@ pub fn top5(v: &serde_json::Value) -> Vec<Vec<(u32, f32)>> {
 /// from `handle`, one request at a time.
 pub fn requests_with_stops(
     handle: &EngineHandle,
-    request: impl Fn(usize) -> GenerateRequest,
-) -> Vec<GenerateRequest> {
+    request: impl Fn(usize) -> RequestSpec,
+) -> Vec<RequestSpec> {
     (0..12)
         .map(|i| {
             let free = collect(handle, request(i));

@@ -8,11 +8,14 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
+use triton_ferrum::config::DEFAULT_MAX_TOKENS;
 use triton_ferrum::dtype::DType;
 use triton_ferrum::engine::{Device, EngineOptions, is_final};
 use triton_ferrum::model::Checkpoint;
 use triton_ferrum::ops::linear::WeightFormat;
-use triton_ferrum::request::{GenerateRequest, Prompt, SamplingParams, StopCriteria, TokenEvent};
+use triton_ferrum::request::{
+    GenerateRequest, Prompt, RequestError, RequestSpec, SamplingParams, StopCriteria, TokenEvent,
+};
 use triton_ferrum::scheduler::SchedulerPolicy;
 use triton_ferrum::tokenizer::ChatMessage;
 
@@ -178,8 +181,9 @@ struct GenerateArgs {
     /// Comma-separated token ids (works without a tokenizer).
     #[arg(long)]
     prompt_ids: Option<String>,
-    #[arg(long, default_value_t = 128)]
-    max_tokens: usize,
+    /// Tokens to generate (default 128, capped to fit the model's context).
+    #[arg(long)]
+    max_tokens: Option<usize>,
     #[arg(long, default_value_t = 0)]
     min_tokens: usize,
     #[arg(long, default_value_t = 0.0)]
@@ -263,27 +267,14 @@ fn generate(a: GenerateArgs) -> CliResult {
     let model = a.engine.model.clone().ok_or("--model is required")?;
     let loaded = triton_ferrum::engine::options::start(&a.engine.options(model))?;
     let handle = loaded.engine.handle();
-    let tokenizer = handle.info().tokenizer.clone();
+    let has_tokenizer = handle.info().tokenizer.is_some();
     let prompt = match (a.prompt_ids, a.prompt) {
         (Some(ids), _) => Prompt::TokenIds(parse_ids(&ids)?),
-        (None, Some(text)) if a.chat => {
-            let tok = tokenizer
-                .as_ref()
-                .ok_or("--chat needs a model with a tokenizer")?;
-            let rendered = tok.apply_chat_template(
-                &[ChatMessage {
-                    role: "user".into(),
-                    content: text,
-                }],
-                true,
-            )?;
-            // The template already contains any BOS token: encode without adding specials.
-            Prompt::TokenIds(tok.encode(&rendered, false)?)
-        }
+        (None, Some(text)) if a.chat => Prompt::Chat(vec![ChatMessage::new("user", text)]),
         (None, Some(text)) => Prompt::Text(text),
         (None, None) => return Err("one of --prompt or --prompt-ids is required".into()),
     };
-    let request = GenerateRequest {
+    let spec = RequestSpec {
         prompt,
         sampling: SamplingParams {
             temperature: a.temperature,
@@ -297,14 +288,22 @@ fn generate(a: GenerateArgs) -> CliResult {
             logprobs: a.logprobs,
         },
         stop: StopCriteria {
-            max_tokens: a.max_tokens,
+            max_tokens: a
+                .max_tokens
+                .unwrap_or(DEFAULT_MAX_TOKENS.min(handle.info().max_model_len - 1)),
             min_tokens: a.min_tokens,
             stop_token_ids: vec![],
             stop_strings: a.stop,
             ignore_eos: a.ignore_eos,
         },
-        detokenize: tokenizer.is_some(),
+        detokenize: has_tokenizer,
     };
+    let request = GenerateRequest::new(spec, handle.info()).map_err(|e| match e {
+        RequestError::NoTokenizer {
+            field: "apply_chat_template",
+        } => "--chat needs a model with a tokenizer".into(),
+        e => e.to_string(),
+    })?;
     let mut stream = handle.submit(request)?;
     let prompt_ids = stream.prompt_ids.clone();
     let mut output_ids = vec![];
@@ -359,7 +358,7 @@ fn generate(a: GenerateArgs) -> CliResult {
             "output_ids": output_ids,
             "finish_reason": finish_reason.as_str(),
         });
-        if tokenizer.is_some() {
+        if has_tokenizer {
             obj["text"] = json!(text);
         }
         if a.logprobs.is_some() {

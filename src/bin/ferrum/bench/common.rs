@@ -9,7 +9,9 @@ use std::time::Instant;
 use triton_ferrum::engine::options::LoadedEngine;
 use triton_ferrum::engine::{EngineHandle, is_final, options};
 use triton_ferrum::model::Checkpoint;
-use triton_ferrum::request::{GenerateRequest, Prompt, SamplingParams, StopCriteria, TokenEvent};
+use triton_ferrum::request::{
+    GenerateRequest, Prompt, RequestSpec, SamplingParams, StopCriteria, TokenEvent,
+};
 
 use crate::EngineArgs;
 
@@ -72,7 +74,7 @@ pub fn submit_and_time(
         }
     };
     for (idx, r) in requests.iter().enumerate() {
-        let req = GenerateRequest {
+        let spec = RequestSpec {
             prompt: Prompt::TokenIds(r.prompt_ids.clone()),
             sampling: SamplingParams::default(),
             stop: StopCriteria {
@@ -82,7 +84,9 @@ pub fn submit_and_time(
             },
             detokenize: false,
         };
-        match handle.submit_to(req, tx.clone()) {
+        let submitted = GenerateRequest::new(spec, handle.info())
+            .and_then(|req| handle.submit_to(req, tx.clone()));
+        match submitted {
             Ok((seq_id, _)) => {
                 idx_of.insert(seq_id, idx);
             }

@@ -45,6 +45,12 @@ if grep -rnE 'crate::(model|request|sampling|engine|scheduler|executor|backend)\
   echo "error: ops, cuda and loader must not import model, request, sampling, engine, scheduler, executor or backend" >&2
   exit 1
 fi
+# The engine loop never touches a device: opening one and building an executor is behind
+# src/executor (executor::build), so src/engine never imports the CUDA layer.
+if grep -rnE 'crate::cuda\b' src/engine; then
+  echo "error: src/engine must not import crate::cuda (open devices in src/executor/build.rs)" >&2
+  exit 1
+fi
 # src/tensor.rs is the leaf: it imports nothing from the crate.
 if grep -nE 'crate::' src/tensor.rs; then
   echo "error: src/tensor.rs is the leaf module and imports nothing from the crate" >&2

@@ -2,7 +2,8 @@
 //! of its config.pbtxt (all values are strings there) into validated types. An unknown key or a
 //! bad value fails the model load with a message naming the key, the value and what is allowed;
 //! nothing downstream re-checks. This module never touches Triton or device code: it maps JSON
-//! to `BackendConfig` and `BackendConfig` to `EngineOptions`. Every key is documented in
+//! straight to `BackendConfig`, whose `engine` is the `EngineOptions` the engine starts with
+//! (no second copy of any setting). Every key is documented in
 //! docs/configuration.md (a test checks that the two agree).
 
 use std::path::{Path, PathBuf};
@@ -11,9 +12,11 @@ use serde::Deserialize;
 
 use crate::dtype::DType;
 use crate::engine::{Device, EngineOptions};
+use crate::executor::cuda::CudaExecOptions;
+use crate::kv_cache::KvCacheOptions;
 use crate::ops::linear::WeightFormat;
 use crate::request::SamplingParams;
-use crate::scheduler::SchedulerPolicy;
+use crate::scheduler::{BatchingOptions, SchedulerPolicy};
 
 /// Why a model's `parameters` were rejected at load; each variant names the key and, where there
 /// is one, the offending value.
@@ -147,45 +150,14 @@ pub struct RequestDefaults {
 /// Validated settings of one ferrum model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BackendConfig {
-    /// Resolved path of the checkpoint (.gguf file, folder with one .gguf, or HF folder).
-    pub model_path: PathBuf,
-    /// A folder with `tokenizer.json` to use instead of the checkpoint's own tokenizer, resolved
-    /// like `model_path`; None: the checkpoint's.
-    pub tokenizer_path: Option<PathBuf>,
-    /// Where the engine runs: `auto` (GPU 0 when CUDA opens, else CPU), `cpu`, `cuda` or `cuda:N`.
-    pub device: Device,
+    /// How to load and run the model. `model` is the resolved `model_path` (.gguf file, folder
+    /// with one .gguf, or HF folder; default: the version folder), `tokenizer` the resolved
+    /// `tokenizer_path`; a plain `cuda` device takes its ordinal from `gpu_device_ids[0]`. Every
+    /// other field is named after its key in `EngineOptions`'s docs.
+    pub engine: EngineOptions,
     /// GPU ordinals from `gpu_device_ids`; the first picks the ordinal for a plain `cuda`. Empty
     /// with `cpu`.
     pub gpu_device_ids: Vec<usize>,
-    /// None: q8 for GGUF, f32 for Hugging Face checkpoints.
-    pub weight_format: Option<WeightFormat>,
-    /// GPU engine dtype; None (`auto`): bf16 on the GPU, f32 on the CPU.
-    pub dtype: Option<DType>,
-    /// Most sequences in flight, batched per step (1..=4096; default 64).
-    pub max_num_seqs: usize,
-    /// Token budget of one engine step, prefill chunks plus decode tokens (1..=2^20; default 2048).
-    pub max_num_batched_tokens: usize,
-    /// KV cache capacity in tokens, rounded up to whole blocks; None: 1 GiB worth on the CPU, the
-    /// memory fraction's capacity on the GPU (where the smaller of the two wins when both are set).
-    pub max_tokens_in_paged_kv_cache: Option<usize>,
-    /// GPU: fraction in (0, 1] of the memory free after loading the weights (less an activation
-    /// workspace) that the KV cache takes; None: the engine's default (0.9).
-    pub kv_cache_free_gpu_mem_fraction: Option<f32>,
-    /// Tokens per KV cache block: a power of two in [1, 256] (default 16).
-    pub block_size: usize,
-    /// Longest prompt + output in tokens (2..=2^20); None: the model's own limit, capped at 8192.
-    pub max_model_len: Option<usize>,
-    /// Split long prompts across engine steps (chunked prefill; default true).
-    pub enable_chunked_context: bool,
-    /// Admission policy for waiting requests (`max_utilization` or `guaranteed_no_evict`).
-    pub batch_scheduler_policy: SchedulerPolicy,
-    /// Reuse the KV cache of prompt prefixes computed before (default false, as in
-    /// tensorrtllm_backend).
-    pub enable_kv_cache_reuse: bool,
-    /// GPU: decode steps replay CUDA graphs (tensorrtllm_backend's `cuda_graph_mode`).
-    pub cuda_graph_mode: bool,
-    /// GPU: compile kernels, time GEMM shapes and capture graphs at load.
-    pub cuda_warmup: bool,
     /// What a request gets for the fields it leaves out.
     pub defaults: RequestDefaults,
 }
@@ -246,6 +218,7 @@ impl BackendConfig {
             .as_deref()
             .map(|p| resolve_path("tokenizer_path", p, loc))
             .transpose()?;
+        let defaults = EngineOptions::new(PathBuf::new());
         let device = match raw.device.as_deref() {
             None => Device::Auto,
             Some(s) => s.parse().map_err(|_| {
@@ -306,11 +279,17 @@ impl BackendConfig {
                 "the CPU engine computes in float32: use auto or float32 with device cpu",
             ));
         }
-        let max_num_seqs = parse_count("max_num_seqs", raw.max_num_seqs.as_deref(), 64, 1, 4096)?;
+        let max_num_seqs = parse_count(
+            "max_num_seqs",
+            raw.max_num_seqs.as_deref(),
+            defaults.batching.max_num_seqs,
+            1,
+            4096,
+        )?;
         let max_num_batched_tokens = parse_count(
             "max_num_batched_tokens",
             raw.max_num_batched_tokens.as_deref(),
-            2048,
+            defaults.batching.max_num_batched_tokens,
             1,
             1 << 20,
         )?;
@@ -320,9 +299,9 @@ impl BackendConfig {
             .map(|s| parse_count("max_tokens_in_paged_kv_cache", Some(s), 0, 1, 1 << 30))
             .transpose()?;
         let kv_cache_free_gpu_mem_fraction = match raw.kv_cache_free_gpu_mem_fraction.as_deref() {
-            None => None,
+            None => defaults.kv.free_gpu_mem_fraction,
             Some(s) => match s.trim().parse::<f32>() {
-                Ok(f) if f > 0.0 && f <= 1.0 => Some(f),
+                Ok(f) if f > 0.0 && f <= 1.0 => f,
                 _ => {
                     return Err(ConfigError::invalid(
                         "kv_cache_free_gpu_mem_fraction",
@@ -332,7 +311,13 @@ impl BackendConfig {
                 }
             },
         };
-        let block_size = parse_count("block_size", raw.block_size.as_deref(), 16, 1, 256)?;
+        let block_size = parse_count(
+            "block_size",
+            raw.block_size.as_deref(),
+            defaults.kv.block_size,
+            1,
+            256,
+        )?;
         if !block_size.is_power_of_two() {
             return Err(ConfigError::invalid(
                 "block_size",
@@ -348,10 +333,10 @@ impl BackendConfig {
         let enable_chunked_context = parse_bool(
             "enable_chunked_context",
             raw.enable_chunked_context.as_deref(),
-            true,
+            defaults.batching.enable_chunked_prefill,
         )?;
         let batch_scheduler_policy = match raw.batch_scheduler_policy.as_deref() {
-            None => SchedulerPolicy::default(),
+            None => defaults.batching.policy,
             Some(v) => SchedulerPolicy::parse(v).ok_or_else(|| {
                 ConfigError::invalid(
                     "batch_scheduler_policy",
@@ -363,10 +348,18 @@ impl BackendConfig {
         let enable_kv_cache_reuse = parse_bool(
             "enable_kv_cache_reuse",
             raw.enable_kv_cache_reuse.as_deref(),
-            false,
+            defaults.batching.enable_prefix_caching,
         )?;
-        let cuda_graph_mode = parse_bool("cuda_graph_mode", raw.cuda_graph_mode.as_deref(), true)?;
-        let cuda_warmup = parse_bool("cuda_warmup", raw.cuda_warmup.as_deref(), true)?;
+        let cuda_graph_mode = parse_bool(
+            "cuda_graph_mode",
+            raw.cuda_graph_mode.as_deref(),
+            defaults.cuda.cuda_graphs,
+        )?;
+        let cuda_warmup = parse_bool(
+            "cuda_warmup",
+            raw.cuda_warmup.as_deref(),
+            defaults.cuda.warm_up,
+        )?;
         let exclude_input_in_output = parse_bool(
             "exclude_input_in_output",
             raw.exclude_input_in_output.as_deref(),
@@ -420,24 +413,39 @@ impl BackendConfig {
                 expected: bound,
             });
         }
+        // A plain `cuda` takes its ordinal from `gpu_device_ids`.
+        let device = match (device, gpu_device_ids.first()) {
+            (Device::Cuda { ordinal: 0 }, Some(&id)) => Device::Cuda { ordinal: id },
+            (d, _) => d,
+        };
         Ok(BackendConfig {
-            model_path,
-            tokenizer_path,
-            device,
+            engine: EngineOptions {
+                model: model_path,
+                tokenizer: tokenizer_path,
+                device,
+                weight_format,
+                dtype,
+                max_model_len,
+                batching: BatchingOptions {
+                    max_num_seqs,
+                    max_num_batched_tokens,
+                    enable_chunked_prefill: enable_chunked_context,
+                    policy: batch_scheduler_policy,
+                    enable_prefix_caching: enable_kv_cache_reuse,
+                },
+                kv: KvCacheOptions {
+                    block_size,
+                    max_tokens: max_tokens_in_paged_kv_cache,
+                    free_gpu_mem_fraction: kv_cache_free_gpu_mem_fraction,
+                },
+                cuda: CudaExecOptions {
+                    cuda_graphs: cuda_graph_mode,
+                    warm_up: cuda_warmup,
+                    ..defaults.cuda
+                },
+                ..defaults
+            },
             gpu_device_ids,
-            weight_format,
-            dtype,
-            max_num_seqs,
-            max_num_batched_tokens,
-            max_tokens_in_paged_kv_cache,
-            kv_cache_free_gpu_mem_fraction,
-            block_size,
-            max_model_len,
-            enable_chunked_context,
-            batch_scheduler_policy,
-            enable_kv_cache_reuse,
-            cuda_graph_mode,
-            cuda_warmup,
             defaults: RequestDefaults {
                 max_tokens,
                 sampling,
@@ -445,34 +453,6 @@ impl BackendConfig {
                 apply_chat_template,
             },
         })
-    }
-
-    /// The engine options these settings mean. `gpu_device_ids[0]` picks the CUDA ordinal when
-    /// `device` is `cuda` without one.
-    pub fn engine_options(&self) -> EngineOptions {
-        let device = match (self.device, self.gpu_device_ids.first()) {
-            (Device::Cuda { ordinal: 0 }, Some(&id)) => Device::Cuda { ordinal: id },
-            (d, _) => d,
-        };
-        EngineOptions {
-            tokenizer: self.tokenizer_path.clone(),
-            device,
-            weight_format: self.weight_format,
-            dtype: self.dtype,
-            max_num_seqs: self.max_num_seqs,
-            max_num_batched_tokens: self.max_num_batched_tokens,
-            block_size: self.block_size,
-            max_tokens_in_paged_kv_cache: self.max_tokens_in_paged_kv_cache,
-            kv_cache_free_gpu_mem_fraction: self.kv_cache_free_gpu_mem_fraction,
-            max_model_len: self.max_model_len,
-            enable_chunked_prefill: self.enable_chunked_context,
-            batch_scheduler_policy: self.batch_scheduler_policy,
-            enable_kv_cache_reuse: self.enable_kv_cache_reuse,
-            cuda_graphs: self.cuda_graph_mode,
-            cuda_warm_up: self.cuda_warmup,
-            progress: false,
-            ..EngineOptions::new(self.model_path.clone())
-        }
     }
 }
 
@@ -595,30 +575,31 @@ mod tests {
         let c =
             BackendConfig::from_model_config(&params(&[("model_path", "model.gguf")]), &loc(&dir))
                 .unwrap();
-        assert_eq!(c.model_path, dir.join("1/model.gguf"));
-        assert_eq!(c.device, Device::Auto);
-        assert_eq!(c.max_num_seqs, 64);
-        assert_eq!(c.block_size, 16);
-        assert!(c.enable_chunked_context);
-        assert_eq!(c.batch_scheduler_policy, SchedulerPolicy::MaxUtilization);
-        assert!(c.cuda_graph_mode && c.cuda_warmup);
+        let o = &c.engine;
+        assert_eq!(o.model, dir.join("1/model.gguf"));
+        assert_eq!(o.device, Device::Auto);
+        assert_eq!(o.batching.max_num_seqs, 64);
+        assert_eq!(o.batching.max_num_batched_tokens, 2048);
+        assert_eq!(o.kv.block_size, 16);
+        assert_eq!(o.kv.free_gpu_mem_fraction, 0.9);
+        assert!(o.batching.enable_chunked_prefill);
+        assert_eq!(o.batching.policy, SchedulerPolicy::MaxUtilization);
+        assert!(o.cuda.cuda_graphs && o.cuda.warm_up && !o.cuda.profile);
         assert!(
-            !c.enable_kv_cache_reuse,
+            !o.batching.enable_prefix_caching,
             "off by default, as in tensorrtllm_backend"
         );
-        let o = c.engine_options();
-        assert!(o.cuda_graphs && o.cuda_warm_up);
-        assert!(!o.enable_kv_cache_reuse);
+        assert!(!o.progress);
         assert_eq!(c.defaults.max_tokens, DEFAULT_MAX_TOKENS);
         assert!(!c.defaults.exclude_input_in_output);
         // Relative to the model folder when not in the version folder.
         let c =
             BackendConfig::from_model_config(&params(&[("model_path", "top.gguf")]), &loc(&dir))
                 .unwrap();
-        assert_eq!(c.model_path, dir.join("top.gguf"));
+        assert_eq!(c.engine.model, dir.join("top.gguf"));
         // No model_path: the version folder itself.
         let c = BackendConfig::from_model_config(&json!({}), &loc(&dir)).unwrap();
-        assert_eq!(c.model_path, dir.join("1"));
+        assert_eq!(c.engine.model, dir.join("1"));
     }
 
     #[test]
@@ -656,29 +637,32 @@ mod tests {
             &loc(&dir),
         )
         .unwrap();
-        assert_eq!(c.model_path, abs);
-        assert_eq!(c.tokenizer_path, Some(dir.join("1/.")));
+        assert_eq!(c.engine.model, abs);
+        assert_eq!(c.engine.tokenizer, Some(dir.join("1/.")));
         assert_eq!(c.gpu_device_ids, vec![2, 3]);
-        assert_eq!(c.kv_cache_free_gpu_mem_fraction, Some(0.5));
         assert!(c.defaults.exclude_input_in_output && c.defaults.apply_chat_template);
         assert_eq!(c.defaults.max_tokens, 7);
         assert_eq!(c.defaults.sampling.top_k, 40);
         assert_eq!(c.defaults.sampling.repetition_penalty, 1.1);
-        let o = c.engine_options();
+        let o = &c.engine;
         assert_eq!(o.device, Device::Cuda { ordinal: 2 });
         assert_eq!(o.weight_format, Some(WeightFormat::F32));
         assert_eq!(o.dtype, Some(DType::F16));
-        assert_eq!(o.kv_cache_free_gpu_mem_fraction, Some(0.5));
+        assert_eq!(o.kv.free_gpu_mem_fraction, 0.5);
         assert_eq!(
-            (o.max_num_seqs, o.max_num_batched_tokens, o.block_size),
+            (
+                o.batching.max_num_seqs,
+                o.batching.max_num_batched_tokens,
+                o.kv.block_size
+            ),
             (8, 512, 32)
         );
-        assert_eq!(o.max_tokens_in_paged_kv_cache, Some(4096));
+        assert_eq!(o.kv.max_tokens, Some(4096));
         assert_eq!(o.max_model_len, Some(1024));
-        assert!(!o.enable_chunked_prefill);
-        assert_eq!(o.batch_scheduler_policy, SchedulerPolicy::GuaranteedNoEvict);
-        assert!(o.enable_kv_cache_reuse);
-        assert!(!o.cuda_graphs && !o.cuda_warm_up);
+        assert!(!o.batching.enable_chunked_prefill);
+        assert_eq!(o.batching.policy, SchedulerPolicy::GuaranteedNoEvict);
+        assert!(o.batching.enable_prefix_caching);
+        assert!(!o.cuda.cuda_graphs && !o.cuda.warm_up);
     }
 
     #[test]

@@ -32,13 +32,13 @@ use triton_ferrum::dtype::DType;
 use triton_ferrum::engine::{Device, EngineHandle, EngineOptions, options};
 use triton_ferrum::executor::Executor;
 use triton_ferrum::executor::cuda::{self as cuda_executor, CudaExecOptions, KvCacheConfig};
-use triton_ferrum::kv_cache::BlockId;
+use triton_ferrum::kv_cache::{BlockId, KvCacheOptions};
 use triton_ferrum::model::Checkpoint;
 use triton_ferrum::model::spec::Activation;
 use triton_ferrum::model::weights::WeightReader;
 use triton_ferrum::ops::linear::{Weight, WeightFormat, linear};
 use triton_ferrum::request::{SeqId, TokenLogprobs};
-use triton_ferrum::scheduler::{SchedulePlan, ScheduledSeq};
+use triton_ferrum::scheduler::{BatchingOptions, SchedulePlan, ScheduledSeq};
 
 // ---------------------------------------------------------------------------------------------
 // helpers (the common ones: tests/cuda_common)
@@ -480,11 +480,16 @@ fn check_last_logits_gpu(name: &str) -> f32 {
     let ckpt = Checkpoint::open(&fixtures().join("models").join(name), None).unwrap();
     let block_size = 4;
     let kv = KvCacheConfig {
-        block_size,
-        max_tokens: Some(256),
-        free_gpu_mem_fraction: 0.9,
-        max_num_batched_tokens: 256,
-        max_num_seqs: 4,
+        kv: KvCacheOptions {
+            block_size,
+            max_tokens: Some(256),
+            free_gpu_mem_fraction: 0.9,
+        },
+        batching: BatchingOptions {
+            max_num_batched_tokens: 256,
+            max_num_seqs: 4,
+            ..BatchingOptions::default()
+        },
         max_model_len: 128,
     };
     let cuda_executor::OpenedExecutor {
@@ -498,6 +503,7 @@ fn check_last_logits_gpu(name: &str) -> f32 {
         DType::F32,
         &kv,
         &CudaExecOptions::from_env(),
+        None,
     )
     .unwrap();
     assert_eq!(plan.num_blocks, 64);
@@ -704,9 +710,9 @@ fn batch_invariance_with_chunked_prefill() {
         .collect();
     for dtype in [DType::F32, DType::BF16] {
         let engine = gpu_engine(&model, dtype, |o| {
-            o.max_num_batched_tokens = 48;
-            o.max_num_seqs = 16;
-            o.enable_chunked_prefill = true;
+            o.batching.max_num_batched_tokens = 48;
+            o.batching.max_num_seqs = 16;
+            o.batching.enable_chunked_prefill = true;
         });
         let handle = engine.handle();
         let alone: Vec<Vec<u32>> = requests
@@ -738,8 +744,8 @@ fn stop_strings_in_flight_match_the_cpu_engine() {
     });
     let gpu = gpu_engine(&model, DType::F32, |o| {
         o.tokenizer = Some(tokenizer.clone());
-        o.max_num_batched_tokens = 48;
-        o.max_num_seqs = 16;
+        o.batching.max_num_batched_tokens = 48;
+        o.batching.max_num_seqs = 16;
     });
     let request = |i: usize| {
         let mut r = greedy(
@@ -806,9 +812,9 @@ fn kv_cache_reuse_matches_no_reuse() {
         .collect();
     let run = |reuse: bool| {
         let engine = gpu_engine(&model, DType::F32, |o| {
-            o.block_size = 8;
-            o.max_num_batched_tokens = 64;
-            o.enable_kv_cache_reuse = reuse;
+            o.kv.block_size = 8;
+            o.batching.max_num_batched_tokens = 64;
+            o.batching.enable_prefix_caching = reuse;
         });
         let handle = engine.handle();
         // The first request alone fills the cache; the rest arrive together.
@@ -877,11 +883,16 @@ fn graph_replays_case(ckpt: &Checkpoint, dtype: DType, tol: f32) {
     let vocab = spec.vocab_size;
     let block_size = 4;
     let kv = KvCacheConfig {
-        block_size,
-        max_tokens: Some(512),
-        free_gpu_mem_fraction: 0.9,
-        max_num_batched_tokens: 64,
-        max_num_seqs: 4,
+        kv: KvCacheOptions {
+            block_size,
+            max_tokens: Some(512),
+            free_gpu_mem_fraction: 0.9,
+        },
+        batching: BatchingOptions {
+            max_num_batched_tokens: 64,
+            max_num_seqs: 4,
+            ..BatchingOptions::default()
+        },
         max_model_len: 128,
     };
     // Graphs captured by the load-time warm-up (whose scratch tokens wrote blocks 0.., which
@@ -901,8 +912,8 @@ fn graph_replays_case(ckpt: &Checkpoint, dtype: DType, tol: f32) {
                     cuda_graphs: graphs,
                     profile: false,
                     warm_up: warm,
-                    dump_intermediates: None,
                 },
+                None,
             )
             .unwrap();
             if warm {
@@ -1028,11 +1039,16 @@ fn warm_up_leaves_no_setup_to_the_first_requests() {
     let ckpt = Checkpoint::open(&model, None).unwrap();
     let spec = ckpt.arch.spec.clone();
     let kv = KvCacheConfig {
-        block_size: 4,
-        max_tokens: Some(512),
-        free_gpu_mem_fraction: 0.9,
-        max_num_batched_tokens: 64,
-        max_num_seqs: 6,
+        kv: KvCacheOptions {
+            block_size: 4,
+            max_tokens: Some(512),
+            free_gpu_mem_fraction: 0.9,
+        },
+        batching: BatchingOptions {
+            max_num_batched_tokens: 64,
+            max_num_seqs: 6,
+            ..BatchingOptions::default()
+        },
         max_model_len: 128,
     };
     let reader = WeightReader::new(ckpt.source.as_ref(), &ckpt.arch, WeightFormat::F32);

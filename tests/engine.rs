@@ -61,13 +61,13 @@ fn batch_invariance(kv_cache_reuse: bool) {
     drop(alone);
 
     let batched = TestEngine::start(&model_dir(), Some(WeightFormat::F32), |o| {
-        o.max_num_batched_tokens = 16;
-        o.block_size = 4;
+        o.batching.max_num_batched_tokens = 16;
+        o.kv.block_size = 4;
         // 28 blocks * 4 = 112 token slots: far less than the ~400 the 16 requests need together.
-        o.max_tokens_in_paged_kv_cache = Some(112);
-        o.max_num_seqs = 16;
+        o.kv.max_tokens = Some(112);
+        o.batching.max_num_seqs = 16;
         o.max_model_len = Some(64);
-        o.enable_kv_cache_reuse = kv_cache_reuse;
+        o.batching.enable_prefix_caching = kv_cache_reuse;
     });
     let handle = batched.handle();
     let mut streams = vec![];
@@ -133,8 +133,8 @@ fn kv_cache_reuse_gives_the_same_outputs_and_skips_cached_prefixes() {
     let max_tokens = 8;
     let run = |reuse: bool| {
         let e = TestEngine::start(&model_dir(), Some(WeightFormat::F32), |o| {
-            o.block_size = 4;
-            o.enable_kv_cache_reuse = reuse;
+            o.kv.block_size = 4;
+            o.batching.enable_prefix_caching = reuse;
         });
         let h = e.handle();
         // The first request alone fills the cache; the rest arrive together.
@@ -179,8 +179,8 @@ fn kv_cache_reuse_gives_the_same_outputs_and_skips_cached_prefixes() {
 #[test]
 fn abort_ends_stream_and_frees_blocks() {
     let mut opts = triton_ferrum::engine::EngineOptions::new(model_dir());
-    opts.block_size = 4;
-    opts.max_tokens_in_paged_kv_cache = Some(64);
+    opts.kv.block_size = 4;
+    opts.kv.max_tokens = Some(64);
     opts.max_model_len = Some(64);
     // 50 tokens of at least 2 ms each: the abort lands long before the request could end.
     let e = engine_with(&opts, |cpu| {
@@ -455,10 +455,10 @@ impl triton_ferrum::executor::Executor for TestExecutor {
 fn overlap_options() -> triton_ferrum::engine::EngineOptions {
     let mut o = triton_ferrum::engine::EngineOptions::new(model_dir());
     o.tokenizer = Some(fixtures().join("tokenizer/hf_tiny"));
-    o.block_size = 4;
-    o.max_tokens_in_paged_kv_cache = Some(40 * 4);
-    o.max_num_batched_tokens = 24;
-    o.max_num_seqs = 16;
+    o.kv.block_size = 4;
+    o.kv.max_tokens = Some(40 * 4);
+    o.batching.max_num_batched_tokens = 24;
+    o.batching.max_num_seqs = 16;
     o.max_model_len = Some(64);
     o
 }
@@ -487,14 +487,14 @@ fn cpu_executor(
     use triton_ferrum::engine::{ModelInfo, options};
     use triton_ferrum::executor::cpu::CpuExecutor;
     use triton_ferrum::model::Checkpoint;
-    use triton_ferrum::scheduler::SchedulerConfig;
+    use triton_ferrum::scheduler::{BatchingOptions, SchedulerConfig};
 
     let ckpt = Checkpoint::open(&opts.model, opts.tokenizer.as_deref()).unwrap();
     let spec = ckpt.arch.spec.clone();
     let max_model_len = opts.max_model_len.unwrap();
-    let num_blocks = opts.max_tokens_in_paged_kv_cache.unwrap() / opts.block_size;
+    let num_blocks = opts.kv.max_tokens.unwrap() / opts.kv.block_size;
     let weights = options::load_weights(&ckpt, WeightFormat::F32, false).unwrap();
-    let cpu = CpuExecutor::new(spec.clone(), weights, num_blocks, opts.block_size, 0).unwrap();
+    let cpu = CpuExecutor::new(spec.clone(), weights, num_blocks, opts.kv.block_size, 0).unwrap();
     let info = ModelInfo {
         vocab_size: spec.vocab_size,
         max_model_len,
@@ -502,14 +502,14 @@ fn cpu_executor(
         tokenizer: ckpt.tokenizer.clone(),
     };
     let scheduler = SchedulerConfig {
-        max_num_seqs: opts.max_num_seqs,
-        max_num_batched_tokens: opts.max_num_batched_tokens,
-        block_size: opts.block_size,
+        batching: BatchingOptions {
+            enable_chunked_prefill: true,
+            enable_prefix_caching: false,
+            ..opts.batching.clone()
+        },
+        block_size: opts.kv.block_size,
         num_blocks,
         max_model_len,
-        enable_chunked_prefill: true,
-        policy: opts.batch_scheduler_policy,
-        enable_prefix_caching: false,
     };
     (cpu, info, scheduler)
 }
@@ -821,11 +821,11 @@ fn a_panicking_step_fails_every_request_in_flight_once_and_the_engine_rebuilds()
     let mut opts = EngineOptions::new(model_dir());
     opts.device = Device::Cpu;
     opts.weight_format = Some(WeightFormat::F32);
-    opts.block_size = 4;
+    opts.kv.block_size = 4;
     opts.max_model_len = Some(128);
     // Three seats: the poisoned prompt waits for the short request's seat, so it is scheduled
     // (and the step panics) while two long requests are midway, however fast the steps run.
-    opts.max_num_seqs = 3;
+    opts.batching.max_num_seqs = 3;
     let faults = FaultInjection {
         panic_token_id: Some(POISON),
     };

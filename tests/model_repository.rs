@@ -86,7 +86,7 @@ fn demo_config_parses_and_resolves() {
     let c = BackendConfig::from_model_config(&config, &location("smollm2")).unwrap();
     if std::env::var_os("FERRUM_SMOLLM2_GGUF").is_none() {
         assert_eq!(
-            c.model_path.canonicalize().unwrap(),
+            c.engine.model.canonicalize().unwrap(),
             gguf.canonicalize().unwrap()
         );
     }
@@ -128,7 +128,7 @@ fn architecture_examples_load_in_the_backend_with_tiny_weights() {
         params.insert("weight_format".into(), json!({ "string_value": "f32" }));
         let c = BackendConfig::from_model_config(&config, &location(name))
             .unwrap_or_else(|e| panic!("{name}: {e}"));
-        let loaded = options::start(&c.engine_options()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let loaded = options::start(&c.engine).unwrap_or_else(|e| panic!("{name}: {e}"));
         let golden = common::golden(fixture);
         let case = &golden["cases"][1];
         let want = common::ids(&case["greedy_ids"]);

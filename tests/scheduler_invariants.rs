@@ -13,7 +13,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use triton_ferrum::request::SeqId;
-use triton_ferrum::scheduler::{SchedulePlan, Scheduler, SchedulerConfig, SchedulerPolicy};
+use triton_ferrum::scheduler::{
+    BatchingOptions, SchedulePlan, Scheduler, SchedulerConfig, SchedulerPolicy,
+};
 
 /// SplitMix64: small, seeded, good enough for test traffic.
 struct Rng(u64);
@@ -134,9 +136,10 @@ impl Harness {
         let max_prompt = self.cfg.max_model_len - 1;
         let num_prompt_tokens = match self.rng.range(0, 9) {
             0..=5 => self.rng.range(1, 8),
-            6..=8 => self
-                .rng
-                .range(1, (2 * self.cfg.max_num_batched_tokens).min(max_prompt)),
+            6..=8 => self.rng.range(
+                1,
+                (2 * self.cfg.batching.max_num_batched_tokens).min(max_prompt),
+            ),
             _ => self.rng.range(max_prompt / 2, max_prompt),
         };
         let max_tokens = if self.rng.chance(10) {
@@ -147,11 +150,11 @@ impl Harness {
         let seq_id = SeqId(self.next_id);
         self.next_id += 1;
         let mut prompt: Vec<u32> = Vec::with_capacity(num_prompt_tokens);
-        if self.cfg.enable_prefix_caching && self.rng.chance(60) {
+        if self.cfg.batching.enable_prefix_caching && self.rng.chance(60) {
             let idx = self.rng.range(0, self.shared_prefixes.len() - 1);
             let shared = &self.shared_prefixes[idx];
             prompt.extend(&shared[..shared.len().min(num_prompt_tokens)]);
-        } else if self.cfg.enable_prefix_caching && self.rng.chance(50) {
+        } else if self.cfg.batching.enable_prefix_caching && self.rng.chance(50) {
             // Blocks drawn from two patterns: the same block content after different prefixes
             // (a cache keyed by block content alone would serve another prefix's K/V).
             let bs = self.cfg.block_size;
@@ -219,7 +222,7 @@ impl Harness {
     /// One engine step. `chaos` enables arrivals, aborts and missing samples.
     fn step(&mut self, chaos: bool) -> SchedulePlan {
         if chaos {
-            if self.live.len() < 4 * self.cfg.max_num_seqs && self.rng.chance(35) {
+            if self.live.len() < 4 * self.cfg.batching.max_num_seqs && self.rng.chance(35) {
                 self.arrive();
             }
             if self.rng.chance(3) {
@@ -303,7 +306,7 @@ impl Harness {
             "step {}: block accounting",
             self.step_idx
         );
-        assert!(self.sched.num_running() <= self.cfg.max_num_seqs);
+        assert!(self.sched.num_running() <= self.cfg.batching.max_num_seqs);
     }
 
     fn check_plan(&mut self, plan: &SchedulePlan, had_work: bool) {
@@ -313,18 +316,18 @@ impl Harness {
             plan.seqs.iter().map(|s| s.token_ids.len()).sum::<usize>()
         );
         assert!(
-            plan.num_batched_tokens <= self.cfg.max_num_batched_tokens,
+            plan.num_batched_tokens <= self.cfg.batching.max_num_batched_tokens,
             "step {step}: budget exceeded"
         );
         assert!(
-            plan.seqs.len() <= self.cfg.max_num_seqs,
+            plan.seqs.len() <= self.cfg.batching.max_num_seqs,
             "step {step}: too many sequences"
         );
         assert!(
             !had_work || !plan.is_empty(),
             "step {step}: work pending but nothing scheduled"
         );
-        if 4 * plan.num_batched_tokens >= 3 * self.cfg.max_num_batched_tokens {
+        if 4 * plan.num_batched_tokens >= 3 * self.cfg.batching.max_num_batched_tokens {
             self.stats.num_near_full_budget_steps += 1;
         }
 
@@ -354,7 +357,10 @@ impl Harness {
             );
             let mirror = &self.live[&seq_id];
             assert!(!s.token_ids.is_empty());
-            if self.cfg.enable_prefix_caching && mirror.num_computed == 0 && s.start_pos > 0 {
+            if self.cfg.batching.enable_prefix_caching
+                && mirror.num_computed == 0
+                && s.start_pos > 0
+            {
                 // Admitted from the prefix cache: whole blocks, never the last token.
                 assert_eq!(s.start_pos % block_size, 0, "step {step}: {seq_id} reuse");
                 assert!(
@@ -436,7 +442,7 @@ impl Harness {
             if !s.sample {
                 self.stats.num_partial_prefill_chunks += 1;
             }
-            if !self.cfg.enable_chunked_prefill {
+            if !self.cfg.batching.enable_chunked_prefill {
                 assert!(
                     s.sample,
                     "step {step}: {seq_id} chunked while chunked prefill is off"
@@ -449,7 +455,7 @@ impl Harness {
                 "step {step}: {writer} writes {b}, which another sequence lists"
             );
         }
-        if !self.cfg.enable_prefix_caching {
+        if !self.cfg.batching.enable_prefix_caching {
             assert!(
                 listed_blocks.values().all(|&n| n == 1),
                 "step {step}: a block in two block tables without prefix caching"
@@ -576,14 +582,16 @@ fn assert_busy(stats: &Stats, chunked: bool) {
 /// 8 sequences, a 32-token budget (chunked prefill) and 24 blocks of 4 tokens.
 fn chunked_config(policy: SchedulerPolicy, enable_prefix_caching: bool) -> SchedulerConfig {
     SchedulerConfig {
-        max_num_seqs: 8,
-        max_num_batched_tokens: 32,
+        batching: BatchingOptions {
+            max_num_seqs: 8,
+            max_num_batched_tokens: 32,
+            enable_chunked_prefill: true,
+            policy,
+            enable_prefix_caching,
+        },
         block_size: 4,
         num_blocks: 24,
         max_model_len: 96,
-        enable_chunked_prefill: true,
-        policy,
-        enable_prefix_caching,
     }
 }
 
@@ -597,14 +605,16 @@ fn randomized_invariants_with_chunked_prefill() {
 #[test]
 fn randomized_invariants_without_chunked_prefill() {
     let cfg = SchedulerConfig {
-        max_num_seqs: 6,
-        max_num_batched_tokens: 64,
+        batching: BatchingOptions {
+            max_num_seqs: 6,
+            max_num_batched_tokens: 64,
+            enable_chunked_prefill: false,
+            policy: SchedulerPolicy::MaxUtilization,
+            enable_prefix_caching: false,
+        },
         block_size: 8,
         num_blocks: 10,
         max_model_len: 64,
-        enable_chunked_prefill: false,
-        policy: SchedulerPolicy::MaxUtilization,
-        enable_prefix_caching: false,
     };
     let stats = Harness::new(cfg, 0x5EED_0002).run(12_000, 20_000);
     assert_busy(&stats, false);
@@ -640,14 +650,16 @@ fn randomized_invariants_with_prefix_caching_without_chunking_under_no_evict() {
         (SchedulerPolicy::GuaranteedNoEvict, true, 0x5EED_0006),
     ] {
         let cfg = SchedulerConfig {
-            max_num_seqs: 6,
-            max_num_batched_tokens: if chunked { 16 } else { 64 },
+            batching: BatchingOptions {
+                max_num_seqs: 6,
+                max_num_batched_tokens: if chunked { 16 } else { 64 },
+                enable_chunked_prefill: chunked,
+                policy,
+                enable_prefix_caching: true,
+            },
             block_size: 8,
             num_blocks: 12,
             max_model_len: 64,
-            enable_chunked_prefill: chunked,
-            policy,
-            enable_prefix_caching: true,
         };
         let stats = Harness::new(cfg, seed).run(12_000, 20_000);
         assert_traffic(&stats, chunked);

@@ -108,10 +108,10 @@ impl triton_api::entry::Backend for FerrumBackend {
         triton_log!(
             triton_api::log::Level::Info,
             "ferrum: loading model '{name}' from {} (device {:?})",
-            backend_config.model_path.display(),
-            backend_config.device
+            backend_config.engine.model.display(),
+            backend_config.engine.device
         );
-        let loaded = crate::engine::options::start(&backend_config.engine_options())
+        let loaded = crate::engine::options::start(&backend_config.engine)
             .map_err(|e| model_error(&name, e))?;
         triton_log!(
             triton_api::log::Level::Info,

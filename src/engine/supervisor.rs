@@ -393,7 +393,7 @@ impl Supervisor {
             Command::Stats(tx) => {
                 let _ = tx.send(EngineStats {
                     block_size: self.scheduler_config.block_size,
-                    max_num_seqs: self.scheduler_config.max_num_seqs,
+                    max_num_seqs: self.scheduler_config.batching.max_num_seqs,
                     ..self.stats.clone()
                 });
             }

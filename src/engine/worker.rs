@@ -138,7 +138,7 @@ impl Worker {
             block_size: kv.block_size(),
             num_running: self.scheduler.num_running(),
             num_waiting: self.scheduler.num_waiting(),
-            max_num_seqs: self.scheduler.config().max_num_seqs,
+            max_num_seqs: self.scheduler.config().batching.max_num_seqs,
             // Earlier workers' schedulers (a rebuild starts a new one) plus this one's.
             num_reused_prompt_tokens: self.stats.num_reused_prompt_tokens
                 + self.scheduler.num_reused_tokens(),

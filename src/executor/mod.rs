@@ -13,6 +13,7 @@ use crate::sampling::Sampled;
 use crate::scheduler::SchedulePlan;
 
 pub mod batch;
+pub mod build;
 pub mod cpu;
 pub mod cuda;
 pub mod dump;

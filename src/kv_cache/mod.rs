@@ -12,6 +12,37 @@ pub mod prefix_cache;
 pub use block_pool::{BlockId, BlockPool};
 pub use manager::KvCacheManager;
 
+/// Default fraction of free GPU memory given to the KV cache (tensorrtllm_backend's default).
+pub const DEFAULT_KV_CACHE_FREE_GPU_MEM_FRACTION: f32 = 0.9;
+
+/// How to size the paged KV cache, as the user gives it (`EngineOptions::kv`; the config keys are
+/// named per field). The executor turns it into a number of blocks at load.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvCacheOptions {
+    /// Token positions per KV cache block (`block_size`; default 16; the config key takes a power
+    /// of two in [1, 256]).
+    pub block_size: usize,
+    /// Capacity in tokens, rounded up to whole blocks (`max_tokens_in_paged_kv_cache`). None: 1
+    /// GiB worth on the CPU, the memory fraction's capacity on the GPU; on the GPU with both
+    /// set, the smaller wins.
+    pub max_tokens: Option<usize>,
+    /// GPU: fraction in (0, 1] of the memory free after loading the weights (less an activation
+    /// workspace) that the cache takes (`kv_cache_free_gpu_mem_fraction`; default
+    /// `DEFAULT_KV_CACHE_FREE_GPU_MEM_FRACTION`).
+    pub free_gpu_mem_fraction: f32,
+}
+
+impl Default for KvCacheOptions {
+    /// Blocks of 16 tokens, capacity from memory (0.9 of the free GPU memory).
+    fn default() -> Self {
+        KvCacheOptions {
+            block_size: 16,
+            max_tokens: None,
+            free_gpu_mem_fraction: DEFAULT_KV_CACHE_FREE_GPU_MEM_FRACTION,
+        }
+    }
+}
+
 /// A refused KV-cache operation; the pool or manager is left unchanged. Each variant names the
 /// block or setting concerned.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

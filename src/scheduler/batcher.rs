@@ -64,7 +64,7 @@ impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Result<Self, ScheduleError> {
         cfg.validate()?;
         let kv = KvCacheManager::new(cfg.num_blocks, cfg.block_size)?
-            .with_prefix_caching(cfg.enable_prefix_caching);
+            .with_prefix_caching(cfg.batching.enable_prefix_caching);
         Ok(Scheduler {
             cfg,
             kv,
@@ -168,7 +168,7 @@ impl Scheduler {
     /// Sequences that reached their token cap left the running list in `update` and are never
     /// scheduled again.
     pub fn schedule(&mut self) -> SchedulePlan {
-        let mut budget = self.cfg.max_num_batched_tokens;
+        let mut budget = self.cfg.batching.max_num_batched_tokens;
         let mut scheduled = Vec::new();
         let mut preempted = Vec::new();
 
@@ -209,7 +209,7 @@ impl Scheduler {
 
         if preempted.is_empty() {
             while let Some(&seq_id) = self.waiting.front() {
-                if budget == 0 || self.running.len() >= self.cfg.max_num_seqs {
+                if budget == 0 || self.running.len() >= self.cfg.batching.max_num_seqs {
                     break;
                 }
                 // Prefix caching: start from the longest cached prefix (undone below if the
@@ -222,7 +222,7 @@ impl Scheduler {
                 // GuaranteedNoEvict: the blocks this sequence may still claim (beyond the cached
                 // ones it now shares) must fit in what no running sequence's worst case needs
                 // (recomputed after the match, which may have taken evictable blocks).
-                if self.cfg.policy == SchedulerPolicy::GuaranteedNoEvict
+                if self.cfg.batching.policy == SchedulerPolicy::GuaranteedNoEvict
                     && self.unclaimed_blocks(seq_id) > self.unpromised_blocks()
                 {
                     self.undo_reuse(seq_id, reused);
@@ -373,11 +373,11 @@ impl Scheduler {
     /// twice, free + used == total).
     pub fn check_invariants(&self) -> Result<(), String> {
         self.kv.check_invariants()?;
-        if self.running.len() > self.cfg.max_num_seqs {
+        if self.running.len() > self.cfg.batching.max_num_seqs {
             return Err(format!(
                 "{} running > max_num_seqs {}",
                 self.running.len(),
-                self.cfg.max_num_seqs
+                self.cfg.batching.max_num_seqs
             ));
         }
         let mut seen: HashMap<SeqId, SeqStatus> = HashMap::with_capacity(self.seqs.len());
@@ -471,7 +471,7 @@ impl Scheduler {
         let num_remaining = seq.tokens.len() - seq.num_computed_tokens;
         let chunk_len = if num_remaining <= budget {
             num_remaining
-        } else if self.cfg.enable_chunked_prefill {
+        } else if self.cfg.batching.enable_chunked_prefill {
             budget
         } else {
             return None;

@@ -1,28 +1,57 @@
-//! `SchedulerConfig`: the limits of in-flight batching, validated once by `validate()`.
+//! `BatchingOptions` (the batching settings a user gives) and `SchedulerConfig` (those plus the
+//! numbers resolved at load): the limits of in-flight batching, validated once by `validate()`.
 
 use super::ScheduleError;
 
-/// Limits the scheduler enforces on every step.
+/// How requests are batched into steps: the user-facing batching settings, shared as one value by
+/// `EngineOptions::batching` and `SchedulerConfig::batching` (the config keys are named per
+/// field).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchingOptions {
+    /// Most sequences running (holding KV blocks and a batch seat) at once, hence most sequences
+    /// per step (`max_num_seqs`; default 64).
+    pub max_num_seqs: usize,
+    /// Token budget of one step: prefill chunks plus one token per decoding sequence
+    /// (`max_num_batched_tokens`; default 2048; >= `max_num_seqs`, and >= `max_model_len`
+    /// without chunked prefill).
+    pub max_num_batched_tokens: usize,
+    /// Split prompts longer than the step's remaining budget across steps
+    /// (`enable_chunked_context`; default true). When off, a prompt is prefilled in one step or
+    /// waits.
+    pub enable_chunked_prefill: bool,
+    /// Which waiting sequences may be admitted (`batch_scheduler_policy`).
+    pub policy: SchedulerPolicy,
+    /// Keep full computed KV blocks for reuse and start new sequences from the longest cached
+    /// prefix of their tokens (`enable_kv_cache_reuse`; default false, as in
+    /// tensorrtllm_backend).
+    pub enable_prefix_caching: bool,
+}
+
+impl Default for BatchingOptions {
+    /// 64 sequences, 2048 tokens per step, chunked prefill, `max_utilization`, no prefix caching.
+    fn default() -> Self {
+        BatchingOptions {
+            max_num_seqs: 64,
+            max_num_batched_tokens: 2048,
+            enable_chunked_prefill: true,
+            policy: SchedulerPolicy::default(),
+            enable_prefix_caching: false,
+        }
+    }
+}
+
+/// Limits the scheduler enforces on every step: the batching settings plus the numbers the engine
+/// resolved at load (cache geometry and the sequence length limit).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SchedulerConfig {
-    /// Most sequences running (holding KV blocks) at once, hence most sequences per step.
-    pub max_num_seqs: usize,
-    /// Token budget of one step: the sum of all scheduled chunks' lengths.
-    pub max_num_batched_tokens: usize,
+    /// The batching settings as given.
+    pub batching: BatchingOptions,
     /// Token positions per KV-cache block.
     pub block_size: usize,
     /// Physical KV-cache blocks (the engine sizes this from device memory).
     pub num_blocks: usize,
     /// Most tokens (prompt + generated) one sequence may ever hold.
     pub max_model_len: usize,
-    /// Split prompts longer than the step's remaining budget across steps. When off, a prompt is
-    /// prefilled in one step or waits.
-    pub enable_chunked_prefill: bool,
-    /// Which waiting sequences may be admitted (`batch_scheduler_policy`).
-    pub policy: SchedulerPolicy,
-    /// Keep full computed KV blocks for reuse and start new sequences from the longest cached
-    /// prefix of their tokens (`enable_kv_cache_reuse`).
-    pub enable_prefix_caching: bool,
 }
 
 /// Admission policy, as tensorrtllm_backend's `batch_scheduler_policy` names them.
@@ -69,16 +98,15 @@ impl Default for SchedulerConfig {
         let block_size: usize = 16;
         let max_model_len: usize = 4096;
         SchedulerConfig {
-            max_num_seqs: 256,
-            max_num_batched_tokens: 2048,
+            batching: BatchingOptions {
+                max_num_seqs: 256,
+                ..BatchingOptions::default()
+            },
             block_size,
             // Room for DEFAULT_NUM_FULL_SEQS sequences of max_model_len tokens (2048 blocks);
             // the engine replaces this with what device memory allows.
             num_blocks: DEFAULT_NUM_FULL_SEQS * max_model_len.div_ceil(block_size),
             max_model_len,
-            enable_chunked_prefill: true,
-            policy: SchedulerPolicy::default(),
-            enable_prefix_caching: false,
         }
     }
 }
@@ -97,14 +125,15 @@ impl SchedulerConfig {
                 bound,
             })
         };
-        if self.max_num_seqs == 0 {
-            return invalid("max_num_seqs", self.max_num_seqs, "must be >= 1".into());
+        let b = &self.batching;
+        if b.max_num_seqs == 0 {
+            return invalid("max_num_seqs", b.max_num_seqs, "must be >= 1".into());
         }
-        if self.max_num_batched_tokens < self.max_num_seqs {
+        if b.max_num_batched_tokens < b.max_num_seqs {
             return invalid(
                 "max_num_batched_tokens",
-                self.max_num_batched_tokens,
-                format!("must be >= max_num_seqs ({})", self.max_num_seqs),
+                b.max_num_batched_tokens,
+                format!("must be >= max_num_seqs ({})", b.max_num_seqs),
             );
         }
         if self.block_size == 0 {
@@ -137,10 +166,10 @@ impl SchedulerConfig {
                 ),
             );
         }
-        if !self.enable_chunked_prefill && self.max_num_batched_tokens < self.max_model_len {
+        if !b.enable_chunked_prefill && b.max_num_batched_tokens < self.max_model_len {
             return invalid(
                 "max_num_batched_tokens",
-                self.max_num_batched_tokens,
+                b.max_num_batched_tokens,
                 format!(
                     "must be >= max_model_len ({}) when enable_chunked_prefill is false",
                     self.max_model_len
@@ -169,7 +198,10 @@ mod tests {
         let cases = [
             (
                 SchedulerConfig {
-                    max_num_seqs: 0,
+                    batching: BatchingOptions {
+                        max_num_seqs: 0,
+                        ..base.batching.clone()
+                    },
                     ..base.clone()
                 },
                 "max_num_seqs",
@@ -178,7 +210,10 @@ mod tests {
             ),
             (
                 SchedulerConfig {
-                    max_num_batched_tokens: 100,
+                    batching: BatchingOptions {
+                        max_num_batched_tokens: 100,
+                        ..base.batching.clone()
+                    },
                     ..base.clone()
                 },
                 "max_num_batched_tokens",
@@ -214,7 +249,10 @@ mod tests {
             ),
             (
                 SchedulerConfig {
-                    enable_chunked_prefill: false,
+                    batching: BatchingOptions {
+                        enable_chunked_prefill: false,
+                        ..base.batching.clone()
+                    },
                     ..base.clone()
                 },
                 "max_num_batched_tokens",

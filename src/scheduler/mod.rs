@@ -16,7 +16,7 @@
 //! One engine step: `schedule()` → executor runs the `SchedulePlan` → engine samples one token
 //! per `sample == true` entry → `update(&plan, &sampled)` → engine `remove`s finished sequences.
 //!
-//! With prefix caching (`SchedulerConfig::enable_prefix_caching`), `update` registers every
+//! With prefix caching (`BatchingOptions::enable_prefix_caching`), `update` registers every
 //! block it completes and admission starts a sequence at `num_computed_tokens` = the tokens its
 //! cached prefix covers, so the first chunk's `start_pos` may be > 0 (whole blocks).
 
@@ -25,7 +25,7 @@ mod config;
 mod plan;
 
 pub use batcher::Scheduler;
-pub use config::{SchedulerConfig, SchedulerPolicy};
+pub use config::{BatchingOptions, SchedulerConfig, SchedulerPolicy};
 pub use plan::{SchedulePlan, ScheduledSeq};
 
 use crate::kv_cache::KvCacheError;

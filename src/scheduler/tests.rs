@@ -10,14 +10,16 @@ fn cfg(
     num_blocks: usize,
 ) -> SchedulerConfig {
     SchedulerConfig {
-        max_num_seqs,
-        max_num_batched_tokens,
+        batching: BatchingOptions {
+            max_num_seqs,
+            max_num_batched_tokens,
+            enable_chunked_prefill: true,
+            policy: SchedulerPolicy::MaxUtilization,
+            enable_prefix_caching: false,
+        },
         block_size,
         num_blocks,
         max_model_len: num_blocks * block_size,
-        enable_chunked_prefill: true,
-        policy: SchedulerPolicy::MaxUtilization,
-        enable_prefix_caching: false,
     }
 }
 
@@ -134,14 +136,16 @@ fn max_num_seqs_and_token_budget_are_respected() {
 #[test]
 fn without_chunked_prefill_a_prompt_waits_for_enough_budget() {
     let config = SchedulerConfig {
-        max_num_seqs: 4,
-        max_num_batched_tokens: 16,
+        batching: BatchingOptions {
+            max_num_seqs: 4,
+            max_num_batched_tokens: 16,
+            enable_chunked_prefill: false,
+            policy: SchedulerPolicy::MaxUtilization,
+            enable_prefix_caching: false,
+        },
         block_size: 4,
         num_blocks: 16,
         max_model_len: 16,
-        enable_chunked_prefill: false,
-        policy: SchedulerPolicy::MaxUtilization,
-        enable_prefix_caching: false,
     };
     let mut s = Scheduler::new(config).unwrap();
     s.add(SeqId(1), prompt(1, 10), 5).unwrap();
@@ -356,11 +360,9 @@ fn stale_plans_are_ignored() {
 fn guaranteed_no_evict_admits_only_what_can_finish_and_never_preempts() {
     // The preemption scenario above, under GuaranteedNoEvict: 4 blocks of 4 slots, three
     // 4-token prompts with max_tokens 3 (7 tokens = 2 blocks each at the worst).
-    let mut s = Scheduler::new(SchedulerConfig {
-        policy: SchedulerPolicy::GuaranteedNoEvict,
-        ..cfg(4, 16, 4, 4)
-    })
-    .unwrap();
+    let mut config = cfg(4, 16, 4, 4);
+    config.batching.policy = SchedulerPolicy::GuaranteedNoEvict;
+    let mut s = Scheduler::new(config).unwrap();
     for id in 1..=3 {
         s.add(SeqId(id), prompt(id, 4), 3).unwrap();
     }
@@ -394,11 +396,9 @@ fn guaranteed_no_evict_counts_what_running_sequences_may_still_claim() {
     // In step 2 seq1's decode takes its 2nd block (6 free, 2 still promised to seq1: 4
     // unpromised); seq2 (4 + 12 tokens, 4 blocks at the worst) is admitted and takes them all;
     // seq3 (1 block at the worst) finds none unpromised and waits.
-    let mut s = Scheduler::new(SchedulerConfig {
-        policy: SchedulerPolicy::GuaranteedNoEvict,
-        ..cfg(4, 32, 4, 8)
-    })
-    .unwrap();
+    let mut config = cfg(4, 32, 4, 8);
+    config.batching.policy = SchedulerPolicy::GuaranteedNoEvict;
+    let mut s = Scheduler::new(config).unwrap();
     s.add(SeqId(1), prompt(1, 4), 12).unwrap();
     assert_eq!(summary(&step(&mut s, 1)), vec![(1, 0, 4, true)]);
     s.add(SeqId(2), prompt(2, 4), 12).unwrap();
@@ -430,11 +430,9 @@ fn scheduler_policy_names_are_tensorrtllm_backends() {
 
 #[test]
 fn prefix_caching_starts_after_the_cached_prefix_and_counts_reused_tokens() {
-    let mut s = Scheduler::new(SchedulerConfig {
-        enable_prefix_caching: true,
-        ..cfg(4, 64, 4, 32)
-    })
-    .unwrap();
+    let mut config = cfg(4, 64, 4, 32);
+    config.batching.enable_prefix_caching = true;
+    let mut s = Scheduler::new(config).unwrap();
     let system = prompt(9, 12); // 3 blocks
     let with = |q: u32| [system.clone(), vec![q, q + 1]].concat();
     s.add(SeqId(1), with(500), 2).unwrap();
@@ -460,13 +458,13 @@ fn guaranteed_no_evict_charges_a_sequence_only_for_blocks_beyond_its_cached_pref
     // 20 blocks of 4. Requests: a 32-token shared prefix (8 blocks) + 4 own tokens, 4 outputs
     // = 40 tokens = 10 blocks, 2 of them beyond the prefix. Once the prefix is cached, 6 fit
     // (8 shared + 6 x 2 = 20); charging each its full 10 blocks would admit only 1.
-    let mut s = Scheduler::new(SchedulerConfig {
-        enable_prefix_caching: true,
-        policy: SchedulerPolicy::GuaranteedNoEvict,
+    let mut config = SchedulerConfig {
         max_model_len: 64,
         ..cfg(8, 64, 4, 20)
-    })
-    .unwrap();
+    };
+    config.batching.enable_prefix_caching = true;
+    config.batching.policy = SchedulerPolicy::GuaranteedNoEvict;
+    let mut s = Scheduler::new(config).unwrap();
     let shared = prompt(7, 32);
     let request = |i: u32| [shared.clone(), vec![900 + i; 4]].concat();
     s.add(SeqId(100), request(100), 4).unwrap();

@@ -11,12 +11,14 @@ use serde_json::json;
 use triton_ferrum::config::DEFAULT_MAX_TOKENS;
 use triton_ferrum::dtype::DType;
 use triton_ferrum::engine::{Device, EngineOptions, is_final};
+use triton_ferrum::executor::cuda::CudaExecOptions;
+use triton_ferrum::kv_cache::KvCacheOptions;
 use triton_ferrum::model::Checkpoint;
 use triton_ferrum::ops::linear::WeightFormat;
 use triton_ferrum::request::{
     GenerateRequest, Prompt, RequestError, RequestSpec, SamplingParams, StopCriteria, TokenEvent,
 };
-use triton_ferrum::scheduler::SchedulerPolicy;
+use triton_ferrum::scheduler::{BatchingOptions, SchedulerPolicy};
 use triton_ferrum::tokenizer::ChatMessage;
 
 mod bench;
@@ -102,25 +104,36 @@ pub struct EngineArgs {
 
 impl EngineArgs {
     fn options(&self, model: PathBuf) -> EngineOptions {
+        let defaults = EngineOptions::new(model);
         EngineOptions {
             tokenizer: self.tokenizer.clone(),
             device: self.device,
             weight_format: self.weight_format,
             dtype: self.dtype.0,
-            kv_cache_free_gpu_mem_fraction: self.kv_cache_free_gpu_mem_fraction,
-            max_num_seqs: self.max_num_seqs,
-            max_num_batched_tokens: self.max_num_batched_tokens,
-            block_size: self.block_size,
-            max_tokens_in_paged_kv_cache: self.max_tokens_in_paged_kv_cache,
             max_model_len: self.max_model_len,
+            batching: BatchingOptions {
+                max_num_seqs: self.max_num_seqs,
+                max_num_batched_tokens: self.max_num_batched_tokens,
+                policy: self.batch_scheduler_policy,
+                enable_prefix_caching: self.enable_kv_cache_reuse,
+                ..defaults.batching
+            },
+            kv: KvCacheOptions {
+                block_size: self.block_size,
+                max_tokens: self.max_tokens_in_paged_kv_cache,
+                free_gpu_mem_fraction: self
+                    .kv_cache_free_gpu_mem_fraction
+                    .unwrap_or(defaults.kv.free_gpu_mem_fraction),
+            },
+            cuda: CudaExecOptions {
+                cuda_graphs: self.cuda_graph_mode,
+                warm_up: self.cuda_warmup,
+                ..defaults.cuda
+            },
             num_threads: self.threads,
-            batch_scheduler_policy: self.batch_scheduler_policy,
-            enable_kv_cache_reuse: self.enable_kv_cache_reuse,
-            cuda_graphs: self.cuda_graph_mode,
-            cuda_warm_up: self.cuda_warmup,
             progress: true,
             dump_intermediates: self.dump_intermediates.clone(),
-            ..EngineOptions::new(model)
+            ..defaults
         }
     }
 }

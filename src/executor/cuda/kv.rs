@@ -3,28 +3,23 @@
 //! settings can ever use (`plan_kv_blocks`).
 
 use crate::dtype::DType;
+use crate::kv_cache::KvCacheOptions;
 use crate::model::DecoderSpec;
-
-/// Default fraction of free GPU memory given to the KV cache (tensorrtllm_backend's default).
-pub const DEFAULT_KV_CACHE_FREE_GPU_MEM_FRACTION: f32 = 0.9;
+use crate::scheduler::BatchingOptions;
 
 /// Device memory kept free beside the activation estimate: CUDA context growth, cuBLAS(Lt)
 /// internals, the stream-ordered allocator's rounding.
 pub const RESERVED_GPU_BYTES: usize = 256 << 20;
 
-/// How to size the paged KV cache.
+/// What the KV cache and the step buffers are sized from: the KV cache and batching settings as
+/// given, and the resolved prompt + output limit.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KvCacheConfig {
-    /// Tokens per KV cache block.
-    pub block_size: usize,
-    /// Capacity in tokens (rounded up to whole blocks); None: from the memory fraction alone.
-    pub max_tokens: Option<usize>,
-    /// Fraction of the free memory (after weights and the activation workspace) for the cache.
-    pub free_gpu_mem_fraction: f32,
-    /// Step token budget: the activation workspace is estimated for this many tokens.
-    pub max_num_batched_tokens: usize,
-    /// Most sequences per step; with `max_model_len` it bounds the cache to what can ever be used.
-    pub max_num_seqs: usize,
+    /// Block size, capacity and memory fraction.
+    pub kv: KvCacheOptions,
+    /// `max_num_batched_tokens` sizes the activation workspace; `max_num_seqs` with
+    /// `max_model_len` bounds the cache to what can ever be used.
+    pub batching: BatchingOptions,
     /// Longest prompt + output in tokens; sizes block-table rows and bounds the cache.
     pub max_model_len: usize,
 }
@@ -52,13 +47,13 @@ impl KvCachePlan {
         format!(
             "KV cache: {} blocks of {} tokens ({:.1} MiB, {} bytes/block; limited by {}; free after weights {:.1} MiB, activation workspace {:.1} MiB, fraction {})",
             self.num_blocks,
-            cfg.block_size,
+            cfg.kv.block_size,
             (self.num_blocks * self.bytes_per_block) as f64 / 1048576.0,
             self.bytes_per_block,
             self.limited_by,
             self.free_bytes as f64 / 1048576.0,
             self.workspace_bytes as f64 / 1048576.0,
-            cfg.free_gpu_mem_fraction
+            cfg.kv.free_gpu_mem_fraction
         )
     }
 }
@@ -68,7 +63,7 @@ pub fn kv_bytes_per_block(spec: &DecoderSpec, block_size: usize, dtype: DType) -
     spec.num_layers * 2 * block_size * spec.kv_dim() * dtype.size_in_bytes()
 }
 
-/// Device memory one step of `cfg.max_num_batched_tokens` tokens needs beside weights and cache:
+/// Device memory one step of `cfg.batching.max_num_batched_tokens` tokens needs beside weights and cache:
 /// activations of one layer (reused across layers), step inputs, the sampling rows' logits,
 /// plus `RESERVED_GPU_BYTES`.
 pub fn activation_workspace_bytes(spec: &DecoderSpec, cfg: &KvCacheConfig, dtype: DType) -> usize {
@@ -82,8 +77,11 @@ pub fn activation_workspace_bytes(spec: &DecoderSpec, cfg: &KvCacheConfig, dtype
     // x, normed, qkv, attn, attn_proj, gate_up, act, mlp_out (Workspace, per token)
     let per_token_elems = h + h + (q + 2 * kv) + q + h + gate_up + inter + h;
     let mb = max_blocks_per_seq(cfg);
-    let m = cfg.max_num_batched_tokens.max(cfg.max_num_seqs);
-    let seqs = cfg.max_num_seqs.max(1);
+    let m = cfg
+        .batching
+        .max_num_batched_tokens
+        .max(cfg.batching.max_num_seqs);
+    let seqs = cfg.batching.max_num_seqs.max(1);
     // token ids, positions, slots (i64) and their packed words
     let per_token_inputs = 4 + 4 + 8 + 16;
     // per sequence: last, last_normed, logits rows; decode and prefill tables, typed and packed;
@@ -108,25 +106,28 @@ pub fn plan_kv_blocks(
     dtype: DType,
     free_bytes: usize,
 ) -> Result<KvCachePlan, String> {
-    let f = cfg.free_gpu_mem_fraction;
+    let f = cfg.kv.free_gpu_mem_fraction;
     if !(f > 0.0 && f <= 1.0) {
         return Err(format!(
             "kv_cache_free_gpu_mem_fraction = {f} must be in (0, 1]"
         ));
     }
-    if cfg.block_size == 0 {
+    if cfg.kv.block_size == 0 {
         return Err("block_size must be > 0".into());
     }
-    let bytes_per_block = kv_bytes_per_block(spec, cfg.block_size, dtype);
+    let bytes_per_block = kv_bytes_per_block(spec, cfg.kv.block_size, dtype);
     let workspace_bytes = activation_workspace_bytes(spec, cfg, dtype);
     let budget = (free_bytes.saturating_sub(workspace_bytes) as f64 * f as f64) as usize;
     let by_memory = budget / bytes_per_block.max(1);
     let mut limits = vec![(by_memory, "memory fraction")];
-    if let Some(t) = cfg.max_tokens {
-        limits.push((t.div_ceil(cfg.block_size), "max_tokens_in_paged_kv_cache"));
+    if let Some(t) = cfg.kv.max_tokens {
+        limits.push((
+            t.div_ceil(cfg.kv.block_size),
+            "max_tokens_in_paged_kv_cache",
+        ));
     }
     limits.push((
-        cfg.max_num_seqs * cfg.max_model_len.div_ceil(cfg.block_size),
+        cfg.batching.max_num_seqs * cfg.max_model_len.div_ceil(cfg.kv.block_size),
         "max_num_seqs x max_model_len",
     ));
     let (num_blocks, limited_by) = limits
@@ -139,7 +140,7 @@ pub fn plan_kv_blocks(
              bytes of activation workspace for max_num_batched_tokens {}, fraction {f}, \
              {bytes_per_block} bytes per block of {} tokens; lower max_num_batched_tokens or \
              use a smaller dtype",
-            cfg.max_num_batched_tokens, cfg.block_size
+            cfg.batching.max_num_batched_tokens, cfg.kv.block_size
         ));
     }
     Ok(KvCachePlan {
@@ -154,13 +155,13 @@ pub fn plan_kv_blocks(
 /// Tokens and sequences the step buffers hold: a step of max_num_seqs decodes fits even when
 /// max_num_batched_tokens is smaller.
 pub(super) fn step_capacity(cfg: &KvCacheConfig) -> (usize, usize) {
-    let max_seqs = cfg.max_num_seqs.max(1);
-    (cfg.max_num_batched_tokens.max(max_seqs), max_seqs)
+    let max_seqs = cfg.batching.max_num_seqs.max(1);
+    (cfg.batching.max_num_batched_tokens.max(max_seqs), max_seqs)
 }
 
 /// Block-table entries per sequence in the step inputs: enough for `max_model_len` tokens.
 pub(super) fn max_blocks_per_seq(cfg: &KvCacheConfig) -> usize {
-    cfg.max_model_len.div_ceil(cfg.block_size.max(1)).max(1)
+    cfg.max_model_len.div_ceil(cfg.kv.block_size.max(1)).max(1)
 }
 
 #[cfg(test)]
@@ -174,11 +175,8 @@ mod tests {
 
     fn cfg() -> KvCacheConfig {
         KvCacheConfig {
-            block_size: 16,
-            max_tokens: None,
-            free_gpu_mem_fraction: 0.9,
-            max_num_batched_tokens: 2048,
-            max_num_seqs: 64,
+            kv: KvCacheOptions::default(),
+            batching: BatchingOptions::default(),
             max_model_len: 4096,
         }
     }
@@ -206,29 +204,25 @@ mod tests {
     fn smallest_bound_wins_and_is_named() {
         let s = spec();
         let free = 60usize << 30;
-        let c = KvCacheConfig {
-            max_tokens: Some(1000),
-            ..cfg()
-        };
+        let mut c = cfg();
+        c.kv.max_tokens = Some(1000);
         let p = plan_kv_blocks(&s, &c, DType::BF16, free).unwrap();
         assert_eq!(
             (p.num_blocks, p.limited_by),
             (63, "max_tokens_in_paged_kv_cache")
         );
-        let c = KvCacheConfig {
-            max_num_seqs: 2,
+        let mut c = KvCacheConfig {
             max_model_len: 100,
             ..cfg()
         };
+        c.batching.max_num_seqs = 2;
         let p = plan_kv_blocks(&s, &c, DType::BF16, free).unwrap();
         assert_eq!(
             (p.num_blocks, p.limited_by),
             (14, "max_num_seqs x max_model_len")
         );
-        let c = KvCacheConfig {
-            free_gpu_mem_fraction: 0.5,
-            ..cfg()
-        };
+        let mut c = cfg();
+        c.kv.free_gpu_mem_fraction = 0.5;
         let half = plan_kv_blocks(&s, &c, DType::BF16, free).unwrap();
         let full = plan_kv_blocks(&s, &cfg(), DType::BF16, free).unwrap();
         assert!((half.num_blocks as f64 / full.num_blocks as f64 - 0.5 / 0.9).abs() < 0.01);
@@ -242,16 +236,9 @@ mod tests {
             err.contains("no KV cache block fits") && err.contains("max_num_batched_tokens 2048"),
             "{err}"
         );
-        let err = plan_kv_blocks(
-            &s,
-            &KvCacheConfig {
-                free_gpu_mem_fraction: 1.5,
-                ..cfg()
-            },
-            DType::BF16,
-            1 << 40,
-        )
-        .unwrap_err();
+        let mut c = cfg();
+        c.kv.free_gpu_mem_fraction = 1.5;
+        let err = plan_kv_blocks(&s, &c, DType::BF16, 1 << 40).unwrap_err();
         assert!(err.contains("1.5"), "{err}");
     }
 }

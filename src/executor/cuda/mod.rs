@@ -53,8 +53,8 @@ use std::collections::HashMap;
 use half::{bf16, f16};
 
 pub use kv::{
-    DEFAULT_KV_CACHE_FREE_GPU_MEM_FRACTION, KvCacheConfig, KvCachePlan, RESERVED_GPU_BYTES,
-    activation_workspace_bytes, kv_bytes_per_block, plan_kv_blocks,
+    KvCacheConfig, KvCachePlan, RESERVED_GPU_BYTES, activation_workspace_bytes, kv_bytes_per_block,
+    plan_kv_blocks,
 };
 pub use options::CudaExecOptions;
 pub use step::graph_buckets;
@@ -97,7 +97,8 @@ pub struct OpenedExecutor {
 /// Opens a CUDA executor on `dev` for `dtype`: reads the checkpoint's weights one tensor at a
 /// time, each converted to `dtype` and uploaded before the next is read (`on_layer(i)` after
 /// each layer, for progress), sizes and allocates the KV cache, then warms it up
-/// (`CudaExecutor::warm_up`).
+/// (`CudaExecutor::warm_up`). With `dump_intermediates`, every step's named intermediates are
+/// written under that folder (graphs off).
 pub fn open_with(
     dev: CudaDevice,
     ckpt: &Checkpoint,
@@ -105,13 +106,15 @@ pub fn open_with(
     dtype: DType,
     kv: &KvCacheConfig,
     opts: &CudaExecOptions,
+    dump_intermediates: Option<&std::path::Path>,
 ) -> crate::Result<OpenedExecutor> {
     fn finish<T: FloatElem>(
         (mut e, plan): (CudaExecutor<T>, KvCachePlan),
         opts: &CudaExecOptions,
+        dump_intermediates: Option<&std::path::Path>,
     ) -> crate::Result<OpenedExecutor> {
         let warm_up = opts.warm_up.then(|| e.warm_up()).transpose()?;
-        if let Some(dir) = &opts.dump_intermediates {
+        if let Some(dir) = dump_intermediates {
             e.set_dumper(Dumper::new(dir)?);
         }
         let weight_bytes = e.w.size_in_bytes();
@@ -129,14 +132,17 @@ pub fn open_with(
         DType::F32 => finish(
             CudaExecutor::<f32>::new(dev, spec, &reader, on_layer, kv, opts)?,
             opts,
+            dump_intermediates,
         ),
         DType::BF16 => finish(
             CudaExecutor::<bf16>::new(dev, spec, &reader, on_layer, kv, opts)?,
             opts,
+            dump_intermediates,
         ),
         DType::F16 => finish(
             CudaExecutor::<f16>::new(dev, spec, &reader, on_layer, kv, opts)?,
             opts,
+            dump_intermediates,
         ),
     }
 }
@@ -283,7 +289,7 @@ impl<T: FloatElem> CudaExecutor<T> {
         let plan = plan_kv_blocks(&spec, kv_cfg, T::DTYPE, free_bytes).map_err(device_err)?;
         let kv_shape = KvCacheShape {
             num_blocks: plan.num_blocks,
-            block_size: kv_cfg.block_size,
+            block_size: kv_cfg.kv.block_size,
             num_kv_heads: spec.num_kv_heads,
             head_dim: spec.head_dim,
         };

@@ -1,18 +1,19 @@
-//! How the CUDA executor runs steps, beside the KV cache sizing: graphs, profiling, warm-up.
+//! How the CUDA executor runs steps, beside the KV cache sizing: graphs, profiling, warm-up
+//! (`EngineOptions::cuda`). The `FERRUM_CUDA_*` environment overrides are applied once, when an
+//! engine starts (`engine::options::start`), never inside the executor.
 
 /// How the executor runs steps (beside the KV cache sizing).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CudaExecOptions {
-    /// Capture pure decode steps as CUDA graphs per batch-size bucket and replay them.
+    /// Capture pure decode steps as CUDA graphs per batch-size bucket and replay them
+    /// (`cuda_graph_mode`; dumping intermediates turns them off).
     pub cuda_graphs: bool,
     /// Time every op of eager decode steps with CUDA events; the table is printed to stderr
     /// when the executor is dropped. Turns graphs off.
     pub profile: bool,
-    /// Run `CudaExecutor::warm_up` at load (compile, plan and capture before the first request).
+    /// Run `CudaExecutor::warm_up` at load (compile, plan and capture before the first request;
+    /// `cuda_warmup`).
     pub warm_up: bool,
-    /// Write every step's named intermediates under this folder (`--dump-intermediates`;
-    /// turns graphs off).
-    pub dump_intermediates: Option<std::path::PathBuf>,
 }
 
 impl Default for CudaExecOptions {
@@ -21,7 +22,6 @@ impl Default for CudaExecOptions {
             cuda_graphs: true,
             profile: false,
             warm_up: true,
-            dump_intermediates: None,
         }
     }
 }
@@ -48,7 +48,6 @@ impl CudaExecOptions {
             cuda_graphs: flag("FERRUM_CUDA_GRAPHS").unwrap_or(self.cuda_graphs),
             profile: flag("FERRUM_CUDA_PROFILE").unwrap_or(self.profile),
             warm_up: flag("FERRUM_CUDA_WARMUP").unwrap_or(self.warm_up),
-            dump_intermediates: self.dump_intermediates,
         }
     }
 }
@@ -64,7 +63,6 @@ mod tests {
             cuda_graphs: false,
             profile: false,
             warm_up: true,
-            dump_intermediates: None,
         };
         assert_eq!(base.clone().overridden_by(|_| None), base);
         let env = |name: &str| match name {
@@ -78,7 +76,6 @@ mod tests {
                 cuda_graphs: true,
                 profile: false,
                 warm_up: false,
-                dump_intermediates: None,
             }
         );
         let empty = |name: &str| (name == "FERRUM_CUDA_WARMUP").then(String::new);

@@ -233,14 +233,13 @@ mod tests {
     use super::super::pack::{StepLimits, pack_step};
     use super::super::step::graph_buckets;
     use super::*;
+    use crate::kv_cache::KvCacheOptions;
+    use crate::scheduler::BatchingOptions;
 
     fn cfg() -> KvCacheConfig {
         KvCacheConfig {
-            block_size: 16,
-            max_tokens: None,
-            free_gpu_mem_fraction: 0.9,
-            max_num_batched_tokens: 2048,
-            max_num_seqs: 64,
+            kv: KvCacheOptions::default(),
+            batching: BatchingOptions::default(),
             max_model_len: 4096,
         }
     }
@@ -257,13 +256,13 @@ mod tests {
             (3, 2, 64, 64, 1),
         ];
         for (batched, seqs, block_size, max_model_len, cache_blocks) in configs {
-            let cfg = KvCacheConfig {
-                block_size,
-                max_num_batched_tokens: batched,
-                max_num_seqs: seqs,
+            let mut cfg = KvCacheConfig {
                 max_model_len,
                 ..cfg()
             };
+            cfg.kv.block_size = block_size;
+            cfg.batching.max_num_batched_tokens = batched;
+            cfg.batching.max_num_seqs = seqs;
             let (max_tokens, max_seqs) = step_capacity(&cfg);
             let max_blocks = max_blocks_per_seq(&cfg);
             for graphs in [true, false] {

@@ -20,7 +20,7 @@ pub(super) fn splitk_capacity(
     dtype: DType,
 ) -> usize {
     let p = attention_params(spec);
-    (1..=cfg.max_num_seqs.max(1))
+    (1..=cfg.batching.max_num_seqs.max(1))
         .map(|n| {
             let plan = SplitKPlan::choose(num_sms, dtype, n, &p, cfg.max_model_len);
             if plan.num_splits > 1 {

@@ -51,9 +51,10 @@ pub fn run(a: &BenchArgs, model: BenchModel) -> CliResult {
     let mut opts = engine_options(&engine_args);
     let need = a.prompt_len + a.gen_len;
     opts.max_model_len = Some(opts.max_model_len.unwrap_or(need).max(need));
-    opts.max_tokens_in_paged_kv_cache = Some(
-        opts.max_tokens_in_paged_kv_cache
-            .unwrap_or(max_batch * (need + opts.block_size)),
+    opts.kv.max_tokens = Some(
+        opts.kv
+            .max_tokens
+            .unwrap_or(max_batch * (need + opts.kv.block_size)),
     );
     let t_load = Instant::now();
     let loaded = options::start_checkpoint(ckpt, &opts)?;
@@ -94,7 +95,7 @@ pub fn run(a: &BenchArgs, model: BenchModel) -> CliResult {
                 "shared prompt prefix {} tokens, kv cache reuse {}; prefill TFLOP/s counts every \
                  prompt token, computed or reused",
                 a.shared_prefix_len,
-                if opts.enable_kv_cache_reuse {
+                if opts.batching.enable_prefix_caching {
                     "on"
                 } else {
                     "off"
@@ -123,7 +124,7 @@ pub fn run(a: &BenchArgs, model: BenchModel) -> CliResult {
                 json!({
                     "source": source, "arch": loaded.spec.arch, "device": loaded.device, "weight_format": format,
                     "weight_bytes": loaded.weight_bytes, "prompt_len": a.prompt_len, "gen_len": a.gen_len,
-                    "shared_prefix_len": a.shared_prefix_len, "kv_cache_reuse": opts.enable_kv_cache_reuse,
+                    "shared_prefix_len": a.shared_prefix_len, "kv_cache_reuse": opts.batching.enable_prefix_caching,
                     "reused_prompt_tokens": r.reused_prompt_tokens, "batch_size": r.batch_size, "ttft_ms": r.ttft_ms, "prefill_s": r.prefill_s,
                     "prefill_tflops": prefill_tflops(r), "decode_ms_per_token": decode_ms,
                     "decode_tokens_per_s": decode_tps, "output_tokens_per_s": r.output_tokens_per_s,

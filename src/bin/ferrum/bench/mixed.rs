@@ -372,16 +372,12 @@ pub fn run(
     }
     let mut opts = common::engine_options(engine);
     // Static mode keeps B in flight by its groups; the engine admits up to M in-flight ones.
-    opts.max_num_seqs = inflight_seqs;
+    opts.batching.max_num_seqs = inflight_seqs;
     let need = cfg.max_seq_len();
     opts.max_model_len = Some(opts.max_model_len.unwrap_or(need).max(need));
-    let (kv_tokens_asked, kv_bound) = kv_capacity(
-        opts.max_tokens_in_paged_kv_cache,
-        batch_size,
-        need,
-        opts.block_size,
-    );
-    opts.max_tokens_in_paged_kv_cache = Some(kv_tokens_asked);
+    let (kv_tokens_asked, kv_bound) =
+        kv_capacity(opts.kv.max_tokens, batch_size, need, opts.kv.block_size);
+    opts.kv.max_tokens = Some(kv_tokens_asked);
     let t_load = Instant::now();
     let loaded = options::start_checkpoint(ckpt, &opts)?;
     let load_s = t_load.elapsed().as_secs_f64();
@@ -395,7 +391,7 @@ pub fn run(
         "workload": "mixed", "source": source, "arch": loaded.spec.arch, "device": loaded.device,
         "weight_format": common::weights_label(&loaded), "num_requests": requests.len(),
         "batch_size": batch_size, "inflight_max_num_seqs": inflight_seqs,
-        "batch_scheduler_policy": opts.batch_scheduler_policy.name(),
+        "batch_scheduler_policy": opts.batching.policy.name(),
         "kv_cache_tokens": kv_tokens, "num_prompt_tokens": num_prompt_tokens,
     });
 

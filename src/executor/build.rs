@@ -1,0 +1,302 @@
+//! From a device name and an opened checkpoint to a running executor: open the device (`auto`
+//! tries CUDA device 0 and falls back to the CPU with a one-line reason), load the weights (CPU:
+//! in the chosen format; GPU: dequantized, uploaded in `dtype`), size the paged KV cache and
+//! build the CPU or CUDA executor. This is the one place outside `executor::cuda` that opens a
+//! CUDA device, so the engine never imports `crate::cuda`. It never starts an engine thread.
+
+use std::str::FromStr;
+
+use super::Executor;
+use super::cpu::CpuExecutor;
+use super::cuda::{self as cuda_executor, KvCacheConfig};
+use super::dump::Dumper;
+use crate::cuda::{CudaDevice, CudaError};
+use crate::dtype::DType;
+use crate::engine::options::{EngineOptions, dtype_name};
+use crate::model::weights::DecoderWeights;
+use crate::model::{Checkpoint, CheckpointFormat};
+use crate::ops::linear::WeightFormat;
+
+/// Where the engine runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// The GPU when one is usable, else the CPU.
+    Auto,
+    /// The CPU executor, which computes in f32 (a bf16/f16 `dtype` is refused).
+    Cpu,
+    /// One CUDA GPU; loading fails if the CUDA libraries or the device cannot be opened (no
+    /// fallback to the CPU).
+    Cuda {
+        /// The device index as CUDA numbers devices (`cuda:N`; plain `cuda` is 0).
+        ordinal: usize,
+    },
+}
+
+impl FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda { ordinal: 0 }),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(ordinal)) => Ok(Device::Cuda { ordinal }),
+                _ => Err(format!(
+                    "invalid device '{s}': expected auto, cpu, cuda or cuda:N"
+                )),
+            },
+        }
+    }
+}
+
+/// Default host memory for the CPU engine's KV cache when no size is given.
+pub const DEFAULT_CPU_KV_BYTES: usize = 1 << 30;
+
+/// A device opened for an executor, decided before any weight is read.
+pub struct Target(TargetKind);
+
+enum TargetKind {
+    /// `fallback`: why `auto` did not pick a GPU.
+    Cpu {
+        fallback: Option<String>,
+    },
+    Cuda(Box<CudaDevice>),
+}
+
+impl Target {
+    /// Opens the device `device` names. `Cuda` fails with the CUDA error (naming the missing
+    /// library on a machine without one); `Auto` takes GPU 0 when the libraries and a device
+    /// open, else the CPU with the reason (logged by `build`).
+    pub fn open(device: Device) -> crate::Result<Self> {
+        Ok(Target(match device {
+            Device::Cpu => TargetKind::Cpu { fallback: None },
+            Device::Cuda { ordinal } => CudaDevice::open(ordinal)
+                .map(|d| TargetKind::Cuda(Box::new(d)))
+                .map_err(|e| crate::Error::Device(format!("device cuda:{ordinal}: {e}")))?,
+            Device::Auto => match CudaDevice::open(0) {
+                Ok(dev) => TargetKind::Cuda(Box::new(dev)),
+                Err(e) => TargetKind::Cpu {
+                    fallback: Some(auto_fallback_reason(&e)),
+                },
+            },
+        }))
+    }
+
+    /// The device this target settled on (`Cpu` or `Cuda { ordinal }`, never `Auto`): what a
+    /// rebuild opens, so that it does not redo `auto`'s choice.
+    pub fn device(&self) -> Device {
+        match &self.0 {
+            TargetKind::Cpu { .. } => Device::Cpu,
+            TargetKind::Cuda(dev) => Device::Cuda {
+                ordinal: dev.ordinal(),
+            },
+        }
+    }
+}
+
+/// Why `device: auto` serves on the CPU: one line on a machine without an NVIDIA GPU; the full
+/// CUDA error (libraries tried, versions) where a GPU seems present but CUDA is not usable.
+fn auto_fallback_reason(e: &CudaError) -> String {
+    match e.no_gpu_reason() {
+        Some(reason) => format!("{reason}: serving on the CPU"),
+        None => format!("device auto: serving on the CPU, CUDA is not usable: {e}"),
+    }
+}
+
+/// An executor and what was loaded into it.
+pub struct BuiltExecutor {
+    /// The executor, ready for the engine.
+    pub executor: Box<dyn Executor>,
+    /// Host weight format the weights were loaded in (f32 on the GPU, which converts).
+    pub weight_format: WeightFormat,
+    /// Compute / storage dtype (f32 on the CPU).
+    pub dtype: DType,
+    /// Bytes of weights on the device.
+    pub weight_bytes: usize,
+    /// KV cache blocks allocated.
+    pub num_kv_blocks: usize,
+}
+
+/// The weight format used when none is asked for.
+pub fn default_weight_format(ckpt: &Checkpoint) -> WeightFormat {
+    match ckpt.format {
+        CheckpointFormat::Gguf { .. } => WeightFormat::Q8,
+        CheckpointFormat::HuggingFace { .. } | CheckpointFormat::Random { .. } => WeightFormat::F32,
+    }
+}
+
+/// Loads `ckpt`'s weights and builds the executor on `target` for sequences of at most
+/// `max_model_len` tokens; appends what is worth logging (device fallback, KV cache sizing,
+/// warm-up) to `log`.
+pub fn build(
+    target: Target,
+    ckpt: &Checkpoint,
+    opts: &EngineOptions,
+    max_model_len: usize,
+    log: &mut Vec<String>,
+) -> crate::Result<BuiltExecutor> {
+    let spec = &ckpt.arch.spec;
+    Ok(match target.0 {
+        TargetKind::Cpu { fallback } => {
+            if let Some(reason) = fallback {
+                log.push(match opts.dtype {
+                    Some(d @ (DType::BF16 | DType::F16)) => format!(
+                        "{reason} (dtype {} ignored: the CPU engine computes in float32)",
+                        dtype_name(d)
+                    ),
+                    _ => reason,
+                });
+            }
+            let format = opts
+                .weight_format
+                .unwrap_or_else(|| default_weight_format(ckpt));
+            let weights = load_weights(ckpt, format, opts.progress)?;
+            let bytes_per_token = CpuExecutor::kv_bytes_per_token(spec);
+            let kv_tokens = opts.kv.max_tokens.unwrap_or_else(|| {
+                (DEFAULT_CPU_KV_BYTES / bytes_per_token)
+                    .min(opts.batching.max_num_seqs * max_model_len)
+                    .max(max_model_len)
+            });
+            let num_kv_blocks = kv_tokens.div_ceil(opts.kv.block_size);
+            let weight_bytes = weights.size_in_bytes();
+            let mut executor = CpuExecutor::new(
+                spec.clone(),
+                weights,
+                num_kv_blocks,
+                opts.kv.block_size,
+                opts.num_threads,
+            )?;
+            if let Some(dir) = &opts.dump_intermediates {
+                executor = executor.with_dumper(Dumper::new(dir)?);
+            }
+            BuiltExecutor {
+                executor: Box::new(executor),
+                weight_format: format,
+                dtype: DType::F32,
+                weight_bytes,
+                num_kv_blocks,
+            }
+        }
+        TargetKind::Cuda(dev) => {
+            let dtype = opts.dtype.unwrap_or(DType::BF16);
+            if opts.weight_format == Some(WeightFormat::Q8) {
+                // Only reachable with `auto` (`cuda` + q8 is refused up front).
+                log.push(format!(
+                    "weight_format q8 applies to the CPU engine only; the GPU engine holds weights in {}",
+                    dtype_name(dtype)
+                ));
+            }
+            // Read one tensor at a time, dequantized, converted to `dtype` and uploaded.
+            let bar = layer_progress(ckpt, opts.progress);
+            let kv = KvCacheConfig {
+                kv: opts.kv.clone(),
+                batching: opts.batching.clone(),
+                max_model_len,
+            };
+            let cuda_executor::OpenedExecutor {
+                executor,
+                plan,
+                warm_up,
+                weight_bytes,
+            } = cuda_executor::open_with(
+                *dev,
+                ckpt,
+                &mut |_| {
+                    if let Some(b) = &bar {
+                        b.inc(1);
+                    }
+                },
+                dtype,
+                &kv,
+                &opts.cuda,
+                opts.dump_intermediates.as_deref(),
+            )?;
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            log.push(plan.describe(&kv));
+            log.extend(warm_up.map(|w| w.describe()));
+            BuiltExecutor {
+                executor,
+                weight_format: WeightFormat::F32,
+                dtype,
+                weight_bytes,
+                num_kv_blocks: plan.num_blocks,
+            }
+        }
+    })
+}
+
+/// A progress bar over the layers of `ckpt`, when asked and stderr is a terminal.
+fn layer_progress(ckpt: &Checkpoint, progress: bool) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    (progress && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(ckpt.arch.spec.num_layers as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "loading {msg} [{bar:30}] {pos}/{len} layers ({elapsed})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_message(ckpt.source.describe());
+        bar
+    })
+}
+
+/// Loads the decoder weights into host memory (the CPU engine), with a progress bar over
+/// layers when asked and on a terminal.
+pub fn load_weights(
+    ckpt: &Checkpoint,
+    format: WeightFormat,
+    progress: bool,
+) -> crate::Result<DecoderWeights> {
+    let bar = layer_progress(ckpt, progress);
+    let weights = DecoderWeights::load(ckpt.source.as_ref(), &ckpt.arch, format, |_| {
+        if let Some(b) = &bar {
+            b.inc(1);
+        }
+    })?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok(weights)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::CudaLibrary;
+
+    #[test]
+    fn auto_fallback_is_one_line_without_a_gpu_and_in_full_with_a_broken_one() {
+        let no_driver = CudaError::LibraryNotFound {
+            library: CudaLibrary::Driver,
+            searched: vec!["libcuda.so".into(), "libcuda.so.1".into()],
+            reason: "not found".into(),
+        };
+        assert_eq!(
+            auto_fallback_reason(&no_driver),
+            "no NVIDIA driver found: serving on the CPU"
+        );
+        let no_device = CudaError::NoSuchDevice {
+            ordinal: 0,
+            count: 0,
+        };
+        assert_eq!(
+            auto_fallback_reason(&no_device),
+            "no NVIDIA GPU found: serving on the CPU"
+        );
+        // A driver is there but a toolkit library is missing: the whole story is needed.
+        let no_nvrtc = CudaError::LibraryNotFound {
+            library: CudaLibrary::Nvrtc,
+            searched: vec!["libnvrtc.so.13".into()],
+            reason: "not found".into(),
+        };
+        let msg = auto_fallback_reason(&no_nvrtc);
+        assert!(
+            msg.starts_with("device auto: serving on the CPU, CUDA is not usable:")
+                && msg.contains("libnvrtc.so.13"),
+            "{msg}"
+        );
+    }
+}

@@ -7,13 +7,14 @@ use std::sync::Arc;
 
 use crate::loader::gguf::GgufFile;
 use crate::loader::safetensors::{SafetensorsSource, read_json};
-use crate::loader::{HostTensor, LoadError, Q8Tensor, Shard, TensorInfo, TensorSource};
+use crate::loader::{E4m3Tensor, HostTensor, LoadError, Q8Tensor, Shard, TensorInfo, TensorSource};
 use crate::model::spec::{Norm, PosEmbedding, Residual, RopeScaling};
 use crate::tokenizer::Tokenizer;
 
 pub mod arch;
 pub mod decoder;
 pub mod presets;
+pub mod quant;
 pub mod spec;
 pub mod weights;
 
@@ -324,5 +325,8 @@ impl TensorSource for BarePrefixSource {
     }
     fn get_q8(&self, name: &str, shard: Shard) -> Result<Option<Q8Tensor>, LoadError> {
         self.inner.get_q8(self.resolve(name), shard)
+    }
+    fn get_e4m3(&self, name: &str, shard: Shard) -> Result<E4m3Tensor, LoadError> {
+        self.inner.get_e4m3(self.resolve(name), shard)
     }
 }

@@ -1,7 +1,7 @@
 //! The leaf of ferrum's module graph: plain data types shared by the layers above it (the CPU
 //! ops, the CUDA layer, the loaders and the model), so that none of those imports another for a
 //! type. It holds op-level enums (norm kind, activation, rotary pairing), host tensors as the
-//! loaders return them, the compact 8-bit block format, and the plain data of one sampling step
+//! loaders return them (f32, and raw FP8 codes), the compact 8-bit block format, and the plain data of one sampling step
 //! (penalty strengths, a sampled token and its logprobs), which the CPU sampler and the GPU
 //! sampler share. It imports nothing from the crate.
 
@@ -93,6 +93,17 @@ pub struct Q8Tensor {
     /// `rows * cols / 32` blocks, row-major: block `r * cols / 32 + c` holds `row r, cols [32c, 32c
     /// + 32)`.
     pub blocks: Vec<BlockQ8>,
+}
+
+/// A tensor of FP8 E4M3 codes as a loader reads it (`TensorSource::get_e4m3`): one byte per
+/// element, row-major, shape in PyTorch order. The codes carry no scale; the checkpoint's
+/// quantization scheme says where the scales are (`model::quant`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct E4m3Tensor {
+    /// Dimensions, outermost first; the product equals `codes.len()`.
+    pub shape: Vec<usize>,
+    /// E4M3 codes (sign, 4 exponent bits with bias 7, 3 mantissa bits; see `ops::fp8`).
+    pub codes: Vec<u8>,
 }
 
 /// The three penalty strengths of one request; `Penalties::default()` disables all of them.

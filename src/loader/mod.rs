@@ -5,7 +5,9 @@
 //! - shapes are in PyTorch order, outermost dimension first (a linear weight is `[out, in]`);
 //!   GGUF's `ne` order is reversed on read;
 //! - `get` returns f32 data; `get_q8` returns the compact block format of `ops::quant` where the
-//!   source is a block-quantized type that converts exactly;
+//!   source is a block-quantized type that converts exactly; `get_e4m3` returns the raw codes of
+//!   an FP8 (E4M3) tensor, which `get` refuses: an FP8 code means nothing without the scale the
+//!   checkpoint's quantization scheme pairs it with (`model::quant`, one layer up);
 //! - tensor parallelism is applied here, at load: `Shard` slices the tensor so the decoder only
 //!   adds an all-reduce after row-parallel layers.
 //!
@@ -14,7 +16,7 @@
 
 use std::path::PathBuf;
 
-pub use crate::tensor::{HostTensor, Q8Tensor};
+pub use crate::tensor::{E4m3Tensor, HostTensor, Q8Tensor};
 
 pub mod gguf;
 pub mod mmap;
@@ -55,6 +57,17 @@ pub enum SourceDType {
     BF16,
     /// A GGML type id from a GGUF file (see `gguf::GgmlType`).
     Ggml(gguf::GgmlType),
+    /// FP8 E4M3 (safetensors `F8_E4M3`): read raw by `get_e4m3`, refused by `get`.
+    F8E4M3,
+    /// FP8 E5M2 (safetensors `F8_E5M2`): listed so that loading can name it, never read.
+    F8E5M2,
+}
+
+impl SourceDType {
+    /// Whether this is an FP8 storage type (E4M3 or E5M2).
+    pub fn is_fp8(self) -> bool {
+        matches!(self, SourceDType::F8E4M3 | SourceDType::F8E5M2)
+    }
 }
 
 /// What a source knows about a tensor without reading its data.
@@ -83,6 +96,9 @@ pub trait TensorSource: Send + Sync {
     /// Reads a 2-D tensor in the compact `BlockQ8` format when the source stores it in a
     /// block-quantized type that converts without loss (`Ok(None)` otherwise: use `get`).
     fn get_q8(&self, name: &str, shard: Shard) -> Result<Option<Q8Tensor>, LoadError>;
+    /// Reads the raw codes of an FP8 E4M3 tensor, sliced by `shard`; `UnsupportedType` for a
+    /// tensor stored in any other type (and for sources that have no FP8 type).
+    fn get_e4m3(&self, name: &str, shard: Shard) -> Result<E4m3Tensor, LoadError>;
 }
 
 /// A checkpoint that could not be read. Each variant names the file and, where it applies, the

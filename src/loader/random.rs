@@ -4,7 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use super::{HostTensor, LoadError, Q8Tensor, Shard, SourceDType, TensorInfo, TensorSource};
+use super::{
+    E4m3Tensor, HostTensor, LoadError, Q8Tensor, Shard, SourceDType, TensorInfo, TensorSource,
+};
 
 /// A `TensorSource` that invents deterministic weights for a fixed list of names and shapes (a
 /// pure function of seed, name and element index), so benchmarks run at real shapes without a
@@ -105,6 +107,15 @@ impl TensorSource for RandomSource {
 
     fn get_q8(&self, _name: &str, _shard: Shard) -> Result<Option<Q8Tensor>, LoadError> {
         Ok(None)
+    }
+
+    fn get_e4m3(&self, name: &str, _shard: Shard) -> Result<E4m3Tensor, LoadError> {
+        // Random tensors are all F32.
+        Err(LoadError::UnsupportedType {
+            path: self.describe().into(),
+            tensor: name.to_string(),
+            dtype: "F32 (an F8_E4M3 tensor was expected)".to_string(),
+        })
     }
 }
 

@@ -7,9 +7,11 @@
 //! has a known dtype, a shape whose byte size does not overflow and matches its `data_offsets`,
 //! and data ranges lie inside the data section without overlapping. Tensors are read (converted
 //! to f32) only by `get`. This module never panics on a bad file and never trusts a length before
-//! checking it against the file size. Only F32, F16 and BF16 tensors are readable; others (I64
-//! position ids, U8 masks, FP8) are listed by neither `names` nor `info`, and `get` reports them
-//! as `UnsupportedType`.
+//! checking it against the file size. F32, F16 and BF16 tensors are readable as f32; FP8 tensors
+//! are listed (`info` names their type) but `get` refuses them: `get_e4m3` returns E4M3 codes raw,
+//! for the layer that knows the checkpoint's scales, and E5M2 is never read. Others (I64 position
+//! ids, U8 masks) are listed by neither `names` nor `info`, and `get` reports them as
+//! `UnsupportedType`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,7 +20,9 @@ use half::{bf16, f16};
 
 use super::mmap::{FileBytes, memory_label};
 use super::shard::plan_shard;
-use super::{HostTensor, LoadError, Q8Tensor, Shard, SourceDType, TensorInfo, TensorSource};
+use super::{
+    E4m3Tensor, HostTensor, LoadError, Q8Tensor, Shard, SourceDType, TensorInfo, TensorSource,
+};
 
 /// Name of a single-file checkpoint inside a model directory.
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -36,9 +40,9 @@ pub enum SafetensorsDType {
     U8,
     /// `I8`, 1 byte (not readable).
     I8,
-    /// `F8_E5M2` float8, 1 byte (not readable).
+    /// `F8_E5M2` float8, 1 byte (listed, never read).
     F8E5M2,
-    /// `F8_E4M3` float8, 1 byte (not readable).
+    /// `F8_E4M3` float8, 1 byte (raw codes through `get_e4m3`).
     F8E4M3,
     /// `I16`, 2 bytes (not readable).
     I16,
@@ -96,12 +100,14 @@ impl SafetensorsDType {
         Self::ALL.iter().find(|e| e.0 == self).map_or(1, |e| e.2)
     }
 
-    /// The source dtype for types this loader reads.
+    /// The source dtype for types this loader lists (floats, and FP8 which only `get_e4m3` reads).
     fn readable(self) -> Option<SourceDType> {
         match self {
             Self::F32 => Some(SourceDType::F32),
             Self::F16 => Some(SourceDType::F16),
             Self::BF16 => Some(SourceDType::BF16),
+            Self::F8E4M3 => Some(SourceDType::F8E4M3),
+            Self::F8E5M2 => Some(SourceDType::F8E5M2),
             _ => None,
         }
     }
@@ -265,6 +271,18 @@ impl SafetensorsSource {
             .map_or_else(|| self.origin.clone(), |f| f.path.clone())
     }
 
+    /// The bytes of `entry` (validated against the file on open).
+    fn bytes(&self, entry: &Entry, name: &str) -> Result<&[u8], LoadError> {
+        self.files
+            .get(entry.file_idx)
+            .and_then(|f| f.bytes.get(entry.start..entry.start + entry.num_bytes))
+            .ok_or_else(|| LoadError::BadTensor {
+                path: self.file_path(entry),
+                tensor: name.to_string(),
+                reason: "data range outside the file".to_string(),
+            })
+    }
+
     fn entry(&self, name: &str) -> Result<&Entry, LoadError> {
         self.tensors
             .get(name)
@@ -299,22 +317,14 @@ impl TensorSource for SafetensorsSource {
     fn get(&self, name: &str, shard: Shard) -> Result<HostTensor, LoadError> {
         let entry = self.entry(name)?;
         let path = self.file_path(entry);
-        if entry.dtype.readable().is_none() {
+        if entry.dtype.readable().is_none_or(SourceDType::is_fp8) {
             return Err(LoadError::UnsupportedType {
                 path,
                 tensor: name.to_string(),
                 dtype: entry.dtype.name().to_string(),
             });
         }
-        let bytes = self
-            .files
-            .get(entry.file_idx)
-            .and_then(|f| f.bytes.get(entry.start..entry.start + entry.num_bytes))
-            .ok_or_else(|| LoadError::BadTensor {
-                path: path.clone(),
-                tensor: name.to_string(),
-                reason: "data range outside the file".to_string(),
-            })?;
+        let bytes = self.bytes(entry, name)?;
         let plan = plan_shard(&path, name, &entry.shape, shard)?;
         let size = entry.dtype.size_in_bytes();
         let mut data = Vec::with_capacity(plan.numel());
@@ -344,6 +354,28 @@ impl TensorSource for SafetensorsSource {
     fn get_q8(&self, name: &str, _shard: Shard) -> Result<Option<Q8Tensor>, LoadError> {
         // Dense checkpoints have no exactly convertible block format: the caller quantizes.
         self.entry(name).map(|_| None)
+    }
+
+    fn get_e4m3(&self, name: &str, shard: Shard) -> Result<E4m3Tensor, LoadError> {
+        let entry = self.entry(name)?;
+        let path = self.file_path(entry);
+        if entry.dtype != SafetensorsDType::F8E4M3 {
+            return Err(LoadError::UnsupportedType {
+                path,
+                tensor: name.to_string(),
+                dtype: format!("{} (an F8_E4M3 tensor was expected)", entry.dtype.name()),
+            });
+        }
+        let bytes = self.bytes(entry, name)?;
+        let plan = plan_shard(&path, name, &entry.shape, shard)?;
+        let mut codes = Vec::with_capacity(plan.numel());
+        for run in &plan.runs {
+            codes.extend_from_slice(&bytes[run.start..run.start + run.len]);
+        }
+        Ok(E4m3Tensor {
+            shape: plan.shape,
+            codes,
+        })
     }
 }
 

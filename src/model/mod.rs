@@ -7,13 +7,14 @@ use std::sync::Arc;
 
 use crate::loader::gguf::GgufFile;
 use crate::loader::safetensors::{SafetensorsSource, read_json};
-use crate::loader::{HostTensor, LoadError, Q8Tensor, Shard, TensorInfo, TensorSource};
+use crate::loader::{E4m3Tensor, HostTensor, LoadError, Q8Tensor, Shard, TensorInfo, TensorSource};
 use crate::model::spec::{Norm, PosEmbedding, Residual, RopeScaling};
 use crate::tokenizer::Tokenizer;
 
 pub mod arch;
 pub mod decoder;
 pub mod presets;
+pub mod quant;
 pub mod spec;
 pub mod weights;
 
@@ -74,8 +75,9 @@ pub struct Checkpoint {
     pub tokenizer: Option<Arc<Tokenizer>>,
     /// EOS ids from the checkpoint config (used when there is no tokenizer).
     pub config_eos_ids: Vec<u32>,
-    /// Load notes: where the tensors overruled the config (one line each). `open` logs them to
-    /// stderr as `ferrum: <path>: <note>`, like the engine's load lines.
+    /// Load notes: where the tensors overruled the config, and the FP8 scheme detected (one line
+    /// each). `open` logs them to stderr as `ferrum: <path>: <note>`, like the engine's load
+    /// lines.
     pub notes: Vec<String>,
 }
 
@@ -131,7 +133,8 @@ impl Checkpoint {
 
     fn open_hf(dir: &Path) -> crate::Result<Checkpoint> {
         let config = read_json(dir.join("config.json"))?;
-        let arch = arch::from_hf_config(&config)?;
+        let mut arch = arch::from_hf_config(&config)?;
+        arch.quant = quant::detect(dir, &config)?;
         let source = SafetensorsSource::open_dir(dir)?;
         let tokenizer = Tokenizer::from_hf_dir(dir)?.map(Arc::new);
         let config_eos_ids = match config.get("eos_token_id") {
@@ -156,6 +159,10 @@ impl Checkpoint {
             notes: vec![],
         };
         ckpt.fix_up_from_tensors()?;
+        if let quant::Quantization::Fp8(scheme) = &ckpt.arch.quant {
+            let note = quant::describe_linears(scheme, &ckpt.arch, ckpt.source.as_ref());
+            ckpt.notes.push(note);
+        }
         Ok(ckpt)
     }
 
@@ -324,5 +331,8 @@ impl TensorSource for BarePrefixSource {
     }
     fn get_q8(&self, name: &str, shard: Shard) -> Result<Option<Q8Tensor>, LoadError> {
         self.inner.get_q8(self.resolve(name), shard)
+    }
+    fn get_e4m3(&self, name: &str, shard: Shard) -> Result<E4m3Tensor, LoadError> {
+        self.inner.get_e4m3(self.resolve(name), shard)
     }
 }

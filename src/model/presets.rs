@@ -7,6 +7,7 @@ use super::arch::gpt2::gpt2_spec;
 use super::arch::gptj::gptj_spec;
 use super::arch::mpt::mpt_spec;
 use super::arch::{ArchInfo, TensorNames};
+use super::quant::Quantization;
 use super::spec::{
     Activation, Biases, DecoderSpec, FusedQkv, Mlp, Norm, PosEmbedding, QkvLayout, Residual, Rope,
     RopeScaling, RopeStyle,
@@ -183,7 +184,11 @@ pub fn preset(name: &str) -> Option<ArchInfo> {
 }
 
 fn hf(spec: DecoderSpec, names: TensorNames) -> ArchInfo {
-    ArchInfo { spec, names }
+    ArchInfo {
+        spec,
+        names,
+        quant: Quantization::None,
+    }
 }
 
 fn llama_preset(name: &str) -> Option<ArchInfo> {
@@ -215,6 +220,7 @@ fn llama_preset(name: &str) -> Option<ArchInfo> {
     Some(ArchInfo {
         spec,
         names: TensorNames::HfLlama,
+        quant: Quantization::None,
     })
 }
 

@@ -9,12 +9,70 @@
 //!
 //! Each part is read with its own `Shard`, so tensor parallelism slices heads consistently.
 //! Every tensor's shape is checked against the spec before it is read.
+//!
+//! FP8 checkpoints (`model::quant`): a linear stored in `F8_E4M3` is read with its scales into an
+//! `Fp8Weight` (`WeightReader::layer_linear` hands it on as it is, for an FP8 GEMM); fused layers
+//! keep each shard's scale on its own rows (per-tensor shard scales become per-channel rows).
+//! `layer` dequantizes exactly to f32 and then converts to the reader's `WeightFormat`, so the
+//! CPU engine runs an FP8 checkpoint as its dequantized twin.
 
-use crate::loader::{HostTensor, LoadError, Q8Tensor, Shard, TensorSource};
+use crate::loader::{HostTensor, LoadError, Q8Tensor, Shard, SourceDType, TensorSource};
 use crate::model::arch::{ArchInfo, GlobalTensor, LayerTensor};
+use crate::model::quant::{Activations, Fp8Scheme, Quantization, WeightScales};
 use crate::model::spec::{DecoderSpec, FusedQkv, Mlp, Norm, PosEmbedding, QkvLayout, Residual};
+use crate::ops::fp8::{Fp8Scale, Fp8Weight};
 use crate::ops::linear::{Weight, WeightFormat};
 use crate::ops::quant::{BlockQ8, QK};
+
+/// A linear weight as read: dense (in the reader's `WeightFormat`) or FP8 as the checkpoint
+/// stores it.
+#[derive(Debug, Clone)]
+pub enum Linear {
+    /// f32 or 8-bit blocks, ready for the CPU engine.
+    Dense(Weight),
+    /// E4M3 codes with their scales (an FP8 checkpoint's quantized linear).
+    Fp8(Fp8Weight),
+}
+
+impl Linear {
+    /// The weight in `format`: FP8 is dequantized exactly to f32 first.
+    pub fn into_weight(self, format: WeightFormat) -> Result<Weight, String> {
+        match self {
+            Linear::Dense(w) => Ok(w),
+            Linear::Fp8(w) => Weight::from_f32(
+                HostTensor {
+                    shape: vec![w.rows, w.cols],
+                    data: w.dequantize(),
+                },
+                format,
+            )
+            .map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// The four linears of a decoder layer, in the decoder's fused layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerLinear {
+    /// q | k | v: `[q_dim + 2 * kv_dim, hidden]`.
+    Qkv,
+    /// Attention output: `[hidden, q_dim]`.
+    AttnOut,
+    /// gate | up (gated MLP) or up: `[2 * intermediate or intermediate, hidden]`.
+    GateUp,
+    /// Down: `[hidden, intermediate]`.
+    Down,
+}
+
+/// The per-tensor scales of a layer's keys and values in an FP8 KV cache (`k = e4m3 * k`):
+/// ModelOpt `k_proj.k_scale`, `self_attn.k_scale`, compressed-tensors `k_proj.output_scale`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KvScales {
+    /// Key scale.
+    pub k: f32,
+    /// Value scale.
+    pub v: f32,
+}
 
 /// The weight and optional bias of one norm, f32 on the host.
 pub struct NormWeights {
@@ -46,6 +104,8 @@ pub struct LayerWeights {
     pub down: Weight,
     /// [hidden]; None without MLP biases.
     pub down_bias: Option<Vec<f32>>,
+    /// The checkpoint's FP8 KV-cache scales; None when it has none (the CPU engine ignores them).
+    pub kv_scales: Option<KvScales>,
 }
 
 /// Every weight of a model as the CPU engine keeps them: the layers plus the embedding, position
@@ -193,11 +253,15 @@ impl<'a> WeightReader<'a> {
         let (l, spec) = (&self.l, self.l.spec());
         match spec.tie_embeddings {
             true => Ok(None),
-            false => Ok(Some(l.matrix(
-                &[l.global(GlobalTensor::LmHead)?],
-                &[spec.vocab_size],
-                spec.hidden_size,
-            )?)),
+            false => {
+                let name = l.global(GlobalTensor::LmHead)?;
+                let w = l.linear_rows(
+                    std::slice::from_ref(&name),
+                    &[spec.vocab_size],
+                    spec.hidden_size,
+                )?;
+                Ok(Some(l.to_format(&name, w)?))
+            }
         }
     }
 
@@ -217,9 +281,20 @@ impl<'a> WeightReader<'a> {
         self.l.spec().num_layers
     }
 
-    /// Layer `i`'s weights.
+    /// Layer `i`'s weights (FP8 linears dequantized to the reader's format).
     pub fn layer(&self, i: usize) -> Result<LayerWeights, LoadError> {
         self.l.layer(i)
+    }
+
+    /// One linear of layer `i` as stored: `Linear::Fp8` for a linear an FP8 checkpoint keeps in
+    /// E4M3 (fused shards concatenated, each with its scale), else dense in the reader's format.
+    pub fn layer_linear(&self, i: usize, which: LayerLinear) -> Result<Linear, LoadError> {
+        self.l.layer_linear(i, which)
+    }
+
+    /// Layer `i`'s FP8 KV-cache scales, if the checkpoint has them.
+    pub fn kv_scales(&self, i: usize) -> Result<Option<KvScales>, LoadError> {
+        self.l.kv_scales(i)
     }
 }
 
@@ -370,16 +445,24 @@ impl Loader<'_> {
 
     /// A linear weight `[rows, cols]` (out, in), transposed at load when the checkpoint stores
     /// it `[cols, rows]`.
-    fn linear(&self, name: &str, rows: usize, cols: usize) -> Result<Weight, LoadError> {
+    fn linear(&self, name: &str, rows: usize, cols: usize) -> Result<Linear, LoadError> {
         if self.arch.names.transposed_linears() {
             let data = self.read_transposed(name, rows, cols)?;
-            return self.weight_from_f32(name, rows, cols, data);
+            return self
+                .weight_from_f32(name, rows, cols, data)
+                .map(Linear::Dense);
         }
-        self.matrix(&[name.to_string()], &[rows], cols)
+        self.linear_rows(&[name.to_string()], &[rows], cols)
     }
 
     /// Reads `name: [cols, rows]` and returns it transposed: `[rows, cols]`.
     fn read_transposed(&self, name: &str, rows: usize, cols: usize) -> Result<Vec<f32>, LoadError> {
+        if self.src.info(name).is_some_and(|i| i.dtype.is_fp8()) {
+            return Err(self.bad(
+                name,
+                "FP8 weights of linears stored [in, out] (Conv1D) are not supported",
+            ));
+        }
         self.check_shape(name, &[cols, rows])?;
         // t: [cols, rows]
         let t = self.src.get(name, Shard::Replicated)?.data;
@@ -409,63 +492,248 @@ impl Loader<'_> {
         .map_err(|e| self.bad(name, &e.to_string()))
     }
 
-    /// q | k | v weight `[q_dim + 2 * kv_dim, hidden]` and bias, from separate or fused tensors.
-    fn qkv(&self, i: usize) -> Result<(Weight, Option<Vec<f32>>), LoadError> {
+    /// `w` in the reader's format (FP8 dequantized exactly); `name` labels errors.
+    fn to_format(&self, name: &str, w: Linear) -> Result<Weight, LoadError> {
+        w.into_weight(self.format).map_err(|e| self.bad(name, &e))
+    }
+
+    /// The FP8 scheme of the checkpoint, if it has one.
+    fn fp8_scheme(&self) -> Option<&Fp8Scheme> {
+        match &self.arch.quant {
+            Quantization::Fp8(s) => Some(s),
+            Quantization::None => None,
+        }
+    }
+
+    /// Linear `name` (`[rows, cols]` as stored) with its scales when it is stored in F8_E4M3;
+    /// None when it is stored in a float type.
+    fn fp8_part(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<Fp8Weight>, LoadError> {
+        let dtype = self.src.info(name).map(|i| i.dtype);
+        match dtype {
+            Some(SourceDType::F8E4M3) => {}
+            Some(SourceDType::F8E5M2) => {
+                return Err(self.bad(
+                    name,
+                    "F8_E5M2 weights are not supported: ferrum loads FP8 E4M3 (F8_E4M3) weights",
+                ));
+            }
+            _ => return Ok(None),
+        }
+        let Some(scheme) = self.fp8_scheme() else {
+            return Err(self.bad(
+                name,
+                "stored F8_E4M3, but the checkpoint has no FP8 quantization_config in config.json                  (nor an hf_quant_config.json): its scales are unknown",
+            ));
+        };
+        let module = name.strip_suffix(".weight").unwrap_or(name);
+        if !scheme.quantizes(module) {
+            return Err(self.bad(
+                name,
+                &format!(
+                    "stored F8_E4M3, but {} lists module '{module}' as unquantized",
+                    scheme.ignore.key
+                ),
+            ));
+        }
+        self.check_shape(name, &[rows, cols])?;
+        let codes = self.src.get_e4m3(name, Shard::Replicated)?.codes;
+        let scale = self.weight_scale(scheme, module, rows, cols)?;
+        let input_name = scheme.input_scale_name(module);
+        let input_scale = match self.src.contains(&input_name) {
+            true => Some(self.scalar(&input_name)?),
+            false if scheme.activations == Activations::Static => {
+                return Err(LoadError::MissingTensor {
+                    path: self.src.describe().into(),
+                    tensor: input_name,
+                });
+            }
+            false => None,
+        };
+        let w = Fp8Weight {
+            rows,
+            cols,
+            codes,
+            scale,
+            input_scale,
+        };
+        w.check().map_err(|e| self.bad(name, &e))?;
+        Ok(Some(w))
+    }
+
+    /// A one-element tensor (scalar `[]`, or `[1]`).
+    fn scalar(&self, name: &str) -> Result<f32, LoadError> {
+        let data = self.vector(name, 1)?;
+        Ok(data[0])
+    }
+
+    /// The weight scales of `module` in the scheme's granularity, shape-checked.
+    fn weight_scale(
+        &self,
+        scheme: &Fp8Scheme,
+        module: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Fp8Scale, LoadError> {
+        let name = scheme.weight_scale_name(module);
+        let info = self
+            .src
+            .info(&name)
+            .ok_or_else(|| LoadError::MissingTensor {
+                path: self.src.describe().into(),
+                tensor: name.clone(),
+            })?;
+        let shape = info.shape;
+        let numel: usize = shape.iter().product();
+        let (ok, expected) = match scheme.weights {
+            WeightScales::Tensor => (numel == 1, vec![1]),
+            WeightScales::Channel => (
+                shape == [rows, 1] || shape == [rows] || (rows == 1 && numel == 1),
+                vec![rows, 1],
+            ),
+            WeightScales::Block { rows: br, cols: bc } => {
+                let grid = vec![rows.div_ceil(br), cols.div_ceil(bc)];
+                (shape == grid, grid)
+            }
+        };
+        if !ok {
+            return Err(LoadError::ShapeMismatch {
+                path: self.src.describe().into(),
+                tensor: name,
+                expected,
+                actual: shape,
+            });
+        }
+        let data = self.src.get(&name, Shard::Replicated)?.data;
+        Ok(match scheme.weights {
+            WeightScales::Tensor => Fp8Scale::Tensor(data[0]),
+            WeightScales::Channel => Fp8Scale::Channel(data),
+            WeightScales::Block { rows: br, cols: bc } => Fp8Scale::Block {
+                block: (br, bc),
+                scales: data,
+            },
+        })
+    }
+
+    /// Row-concatenation of the linears `names[j]: [rows[j], cols]`: FP8 when every part is
+    /// stored in FP8 and their scales share one form (`Fp8Weight::concat_rows`), else dense (FP8
+    /// parts dequantized exactly).
+    fn linear_rows(
+        &self,
+        names: &[String],
+        rows: &[usize],
+        cols: usize,
+    ) -> Result<Linear, LoadError> {
+        let mut parts = Vec::with_capacity(names.len());
+        for (name, &r) in names.iter().zip(rows) {
+            parts.push(self.fp8_part(name, r, cols)?);
+        }
+        if parts.iter().all(Option::is_none) {
+            return self.matrix(names, rows, cols).map(Linear::Dense);
+        }
+        if let Some(all) = parts.iter().cloned().collect::<Option<Vec<Fp8Weight>>>() {
+            if let Some(w) = Fp8Weight::concat_rows(&all) {
+                return Ok(Linear::Fp8(w));
+            }
+        }
+        let total: usize = rows.iter().sum();
+        let mut data = Vec::with_capacity(total * cols);
+        for (name, part) in names.iter().zip(parts) {
+            match part {
+                Some(w) => data.extend(w.dequantize()),
+                None => data.extend(self.src.get(name, Shard::Replicated)?.data),
+            }
+        }
+        self.weight_from_f32(&names.join("+"), total, cols, data)
+            .map(Linear::Dense)
+    }
+
+    /// The row order of layer `i`'s fused qkv tensor (None: separate tensors, or already q | k | v).
+    fn qkv_order(&self) -> Option<Vec<usize>> {
+        let spec = self.spec();
+        match spec.qkv {
+            QkvLayout::Separate => None,
+            QkvLayout::Fused { layout } => {
+                fused_qkv_source_rows(layout, spec.num_heads, spec.num_kv_heads, spec.head_dim)
+            }
+        }
+    }
+
+    /// q | k | v weight `[q_dim + 2 * kv_dim, hidden]`, from separate or fused tensors.
+    fn qkv(&self, i: usize) -> Result<Linear, LoadError> {
         use LayerTensor::*;
         let spec = self.spec();
         let (h, q, kv) = (spec.hidden_size, spec.q_dim(), spec.kv_dim());
-        let layout = match spec.qkv {
-            QkvLayout::Separate => {
-                let names = [
-                    self.layer_name(i, Q)?,
-                    self.layer_name(i, K)?,
-                    self.layer_name(i, V)?,
-                ];
-                let weight = if self.arch.names.transposed_linears() {
-                    let mut data = Vec::with_capacity((q + 2 * kv) * h);
-                    for (name, rows) in names.iter().zip([q, kv, kv]) {
-                        data.extend(self.read_transposed(name, rows, h)?);
-                    }
-                    self.weight_from_f32(&names.join("+"), q + 2 * kv, h, data)?
-                } else {
-                    self.matrix(&names, &[q, kv, kv], h)?
-                };
-                let bias =
-                    self.opt_bias(spec.biases.qkv, &[(q, QBias), (kv, KBias), (kv, VBias)], i)?;
-                return Ok((weight, bias));
+        let transposed = self.arch.names.transposed_linears();
+        if spec.qkv == QkvLayout::Separate {
+            let names = [
+                self.layer_name(i, Q)?,
+                self.layer_name(i, K)?,
+                self.layer_name(i, V)?,
+            ];
+            if transposed {
+                let mut data = Vec::with_capacity((q + 2 * kv) * h);
+                for (name, rows) in names.iter().zip([q, kv, kv]) {
+                    data.extend(self.read_transposed(name, rows, h)?);
+                }
+                return self
+                    .weight_from_f32(&names.join("+"), q + 2 * kv, h, data)
+                    .map(Linear::Dense);
             }
-            QkvLayout::Fused { layout } => layout,
-        };
+            return self.linear_rows(&names, &[q, kv, kv], h);
+        }
         let total = q + 2 * kv;
         let name = self.layer_name(i, Qkv)?;
-        let order = fused_qkv_source_rows(layout, spec.num_heads, spec.num_kv_heads, spec.head_dim);
-        let weight = match (&order, self.arch.names.transposed_linears()) {
+        let order = self.qkv_order();
+        if transposed {
+            let data = self.read_transposed(&name, total, h)?;
+            let data = match &order {
+                Some(rows) => gather_rows(&data, h, rows),
+                None => data,
+            };
+            return self
+                .weight_from_f32(&name, total, h, data)
+                .map(Linear::Dense);
+        }
+        let Some(order) = order else {
             // Already q | k | v: keeps quantized GGUF tensors compact.
-            (None, false) => self.matrix(std::slice::from_ref(&name), &[total], h)?,
-            (_, transposed) => {
-                let data = if transposed {
-                    self.read_transposed(&name, total, h)?
-                } else {
-                    self.check_shape(&name, &[total, h])?;
-                    self.src.get(&name, Shard::Replicated)?.data
-                };
-                let data = match &order {
-                    Some(rows) => gather_rows(&data, h, rows),
-                    None => data,
-                };
-                self.weight_from_f32(&name, total, h, data)?
-            }
+            return self.linear_rows(std::slice::from_ref(&name), &[total], h);
         };
-        let bias = if spec.biases.qkv {
-            let b = self.vector(&self.layer_name(i, QkvBias)?, total)?;
-            Some(match &order {
-                Some(rows) => gather_rows(&b, 1, rows),
-                None => b,
-            })
-        } else {
-            None
-        };
-        Ok((weight, bias))
+        if let Some(w) = self.fp8_part(&name, total, h)? {
+            // Scales follow their rows; block tiles cannot be re-ordered: dequantize those.
+            return match w.gather_rows(&order) {
+                Some(g) => Ok(Linear::Fp8(g)),
+                None => self
+                    .weight_from_f32(&name, total, h, gather_rows(&w.dequantize(), h, &order))
+                    .map(Linear::Dense),
+            };
+        }
+        self.check_shape(&name, &[total, h])?;
+        let data = self.src.get(&name, Shard::Replicated)?.data;
+        self.weight_from_f32(&name, total, h, gather_rows(&data, h, &order))
+            .map(Linear::Dense)
+    }
+
+    /// q | k | v bias `[q_dim + 2 * kv_dim]`, None without qkv biases.
+    fn qkv_bias(&self, i: usize) -> Result<Option<Vec<f32>>, LoadError> {
+        use LayerTensor::*;
+        let spec = self.spec();
+        let (q, kv) = (spec.q_dim(), spec.kv_dim());
+        if spec.qkv == QkvLayout::Separate {
+            return self.opt_bias(spec.biases.qkv, &[(q, QBias), (kv, KBias), (kv, VBias)], i);
+        }
+        if !spec.biases.qkv {
+            return Ok(None);
+        }
+        let b = self.vector(&self.layer_name(i, QkvBias)?, q + 2 * kv)?;
+        Ok(Some(match self.qkv_order() {
+            Some(rows) => gather_rows(&b, 1, &rows),
+            None => b,
+        }))
     }
 
     fn opt_bias(
@@ -484,39 +752,108 @@ impl Loader<'_> {
         Ok(Some(out))
     }
 
-    fn layer(&self, i: usize) -> Result<LayerWeights, LoadError> {
+    fn layer_linear(&self, i: usize, which: LayerLinear) -> Result<Linear, LoadError> {
         use LayerTensor::*;
         let spec = self.spec();
         let (h, q, inter) = (spec.hidden_size, spec.q_dim(), spec.intermediate_size);
         let name = |t| self.layer_name(i, t);
+        match which {
+            LayerLinear::Qkv => self.qkv(i),
+            LayerLinear::AttnOut => self.linear(&name(AttnOut)?, h, q),
+            LayerLinear::GateUp => match spec.mlp {
+                Mlp::Gated if self.arch.names.transposed_linears() => {
+                    let (gate, up) = (name(Gate)?, name(Up)?);
+                    let mut data = self.read_transposed(&gate, inter, h)?;
+                    data.extend(self.read_transposed(&up, inter, h)?);
+                    self.weight_from_f32(&format!("{gate}+{up}"), 2 * inter, h, data)
+                        .map(Linear::Dense)
+                }
+                Mlp::Gated => self.linear_rows(&[name(Gate)?, name(Up)?], &[inter, inter], h),
+                Mlp::Plain => self.linear(&name(Up)?, inter, h),
+            },
+            LayerLinear::Down => self.linear(&name(Down)?, h, inter),
+        }
+    }
+
+    /// The first of `candidates` the checkpoint has, read as a scalar.
+    fn first_scalar(&self, candidates: &[String]) -> Result<Option<f32>, LoadError> {
+        match candidates.iter().find(|n| self.src.contains(n)) {
+            Some(n) => self.scalar(n).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn kv_scales(&self, i: usize) -> Result<Option<KvScales>, LoadError> {
+        use LayerTensor::*;
+        let Some(scheme) = self.fp8_scheme() else {
+            return Ok(None);
+        };
+        let module = |t: LayerTensor| {
+            let fused = self.arch.names.layer(i, Qkv);
+            self.arch
+                .names
+                .layer(i, t)
+                .or(fused)
+                .map(|n| n.trim_end_matches(".weight").to_string())
+        };
+        // ModelOpt `k_proj.k_scale`, renamed `self_attn.k_scale`, compressed-tensors
+        // `k_proj.output_scale`, vLLM's `self_attn.attn.k_scale`.
+        let candidates = |proj: Option<String>, s: &str| -> Vec<String> {
+            let Some(proj) = proj else { return vec![] };
+            let parent = proj
+                .rsplit_once('.')
+                .map_or(proj.as_str(), |p| p.0)
+                .to_string();
+            vec![
+                format!("{proj}.{s}"),
+                format!("{parent}.{s}"),
+                format!("{proj}.output_scale"),
+                format!("{parent}.attn.{s}"),
+            ]
+        };
+        let (kc, vc) = (
+            candidates(module(K), "k_scale"),
+            candidates(module(V), "v_scale"),
+        );
+        let (k, v) = (self.first_scalar(&kc)?, self.first_scalar(&vc)?);
+        match (k, v) {
+            (Some(k), Some(v)) => Ok(Some(KvScales { k, v })),
+            (None, None) if !scheme.kv_cache_scales => Ok(None),
+            (k, _) => {
+                let missing = if k.is_none() { kc } else { vc };
+                Err(LoadError::MissingTensor {
+                    path: self.src.describe().into(),
+                    tensor: missing.first().cloned().unwrap_or_default(),
+                })
+            }
+        }
+    }
+
+    fn layer(&self, i: usize) -> Result<LayerWeights, LoadError> {
+        use LayerTensor::*;
+        let spec = self.spec();
+        let (h, inter) = (spec.hidden_size, spec.intermediate_size);
         let attn_norm = self.norm_layer(i, AttnNorm, AttnNormBias)?;
         let mlp_norm = match spec.residual {
             Residual::Parallel { shared_norm: true } => None,
             _ => Some(self.norm_layer(i, MlpNorm, MlpNormBias)?),
         };
-        let (qkv, qkv_bias) = self.qkv(i)?;
-        let attn_out = self.linear(&name(AttnOut)?, h, q)?;
-        let attn_out_bias = self.opt_bias(spec.biases.attn_out, &[(h, AttnOutBias)], i)?;
-        let (gate_up, gate_up_bias) = match spec.mlp {
-            Mlp::Gated if self.arch.names.transposed_linears() => {
-                let (gate, up) = (name(Gate)?, name(Up)?);
-                let mut data = self.read_transposed(&gate, inter, h)?;
-                data.extend(self.read_transposed(&up, inter, h)?);
-                (
-                    self.weight_from_f32(&format!("{gate}+{up}"), 2 * inter, h, data)?,
-                    self.opt_bias(spec.biases.mlp, &[(inter, GateBias), (inter, UpBias)], i)?,
-                )
-            }
-            Mlp::Gated => (
-                self.matrix(&[name(Gate)?, name(Up)?], &[inter, inter], h)?,
-                self.opt_bias(spec.biases.mlp, &[(inter, GateBias), (inter, UpBias)], i)?,
-            ),
-            Mlp::Plain => (
-                self.linear(&name(Up)?, inter, h)?,
-                self.opt_bias(spec.biases.mlp, &[(inter, UpBias)], i)?,
-            ),
+        let weight = |which: LayerLinear| {
+            let w = self.layer_linear(i, which)?;
+            self.to_format(&format!("layer {i} {which:?}"), w)
         };
-        let down = self.linear(&name(Down)?, h, inter)?;
+        let qkv = weight(LayerLinear::Qkv)?;
+        let qkv_bias = self.qkv_bias(i)?;
+        let attn_out = weight(LayerLinear::AttnOut)?;
+        let attn_out_bias = self.opt_bias(spec.biases.attn_out, &[(h, AttnOutBias)], i)?;
+        let gate_up = weight(LayerLinear::GateUp)?;
+        let gate_up_bias = match spec.mlp {
+            Mlp::Gated => {
+                self.opt_bias(spec.biases.mlp, &[(inter, GateBias), (inter, UpBias)], i)?
+            }
+            Mlp::Plain => self.opt_bias(spec.biases.mlp, &[(inter, UpBias)], i)?,
+        };
+        let down = weight(LayerLinear::Down)?;
         let down_bias = self.opt_bias(spec.biases.mlp, &[(h, DownBias)], i)?;
         Ok(LayerWeights {
             attn_norm,
@@ -529,6 +866,7 @@ impl Loader<'_> {
             gate_up_bias,
             down,
             down_bias,
+            kv_scales: self.kv_scales(i)?,
         })
     }
 }

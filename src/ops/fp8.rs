@@ -1,7 +1,9 @@
 //! FP8 E4M3 (the `float8_e4m3fn` of PyTorch, safetensors `F8_E4M3` and cuBLASLt `CUDA_R_8F_E4M3`)
-//! on the host: the codec and per-output-channel weight quantization. This is the reference the
-//! FP8 GPU path is checked against ("FP8 against the dequantized model") and what loads FP8
-//! checkpoints on the CPU.
+//! on the host: the codec, per-output-channel weight quantization, and `Fp8Weight`, the form a
+//! pre-quantized checkpoint's linear is loaded in (codes plus per-tensor, per-channel or block
+//! scales), with its exact dequantization and the row concatenation / re-ordering of fused
+//! layers. This is the reference the FP8 GPU path is checked against ("FP8 against the
+//! dequantized model") and what loads FP8 checkpoints on the CPU.
 //!
 //! ```text
 //!   bit 7: sign | bits 6..3: exponent, bias 7 | bits 2..0: mantissa
@@ -119,6 +121,184 @@ impl Fp8Rows {
     }
 }
 
+/// How an FP8 weight's codes are scaled back to real values (every scale multiplies:
+/// `w = e4m3_to_f32(code) * scale`, the checkpoint's `weight_scale` / `weight_scale_inv`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fp8Scale {
+    /// One scale for the whole matrix (compressed-tensors `tensor`, ModelOpt, AutoFP8).
+    Tensor(f32),
+    /// One scale per output row: `[rows]` (compressed-tensors `channel`, fbgemm). Also the form
+    /// of a fused weight whose shards (q | k | v, gate | up) each had their own per-tensor scale.
+    Channel(Vec<f32>),
+    /// One scale per `block.0 x block.1` tile: `[ceil(rows / block.0), ceil(cols / block.1)]`
+    /// row-major; the last row and column of tiles may be ragged (DeepSeek's `weight_block_size`,
+    /// compressed-tensors `block`).
+    Block {
+        /// Tile size (rows, cols).
+        block: (usize, usize),
+        /// `[ceil(rows / block.0), ceil(cols / block.1)]`, row-major.
+        scales: Vec<f32>,
+    },
+}
+
+/// A linear weight `[rows, cols]` (out, in) as an FP8 checkpoint stores it: E4M3 codes, their
+/// scales and the static activation scale, if any. What the loader hands on for a quantized
+/// linear: the CPU engine dequantizes it (`dequantize`), an FP8 GPU GEMM can take it as it is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fp8Weight {
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+    /// [rows, cols] E4M3 codes, row-major.
+    pub codes: Vec<u8>,
+    /// The dequantization scales of `codes`.
+    pub scale: Fp8Scale,
+    /// The static per-tensor activation scale (`input_scale`); None for dynamic activations. A
+    /// fused weight keeps the largest of its shards' (what vLLM and TensorRT-LLM do).
+    pub input_scale: Option<f32>,
+}
+
+impl Fp8Weight {
+    /// The scale of element (`r`, `c`).
+    fn scale_at(&self, r: usize, c: usize) -> f32 {
+        match &self.scale {
+            Fp8Scale::Tensor(s) => *s,
+            Fp8Scale::Channel(s) => s[r],
+            Fp8Scale::Block { block, scales } => {
+                scales[(r / block.0) * self.cols.div_ceil(block.1) + c / block.1]
+            }
+        }
+    }
+
+    /// Whether `scale` has the number of entries `rows` and `cols` need; the message says what
+    /// it has and what was expected.
+    pub fn check(&self) -> Result<(), String> {
+        if self.codes.len() != self.rows * self.cols {
+            return Err(format!(
+                "{} codes for a [{}, {}] weight",
+                self.codes.len(),
+                self.rows,
+                self.cols
+            ));
+        }
+        let (have, want) = match &self.scale {
+            Fp8Scale::Tensor(_) => return Ok(()),
+            Fp8Scale::Channel(s) => (s.len(), self.rows),
+            Fp8Scale::Block { block, scales } => {
+                if block.0 == 0 || block.1 == 0 {
+                    return Err(format!("block size {block:?} has a zero side"));
+                }
+                (
+                    scales.len(),
+                    self.rows.div_ceil(block.0) * self.cols.div_ceil(block.1),
+                )
+            }
+        };
+        match have == want {
+            true => Ok(()),
+            false => Err(format!(
+                "{have} scales where a [{}, {}] weight needs {want}",
+                self.rows, self.cols
+            )),
+        }
+    }
+
+    /// The weight in f32, exactly: each element is `e4m3_to_f32(code) * scale` rounded once to
+    /// f32 (the E4M3 value is exact in f32, so this is the checkpoint's value to f32 precision).
+    // Returns [rows, cols], row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.codes.len());
+        for (r, row) in self.codes.chunks(self.cols.max(1)).enumerate() {
+            out.extend(
+                row.iter()
+                    .enumerate()
+                    .map(|(c, &code)| e4m3_to_f32(code) * self.scale_at(r, c)),
+            );
+        }
+        out
+    }
+
+    /// The row-concatenation of `parts` (fused q | k | v, gate | up), each keeping its own
+    /// scales: per-tensor scales become per-row (`Channel`) unless all parts share one. None when
+    /// the parts cannot share one representation: different widths, or block scales whose tiles
+    /// would straddle two parts (a part other than the last whose rows are not a multiple of the
+    /// tile height), or block scales mixed with other forms.
+    pub fn concat_rows(parts: &[Fp8Weight]) -> Option<Fp8Weight> {
+        let first = parts.first()?;
+        let cols = first.cols;
+        if parts.iter().any(|p| p.cols != cols) {
+            return None;
+        }
+        let rows = parts.iter().map(|p| p.rows).sum();
+        let codes = parts.iter().flat_map(|p| p.codes.iter().copied()).collect();
+        let input_scale = parts.iter().filter_map(|p| p.input_scale).reduce(f32::max);
+        let scale = match &first.scale {
+            Fp8Scale::Tensor(s0) if parts.iter().all(|p| p.scale == Fp8Scale::Tensor(*s0)) => {
+                Fp8Scale::Tensor(*s0)
+            }
+            Fp8Scale::Block { block, .. } => {
+                // Every part but the last must end on a tile boundary.
+                let mut all = Vec::new();
+                for (j, p) in parts.iter().enumerate() {
+                    let whole_tiles = j + 1 == parts.len() || p.rows % block.0 == 0;
+                    match &p.scale {
+                        Fp8Scale::Block { block: b, scales } if b == block && whole_tiles => {
+                            all.extend_from_slice(scales)
+                        }
+                        _ => return None,
+                    }
+                }
+                Fp8Scale::Block {
+                    block: *block,
+                    scales: all,
+                }
+            }
+            _ => {
+                let mut all = Vec::with_capacity(rows);
+                for p in parts {
+                    match &p.scale {
+                        Fp8Scale::Tensor(s) => all.extend(std::iter::repeat_n(*s, p.rows)),
+                        Fp8Scale::Channel(s) => all.extend_from_slice(s),
+                        Fp8Scale::Block { .. } => return None,
+                    }
+                }
+                Fp8Scale::Channel(all)
+            }
+        };
+        Some(Fp8Weight {
+            rows,
+            cols,
+            codes,
+            scale,
+            input_scale,
+        })
+    }
+
+    /// The weight whose row `i` is row `src_rows[i]` of this one (a fused checkpoint tensor
+    /// re-ordered into q | k | v), scales following their rows. None for block scales (a
+    /// re-ordering that splits tiles has no block form).
+    pub fn gather_rows(&self, src_rows: &[usize]) -> Option<Fp8Weight> {
+        let scale = match &self.scale {
+            Fp8Scale::Tensor(s) => Fp8Scale::Tensor(*s),
+            Fp8Scale::Channel(s) => Fp8Scale::Channel(src_rows.iter().map(|&r| s[r]).collect()),
+            Fp8Scale::Block { .. } => return None,
+        };
+        let cols = self.cols;
+        let codes = src_rows
+            .iter()
+            .flat_map(|&r| self.codes[r * cols..(r + 1) * cols].iter().copied())
+            .collect();
+        Some(Fp8Weight {
+            rows: src_rows.len(),
+            cols,
+            codes,
+            scale,
+            input_scale: self.input_scale,
+        })
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -215,5 +395,107 @@ mod tests {
         // An all-zero row gets scale 1 and zero codes.
         let z = Fp8Rows::quantize(&[0.0; 8], 1, 8);
         assert_eq!((z.scales[0], z.codes.iter().all(|&c| c == 0)), (1.0, true));
+    }
+
+    fn weight(rows: usize, cols: usize, scale: Fp8Scale) -> Fp8Weight {
+        Fp8Weight {
+            rows,
+            cols,
+            codes: (0..rows * cols).map(|i| (i % 0x70) as u8).collect(),
+            scale,
+            input_scale: None,
+        }
+    }
+
+    #[test]
+    fn dequantize_applies_each_scale_form() {
+        let codes_f32 = |w: &Fp8Weight| w.codes.iter().map(|&c| e4m3_to_f32(c)).collect::<Vec<_>>();
+        let t = weight(3, 5, Fp8Scale::Tensor(0.5));
+        assert_eq!(
+            t.dequantize(),
+            codes_f32(&t).iter().map(|v| v * 0.5).collect::<Vec<_>>()
+        );
+        let ch = weight(3, 5, Fp8Scale::Channel(vec![1.0, 2.0, 3.0]));
+        let d = ch.dequantize();
+        for r in 0..3 {
+            for c in 0..5 {
+                assert_eq!(
+                    d[r * 5 + c],
+                    e4m3_to_f32(ch.codes[r * 5 + c]) * (r + 1) as f32
+                );
+            }
+        }
+        // 5 x 7 in 2 x 3 tiles: 3 x 3 tiles, the last row and column ragged.
+        let scales: Vec<f32> = (0..9).map(|i| 1.0 + i as f32).collect();
+        let b = weight(
+            5,
+            7,
+            Fp8Scale::Block {
+                block: (2, 3),
+                scales: scales.clone(),
+            },
+        );
+        b.check().unwrap();
+        let d = b.dequantize();
+        for r in 0..5 {
+            for c in 0..7 {
+                let s = scales[(r / 2) * 3 + c / 3];
+                assert_eq!(d[r * 7 + c], e4m3_to_f32(b.codes[r * 7 + c]) * s);
+            }
+        }
+        let bad = weight(
+            5,
+            7,
+            Fp8Scale::Block {
+                block: (2, 3),
+                scales: vec![1.0; 6],
+            },
+        );
+        assert!(bad.check().unwrap_err().contains("6 scales"));
+    }
+
+    #[test]
+    fn concat_keeps_each_shards_scale_on_its_rows() {
+        let q = Fp8Weight {
+            input_scale: Some(0.5),
+            ..weight(2, 4, Fp8Scale::Tensor(2.0))
+        };
+        let k = Fp8Weight {
+            input_scale: Some(0.75),
+            ..weight(1, 4, Fp8Scale::Tensor(3.0))
+        };
+        let v = weight(1, 4, Fp8Scale::Channel(vec![5.0]));
+        let fused = Fp8Weight::concat_rows(&[q.clone(), k.clone(), v.clone()]).unwrap();
+        assert_eq!(fused.scale, Fp8Scale::Channel(vec![2.0, 2.0, 3.0, 5.0]));
+        assert_eq!(fused.input_scale, Some(0.75));
+        let mut want = q.dequantize();
+        want.extend(k.dequantize());
+        want.extend(v.dequantize());
+        assert_eq!(fused.dequantize(), want);
+        // Equal per-tensor scales stay one scale.
+        let same = Fp8Weight::concat_rows(&[q.clone(), q.clone()]).unwrap();
+        assert_eq!(same.scale, Fp8Scale::Tensor(2.0));
+        // Block tiles: aligned parts concatenate, a ragged part does not.
+        let blk = |rows| {
+            weight(
+                rows,
+                4,
+                Fp8Scale::Block {
+                    block: (2, 4),
+                    scales: vec![1.5; rows.div_ceil(2)],
+                },
+            )
+        };
+        let ok = Fp8Weight::concat_rows(&[blk(2), blk(3)]).unwrap();
+        assert_eq!(ok.dequantize().len(), 20);
+        assert!(Fp8Weight::concat_rows(&[blk(3), blk(2)]).is_none());
+    }
+
+    #[test]
+    fn gather_moves_channel_scales_with_their_rows() {
+        let w = weight(3, 2, Fp8Scale::Channel(vec![1.0, 2.0, 4.0]));
+        let g = w.gather_rows(&[2, 0, 1]).unwrap();
+        assert_eq!(g.scale, Fp8Scale::Channel(vec![4.0, 1.0, 2.0]));
+        assert_eq!(&g.dequantize()[..2], &w.dequantize()[4..6]);
     }
 }

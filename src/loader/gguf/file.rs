@@ -18,7 +18,7 @@ use super::quants::{DequantError, GgmlType, convert_to_q8, dequantize};
 use crate::loader::mmap::{FileBytes, memory_label};
 use crate::loader::shard::{Run, plan_shard};
 use crate::loader::{
-    HostTensor, LoadError, Q8Tensor, Shard, SourceDType, TensorInfo, TensorSource,
+    E4m3Tensor, HostTensor, LoadError, Q8Tensor, Shard, SourceDType, TensorInfo, TensorSource,
 };
 use crate::tensor::{BlockQ8, QK};
 
@@ -255,6 +255,12 @@ impl TensorSource for GgufFile {
             shape: plan.shape,
             data,
         })
+    }
+
+    fn get_e4m3(&self, name: &str, _shard: Shard) -> Result<E4m3Tensor, LoadError> {
+        // GGUF has no FP8 type.
+        let info = self.entry(name)?;
+        Err(self.unsupported(info))
     }
 
     fn get_q8(&self, name: &str, shard: Shard) -> Result<Option<Q8Tensor>, LoadError> {

@@ -15,6 +15,7 @@ use serde_json::Value;
 use super::{ArchInfo, GgufMeta, GlobalTensor, HfConfig, LayerTensor, TensorNames};
 use crate::loader::gguf::MetadataValue;
 use crate::model::ModelError;
+use crate::model::quant::Quantization;
 use crate::model::spec::{
     Activation, Biases, DecoderSpec, FusedQkv, Mlp, Norm, PosEmbedding, QkvLayout, Residual,
 };
@@ -126,6 +127,7 @@ pub fn from_hf(config: &Value) -> Result<ArchInfo, ModelError> {
     Ok(ArchInfo {
         spec,
         names: TensorNames::HfBloom,
+        quant: Quantization::None,
     })
 }
 
@@ -151,5 +153,6 @@ pub fn from_gguf(md: &BTreeMap<String, MetadataValue>) -> Result<ArchInfo, Model
     Ok(ArchInfo {
         spec,
         names: TensorNames::Gguf,
+        quant: Quantization::None,
     })
 }

@@ -26,6 +26,7 @@ use super::llama::hf_rope;
 use super::{ArchInfo, GgufMeta, GlobalTensor, HfConfig, LayerTensor, TensorNames};
 use crate::loader::gguf::MetadataValue;
 use crate::model::ModelError;
+use crate::model::quant::Quantization;
 use crate::model::spec::{
     Activation, Biases, DecoderSpec, FusedQkv, Mlp, Norm, PosEmbedding, QkvLayout, Residual, Rope,
     RopeScaling, RopeStyle,
@@ -199,6 +200,7 @@ pub fn from_hf(model_type: &str, config: &Value) -> Result<ArchInfo, ModelError>
     Ok(ArchInfo {
         spec,
         names: TensorNames::HfFalcon { ln_attn_mlp },
+        quant: Quantization::None,
     })
 }
 
@@ -231,5 +233,6 @@ pub fn from_gguf(md: &BTreeMap<String, MetadataValue>) -> Result<ArchInfo, Model
     Ok(ArchInfo {
         spec,
         names: TensorNames::GgufFalcon,
+        quant: Quantization::None,
     })
 }

@@ -16,6 +16,7 @@ use serde_json::Value;
 use super::{ArchInfo, GgufMeta, GlobalTensor, HfConfig, LayerTensor, TensorNames};
 use crate::loader::gguf::MetadataValue;
 use crate::model::ModelError;
+use crate::model::quant::Quantization;
 use crate::model::spec::{
     Activation, Biases, DecoderSpec, FusedQkv, Mlp, Norm, PosEmbedding, QkvLayout, Residual,
 };
@@ -131,6 +132,7 @@ pub fn from_hf(config: &Value) -> Result<ArchInfo, ModelError> {
     Ok(ArchInfo {
         spec,
         names: TensorNames::HfGpt2,
+        quant: Quantization::None,
     })
 }
 
@@ -154,5 +156,6 @@ pub fn from_gguf(md: &BTreeMap<String, MetadataValue>) -> Result<ArchInfo, Model
     Ok(ArchInfo {
         spec,
         names: TensorNames::Gguf,
+        quant: Quantization::None,
     })
 }

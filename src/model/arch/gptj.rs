@@ -12,6 +12,7 @@ use serde_json::Value;
 use super::{ArchInfo, GgufMeta, GlobalTensor, HfConfig, LayerTensor, TensorNames};
 use crate::loader::gguf::MetadataValue;
 use crate::model::ModelError;
+use crate::model::quant::Quantization;
 use crate::model::spec::{
     Activation, Biases, DecoderSpec, Mlp, Norm, PosEmbedding, QkvLayout, Residual, Rope,
     RopeScaling, RopeStyle,
@@ -124,6 +125,7 @@ pub fn from_hf(config: &Value) -> Result<ArchInfo, ModelError> {
     Ok(ArchInfo {
         spec,
         names: TensorNames::HfGptJ,
+        quant: Quantization::None,
     })
 }
 
@@ -150,5 +152,6 @@ pub fn from_gguf(md: &BTreeMap<String, MetadataValue>) -> Result<ArchInfo, Model
     Ok(ArchInfo {
         spec,
         names: TensorNames::Gguf,
+        quant: Quantization::None,
     })
 }

@@ -15,6 +15,7 @@ use serde_json::Value;
 use super::{ArchInfo, GgufMeta, GlobalTensor, HfConfig, LayerTensor, TensorNames};
 use crate::loader::gguf::MetadataValue;
 use crate::model::ModelError;
+use crate::model::quant::Quantization;
 use crate::model::spec::{
     Activation, Biases, DecoderSpec, Mlp, Norm, PosEmbedding, QkvLayout, Residual, Rope,
     RopeScaling, RopeStyle,
@@ -114,6 +115,7 @@ pub fn from_hf(model_type: &str, config: &Value) -> Result<ArchInfo, ModelError>
     Ok(ArchInfo {
         spec,
         names: TensorNames::HfLlama,
+        quant: Quantization::None,
     })
 }
 
@@ -242,5 +244,6 @@ pub fn from_gguf(arch: &str, md: &BTreeMap<String, MetadataValue>) -> Result<Arc
     Ok(ArchInfo {
         spec,
         names: TensorNames::Gguf,
+        quant: Quantization::None,
     })
 }

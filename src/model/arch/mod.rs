@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use crate::loader::gguf::MetadataValue;
 use crate::model::ModelError;
+use crate::model::quant::Quantization;
 use crate::model::spec::{Activation, DecoderSpec};
 
 pub mod bloom;
@@ -219,7 +220,8 @@ fn gguf_layer(t: LayerTensor) -> Option<&'static str> {
     })
 }
 
-/// An architecture recognized from a checkpoint: its spec and how its tensors are named.
+/// An architecture recognized from a checkpoint: its spec, how its tensors are named and how its
+/// linears are stored.
 #[derive(Debug, Clone)]
 pub struct ArchInfo {
     /// The model as data, from the checkpoint's config (fixed up from the tensors present by
@@ -227,6 +229,9 @@ pub struct ArchInfo {
     pub spec: DecoderSpec,
     /// How the checkpoint names its tensors.
     pub names: TensorNames,
+    /// How its linear weights are stored: plain, or pre-quantized FP8 with scales (set by
+    /// `Checkpoint::open` from the checkpoint's config files; `from_hf_config` leaves it None).
+    pub quant: Quantization,
 }
 
 /// Hugging Face `model_type`s ferrum loads.

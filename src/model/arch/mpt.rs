@@ -22,6 +22,7 @@ use super::{ArchInfo, GgufMeta, GlobalTensor, HfConfig, LayerTensor, TensorNames
 use crate::loader::TensorSource;
 use crate::loader::gguf::MetadataValue;
 use crate::model::ModelError;
+use crate::model::quant::Quantization;
 use crate::model::spec::{
     Activation, Biases, DecoderSpec, FusedQkv, Mlp, Norm, PosEmbedding, QkvLayout, Residual,
 };
@@ -167,6 +168,7 @@ pub fn from_hf(config: &Value) -> Result<ArchInfo, ModelError> {
     Ok(ArchInfo {
         spec,
         names: TensorNames::HfMpt,
+        quant: Quantization::None,
     })
 }
 
@@ -223,6 +225,7 @@ pub fn from_gguf(md: &BTreeMap<String, MetadataValue>) -> Result<ArchInfo, Model
     Ok(ArchInfo {
         spec,
         names: TensorNames::Gguf,
+        quant: Quantization::None,
     })
 }
 

@@ -1,0 +1,106 @@
+//! The cuBLASLt side of a product: the library handle, its error and dtype mappings, and the
+//! matmul call that runs a planned product (`Gemm::run_lt`). Planning is `plan`'s job.
+
+use std::ffi::c_void;
+
+use cudarc::cublaslt::{result as lt, sys as lt_sys};
+use cudarc::driver::{DevicePtr, DevicePtrMut};
+
+use super::plan::LtPlan;
+use super::{Gemm, GemmShape, describe};
+use crate::cuda::buffer::{DeviceBuffer, FloatElem};
+use crate::cuda::error::{CudaError, CudaLibrary};
+use crate::dtype::DType;
+
+pub(super) fn lt_data_type(dtype: DType) -> lt_sys::cudaDataType {
+    match dtype {
+        DType::F32 => lt_sys::cudaDataType_t::CUDA_R_32F,
+        DType::F16 => lt_sys::cudaDataType_t::CUDA_R_16F,
+        DType::BF16 => lt_sys::cudaDataType_t::CUDA_R_16BF,
+    }
+}
+
+pub(super) fn lt_error(call: &'static str, what: &str, e: lt::CublasError) -> CudaError {
+    CudaError::Blas {
+        library: CudaLibrary::CublasLt,
+        call,
+        what: what.to_owned(),
+        status: format!("{:?}", e.0),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Owner of the cuBLASLt handle (`plan` owns the other cuBLASLt objects, `blas` the cuBLAS
+// handle): destroys it exactly once, on drop. A failure to destroy leaks it; there is nothing
+// better to do in a destructor.
+
+pub(super) struct LtHandle(pub(super) lt_sys::cublasLtHandle_t);
+
+impl Drop for LtHandle {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from `cublasLtCreate` and is destroyed only here.
+        let _ = unsafe { lt::destroy_handle(self.0) };
+    }
+}
+
+impl Gemm {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn run_lt<T: FloatElem>(
+        &self,
+        plan: &LtPlan,
+        y: &mut DeviceBuffer<T>,
+        x: &DeviceBuffer<T>,
+        w: &DeviceBuffer<T>,
+        bias: Option<&DeviceBuffer<T>>,
+        dtype: DType,
+        shape: GemmShape,
+    ) -> Result<(), CudaError> {
+        let what = describe(dtype, shape, bias.is_some());
+        let stream = &self.stream;
+        if let Some(b) = bias {
+            let (bias_ptr, _guard) = b.slice.device_ptr(stream);
+            // SAFETY: the plan's descriptor is live and used under the lock; the attribute takes
+            // a device pointer (8 bytes), copied by cuBLASLt; the bias holds n elements of the
+            // plan's dtype (checked by `linear_with`).
+            unsafe {
+                lt::set_matmul_desc_attribute(
+                    plan.desc.0,
+                    lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                    (&bias_ptr as *const u64).cast(),
+                    std::mem::size_of::<u64>(),
+                )
+            }
+            .map_err(|e| lt_error("cublasLtMatmulDescSetAttribute", &what, e))?;
+        }
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (w_ptr, _gw) = w.slice.device_ptr(stream);
+        let (x_ptr, _gx) = x.slice.device_ptr(stream);
+        let (y_ptr, _gy) = y.slice.device_ptr_mut(stream);
+        let (ws_ptr, _gws) = self.workspace.device_ptr(stream);
+        // SAFETY: the plan's layouts describe w ([n, k]), x ([m, k]) and y ([m, n]) of `shape`,
+        // whose lengths `linear_with` checked; alpha/beta are f32 as the descriptor's scale type;
+        // the workspace holds `workspace.len()` bytes, the size the heuristic was given; all
+        // buffers live on this Gemm's device and the call is ordered on its stream.
+        unsafe {
+            lt::matmul(
+                self.lt.0,
+                plan.desc.0,
+                (&alpha as *const f32).cast(),
+                (&beta as *const f32).cast(),
+                w_ptr as *const c_void,
+                plan.a.0,
+                x_ptr as *const c_void,
+                plan.b.0,
+                y_ptr as *const c_void,
+                plan.c.0,
+                y_ptr as *mut c_void,
+                plan.c.0,
+                &plan.algo,
+                ws_ptr as *mut c_void,
+                self.workspace.len(),
+                stream.cu_stream() as lt_sys::cudaStream_t,
+            )
+        }
+        .map_err(|e| lt_error("cublasLtMatmul", &what, e))
+    }
+}

@@ -7,14 +7,14 @@ use super::{KvScales, Linear};
 use crate::loader::{LoadError, Shard, SourceDType};
 use crate::model::arch::LayerTensor;
 use crate::model::quant::{Activations, Fp8Scheme, Quantization, WeightScales};
-use crate::ops::fp8::{Fp8Scale, Fp8Weight};
+use crate::ops::fp8::{Fp8Rows, Fp8Scale, Fp8Weight};
 
 impl Loader<'_> {
     /// The FP8 scheme of the checkpoint, if it has one.
     pub(super) fn fp8_scheme(&self) -> Option<&Fp8Scheme> {
         match &self.arch.quant {
             Quantization::Fp8(s) => Some(s),
-            Quantization::None => None,
+            Quantization::None | Quantization::Fp8Online => None,
         }
     }
 
@@ -216,6 +216,22 @@ impl Loader<'_> {
                     tensor: missing.first().cloned().unwrap_or_default(),
                 })
             }
+        }
+    }
+
+    /// `w` quantized to FP8 E4M3 per output channel (amax / 448) when the checkpoint is
+    /// quantized at load; anything else as it is.
+    pub(super) fn quantize_online(&self, w: Linear) -> Linear {
+        match (&self.arch.quant, w) {
+            (Quantization::Fp8Online, Linear::Dense(d)) if d.cols() > 0 => {
+                let (rows, cols) = (d.rows(), d.cols());
+                let mut data = vec![0f32; rows * cols];
+                for (r, out) in data.chunks_mut(cols).enumerate() {
+                    d.row_to_f32(r, out);
+                }
+                Linear::Fp8(Fp8Weight::from(Fp8Rows::quantize(&data, rows, cols)))
+            }
+            (_, w) => w,
         }
     }
 }

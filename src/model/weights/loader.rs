@@ -322,7 +322,15 @@ impl Loader<'_> {
         Ok(Some(out))
     }
 
+    /// Linear `which` of layer `i`: as stored, or quantized to FP8 when the checkpoint is
+    /// quantized at load (`Quantization::Fp8Online`).
     pub(super) fn layer_linear(&self, i: usize, which: LayerLinear) -> Result<Linear, LoadError> {
+        self.stored_linear(i, which)
+            .map(|w| self.quantize_online(w))
+    }
+
+    /// Linear `which` of layer `i` as the checkpoint stores it.
+    fn stored_linear(&self, i: usize, which: LayerLinear) -> Result<Linear, LoadError> {
         use LayerTensor::*;
         let spec = self.spec();
         let (h, q, inter) = (spec.hidden_size, spec.q_dim(), spec.intermediate_size);

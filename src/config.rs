@@ -14,6 +14,7 @@ use crate::dtype::DType;
 use crate::engine::{Device, EngineOptions};
 use crate::executor::cuda::CudaExecOptions;
 use crate::kv_cache::KvCacheOptions;
+use crate::model::quant::QuantizationOption;
 use crate::ops::linear::WeightFormat;
 use crate::request::SamplingParams;
 use crate::scheduler::{BatchingOptions, SchedulerPolicy};
@@ -80,6 +81,7 @@ struct RawParameters {
     gpu_device_ids: Option<String>,
     weight_format: Option<String>,
     dtype: Option<String>,
+    quantization: Option<String>,
     max_num_seqs: Option<String>,
     max_num_batched_tokens: Option<String>,
     max_tokens_in_paged_kv_cache: Option<String>,
@@ -109,6 +111,7 @@ pub const PARAMETER_KEYS: &[&str] = &[
     "gpu_device_ids",
     "weight_format",
     "dtype",
+    "quantization",
     "max_num_seqs",
     "max_num_batched_tokens",
     "max_tokens_in_paged_kv_cache",
@@ -258,6 +261,12 @@ impl BackendConfig {
                     "expected auto, f32 or q8",
                 ));
             }
+        };
+        let quantization = match raw.quantization.as_deref() {
+            None => QuantizationOption::Auto,
+            Some(s) => s
+                .parse()
+                .map_err(|_| ConfigError::invalid("quantization", s, "expected auto or fp8"))?,
         };
         let dtype = match raw.dtype.as_deref() {
             None | Some("auto") => None,
@@ -425,6 +434,7 @@ impl BackendConfig {
                 device,
                 weight_format,
                 dtype,
+                quantization,
                 max_model_len,
                 batching: BatchingOptions {
                     max_num_seqs,
@@ -614,6 +624,7 @@ mod tests {
                 ("gpu_device_ids", "2, 3"),
                 ("weight_format", "f32"),
                 ("dtype", "float16"),
+                ("quantization", "fp8"),
                 ("max_num_seqs", "8"),
                 ("max_num_batched_tokens", "512"),
                 ("max_tokens_in_paged_kv_cache", "4096"),
@@ -648,6 +659,7 @@ mod tests {
         assert_eq!(o.device, Device::Cuda { ordinal: 2 });
         assert_eq!(o.weight_format, Some(WeightFormat::F32));
         assert_eq!(o.dtype, Some(DType::F16));
+        assert_eq!(o.quantization, QuantizationOption::Fp8);
         assert_eq!(o.kv.free_gpu_mem_fraction, 0.5);
         assert_eq!(
             (
@@ -698,6 +710,10 @@ mod tests {
             (&[("cuda_warmup", "2")], &["cuda_warmup", "2"]),
             (&[("weight_format", "int4")], &["weight_format", "int4"]),
             (&[("dtype", "int8")], &["dtype", "int8", "bfloat16"]),
+            (
+                &[("quantization", "int4")],
+                &["quantization", "int4", "auto or fp8"],
+            ),
             (
                 &[("device", "cpu"), ("dtype", "bfloat16")],
                 &["dtype", "bfloat16", "CPU engine computes in float32"],

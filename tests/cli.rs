@@ -602,3 +602,36 @@ fn errors_are_clear_and_exit_nonzero() {
     ]);
     assert!(!ok && err.contains("top_p"), "{err}");
 }
+
+#[test]
+fn quantization_fp8_quantizes_at_load_and_a_bad_value_is_named() {
+    let args = |q: &'static str| {
+        vec![
+            "generate",
+            "--model",
+            "",
+            "--device",
+            "cpu",
+            "--prompt-ids",
+            "1,2,3",
+            "--max-tokens",
+            "3",
+            "--json",
+            "--quantization",
+            q,
+        ]
+    };
+    let model = tiny();
+    let run = |q| {
+        let mut a = args(q);
+        a[2] = &model;
+        ferrum(&a)
+    };
+    let (ok, out, err) = run("fp8");
+    assert!(ok, "{err}");
+    assert!(err.contains("quantized at load"), "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(v["output_ids"].as_array().unwrap().len(), 3, "{out}");
+    let (ok, _, err) = run("int4");
+    assert!(!ok && err.contains("int4") && err.contains("fp8"), "{err}");
+}

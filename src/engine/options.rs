@@ -15,6 +15,7 @@ pub use crate::executor::build::{
 };
 use crate::executor::cuda::CudaExecOptions;
 use crate::kv_cache::KvCacheOptions;
+use crate::model::quant::QuantizationOption;
 use crate::model::{Checkpoint, CheckpointFormat};
 use crate::ops::linear::WeightFormat;
 use crate::scheduler::{BatchingOptions, SchedulerConfig};
@@ -44,6 +45,11 @@ pub struct EngineOptions {
     /// the CPU engine computes in f32 and refuses bf16/f16 with `device: cpu` (ignored when
     /// `auto` falls back to the CPU).
     pub dtype: Option<DType>,
+    /// Weight quantization at load (`quantization`): `Auto` keeps the checkpoint's (FP8
+    /// checkpoints load as FP8), `Fp8` quantizes a float or GGUF checkpoint's linears to FP8
+    /// E4M3 per output channel. The CPU engine computes with the FP8 weights dequantized exactly
+    /// (the reference of the FP8 GPU path).
+    pub quantization: QuantizationOption,
     /// Longest prompt + output in tokens (`max_model_len`). None: the model's maximum (capped at
     /// `DEFAULT_MAX_MODEL_LEN_CAP`).
     pub max_model_len: Option<usize>,
@@ -76,6 +82,7 @@ impl EngineOptions {
             tokenizer: None,
             device: Device::Auto,
             weight_format: None,
+            quantization: QuantizationOption::Auto,
             dtype: None,
             max_model_len: None,
             batching: BatchingOptions::default(),
@@ -210,6 +217,8 @@ fn start_on(
     rebuild_from: RebuildFrom,
 ) -> crate::Result<LoadedEngine> {
     let mut log = vec![];
+    let mut ckpt = ckpt;
+    log.extend(ckpt.arch.quant.apply(opts.quantization));
     let spec = ckpt.arch.spec.clone();
     let max_model_len = opts
         .max_model_len
@@ -243,7 +252,8 @@ fn start_on(
             };
             let spec = spec.clone();
             Recovery::Rebuild(Box::new(move || {
-                let ckpt = Checkpoint::open(&opts.model, opts.tokenizer.as_deref())?;
+                let mut ckpt = Checkpoint::open(&opts.model, opts.tokenizer.as_deref())?;
+                ckpt.arch.quant.apply(opts.quantization);
                 if ckpt.arch.spec != spec {
                     return Err(crate::Error::Engine(format!(
                         "{} no longer holds the model the engine was started with",

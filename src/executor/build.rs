@@ -13,6 +13,7 @@ use super::dump::Dumper;
 use crate::cuda::{CudaDevice, CudaError};
 use crate::dtype::DType;
 use crate::engine::options::{EngineOptions, dtype_name};
+use crate::model::quant::Quantization;
 use crate::model::weights::DecoderWeights;
 use crate::model::{Checkpoint, CheckpointFormat};
 use crate::ops::linear::WeightFormat;
@@ -119,6 +120,10 @@ pub struct BuiltExecutor {
 
 /// The weight format used when none is asked for.
 pub fn default_weight_format(ckpt: &Checkpoint) -> WeightFormat {
+    // FP8 weights are computed with exactly: no second quantization to 8-bit blocks.
+    if !matches!(ckpt.arch.quant, Quantization::None) {
+        return WeightFormat::F32;
+    }
     match ckpt.format {
         CheckpointFormat::Gguf { .. } => WeightFormat::Q8,
         CheckpointFormat::HuggingFace { .. } | CheckpointFormat::Random { .. } => WeightFormat::F32,
@@ -183,6 +188,13 @@ pub fn build(
                 // Only reachable with `auto` (`cuda` + q8 is refused up front).
                 log.push(format!(
                     "weight_format q8 applies to the CPU engine only; the GPU engine holds weights in {}",
+                    dtype_name(dtype)
+                ));
+            }
+            if !matches!(ckpt.arch.quant, Quantization::None) {
+                log.push(format!(
+                    "fp8 weights on the GPU are dequantized to {} at load (weight values as in FP8; \
+                     the FP8 GEMMs are not in this build yet)",
                     dtype_name(dtype)
                 ));
             }

@@ -38,6 +38,50 @@ pub enum Quantization {
     None,
     /// Pre-quantized FP8 E4M3 weights with scales.
     Fp8(Fp8Scheme),
+    /// Float weights quantized to FP8 E4M3 as they are read (`quantization: fp8`): one scale per
+    /// output channel (amax / 448), dynamic per-token activations; embeddings and the LM head
+    /// keep the checkpoint's dtype.
+    Fp8Online,
+}
+
+/// What the `quantization` setting asks for at load.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum QuantizationOption {
+    /// The checkpoint's own: FP8 when it is a pre-quantized FP8 checkpoint, else none.
+    #[default]
+    Auto,
+    /// FP8 E4M3: a float (or GGUF) checkpoint is quantized at load (`Quantization::Fp8Online`);
+    /// an FP8 checkpoint loads as it is.
+    Fp8,
+}
+
+impl std::str::FromStr for QuantizationOption {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" | "none" => Ok(QuantizationOption::Auto),
+            "fp8" => Ok(QuantizationOption::Fp8),
+            _ => Err(format!("'{s}': expected auto or fp8")),
+        }
+    }
+}
+
+impl Quantization {
+    /// Applies `option` to a checkpoint whose stored quantization is `self`; returns the load
+    /// note for a quantization done at load.
+    pub fn apply(&mut self, option: QuantizationOption) -> Option<String> {
+        match (option, &*self) {
+            (QuantizationOption::Fp8, Quantization::None) => {
+                *self = Quantization::Fp8Online;
+                Some(
+                    "fp8 weights: quantized at load (quantization: fp8): per-channel weight scales \
+                     (amax / 448), dynamic per-token activations; embeddings and lm_head unquantized"
+                        .into(),
+                )
+            }
+            _ => None,
+        }
+    }
 }
 
 /// The tool that wrote an FP8 checkpoint (it decides the config keys and tensor names).
@@ -565,7 +609,7 @@ mod tests {
     fn scheme(config: Value) -> Fp8Scheme {
         match from_configs(&config, None).unwrap() {
             Quantization::Fp8(s) => s,
-            Quantization::None => panic!("no scheme detected"),
+            Quantization::None | Quantization::Fp8Online => panic!("no scheme detected"),
         }
     }
 

@@ -159,6 +159,19 @@ pub struct Fp8Weight {
     pub input_scale: Option<f32>,
 }
 
+impl From<Fp8Rows> for Fp8Weight {
+    /// Per-channel scales, dynamic activations (no `input_scale`).
+    fn from(r: Fp8Rows) -> Fp8Weight {
+        Fp8Weight {
+            rows: r.rows,
+            cols: r.cols,
+            codes: r.codes,
+            scale: Fp8Scale::Channel(r.scales),
+            input_scale: None,
+        }
+    }
+}
+
 impl Fp8Weight {
     /// The scale of element (`r`, `c`).
     fn scale_at(&self, r: usize, c: usize) -> f32 {

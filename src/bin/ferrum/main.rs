@@ -14,6 +14,7 @@ use triton_ferrum::engine::{Device, EngineOptions, is_final};
 use triton_ferrum::executor::cuda::CudaExecOptions;
 use triton_ferrum::kv_cache::KvCacheOptions;
 use triton_ferrum::model::Checkpoint;
+use triton_ferrum::model::quant::QuantizationOption;
 use triton_ferrum::ops::linear::WeightFormat;
 use triton_ferrum::request::{
     GenerateRequest, Prompt, RequestError, RequestSpec, SamplingParams, StopCriteria, TokenEvent,
@@ -61,6 +62,10 @@ pub struct EngineArgs {
     /// (auto: bfloat16 on the GPU; the CPU engine computes in float32).
     #[arg(long, default_value = "auto", value_parser = parse_dtype)]
     dtype: DtypeChoice,
+    /// Weight quantization at load: auto (the checkpoint's own; FP8 checkpoints load as FP8) |
+    /// fp8 (float and GGUF checkpoints quantized to FP8 E4M3 per output channel).
+    #[arg(long, default_value = "auto")]
+    quantization: QuantizationOption,
     /// GPU: fraction of free memory for the KV cache (default 0.9).
     #[arg(long)]
     kv_cache_free_gpu_mem_fraction: Option<f32>,
@@ -110,6 +115,7 @@ impl EngineArgs {
             device: self.device,
             weight_format: self.weight_format,
             dtype: self.dtype.0,
+            quantization: self.quantization,
             max_model_len: self.max_model_len,
             batching: BatchingOptions {
                 max_num_seqs: self.max_num_seqs,

@@ -367,16 +367,15 @@ fn matmul_packed(
                 prefetch_group(t, first_row);
                 for (local_idx, y_group) in y_task.chunks_exact_mut(m * GROUP).enumerate() {
                     let row0 = first_row + local_idx * GROUP;
-                    // The packing reads 16 rows block by block, 16 interleaved streams the
-                    // hardware prefetchers follow poorly (measured: half the bandwidth of a
-                    // sequential read); prefetching the next group as one range hides that.
-                    prefetch_group(t, row0 + GROUP);
                     // Rows past the end repeat the last row; their lanes are never read back.
                     let group_rows: [&[BlockQ8]; GROUP] = std::array::from_fn(|r| {
                         let row = (row0 + r).min(rows - 1);
                         &t.blocks[row * nb..(row + 1) * nb]
                     });
-                    pack(isa, &group_rows, packed);
+                    // The packing reads 16 rows block by block, 16 interleaved streams the
+                    // hardware prefetchers follow poorly (measured: half the bandwidth of a
+                    // sequential read); the packing prefetches the next group as it goes.
+                    pack(isa, &group_rows, group_blocks(t, row0 + GROUP), packed);
                     for (act_tile, y_tile) in act
                         .chunks(MAX_TILE_M * nb)
                         .zip(y_group.chunks_mut(MAX_TILE_M * GROUP))
@@ -404,21 +403,30 @@ fn matmul_packed(
 
 /// Asks the CPU to bring the blocks of rows `row0 .. row0 + 16` into cache (no-op past the end).
 fn prefetch_group(t: &Q8Tensor, row0: usize) {
+    let blocks = group_blocks(t, row0);
+    #[cfg(target_arch = "x86_64")]
+    x86::prefetch(blocks);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = blocks;
+}
+
+/// The blocks of rows `row0 .. row0 + 16` (fewer at the end, none past it).
+fn group_blocks(t: &Q8Tensor, row0: usize) -> &[BlockQ8] {
     let nb = t.cols / QK;
     let start = (row0 * nb).min(t.blocks.len());
     let end = ((row0 + GROUP) * nb).min(t.blocks.len());
-    #[cfg(target_arch = "x86_64")]
-    x86::prefetch(&t.blocks[start..end]);
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (start, end);
+    &t.blocks[start..end]
 }
 
 /// Packs one group with the fastest packing `isa` allows.
-fn pack(isa: SupportedIsa, rows: &[&[BlockQ8]; GROUP], out: &mut [PackedBlock]) {
+/// `ahead`: blocks to prefetch meanwhile (the next group).
+fn pack(isa: SupportedIsa, rows: &[&[BlockQ8]; GROUP], ahead: &[BlockQ8], out: &mut [PackedBlock]) {
     #[cfg(target_arch = "x86_64")]
-    if x86::pack(isa, rows, out) {
+    if x86::pack(isa, rows, ahead, out) {
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    x86::prefetch(ahead);
     let _ = isa;
     pack_scalar(rows, out);
 }

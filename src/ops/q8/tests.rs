@@ -143,7 +143,7 @@ fn simd_packing_matches_portable_packing() {
     let mut portable = vec![PackedBlock::ZERO; nb];
     let mut simd = vec![PackedBlock::ZERO; nb];
     pack_scalar(&rows, &mut portable);
-    pack(isa, &rows, &mut simd);
+    pack(isa, &rows, &t.blocks, &mut simd);
     for (b, (p, s)) in portable.iter().zip(&simd).enumerate() {
         assert_eq!(p.qs, s.qs, "block {b}");
         assert_eq!(p.neg_corr, s.neg_corr, "block {b}");

@@ -16,13 +16,18 @@ use crate::ops::quant::{BlockQ8, QK};
 
 /// Packs one group with AVX-512 shuffles when `isa` has them; returns false otherwise (the caller
 /// packs with portable code). rows: 16 × [>= out.len()] blocks, out: [nb].
-pub(super) fn pack(isa: SupportedIsa, rows: &[&[BlockQ8]; GROUP], out: &mut [PackedBlock]) -> bool {
+pub(super) fn pack(
+    isa: SupportedIsa,
+    rows: &[&[BlockQ8]; GROUP],
+    ahead: &[BlockQ8],
+    out: &mut [PackedBlock],
+) -> bool {
     if isa.0 != Isa::Avx512Vnni {
         return false;
     }
     // SAFETY: `SupportedIsa(Avx512Vnni)` is only built after `is_x86_feature_detected!` found
     // avx512f, avx512bw and avx512vnni; `pack_avx512` reads blocks through bounds-checked indexing.
-    unsafe { pack_avx512(rows, out) };
+    unsafe { pack_avx512(rows, ahead, out) };
     true
 }
 
@@ -113,9 +118,15 @@ fn transpose4(z: [__m512i; 4]) -> [__m512i; 4] {
 /// qs[c+4] = [sa.L1, sa.L3, sb.L1, sb.L3] = rows 0..16 word c + 4  (shuffle_i32x4 0xDD)
 /// ```
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-fn pack_avx512(rows: &[&[BlockQ8]; GROUP], out: &mut [PackedBlock]) {
+fn pack_avx512(rows: &[&[BlockQ8]; GROUP], ahead: &[BlockQ8], out: &mut [PackedBlock]) {
     let ones = _mm512_set1_epi8(1);
+    // Spread the prefetch of `ahead` over the blocks (a burst stalls on full miss buffers).
+    let ahead_per_block = ahead.len().div_ceil(out.len().max(1));
+    let mut ahead_chunks = ahead.chunks(ahead_per_block.max(1));
     for (b, pb) in out.iter_mut().enumerate() {
+        if let Some(chunk) = ahead_chunks.next() {
+            prefetch(chunk);
+        }
         let pair = |lo: usize, hi: usize| {
             _mm512_inserti64x4::<1>(
                 _mm512_castsi256_si512(load_row_block(rows, lo, b)),

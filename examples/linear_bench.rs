@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use triton_ferrum::loader::HostTensor;
 use triton_ferrum::ops::linear::{Q8Kernel, Weight, WeightFormat, linear_with};
+use triton_ferrum::ops::q8::Isa;
 
 /// (in_features, out_features, calls per token in the 30-layer model).
 const SHAPES: [(usize, usize, usize); 5] = [
@@ -86,7 +87,7 @@ fn run(args: &[String]) {
         .cloned()
         .unwrap_or_default();
     let min_samples = if quick { 5 } else { 15 };
-    // --ms 2,8: other batch sizes (e.g. to place MAX_DECODE_M).
+    // --ms 2,8: other batch sizes.
     let ms: Vec<usize> = match args
         .iter()
         .position(|a| a == "--ms")
@@ -98,7 +99,8 @@ fn run(args: &[String]) {
     };
     let variants = [
         ("f32", WeightFormat::F32, Q8Kernel::Auto),
-        ("q8-int8", WeightFormat::Q8, Q8Kernel::Int8Dot),
+        ("q8-row", WeightFormat::Q8, Q8Kernel::Int8(Isa::Scalar)),
+        ("q8-simd", WeightFormat::Q8, Q8Kernel::Int8(Isa::detect())),
         ("q8-gemm", WeightFormat::Q8, Q8Kernel::DequantGemm),
     ];
     println!(
@@ -119,7 +121,7 @@ fn run(args: &[String]) {
         "{:<12} {:>4} {:<8} {:>10} {:>9} {:>8}",
         "shape", "m", "kernel", "us/call", "GFLOP/s", "GB/s"
     );
-    let mut per_token_us = [0.0f64; 3];
+    let mut per_token_us = [0.0f64; 4];
     let mut records = Vec::new();
     for (shape_idx, &(cols, rows, calls_per_token)) in SHAPES.iter().enumerate() {
         let data = random_values(shape_idx as u64, rows * cols);
@@ -144,7 +146,7 @@ fn run(args: &[String]) {
             let bytes = weights[0].size_in_bytes();
             for &m in &ms {
                 // The slow combinations say nothing new: the f32 path at large m is gemm either way.
-                if kernel == Q8Kernel::Int8Dot && m > 16 {
+                if kernel == Q8Kernel::Int8(Isa::Scalar) && m > 16 {
                     continue;
                 }
                 let x = random_values(99, m * cols);

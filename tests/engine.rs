@@ -34,19 +34,28 @@ fn prompt(len: usize, salt: u32) -> Vec<u32> {
 /// of them at once (preemption and recompute).
 #[test]
 fn batch_invariance_under_chunking_and_preemption() {
-    batch_invariance(false);
+    batch_invariance(&model_dir(), WeightFormat::F32, false);
 }
 
 /// The same with prefix caching on: preempted requests may resume from their own cached blocks.
 #[test]
 fn batch_invariance_under_chunking_and_preemption_with_kv_cache_reuse() {
-    batch_invariance(true);
+    batch_invariance(&model_dir(), WeightFormat::F32, true);
 }
 
-fn batch_invariance(kv_cache_reuse: bool) {
+/// The same with 8-bit weights, whose products quantize the activations per 32-block: the Qwen2
+/// fixture's layers of 64 inputs (q, k, v, o, gate/up, lm_head) are stored as `BlockQ8`, and a
+/// sequence's outputs must not depend on how many rows (decode tokens, prefill chunks of other
+/// requests) share its matrix products.
+#[test]
+fn batch_invariance_with_q8_weights() {
+    batch_invariance(&fixtures().join("models/qwen2"), WeightFormat::Q8, false);
+}
+
+fn batch_invariance(model: &std::path::Path, format: WeightFormat, kv_cache_reuse: bool) {
     let lens = [1usize, 3, 7, 12, 20, 33, 5, 2, 17, 9, 41, 4, 26, 11, 8, 15];
     let max_tokens = 12;
-    let alone = TestEngine::start(&model_dir(), Some(WeightFormat::F32), |_| {});
+    let alone = TestEngine::start(model, Some(format), |_| {});
     let reference: Vec<Vec<u32>> = lens
         .iter()
         .enumerate()
@@ -60,7 +69,7 @@ fn batch_invariance(kv_cache_reuse: bool) {
         .collect();
     drop(alone);
 
-    let batched = TestEngine::start(&model_dir(), Some(WeightFormat::F32), |o| {
+    let batched = TestEngine::start(model, Some(format), |o| {
         o.batching.max_num_batched_tokens = 16;
         o.kv.block_size = 4;
         // 28 blocks * 4 = 112 token slots: far less than the ~400 the 16 requests need together.

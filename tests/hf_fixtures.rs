@@ -194,13 +194,14 @@ fn gguf_gpt2_matches_transformers() {
 
 /// Q8_0 tensors (the 96-wide ffn_down rows) dequantize exactly: in f32 the outputs match the
 /// golden computed from the dequantized weights as tightly as the f32 files; in ferrum's q8
-/// format (8-bit activations in decode) by the greedy rule with a looser logprob tolerance.
+/// format (8-bit activations in prefill and decode, as llama.cpp does) by the greedy rule with a
+/// looser logprob tolerance (measured: up to 0.057 nats off on this fixture).
 #[test]
 fn gguf_gpt2_q8_0_matches_transformers() {
     let path = gguf("gpt2_q8_0.gguf");
     check_model_at(&path, "gpt2_q8_0", WeightFormat::F32, LOGPROB_TOL);
     check_last_logits_at(&path, "gpt2_q8_0");
-    check_model_at(&path, "gpt2_q8_0", WeightFormat::Q8, 0.05);
+    check_model_at(&path, "gpt2_q8_0", WeightFormat::Q8, 0.1);
 }
 
 #[test]

@@ -10,6 +10,7 @@
 //! chunk or one decode token) whose positions are `context_len - q_len .. context_len`; a query at
 //! position p sees keys 0..=p (minus those outside a sliding window).
 
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 /// KV cache of one layer on the host.
@@ -94,61 +95,149 @@ pub fn paged_attention(
             token_seq.push((seq_idx, s.context_len - s.q_len + i));
         }
     }
-    out.par_chunks_mut(head_dim).enumerate().for_each_init(
-        Vec::new,
-        |scores: &mut Vec<f32>, (idx, o)| {
-            let (token_idx, head_idx) = (idx / num_heads, idx % num_heads);
+    // One task per (token, kv head): the `group` query heads sharing a K/V head read each cached
+    // row once (SmolLM2: 3 query heads per K/V head).
+    out.par_chunks_mut(group * head_dim)
+        .enumerate()
+        .for_each_init(Scratch::default, |scratch, (idx, o)| {
+            let (token_idx, kv_head) = (idx / p.num_kv_heads, idx % p.num_kv_heads);
             let (seq_idx, pos) = token_seq[token_idx];
-            let seq = &seqs[seq_idx];
-            let kv_head = head_idx / group;
-            let qh = &q[token_idx * q_stride + head_idx * head_dim..][..head_dim];
-            let first = p.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
-            let slope = p.alibi_slopes.map_or(0.0, |s| s[head_idx]);
-            let slot_of = |kpos: usize| {
-                seq.block_table[kpos / p.block_size] as usize * p.block_size + kpos % p.block_size
+            let head0 = kv_head * group;
+            let heads = Heads {
+                q: &q[token_idx * q_stride + head0 * head_dim..][..group * head_dim],
+                kv_offset: kv_head * head_dim,
+                first: p.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w)),
+                pos,
+                slopes: p.alibi_slopes.map(|s| &s[head0..head0 + group]),
             };
-            scores.clear();
-            let mut max = f32::NEG_INFINITY;
-            for kpos in first..=pos {
-                let k = &cache.k[slot_of(kpos) * kv_dim + kv_head * head_dim..][..head_dim];
-                let mut s = dot(qh, k) * p.scale;
+            attend_heads(o, &heads, cache, &seqs[seq_idx], kv_dim, p, scratch);
+        });
+    debug_assert_eq!(token_seq.len() * q_dim, out.len());
+}
+
+/// The query heads of one token that share a K/V head.
+struct Heads<'a> {
+    /// [group, head_dim]
+    q: &'a [f32],
+    /// Offset of the K/V head within a cache slot (`kv_head * head_dim`).
+    kv_offset: usize,
+    /// First key position attended (sliding window), and the query's own position.
+    first: usize,
+    pos: usize,
+    /// ALiBi slopes of the heads, [group].
+    slopes: Option<&'a [f32]>,
+}
+
+/// Per-task buffers of `attend_heads`.
+#[derive(Default)]
+struct Scratch {
+    /// [group, num_keys]
+    scores: Vec<f32>,
+    /// 1 / Σ exp per head, [group]
+    inv_sums: Vec<f32>,
+}
+
+/// o[g, :] = softmax(q[g] · K[first..=pos]ᵀ * scale + bias_g) · V[first..=pos] for each head g of
+/// the group; o: [group, head_dim].
+///
+/// Multiversioned: the baseline x86-64 target has 4-wide SSE only, and this loop is most of a
+/// long-context step. Every version computes the same values (same operations per element, no
+/// reassociation and no FMA contraction), so the choice does not change outputs; neither does the
+/// grouping (each head's operations and their order are those of a head computed alone).
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.1"
+))]
+fn attend_heads(
+    o: &mut [f32],
+    heads: &Heads<'_>,
+    cache: &KvLayerCache,
+    seq: &AttnSeq<'_>,
+    kv_dim: usize,
+    p: &AttnParams<'_>,
+    scratch: &mut Scratch,
+) {
+    let head_dim = p.head_dim;
+    let group = o.len() / head_dim;
+    let num_keys = heads.pos + 1 - heads.first;
+    let Scratch { scores, inv_sums } = scratch;
+    scores.clear();
+    scores.resize(group * num_keys, 0.0);
+    for (kpos0, slot0, len) in slot_runs(heads.first, heads.pos, seq, p.block_size) {
+        for r in 0..len {
+            let k = &cache.k[(slot0 + r) * kv_dim + heads.kv_offset..][..head_dim];
+            let key_idx = kpos0 + r - heads.first;
+            for (g, q) in heads.q.chunks_exact(head_dim).enumerate() {
+                let mut s = dot(q, k) * p.scale;
+                let slope = heads.slopes.map_or(0.0, |slopes| slopes[g]);
                 if slope != 0.0 {
-                    s += slope * (kpos as f32 - pos as f32);
+                    s += slope * ((kpos0 + r) as f32 - heads.pos as f32);
                 }
-                max = max.max(s);
-                scores.push(s);
+                scores[g * num_keys + key_idx] = s;
             }
-            let mut sum = 0.0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let inv = 1.0 / sum;
-            o.fill(0.0);
-            for (kpos, &w) in (first..=pos).zip(scores.iter()) {
-                let v = &cache.v[slot_of(kpos) * kv_dim + kv_head * head_dim..][..head_dim];
-                let w = w * inv;
+        }
+    }
+    inv_sums.clear();
+    for head_scores in scores.chunks_exact_mut(num_keys) {
+        let max = head_scores
+            .iter()
+            .fold(f32::NEG_INFINITY, |acc, &s| acc.max(s));
+        let mut sum = 0.0f32;
+        for s in head_scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        inv_sums.push(1.0 / sum);
+    }
+    o.fill(0.0);
+    for (kpos0, slot0, len) in slot_runs(heads.first, heads.pos, seq, p.block_size) {
+        for r in 0..len {
+            let v = &cache.v[(slot0 + r) * kv_dim + heads.kv_offset..][..head_dim];
+            let key_idx = kpos0 + r - heads.first;
+            for (g, o) in o.chunks_exact_mut(head_dim).enumerate() {
+                let w = scores[g * num_keys + key_idx] * inv_sums[g];
                 for (oi, vi) in o.iter_mut().zip(v) {
                     *oi += w * vi;
                 }
             }
-        },
-    );
-    debug_assert_eq!(token_seq.len() * q_dim, out.len());
+        }
+    }
 }
 
+/// The key positions `first..=pos` as runs of consecutive cache slots, one per block:
+/// (first position, its slot, run length). Saves a division per key in the loops above.
+fn slot_runs<'a>(
+    first: usize,
+    pos: usize,
+    seq: &'a AttnSeq<'_>,
+    block_size: usize,
+) -> impl Iterator<Item = (usize, usize, usize)> + 'a {
+    let end = pos + 1;
+    let first_block = first / block_size;
+    (first_block..end.div_ceil(block_size)).map(move |block_idx| {
+        let start = (block_idx * block_size).max(first);
+        let stop = ((block_idx + 1) * block_size).min(end);
+        let slot = seq.block_table[block_idx] as usize * block_size + start % block_size;
+        (start, slot, stop - start)
+    })
+}
+
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent accumulators let the compiler vectorize without reassociation flags.
+    // Eight independent accumulators let the compiler vectorize without reassociation flags
+    // (iterators, not indices: bounds checks kept the indexed loop scalar).
     let mut acc = [0.0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
-        for j in 0..8 {
-            acc[j] += a[c * 8 + j] * b[c * 8 + j];
+    let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (a_tail, b_tail) = (a_chunks.remainder(), b_chunks.remainder());
+    for (x, y) in a_chunks.zip(b_chunks) {
+        for ((acc, &x), &y) in acc.iter_mut().zip(x).zip(y) {
+            *acc += x * y;
         }
     }
     let mut s: f32 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
-        s += a[i] * b[i];
+    for (&x, &y) in a_tail.iter().zip(b_tail) {
+        s += x * y;
     }
     s
 }

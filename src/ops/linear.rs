@@ -2,16 +2,16 @@
 //! path of the CPU engine.
 //!
 //! This module owns the weight representation of a linear layer (`Weight`), the choice of kernel
-//! per call and the thread scheduling of the products. Paths:
+//! per call and the thread scheduling of the f32 products. Paths:
 //! - f32 weights, any `m`: the `gemm` crate (multithreaded through rayon);
-//! - `BlockQ8` weights, small `m` (decode, `m <= MAX_DECODE_M`): activations are quantized to
-//!   8 bits per 32-block (`BlockQ8Act`) and every output is an int8 dot product; output rows are
-//!   split across rayon threads in chunks, so the weights stream from memory once per call;
-//! - `BlockQ8` weights, larger `m` (prefill): weight tiles are dequantized to f32 into per-thread
-//!   scratch and multiplied with `gemm`.
+//! - `BlockQ8` weights, any `m` (`Q8Kernel::Auto`): the int8 product of `ops::q8` — activations
+//!   quantized per 32-block, exact int32 block sums, one f32 formula per output whatever `m`, so
+//!   a sequence's outputs do not depend on the batch it runs in. m = 1 uses the portable row
+//!   kernel (it reads each weight once anyway); m >= 2 the SIMD kernel the CPU supports best,
+//!   which applies each weight block to every activation row;
+//! - `BlockQ8` weights, `Q8Kernel::DequantGemm` (kept for comparison in tests and the benchmark):
+//!   weight tiles are dequantized to f32 into per-thread scratch and multiplied with `gemm`.
 //!
-//! Kernels are plain loops over fixed-size blocks that LLVM vectorizes; `multiversion` compiles
-//! them for AVX2+FMA and SSE4.1 and picks one at run time, so the binary runs on any x86-64.
 //! Callers on the latency path (the engine's forward pass) should run inside the rayon pool
 //! (`pool.install`): a call from a plain thread pays a worker wake-up and a latch per call,
 //! measured at ~20 µs, a third of a small decode matmul.
@@ -27,16 +27,9 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::OpsError;
-use super::quant::{self, BlockQ8, BlockQ8Act, QK};
+use super::q8::{self, Isa};
+use super::quant::{self, BlockQ8, QK};
 use crate::tensor::{HostTensor, Q8Tensor};
-
-/// Largest `m` (number of activation rows) that uses the int8 dot-product kernel for `BlockQ8`
-/// weights by default; above it weight tiles are dequantized and multiplied with `gemm`.
-/// Measured end to end on SmolLM2 (`ferrum bench`, 2 cores, AVX2), once the dequantize + gemm
-/// path ran its tiles in parallel: batch 2/4/8 decode steps took 24/49/79 ms with dequantize +
-/// gemm against 38/59/122 ms with the int8 kernel, whose multi-row loop re-reads each weight
-/// block per activation row. So only single-row decode uses the int8 kernel.
-pub const MAX_DECODE_M: usize = 1;
 
 /// Number of f32 elements of a dequantized weight tile in the prefill path (256 KiB: stays in L2
 /// while `gemm` sweeps it).
@@ -74,12 +67,24 @@ pub enum Weight {
 /// uses; the others exist for tests and the benchmark, which compare the paths side by side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Q8Kernel {
-    /// `Int8Dot` for `m <= MAX_DECODE_M`, `DequantGemm` above.
+    /// `Int8(Isa::Scalar)` for m = 1, `Int8(Isa::detect())` above.
     Auto,
-    /// Activations quantized per 32-block, int8 dot products per output.
-    Int8Dot,
+    /// Activations quantized per 32-block, int8 dot products on the given instruction set (one
+    /// this CPU lacks runs as `Isa::Scalar`). Every `Isa` gives the same bits.
+    Int8(Isa),
     /// Weight tiles dequantized to f32, then `gemm`. Exact f32 semantics for the dequantized weights.
     DequantGemm,
+}
+
+impl Q8Kernel {
+    /// The kernel `self` runs for `m` activation rows (`Auto` resolved).
+    pub fn resolve(self, m: usize) -> Q8Kernel {
+        match self {
+            Q8Kernel::Auto if m == 1 => Q8Kernel::Int8(Isa::Scalar),
+            Q8Kernel::Auto => Q8Kernel::Int8(Isa::detect()),
+            k => k,
+        }
+    }
 }
 
 impl Weight {
@@ -231,10 +236,10 @@ fn check_blocks(op: &'static str, t: &Q8Tensor) -> Result<(), OpsError> {
 
 /// `y[m, rows] = x[m, cols] · Wᵀ (+ bias[rows])`, multithreaded on the rayon pool.
 ///
-/// f32 weights: exact f32 semantics up to summation order. `BlockQ8` weights: for `m <=
-/// MAX_DECODE_M` the activations are quantized to 8 bits per 32-block, llama.cpp-style
-/// (`Σ (s*q + mn) * x ≈ s*xd * Σ q*xq + mn*xd * Σ xq`), which adds a relative error of about
-/// 0.5/127 per block of x; above it the result is exact f32 arithmetic on the dequantized weights.
+/// f32 weights: exact f32 semantics up to summation order. `BlockQ8` weights: the activations are
+/// quantized to 8 bits per 32-block, llama.cpp-style (`Σ (s*q + mn) * x ≈ s*xd * Σ q*xq + mn*xd *
+/// Σ xq`), which adds a relative error of about 0.5/127 per block of x; each output row's value
+/// does not depend on `m` or on the other rows of x.
 ///
 /// # Panics
 /// If the slice lengths do not match the shapes (a programming error, like out-of-bounds
@@ -307,18 +312,10 @@ pub fn linear_with(
             let accumulate = fill_bias(y, rows, bias);
             gemm_xwt(x, m, cols, data, rows, y, rows, accumulate, true);
         }
-        Weight::Q8(t) => {
-            let kernel = match kernel {
-                Q8Kernel::Auto if m <= MAX_DECODE_M => Q8Kernel::Int8Dot,
-                Q8Kernel::Auto => Q8Kernel::DequantGemm,
-                k => k,
-            };
-            if kernel == Q8Kernel::Int8Dot {
-                q8_int8_dot(x, m, t, bias, y);
-            } else {
-                q8_dequant_gemm(x, m, t, bias, y);
-            }
-        }
+        Weight::Q8(t) => match kernel.resolve(m) {
+            Q8Kernel::Int8(isa) => q8::matmul(x, m, t, bias, y, isa),
+            _ => q8_dequant_gemm(x, m, t, bias, y),
+        },
     }
     Ok(())
 }
@@ -400,13 +397,9 @@ fn gemm_xwt(
     }
 }
 
-/// Reusable per-thread buffers of the Q8 paths.
+/// Reusable per-thread buffers of the dequantize + gemm path.
 #[derive(Default)]
 struct Scratch {
-    /// Quantized activations, [m, cols / 32].
-    act: Vec<BlockQ8Act>,
-    /// Transposed outputs of the int8 path for m > 1, [rows, m].
-    y_t: Vec<f32>,
     /// A dequantized weight tile, [tile_rows, cols].
     tile: Vec<f32>,
 }
@@ -422,96 +415,6 @@ fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
         Ok(mut scratch) => f(&mut scratch),
         Err(_) => f(&mut Scratch::default()),
     })
-}
-
-/// Output rows per rayon task: about 4 tasks per thread for load balance, at least 16 rows.
-fn rows_per_task(rows: usize) -> usize {
-    let num_tasks = 4 * rayon::current_num_threads();
-    rows.div_ceil(num_tasks).max(16)
-}
-
-/// Decode path: quantize x per 32-block, then one int8 dot product per output.
-fn q8_int8_dot(x: &[f32], m: usize, t: &Q8Tensor, bias: Option<&[f32]>, y: &mut [f32]) {
-    let (rows, cols) = (t.rows, t.cols);
-    let num_row_blocks = cols / QK;
-    with_scratch(|scratch| {
-        let Scratch { act, y_t, .. } = scratch;
-        act.clear();
-        act.resize(m * num_row_blocks, BlockQ8Act::ZERO);
-        for (x_row, act_row) in x
-            .chunks_exact(cols)
-            .zip(act.chunks_exact_mut(num_row_blocks))
-        {
-            quant::quantize_row_q8_act(x_row, act_row);
-        }
-        let act: &[BlockQ8Act] = act;
-        let chunk_rows = rows_per_task(rows);
-        if m == 1 {
-            y.par_chunks_mut(chunk_rows)
-                .enumerate()
-                .for_each(|(chunk_idx, y_chunk)| {
-                    let row0 = chunk_idx * chunk_rows;
-                    let w_chunk =
-                        &t.blocks[row0 * num_row_blocks..(row0 + y_chunk.len()) * num_row_blocks];
-                    let bias_chunk = bias.map(|b| &b[row0..row0 + y_chunk.len()]);
-                    q8_rows_m1(w_chunk, num_row_blocks, act, bias_chunk, y_chunk);
-                });
-            return;
-        }
-        // y_t: [rows, m], so that a task's outputs are contiguous.
-        y_t.clear();
-        y_t.resize(rows * m, 0.0);
-        y_t.par_chunks_mut(chunk_rows * m)
-            .enumerate()
-            .for_each(|(chunk_idx, y_t_chunk)| {
-                let row0 = chunk_idx * chunk_rows;
-                let num_rows = y_t_chunk.len() / m;
-                let w_chunk = &t.blocks[row0 * num_row_blocks..(row0 + num_rows) * num_row_blocks];
-                q8_rows_multi(w_chunk, num_row_blocks, act, m, y_t_chunk);
-            });
-        let y_t: &[f32] = y_t;
-        y.par_chunks_mut(rows).enumerate().for_each(|(i, y_row)| {
-            for (row_idx, out) in y_row.iter_mut().enumerate() {
-                *out = y_t[row_idx * m + i] + bias.map_or(0.0, |b| b[row_idx]);
-            }
-        });
-    });
-}
-
-/// y[n] = w[n, :] · act (+ bias[n]); w: [n * num_row_blocks], act: [num_row_blocks].
-#[multiversion(targets("x86_64+avx2+fma", "x86_64+sse4.1"))]
-fn q8_rows_m1(
-    w: &[BlockQ8],
-    num_row_blocks: usize,
-    act: &[BlockQ8Act],
-    bias: Option<&[f32]>,
-    y: &mut [f32],
-) {
-    for (w_row, out) in w.chunks_exact(num_row_blocks).zip(y.iter_mut()) {
-        *out = quant::dot_q8(w_row, act);
-    }
-    if let Some(b) = bias {
-        for (out, b) in y.iter_mut().zip(b) {
-            *out += b;
-        }
-    }
-}
-
-/// y_t[n, i] = w[n, :] · act[i, :]; w: [n * num_row_blocks], act: [m, num_row_blocks],
-/// y_t: [n, m]. A weight row (≤ a few KiB) stays in L1 across the m activation rows.
-#[multiversion(targets("x86_64+avx2+fma", "x86_64+sse4.1"))]
-fn q8_rows_multi(
-    w: &[BlockQ8],
-    num_row_blocks: usize,
-    act: &[BlockQ8Act],
-    m: usize,
-    y_t: &mut [f32],
-) {
-    for (w_row, out_row) in w.chunks_exact(num_row_blocks).zip(y_t.chunks_exact_mut(m)) {
-        for (out, act_row) in out_row.iter_mut().zip(act.chunks_exact(num_row_blocks)) {
-            *out = quant::dot_q8(w_row, act_row);
-        }
-    }
 }
 
 /// Dequantizes whole rows: w: [n * num_row_blocks] → out: [n, num_row_blocks * 32].
@@ -679,8 +582,7 @@ mod tests {
         linear_with(&x, m, w, bias.as_deref(), &mut y, kernel).unwrap();
         let wd = dense(w);
         let (y_ref, magnitude) = reference(&x, m, &wd, rows, cols, bias.as_deref());
-        let int8 = matches!(w, Weight::Q8(_))
-            && (kernel == Q8Kernel::Int8Dot || (kernel == Q8Kernel::Auto && m <= MAX_DECODE_M));
+        let int8 = matches!(w, Weight::Q8(_)) && matches!(kernel.resolve(m), Q8Kernel::Int8(_));
         for i in 0..m {
             let x_row = &x[i * cols..(i + 1) * cols];
             let steps: Vec<f64> = x_row
@@ -737,7 +639,9 @@ mod tests {
             .unwrap();
             assert!(matches!(w, Weight::Q8(_)));
             for m in [1, 3, 8, 17, 70] {
-                check(&w, m, m % 2 == 1, Q8Kernel::Int8Dot, 200 + m as u64);
+                for isa in Isa::ALL {
+                    check(&w, m, m % 2 == 1, Q8Kernel::Int8(isa), 200 + m as u64);
+                }
             }
         }
     }
@@ -764,14 +668,14 @@ mod tests {
     fn asymmetric_blocks_match_reference_on_both_kernels() {
         let w = Weight::from_q8(random_asymmetric_q8(11, 67, 128));
         for m in [1, 3, 17] {
-            check(&w, m, true, Q8Kernel::Int8Dot, 400 + m as u64);
+            check(&w, m, true, Q8Kernel::Int8(Isa::detect()), 400 + m as u64);
             check(&w, m, true, Q8Kernel::DequantGemm, 500 + m as u64);
             check(&w, m, false, Q8Kernel::Auto, 600 + m as u64);
         }
     }
 
     #[test]
-    fn auto_picks_int8_for_decode_and_gemm_for_prefill() {
+    fn auto_picks_the_int8_kernel_for_every_m() {
         let w = Weight::from_f32(
             HostTensor {
                 shape: vec![50, 64],
@@ -781,25 +685,21 @@ mod tests {
         )
         .unwrap();
         for (m, expected) in [
-            (1, Q8Kernel::Int8Dot),
-            (MAX_DECODE_M, Q8Kernel::Int8Dot),
-            (MAX_DECODE_M + 1, Q8Kernel::DequantGemm),
+            (1, Q8Kernel::Int8(Isa::Scalar)),
+            (2, Q8Kernel::Int8(Isa::detect())),
+            (300, Q8Kernel::Int8(Isa::detect())),
         ] {
+            assert_eq!(Q8Kernel::Auto.resolve(m), expected);
             let x = random_values(13, m * 64);
             let mut auto = vec![0.0; m * 50];
             let mut explicit = vec![0.0; m * 50];
-            let mut other = vec![0.0; m * 50];
-            let other_kernel = if expected == Q8Kernel::Int8Dot {
-                Q8Kernel::DequantGemm
-            } else {
-                Q8Kernel::Int8Dot
-            };
+            let mut gemm = vec![0.0; m * 50];
             linear(&x, m, &w, None, &mut auto);
             linear_with(&x, m, &w, None, &mut explicit, expected).unwrap();
-            linear_with(&x, m, &w, None, &mut other, other_kernel).unwrap();
+            linear_with(&x, m, &w, None, &mut gemm, Q8Kernel::DequantGemm).unwrap();
             assert_eq!(auto, explicit, "m={m}");
             // The two kernels really differ (activation quantization), so equality above is meaningful.
-            assert_ne!(auto, other, "m={m}");
+            assert_ne!(auto, gemm, "m={m}");
         }
     }
 

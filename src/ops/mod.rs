@@ -6,6 +6,7 @@ pub mod attention;
 pub mod fp8;
 pub mod linear;
 pub mod norm;
+pub mod q8;
 pub mod quant;
 pub mod rope;
 

@@ -176,14 +176,14 @@ impl SamplingParams {
                 "must be in [-2, 2]",
             ));
         }
-        if let Some(n) = self.logprobs {
-            if n > MAX_LOGPROBS {
-                return Err(RequestError::invalid(
-                    "logprobs",
-                    n,
-                    format!("must be <= {MAX_LOGPROBS}"),
-                ));
-            }
+        if let Some(n) = self.logprobs
+            && n > MAX_LOGPROBS
+        {
+            return Err(RequestError::invalid(
+                "logprobs",
+                n,
+                format!("must be <= {MAX_LOGPROBS}"),
+            ));
         }
         Ok(())
     }

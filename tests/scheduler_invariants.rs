@@ -228,11 +228,11 @@ impl Harness {
             if self.rng.chance(3) {
                 self.try_impossible_add();
             }
-            if self.rng.chance(4) {
-                if let Some(seq_id) = self.random_live_id() {
-                    self.abort(seq_id);
-                    self.stats.num_aborted += 1;
-                }
+            if self.rng.chance(4)
+                && let Some(seq_id) = self.random_live_id()
+            {
+                self.abort(seq_id);
+                self.stats.num_aborted += 1;
             }
         }
         let had_work = self.sched.has_work();

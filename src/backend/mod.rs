@@ -90,13 +90,13 @@ impl triton_api::entry::Backend for FerrumBackend {
         let version = model.version()?;
         let model_dir = model.repository_path()?;
         let mut config = read_config(model, &name)?;
-        if model.auto_complete_config()? {
-            if let Some(completed) = autocomplete::complete(&config) {
-                model
-                    .set_config_json(&completed.to_string())
-                    .map_err(|e| e.context("setting the auto-completed config"))?;
-                config = read_config(model, &name)?;
-            }
+        if model.auto_complete_config()?
+            && let Some(completed) = autocomplete::complete(&config)
+        {
+            model
+                .set_config_json(&completed.to_string())
+                .map_err(|e| e.context("setting the auto-completed config"))?;
+            config = read_config(model, &name)?;
         }
         let loc = ModelLocation {
             version_dir: model_dir.join(version.to_string()),

@@ -71,7 +71,8 @@ pub struct PrefillLaunch {
 
 /// The launch shape of `kernel` for `dtype` and `head_dim`.
 pub fn prefill_launch(kernel: PrefillKernel, dtype: DType, head_dim: usize) -> PrefillLaunch {
-    let tensor_cores = kernel == PrefillKernel::Fast && dtype != DType::F32 && head_dim % 8 == 0;
+    let tensor_cores =
+        kernel == PrefillKernel::Fast && dtype != DType::F32 && head_dim.is_multiple_of(8);
     let op = match kernel {
         PrefillKernel::Fast => "paged_attention_prefill",
         PrefillKernel::Simt => "paged_attention_prefill_simt",
@@ -151,7 +152,7 @@ pub fn paged_attention_prefill<T: FloatElem>(
     if q_dim == 0 {
         return Ok(());
     }
-    if out.len() % q_dim != 0 {
+    if !out.len().is_multiple_of(q_dim) {
         return Err(CudaError::length(
             OP,
             "out",
@@ -298,7 +299,9 @@ impl SplitKWorkspace {
 /// attention_splitk.cu is compiled per dtype, so this is the whole condition: f32 takes head
 /// sizes (e.g. 12) that bf16 and f16 do not.
 pub fn splitk_supported(dtype: DType, head_dim: usize) -> bool {
-    head_dim > 0 && head_dim <= MAX_HEAD_DIM && (head_dim * dtype.size_in_bytes()) % 16 == 0
+    head_dim > 0
+        && head_dim <= MAX_HEAD_DIM
+        && (head_dim * dtype.size_in_bytes()).is_multiple_of(16)
 }
 
 /// Query heads one split-K CTA serves (attention_splitk.cu `GQA_HEADS`): the largest divisor of
@@ -312,7 +315,7 @@ pub fn splitk_heads_per_cta(dtype: DType, head_dim: usize, group: usize) -> usiz
     let max_heads = (32 / floats_per_head).max(1);
     (1..=max_heads.min(group))
         .rev()
-        .find(|h| group % h == 0)
+        .find(|h| group.is_multiple_of(*h))
         .unwrap_or(1)
 }
 
@@ -360,7 +363,7 @@ pub enum SplitKKernel {
 /// per-key arithmetic).
 pub fn splitk_mma_supported(dtype: DType, head_dim: usize, heads_per_cta: usize) -> bool {
     dtype != DType::F32
-        && head_dim % 16 == 0
+        && head_dim.is_multiple_of(16)
         && splitk_mma_smem_bytes(head_dim) + SPLITK_MMA_STATIC_SMEM <= PORTABLE_SMEM_LIMIT
         && (2..=8).contains(&heads_per_cta)
 }
@@ -445,7 +448,7 @@ pub fn paged_attention_decode_splitk<T: FloatElem>(
             format!("head_dim * {elem} bytes must be a multiple of 16"),
         ));
     }
-    if (q_stride * elem) % 16 != 0 {
+    if !(q_stride * elem).is_multiple_of(16) {
         return Err(CudaError::invalid(
             OP,
             "q_stride",
@@ -488,7 +491,7 @@ pub fn paged_attention_decode_splitk<T: FloatElem>(
         tables.max_blocks_per_seq * s.block_size,
     )?;
     let group = p.num_heads / p.num_kv_heads;
-    if heads_per_cta == 0 || heads_per_cta > 8 || group % heads_per_cta != 0 {
+    if heads_per_cta == 0 || heads_per_cta > 8 || !group.is_multiple_of(heads_per_cta) {
         return Err(CudaError::invalid(
             OP,
             "heads_per_cta",

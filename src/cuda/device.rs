@@ -295,7 +295,7 @@ impl CudaDevice {
         self.check_buffer("copy_packed", "dst", dst)?;
         let num_bytes = dst.num_bytes();
         let src_bytes = src.capacity() * 4;
-        if num_bytes % 4 != 0 || word_offset * 4 + num_bytes > src_bytes {
+        if !num_bytes.is_multiple_of(4) || word_offset * 4 + num_bytes > src_bytes {
             return Err(CudaError::invalid(
                 "copy_packed",
                 "range",

@@ -81,7 +81,7 @@ pub fn add_bias<T: FloatElem>(
     dev.check_buffer(OP, "y", y)?;
     dev.check_buffer(OP, "bias", bias)?;
     let n = bias.len();
-    if n == 0 || y.len() % n != 0 {
+    if n == 0 || !y.len().is_multiple_of(n) {
         return Err(CudaError::invalid(
             OP,
             "bias length",
@@ -119,7 +119,7 @@ pub fn gather_rows<T: FloatElem>(
     dev.check_buffer(OP, "out", out)?;
     dev.check_buffer(OP, "x", x)?;
     dev.check_buffer(OP, "rows", rows)?;
-    if dim == 0 || x.len() % dim != 0 {
+    if dim == 0 || !x.len().is_multiple_of(dim) {
         return Err(CudaError::invalid(
             OP,
             "dim",

@@ -54,7 +54,7 @@ pub(crate) fn plan_shard(
         shard,
     };
     let split = |dim: usize, rank: usize, world_size: usize| -> Result<(usize, usize), LoadError> {
-        if world_size == 0 || rank >= world_size || dim % world_size != 0 {
+        if world_size == 0 || rank >= world_size || !dim.is_multiple_of(world_size) {
             return Err(bad());
         }
         let part = dim / world_size;

@@ -228,10 +228,10 @@ impl Checkpoint {
                 spec.residual = Residual::Parallel { shared_norm: false };
             }
         }
-        if let (Some(factors), PosEmbedding::Rope(rope)) = (rope_freqs, &mut spec.pos) {
-            if rope.scaling == RopeScaling::None {
-                rope.scaling = RopeScaling::FreqFactors { factors };
-            }
+        if let (Some(factors), PosEmbedding::Rope(rope)) = (rope_freqs, &mut spec.pos)
+            && rope.scaling == RopeScaling::None
+        {
+            rope.scaling = RopeScaling::FreqFactors { factors };
         }
         Ok(())
     }

@@ -383,15 +383,15 @@ fn modelopt_scheme(file: &str, prefix: &str, q: &Value) -> Result<Quantization, 
 }
 
 fn fp8(file: &str, qc: &Value) -> Result<Quantization, ModelError> {
-    if let Some(fmt) = qc.get("fmt") {
-        if fmt.as_str() != Some("e4m3") {
-            return Err(bad(
-                file,
-                "quantization_config.fmt",
-                fmt,
-                "ferrum loads E4M3 FP8 weights (fmt \"e4m3\")",
-            ));
-        }
+    if let Some(fmt) = qc.get("fmt")
+        && fmt.as_str() != Some("e4m3")
+    {
+        return Err(bad(
+            file,
+            "quantization_config.fmt",
+            fmt,
+            "ferrum loads E4M3 FP8 weights (fmt \"e4m3\")",
+        ));
     }
     let weights = match qc.get("weight_block_size") {
         None | Some(Value::Null) => WeightScales::Tensor,

@@ -305,7 +305,7 @@ impl DecoderSpec {
                 return Err(format!("{name} must be > 0, got 0"));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(format!(
                 "num_heads ({}) must be a multiple of num_kv_heads ({})",
                 self.num_heads, self.num_kv_heads
@@ -325,13 +325,12 @@ impl DecoderSpec {
         if let QkvLayout::Fused {
             layout: FusedQkv::PerHead,
         } = self.qkv
+            && self.num_kv_heads != self.num_heads
         {
-            if self.num_kv_heads != self.num_heads {
-                return Err(format!(
-                    "a per-head fused qkv needs num_kv_heads == num_heads, got {} and {}",
-                    self.num_kv_heads, self.num_heads
-                ));
-            }
+            return Err(format!(
+                "a per-head fused qkv needs num_kv_heads == num_heads, got {} and {}",
+                self.num_kv_heads, self.num_heads
+            ));
         }
         if self.sliding_window == Some(0) {
             return Err("sliding_window must be > 0, got 0".into());

@@ -217,7 +217,7 @@ impl Weight {
 }
 
 fn check_blocks(op: &'static str, t: &Q8Tensor) -> Result<(), OpsError> {
-    let expected = if t.cols % QK == 0 {
+    let expected = if t.cols.is_multiple_of(QK) {
         t.rows.saturating_mul(t.cols / QK)
     } else {
         usize::MAX

@@ -84,7 +84,7 @@ impl SafetensorsWriter {
         }
         let mut json = serde_json::Value::Object(header).to_string().into_bytes();
         // Pad the header with spaces so the data starts 8-byte aligned, as the reference does.
-        while (8 + json.len()) % 8 != 0 {
+        while !(8 + json.len()).is_multiple_of(8) {
             json.push(b' ');
         }
         let mut out = (json.len() as u64).to_le_bytes().to_vec();

@@ -22,7 +22,7 @@ const GEMV_WARPS: usize = 4;
 
 /// Whether the gemv kernel takes a product of `m` rows with `k` inputs in `dtype`.
 pub fn gemv_supported(dtype: DType, m: usize, k: usize) -> bool {
-    (1..=GEMV_MAX_M).contains(&m) && k > 0 && (k * dtype.size_in_bytes()) % 16 == 0
+    (1..=GEMV_MAX_M).contains(&m) && k > 0 && (k * dtype.size_in_bytes()).is_multiple_of(16)
 }
 
 /// Launches gemv.cu on shapes `linear_with` checked (lengths, device, gemv_supported).

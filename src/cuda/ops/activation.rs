@@ -32,7 +32,7 @@ pub fn gated_activation<T: FloatElem>(
     const OP: &str = "gated_act";
     dev.check_buffer(OP, "out", out)?;
     dev.check_buffer(OP, "gate_up", gate_up)?;
-    if inter == 0 || gate_up.len() % (2 * inter) != 0 {
+    if inter == 0 || !gate_up.len().is_multiple_of(2 * inter) {
         return Err(CudaError::invalid(
             OP,
             "inter",

@@ -34,7 +34,7 @@ pub fn embedding<T: FloatElem>(
     dev.check_buffer(OP, "out", out)?;
     dev.check_buffer(OP, "table", table)?;
     dev.check_buffer(OP, "token_ids", token_ids)?;
-    if hidden == 0 || table.len() % hidden != 0 {
+    if hidden == 0 || !table.len().is_multiple_of(hidden) {
         return Err(CudaError::invalid(
             OP,
             "hidden",

@@ -29,7 +29,7 @@ pub fn norm<T: FloatElem>(
     dev.check_buffer(OP, "x", x)?;
     dev.check_buffer(OP, "weight", weight)?;
     let dim = weight.len();
-    if dim == 0 || x.len() % dim != 0 {
+    if dim == 0 || !x.len().is_multiple_of(dim) {
         return Err(CudaError::invalid(
             OP,
             "dim (weight length)",

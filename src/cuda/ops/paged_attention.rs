@@ -83,7 +83,7 @@ pub(crate) fn check_paged_attention<T>(
     ] {
         dev.check_buffer(op, name, buf)?;
     }
-    if p.num_kv_heads == 0 || p.num_heads % p.num_kv_heads != 0 {
+    if p.num_kv_heads == 0 || !p.num_heads.is_multiple_of(p.num_kv_heads) {
         return Err(CudaError::invalid(
             op,
             "num_kv_heads",

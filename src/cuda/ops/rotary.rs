@@ -91,7 +91,7 @@ pub(super) fn check_rotary<T: FloatElem>(
     dev.check_buffer(op, "positions", positions)?;
     dev.check_buffer(op, "inv_freq", inv_freq)?;
     let l = layout;
-    if l.rotary_dim == 0 || l.rotary_dim % 2 != 0 || l.rotary_dim > l.head_dim {
+    if l.rotary_dim == 0 || !l.rotary_dim.is_multiple_of(2) || l.rotary_dim > l.head_dim {
         return Err(CudaError::invalid(
             op,
             "rotary_dim",

@@ -45,7 +45,7 @@ pub(super) fn attention_params(spec: &DecoderSpec) -> DecodeAttention {
 /// matter: f32 takes head_dim 12, bf16/f16 do not). Other head sizes take the
 /// one-CTA-per-(sequence, head) decode kernel.
 pub(super) fn use_splitk<T: FloatElem>(head_dim: usize, qkv_dim: usize) -> bool {
-    splitk_supported(T::DTYPE, head_dim) && (qkv_dim * T::DTYPE.size_in_bytes()) % 16 == 0
+    splitk_supported(T::DTYPE, head_dim) && (qkv_dim * T::DTYPE.size_in_bytes()).is_multiple_of(16)
 }
 
 /// One step on the device: the forward pass's ops over the executor's weights and cache.

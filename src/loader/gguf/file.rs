@@ -198,7 +198,7 @@ impl GgufFile {
             DequantError::Unsupported(_) => self.unsupported(info),
             other => self.tensor_err(info, other.to_string()),
         };
-        if run.start % block_size == 0 && run.len % block_size == 0 {
+        if run.start.is_multiple_of(block_size) && run.len.is_multiple_of(block_size) {
             // Large runs (embeddings, whole projections) are dequantized in parallel chunks.
             let num_chunk_blocks = PAR_CHUNK_ELEMS.div_ceil(block_size);
             out.par_chunks_mut(num_chunk_blocks * block_size)

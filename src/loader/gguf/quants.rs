@@ -190,7 +190,7 @@ impl GgmlType {
     /// whole number of blocks, or overflow.
     pub fn bytes_for(self, num_elems: usize) -> Option<usize> {
         let (_, _, block_size, type_size) = *self.entry()?;
-        if num_elems % block_size != 0 {
+        if !num_elems.is_multiple_of(block_size) {
             return None;
         }
         (num_elems / block_size).checked_mul(type_size)
@@ -242,7 +242,7 @@ fn check_len(
     let (Some(block_size), Some(type_size)) = (ty.block_size(), ty.type_size()) else {
         return Err(DequantError::Unsupported(ty));
     };
-    if num_elems % block_size != 0 || num_elems / block_size * type_size != num_bytes {
+    if !num_elems.is_multiple_of(block_size) || num_elems / block_size * type_size != num_bytes {
         return Err(DequantError::Length {
             ty,
             num_bytes,

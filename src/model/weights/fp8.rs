@@ -148,10 +148,10 @@ impl Loader<'_> {
         if parts.iter().all(Option::is_none) {
             return self.matrix(names, rows, cols).map(Linear::Dense);
         }
-        if let Some(all) = parts.iter().cloned().collect::<Option<Vec<Fp8Weight>>>() {
-            if let Some(w) = Fp8Weight::concat_rows(&all) {
-                return Ok(Linear::Fp8(w));
-            }
+        if let Some(all) = parts.iter().cloned().collect::<Option<Vec<Fp8Weight>>>()
+            && let Some(w) = Fp8Weight::concat_rows(&all)
+        {
+            return Ok(Linear::Fp8(w));
         }
         let total: usize = rows.iter().sum();
         let mut data = Vec::with_capacity(total * cols);

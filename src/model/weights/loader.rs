@@ -124,7 +124,7 @@ impl Loader<'_> {
             self.check_shape(name, &[r, cols])?;
         }
         let total_rows: usize = rows.iter().sum();
-        let use_q8 = self.format == WeightFormat::Q8 && cols % QK == 0;
+        let use_q8 = self.format == WeightFormat::Q8 && cols.is_multiple_of(QK);
         if use_q8 {
             let mut blocks: Vec<BlockQ8> = Vec::with_capacity(total_rows * cols / QK);
             for name in names {

@@ -95,6 +95,7 @@ struct RawParameters {
     cuda_warmup: Option<String>,
     exclude_input_in_output: Option<String>,
     apply_chat_template: Option<String>,
+    ignored_request_parameters: Option<String>,
     default_max_tokens: Option<String>,
     default_temperature: Option<String>,
     default_top_k: Option<String>,
@@ -125,6 +126,7 @@ pub const PARAMETER_KEYS: &[&str] = &[
     "cuda_warmup",
     "exclude_input_in_output",
     "apply_chat_template",
+    "ignored_request_parameters",
     "default_max_tokens",
     "default_temperature",
     "default_top_k",
@@ -163,6 +165,10 @@ pub struct BackendConfig {
     pub gpu_device_ids: Vec<usize>,
     /// What a request gets for the fields it leaves out.
     pub defaults: RequestDefaults,
+    /// Request parameters ignored besides Triton's `triton_*` keys (`ignored_request_parameters`,
+    /// comma-separated; e.g. HTTP headers Triton forwards as parameters); any other parameter
+    /// that names no field fails the request.
+    pub ignored_request_parameters: Vec<String>,
 }
 
 /// The Triton-level facts of a model configuration the backend needs besides `parameters`.
@@ -427,6 +433,27 @@ impl BackendConfig {
             (Device::Cuda { ordinal: 0 }, Some(&id)) => Device::Cuda { ordinal: id },
             (d, _) => d,
         };
+        let ignored_request_parameters = raw
+            .ignored_request_parameters
+            .as_deref()
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(|k| {
+                let ok = k
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+                match ok {
+                    true => Ok(k.to_string()),
+                    false => Err(ConfigError::invalid(
+                        "ignored_request_parameters",
+                        k,
+                        "expected comma-separated parameter names (letters, digits, '_', '-', '.')",
+                    )),
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(BackendConfig {
             engine: EngineOptions {
                 model: model_path,
@@ -462,6 +489,7 @@ impl BackendConfig {
                 exclude_input_in_output,
                 apply_chat_template,
             },
+            ignored_request_parameters,
         })
     }
 }

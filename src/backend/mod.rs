@@ -240,6 +240,7 @@ impl ModelState {
                 decoupled: self.info.decoupled,
                 model: self.handle.info(),
                 defaults: &self.config.defaults,
+                ignored_parameters: &self.config.ignored_request_parameters,
             };
             parse::parse(&raw, &ctx).map_err(|e| TritonError::invalid_arg(e.to_string()))
         });

@@ -578,6 +578,10 @@ BAD_HTTP = [
     ({"text_input": PROMPT, "sampling_parameters": "{not json"}, ["sampling_parameters", "JSON"]),
     ({"text_input": "hello " * 9000, "max_tokens": 4}, ["prompt", "exceeds", "context"]),
     ({"text_input": PROMPT, "max_tokens": 4, "bad_words": ["x"]}, ["bad_words"]),
+    # A misspelt key becomes a request parameter: an error naming it and the closest name, not
+    # the default length.
+    ({"text_input": PROMPT, "max_token": 3}, ["max_token", "did you mean 'max_tokens'"]),
+    ({"text_input": PROMPT, "max_tokens": 3, "frobnicate": 1}, ["frobnicate", "request parameters"]),
 ]
 
 

@@ -21,7 +21,7 @@
 mod fields;
 mod tensor;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 use triton_api::{InputTensor, ParamValue};
 
 use crate::config::RequestDefaults;
@@ -29,7 +29,7 @@ use crate::request::{
     GenerateRequest, ModelInfo, Prompt, RequestError, RequestSpec, SamplingParams, StopCriteria,
 };
 use crate::tokenizer::ChatMessage;
-use fields::{Field, Kind, find};
+use fields::{FIELDS, Field, Kind, find};
 pub use fields::{INPUTS, OUTPUTS, TensorSpec};
 use tensor::{Given, Tensor};
 
@@ -54,6 +54,10 @@ pub struct ParseContext<'a> {
     pub model: &'a ModelInfo,
     /// What a request gets for the fields it leaves out (the model's `default_*` keys).
     pub defaults: &'a RequestDefaults,
+    /// Request parameters ferrum ignores besides Triton's `triton_*` keys (the model's
+    /// `ignored_request_parameters`, e.g. HTTP headers Triton forwards as parameters); any other
+    /// unknown parameter is an error.
+    pub ignored_parameters: &'a [String],
 }
 
 /// Which tensors carry the prompt and the answer.
@@ -120,31 +124,88 @@ fn invalid(
     RequestError::invalid(field, value, bound)
 }
 
+/// The error for request parameter `key` that names no field: the closest known name when one is
+/// near (at most a third of the name's characters edited), then every known name.
+fn unknown_parameter(key: &str) -> RequestError {
+    let known: Vec<&str> = FIELDS
+        .iter()
+        .flat_map(|f| f.keys.in_parameters())
+        .copied()
+        .collect();
+    // A tensor name sent as a parameter (`random_seed`): the same field's parameter name.
+    let same_field = FIELDS
+        .iter()
+        .find(|f| f.tensors.contains(&key))
+        .and_then(|f| f.keys.in_parameters().first().copied());
+    let closest = same_field.or_else(|| {
+        known
+            .iter()
+            .map(|&k| (edit_distance(key, k), k))
+            .filter(|&(d, k)| d <= k.len().max(key.len()) / 3)
+            .min()
+            .map(|(_, k)| k)
+    });
+    let hint = match closest {
+        Some(k) => format!("did you mean '{k}'? "),
+        None => String::new(),
+    };
+    invalid(
+        "parameters",
+        format!("unknown key '{key}'"),
+        format!(
+            "{hint}ferrum's request parameters: {} (and Triton's triton_* keys; a model can ignore \
+             others with ignored_request_parameters)",
+            known.join(", ")
+        ),
+    )
+}
+
+/// Levenshtein distance between `a` and `b` (characters).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
 /// Parses and validates one request.
 pub fn parse(raw: &RawRequest, ctx: &ParseContext<'_>) -> Result<ParsedRequest, RequestError> {
     let mut d = Draft::new(ctx.defaults);
     let tokenizer = ctx.model.tokenizer.as_deref();
 
-    // 1. Request parameters (generate-endpoint keys that are not inputs): known keys only;
-    //    others (Triton's own, e.g. `triton_enable_empty_final_response`) are ignored.
-    let params: Map<String, Value> = raw
-        .params
-        .iter()
-        .filter_map(|(k, v)| {
-            let jv = match v {
-                ParamValue::String(s) => Value::String(s.clone()),
-                ParamValue::Int(i) => Value::from(*i),
-                ParamValue::Bool(b) => Value::Bool(*b),
-                ParamValue::Double(d) => Value::from(*d),
-                ParamValue::Bytes => return None,
-            };
-            Some((k.clone(), jv))
-        })
-        .collect();
-    for (key, v) in &params {
-        if let Some((field, key)) = find(key, |f| f.keys.in_parameters()) {
-            field.read(Given::Json(key, v), &mut d, tokenizer)?;
-        }
+    // 1. Request parameters (the generate endpoint turns every JSON key that is not an input into
+    //    one). A key that names no field is an error (a misspelt `max_token` must not silently
+    //    generate the default length), except Triton's own `triton_*` keys and the model's
+    //    `ignored_request_parameters`.
+    for (key, v) in &raw.params {
+        let Some((field, key)) = find(key, |f| f.keys.in_parameters()) else {
+            if key.starts_with("triton_") || ctx.ignored_parameters.iter().any(|k| k == key) {
+                continue;
+            }
+            return Err(unknown_parameter(key));
+        };
+        let v = match v {
+            ParamValue::String(s) => Value::String(s.clone()),
+            ParamValue::Int(i) => Value::from(*i),
+            ParamValue::Bool(b) => Value::Bool(*b),
+            ParamValue::Double(d) => Value::from(*d),
+            ParamValue::Bytes => {
+                return Err(invalid(
+                    key,
+                    "a bytes parameter",
+                    "must be a string, number or bool",
+                ));
+            }
+        };
+        field.read(Given::Json(key, &v), &mut d, tokenizer)?;
     }
 
     // 2. Tensors, in two passes: `sampling_parameters` first (any other tensor outranks its
@@ -430,6 +491,7 @@ mod tests {
             decoupled,
             model,
             defaults: &d,
+            ignored_parameters: &["x-request-id".to_string()],
         };
         parse(&RawRequest { inputs, params }, &ctx)
     }
@@ -789,6 +851,53 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_request_parameter_is_an_error_naming_it_and_the_closest_name() {
+        let with =
+            |key: &str, v: ParamValue| run_with(vec![text("x")], vec![(key.into(), v)], 0, true);
+        let e = with("max_token", ParamValue::Int(3))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("'max_token'") && e.contains("did you mean 'max_tokens'"),
+            "{e}"
+        );
+        let e = with("temprature", ParamValue::Double(0.5))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("did you mean 'temperature'"), "{e}");
+        let e = with("frobnicate", ParamValue::Bool(true))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("'frobnicate'") && !e.contains("did you mean"),
+            "{e}"
+        );
+        assert!(
+            e.contains("max_tokens") && e.contains("ignored_request_parameters"),
+            "{e}"
+        );
+        // Triton's own keys and the model's ignored ones pass; a known key still works.
+        with("triton_enable_empty_final_response", ParamValue::Bool(true)).unwrap();
+        with("x-request-id", ParamValue::String("abc".into())).unwrap();
+        let p = with("max_tokens", ParamValue::Int(3)).unwrap();
+        assert_eq!(p.generate.stop().max_tokens, 3);
+        // A known key with a bytes value is refused, not skipped.
+        let e = with("max_tokens", ParamValue::Bytes)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_tokens") && e.contains("bytes"), "{e}");
+    }
+
+    #[test]
+    fn edit_distance_counts_insertions_deletions_and_substitutions() {
+        assert_eq!(edit_distance("max_token", "max_tokens"), 1);
+        assert_eq!(edit_distance("temprature", "temperature"), 1);
+        assert_eq!(edit_distance("top_k", "top_p"), 1);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
+
+    #[test]
     fn model_rules_name_the_field_as_the_client_sent_it() {
         // Out of the vocabulary (400 ids) and too long for the context: GenerateRequest::new.
         let e = run(vec![i32s("input_ids", vec![2], &[1, 400])]).unwrap_err();
@@ -1067,14 +1176,23 @@ mod tests {
             ])
             .is_ok()
         );
-        // Unknown request parameters (and tensor aliases) are ignored.
+        // A tensor alias is not a request parameter (unknown parameters are errors, see
+        // an_unknown_request_parameter_is_an_error_naming_it_and_the_closest_name).
+        let e = run_with(
+            vec![text("x")],
+            vec![("random_seed".into(), ParamValue::Int(1))],
+            0,
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("'random_seed'") && e.contains("did you mean 'seed'"),
+            "{e}"
+        );
         let p = run_with(
             vec![text("x")],
-            vec![
-                ("temprature".into(), ParamValue::Double(-1.0)),
-                ("random_seed".into(), ParamValue::Int(-1)),
-                ("top_k".into(), ParamValue::Int(-1)),
-            ],
+            vec![("top_k".into(), ParamValue::Int(-1))],
             0,
             false,
         )

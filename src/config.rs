@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use crate::dtype::DType;
 use crate::engine::{Device, EngineOptions};
-use crate::executor::cuda::CudaExecOptions;
+use crate::executor::CudaExecOptions;
 use crate::kv_cache::KvCacheOptions;
 use crate::model::quant::QuantizationOption;
 use crate::ops::linear::WeightFormat;

@@ -9,11 +9,11 @@ use std::path::PathBuf;
 
 use super::{Engine, EngineSetup, FaultInjection, ModelInfo, Recovery};
 use crate::dtype::DType;
+use crate::executor::CudaExecOptions;
 use crate::executor::build::{self, Target};
 pub use crate::executor::build::{
     DEFAULT_CPU_KV_BYTES, Device, default_weight_format, load_weights,
 };
-use crate::executor::cuda::CudaExecOptions;
 use crate::kv_cache::KvCacheOptions;
 use crate::model::quant::QuantizationOption;
 use crate::model::{Checkpoint, CheckpointFormat};

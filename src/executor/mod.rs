@@ -17,6 +17,9 @@ pub mod build;
 pub mod cpu;
 pub mod cuda;
 pub mod dump;
+pub mod options;
+
+pub use options::CudaExecOptions;
 
 /// Logits of the sampling sequences of one step, in plan order: `[num_rows, vocab_size]`.
 pub struct Logits {

@@ -11,7 +11,7 @@ use serde_json::json;
 use triton_ferrum::config::DEFAULT_MAX_TOKENS;
 use triton_ferrum::dtype::DType;
 use triton_ferrum::engine::{Device, EngineOptions, is_final};
-use triton_ferrum::executor::cuda::CudaExecOptions;
+use triton_ferrum::executor::CudaExecOptions;
 use triton_ferrum::kv_cache::KvCacheOptions;
 use triton_ferrum::model::Checkpoint;
 use triton_ferrum::model::quant::QuantizationOption;

@@ -40,7 +40,6 @@
 
 mod forward;
 mod kv;
-mod options;
 mod pack;
 mod profile;
 mod step;
@@ -52,11 +51,11 @@ use std::collections::HashMap;
 
 use half::{bf16, f16};
 
+pub use super::options::CudaExecOptions;
 pub use kv::{
     KvCacheConfig, KvCachePlan, RESERVED_GPU_BYTES, activation_workspace_bytes, kv_bytes_per_block,
     plan_kv_blocks,
 };
-pub use options::CudaExecOptions;
 pub use step::graph_buckets;
 pub use warmup::WarmUpReport;
 

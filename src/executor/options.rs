@@ -1,5 +1,6 @@
 //! How the CUDA executor runs steps, beside the KV cache sizing: graphs, profiling, warm-up
-//! (`EngineOptions::cuda`). The `FERRUM_CUDA_*` environment overrides are applied once, when an
+//! (`EngineOptions::cuda`). Plain settings, no CUDA types: the engine and the config name them
+//! without reaching into `executor::cuda`. The `FERRUM_CUDA_*` environment overrides are applied once, when an
 //! engine starts (`engine::options::start`), never inside the executor.
 
 /// How the executor runs steps (beside the KV cache sizing).

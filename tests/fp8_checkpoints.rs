@@ -85,8 +85,16 @@ fn prompts(fixture: &str) -> Vec<Vec<u32>> {
 
 /// Last-position logits of each prompt through the CPU executor (one prefill step each).
 fn last_logits(path: &Path, format: WeightFormat, prompts: &[Vec<u32>]) -> Vec<Vec<f32>> {
-    let ckpt = Checkpoint::open(path, None).unwrap();
-    let weights = triton_ferrum::engine::options::load_weights(&ckpt, format, false).unwrap();
+    checkpoint_logits(&Checkpoint::open(path, None).unwrap(), format, prompts)
+}
+
+/// `last_logits` of an opened checkpoint.
+fn checkpoint_logits(
+    ckpt: &Checkpoint,
+    format: WeightFormat,
+    prompts: &[Vec<u32>],
+) -> Vec<Vec<f32>> {
+    let weights = triton_ferrum::engine::options::load_weights(ckpt, format, false).unwrap();
     let block_size = 4;
     let max_len = prompts.iter().map(Vec::len).max().unwrap();
     let mut exec = CpuExecutor::new(
@@ -597,25 +605,8 @@ fn online_fp8_engine_runs_the_rounded_weights() {
     let float = last_logits(&path, WeightFormat::F32, &p);
     let mut ckpt = Checkpoint::open(&path, None).unwrap();
     ckpt.arch.quant.apply(QuantizationOption::Fp8);
-    let weights =
-        triton_ferrum::engine::options::load_weights(&ckpt, WeightFormat::F32, false).unwrap();
-    let max_len = p.iter().map(Vec::len).max().unwrap();
-    let mut exec =
-        CpuExecutor::new(ckpt.arch.spec.clone(), weights, max_len.div_ceil(4), 4, 0).unwrap();
-    for (i, (prompt, want)) in p.iter().zip(&float).enumerate() {
-        let n = prompt.len();
-        let plan = SchedulePlan {
-            seqs: vec![ScheduledSeq {
-                seq_id: SeqId(i as u64),
-                token_ids: prompt.clone(),
-                start_pos: 0,
-                block_table: (0..n.div_ceil(4) as u32).map(BlockId).collect(),
-                sample: true,
-            }],
-            preempted: vec![],
-            num_batched_tokens: n,
-        };
-        let got = exec.logits(&plan).unwrap().data;
+    let fp8 = checkpoint_logits(&ckpt, WeightFormat::F32, &p);
+    for (i, (got, want)) in fp8.iter().zip(&float).enumerate() {
         // Relative L2 error of the logits: E4M3 keeps 3 mantissa bits; this tiny random model
         // amplifies weight noise (the per-channel FP8 checkpoint of it that
         // scripts/make_fp8_fixtures.py writes, llama_twin_channel, is 10-19 % off as well).

@@ -70,6 +70,10 @@ pub enum RequestError {
     /// message.
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
+    /// The request is fine but nothing can take it now: the engine has stopped (the model is
+    /// unloading or failed for good). Triton answers UNAVAILABLE, not INVALID_ARG.
+    #[error("the engine is not running: {0}")]
+    Unavailable(String),
 }
 
 impl RequestError {

@@ -1258,3 +1258,23 @@ fn penalties_see_every_generated_token() {
         assert_eq!(out.len(), max_tokens, "{kind}");
     }
 }
+
+/// A request for an engine that has stopped is refused as unavailable (the request itself is
+/// fine: Triton answers UNAVAILABLE, not INVALID_ARG).
+#[test]
+fn a_stopped_engine_refuses_requests_as_unavailable() {
+    let e = TestEngine::start(&model_dir(), Some(WeightFormat::F32), |_| {});
+    let handle = e.handle();
+    assert_eq!(
+        collect(&handle, greedy(prompt(3, 1), 2, None))
+            .output_ids
+            .len(),
+        2
+    );
+    drop(e);
+    let err = submit(&handle, greedy(prompt(3, 1), 2, None))
+        .err()
+        .unwrap();
+    assert!(matches!(err, RequestError::Unavailable(_)), "{err:?}");
+    assert!(err.to_string().contains("not running"), "{err}");
+}

@@ -184,7 +184,11 @@ impl EngineHandle {
         };
         self.commands
             .send(Command::Submit(Box::new(sub)))
-            .map_err(|_| RequestError::invalid("engine", "stopped", "the engine is not running"))?;
+            .map_err(|_| {
+                RequestError::Unavailable(
+                    "it has stopped (the model is unloading or failed)".into(),
+                )
+            })?;
         Ok((seq_id, prompt_ids))
     }
 

@@ -27,7 +27,7 @@ use triton_api::{ErrorCode, TritonError};
 use super::metrics::{METRICS_INTERVAL, ModelMetrics};
 use super::parse::{Interface, ParsedRequest};
 use crate::engine::{EngineHandle, Incident};
-use crate::request::{FinishReason, SeqId, TokenEvent};
+use crate::request::{FinishReason, RequestError, SeqId, TokenEvent};
 pub use outputs::{OutputTensor, ResponseData, build_outputs};
 pub use sender::{Job, ResponseSender};
 
@@ -357,6 +357,9 @@ fn run(setup: ResponderSetup, intake: Receiver<Intake>) {
                                 logprobs: Vec::new(),
                                 batched,
                             });
+                        }
+                        Err(e @ RequestError::Unavailable(_)) => {
+                            job.fail(&TritonError::new(ErrorCode::Unavailable, e.to_string()))
                         }
                         Err(e) => job.fail(&TritonError::invalid_arg(e.to_string())),
                     }

@@ -889,6 +889,25 @@ mod tests {
     }
 
     #[test]
+    fn stop_token_ids_as_a_request_parameter_take_one_id_or_a_list_in_a_string() {
+        let ids = |v: ParamValue| {
+            run_with(vec![text("x")], vec![("stop_token_ids".into(), v)], 0, true)
+                .map(|p| p.generate.stop().stop_token_ids.clone())
+        };
+        assert_eq!(ids(ParamValue::String("[5, 6]".into())).unwrap(), [5, 6]);
+        assert_eq!(ids(ParamValue::String("5, 6".into())).unwrap(), [5, 6]);
+        assert_eq!(ids(ParamValue::Int(7)).unwrap(), [7]);
+        let e = ids(ParamValue::String("five".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("stop_token_ids") && e.contains("five"), "{e}");
+        let e = ids(ParamValue::String("[5, -1]".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("-1"), "{e}");
+    }
+
+    #[test]
     fn edit_distance_counts_insertions_deletions_and_substitutions() {
         assert_eq!(edit_distance("max_token", "max_tokens"), 1);
         assert_eq!(edit_distance("temprature", "temperature"), 1);

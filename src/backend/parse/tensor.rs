@@ -277,12 +277,29 @@ impl<'a> Given<'a> {
                 id if id < 0 => Ok(vec![]),
                 id => Ok(vec![token_id(t.field, id)?]),
             },
-            Given::Json(key, v) => v
-                .as_array()
-                .ok_or_else(|| invalid(key, v, "must be a list of token ids"))?
-                .iter()
-                .map(|item| token_id(key, Given::Json(key, item).int()?))
-                .collect(),
+            // A JSON list; a request parameter (which cannot hold a list) may also give one id
+            // or a string holding the list ("[2, 5]" or "2, 5").
+            Given::Json(key, v) => {
+                let bound = "must be a list of token ids (a request parameter may also be one id or \
+                             a string such as \"[2, 5]\" or \"2, 5\")";
+                let items: Vec<Value> = match v {
+                    Value::Array(a) => a.clone(),
+                    Value::Number(_) => vec![v.clone()],
+                    Value::String(s) => match serde_json::from_str::<Value>(s) {
+                        Ok(Value::Array(a)) => a,
+                        _ => s
+                            .split(',')
+                            .map(|t| t.trim().parse::<i64>().map(Value::from))
+                            .collect::<Result<_, _>>()
+                            .map_err(|_| invalid(key, v, bound))?,
+                    },
+                    _ => return Err(invalid(key, v, bound)),
+                };
+                items
+                    .iter()
+                    .map(|item| token_id(key, Given::Json(key, item).int()?))
+                    .collect()
+            }
         }
     }
 

@@ -83,6 +83,7 @@ struct RawParameters {
     dtype: Option<String>,
     quantization: Option<String>,
     max_num_seqs: Option<String>,
+    max_queue_size: Option<String>,
     max_num_batched_tokens: Option<String>,
     max_tokens_in_paged_kv_cache: Option<String>,
     kv_cache_free_gpu_mem_fraction: Option<String>,
@@ -114,6 +115,7 @@ pub const PARAMETER_KEYS: &[&str] = &[
     "dtype",
     "quantization",
     "max_num_seqs",
+    "max_queue_size",
     "max_num_batched_tokens",
     "max_tokens_in_paged_kv_cache",
     "kv_cache_free_gpu_mem_fraction",
@@ -191,6 +193,9 @@ pub struct ModelLocation {
     /// first.
     pub version_dir: PathBuf,
 }
+
+/// `max_queue_size` of a model that sets none: this many waiting requests per `max_num_seqs`.
+pub const DEFAULT_QUEUE_PER_SEQ: usize = 4;
 
 /// `max_tokens` of a request that sends none, unless `default_max_tokens` says otherwise.
 pub const DEFAULT_MAX_TOKENS: usize = 128;
@@ -300,6 +305,14 @@ impl BackendConfig {
             defaults.batching.max_num_seqs,
             1,
             4096,
+        )?;
+        // Requests waiting beyond the running ones; a served model is never unbounded.
+        let max_queue_size = parse_count(
+            "max_queue_size",
+            raw.max_queue_size.as_deref(),
+            DEFAULT_QUEUE_PER_SEQ * max_num_seqs,
+            0,
+            1 << 20,
         )?;
         let max_num_batched_tokens = parse_count(
             "max_num_batched_tokens",
@@ -465,6 +478,7 @@ impl BackendConfig {
                 max_model_len,
                 batching: BatchingOptions {
                     max_num_seqs,
+                    max_queue_size: Some(max_queue_size),
                     max_num_batched_tokens,
                     enable_chunked_prefill: enable_chunked_context,
                     policy: batch_scheduler_policy,
@@ -617,6 +631,7 @@ mod tests {
         assert_eq!(o.model, dir.join("1/model.gguf"));
         assert_eq!(o.device, Device::Auto);
         assert_eq!(o.batching.max_num_seqs, 64);
+        assert_eq!(o.batching.max_queue_size, Some(DEFAULT_QUEUE_PER_SEQ * 64));
         assert_eq!(o.batching.max_num_batched_tokens, 2048);
         assert_eq!(o.kv.block_size, 16);
         assert_eq!(o.kv.free_gpu_mem_fraction, 0.9);
@@ -654,6 +669,7 @@ mod tests {
                 ("dtype", "float16"),
                 ("quantization", "fp8"),
                 ("max_num_seqs", "8"),
+                ("max_queue_size", "16"),
                 ("max_num_batched_tokens", "512"),
                 ("max_tokens_in_paged_kv_cache", "4096"),
                 ("kv_cache_free_gpu_mem_fraction", "0.5"),
@@ -699,6 +715,7 @@ mod tests {
         );
         assert_eq!(o.kv.max_tokens, Some(4096));
         assert_eq!(o.max_model_len, Some(1024));
+        assert_eq!(o.batching.max_queue_size, Some(16));
         assert!(!o.batching.enable_chunked_prefill);
         assert_eq!(o.batching.policy, SchedulerPolicy::GuaranteedNoEvict);
         assert!(o.batching.enable_prefix_caching);
@@ -722,6 +739,7 @@ mod tests {
             ),
             (&[("max_num_seqs", "0")], &["max_num_seqs", "'0'"]),
             (&[("max_num_seqs", "lots")], &["max_num_seqs", "lots"]),
+            (&[("max_queue_size", "-1")], &["max_queue_size", "-1"]),
             (
                 &[("block_size", "24")],
                 &["block_size", "24", "power of two"],

@@ -1278,3 +1278,51 @@ fn a_stopped_engine_refuses_requests_as_unavailable() {
     assert!(matches!(err, RequestError::Unavailable(_)), "{err:?}");
     assert!(err.to_string().contains("not running"), "{err}");
 }
+
+/// `max_queue_size`: with `max_num_seqs` 2 and a queue of 3, a burst of 4 × `max_num_seqs`
+/// requests gets exactly 3 busy refusals (UNAVAILABLE, naming the bound) while the slow engine
+/// holds the first 5; every admitted request completes, and once they have, the places are free
+/// again.
+#[test]
+fn a_full_queue_refuses_at_once_as_busy_and_frees_its_places() {
+    let mut opts = triton_ferrum::engine::EngineOptions::new(model_dir());
+    opts.batching.max_num_seqs = 2;
+    opts.batching.max_queue_size = Some(3);
+    opts.kv.block_size = 4;
+    opts.kv.max_tokens = Some(256);
+    opts.max_model_len = Some(64);
+    // 30 tokens of at least 5 ms each: nothing ends while the burst is submitted.
+    let e = engine_with(&opts, |cpu| {
+        Box::new(TestExecutor {
+            step_time: Duration::from_millis(5),
+            ..TestExecutor::new(cpu, false)
+        })
+    });
+    let handle = e.handle();
+    let results: Vec<_> = (0..8)
+        .map(|i| submit(&handle, greedy(prompt(4, i), 30, None)))
+        .collect();
+    let (admitted, refused): (Vec<_>, Vec<_>) = results.into_iter().partition(Result::is_ok);
+    assert_eq!((admitted.len(), refused.len()), (5, 3));
+    for r in refused {
+        let err = r.err().unwrap();
+        assert!(matches!(err, RequestError::Unavailable(_)), "{err:?}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("busy") && msg.contains("max_queue_size (3)"),
+            "{msg}"
+        );
+    }
+    for s in admitted {
+        let c = collect_stream(s.unwrap());
+        assert_eq!((c.output_ids.len(), c.num_final_events), (30, 1));
+    }
+    // Every place is back: a second burst is admitted the same way.
+    let again: Vec<_> = (0..5)
+        .map(|i| submit(&handle, greedy(prompt(4, i), 2, None)))
+        .collect();
+    assert!(again.iter().all(Result::is_ok));
+    for s in again {
+        assert_eq!(collect_stream(s.unwrap()).output_ids.len(), 2);
+    }
+}

@@ -7,17 +7,72 @@ use super::*;
 /// Where a request's events go: its own channel (`submit`), or a channel shared by many
 /// requests with each event tagged by its `SeqId` (`submit_to`, e.g. one response thread
 /// serving every request of a Triton model).
-pub(super) enum EventTarget {
+pub(super) enum Route {
     Own(Sender<TokenEvent>),
     Shared(Sender<(SeqId, TokenEvent)>),
 }
 
+/// A request's route plus its place in the in-flight count. The place is given back just before
+/// the final event goes out (so a client that has its answer can submit again at once), or when
+/// the target is dropped without one (its receiver gone), wherever the request is then (channel,
+/// worker, supervisor).
+pub(super) struct EventTarget {
+    route: Route,
+    slot: Option<Slot>,
+}
+
 impl EventTarget {
     /// False when the receiving side is gone.
-    pub(super) fn send(&self, seq_id: SeqId, ev: TokenEvent) -> bool {
-        match self {
-            EventTarget::Own(tx) => tx.send(ev).is_ok(),
-            EventTarget::Shared(tx) => tx.send((seq_id, ev)).is_ok(),
+    pub(super) fn send(&mut self, seq_id: SeqId, ev: TokenEvent) -> bool {
+        if is_final(&ev) {
+            self.slot = None;
+        }
+        match &self.route {
+            Route::Own(tx) => tx.send(ev).is_ok(),
+            Route::Shared(tx) => tx.send((seq_id, ev)).is_ok(),
+        }
+    }
+}
+
+/// The bound on requests in flight (submitted, final event not yet sent):
+/// `max_num_seqs + max_queue_size` (`BatchingOptions::max_queue_size`; None: unbounded).
+pub(super) struct Admission {
+    in_flight: AtomicUsize,
+    max_num_seqs: usize,
+    max_queue_size: Option<usize>,
+}
+
+/// One request's place in `Admission::in_flight`, given back when dropped.
+struct Slot(Arc<Admission>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Admission {
+    pub(super) fn new(max_num_seqs: usize, max_queue_size: Option<usize>) -> Arc<Self> {
+        Arc::new(Admission {
+            in_flight: AtomicUsize::new(0),
+            max_num_seqs,
+            max_queue_size,
+        })
+    }
+
+    /// A place for one more request, or the busy error naming the bound.
+    fn take(self: &Arc<Self>) -> Result<Slot, RequestError> {
+        let n = self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let slot = Slot(self.clone());
+        match self.max_queue_size {
+            Some(q) if n >= self.max_num_seqs.saturating_add(q) => {
+                Err(RequestError::Unavailable(format!(
+                    "busy: {n} requests in flight, the most is max_num_seqs ({}) + max_queue_size \
+                     ({q}); retry later",
+                    self.max_num_seqs
+                )))
+            }
+            _ => Ok(slot),
         }
     }
 }
@@ -40,7 +95,7 @@ pub(super) type Orphan = (SeqId, EventTarget);
 impl EventSink {
     /// False when the receiving side is gone (or the final event was sent already).
     pub(super) fn send(&mut self, ev: TokenEvent) -> bool {
-        let Some(target) = &self.target else {
+        let Some(target) = &mut self.target else {
             return false;
         };
         let last = is_final(&ev);
@@ -67,6 +122,7 @@ pub struct EngineHandle {
     pub(super) commands: Sender<Command>,
     pub(super) next_id: Arc<AtomicU64>,
     pub(super) info: Arc<ModelInfo>,
+    pub(super) admission: Arc<Admission>,
 }
 
 /// The events of one request. Dropping it before the final event aborts the request.
@@ -138,7 +194,7 @@ impl EngineHandle {
     /// Queues a request (validated and tokenized by `GenerateRequest::new` against `info()`).
     pub fn submit(&self, request: GenerateRequest) -> Result<RequestStream, RequestError> {
         let (tx, rx) = crossbeam_channel::unbounded();
-        let (seq_id, prompt_ids) = self.enqueue(request, EventTarget::Own(tx))?;
+        let (seq_id, prompt_ids) = self.enqueue(request, Route::Own(tx))?;
         Ok(RequestStream {
             seq_id,
             prompt_ids,
@@ -156,13 +212,13 @@ impl EngineHandle {
         request: GenerateRequest,
         events: Sender<(SeqId, TokenEvent)>,
     ) -> Result<(SeqId, Vec<u32>), RequestError> {
-        self.enqueue(request, EventTarget::Shared(events))
+        self.enqueue(request, Route::Shared(events))
     }
 
     pub(super) fn enqueue(
         &self,
         request: GenerateRequest,
-        events: EventTarget,
+        route: Route,
     ) -> Result<(SeqId, Vec<u32>), RequestError> {
         if !request.is_for(&self.info) {
             return Err(RequestError::invalid(
@@ -175,6 +231,10 @@ impl EngineHandle {
                 ),
             ));
         }
+        let events = EventTarget {
+            route,
+            slot: Some(self.admission.take()?),
+        };
         let seq_id = SeqId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let prompt_ids = request.prompt_ids().to_vec();
         let sub = Submission {

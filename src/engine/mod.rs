@@ -26,7 +26,7 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -42,8 +42,8 @@ mod handle;
 mod supervisor;
 mod worker;
 
+use handle::{Admission, EventSink, EventTarget, Orphan};
 pub use handle::{EngineHandle, RequestStream, is_final};
-use handle::{EventSink, EventTarget, Orphan};
 use supervisor::*;
 pub use supervisor::{
     EngineSetup, Failure, FaultInjection, INJECT_PANIC_TOKEN_VAR, Incident, Recovery,
@@ -165,6 +165,10 @@ impl Engine {
             orphans,
             incidents: incidents_tx,
         };
+        let admission = Admission::new(
+            setup.scheduler.batching.max_num_seqs,
+            setup.scheduler.batching.max_queue_size,
+        );
         let worker = supervisor.worker(executor, setup.scheduler)?;
         let thread = std::thread::Builder::new()
             .name("ferrum-engine".into())
@@ -175,6 +179,7 @@ impl Engine {
                 commands: tx,
                 next_id: Arc::new(AtomicU64::new(1)),
                 info,
+                admission,
             },
             incidents,
             thread: Some(thread),

@@ -275,7 +275,7 @@ impl Supervisor {
     /// Sends `message` as the final error of every orphaned request; returns how many.
     pub(super) fn answer_orphans(&self, message: &str) -> usize {
         let mut num_answered = 0;
-        while let Ok((seq_id, target)) = self.orphans.try_recv() {
+        while let Ok((seq_id, mut target)) = self.orphans.try_recv() {
             target.send(seq_id, TokenEvent::Error(message.to_string()));
             num_answered += 1;
         }
@@ -386,7 +386,7 @@ impl Supervisor {
     /// to abort.
     pub(super) fn refuse(&self, cmd: Command, refusal: &str) {
         match cmd {
-            Command::Submit(sub) => {
+            Command::Submit(mut sub) => {
                 sub.events
                     .send(sub.seq_id, TokenEvent::Unavailable(refusal.to_string()));
             }

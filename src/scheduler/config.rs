@@ -25,6 +25,12 @@ pub struct BatchingOptions {
     /// prefix of their tokens (`enable_kv_cache_reuse`; default false, as in
     /// tensorrtllm_backend).
     pub enable_prefix_caching: bool,
+    /// Most requests waiting beyond the `max_num_seqs` that run (`max_queue_size`): a request
+    /// that would exceed `max_num_seqs + max_queue_size` in flight is refused at once as busy
+    /// (`RequestError::Unavailable`, Triton's UNAVAILABLE), never left to wait without bound.
+    /// None: unbounded (the library and CLI default; a Triton model defaults to
+    /// `4 * max_num_seqs`).
+    pub max_queue_size: Option<usize>,
 }
 
 impl Default for BatchingOptions {
@@ -36,6 +42,7 @@ impl Default for BatchingOptions {
             enable_chunked_prefill: true,
             policy: SchedulerPolicy::default(),
             enable_prefix_caching: false,
+            max_queue_size: None,
         }
     }
 }

@@ -71,8 +71,9 @@ pub enum RequestError {
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
     /// The request is fine but nothing can take it now: the engine has stopped (the model is
-    /// unloading or failed for good). Triton answers UNAVAILABLE, not INVALID_ARG.
-    #[error("the engine is not running: {0}")]
+    /// unloading or failed for good) or is busy (`max_queue_size`). Triton answers UNAVAILABLE,
+    /// not INVALID_ARG. Holds the whole message.
+    #[error("{0}")]
     Unavailable(String),
 }
 

@@ -246,7 +246,8 @@ impl EngineHandle {
             .send(Command::Submit(Box::new(sub)))
             .map_err(|_| {
                 RequestError::Unavailable(
-                    "it has stopped (the model is unloading or failed)".into(),
+                    "the engine is not running: it has stopped (the model is unloading or failed)"
+                        .into(),
                 )
             })?;
         Ok((seq_id, prompt_ids))

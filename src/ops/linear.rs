@@ -488,21 +488,7 @@ fn q8_dequant_gemm(x: &[f32], m: usize, t: &Q8Tensor, bias: Option<&[f32]>, y: &
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    /// Deterministic uniform values in [-1, 1) (SplitMix64).
-    fn random_values(seed: u64, len: usize) -> Vec<f32> {
-        let mut state = seed;
-        (0..len)
-            .map(|_| {
-                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                let mut z = state;
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                z ^= z >> 31;
-                ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::ops::quant::tests::random_values;
 
     /// The weights a `Weight` stands for, as f32 [rows, cols].
     fn dense(w: &Weight) -> Vec<f32> {

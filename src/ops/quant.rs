@@ -166,11 +166,11 @@ pub fn dot_q8(w: &[BlockQ8], x: &[BlockQ8Act]) -> f32 {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Deterministic uniform values in [-1, 1) (SplitMix64).
-    fn random_values(seed: u64, len: usize) -> Vec<f32> {
+    pub(crate) fn random_values(seed: u64, len: usize) -> Vec<f32> {
         let mut state = seed;
         (0..len)
             .map(|_| {

@@ -1,21 +1,7 @@
 //! Every instruction set against the scalar path, bit for bit, on ragged shapes; batch invariance.
 
 use super::*;
-
-/// Deterministic uniform values in [-1, 1) (SplitMix64).
-fn random_values(seed: u64, len: usize) -> Vec<f32> {
-    let mut state = seed;
-    (0..len)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+use crate::ops::quant::tests::random_values;
 
 /// Random blocks mixing the weight formats: Q4_1-like (unsigned 4-bit values, negative min),
 /// Q8_0-like (full i8 range including -128 and 127) and symmetric requantized ones.

@@ -12,6 +12,7 @@ mod sealed {
     impl Sealed for f32 {}
     impl Sealed for half::bf16 {}
     impl Sealed for half::f16 {}
+    impl Sealed for u8 {}
     impl Sealed for u32 {}
     impl Sealed for i32 {}
     impl Sealed for i64 {}
@@ -25,6 +26,7 @@ pub trait DeviceElem:
 impl DeviceElem for f32 {}
 impl DeviceElem for half::bf16 {}
 impl DeviceElem for half::f16 {}
+impl DeviceElem for u8 {}
 impl DeviceElem for u32 {}
 impl DeviceElem for i32 {}
 impl DeviceElem for i64 {}

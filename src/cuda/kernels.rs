@@ -48,11 +48,14 @@ pub enum KernelId {
     Sample,
     /// `gemv_{dt}`: skinny products for decode, m <= 8 (see `cuda::gemm`)
     Gemv,
+    /// `fp8_quantize_rows_{dt}`, `fp8_gemv_{dt}`, `fp8_gemv_gated_{dt}`, `fp8_scale_rows_{dt}`:
+    /// FP8 E4M3 activations and weights (see `cuda::gemm::fp8`)
+    Fp8,
 }
 
 impl KernelId {
     /// Every kernel file, for tests that compile all of them and for warm-up lists.
-    pub const ALL: [KernelId; 11] = [
+    pub const ALL: [KernelId; 12] = [
         KernelId::Embedding,
         KernelId::Norm,
         KernelId::Rotary,
@@ -64,6 +67,7 @@ impl KernelId {
         KernelId::Elementwise,
         KernelId::Sample,
         KernelId::Gemv,
+        KernelId::Fp8,
     ];
 
     /// The file's name under `kernels/` (what error messages and NVRTC's log call it).
@@ -80,6 +84,7 @@ impl KernelId {
             KernelId::Elementwise => "elementwise.cu",
             KernelId::Sample => "sample.cu",
             KernelId::Gemv => "gemv.cu",
+            KernelId::Fp8 => "fp8.cu",
         }
     }
 
@@ -97,6 +102,7 @@ impl KernelId {
             KernelId::Elementwise => include_str!("../../kernels/elementwise.cu"),
             KernelId::Sample => include_str!("../../kernels/sample.cu"),
             KernelId::Gemv => include_str!("../../kernels/gemv.cu"),
+            KernelId::Fp8 => include_str!("../../kernels/fp8.cu"),
         }
     }
 
@@ -155,6 +161,12 @@ impl KernelId {
             KernelId::Elementwise => &["clamp", "add", "add_bias", "gather_rows"],
             KernelId::Sample => &["sample"],
             KernelId::Gemv => &["gemv", "gemv_gated"],
+            KernelId::Fp8 => &[
+                "fp8_quantize_rows",
+                "fp8_gemv",
+                "fp8_gemv_gated",
+                "fp8_scale_rows",
+            ],
         }
     }
 }

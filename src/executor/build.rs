@@ -10,7 +10,7 @@ use super::Executor;
 use super::cpu::CpuExecutor;
 use super::cuda::{self as cuda_executor, KvCacheConfig};
 use super::dump::Dumper;
-use crate::cuda::{CudaDevice, CudaError};
+use crate::cuda::{CudaDevice, CudaError, SmArch};
 use crate::dtype::DType;
 use crate::engine::options::{EngineOptions, dtype_name};
 use crate::model::quant::Quantization;
@@ -191,14 +191,18 @@ pub fn build(
                     dtype_name(dtype)
                 ));
             }
-            if !matches!(ckpt.arch.quant, Quantization::None) {
-                log.push(format!(
-                    "fp8 weights on the GPU are dequantized to {} at load (weight values as in FP8; \
-                     the FP8 GEMMs are not in this build yet)",
-                    dtype_name(dtype)
-                ));
+            if !matches!(ckpt.arch.quant, Quantization::None) && dev.arch() < SmArch::SM89 {
+                let info = dev.info();
+                return Err(crate::Error::Device(format!(
+                    "FP8 weights (an FP8 checkpoint or quantization: fp8) need a GPU with FP8 tensor cores (compute capability 8.9 \
+                     or newer: Ada, Hopper, Blackwell); device {} ({}) has {}.{}. Serve the \
+                     model unquantized, or on the CPU engine (device: cpu), which runs FP8 \
+                     checkpoints dequantized",
+                    info.ordinal, info.name, info.arch.major, info.arch.minor
+                )));
             }
-            // Read one tensor at a time, dequantized, converted to `dtype` and uploaded.
+            // Read one tensor at a time, converted to `dtype` (FP8 linears kept in E4M3) and
+            // uploaded.
             let bar = layer_progress(ckpt, opts.progress);
             let kv = KvCacheConfig {
                 kv: opts.kv.clone(),
@@ -210,6 +214,7 @@ pub fn build(
                 plan,
                 warm_up,
                 weight_bytes,
+                weight_formats,
             } = cuda_executor::open_with(
                 *dev,
                 ckpt,
@@ -226,6 +231,7 @@ pub fn build(
             if let Some(b) = bar {
                 b.finish_and_clear();
             }
+            log.push(weight_formats);
             log.push(plan.describe(&kv));
             log.extend(warm_up.map(|w| w.describe()));
             BuiltExecutor {

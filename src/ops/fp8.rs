@@ -32,7 +32,9 @@ pub fn e4m3_to_f32(b: u8) -> f32 {
     sign * mag
 }
 
-/// The E4M3 code nearest to `x` (ties to even), saturated to ±448; NaN maps to 0x7F.
+/// The E4M3 code nearest to `x` (ties to even), saturated to ±448; NaN maps to 0x7F. The same
+/// arithmetic as `kernels/fp8.cu`'s `f32_to_e4m3` (exponent from the f32 bits, the value scaled
+/// by a power of two and rounded once), so host and device codes agree bit for bit.
 pub fn f32_to_e4m3(x: f32) -> u8 {
     if x.is_nan() {
         return 0x7F;
@@ -42,41 +44,25 @@ pub fn f32_to_e4m3(x: f32) -> u8 {
     if a >= E4M3_MAX {
         return sign | 0x7E;
     }
-    // The spacing of representable values around `a`: 2^-9 below 2^-6 (subnormals), else
-    // 2^(floor(log2 a) - 3). Scale by it, round half to even, and rebuild the code.
-    let e = if a < 2f32.powi(-6) {
-        -6
-    } else {
-        a.log2().floor() as i32
-    };
-    let ulp = 2f32.powi(e - 3);
-    let q = round_half_even(a / ulp); // 8..=16 for normals (16: carries into the next binade)
-    let value = q * ulp;
-    if value >= E4M3_MAX {
-        return sign | 0x7E;
+    if a < SMALLEST_NORMAL {
+        // Subnormals (spacing 2^-9): the code is the count of 2^-9 steps (exact scaling by a
+        // power of two); rounding may reach 8, the smallest normal's code.
+        return sign | (a * 512.0).round_ties_even() as u8;
     }
-    if value == 0.0 {
-        return sign;
+    // floor(log2 a) from the exponent bits (a is a normal f32 here), then 8..=16 steps of the
+    // binade's spacing 2^(e-3); 16 carries into the next binade.
+    let mut e = ((a.to_bits() >> 23) & 0xFF) as i32 - 127;
+    let mut q = (a * 2f32.powi(3 - e)).round_ties_even();
+    if q >= 16.0 {
+        q = 8.0;
+        e += 1;
     }
-    // Encode `value` exactly (it is representable by construction).
-    let (exp_field, man) = if value < 2f32.powi(-6) {
-        (0u8, (value / 2f32.powi(-9)) as u8)
-    } else {
-        let e = value.log2().floor() as i32;
-        let man = ((value / 2f32.powi(e) - 1.0) * 8.0).round() as u8;
-        ((e + 7) as u8, man)
-    };
-    sign | (exp_field << 3) | (man & 0x07)
+    let code = (((e + 7) as u8) << 3) | (q as u8 - 8);
+    sign | code.min(0x7E)
 }
 
-fn round_half_even(x: f32) -> f32 {
-    let r = x.round();
-    if (x - x.trunc()).abs() == 0.5 && r % 2.0 != 0.0 {
-        r - x.signum()
-    } else {
-        r
-    }
-}
+/// The smallest normal E4M3 value, 2^-6.
+const SMALLEST_NORMAL: f32 = 0.015625;
 
 /// A `[rows, cols]` weight in E4M3 with one f32 scale per row (output channel):
 /// `w[r][c] ≈ scale[r] * e4m3_to_f32(codes[r * cols + c])`.
@@ -93,16 +79,36 @@ pub struct Fp8Rows {
 }
 
 impl Fp8Rows {
-    /// Quantizes `w` (`[rows, cols]`, row-major) per output channel: scale = amax / 448.
+    /// Quantizes `w` (`[rows, cols]`, row-major) per output channel: scale = amax / 448. Rows
+    /// are split over the available cores (a 7B model is 7e9 values); the result does not
+    /// depend on the split.
     pub fn quantize(w: &[f32], rows: usize, cols: usize) -> Fp8Rows {
-        let mut codes = Vec::with_capacity(rows * cols);
-        let mut scales = Vec::with_capacity(rows);
-        for row in w.chunks(cols.max(1)).take(rows) {
-            let amax = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let scale = if amax > 0.0 { amax / E4M3_MAX } else { 1.0 };
-            codes.extend(row.iter().map(|&v| f32_to_e4m3(v / scale)));
-            scales.push(scale);
-        }
+        let cols1 = cols.max(1);
+        let mut codes = vec![0u8; rows * cols];
+        let mut scales = vec![0f32; rows];
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let rows_per = rows.div_ceil(threads).max((1 << 16) / cols1).max(1);
+        std::thread::scope(|s| {
+            for ((c, sc), src) in codes
+                .chunks_mut(rows_per * cols1)
+                .zip(scales.chunks_mut(rows_per))
+                .zip(w.chunks(rows_per * cols1))
+            {
+                s.spawn(move || {
+                    for ((out, scale), row) in c
+                        .chunks_mut(cols1)
+                        .zip(sc.iter_mut())
+                        .zip(src.chunks(cols1))
+                    {
+                        let amax = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                        *scale = if amax > 0.0 { amax / E4M3_MAX } else { 1.0 };
+                        for (o, &v) in out.iter_mut().zip(row) {
+                            *o = f32_to_e4m3(v / *scale);
+                        }
+                    }
+                });
+            }
+        });
         Fp8Rows {
             rows,
             cols,
@@ -375,6 +381,32 @@ mod tests {
                 .map(|&v| (v - x.clamp(-E4M3_MAX, E4M3_MAX)).abs())
                 .fold(f32::INFINITY, f32::min);
             assert_eq!((got - x.clamp(-E4M3_MAX, E4M3_MAX)).abs(), best, "x = {x}");
+        }
+    }
+
+    #[test]
+    fn every_midpoint_goes_to_the_even_code_and_neighbours_to_the_nearest() {
+        // Positive codes 0x00..=0x7E in increasing value, subnormals and binade edges included.
+        for c in 0u8..0x7E {
+            let (lo, hi) = (e4m3_to_f32(c), e4m3_to_f32(c + 1));
+            let mid = (lo + hi) / 2.0;
+            let even = if c % 2 == 0 { c } else { c + 1 };
+            for sign in [0u8, 0x80] {
+                let s = if sign == 0 { 1.0 } else { -1.0 };
+                assert_eq!(f32_to_e4m3(s * mid), sign | even, "midpoint of {c:#04x}");
+                let below = (mid - (hi - lo) / 8.0) * s;
+                let above = (mid + (hi - lo) / 8.0) * s;
+                assert_eq!(
+                    f32_to_e4m3(below),
+                    sign | c,
+                    "just below midpoint of {c:#04x}"
+                );
+                assert_eq!(
+                    f32_to_e4m3(above),
+                    sign | (c + 1),
+                    "above midpoint of {c:#04x}"
+                );
+            }
         }
     }
 

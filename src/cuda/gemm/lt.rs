@@ -43,6 +43,47 @@ impl Drop for LtHandle {
     }
 }
 
+/// The device-pointer attributes of a plan's descriptor set per call.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum PointerAttr {
+    /// The epilogue bias: [n] in the output dtype.
+    Bias,
+    /// A's (W's) scales: one f32, or [n] f32 in the outer-vector mode.
+    AScale,
+    /// B's (x's) scales: one f32, or [m] f32 in the outer-vector mode.
+    BScale,
+}
+
+/// Points `attr` of `plan`'s descriptor at device memory `ptr`.
+///
+/// # Safety
+/// `ptr` must be live device memory holding what the attribute needs for the products the plan
+/// runs next (see `PointerAttr`), until they have run.
+pub(super) unsafe fn set_pointer(
+    plan: &LtPlan,
+    attr: PointerAttr,
+    ptr: u64,
+    what: &str,
+) -> Result<(), CudaError> {
+    use lt_sys::cublasLtMatmulDescAttributes_t as A;
+    let attr = match attr {
+        PointerAttr::Bias => A::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+        PointerAttr::AScale => A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+        PointerAttr::BScale => A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+    };
+    // SAFETY: the plan's descriptor is live and used under the Gemm's lock; the attribute takes
+    // a device pointer (8 bytes), copied by cuBLASLt before returning.
+    unsafe {
+        lt::set_matmul_desc_attribute(
+            plan.desc.0,
+            attr,
+            (&ptr as *const u64).cast(),
+            std::mem::size_of::<u64>(),
+        )
+    }
+    .map_err(|e| lt_error("cublasLtMatmulDescSetAttribute", what, e))
+}
+
 impl Gemm {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn run_lt<T: FloatElem>(
@@ -59,41 +100,50 @@ impl Gemm {
         let stream = &self.stream;
         if let Some(b) = bias {
             let (bias_ptr, _guard) = b.slice.device_ptr(stream);
-            // SAFETY: the plan's descriptor is live and used under the lock; the attribute takes
-            // a device pointer (8 bytes), copied by cuBLASLt; the bias holds n elements of the
-            // plan's dtype (checked by `linear_with`).
-            unsafe {
-                lt::set_matmul_desc_attribute(
-                    plan.desc.0,
-                    lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                    (&bias_ptr as *const u64).cast(),
-                    std::mem::size_of::<u64>(),
-                )
-            }
-            .map_err(|e| lt_error("cublasLtMatmulDescSetAttribute", &what, e))?;
+            // SAFETY: the bias holds n elements of the plan's dtype (checked by `linear_with`).
+            unsafe { set_pointer(plan, PointerAttr::Bias, bias_ptr, &what) }?;
         }
-        let (alpha, beta) = (1.0f32, 0.0f32);
         let (w_ptr, _gw) = w.slice.device_ptr(stream);
         let (x_ptr, _gx) = x.slice.device_ptr(stream);
         let (y_ptr, _gy) = y.slice.device_ptr_mut(stream);
+        // SAFETY: the plan's layouts describe w ([n, k]), x ([m, k]) and y ([m, n]) of `shape`
+        // in `dtype`, whose lengths `linear_with` checked; all live on this Gemm's device.
+        unsafe { self.matmul(plan, w_ptr, x_ptr, y_ptr, &what) }
+    }
+
+    /// Runs `plan` on raw device pointers: D = y = op(A = w) · (B = x), C = D with beta 0.
+    ///
+    /// # Safety
+    /// `w`, `x` and `y` must be device allocations on this Gemm's device holding at least what
+    /// the plan's layouts A, B and C describe, and every pointer attribute set on the plan's
+    /// descriptor (bias, scales) must point at live device memory of the sizes the plan needs.
+    pub(super) unsafe fn matmul(
+        &self,
+        plan: &LtPlan,
+        w: u64,
+        x: u64,
+        y: u64,
+        what: &str,
+    ) -> Result<(), CudaError> {
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let stream = &self.stream;
         let (ws_ptr, _gws) = self.workspace.device_ptr(stream);
-        // SAFETY: the plan's layouts describe w ([n, k]), x ([m, k]) and y ([m, n]) of `shape`,
-        // whose lengths `linear_with` checked; alpha/beta are f32 as the descriptor's scale type;
-        // the workspace holds `workspace.len()` bytes, the size the heuristic was given; all
-        // buffers live on this Gemm's device and the call is ordered on its stream.
+        // SAFETY: the caller guarantees the operands match the plan's layouts; alpha/beta are
+        // f32 as the descriptor's scale type; the workspace holds `workspace.len()` bytes, the
+        // size the heuristic was given; the call is ordered on this Gemm's stream.
         unsafe {
             lt::matmul(
                 self.lt.0,
                 plan.desc.0,
                 (&alpha as *const f32).cast(),
                 (&beta as *const f32).cast(),
-                w_ptr as *const c_void,
+                w as *const c_void,
                 plan.a.0,
-                x_ptr as *const c_void,
+                x as *const c_void,
                 plan.b.0,
-                y_ptr as *const c_void,
+                y as *const c_void,
                 plan.c.0,
-                y_ptr as *mut c_void,
+                y as *mut c_void,
                 plan.c.0,
                 &plan.algo,
                 ws_ptr as *mut c_void,
@@ -101,6 +151,6 @@ impl Gemm {
                 stream.cu_stream() as lt_sys::cudaStream_t,
             )
         }
-        .map_err(|e| lt_error("cublasLtMatmul", &what, e))
+        .map_err(|e| lt_error("cublasLtMatmul", what, e))
     }
 }

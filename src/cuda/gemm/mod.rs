@@ -30,10 +30,12 @@
 //! Files: this one (the public types, `Gemm` and the dispatch in `linear_with`), `plan`
 //! (cuBLASLt descriptors, the algorithm heuristic, timing-based tuning and which m are tuned),
 //! `lt` (the cuBLASLt matmul call), `blas` (the cuBLAS `gemmEx` fallback) and `gemv` (ferrum's
-//! own kernel for a few rows, and the gated-MLP variant). Another input dtype (e.g. FP8 E4M3
-//! with scales) gets its own file beside these, planning through `plan` and running through `lt`.
+//! own kernel for a few rows, and the gated-MLP variant), `fp8` (E4M3 weights: activation
+//! quantization, the cuBLASLt FP8 product with its scales, and the FP8 gemv kernels), planning
+//! through `plan` and running through `lt` like the float products.
 
 mod blas;
+pub mod fp8;
 mod gemv;
 mod lt;
 mod plan;
@@ -104,16 +106,39 @@ pub struct GemmPath {
 }
 
 fn describe(dtype: DType, s: GemmShape, bias: bool) -> String {
-    format!(
-        "{dtype} gemm m={} n={} k={}{}",
-        s.m,
-        s.n,
-        s.k,
-        if bias { " (bias)" } else { "" }
-    )
+    Operands::Float(dtype).describe(s, bias)
 }
 
-type PlanKey = (DType, GemmShape, bool);
+/// The operand types of a cuBLASLt product (the part of a plan's key that is not the shape).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum Operands {
+    /// W, x and y all in one float dtype.
+    Float(DType),
+    /// W and x in FP8 E4M3, y (and the bias) in `out`; `outer_vec`: per-row scales of W and x
+    /// applied by cuBLASLt (else unit scales and `fp8::scale_rows` after).
+    Fp8 { out: DType, outer_vec: bool },
+}
+
+impl Operands {
+    fn describe(self, s: GemmShape, bias: bool) -> String {
+        let ty = match self {
+            Operands::Float(d) => d.to_string(),
+            Operands::Fp8 { out, outer_vec } => format!(
+                "fp8 e4m3 -> {out}{}",
+                if outer_vec { " (per-row scales)" } else { "" }
+            ),
+        };
+        format!(
+            "{ty} gemm m={} n={} k={}{}",
+            s.m,
+            s.n,
+            s.k,
+            if bias { " (bias)" } else { "" }
+        )
+    }
+}
+
+type PlanKey = (Operands, GemmShape, bool);
 
 /// State behind the lock: cached plans (None: cuBLASLt has no algorithm for that key) and the
 /// lazily created cuBLAS handle of the fallback.
@@ -206,6 +231,29 @@ impl Gemm {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .plans
             .len()
+    }
+
+    /// The cuBLASLt plans created so far, described (operand types, per-row scales, shape,
+    /// bias; `none` where cuBLASLt had no algorithm), sorted: what tests and logs print to show
+    /// which variant ran.
+    pub fn plan_descriptions(&self) -> Vec<String> {
+        let state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut v: Vec<String> = state
+            .plans
+            .iter()
+            .map(|((ops, shape, bias), plan)| {
+                format!(
+                    "{}: {}",
+                    ops.describe(*shape, *bias),
+                    if plan.is_some() { "planned" } else { "none" }
+                )
+            })
+            .collect();
+        v.sort();
+        v
     }
 
     /// `y[m, n] = x[m, k] · W[n, k]ᵀ (+ bias[n])`, choosing the library per `GemmBackend::Auto`.
@@ -320,15 +368,16 @@ impl Gemm {
             }
             tries.push(false);
             for fused in tries {
-                let key = (T::DTYPE, shape, fused);
+                let key = (Operands::Float(T::DTYPE), shape, fused);
                 if let std::collections::hash_map::Entry::Vacant(e) = state.plans.entry(key) {
-                    let mut plan = self.lt_plan(T::DTYPE, shape, fused)?;
+                    let mut plan = self.lt_plan(key.0, shape, fused)?;
                     if let Some(p) = &mut plan
                         && tuned_m(m)
                         && self.tuning
                         && !self.capturing()?
                     {
-                        self.tune(p, y, x, w, if fused { bias } else { None }, shape)?;
+                        let b = if fused { bias } else { None };
+                        self.tune(p, &mut |p| self.run_lt(p, y, x, w, b, T::DTYPE, shape))?;
                     }
                     e.insert(plan);
                 }

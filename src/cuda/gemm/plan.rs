@@ -9,10 +9,8 @@ use cudarc::cublas::sys as blas_sys;
 use cudarc::cublaslt::{result as lt, sys as lt_sys};
 
 use super::lt::{lt_data_type, lt_error};
-use super::{Gemm, GemmShape, describe};
-use crate::cuda::buffer::{DeviceBuffer, FloatElem};
+use super::{Gemm, GemmShape, Operands};
 use crate::cuda::error::CudaError;
-use crate::dtype::DType;
 
 // Owners of the cuBLASLt objects of a plan: each destroys its object exactly once, on drop. A
 // failure to destroy leaks it; there is nothing better to do in a destructor.
@@ -44,7 +42,7 @@ impl Drop for LtPref {
     }
 }
 
-/// Everything cuBLASLt needs to run one (dtype, shape, bias) product.
+/// Everything cuBLASLt needs to run one (operands, shape, bias) product.
 pub(super) struct LtPlan {
     pub(super) desc: LtDesc,
     /// W: column-major [k, n], ld k, used transposed.
@@ -78,16 +76,22 @@ const TUNE_REPEATS: usize = 5;
 
 impl Gemm {
     /// Descriptors and the heuristic's best algorithm for one product; None when cuBLASLt has
-    /// no algorithm for it.
+    /// no algorithm for it (or, for FP8 with per-row scales, no such scale mode).
     pub(super) fn lt_plan(
         &self,
-        dtype: DType,
+        operands: Operands,
         s: GemmShape,
         bias: bool,
     ) -> Result<Option<LtPlan>, CudaError> {
-        let what = describe(dtype, s, bias);
+        let what = operands.describe(s, bias);
         let err = |call, e| lt_error(call, &what, e);
-        let ty = lt_data_type(dtype);
+        // A and B (W and x) in `in_ty`, C and D (y) and the bias in `ty`.
+        let (in_ty, ty) = match operands {
+            Operands::Float(d) => (lt_data_type(d), lt_data_type(d)),
+            Operands::Fp8 { out, .. } => {
+                (lt_sys::cudaDataType_t::CUDA_R_8F_E4M3, lt_data_type(out))
+            }
+        };
         let desc = LtDesc(
             lt::create_matmul_desc(
                 lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
@@ -100,7 +104,8 @@ impl Gemm {
         let set =
             |attr: lt_sys::cublasLtMatmulDescAttributes_t, ptr: *const c_void, size: usize| {
                 // SAFETY: `desc` is live; `ptr` points at a value of `size` bytes of the type the
-                // attribute takes (cublasOperation_t / cublasLtEpilogue_t / cudaDataType: 4 bytes),
+                // attribute takes (cublasOperation_t / cublasLtEpilogue_t / cudaDataType /
+                // cublasLtMatmulMatrixScale_t: 4 bytes),
                 // which cuBLASLt copies before returning.
                 unsafe { lt::set_matmul_desc_attribute(desc.0, attr, ptr, size) }
                     .map_err(|e| err("cublasLtMatmulDescSetAttribute", e))
@@ -128,15 +133,38 @@ impl Gemm {
                 std::mem::size_of_val(&ty),
             )?;
         }
+        if let Operands::Fp8 {
+            outer_vec: true, ..
+        } = operands
+        {
+            // One f32 scale per row of op(A) (per output feature) and per column of B (per
+            // token): cuBLASLt 12.9+. An older library refuses the attribute: no plan.
+            let mode =
+                lt_sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+            for attr in [
+                lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_A_SCALE_MODE,
+                lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_B_SCALE_MODE,
+            ] {
+                if set(
+                    attr,
+                    (&mode as *const lt_sys::cublasLtMatmulMatrixScale_t).cast(),
+                    std::mem::size_of_val(&mode),
+                )
+                .is_err()
+                {
+                    return Ok(None);
+                }
+            }
+        }
         let (m, n, k) = (s.m as u64, s.n as u64, s.k as u64);
-        let layout = |rows: u64, cols: u64, ld: u64| {
+        let layout = |ty: lt_sys::cudaDataType, rows: u64, cols: u64, ld: u64| {
             lt::create_matrix_layout(ty, rows, cols, ld as i64)
                 .map(LtLayout)
                 .map_err(|e| err("cublasLtMatrixLayoutCreate", e))
         };
-        let a = layout(k, n, k)?;
-        let b = layout(k, m, k)?;
-        let c = layout(n, m, n)?;
+        let a = layout(in_ty, k, n, k)?;
+        let b = layout(in_ty, k, m, k)?;
+        let c = layout(ty, n, m, n)?;
         let pref =
             LtPref(lt::create_matmul_pref().map_err(|e| err("cublasLtMatmulPreferenceCreate", e))?);
         let ws = self.workspace.len();
@@ -176,6 +204,12 @@ impl Gemm {
         };
         match status.result() {
             Ok(()) => {}
+            Err(lt::CublasError(
+                lt_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED
+                | lt_sys::cublasStatus_t::CUBLAS_STATUS_INVALID_VALUE,
+            )) if matches!(operands, Operands::Fp8 { .. }) => {
+                return Ok(None);
+            }
             Err(lt::CublasError(lt_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => {
                 return Ok(None);
             }
@@ -201,18 +235,13 @@ impl Gemm {
         }))
     }
 
-    /// Times each heuristic candidate of `plan` on the call's own operands (`TUNE_REPEATS`
-    /// runs each after one warm-up, CUDA events) and keeps the fastest. Synchronizes: run only
-    /// outside graph capture, once per shape.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn tune<T: FloatElem>(
+    /// Times each heuristic candidate of `plan` with `run` (the call's own operands;
+    /// `TUNE_REPEATS` runs each after one warm-up, CUDA events) and keeps the fastest.
+    /// Synchronizes: run only outside graph capture, once per shape.
+    pub(super) fn tune(
         &self,
         plan: &mut LtPlan,
-        y: &mut DeviceBuffer<T>,
-        x: &DeviceBuffer<T>,
-        w: &DeviceBuffer<T>,
-        bias: Option<&DeviceBuffer<T>>,
-        shape: GemmShape,
+        run: &mut dyn FnMut(&LtPlan) -> Result<(), CudaError>,
     ) -> Result<(), CudaError> {
         if plan.candidates.len() < 2 {
             return Ok(());
@@ -226,13 +255,13 @@ impl Gemm {
         for algo in plan.candidates.clone() {
             plan.algo = algo;
             // An algorithm the heuristic offered may still refuse this problem: skip it.
-            if self.run_lt(plan, y, x, w, bias, T::DTYPE, shape).is_err() {
+            if run(plan).is_err() {
                 continue;
             }
             let start = event("timing a GEMM candidate")?;
             let mut ok = true;
             for _ in 0..TUNE_REPEATS {
-                ok &= self.run_lt(plan, y, x, w, bias, T::DTYPE, shape).is_ok();
+                ok &= run(plan).is_ok();
             }
             let end = event("timing a GEMM candidate")?;
             let ms = start

@@ -14,16 +14,17 @@ use super::CudaExecutor;
 use super::dump_tap;
 use super::pack::StepLayout;
 use super::profile::Profile;
-use super::weights::{DeviceLinear, DeviceNorm, LayerKv};
+use super::weights::{DeviceLinear, DeviceMatrix, DeviceNorm, LayerKv};
 use super::workspace::Workspace;
 use crate::cuda::attention::{
     PrefillKernel, PrefillSeqs, SplitKPlan, paged_attention_decode_splitk, paged_attention_prefill,
     splitk_supported,
 };
 use crate::cuda::elementwise;
+use crate::cuda::gemm::fp8::{Fp8Activations, fp8_gated_gemv, fp8_gated_gemv_applies};
 use crate::cuda::gemm::{gated_gemv, gated_gemv_applies};
 use crate::cuda::ops::{self, BlockTables, DecodeAttention, KvSource, LearnedPositions, PagedKv};
-use crate::cuda::{DeviceBuffer, FloatElem, GemmShape};
+use crate::cuda::{DeviceBuffer, FloatElem, GemmBackend, GemmShape};
 use crate::executor::batch::ExecutorError;
 use crate::executor::dump::Dumper;
 use crate::model::DecoderSpec;
@@ -59,22 +60,43 @@ pub(super) struct CudaStep<'a, T: FloatElem> {
 }
 
 impl<T: FloatElem> CudaExecutor<T> {
-    /// y = x · Wᵀ (+ bias) for m rows.
+    /// y = x · Wᵀ (+ bias) for m rows; an FP8 weight quantizes x into `fp8` (the workspace's
+    /// scratch, present whenever the model has FP8 linears) where its product needs it.
     pub(super) fn linear(
         &self,
         y: &mut DeviceBuffer<T>,
         x: &DeviceBuffer<T>,
         l: &DeviceLinear<T>,
         m: usize,
+        fp8: &mut Option<Fp8Activations>,
     ) -> crate::Result<()> {
-        self.gemm.linear(
-            &self.dev,
-            y,
-            x,
-            &l.w,
-            l.bias.as_ref(),
-            GemmShape { m, n: l.n, k: l.k },
-        )?;
+        match &l.w {
+            DeviceMatrix::Dense(w) => {
+                self.gemm.linear(
+                    &self.dev,
+                    y,
+                    x,
+                    w,
+                    l.bias.as_ref(),
+                    GemmShape { m, n: l.n, k: l.k },
+                )?;
+            }
+            DeviceMatrix::Fp8(w) => {
+                let acts = fp8.as_mut().ok_or_else(|| {
+                    super::device_err("an FP8 linear without the FP8 activation scratch".into())
+                })?;
+                self.gemm.linear_fp8(
+                    &self.dev,
+                    y,
+                    x,
+                    w,
+                    l.bias.as_ref(),
+                    m,
+                    acts,
+                    GemmBackend::Auto,
+                )?;
+            }
+        }
         Ok(())
     }
 
@@ -200,8 +222,12 @@ impl<T: FloatElem> DecoderBackend for CudaStep<'_, T> {
             LinearSel::AttnOut => &lw.attn_out,
         };
         let m = self.layout.num_tokens;
-        let (o, i) = self.out_in("linear", out, x)?;
-        ex.linear(o, i, l, m)
+        let ws = &mut *self.ws;
+        let [o, i] = ws
+            .acts
+            .get_disjoint_mut([out.idx(), x.idx()])
+            .map_err(|_| crate::Error::from(ExecutorError::aliased("linear", out, x)))?;
+        ex.linear(o, i, l, m, &mut ws.fp8)
     }
 
     fn clamp(&mut self, buf: Act, limit: f32) -> crate::Result<()> {
@@ -361,34 +387,39 @@ impl<T: FloatElem> DecoderBackend for CudaStep<'_, T> {
             .acts
             .get_disjoint_mut([out.idx(), x.idx()])
             .map_err(|_| crate::Error::from(ExecutorError::aliased("mlp", out, x)))?;
-        match ffn {
-            FfnAct::Gated(act) if gated_gemv_applies(T::DTYPE, m, k) => {
+        match (ffn, &lw.gate_up.w) {
+            (FfnAct::Gated(act), DeviceMatrix::Dense(w)) if gated_gemv_applies(T::DTYPE, m, k) => {
                 // Decode-sized batches: gate_up and the activation in one kernel.
                 gated_gemv(
                     dev,
                     act,
                     &mut ws.ffn_act,
                     i,
-                    &lw.gate_up.w,
+                    w,
                     lw.gate_up.bias.as_ref(),
                     m,
                     inter,
                     k,
                 )?;
                 ex.mark(self.profile, "mlp gate_up + activation")?;
-                ex.linear(o, &ws.ffn_act, &lw.down, m)
+                ex.linear(o, &ws.ffn_act, &lw.down, m, &mut ws.fp8)
             }
-            FfnAct::Gated(act) => {
-                ex.linear(&mut ws.gate_up, i, &lw.gate_up, m)?;
+            (FfnAct::Gated(act), DeviceMatrix::Fp8(w)) if fp8_gated_gemv_applies(m) => {
+                fp8_gated_gemv(dev, act, &mut ws.ffn_act, i, w, lw.gate_up.bias.as_ref(), m)?;
+                ex.mark(self.profile, "mlp gate_up + activation")?;
+                ex.linear(o, &ws.ffn_act, &lw.down, m, &mut ws.fp8)
+            }
+            (FfnAct::Gated(act), _) => {
+                ex.linear(&mut ws.gate_up, i, &lw.gate_up, m, &mut ws.fp8)?;
                 ops::gated_activation(dev, act, &mut ws.ffn_act, &ws.gate_up, inter)?;
                 ex.mark(self.profile, "mlp gate_up + activation")?;
-                ex.linear(o, &ws.ffn_act, &lw.down, m)
+                ex.linear(o, &ws.ffn_act, &lw.down, m, &mut ws.fp8)
             }
-            FfnAct::Plain(act) => {
-                ex.linear(&mut ws.gate_up, i, &lw.gate_up, m)?;
+            (FfnAct::Plain(act), _) => {
+                ex.linear(&mut ws.gate_up, i, &lw.gate_up, m, &mut ws.fp8)?;
                 ops::activation_in_place(dev, act, &mut ws.gate_up)?;
                 ex.mark(self.profile, "mlp up + activation")?;
-                ex.linear(o, &ws.gate_up, &lw.down, m)
+                ex.linear(o, &ws.gate_up, &lw.down, m, &mut ws.fp8)
             }
         }
     }

@@ -61,6 +61,7 @@ pub use warmup::WarmUpReport;
 
 use super::dump::Dumper;
 use super::{Executor, Logits, MinTokens, SamplingSetup, SeqStates, seq_state};
+use crate::cuda::gemm::fp8::Fp8Activations;
 use crate::cuda::ops::{self, KvCacheShape, RotaryLayout};
 use crate::cuda::sampling::{GpuSampler, RowSampling, SampleBatch, TokenHistory};
 use crate::cuda::{CudaDevice, DeviceBuffer, DeviceGraph, FloatElem, Gemm, KernelId};
@@ -91,6 +92,8 @@ pub struct OpenedExecutor {
     pub warm_up: Option<WarmUpReport>,
     /// Device bytes of the uploaded weights.
     pub weight_bytes: usize,
+    /// Which format the weight groups run in (one line for the load log).
+    pub weight_formats: String,
 }
 
 /// Opens a CUDA executor on `dev` for `dtype`: reads the checkpoint's weights one tensor at a
@@ -117,11 +120,13 @@ pub fn open_with(
             e.set_dumper(Dumper::new(dir)?);
         }
         let weight_bytes = e.w.size_in_bytes();
+        let weight_formats = e.w.formats.describe(&T::DTYPE.to_string());
         Ok(OpenedExecutor {
             executor: Box::new(e),
             plan,
             warm_up,
             weight_bytes,
+            weight_formats,
         })
     }
     // Reads f32 (GGUF blocks dequantized); the upload converts to `dtype`.
@@ -283,6 +288,17 @@ impl<T: FloatElem> CudaExecutor<T> {
             Some(slopes) => Some(dev.upload(&slopes)?),
             None => None,
         };
+        let (max_tokens, max_seqs) = step_capacity(kv_cfg);
+        // Quantized activations of the FP8 products (before the KV cache takes the free memory).
+        let fp8_acts = if w.formats.fp8 > 0 {
+            let max_k = spec
+                .hidden_size
+                .max(spec.q_dim())
+                .max(spec.intermediate_size);
+            Some(Fp8Activations::new(&dev, max_tokens, max_k)?)
+        } else {
+            None
+        };
         dev.synchronize()?;
         let (free_bytes, _) = dev.memory_info()?;
         let plan = plan_kv_blocks(&spec, kv_cfg, T::DTYPE, free_bytes).map_err(device_err)?;
@@ -300,8 +316,7 @@ impl<T: FloatElem> CudaExecutor<T> {
                 })
             })
             .collect::<Result<Vec<_>, crate::cuda::CudaError>>()?;
-        let (max_tokens, max_seqs) = step_capacity(kv_cfg);
-        let ws = Workspace::new(&dev, &spec, kv_cfg, max_tokens, max_seqs)?;
+        let ws = Workspace::new(&dev, &spec, kv_cfg, max_tokens, max_seqs, fp8_acts)?;
         dev.synchronize()?;
         let profile = opts.profile;
         let graphs_enabled = opts.cuda_graphs && !profile;

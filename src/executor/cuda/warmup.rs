@@ -198,12 +198,12 @@ impl<T: FloatElem> CudaExecutor<T> {
                 .map_err(|_| device_err("warm-up: step buffers overlap".into()))?;
             normed.set_len(m * h)?;
             qkv.set_len(m * lw.qkv.n)?;
-            self.linear(qkv, normed, &lw.qkv, m)?;
+            self.linear(qkv, normed, &lw.qkv, m, &mut ws.fp8)?;
             attn.set_len(m * lw.attn_out.k)?;
             attn_proj.set_len(m * lw.attn_out.n)?;
-            self.linear(attn_proj, attn, &lw.attn_out, m)?;
+            self.linear(attn_proj, attn, &lw.attn_out, m, &mut ws.fp8)?;
             ws.gate_up.set_len(m * lw.gate_up.n)?;
-            self.linear(&mut ws.gate_up, normed, &lw.gate_up, m)?;
+            self.linear(&mut ws.gate_up, normed, &lw.gate_up, m, &mut ws.fp8)?;
             let down_in = if gated {
                 &mut ws.ffn_act
             } else {
@@ -211,7 +211,7 @@ impl<T: FloatElem> CudaExecutor<T> {
             };
             down_in.set_len(m * lw.down.k)?;
             mlp_out.set_len(m * lw.down.n)?;
-            self.linear(mlp_out, down_in, &lw.down, m)?;
+            self.linear(mlp_out, down_in, &lw.down, m, &mut ws.fp8)?;
         }
         for rows in (1..=self.max_seqs).filter(|&r| tuned_m(r)) {
             let [last_normed, logits] = ws

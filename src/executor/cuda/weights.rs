@@ -1,9 +1,12 @@
 //! The CUDA executor's weights: uploaded once from the host `DecoderWeights`, converted to the
-//! executor's dtype, and its per-layer paged KV cache.
+//! executor's dtype (an FP8 linear kept in E4M3 with per-channel scales where the GPU can run
+//! it), and its per-layer paged KV cache.
 
 use super::device_err;
+use crate::cuda::gemm::fp8::{Fp8Weights, fp8_supported};
 use crate::cuda::{CudaDevice, DeviceBuffer, FloatElem};
-use crate::model::weights::{LayerWeights, NormWeights, WeightReader};
+use crate::model::weights::{LayerWeights, Linear, NormWeights, WeightReader};
+use crate::ops::fp8::{Fp8Scale, Fp8Weight};
 use crate::ops::linear::Weight;
 
 pub(super) struct DeviceNorm<T> {
@@ -13,9 +16,17 @@ pub(super) struct DeviceNorm<T> {
     pub(super) bias: Option<DeviceBuffer<T>>,
 }
 
+/// A linear's weight matrix on the device.
+pub(super) enum DeviceMatrix<T> {
+    /// [n, k] in the executor's dtype.
+    Dense(DeviceBuffer<T>),
+    /// [n, k] E4M3 codes with [n] scales (an FP8 checkpoint or `quantization: fp8`).
+    Fp8(Fp8Weights),
+}
+
 pub(super) struct DeviceLinear<T> {
     /// [n = out_features, k = in_features]
-    pub(super) w: DeviceBuffer<T>,
+    pub(super) w: DeviceMatrix<T>,
     /// [n]
     pub(super) bias: Option<DeviceBuffer<T>>,
     pub(super) n: usize,
@@ -35,6 +46,45 @@ pub(super) struct DeviceLayer<T> {
     pub(super) down: DeviceLinear<T>,
 }
 
+/// How the layer linears were uploaded, for the load log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct LinearFormats {
+    /// Linears in FP8 E4M3 (per-channel scales).
+    pub(super) fp8: usize,
+    /// FP8 linears dequantized to the executor's dtype, each with why (block scales, a shape the
+    /// FP8 products cannot take).
+    pub(super) dequantized: Vec<String>,
+    /// Linears in the executor's dtype from the start.
+    pub(super) dense: usize,
+}
+
+impl LinearFormats {
+    /// One line for the load log: which format the layer linears run in (embeddings, norms
+    /// and the LM head always run in `dtype`).
+    pub(super) fn describe(&self, dtype: &str) -> String {
+        let mut s = format!(
+            "weights: {} layer linears in FP8 E4M3 (per-channel scales; activations quantized \
+             per token for m > {}, weight-only gemv below), {} in {dtype}",
+            self.fp8,
+            crate::cuda::gemm::fp8::FP8_GEMV_AUTO_MAX_M,
+            self.dense + self.dequantized.len()
+        );
+        if let Some(first) = self.dequantized.first() {
+            s.push_str(&format!(
+                " ({} of them FP8 in the checkpoint, dequantized: {first}{})",
+                self.dequantized.len(),
+                if self.dequantized.len() > 1 {
+                    ", ..."
+                } else {
+                    ""
+                }
+            ));
+        }
+        s.push_str(&format!("; embeddings, norms and the LM head in {dtype}"));
+        s
+    }
+}
+
 pub(super) struct DeviceWeights<T> {
     /// [vocab, hidden]; also the LM head when tied.
     pub(super) embedding: DeviceBuffer<T>,
@@ -47,6 +97,8 @@ pub(super) struct DeviceWeights<T> {
     /// [vocab]
     pub(super) lm_head_bias: Option<DeviceBuffer<T>>,
     pub(super) layers: Vec<DeviceLayer<T>>,
+    /// What the layer linears were uploaded as.
+    pub(super) formats: LinearFormats,
 }
 
 /// One layer's paged cache.
@@ -99,18 +151,62 @@ pub(super) fn upload_weight<T: FloatElem>(
     }
 }
 
+/// The per-output-channel scales an FP8 linear runs with on the GPU, or why it cannot run as
+/// FP8 there: block scales (no per-channel form) or a shape the FP8 products do not take.
+fn fp8_channel_scales(w: &Fp8Weight) -> Result<Vec<f32>, String> {
+    let scales = match &w.scale {
+        Fp8Scale::Tensor(s) => vec![*s; w.rows],
+        Fp8Scale::Channel(s) => s.clone(),
+        Fp8Scale::Block { block, .. } => {
+            return Err(format!(
+                "block scales {}x{} (no per-channel form)",
+                block.0, block.1
+            ));
+        }
+    };
+    match fp8_supported(w.rows, w.cols) {
+        true => Ok(scales),
+        false => Err(format!(
+            "shape [{}, {}] (FP8 products need multiples of 16)",
+            w.rows, w.cols
+        )),
+    }
+}
+
 pub(super) fn upload_linear<T: FloatElem>(
     dev: &CudaDevice,
-    w: &Weight,
+    w: Linear,
     bias: Option<&Vec<f32>>,
     name: &str,
+    formats: &mut LinearFormats,
 ) -> crate::Result<DeviceLinear<T>> {
-    Ok(DeviceLinear {
-        w: upload_weight(dev, w, name)?,
-        bias: bias.map(|b| upload_f32(dev, b)).transpose()?,
-        n: w.rows(),
-        k: w.cols(),
-    })
+    let bias = bias.map(|b| upload_f32(dev, b)).transpose()?;
+    let (n, k, w) = match w {
+        Linear::Dense(d) => {
+            formats.dense += 1;
+            (
+                d.rows(),
+                d.cols(),
+                DeviceMatrix::Dense(upload_weight(dev, &d, name)?),
+            )
+        }
+        Linear::Fp8(f) => match fp8_channel_scales(&f) {
+            Ok(scales) => {
+                formats.fp8 += 1;
+                let up = Fp8Weights::upload(dev, &f.codes, &scales, f.input_scale, f.rows, f.cols)?;
+                (f.rows, f.cols, DeviceMatrix::Fp8(up))
+            }
+            Err(why) => {
+                formats.dequantized.push(format!("{name}: {why}"));
+                (
+                    f.rows,
+                    f.cols,
+                    DeviceMatrix::Dense(upload_f32(dev, &f.dequantize())?),
+                )
+            }
+        },
+    };
+    Ok(DeviceLinear { w, bias, n, k })
 }
 
 pub(super) fn upload_norm<T: FloatElem>(
@@ -125,8 +221,9 @@ pub(super) fn upload_norm<T: FloatElem>(
 
 pub(super) fn upload_layer<T: FloatElem>(
     dev: &CudaDevice,
-    l: &LayerWeights,
+    l: LayerWeights<Linear>,
     idx: usize,
+    formats: &mut LinearFormats,
 ) -> crate::Result<DeviceLayer<T>> {
     Ok(DeviceLayer {
         attn_norm: upload_norm(dev, &l.attn_norm)?,
@@ -137,27 +234,31 @@ pub(super) fn upload_layer<T: FloatElem>(
             .transpose()?,
         qkv: upload_linear(
             dev,
-            &l.qkv,
+            l.qkv,
             l.qkv_bias.as_ref(),
             &format!("layer {idx} qkv"),
+            formats,
         )?,
         attn_out: upload_linear(
             dev,
-            &l.attn_out,
+            l.attn_out,
             l.attn_out_bias.as_ref(),
             &format!("layer {idx} attn_out"),
+            formats,
         )?,
         gate_up: upload_linear(
             dev,
-            &l.gate_up,
+            l.gate_up,
             l.gate_up_bias.as_ref(),
             &format!("layer {idx} gate_up"),
+            formats,
         )?,
         down: upload_linear(
             dev,
-            &l.down,
+            l.down,
             l.down_bias.as_ref(),
             &format!("layer {idx} down"),
+            formats,
         )?,
     })
 }
@@ -191,8 +292,9 @@ impl<T: FloatElem> DeviceWeights<T> {
         };
         let num_layers = r.num_layers();
         let mut layers = Vec::with_capacity(num_layers);
+        let mut formats = LinearFormats::default();
         for i in 0..num_layers {
-            layers.push(upload_layer(dev, &r.layer(i)?, i)?);
+            layers.push(upload_layer(dev, r.stored_layer(i)?, i, &mut formats)?);
             on_layer(i);
         }
         Ok(DeviceWeights {
@@ -203,6 +305,7 @@ impl<T: FloatElem> DeviceWeights<T> {
             lm_head,
             lm_head_bias,
             layers,
+            formats,
         })
     }
 
@@ -211,7 +314,13 @@ impl<T: FloatElem> DeviceWeights<T> {
         let b = |x: &DeviceBuffer<T>| x.len() * std::mem::size_of::<T>();
         let ob = |x: &Option<DeviceBuffer<T>>| x.as_ref().map_or(0, b);
         let norm = |n: &DeviceNorm<T>| b(&n.weight) + ob(&n.bias);
-        let linear = |l: &DeviceLinear<T>| b(&l.w) + ob(&l.bias);
+        let linear = |l: &DeviceLinear<T>| {
+            ob(&l.bias)
+                + match &l.w {
+                    DeviceMatrix::Dense(w) => b(w),
+                    DeviceMatrix::Fp8(w) => w.num_bytes(),
+                }
+        };
         let layers: usize = self
             .layers
             .iter()

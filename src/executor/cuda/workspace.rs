@@ -6,6 +6,7 @@ use super::forward::{attention_params, use_splitk};
 use super::kv::{KvCacheConfig, max_blocks_per_seq};
 use super::pack::StepLayout;
 use crate::cuda::attention::{SplitKPlan, SplitKWorkspace};
+use crate::cuda::gemm::fp8::Fp8Activations;
 use crate::cuda::{CudaDevice, DeviceBuffer, FloatElem};
 use crate::dtype::DType;
 use crate::model::DecoderSpec;
@@ -66,6 +67,8 @@ pub(super) struct Workspace<T> {
     /// [prefill seqs, mb]
     pub(super) pre_tables: DeviceBuffer<i32>,
     pub(super) splitk: Option<SplitKWorkspace>,
+    /// Quantized activations of the FP8 products (models with FP8 linears only).
+    pub(super) fp8: Option<Fp8Activations>,
 }
 
 impl<T: FloatElem> Workspace<T> {
@@ -75,6 +78,7 @@ impl<T: FloatElem> Workspace<T> {
         cfg: &KvCacheConfig,
         tokens: usize,
         seqs: usize,
+        fp8: Option<Fp8Activations>,
     ) -> crate::Result<Self> {
         let mb = max_blocks_per_seq(cfg);
         let gated = spec.gate_up_dim() != spec.intermediate_size;
@@ -120,6 +124,7 @@ impl<T: FloatElem> Workspace<T> {
             pre_context_lens: dev.alloc_zeros(seqs)?,
             pre_tables: dev.alloc_zeros(seqs * mb)?,
             splitk,
+            fp8,
         })
     }
 }

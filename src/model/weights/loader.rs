@@ -354,6 +354,12 @@ impl Loader<'_> {
     }
 
     pub(super) fn layer(&self, i: usize) -> Result<LayerWeights, LoadError> {
+        self.stored_layer(i)?
+            .try_map_linears(|which, w| self.to_format(&format!("layer {i} {which:?}"), w))
+    }
+
+    /// Layer `i` with its linears as stored (`layer_linear`: FP8 kept as codes and scales).
+    pub(super) fn stored_layer(&self, i: usize) -> Result<LayerWeights<Linear>, LoadError> {
         use LayerTensor::*;
         let spec = self.spec();
         let (h, inter) = (spec.hidden_size, spec.intermediate_size);
@@ -362,10 +368,7 @@ impl Loader<'_> {
             Residual::Parallel { shared_norm: true } => None,
             _ => Some(self.norm_layer(i, MlpNorm, MlpNormBias)?),
         };
-        let weight = |which: LayerLinear| {
-            let w = self.layer_linear(i, which)?;
-            self.to_format(&format!("layer {i} {which:?}"), w)
-        };
+        let weight = |which: LayerLinear| self.layer_linear(i, which);
         let qkv = weight(LayerLinear::Qkv)?;
         let qkv_bias = self.qkv_bias(i)?;
         let attn_out = weight(LayerLinear::AttnOut)?;

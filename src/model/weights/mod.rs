@@ -93,29 +93,53 @@ pub struct NormWeights {
 }
 
 /// Every weight of one decoder layer, in the decoder's layout (fused qkv and gate_up, `[out, in]`).
-pub struct LayerWeights {
+/// `W` is how the four linears are held: `Weight` for the CPU engine (FP8 dequantized), `Linear`
+/// as stored (`WeightReader::stored_layer`, for the GPU's FP8 products).
+pub struct LayerWeights<W = Weight> {
     /// The norm before attention (also before the MLP when the spec shares it).
     pub attn_norm: NormWeights,
     /// None when the spec shares one norm between attention and MLP.
     pub mlp_norm: Option<NormWeights>,
     /// [q_dim + 2 * kv_dim, hidden]
-    pub qkv: Weight,
+    pub qkv: W,
     /// [q_dim + 2 * kv_dim], q | k | v like the rows of `qkv`; None without qkv biases.
     pub qkv_bias: Option<Vec<f32>>,
     /// [hidden, q_dim]
-    pub attn_out: Weight,
+    pub attn_out: W,
     /// [hidden]; None without an output-projection bias.
     pub attn_out_bias: Option<Vec<f32>>,
     /// Gated: [2 * intermediate, hidden] (gate rows, then up rows). Plain: [intermediate, hidden].
-    pub gate_up: Weight,
+    pub gate_up: W,
     /// Same row order as `gate_up`; None without MLP biases.
     pub gate_up_bias: Option<Vec<f32>>,
     /// [hidden, intermediate]
-    pub down: Weight,
+    pub down: W,
     /// [hidden]; None without MLP biases.
     pub down_bias: Option<Vec<f32>>,
     /// The checkpoint's FP8 KV-cache scales; None when it has none (the CPU engine ignores them).
     pub kv_scales: Option<KvScales>,
+}
+
+impl<W> LayerWeights<W> {
+    /// The same layer with each linear converted by `f(which, linear)`.
+    pub fn try_map_linears<V, E>(
+        self,
+        mut f: impl FnMut(LayerLinear, W) -> Result<V, E>,
+    ) -> Result<LayerWeights<V>, E> {
+        Ok(LayerWeights {
+            attn_norm: self.attn_norm,
+            mlp_norm: self.mlp_norm,
+            qkv: f(LayerLinear::Qkv, self.qkv)?,
+            qkv_bias: self.qkv_bias,
+            attn_out: f(LayerLinear::AttnOut, self.attn_out)?,
+            attn_out_bias: self.attn_out_bias,
+            gate_up: f(LayerLinear::GateUp, self.gate_up)?,
+            gate_up_bias: self.gate_up_bias,
+            down: f(LayerLinear::Down, self.down)?,
+            down_bias: self.down_bias,
+            kv_scales: self.kv_scales,
+        })
+    }
 }
 
 /// Every weight of a model as the CPU engine keeps them: the layers plus the embedding, position
@@ -294,6 +318,13 @@ impl<'a> WeightReader<'a> {
     /// Layer `i`'s weights (FP8 linears dequantized to the reader's format).
     pub fn layer(&self, i: usize) -> Result<LayerWeights, LoadError> {
         self.l.layer(i)
+    }
+
+    /// Layer `i` with its linears as stored (`layer_linear`): an FP8 checkpoint's (or online
+    /// `quantization: fp8`'s) linears as codes and scales, the others dense in the reader's
+    /// format. What the GPU upload reads.
+    pub fn stored_layer(&self, i: usize) -> Result<LayerWeights<Linear>, LoadError> {
+        self.l.stored_layer(i)
     }
 
     /// One linear of layer `i` as stored: `Linear::Fp8` for a linear an FP8 checkpoint keeps in

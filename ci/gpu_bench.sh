@@ -19,6 +19,9 @@
 #   ifbchat-reuse  the same with prefix caching (preempted sequences resume from cached blocks)
 #   final     Llama-2-7B 128/128 at batch 1 and 64 (the headline decode numbers)
 #   ncu       Nsight Compute kernel tables of Llama-2-7B batch-1 decode (ci/ncu_summary.py)
+#   fp8       quantization: fp8 against bf16 in the same call: Llama-2-7B batch-1 decode and
+#             TTFT at 128, Llama-3-8B 128/128 with 512 requests, 2048-token prefill; the FP8
+#             and bf16 GEMM peak at 8192^3 (torch._scaled_mm / torch.mm, when torch is there)
 # DEADLINE=<s>: the presets suite skips the models it would start after that many seconds.
 #
 # With the device tool: pack into the main checkout, carry [".gpu-bench"], command
@@ -73,6 +76,17 @@ if [ "${1:-}" = "run" ]; then
       ;;
     final)
       b --preset llama2-7b --prompt-len 128 --gen-len 128 --batch-size 1,64 --json
+      ;;
+    fp8)
+      python3 "$here/gemm_peak.py" 2>&1 | tee -a "$out/bench.log" || true
+      for q in fp8 auto; do
+        b --preset llama2-7b --prompt-len 128 --gen-len 128 --batch-size 1 --quantization "$q" --json
+      done
+      b --preset llama2-7b --prompt-len 128 --gen-len 1 --batch-size 1 --quantization fp8 --json
+      for q in fp8 auto; do
+        b --preset llama3-8b --prompt-len 128 --gen-len 128 --batch-size 512 --max-num-batched-tokens 8192 --quantization "$q" --json
+      done
+      b --preset llama3-8b --prompt-len 2048 --gen-len 1 --batch-size 1,4 --max-num-batched-tokens 8192 --quantization fp8 --json
       ;;
     ncu)
       # Kernel durations at real clocks (ncu serializes kernels and flushes caches between
@@ -142,6 +156,7 @@ mkdir -p "$dest"
 strip -o "$dest/ferrum" target/release/ferrum
 cp ci/gpu_bench.sh "$dest/gpu_bench.sh"
 cp ci/ncu_summary.py "$dest/ncu_summary.py"
+cp ci/gemm_peak.py "$dest/gemm_peak.py"
 {
   git rev-parse --short HEAD
   git diff --quiet HEAD -- src kernels || echo "(with uncommitted changes to src/kernels)"

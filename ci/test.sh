@@ -60,6 +60,16 @@ fi
 echo "== tests"
 cargo nextest run --workspace --locked --no-fail-fast
 
+echo "== NVRTC: every kernel file compiles for sm_80, sm_89 and sm_90 (no GPU needed)"
+# libnvrtc from PyPI (NVIDIA's nvidia-cuda-nvrtc-cu12 wheel, the CUDA 12.6 compiler Triton
+# 24.10 ships); the test finds it through LD_LIBRARY_PATH like any CUDA library.
+if ! "$PY" -c "import nvidia.cuda_nvrtc" 2>/dev/null; then
+  "$PY" -m pip install --disable-pip-version-check --no-input -q "nvidia-cuda-nvrtc-cu12==12.6.85"
+fi
+nvrtc_lib="$("$PY" -c 'import nvidia.cuda_nvrtc, os; print(os.path.join(nvidia.cuda_nvrtc.__path__[0], "lib"))')"
+LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+  cargo nextest run --locked --test cuda_kernels --run-ignored only -E 'test(nvrtc_compiles_every_kernel_for_every_tested_arch)'
+
 echo "== end-to-end: libtriton_ferrum.so in a real tritonserver (tests/e2e)"
 # Triton 2.51 from PyPI (nvidia-pytriton==0.7.0), tritonclient and pytest, in the repo's .venv.
 if ! "$PY" -c "import pytriton, tritonclient.grpc, tritonclient.http, pytest, requests" 2>/dev/null; then

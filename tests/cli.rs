@@ -244,6 +244,34 @@ fn inspect_names_every_architecture() {
     }
 }
 
+/// `inspect` says how an FP8 checkpoint's linears are stored, and with `--device` and
+/// `--quantization fp8` its load log says the weights were quantized at load.
+#[test]
+fn inspect_reports_fp8_storage_and_quantization_at_load() {
+    let dir = fixtures().join("fp8/llama_ct_channel_dynamic");
+    let (ok, out, err) = ferrum(&["inspect", "--model", &dir.display().to_string(), "--json"]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    let q = v["quantization"].as_str().unwrap();
+    assert!(q.contains("compressed-tensors"), "{q}");
+    let plain = fixtures().join("models/llama_gqa_llama3");
+    let (ok, out, err) = ferrum(&[
+        "inspect",
+        "--model",
+        &plain.display().to_string(),
+        "--json",
+        "--device",
+        "cpu",
+        "--quantization",
+        "fp8",
+    ]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["quantization"], "none");
+    let log = v["loaded"]["log"].to_string();
+    assert!(log.contains("quantized at load"), "{log}");
+}
+
 #[test]
 fn bench_json_on_a_random_preset() {
     let (ok, out, err) = ferrum(&[

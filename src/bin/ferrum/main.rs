@@ -14,7 +14,7 @@ use triton_ferrum::engine::{Device, EngineOptions, is_final};
 use triton_ferrum::executor::CudaExecOptions;
 use triton_ferrum::kv_cache::KvCacheOptions;
 use triton_ferrum::model::Checkpoint;
-use triton_ferrum::model::quant::QuantizationOption;
+use triton_ferrum::model::quant::{self as quant, Quantization, QuantizationOption};
 use triton_ferrum::ops::linear::WeightFormat;
 use triton_ferrum::request::{
     GenerateRequest, Prompt, RequestError, RequestSpec, SamplingParams, StopCriteria, TokenEvent,
@@ -261,6 +261,9 @@ struct InspectArgs {
     /// With --device: GPU dtype (auto | bfloat16 | float16 | float32).
     #[arg(long, default_value = "auto", value_parser = parse_dtype)]
     dtype: DtypeChoice,
+    /// With --device: weight quantization at load (auto | fp8), as for the other commands.
+    #[arg(long, default_value = "auto")]
+    quantization: QuantizationOption,
 }
 
 fn main() -> ExitCode {
@@ -422,12 +425,22 @@ fn inspect(a: InspectArgs) -> CliResult {
         })
     });
     let default_format = triton_ferrum::engine::options::default_weight_format(&ckpt);
+    // How the checkpoint's linears are stored (a pre-quantized FP8 checkpoint's scheme and
+    // counts); with --device, the load log's `weights:` line says what each group runs in.
+    let quantization = match &ckpt.arch.quant {
+        Quantization::None => "none".to_string(),
+        Quantization::Fp8(scheme) => {
+            quant::describe_linears(scheme, &ckpt.arch, ckpt.source.as_ref())
+        }
+        Quantization::Fp8Online => "fp8 (at load)".to_string(),
+    };
     let loaded = match a.device {
         None => None,
         Some(device) => {
             let opts = EngineOptions {
                 device,
                 dtype: a.dtype.0,
+                quantization: a.quantization,
                 ..EngineOptions::new(a.model.clone())
             };
             let l = triton_ferrum::engine::options::start_checkpoint(
@@ -454,6 +467,7 @@ fn inspect(a: InspectArgs) -> CliResult {
         "num_tensors": tensors,
         "weight_bytes": memory,
         "default_weight_format": format!("{default_format:?}").to_lowercase(),
+        "quantization": quantization,
         "kv_cache_bytes_per_token_f32": kv_per_token_f32,
         "tokenizer": tokenizer,
         "loaded": loaded,
@@ -477,6 +491,7 @@ fn inspect(a: InspectArgs) -> CliResult {
         (num_params * 5 / 4) as f64 / 1048576.0,
         format!("{default_format:?}").to_lowercase()
     );
+    println!("quantization:  {quantization}");
     println!("kv cache:      {kv_per_token_f32} bytes/token (f32)");
     match &tokenizer {
         Some(t) => println!("tokenizer:     {t}"),

@@ -81,6 +81,12 @@ cargo build --release --locked --lib --bins
 echo "== the README demo: ci/serve.sh --smoke"
 ci/serve.sh --smoke
 
+echo "== soak (short): 600 mixed requests through tritonserver, nothing lost or leaked"
+# scripts/soak.py starts its own server; the full run is --requests 10000 (docs/benchmarks.md).
+mkdir -p build/logs
+"$PY" scripts/soak.py --requests 600 --concurrency 8 >build/logs/soak.json ||
+  { cat build/logs/soak.json; exit 1; }
+
 # The suite starts its own tritonserver on free loopback ports and stops it. The GPU smoke test's
 # own logic (tests/e2e_gpu, run on the GPU machine by ci/gpu_triton.sh) is checked here too.
 FERRUM_SMOLLM2_GGUF="${FERRUM_SMOLLM2_GGUF:-$PWD/models/SmolLM2-135M-Instruct.Q4_1.gguf}" \

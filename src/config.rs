@@ -13,7 +13,7 @@ use serde::Deserialize;
 use crate::dtype::DType;
 use crate::engine::{Device, EngineOptions};
 use crate::executor::CudaExecOptions;
-use crate::kv_cache::KvCacheOptions;
+use crate::kv_cache::{KvCacheDtype, KvCacheOptions};
 use crate::model::quant::QuantizationOption;
 use crate::ops::linear::WeightFormat;
 use crate::request::SamplingParams;
@@ -87,6 +87,7 @@ struct RawParameters {
     max_num_batched_tokens: Option<String>,
     max_tokens_in_paged_kv_cache: Option<String>,
     kv_cache_free_gpu_mem_fraction: Option<String>,
+    kv_cache_dtype: Option<String>,
     block_size: Option<String>,
     max_model_len: Option<String>,
     enable_chunked_context: Option<String>,
@@ -119,6 +120,7 @@ pub const PARAMETER_KEYS: &[&str] = &[
     "max_num_batched_tokens",
     "max_tokens_in_paged_kv_cache",
     "kv_cache_free_gpu_mem_fraction",
+    "kv_cache_dtype",
     "block_size",
     "max_model_len",
     "enable_chunked_context",
@@ -278,6 +280,12 @@ impl BackendConfig {
             Some(s) => s
                 .parse()
                 .map_err(|_| ConfigError::invalid("quantization", s, "expected auto or fp8"))?,
+        };
+        let kv_cache_dtype = match raw.kv_cache_dtype.as_deref() {
+            None => KvCacheDtype::Auto,
+            Some(s) => s.parse().map_err(|_| {
+                ConfigError::invalid("kv_cache_dtype", s, "expected auto, fp8 or fp8_e4m3")
+            })?,
         };
         let dtype = match raw.dtype.as_deref() {
             None | Some("auto") => None,
@@ -488,6 +496,7 @@ impl BackendConfig {
                     block_size,
                     max_tokens: max_tokens_in_paged_kv_cache,
                     free_gpu_mem_fraction: kv_cache_free_gpu_mem_fraction,
+                    dtype: kv_cache_dtype,
                 },
                 cuda: CudaExecOptions {
                     cuda_graphs: cuda_graph_mode,
@@ -668,6 +677,7 @@ mod tests {
                 ("weight_format", "f32"),
                 ("dtype", "float16"),
                 ("quantization", "fp8"),
+                ("kv_cache_dtype", "fp8"),
                 ("max_num_seqs", "8"),
                 ("max_queue_size", "16"),
                 ("max_num_batched_tokens", "512"),
@@ -704,6 +714,7 @@ mod tests {
         assert_eq!(o.weight_format, Some(WeightFormat::F32));
         assert_eq!(o.dtype, Some(DType::F16));
         assert_eq!(o.quantization, QuantizationOption::Fp8);
+        assert_eq!(o.kv.dtype, KvCacheDtype::Fp8);
         assert_eq!(o.kv.free_gpu_mem_fraction, 0.5);
         assert_eq!(
             (
@@ -759,6 +770,10 @@ mod tests {
             (
                 &[("quantization", "int4")],
                 &["quantization", "int4", "auto or fp8"],
+            ),
+            (
+                &[("kv_cache_dtype", "fp8_e5m2")],
+                &["kv_cache_dtype", "fp8_e5m2", "auto, fp8 or fp8_e4m3"],
             ),
             (
                 &[("device", "cpu"), ("dtype", "bfloat16")],

@@ -213,10 +213,7 @@ fn reference(c: &Case, pc: &Paged, q: &[f32], q_stride: usize, slopes: &[f32]) -
     };
     let num_tokens: usize = c.seqs.iter().map(|s| s.0).sum();
     let mut want = vec![0.0f32; num_tokens * c.num_heads * c.head_dim];
-    let cache = KvLayerCache {
-        k: pc.k.clone(),
-        v: pc.v.clone(),
-    };
+    let cache = KvLayerCache::from_f32(pc.k.clone(), pc.v.clone());
     paged_attention(&mut want, q, q_stride, &cache, &seqs, &cpu);
     want
 }

@@ -484,6 +484,7 @@ fn check_last_logits_gpu(name: &str) -> f32 {
             block_size,
             max_tokens: Some(256),
             free_gpu_mem_fraction: 0.9,
+            ..KvCacheOptions::default()
         },
         batching: BatchingOptions {
             max_num_batched_tokens: 256,
@@ -887,6 +888,7 @@ fn graph_replays_case(ckpt: &Checkpoint, dtype: DType, tol: f32) {
             block_size,
             max_tokens: Some(512),
             free_gpu_mem_fraction: 0.9,
+            ..KvCacheOptions::default()
         },
         batching: BatchingOptions {
             max_num_batched_tokens: 64,
@@ -1043,6 +1045,7 @@ fn warm_up_leaves_no_setup_to_the_first_requests() {
             block_size: 4,
             max_tokens: Some(512),
             free_gpu_mem_fraction: 0.9,
+            ..KvCacheOptions::default()
         },
         batching: BatchingOptions {
             max_num_batched_tokens: 64,

@@ -736,7 +736,7 @@ fn attention_case<T: FloatElem>() {
         )
         .unwrap();
 
-        let cache = KvLayerCache { k, v };
+        let cache = KvLayerCache::from_f32(k, v);
         let seqs: Vec<AttnSeq<'_>> = tables
             .iter()
             .zip(c.context_lens)

@@ -13,8 +13,9 @@ use super::dump::Dumper;
 use crate::cuda::{CudaDevice, CudaError, SmArch};
 use crate::dtype::DType;
 use crate::engine::options::{EngineOptions, dtype_name};
+use crate::kv_cache::KvCacheDtype;
 use crate::model::quant::Quantization;
-use crate::model::weights::DecoderWeights;
+use crate::model::weights::{DecoderWeights, KvScales, WeightReader};
 use crate::model::{Checkpoint, CheckpointFormat};
 use crate::ops::linear::WeightFormat;
 
@@ -156,7 +157,7 @@ pub fn build(
                 .weight_format
                 .unwrap_or_else(|| default_weight_format(ckpt));
             let weights = load_weights(ckpt, format, opts.progress)?;
-            let bytes_per_token = CpuExecutor::kv_bytes_per_token(spec);
+            let bytes_per_token = CpuExecutor::kv_bytes_per_token(spec, opts.kv.dtype);
             let kv_tokens = opts.kv.max_tokens.unwrap_or_else(|| {
                 (DEFAULT_CPU_KV_BYTES / bytes_per_token)
                     .min(opts.batching.max_num_seqs * max_model_len)
@@ -171,6 +172,9 @@ pub fn build(
                 opts.kv.block_size,
                 opts.num_threads,
             )?;
+            if opts.kv.dtype == KvCacheDtype::Fp8 {
+                log.push(use_fp8_kv(&mut executor, ckpt)?);
+            }
             if let Some(dir) = &opts.dump_intermediates {
                 executor = executor.with_dumper(Dumper::new(dir)?);
             }
@@ -184,6 +188,13 @@ pub fn build(
         }
         TargetKind::Cuda(dev) => {
             let dtype = opts.dtype.unwrap_or(DType::BF16);
+            if opts.kv.dtype == KvCacheDtype::Fp8 {
+                return Err(crate::Error::Device(
+                    "kv_cache_dtype fp8: the GPU engine of this build keeps its KV cache in dtype \
+                     (the FP8 cache runs on the CPU engine only so far); use kv_cache_dtype auto"
+                        .into(),
+                ));
+            }
             if opts.weight_format == Some(WeightFormat::Q8) {
                 // Only reachable with `auto` (`cuda` + q8 is refused up front).
                 log.push(format!(
@@ -243,6 +254,39 @@ pub fn build(
             }
         }
     })
+}
+
+/// Switches a CPU executor's KV cache to FP8 E4M3: the checkpoint's per-layer K/V scales when
+/// every layer has them, else scales measured on a calibration prefill. Returns the load-log line.
+fn use_fp8_kv(executor: &mut CpuExecutor, ckpt: &Checkpoint) -> crate::Result<String> {
+    let reader = WeightReader::new(ckpt.source.as_ref(), &ckpt.arch, WeightFormat::F32);
+    let stored = (0..ckpt.arch.spec.num_layers)
+        .map(|i| reader.kv_scales(i))
+        .collect::<Result<Option<Vec<_>>, _>>()?;
+    let (scales, source) = match stored {
+        Some(s) => (s, "from the checkpoint".to_string()),
+        None => (
+            executor.measure_kv_scales(ckpt.tokenizer.as_ref().and_then(|t| t.bos_token_id()))?,
+            format!(
+                "measured at load ({} x max |k|, |v| / 448 over a {}-token calibration prefill)",
+                crate::executor::cpu::KV_SCALE_HEADROOM,
+                crate::executor::cpu::KV_CALIBRATION_TOKENS
+            ),
+        ),
+    };
+    executor.use_fp8_kv(&scales)?;
+    let range = |f: fn(&KvScales) -> f32| {
+        let (lo, hi) = scales
+            .iter()
+            .map(f)
+            .fold((f32::INFINITY, 0.0f32), |(a, b), x| (a.min(x), b.max(x)));
+        format!("{lo:.3e}..{hi:.3e}")
+    };
+    Ok(format!(
+        "kv cache: fp8 e4m3 (1 byte per element), per-layer scales {source}: k {}, v {}",
+        range(|s| s.k),
+        range(|s| s.v)
+    ))
 }
 
 /// A progress bar over the layers of `ckpt`, when asked and stderr is a terminal.

@@ -7,17 +7,27 @@
 use super::batch::{ExecutorError, StepBatch, StepLimits};
 use super::dump::Dumper;
 use super::{Executor, Logits, MinTokens, SamplingSetup, SeqStates, seq_state};
+use crate::kv_cache::{BlockId, KvCacheDtype};
 use crate::model::DecoderSpec;
 use crate::model::decoder::{Act, Decoder, DecoderBackend, FfnAct, LinearSel, NormSel, Tap};
 use crate::model::spec::RopeStyle;
-use crate::model::weights::{DecoderWeights, NormWeights};
+use crate::model::weights::{DecoderWeights, KvScales, NormWeights};
 use crate::ops::attention::{AttnParams, AttnSeq, KvLayerCache, paged_attention};
+use crate::ops::fp8::E4M3_MAX;
 use crate::ops::linear::{Weight, linear};
 use crate::ops::rope::RopeTable;
 use crate::ops::{activation, norm};
 use crate::request::SeqId;
 use crate::sampling::{Sampled, Sampler};
-use crate::scheduler::SchedulePlan;
+use crate::scheduler::{SchedulePlan, ScheduledSeq};
+
+/// Tokens of the calibration prefill that measures an FP8 KV cache's scales.
+pub const KV_CALIBRATION_TOKENS: usize = 256;
+/// How far past the calibration's largest |k| (|v|) an FP8 KV cache's range reaches (vLLM's
+/// measured scales leave a similar margin: amax / 200 for K, amax / 100 for V, against 448). On
+/// SmolLM2, 4 followed the f32 cache further than 2 (saturated prompts' first-position keys)
+/// and than 8 or 16 (coarser small values).
+pub const KV_SCALE_HEADROOM: f32 = 4.0;
 
 /// The CPU engine: runs the generic decoder over host weights (f32 or 8-bit blocks) and an f32
 /// paged KV cache per layer, inside its own rayon pool; the engine samples its logits on the host.
@@ -79,9 +89,85 @@ impl CpuExecutor {
         self
     }
 
-    /// Bytes of KV cache per token position (all layers, K and V, f32).
-    pub fn kv_bytes_per_token(spec: &DecoderSpec) -> usize {
-        spec.num_layers * 2 * spec.kv_dim() * 4
+    /// Bytes of KV cache per token position (all layers, K and V): 4 per element in f32, 1 in
+    /// FP8.
+    pub fn kv_bytes_per_token(spec: &DecoderSpec, dtype: KvCacheDtype) -> usize {
+        let elem = match dtype {
+            KvCacheDtype::Auto => 4,
+            KvCacheDtype::Fp8 => 1,
+        };
+        spec.num_layers * 2 * spec.kv_dim() * elem
+    }
+
+    /// Each layer's K and V scales for an FP8 cache, measured on this model: a prefill of
+    /// `KV_CALIBRATION_TOKENS` fixed token ids (`first`, the model's BOS when it has one — the
+    /// first position's keys and values are often the largest, the attention sink — then ids
+    /// spread over the vocabulary, the same every load) through the f32 cache, then scale =
+    /// `KV_SCALE_HEADROOM` x max |k| (or |v|) / 448, so values up to that many times the
+    /// calibration's largest stay unsaturated. The cache's contents are overwritten later like
+    /// any freed block's.
+    pub fn measure_kv_scales(&mut self, first: Option<u32>) -> crate::Result<Vec<KvScales>> {
+        let spec = &self.decoder.spec;
+        let n = KV_CALIBRATION_TOKENS
+            .min(self.num_blocks * self.block_size)
+            .max(1);
+        let vocab = spec.vocab_size.max(1) as u64;
+        let token_ids = (0..n as u64)
+            .map(|i| match (i, first) {
+                (0, Some(bos)) if (bos as u64) < vocab => bos,
+                _ => ((i * 7919 + 13) % vocab) as u32,
+            })
+            .collect();
+        let plan = SchedulePlan {
+            seqs: vec![ScheduledSeq {
+                seq_id: SeqId(u64::MAX),
+                token_ids,
+                start_pos: 0,
+                block_table: (0..n.div_ceil(self.block_size) as u32)
+                    .map(BlockId)
+                    .collect(),
+                sample: true,
+            }],
+            preempted: vec![],
+            num_batched_tokens: n,
+        };
+        self.logits(&plan)?;
+        let kv_dim = self.decoder.spec.kv_dim();
+        let scale = |amax: f32| match amax > 0.0 && amax.is_finite() {
+            true => KV_SCALE_HEADROOM * amax / E4M3_MAX,
+            false => 1.0,
+        };
+        Ok(self
+            .kv
+            .iter()
+            .map(|c| {
+                let (k, v) = c.amax(n, kv_dim);
+                KvScales {
+                    k: scale(k),
+                    v: scale(v),
+                }
+            })
+            .collect())
+    }
+
+    /// Replaces the KV cache by an FP8 E4M3 one of the same capacity with these per-layer
+    /// scales (one per layer, as `measure_kv_scales` or the checkpoint gives them).
+    pub fn use_fp8_kv(&mut self, scales: &[KvScales]) -> crate::Result<()> {
+        let spec = &self.decoder.spec;
+        if scales.len() != spec.num_layers {
+            return Err(ExecutorError::Device(format!(
+                "fp8 kv cache: {} layer scales for {} layers",
+                scales.len(),
+                spec.num_layers
+            ))
+            .into());
+        }
+        let kv_dim = spec.kv_dim();
+        self.kv = scales
+            .iter()
+            .map(|s| KvLayerCache::new_fp8(self.num_blocks, self.block_size, kv_dim, s.k, s.v))
+            .collect();
+        Ok(())
     }
 
     fn limits(&self) -> StepLimits {

@@ -30,6 +30,31 @@ pub struct KvCacheOptions {
     /// workspace) that the cache takes (`kv_cache_free_gpu_mem_fraction`; default
     /// `DEFAULT_KV_CACHE_FREE_GPU_MEM_FRACTION`).
     pub free_gpu_mem_fraction: f32,
+    /// The cache's element type (`kv_cache_dtype`): the engine's dtype, or FP8 E4M3 with
+    /// per-layer K and V scales.
+    pub dtype: KvCacheDtype,
+}
+
+/// The KV cache's element type (`kv_cache_dtype`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum KvCacheDtype {
+    /// The engine's dtype (f32 on the CPU, `dtype` on the GPU).
+    #[default]
+    Auto,
+    /// FP8 E4M3, one scale for K and one for V per layer: the checkpoint's when it has them,
+    /// else measured at load.
+    Fp8,
+}
+
+impl std::str::FromStr for KvCacheDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(KvCacheDtype::Auto),
+            "fp8" | "fp8_e4m3" => Ok(KvCacheDtype::Fp8),
+            _ => Err(format!("'{s}': expected auto, fp8 or fp8_e4m3")),
+        }
+    }
 }
 
 impl Default for KvCacheOptions {
@@ -39,6 +64,7 @@ impl Default for KvCacheOptions {
             block_size: 16,
             max_tokens: None,
             free_gpu_mem_fraction: DEFAULT_KV_CACHE_FREE_GPU_MEM_FRACTION,
+            dtype: KvCacheDtype::Auto,
         }
     }
 }

@@ -13,32 +13,133 @@
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-/// KV cache of one layer on the host.
+use crate::ops::fp8::{e4m3_to_f32, f32_to_e4m3};
+
+/// KV cache of one layer on the host: f32, or FP8 E4M3 with one scale for K and one for V
+/// (`kv_cache_dtype: fp8`; a quarter of the memory), dequantized as attention reads each row.
 pub struct KvLayerCache {
-    /// [num_blocks, block_size, num_kv_heads, head_dim]
-    pub k: Vec<f32>,
-    /// [num_blocks, block_size, num_kv_heads, head_dim]
-    pub v: Vec<f32>,
+    storage: KvStorage,
+}
+
+enum KvStorage {
+    /// [num_blocks, block_size, num_kv_heads, head_dim] each.
+    F32 { k: Vec<f32>, v: Vec<f32> },
+    /// The same layout in E4M3 codes: value = e4m3_to_f32(code) * scale.
+    Fp8 {
+        k: Vec<u8>,
+        v: Vec<u8>,
+        k_scale: f32,
+        v_scale: f32,
+    },
 }
 
 impl KvLayerCache {
-    /// A zeroed cache of `num_blocks * block_size` slots, each `kv_dim` (= num_kv_heads * head_dim)
-    /// elements wide, for K and for V.
+    /// A zeroed f32 cache of `num_blocks * block_size` slots, each `kv_dim` (= num_kv_heads *
+    /// head_dim) elements wide, for K and for V.
     pub fn new(num_blocks: usize, block_size: usize, kv_dim: usize) -> Self {
         let n = num_blocks * block_size * kv_dim;
         KvLayerCache {
-            k: vec![0.0; n],
-            v: vec![0.0; n],
+            storage: KvStorage::F32 {
+                k: vec![0.0; n],
+                v: vec![0.0; n],
+            },
+        }
+    }
+
+    /// An f32 cache holding `k` and `v` as they are (`[num_blocks, block_size, kv_dim]` each,
+    /// the same length): for tests that lay the cache out themselves.
+    pub fn from_f32(k: Vec<f32>, v: Vec<f32>) -> Self {
+        KvLayerCache {
+            storage: KvStorage::F32 { k, v },
+        }
+    }
+
+    /// A zeroed FP8 E4M3 cache of the same shape, K stored as `k / k_scale` and V as
+    /// `v / v_scale` (saturating at ±448).
+    pub fn new_fp8(
+        num_blocks: usize,
+        block_size: usize,
+        kv_dim: usize,
+        k_scale: f32,
+        v_scale: f32,
+    ) -> Self {
+        let n = num_blocks * block_size * kv_dim;
+        KvLayerCache {
+            storage: KvStorage::Fp8 {
+                k: vec![0; n],
+                v: vec![0; n],
+                k_scale,
+                v_scale,
+            },
         }
     }
 
     /// Writes the k/v rows (`[kv_dim]` each) of one token at `slot`.
     pub fn write(&mut self, slot: usize, k: &[f32], v: &[f32]) {
         let kv_dim = k.len();
-        self.k[slot * kv_dim..(slot + 1) * kv_dim].copy_from_slice(k);
-        self.v[slot * kv_dim..(slot + 1) * kv_dim].copy_from_slice(v);
+        let range = slot * kv_dim..(slot + 1) * kv_dim;
+        match &mut self.storage {
+            KvStorage::F32 { k: kc, v: vc } => {
+                kc[range.clone()].copy_from_slice(k);
+                vc[range].copy_from_slice(v);
+            }
+            KvStorage::Fp8 {
+                k: kc,
+                v: vc,
+                k_scale,
+                v_scale,
+            } => {
+                for (c, &x) in kc[range.clone()].iter_mut().zip(k) {
+                    *c = f32_to_e4m3(x / *k_scale);
+                }
+                for (c, &x) in vc[range].iter_mut().zip(v) {
+                    *c = f32_to_e4m3(x / *v_scale);
+                }
+            }
+        }
+    }
+
+    /// The largest |k| and |v| over the first `slots` slots (an f32 cache; 0 for an FP8 one):
+    /// what a calibration pass measures to choose the FP8 scales.
+    pub fn amax(&self, slots: usize, kv_dim: usize) -> (f32, f32) {
+        match &self.storage {
+            KvStorage::F32 { k, v } => {
+                let n = (slots * kv_dim).min(k.len());
+                let m = |x: &[f32]| x.iter().fold(0.0f32, |a, b| a.max(b.abs()));
+                (m(&k[..n]), m(&v[..n]))
+            }
+            KvStorage::Fp8 { .. } => (0.0, 0.0),
+        }
+    }
+
+    /// `len` values of K (`key`) or V from element `start`: the cache's own slice for f32, the
+    /// dequantized values in `buf` for FP8.
+    #[inline(always)]
+    fn row<'a>(&'a self, key: bool, start: usize, len: usize, buf: &'a mut Vec<f32>) -> &'a [f32] {
+        match &self.storage {
+            KvStorage::F32 { k, v } => &(if key { k } else { v })[start..start + len],
+            KvStorage::Fp8 {
+                k,
+                v,
+                k_scale,
+                v_scale,
+            } => {
+                let (codes, scale) = if key { (k, *k_scale) } else { (v, *v_scale) };
+                buf.clear();
+                buf.extend(
+                    codes[start..start + len]
+                        .iter()
+                        .map(|&c| E4M3_VALUES[c as usize] * scale),
+                );
+                buf
+            }
+        }
     }
 }
+
+/// The value of every E4M3 code (the attention read's lookup table).
+static E4M3_VALUES: std::sync::LazyLock<[f32; 256]> =
+    std::sync::LazyLock::new(|| std::array::from_fn(|c| e4m3_to_f32(c as u8)));
 
 /// The queries of one sequence in the batch.
 #[derive(Debug, Clone, Copy)]
@@ -135,6 +236,8 @@ struct Scratch {
     scores: Vec<f32>,
     /// 1 / Σ exp per head, [group]
     inv_sums: Vec<f32>,
+    /// [head_dim]: one dequantized K or V row of an FP8 cache
+    row: Vec<f32>,
 }
 
 /// o[g, :] = softmax(q[g] · K[first..=pos]ᵀ * scale + bias_g) · V[first..=pos] for each head g of
@@ -161,12 +264,16 @@ fn attend_heads(
     let head_dim = p.head_dim;
     let group = o.len() / head_dim;
     let num_keys = heads.pos + 1 - heads.first;
-    let Scratch { scores, inv_sums } = scratch;
+    let Scratch {
+        scores,
+        inv_sums,
+        row,
+    } = scratch;
     scores.clear();
     scores.resize(group * num_keys, 0.0);
     for (kpos0, slot0, len) in slot_runs(heads.first, heads.pos, seq, p.block_size) {
         for r in 0..len {
-            let k = &cache.k[(slot0 + r) * kv_dim + heads.kv_offset..][..head_dim];
+            let k = cache.row(true, (slot0 + r) * kv_dim + heads.kv_offset, head_dim, row);
             let key_idx = kpos0 + r - heads.first;
             for (g, q) in heads.q.chunks_exact(head_dim).enumerate() {
                 let mut s = dot(q, k) * p.scale;
@@ -193,7 +300,7 @@ fn attend_heads(
     o.fill(0.0);
     for (kpos0, slot0, len) in slot_runs(heads.first, heads.pos, seq, p.block_size) {
         for r in 0..len {
-            let v = &cache.v[(slot0 + r) * kv_dim + heads.kv_offset..][..head_dim];
+            let v = cache.row(false, (slot0 + r) * kv_dim + heads.kv_offset, head_dim, row);
             let key_idx = kpos0 + r - heads.first;
             for (g, o) in o.chunks_exact_mut(head_dim).enumerate() {
                 let w = scores[g * num_keys + key_idx] * inv_sums[g];
@@ -395,6 +502,65 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// An FP8 cache gives exactly what an f32 cache holding its dequantized values gives (the
+    /// rows are decoded to the same f32 values before the same arithmetic), on a ragged, paged
+    /// batch; values past 448 * scale saturate.
+    #[test]
+    fn fp8_cache_equals_the_f32_cache_of_its_dequantized_values() {
+        use crate::ops::fp8::{e4m3_to_f32, f32_to_e4m3};
+        let mut rng = 11u64;
+        let (block_size, num_heads, num_kv_heads, head_dim) = (4, 4, 2, 8);
+        let kv_dim = num_kv_heads * head_dim;
+        let (k_scale, v_scale) = (0.004, 0.0025);
+        let mut fp8 = KvLayerCache::new_fp8(16, block_size, kv_dim, k_scale, v_scale);
+        let mut f32c = KvLayerCache::new(16, block_size, kv_dim);
+        let specs = [(7usize, 1usize, vec![9u32, 2]), (5, 5, vec![4, 13])];
+        for (ctx, _, table) in &specs {
+            for pos in 0..*ctx {
+                let slot = table[pos / block_size] as usize * block_size + pos % block_size;
+                let k: Vec<f32> = (0..kv_dim).map(|_| 2.0 * lcg(&mut rng)).collect();
+                let mut v: Vec<f32> = (0..kv_dim).map(|_| lcg(&mut rng)).collect();
+                v[0] = 50.0; // past 448 * v_scale = 1.12: saturates
+                fp8.write(slot, &k, &v);
+                let deq = |x: &[f32], s: f32| -> Vec<f32> {
+                    x.iter()
+                        .map(|&x| e4m3_to_f32(f32_to_e4m3(x / s)) * s)
+                        .collect()
+                };
+                assert_eq!(deq(&v, v_scale)[0], 448.0 * v_scale);
+                f32c.write(slot, &deq(&k, k_scale), &deq(&v, v_scale));
+            }
+        }
+        let mut seqs = vec![];
+        let mut q_start = 0;
+        for (ctx, q_len, table) in &specs {
+            seqs.push(AttnSeq {
+                q_start,
+                q_len: *q_len,
+                context_len: *ctx,
+                block_table: table,
+            });
+            q_start += q_len;
+        }
+        let q_dim = num_heads * head_dim;
+        let q: Vec<f32> = (0..q_start * q_dim).map(|_| lcg(&mut rng)).collect();
+        let p = AttnParams {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            block_size,
+            scale: 0.35,
+            sliding_window: None,
+            alibi_slopes: None,
+        };
+        let (mut a, mut b) = (vec![0.0; q_start * q_dim], vec![0.0; q_start * q_dim]);
+        paged_attention(&mut a, &q, q_dim, &fp8, &seqs, &p);
+        paged_attention(&mut b, &q, q_dim, &f32c, &seqs, &p);
+        assert_eq!(a, b);
+        assert_eq!(fp8.amax(64, kv_dim), (0.0, 0.0));
+        assert!(f32c.amax(64, kv_dim).1 == 448.0 * v_scale);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use triton_ferrum::config::DEFAULT_MAX_TOKENS;
 use triton_ferrum::dtype::DType;
 use triton_ferrum::engine::{Device, EngineOptions, is_final};
 use triton_ferrum::executor::CudaExecOptions;
-use triton_ferrum::kv_cache::KvCacheOptions;
+use triton_ferrum::kv_cache::{KvCacheDtype, KvCacheOptions};
 use triton_ferrum::model::Checkpoint;
 use triton_ferrum::model::quant::{self as quant, Quantization, QuantizationOption};
 use triton_ferrum::ops::linear::WeightFormat;
@@ -66,6 +66,10 @@ pub struct EngineArgs {
     /// fp8 (float and GGUF checkpoints quantized to FP8 E4M3 per output channel).
     #[arg(long, default_value = "auto")]
     quantization: QuantizationOption,
+    /// KV cache element type: auto (the engine's dtype) | fp8 (E4M3 with per-layer K/V scales:
+    /// the checkpoint's, else measured at load).
+    #[arg(long, default_value = "auto")]
+    kv_cache_dtype: KvCacheDtype,
     /// GPU: fraction of free memory for the KV cache (default 0.9).
     #[arg(long)]
     kv_cache_free_gpu_mem_fraction: Option<f32>,
@@ -130,6 +134,7 @@ impl EngineArgs {
                 free_gpu_mem_fraction: self
                     .kv_cache_free_gpu_mem_fraction
                     .unwrap_or(defaults.kv.free_gpu_mem_fraction),
+                dtype: self.kv_cache_dtype,
             },
             cuda: CudaExecOptions {
                 cuda_graphs: self.cuda_graph_mode,
@@ -409,7 +414,8 @@ fn inspect(a: InspectArgs) -> CliResult {
     let spec = &ckpt.arch.spec;
     let num_params = spec.num_params();
     let tensors = ckpt.source.names().len();
-    let kv_per_token_f32 = triton_ferrum::executor::cpu::CpuExecutor::kv_bytes_per_token(spec);
+    let kv_per_token_f32 =
+        triton_ferrum::executor::cpu::CpuExecutor::kv_bytes_per_token(spec, KvCacheDtype::Auto);
     let memory = json!({
         "f32": num_params * 4,
         "f16": num_params * 2,

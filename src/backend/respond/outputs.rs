@@ -165,9 +165,13 @@ pub fn build_outputs(d: &ResponseData, batched: bool) -> Vec<OutputTensor> {
 }
 
 /// `outputs` without those the model's configuration does not declare (`declared`): Triton
-/// refuses a response holding an undeclared output.
+/// refuses a response holding an undeclared output. A configuration that declares none (auto
+/// completion disabled) filters nothing: the outputs go as before and Triton says which one it
+/// does not know.
 pub fn declared_only(mut outputs: Vec<OutputTensor>, declared: &[String]) -> Vec<OutputTensor> {
-    outputs.retain(|o| declared.iter().any(|d| d == o.name));
+    if !declared.is_empty() {
+        outputs.retain(|o| declared.iter().any(|d| d == o.name));
+    }
     outputs
 }
 
@@ -235,11 +239,12 @@ mod tests {
             (DataType::Fp32, (-1.5f32).to_le_bytes().to_vec())
         );
         let declared = ["text_output".to_string(), "cumulative_logprob".to_string()];
-        let names: Vec<_> = declared_only(out, &declared)
+        let names: Vec<_> = declared_only(out.clone(), &declared)
             .iter()
             .map(|o| o.name)
             .collect();
         assert_eq!(names, ["text_output", "cumulative_logprob"]);
+        assert_eq!(declared_only(out.clone(), &[]), out);
     }
 
     #[test]

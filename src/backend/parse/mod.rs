@@ -17,6 +17,8 @@
 //! Three files: `fields` (the table, `INPUTS`/`OUTPUTS`, and how each field is read), `tensor`
 //! (reading a value from a tensor or a JSON key) and this one (the public types, `parse`, and
 //! `Draft::finish`, which builds and checks the request once every source is in).
+//! `frontend_tests` replays the requests of Triton's OpenAI frontend and of TensorRT-LLM's
+//! llmapi model.
 
 mod fields;
 #[cfg(test)]

@@ -149,7 +149,9 @@ pub struct RequestDefaults {
     /// like request values.
     pub sampling: SamplingParams,
     /// Whether non-streaming outputs leave out the prompt when the request does not say
-    /// (`exclude_input_in_output`; default false, as tensorrtllm_backend).
+    /// (`exclude_input_in_output`; default true: Triton's OpenAI frontend never sends the flag
+    /// for a chat completion, whose answer must not repeat the templated prompt.
+    /// tensorrtllm_backend's default is false).
     pub exclude_input_in_output: bool,
     /// Whether `text_input` is formatted with the model's chat template as one user message when
     /// the request does not say (`apply_chat_template`; default false).
@@ -184,6 +186,11 @@ pub struct ModelConfigInfo {
     /// Whether `model_transaction_policy { decoupled: true }` is set, i.e. a request may get many
     /// responses.
     pub decoupled: bool,
+    /// The names of the outputs the configuration declares (after auto-completion, every
+    /// output ferrum has when the config declared none). Responses carry only these: Triton
+    /// refuses a response with an output its model does not declare, and a config written for
+    /// another backend (TensorRT-LLM's `llmapi` model) declares fewer than ferrum can send.
+    pub outputs: Vec<String>,
 }
 
 /// Where the model lives: `model_dir` holds config.pbtxt, `version_dir` is `model_dir/<version>`.
@@ -399,7 +406,7 @@ impl BackendConfig {
         let exclude_input_in_output = parse_bool(
             "exclude_input_in_output",
             raw.exclude_input_in_output.as_deref(),
-            false,
+            true,
         )?;
         let apply_chat_template = parse_bool(
             "apply_chat_template",
@@ -518,8 +525,8 @@ impl BackendConfig {
 }
 
 impl ModelConfigInfo {
-    /// Reads `max_batch_size` and the decoupled transaction policy from the model configuration
-    /// JSON; missing keys mean 0 and not decoupled.
+    /// Reads `max_batch_size`, the decoupled transaction policy and the declared output names
+    /// from the model configuration JSON; missing keys mean 0, not decoupled and no outputs.
     pub fn from_model_config(config: &serde_json::Value) -> Self {
         ModelConfigInfo {
             max_batch_size: config
@@ -531,6 +538,13 @@ impl ModelConfigInfo {
                 .and_then(|p| p.get("decoupled"))
                 .and_then(|d| d.as_bool())
                 .unwrap_or(false),
+            outputs: config
+                .get("output")
+                .and_then(|o| o.as_array())
+                .into_iter()
+                .flatten()
+                .filter_map(|o| o.get("name").and_then(|n| n.as_str()).map(str::to_owned))
+                .collect(),
         }
     }
 }
@@ -653,7 +667,8 @@ mod tests {
         );
         assert!(!o.progress);
         assert_eq!(c.defaults.max_tokens, DEFAULT_MAX_TOKENS);
-        assert!(!c.defaults.exclude_input_in_output);
+        // The OpenAI frontend's chat requests never send the flag: the prompt stays out.
+        assert!(c.defaults.exclude_input_in_output);
         // Relative to the model folder when not in the version folder.
         let c =
             BackendConfig::from_model_config(&params(&[("model_path", "top.gguf")]), &loc(&dir))
@@ -690,7 +705,7 @@ mod tests {
                 ("enable_kv_cache_reuse", "true"),
                 ("cuda_graph_mode", "false"),
                 ("cuda_warmup", "0"),
-                ("exclude_input_in_output", "TRUE"),
+                ("exclude_input_in_output", "FALSE"),
                 ("apply_chat_template", "1"),
                 ("default_max_tokens", "7"),
                 ("default_temperature", "0.5"),
@@ -705,7 +720,7 @@ mod tests {
         assert_eq!(c.engine.model, abs);
         assert_eq!(c.engine.tokenizer, Some(dir.join("1/.")));
         assert_eq!(c.gpu_device_ids, vec![2, 3]);
-        assert!(c.defaults.exclude_input_in_output && c.defaults.apply_chat_template);
+        assert!(!c.defaults.exclude_input_in_output && c.defaults.apply_chat_template);
         assert_eq!(c.defaults.max_tokens, 7);
         assert_eq!(c.defaults.sampling.top_k, 40);
         assert_eq!(c.defaults.sampling.repetition_penalty, 1.1);
@@ -837,20 +852,23 @@ mod tests {
     #[test]
     fn model_config_info_reads_batch_size_and_policy() {
         let i = ModelConfigInfo::from_model_config(
-            &json!({"max_batch_size": 8, "model_transaction_policy": {"decoupled": true}}),
+            &json!({"max_batch_size": 8, "model_transaction_policy": {"decoupled": true},
+                    "output": [{"name": "text_output"}, {"name": "finish_reason"}]}),
         );
         assert_eq!(
             i,
             ModelConfigInfo {
                 max_batch_size: 8,
-                decoupled: true
+                decoupled: true,
+                outputs: vec!["text_output".into(), "finish_reason".into()],
             }
         );
         assert_eq!(
             ModelConfigInfo::from_model_config(&json!({})),
             ModelConfigInfo {
                 max_batch_size: 0,
-                decoupled: false
+                decoupled: false,
+                outputs: vec![],
             }
         );
     }

@@ -108,7 +108,9 @@ fn architecture_examples_load_in_the_backend_with_tiny_weights() {
     let configs = shipped_configs();
     for (name, _) in &configs {
         assert!(
-            name == "smollm2" || EXAMPLE_FIXTURES.iter().any(|(n, _)| n == name),
+            name == "smollm2"
+                || name == "smollm2-llmapi"
+                || EXAMPLE_FIXTURES.iter().any(|(n, _)| n == name),
             "model_repository/{name} has no tiny fixture in EXAMPLE_FIXTURES"
         );
     }
@@ -138,6 +140,59 @@ fn architecture_examples_load_in_the_backend_with_tiny_weights() {
         );
         assert_eq!(got.output_ids, want, "{name} with {fixture}");
     }
+}
+
+/// The `(name, data_type)` of each tensor in the `input [...]` or `output [...]` list of a
+/// config.pbtxt (the one-line `{ name: .., data_type: .., dims: .. }` form the examples use).
+fn declared_tensors(pbtxt: &str, list: &str) -> Vec<(String, String)> {
+    let start = pbtxt.find(&format!("\n{list} [")).unwrap() + list.len() + 3;
+    let end = start + pbtxt[start..].find("\n]").unwrap();
+    pbtxt[start..end]
+        .lines()
+        .filter(|l| l.contains("name:"))
+        .map(|l| {
+            let name = quoted(&l[l.find("name:").unwrap()..]);
+            let dtype = l[l.find("data_type:").unwrap() + 10..]
+                .split(',')
+                .next()
+                .unwrap()
+                .trim()
+                .to_string();
+            (name, dtype)
+        })
+        .collect()
+}
+
+/// The llmapi example declares TensorRT-LLM's llmapi tensors itself (no auto-complete): each must
+/// be one ferrum reads (or writes) with the same dtype, and its parameters must load.
+#[test]
+fn the_llmapi_example_declares_only_tensors_ferrum_serves() {
+    let (_, pbtxt) = shipped_configs()
+        .into_iter()
+        .find(|(name, _)| name == "smollm2-llmapi")
+        .expect("model_repository/smollm2-llmapi is the llmapi example");
+    for (list, known) in [("input", INPUTS), ("output", OUTPUTS)] {
+        let declared = declared_tensors(&pbtxt, list);
+        assert!(declared.len() >= 3, "{list}: {declared:?}");
+        for (name, dtype) in declared {
+            let spec = known
+                .iter()
+                .find(|s| s.name == name)
+                .unwrap_or_else(|| panic!("{list} {name} is not one of ferrum's"));
+            assert_eq!(dtype, spec.dtype.config_name(), "{list} {name}");
+        }
+    }
+    for name in [
+        "sampling_param_max_tokens",
+        "sampling_param_exclude_input_from_output",
+        "return_cumulative_logprob",
+        "cumulative_logprob",
+    ] {
+        assert!(pbtxt.contains(&format!("\"{name}\"")), "{name}");
+    }
+    let config = parameters_json(&pbtxt);
+    BackendConfig::from_model_config(&config, &location("smollm2-llmapi")).unwrap();
+    assert!(pbtxt.contains("max_batch_size: 0") && pbtxt.contains("decoupled: true"));
 }
 
 #[test]

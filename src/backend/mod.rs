@@ -147,6 +147,8 @@ impl triton_api::entry::Backend for FerrumBackend {
             engine: handle.clone(),
             incidents: loaded.engine.incidents(),
             batched: info.max_batch_size > 0,
+            declared_outputs: info.outputs.clone(),
+            tokenizer: handle.info().tokenizer.clone(),
             metrics: model_metrics,
         })?;
         Ok(ModelState {

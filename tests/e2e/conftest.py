@@ -10,6 +10,15 @@ libtriton_ferrum.so on free loopback ports, with a temporary model repository:
 
 The server runs with ``--model-control-mode=explicit`` so tests can unload and reload models.
 
+``contracts_server`` (started only by tests/e2e/test_openai_contracts.py) serves SmolLM2 three
+times, once per request contract, each with the default ``exclude_input_in_output``:
+
+- ``trtllm``: decoupled, max_batch_size 64 (the shapes of the OpenAI frontend's TensorRT-LLM
+  requests);
+- ``vllm``: decoupled, max_batch_size 0 (the vLLM backend's shapes);
+- ``llmapi``: the shipped model_repository/smollm2-llmapi config (TensorRT-LLM's llmapi tensors,
+  declared in the config).
+
 ``panic_server`` is a second server (started only by the tests that ask for it) serving the
 shipped ``smollm2`` config with ``FERRUM_INJECT_PANIC_TOKEN=PANIC_TOKEN``: its engine panics in
 the step that schedules a prompt holding that token id.
@@ -134,10 +143,11 @@ class Server:
         return int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
 
 
-def _shipped_smollm2_config() -> str:
-    """model_repository/smollm2/config.pbtxt with ``model_path`` made absolute."""
+def _shipped_smollm2_config(name: str = "smollm2") -> str:
+    """model_repository/<name>/config.pbtxt (a SmolLM2 example) with ``model_path`` made
+    absolute."""
     gguf = _gguf()
-    shipped = (REPO / "model_repository" / "smollm2" / "config.pbtxt").read_text()
+    shipped = (REPO / "model_repository" / name / "config.pbtxt").read_text()
     shipped = re.sub(r'"\.\./\.\./\.\./models/[^"]+"', f'"{gguf}"', shipped)
     assert str(gguf) in shipped, "the shipped config must reference the GGUF through model_path"
     return shipped
@@ -286,4 +296,28 @@ def panic_server(tmp_path_factory):
     with _serve(
         root, repo, load=["smollm2"], ready=["smollm2"], env={"FERRUM_INJECT_PANIC_TOKEN": str(PANIC_TOKEN)}
     ) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def contracts_server(tmp_path_factory):
+    gguf = _gguf()
+    root = tmp_path_factory.mktemp("triton_contracts")
+    repo = root / "models"
+    common = f"""parameters [
+  {{ key: "model_path", value: {{ string_value: "{gguf}" }} }},
+  {{ key: "device", value: {{ string_value: "cpu" }} }},
+  {{ key: "weight_format", value: {{ string_value: "f32" }} }},
+  {{ key: "max_tokens_in_paged_kv_cache", value: {{ string_value: "8192" }} }}
+]
+"""
+    _write_model(
+        repo, "trtllm", 'backend: "ferrum"\nmax_batch_size: 64\nmodel_transaction_policy { decoupled: true }\n' + common
+    )
+    _write_model(
+        repo, "vllm", 'backend: "ferrum"\nmax_batch_size: 0\nmodel_transaction_policy { decoupled: true }\n' + common
+    )
+    _write_model(repo, "llmapi", _shipped_smollm2_config("smollm2-llmapi"))
+    models = ["trtllm", "vllm", "llmapi"]
+    with _serve(root, repo, load=models, ready=models) as srv:
         yield srv

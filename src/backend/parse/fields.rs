@@ -65,6 +65,8 @@ pub const OUTPUTS: &[TensorSpec] = &[
     spec("output_log_probs", DataType::Fp32, &[-1, -1]),
     spec("num_input_tokens", DataType::Uint32, &[1]),
     spec("num_output_tokens", DataType::Uint32, &[1]),
+    spec("logprobs", DataType::Bytes, &[1]),
+    spec("cumulative_logprob", DataType::Fp32, &[1]),
 ];
 
 /// One setting a request may carry, under every name it goes by.
@@ -121,6 +123,10 @@ pub(super) enum Kind {
     MustBeEmpty(&'static str),
     /// Accepted only when 1; the bound says why.
     MustBeOne(&'static str),
+    /// A feature ferrum does not have (guided decoding, LoRA): refused whenever given, with the
+    /// bound saying why. Declared so that a client sending it gets this error rather than
+    /// Triton's "unexpected inference input".
+    Unsupported(&'static str),
     /// The `sampling_parameters` JSON, whose keys are read as their fields (before every other
     /// tensor, see `parse`).
     SamplingParameters,
@@ -136,6 +142,8 @@ const BOOL: TensorType = (DataType::Bool, &[1]);
 const U64: TensorType = (DataType::Uint64, &[1]);
 const STRING: TensorType = (DataType::Bytes, &[1]);
 const STRINGS: TensorType = (DataType::Bytes, &[-1]);
+const FP16_MATRIX: TensorType = (DataType::Fp16, &[-1, -1]);
+const LORA_CONFIG: TensorType = (DataType::Int32, &[-1, 3]);
 const NO_TENSOR: TensorType = (DataType::Invalid, &[]);
 
 const fn field(
@@ -154,6 +162,8 @@ const fn field(
 }
 
 const NO_BAD_WORDS: &str = "bad words are not supported by ferrum; send an empty list";
+const NO_GUIDED_DECODING: &str = "guided decoding (structured output, JSON schema, named tool choice) is not supported by ferrum; leave it out";
+const NO_LORA: &str = "LoRA adapters are not supported by ferrum; leave it out";
 
 /// Everything a request may carry. The order is that of `INPUTS` and of the keys listed by the
 /// error for an unknown `sampling_parameters` key.
@@ -171,34 +181,42 @@ pub(super) const FIELDS: &[Field] = {
     // The number of valid ids in `input_ids` (the rest is padding).
     field(&["input_lengths"],                       INT,       TensorOnly,
           Int(|d, _, n| d.input_lengths = Some(n))),
-    field(&["max_tokens", "request_output_len"],    INT,       Sampling(&["max_tokens"]),
+    // `sampling_param_*`: the names of TensorRT-LLM's `llmapi` Triton model.
+    field(&["max_tokens", "request_output_len", "sampling_param_max_tokens"],
+                                                    INT,       Sampling(&["max_tokens"]),
           Int(|d, name, n| d.max_tokens = Some((name, n)))),
     field(&["min_tokens", "min_length"],            INT,       Sampling(&["min_tokens"]),
           Int(|d, name, n| d.min_tokens = (name, n))),
     field(&["stream", "streaming"],                 BOOL,      Parameter(&["stream"]),
           Bool(|d, b| d.stream = b)),
-    field(&["temperature"],                         FLOAT,     Sampling(&["temperature"]),
+    field(&["temperature", "sampling_param_temperature"],
+                                                    FLOAT,     Sampling(&["temperature"]),
           Float(|d, _, v| d.sampling.temperature = v as f32)),
-    field(&["top_k", "runtime_top_k"],              INT,       Sampling(&["top_k"]),
+    field(&["top_k", "runtime_top_k", "sampling_param_top_k"],
+                                                    INT,       Sampling(&["top_k"]),
           IntJsonOff(|d, name, k| d.top_k = Some((name, k)))),
-    field(&["top_p", "runtime_top_p"],              FLOAT,     Sampling(&["top_p"]),
+    field(&["top_p", "runtime_top_p", "sampling_param_top_p"],
+                                                    FLOAT,     Sampling(&["top_p"]),
           Float(|d, name, p| d.top_p = Some((name, p)))),
     field(&["min_p"],                               FLOAT,     Sampling(&["min_p"]),
           Float(|d, _, v| d.sampling.min_p = v as f32)),
     field(&["repetition_penalty"],                  FLOAT,     Sampling(&["repetition_penalty"]),
           Float(|d, _, v| d.sampling.repetition_penalty = v as f32)),
-    field(&["presence_penalty"],                    FLOAT,     Sampling(&["presence_penalty"]),
+    field(&["presence_penalty", "sampling_param_presence_penalty"],
+                                                    FLOAT,     Sampling(&["presence_penalty"]),
           Float(|d, _, v| d.sampling.presence_penalty = v as f32)),
-    field(&["frequency_penalty"],                   FLOAT,     Sampling(&["frequency_penalty"]),
+    field(&["frequency_penalty", "sampling_param_frequency_penalty"],
+                                                    FLOAT,     Sampling(&["frequency_penalty"]),
           Float(|d, _, v| d.sampling.frequency_penalty = v as f32)),
-    field(&["seed", "random_seed"],                 U64,       Sampling(&["seed"]),
+    field(&["seed", "random_seed", "sampling_param_seed"],
+                                                    U64,       Sampling(&["seed"]),
           Seed(|d, s| d.sampling.seed = Some(s))),
     field(&["end_id"],                              INT,       TensorOnly,
           TokenIds(|d, ids| d.stop.stop_token_ids.extend(ids))),
     // Accepted and unused.
     field(&["pad_id"],                              INT,       TensorOnly,
           Int(|_, _, _| {})),
-    field(&["stop_words"],                          STRINGS,   Sampling(&["stop"]),
+    field(&["stop_words", "sampling_param_stop"],   STRINGS,   Sampling(&["stop"]),
           Strings(|d, s| d.stop.stop_strings.extend(s))),
     field(&[],                                      NO_TENSOR, Sampling(&["stop_token_ids"]),
           TokenIds(|d, ids| d.stop.stop_token_ids.extend(ids))),
@@ -214,14 +232,39 @@ pub(super) const FIELDS: &[Field] = {
           Bool(|d, b| d.apply_chat_template = b)),
     field(&["return_log_probs"],                    BOOL,      Parameter(&["return_log_probs"]),
           Bool(|d, b| d.return_log_probs = b)),
-    field(&["exclude_input_in_output"],             BOOL,      Parameter(&["exclude_input_in_output"]),
+    field(&["exclude_input_in_output", "sampling_param_exclude_input_from_output"],
+                                                    BOOL,      Parameter(&["exclude_input_in_output"]),
           Bool(|d, b| d.exclude_input_in_output = b)),
+    // Optional outputs (vLLM backend / llmapi names). The counts and the finish reason are on
+    // unless a request turns them off.
+    field(&["return_num_input_tokens"],             BOOL,      Parameter(&["return_num_input_tokens"]),
+          Bool(|d, b| d.outputs.num_input_tokens = b)),
+    field(&["return_num_output_tokens"],            BOOL,      Parameter(&["return_num_output_tokens"]),
+          Bool(|d, b| d.outputs.num_output_tokens = b)),
+    field(&["return_finish_reason"],                BOOL,      Parameter(&["return_finish_reason"]),
+          Bool(|d, b| d.outputs.finish_reason = b)),
+    field(&["return_logprobs"],                     BOOL,      Parameter(&["return_logprobs"]),
+          Bool(|d, b| d.outputs.logprobs_json = b)),
+    field(&["return_cumulative_logprob"],           BOOL,      Parameter(&["return_cumulative_logprob"]),
+          Bool(|d, b| d.outputs.cumulative_logprob = b)),
     field(&[],                                      NO_TENSOR, Sampling(&["logprobs"]),
           Int(|d, name, n| d.logprobs = Some((name, n)))),
     field(&["beam_width", "num_return_sequences"],  INT,       TensorOnly,
           MustBeOne("must be 1: beam search and multiple sequences are not supported")),
-    field(&[],                                      NO_TENSOR, Sampling(&["n", "best_of"]),
+    field(&["sampling_param_best_of"],              INT,       Sampling(&["n", "best_of"]),
           MustBeOne("must be 1: multiple sequences per request are not supported")),
+    // Refused features: vLLM's `sampling_parameters` keys and tensorrtllm's tensors, as Triton's
+    // OpenAI frontend sends them for a named tool choice or a LoRA model.
+    field(&["guided_decoding_guide_type"],          STRING,    Sampling(&["structured_outputs", "guided_decoding"]),
+          Unsupported(NO_GUIDED_DECODING)),
+    field(&["guided_decoding_guide"],               STRING,    TensorOnly,
+          Unsupported(NO_GUIDED_DECODING)),
+    field(&["lora_task_id"],                        U64,       Sampling(&["lora_name"]),
+          Unsupported(NO_LORA)),
+    field(&["lora_weights"],                        FP16_MATRIX, TensorOnly,
+          Unsupported(NO_LORA)),
+    field(&["lora_config"],                         LORA_CONFIG, TensorOnly,
+          Unsupported(NO_LORA)),
     field(&["sampling_parameters"],                 STRING,    TensorOnly,
           SamplingParameters),
     ]
@@ -277,6 +320,19 @@ impl Field {
             Kind::Seed(set) => set(d, given.seed()?),
             Kind::Strings(set) => set(d, given.strings()?),
             Kind::TokenIds(set) => set(d, given.token_ids()?),
+            Kind::Unsupported(bound) => {
+                let value = match given {
+                    Given::Json(_, v) => {
+                        let text = v.to_string();
+                        match text.char_indices().nth(80) {
+                            Some((cut, _)) => format!("{}...", &text[..cut]),
+                            None => text,
+                        }
+                    }
+                    Given::Tensor(_) => "given".to_string(),
+                };
+                return Err(invalid(name, value, bound));
+            }
             Kind::MustBeOne(bound) => {
                 let n = given.int()?;
                 if n != 1 {
@@ -339,6 +395,7 @@ impl Field {
                     let Some((field, key)) = find(key, |f| f.keys.in_sampling_parameters()) else {
                         let accepted: Vec<&str> = FIELDS
                             .iter()
+                            .filter(|f| !matches!(f.kind, Kind::Unsupported(_)))
                             .flat_map(|f| f.keys.in_sampling_parameters())
                             .copied()
                             .collect();

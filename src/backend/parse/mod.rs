@@ -17,8 +17,12 @@
 //! Three files: `fields` (the table, `INPUTS`/`OUTPUTS`, and how each field is read), `tensor`
 //! (reading a value from a tensor or a JSON key) and this one (the public types, `parse`, and
 //! `Draft::finish`, which builds and checks the request once every source is in).
+//! `frontend_tests` replays the requests of Triton's OpenAI frontend and of TensorRT-LLM's
+//! llmapi model.
 
 mod fields;
+#[cfg(test)]
+mod frontend_tests;
 mod tensor;
 
 use serde_json::Value;
@@ -81,11 +85,44 @@ pub struct ParsedRequest {
     pub stream: bool,
     /// Leave the prompt out of non-streaming outputs.
     pub exclude_input_in_output: bool,
-    /// Send `cum_log_probs` and `output_log_probs`: set by `return_log_probs` or by a
-    /// `logprobs` count (then `generate.sampling.logprobs` is Some).
-    pub return_log_probs: bool,
+    /// Which optional outputs the responses carry (`generate.sampling.logprobs` is Some
+    /// whenever one of them needs log-probabilities).
+    pub outputs: OutputSelection,
     /// The prompt text as sent (prepended to `text_output` when the input is not excluded).
     pub prompt_text: Option<String>,
+}
+
+/// The optional outputs of a request's responses, each set by a `return_*` input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputSelection {
+    /// `finish_reason` on the last response (`return_finish_reason`; default on).
+    pub finish_reason: bool,
+    /// `num_input_tokens` on every response (`return_num_input_tokens`; default on).
+    pub num_input_tokens: bool,
+    /// `num_output_tokens` on every response: the tokens that response covers, so a stream's
+    /// values add up to the total (`return_num_output_tokens`; default on).
+    pub num_output_tokens: bool,
+    /// tensorrtllm's `cum_log_probs` and `output_log_probs`: set by `return_log_probs` or by a
+    /// `logprobs` count.
+    pub log_probs: bool,
+    /// The vLLM backend's `logprobs` JSON (`return_logprobs`).
+    pub logprobs_json: bool,
+    /// `cumulative_logprob`, the sum of the generated tokens' logprobs so far
+    /// (`return_cumulative_logprob`, vLLM backend and llmapi).
+    pub cumulative_logprob: bool,
+}
+
+impl Default for OutputSelection {
+    fn default() -> Self {
+        OutputSelection {
+            finish_reason: true,
+            num_input_tokens: true,
+            num_output_tokens: true,
+            log_probs: false,
+            logprobs_json: false,
+            cumulative_logprob: false,
+        }
+    }
 }
 
 /// A request's settings while its sources are applied: starts at the model defaults, and each
@@ -110,6 +147,8 @@ struct Draft {
     exclude_input_in_output: bool,
     apply_chat_template: bool,
     return_log_probs: bool,
+    /// `log_probs` is derived in `finish`; the other flags are final.
+    outputs: OutputSelection,
     /// Each field read and the name it came under, in the order applied (the last one of a
     /// field is the value that counts): errors of `GenerateRequest::new` name the field as the
     /// client did.
@@ -129,6 +168,7 @@ fn invalid(
 fn unknown_parameter(key: &str) -> RequestError {
     let known: Vec<&str> = FIELDS
         .iter()
+        .filter(|f| !matches!(f.kind, Kind::Unsupported(_)))
         .flat_map(|f| f.keys.in_parameters())
         .copied()
         .collect();
@@ -317,20 +357,29 @@ impl Draft {
             self.sampling.top_k = usize::try_from(k)
                 .map_err(|_| invalid(name, k, "must be >= 0 (0 disables top-k)"))?;
         }
-        self.sampling.logprobs = match (self.logprobs, self.return_log_probs) {
-            (Some((name, n)), _) => {
+        // A `logprobs` count sets how many alternatives each token reports; any output that
+        // needs logprobs turns them on (with none).
+        self.outputs.log_probs = self.return_log_probs || self.logprobs.is_some();
+        let needs_logprobs =
+            self.outputs.log_probs || self.outputs.logprobs_json || self.outputs.cumulative_logprob;
+        self.sampling.logprobs = match self.logprobs {
+            Some((name, n)) => {
                 Some(usize::try_from(n).map_err(|_| invalid(name, n, "must be >= 0"))?)
             }
-            (None, true) => Some(0),
-            (None, false) => None,
+            None => needs_logprobs.then_some(0),
         };
+        // The JSON names each token by its text.
+        if self.outputs.logprobs_json && ctx.model.tokenizer.is_none() {
+            return Err(RequestError::NoTokenizer {
+                field: "return_logprobs",
+            });
+        }
         if let Some((_, p)) = self.top_p {
             self.sampling.top_p = p as f32;
         }
         self.stop.max_tokens = max_tokens;
         self.stop.min_tokens = min_tokens;
         let detokenize = interface == Interface::Text || !self.stop.stop_strings.is_empty();
-        let return_log_probs = self.sampling.logprobs.is_some();
         let spec = RequestSpec {
             prompt,
             sampling: self.sampling,
@@ -354,7 +403,7 @@ impl Draft {
             interface,
             stream: self.stream,
             exclude_input_in_output: self.exclude_input_in_output,
-            return_log_probs,
+            outputs: self.outputs,
             prompt_text,
             generate,
         })
@@ -384,7 +433,7 @@ mod tests {
     use crate::tokenizer::Tokenizer;
     use triton_api::DataType;
 
-    fn defaults() -> RequestDefaults {
+    pub(super) fn defaults() -> RequestDefaults {
         RequestDefaults {
             max_tokens: 16,
             sampling: SamplingParams::default(),
@@ -393,7 +442,7 @@ mod tests {
         }
     }
 
-    fn bytes_tensor(name: &str, shape: Vec<i64>, elems: &[&[u8]]) -> InputTensor {
+    pub(super) fn bytes_tensor(name: &str, shape: Vec<i64>, elems: &[&[u8]]) -> InputTensor {
         InputTensor {
             name: name.into(),
             dtype: DataType::Bytes,
@@ -402,11 +451,11 @@ mod tests {
         }
     }
 
-    fn text(s: &str) -> InputTensor {
+    pub(super) fn text(s: &str) -> InputTensor {
         bytes_tensor("text_input", vec![1], &[s.as_bytes()])
     }
 
-    fn i32s(name: &str, shape: Vec<i64>, v: &[i32]) -> InputTensor {
+    pub(super) fn i32s(name: &str, shape: Vec<i64>, v: &[i32]) -> InputTensor {
         InputTensor {
             name: name.into(),
             dtype: DataType::Int32,
@@ -415,7 +464,7 @@ mod tests {
         }
     }
 
-    fn f32s(name: &str, v: f32) -> InputTensor {
+    pub(super) fn f32s(name: &str, v: f32) -> InputTensor {
         InputTensor {
             name: name.into(),
             dtype: DataType::Fp32,
@@ -424,7 +473,7 @@ mod tests {
         }
     }
 
-    fn boolean(name: &str, v: bool) -> InputTensor {
+    pub(super) fn boolean(name: &str, v: bool) -> InputTensor {
         InputTensor {
             name: name.into(),
             dtype: DataType::Bool,
@@ -433,7 +482,7 @@ mod tests {
         }
     }
 
-    fn u64s(name: &str, v: u64) -> InputTensor {
+    pub(super) fn u64s(name: &str, v: u64) -> InputTensor {
         InputTensor {
             name: name.into(),
             dtype: DataType::Uint64,
@@ -442,19 +491,19 @@ mod tests {
         }
     }
 
-    fn run(inputs: Vec<InputTensor>) -> Result<ParsedRequest, RequestError> {
+    pub(super) fn run(inputs: Vec<InputTensor>) -> Result<ParsedRequest, RequestError> {
         run_with(inputs, vec![], 0, true)
     }
 
     /// The tiny BPE tokenizer of tests/fixtures (400 ids, with a chat template).
-    fn tokenizer() -> std::sync::Arc<Tokenizer> {
+    pub(super) fn tokenizer() -> std::sync::Arc<Tokenizer> {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/tokenizer/hf_tiny");
         std::sync::Arc::new(Tokenizer::from_hf_dir(&dir).unwrap().unwrap())
     }
 
     /// A model of 2048 tokens of context with the fixture tokenizer (None: no tokenizer).
-    fn model(tokenizer: Option<std::sync::Arc<Tokenizer>>) -> ModelInfo {
+    pub(super) fn model(tokenizer: Option<std::sync::Arc<Tokenizer>>) -> ModelInfo {
         ModelInfo {
             vocab_size: 400,
             max_model_len: 2048,
@@ -463,7 +512,7 @@ mod tests {
         }
     }
 
-    fn run_with(
+    pub(super) fn run_with(
         inputs: Vec<InputTensor>,
         params: Vec<(String, ParamValue)>,
         max_batch_size: usize,
@@ -478,7 +527,7 @@ mod tests {
         )
     }
 
-    fn run_on(
+    pub(super) fn run_on(
         model: &ModelInfo,
         inputs: Vec<InputTensor>,
         params: Vec<(String, ParamValue)>,
@@ -496,7 +545,7 @@ mod tests {
         parse(&RawRequest { inputs, params }, &ctx)
     }
 
-    fn err_text(inputs: Vec<InputTensor>) -> String {
+    pub(super) fn err_text(inputs: Vec<InputTensor>) -> String {
         run(inputs).unwrap_err().to_string()
     }
 
@@ -512,7 +561,7 @@ mod tests {
         assert_eq!(p.prompt_text.as_deref(), Some("Hello"));
         assert_eq!(p.generate.stop().max_tokens, 16);
         assert!(p.generate.detokenize());
-        assert!(!p.stream && !p.exclude_input_in_output && !p.return_log_probs);
+        assert!(!p.stream && !p.exclude_input_in_output && !p.outputs.log_probs);
         assert_eq!(*p.generate.sampling(), SamplingParams::default());
     }
 
@@ -560,7 +609,7 @@ mod tests {
         assert_eq!((st.max_tokens, st.min_tokens, st.ignore_eos), (5, 2, true));
         assert_eq!(st.stop_token_ids, vec![7]);
         assert_eq!(st.stop_strings, vec!["\n\n".to_string()]);
-        assert!(p.stream && p.exclude_input_in_output && p.return_log_probs);
+        assert!(p.stream && p.exclude_input_in_output && p.outputs.log_probs);
     }
 
     #[test]
@@ -947,6 +996,12 @@ mod tests {
                 DataType::Fp32 => f32s(s.name, 0.5),
                 DataType::Bool => boolean(s.name, false),
                 DataType::Uint64 => u64s(s.name, 1),
+                DataType::Fp16 => InputTensor {
+                    name: s.name.into(),
+                    dtype: DataType::Fp16,
+                    shape: vec![1, 1],
+                    data: vec![0, 0],
+                },
                 other => panic!("unexpected dtype {other:?}"),
             };
             let mut inputs = vec![t];
@@ -1084,9 +1139,16 @@ mod tests {
         let baseline = format!("{:?}", run(vec![text("x")]).unwrap());
         let mut stored: Vec<(String, Src)> = vec![];
         for f in FIELDS {
+            // The sample that differs from the default (the output flags default to on).
+            let i = usize::from(
+                sources(f)
+                    .first()
+                    .and_then(|&src| given(f, &[(src, 0)]))
+                    .is_some_and(|got| got == baseline),
+            );
             let mut first: Option<(Src, String)> = None;
             for src in sources(f) {
-                let Some(got) = given(f, &[(src, 0)]) else {
+                let Some(got) = given(f, &[(src, i)]) else {
                     continue;
                 };
                 match &first {
@@ -1242,7 +1304,7 @@ mod tests {
         for f in FIELDS {
             assert!(!sources(f).is_empty());
             assert_eq!(f.tensors.is_empty(), f.dtype == DataType::Invalid);
-            if sample(f.kind, 0).is_none() {
+            if sample(f.kind, 0).is_none() && !matches!(f.kind, Kind::Unsupported(_)) {
                 // Kinds only a tensor carries.
                 assert!(matches!(f.keys, Keys::TensorOnly), "{:?}", f.tensors);
             }

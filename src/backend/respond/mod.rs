@@ -1,7 +1,8 @@
 //! Answering requests. `ResponseSender` owns a request's response factory and guarantees exactly
 //! one final response (its `Drop` sends a flags-only FINAL, or an error if nothing was sent);
 //! `Job` owns the unreleased request and, on drop, reports its statistics and releases it.
-//! `build_outputs` turns generated text/tokens into output tensors (pure, tested here).
+//! `Shaper` decides what each response says and `build_outputs` turns that into output tensors
+//! (both pure, tested in their files), filtered to the outputs the model declares.
 //!
 //! The `Responder` is one thread per model: it submits parsed requests to the engine (events
 //! come back on one shared channel tagged by `SeqId`), turns events into responses (a delta per
@@ -11,13 +12,16 @@
 //! the engine's incidents (a panicked step, a rebuild), and drains an instance's requests before
 //! that instance is finalized. It never blocks Triton's Execute thread.
 //!
-//! Three files: `outputs` (response content → output tensors), `sender` (`ResponseSender` and
-//! `Job`, the release obligations) and this one (the `Responder` thread).
+//! Four files: `shape` (events → response content), `outputs` (response content → output
+//! tensors), `sender` (`ResponseSender` and `Job`, the release obligations) and this one (the
+//! `Responder` thread).
 
 mod outputs;
 mod sender;
+mod shape;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -25,11 +29,13 @@ use crossbeam_channel::{Receiver, Sender, select};
 use triton_api::{ErrorCode, TritonError};
 
 use super::metrics::{METRICS_INTERVAL, ModelMetrics};
-use super::parse::{Interface, ParsedRequest};
+use super::parse::ParsedRequest;
 use crate::engine::{EngineHandle, Incident};
 use crate::request::{FinishReason, RequestError, SeqId, TokenEvent};
-pub use outputs::{OutputTensor, ResponseData, build_outputs};
+use crate::tokenizer::Tokenizer;
+pub use outputs::{OutputTensor, ResponseData, build_outputs, declared_only};
 pub use sender::{Job, ResponseSender};
+use shape::Shaper;
 
 /// How often in-flight requests are checked for cancellation.
 pub const CANCEL_POLL: Duration = Duration::from_millis(20);
@@ -54,24 +60,18 @@ enum Intake {
 /// A request in the engine.
 struct Active {
     job: Job,
-    interface: Interface,
-    stream: bool,
-    exclude_input: bool,
-    return_log_probs: bool,
-    prompt_text: Option<String>,
-    prompt_ids: Vec<u32>,
-    text: String,
-    output_ids: Vec<u32>,
-    logprobs: Vec<f32>,
+    /// What each response says.
+    shaper: Shaper,
+    /// The model's outputs carry a batch dimension.
     batched: bool,
 }
 
 impl Active {
     /// Applies one engine event; returns true when the request is finished (and answered).
-    fn on_event(&mut self, ev: TokenEvent) -> bool {
+    fn on_event(&mut self, ev: TokenEvent, model: &ModelOutputs) -> bool {
         match ev {
             TokenEvent::Started { prompt_ids } => {
-                self.prompt_ids = prompt_ids;
+                self.shaper.set_prompt_ids(prompt_ids);
                 self.job.mark_compute_start();
                 false
             }
@@ -82,64 +82,30 @@ impl Active {
                 finish,
             } => {
                 self.job.mark_compute_start();
-                self.output_ids.push(token_id);
-                if let Some(lp) = logprobs {
-                    self.logprobs.push(lp.logprob);
-                }
-                self.text.push_str(&text);
-                if self.stream {
-                    let lp = logprobs_tail(self.return_log_probs, &self.logprobs, 1);
-                    let delta = match self.interface {
-                        Interface::Text => ResponseData {
-                            text: Some(text),
-                            logprobs: lp,
-                            ..Default::default()
-                        },
-                        Interface::Tokens => ResponseData {
-                            token_ids: Some(vec![token_id]),
-                            logprobs: lp,
-                            ..Default::default()
-                        },
-                    };
-                    match finish {
-                        Some(reason) => self.finish_stream(delta, reason),
-                        None => {
-                            let skip = self.interface == Interface::Text
-                                && delta.text.as_deref() == Some("");
-                            if !skip {
-                                self.send(&delta, false);
-                            }
-                            false
-                        }
+                let tokenizer = model.tokenizer.as_deref();
+                match self
+                    .shaper
+                    .on_token(token_id, text, logprobs, finish, tokenizer)
+                {
+                    Some((d, final_flag)) => {
+                        self.send(&d, final_flag, &model.declared);
+                        final_flag
                     }
-                } else {
-                    match finish {
-                        Some(reason) => self.finish_full(reason),
-                        None => false,
-                    }
+                    None => false,
                 }
             }
+            TokenEvent::Finished {
+                reason: FinishReason::Abort,
+                ..
+            } => {
+                self.abort_error();
+                true
+            }
             TokenEvent::Finished { text, reason } => {
-                if reason == FinishReason::Abort {
-                    self.abort_error();
-                    return true;
-                }
-                self.text.push_str(&text);
-                if self.stream {
-                    let delta = match self.interface {
-                        Interface::Text => ResponseData {
-                            text: Some(text),
-                            ..Default::default()
-                        },
-                        Interface::Tokens => ResponseData {
-                            token_ids: Some(vec![]),
-                            ..Default::default()
-                        },
-                    };
-                    self.finish_stream(delta, reason)
-                } else {
-                    self.finish_full(reason)
-                }
+                let tokenizer = model.tokenizer.as_deref();
+                let d = self.shaper.on_finished(text, reason, tokenizer);
+                self.send(&d, true, &model.declared);
+                true
             }
             TokenEvent::Error(msg) => {
                 self.job
@@ -166,60 +132,23 @@ impl Active {
         ));
     }
 
-    fn send(&mut self, d: &ResponseData, final_flag: bool) {
-        if let Err(e) = self
-            .job
-            .sender
-            .send(&build_outputs(d, self.batched), final_flag)
-        {
+    fn send(&mut self, d: &ResponseData, final_flag: bool, declared: &[String]) {
+        let outputs = declared_only(build_outputs(d, self.batched), declared);
+        if let Err(e) = self.job.sender.send(&outputs, final_flag) {
             triton_api::log::warn(&format!("cannot send a response: {e}"));
         }
         if final_flag {
             self.job.success = true;
         }
     }
-
-    fn finish_stream(&mut self, mut delta: ResponseData, reason: FinishReason) -> bool {
-        delta.finish = Some(reason);
-        delta.num_input_tokens = Some(self.prompt_ids.len());
-        delta.num_output_tokens = Some(self.output_ids.len());
-        self.send(&delta, true);
-        true
-    }
-
-    fn finish_full(&mut self, reason: FinishReason) -> bool {
-        let mut d = ResponseData {
-            finish: Some(reason),
-            num_input_tokens: Some(self.prompt_ids.len()),
-            num_output_tokens: Some(self.output_ids.len()),
-            logprobs: logprobs_tail(self.return_log_probs, &self.logprobs, self.logprobs.len()),
-            ..Default::default()
-        };
-        match self.interface {
-            Interface::Text => {
-                let text = std::mem::take(&mut self.text);
-                d.text = Some(match (&self.prompt_text, self.exclude_input) {
-                    (Some(p), false) => format!("{p}{text}"),
-                    _ => text,
-                });
-            }
-            Interface::Tokens => {
-                let mut ids = if self.exclude_input {
-                    vec![]
-                } else {
-                    self.prompt_ids.clone()
-                };
-                ids.extend_from_slice(&self.output_ids);
-                d.token_ids = Some(ids);
-            }
-        }
-        self.send(&d, true);
-        true
-    }
 }
 
-fn logprobs_tail(wanted: bool, all: &[f32], n: usize) -> Option<Vec<f32>> {
-    wanted.then(|| all[all.len().saturating_sub(n)..].to_vec())
+/// What every response of a model needs besides its request's own state.
+struct ModelOutputs {
+    /// The outputs the model's configuration declares (the only ones a response may carry).
+    declared: Vec<String>,
+    /// Decodes the tokens of the `logprobs` JSON.
+    tokenizer: Option<Arc<Tokenizer>>,
 }
 
 /// The response thread of one model.
@@ -240,6 +169,10 @@ pub struct ResponderSetup {
     pub incidents: Receiver<Incident>,
     /// The model's outputs have a batch dimension.
     pub batched: bool,
+    /// The outputs the model's configuration declares; responses carry only these.
+    pub declared_outputs: Vec<String>,
+    /// The model's tokenizer (names the tokens of the `logprobs` output).
+    pub tokenizer: Option<Arc<Tokenizer>>,
     /// The model's gauges, refreshed every `METRICS_INTERVAL` and dropped with the thread;
     /// None: serve without them (metrics disabled on the server).
     pub metrics: Option<ModelMetrics>,
@@ -331,8 +264,14 @@ fn run(setup: ResponderSetup, intake: Receiver<Intake>) {
         engine,
         mut incidents,
         batched,
+        declared_outputs,
+        tokenizer,
         mut metrics,
     } = setup;
+    let model_outputs = ModelOutputs {
+        declared: declared_outputs,
+        tokenizer,
+    };
     let (events_tx, events_rx) = crossbeam_channel::unbounded::<(SeqId, TokenEvent)>();
     let mut active: HashMap<SeqId, Active> = HashMap::new();
     let mut last_poll = Instant::now();
@@ -342,21 +281,11 @@ fn run(setup: ResponderSetup, intake: Receiver<Intake>) {
             recv(intake) -> msg => match msg {
                 Ok(Intake::New(nj)) => {
                     let NewJob { job, parsed } = *nj;
+                    let mut shaper = Shaper::new(&parsed, Vec::new());
                     match engine.submit_to(parsed.generate, events_tx.clone()) {
                         Ok((seq_id, prompt_ids)) => {
-                            active.insert(seq_id, Active {
-                                job,
-                                interface: parsed.interface,
-                                stream: parsed.stream,
-                                exclude_input: parsed.exclude_input_in_output,
-                                return_log_probs: parsed.return_log_probs,
-                                prompt_text: parsed.prompt_text,
-                                prompt_ids,
-                                text: String::new(),
-                                output_ids: Vec::new(),
-                                logprobs: Vec::new(),
-                                batched,
-                            });
+                            shaper.set_prompt_ids(prompt_ids);
+                            active.insert(seq_id, Active { job, shaper, batched });
                         }
                         Err(e @ RequestError::Unavailable(_)) => {
                             job.fail(&TritonError::new(ErrorCode::Unavailable, e.to_string()))
@@ -379,7 +308,9 @@ fn run(setup: ResponderSetup, intake: Receiver<Intake>) {
             },
             recv(events_rx) -> msg => {
                 if let Ok((seq_id, ev)) = msg {
-                    let done = active.get_mut(&seq_id).is_some_and(|a| a.on_event(ev));
+                    let done = active
+                        .get_mut(&seq_id)
+                        .is_some_and(|a| a.on_event(ev, &model_outputs));
                     if done {
                         active.remove(&seq_id);
                     }
@@ -420,18 +351,5 @@ fn run(setup: ResponderSetup, intake: Receiver<Intake>) {
     for (id, mut a) in active.drain() {
         engine.abort(id);
         a.abort_error();
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn logprobs_tail_takes_the_newest() {
-        assert_eq!(logprobs_tail(true, &[1.0, 2.0, 3.0], 1), Some(vec![3.0]));
-        assert_eq!(logprobs_tail(true, &[], 1), Some(vec![]));
-        assert_eq!(logprobs_tail(false, &[1.0], 1), None);
     }
 }

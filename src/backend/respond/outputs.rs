@@ -25,14 +25,20 @@ pub struct ResponseData {
     pub text: Option<String>,
     /// For the token interface: the token ids of this response.
     pub token_ids: Option<Vec<u32>>,
-    /// Log-probabilities of the generated tokens in this response (when asked for).
+    /// Log-probabilities of the generated tokens in this response (`cum_log_probs` is their
+    /// sum, `output_log_probs` the list).
     pub logprobs: Option<Vec<f32>>,
+    /// The vLLM backend's `logprobs` output: a JSON list with one object per generated token of
+    /// this response (see `shape::logprobs_json`).
+    pub logprobs_json: Option<String>,
+    /// `cumulative_logprob`: the sum of the logprobs of every token generated so far.
+    pub cumulative_logprob: Option<f32>,
     /// Set on the last response.
     pub finish: Option<FinishReason>,
-    /// Reported on the last response.
+    /// The prompt's length in tokens.
     pub num_input_tokens: Option<usize>,
-    /// Tokens generated over the whole request (not only this response's), on the last
-    /// response.
+    /// The tokens this response covers: all of them when not streaming, the new ones when
+    /// streaming (so the values of a stream add up to the total).
     pub num_output_tokens: Option<usize>,
 }
 
@@ -59,7 +65,8 @@ fn tensor(
 /// Output tensors for one response, following tensorrtllm_backend's and the vLLM backend's
 /// output names: `text_output` [1], `output_ids` [1, N] (one beam), `sequence_length` [1],
 /// `cum_log_probs` [1], `output_log_probs` [1, N], `finish_reason` [1], `num_input_tokens` [1],
-/// `num_output_tokens` [1]; each with a leading batch dimension of 1 when `batched`.
+/// `num_output_tokens` [1], `logprobs` [1] (JSON), `cumulative_logprob` [1]; each with a
+/// leading batch dimension of 1 when `batched`.
 pub fn build_outputs(d: &ResponseData, batched: bool) -> Vec<OutputTensor> {
     let mut out = Vec::new();
     if let Some(text) = &d.text {
@@ -136,7 +143,36 @@ pub fn build_outputs(d: &ResponseData, batched: bool) -> Vec<OutputTensor> {
             (n as u32).to_le_bytes().to_vec(),
         ));
     }
+    if let Some(json) = &d.logprobs_json {
+        out.push(tensor(
+            "logprobs",
+            DataType::Bytes,
+            batched,
+            &[1],
+            triton_api::serialize_bytes([json.as_bytes()]),
+        ));
+    }
+    if let Some(cum) = d.cumulative_logprob {
+        out.push(tensor(
+            "cumulative_logprob",
+            DataType::Fp32,
+            batched,
+            &[1],
+            cum.to_le_bytes().to_vec(),
+        ));
+    }
     out
+}
+
+/// `outputs` without those the model's configuration does not declare (`declared`): Triton
+/// refuses a response holding an undeclared output. A configuration that declares none (auto
+/// completion disabled) filters nothing: the outputs go as before and Triton says which one it
+/// does not know.
+pub fn declared_only(mut outputs: Vec<OutputTensor>, declared: &[String]) -> Vec<OutputTensor> {
+    if !declared.is_empty() {
+        outputs.retain(|o| declared.iter().any(|d| d == o.name));
+    }
+    outputs
 }
 
 #[cfg(test)]
@@ -181,6 +217,34 @@ mod tests {
             out.iter().all(|o| o.shape[0] == 1 && o.shape.len() == 2),
             "{out:?}"
         );
+    }
+
+    #[test]
+    fn vllm_outputs_and_the_declared_filter() {
+        let d = ResponseData {
+            text: Some("x".into()),
+            logprobs_json: Some("[]".into()),
+            cumulative_logprob: Some(-1.5),
+            num_input_tokens: Some(2),
+            ..Default::default()
+        };
+        let out = build_outputs(&d, false);
+        assert_eq!(
+            find(&out, "logprobs").data,
+            triton_api::serialize_bytes([b"[]".as_slice()])
+        );
+        let cum = find(&out, "cumulative_logprob");
+        assert_eq!(
+            (cum.dtype, cum.data.clone()),
+            (DataType::Fp32, (-1.5f32).to_le_bytes().to_vec())
+        );
+        let declared = ["text_output".to_string(), "cumulative_logprob".to_string()];
+        let names: Vec<_> = declared_only(out.clone(), &declared)
+            .iter()
+            .map(|o| o.name)
+            .collect();
+        assert_eq!(names, ["text_output", "cumulative_logprob"]);
+        assert_eq!(declared_only(out.clone(), &[]), out);
     }
 
     #[test]

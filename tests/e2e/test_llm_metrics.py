@@ -1,5 +1,5 @@
 """End-to-end: the vLLM-named LLM metrics and the per-model metric switches on Triton's /metrics
-(docs/configuration.md, "Metrics").
+(docs/configuration.md, "Metrics"), and the first token streamed as a response of its own.
 
 A server of its own (so counts are exact) serves SmolLM2 three times: ``m_all`` (both metric
 sets, the defaults), ``m_no_vllm`` (``enable_vllm_metrics: false``) and ``m_no_trtllm``
@@ -151,7 +151,7 @@ def test_vllm_histograms_and_counters_count_known_requests(metrics_server):
         assert error is None, error
         tokens = [int(t) for r in results for t in r.as_numpy("output_ids").reshape(-1)]
         assert len(tokens) == max_tokens
-        # Streaming, every token is a response of its own.
+        # Streaming, every token is a response of its own (the first one too).
         assert len(results) == (max_tokens if stream else 1)
 
     def done(s):
@@ -259,3 +259,18 @@ def test_each_metric_set_is_switched_per_model(metrics_server):
     # Both sets exist in the server (m_all), only without the switched-off model's series.
     names = {name for name, _, _ in samples(page)}
     assert set(TRTLLM) <= names and "vllm:time_to_first_token_seconds_count" in names
+
+
+def test_the_first_token_is_a_response_of_its_own_even_with_its_text_held_back(metrics_server):
+    srv, model = metrics_server, "m_all"
+    body = {"text_input": "The capital of France is", "max_tokens": 6, "ignore_eos": True,
+            "stream": True}
+    free = [c["text_output"] for c in srv.generate_stream(model, body)]
+    assert free[0], f"the first token has text: {free}"
+    # A stop string that begins with the first token's text and never matches: that text is held
+    # back until the second token rules the match out.
+    held = srv.generate_stream(model, {**body, "stop_words": [free[0] + "\u2603"]})
+    assert all("error" not in c for c in held), held
+    texts = [c["text_output"] for c in held]
+    assert texts[0] == "", texts
+    assert len(texts) == len(free) and "".join(texts) == "".join(free), (texts, free)

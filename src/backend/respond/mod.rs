@@ -12,6 +12,12 @@
 //! step, a rebuild), and drains an instance's requests before that instance is finalized. It
 //! never blocks Triton's Execute thread.
 //!
+//! Streaming, the first token always goes out as a response of its own, even when its text is
+//! held back (an incomplete UTF-8 character, a possible stop string) and the delta is empty:
+//! Triton's time-to-first-response histogram (`nv_inference_first_response_histogram_ms`, in
+//! Triton releases after 2.51) then measures the time to the first token. Later empty text
+//! deltas are not sent.
+//!
 //! Three files: `outputs` (response content → output tensors), `sender` (`ResponseSender` and
 //! `Job`, the release obligations) and this one (the `Responder` thread).
 
@@ -105,9 +111,7 @@ impl Active {
                     match finish {
                         Some(reason) => self.finish_stream(delta, reason),
                         None => {
-                            let skip = self.interface == Interface::Text
-                                && delta.text.as_deref() == Some("");
-                            if !skip {
+                            if streams_response(&delta, self.output_ids.len()) {
                                 self.send(&delta, false);
                             }
                             false
@@ -217,6 +221,13 @@ impl Active {
         self.send(&d, true);
         true
     }
+}
+
+/// Whether a streaming, non-final token delta becomes a response: always for the first token
+/// (`num_tokens` counts it), so the first response marks the time to first token; after it,
+/// unless it is an empty text delta (text held back).
+fn streams_response(delta: &ResponseData, num_tokens: usize) -> bool {
+    num_tokens <= 1 || delta.text.as_deref() != Some("")
 }
 
 fn logprobs_tail(wanted: bool, all: &[f32], n: usize) -> Option<Vec<f32>> {
@@ -437,6 +448,25 @@ fn run(setup: ResponderSetup, intake: Receiver<Intake>) {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_token_always_streams_a_response_later_empty_deltas_do_not() {
+        let text = |t: &str| ResponseData {
+            text: Some(t.into()),
+            ..Default::default()
+        };
+        let ids = ResponseData {
+            token_ids: Some(vec![7]),
+            ..Default::default()
+        };
+        // The first token: even an empty delta (text held back) is a response.
+        assert!(streams_response(&text(""), 1));
+        assert!(streams_response(&text(" Paris"), 1));
+        // Later tokens: only deltas with text; the token interface always has its id.
+        assert!(!streams_response(&text(""), 2));
+        assert!(streams_response(&text("."), 2));
+        assert!(streams_response(&ids, 5));
+    }
 
     #[test]
     fn logprobs_tail_takes_the_newest() {

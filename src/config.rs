@@ -98,6 +98,8 @@ struct RawParameters {
     exclude_input_in_output: Option<String>,
     apply_chat_template: Option<String>,
     ignored_request_parameters: Option<String>,
+    enable_trtllm_metrics: Option<String>,
+    enable_vllm_metrics: Option<String>,
     default_max_tokens: Option<String>,
     default_temperature: Option<String>,
     default_top_k: Option<String>,
@@ -131,6 +133,8 @@ pub const PARAMETER_KEYS: &[&str] = &[
     "exclude_input_in_output",
     "apply_chat_template",
     "ignored_request_parameters",
+    "enable_trtllm_metrics",
+    "enable_vllm_metrics",
     "default_max_tokens",
     "default_temperature",
     "default_top_k",
@@ -175,6 +179,17 @@ pub struct BackendConfig {
     /// comma-separated; e.g. HTTP headers Triton forwards as parameters); any other parameter
     /// that names no field fails the request.
     pub ignored_request_parameters: Vec<String>,
+    /// Which custom metric family sets the model exports on Triton's metrics endpoint.
+    pub metrics: MetricSets,
+}
+
+/// The custom metric family sets of a model, each switched on or off by one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricSets {
+    /// tensorrtllm_backend's `nv_trt_llm_*` gauges (`enable_trtllm_metrics`; default true).
+    pub trtllm: bool,
+    /// vLLM's `vllm:*` histograms, counters and gauges (`enable_vllm_metrics`; default true).
+    pub vllm: bool,
 }
 
 /// The Triton-level facts of a model configuration the backend needs besides `parameters`.
@@ -482,6 +497,18 @@ impl BackendConfig {
                 }
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let metrics = MetricSets {
+            trtllm: parse_bool(
+                "enable_trtllm_metrics",
+                raw.enable_trtllm_metrics.as_deref(),
+                true,
+            )?,
+            vllm: parse_bool(
+                "enable_vllm_metrics",
+                raw.enable_vllm_metrics.as_deref(),
+                true,
+            )?,
+        };
         Ok(BackendConfig {
             engine: EngineOptions {
                 model: model_path,
@@ -520,6 +547,7 @@ impl BackendConfig {
                 apply_chat_template,
             },
             ignored_request_parameters,
+            metrics,
         })
     }
 }
@@ -669,6 +697,14 @@ mod tests {
         assert_eq!(c.defaults.max_tokens, DEFAULT_MAX_TOKENS);
         // The OpenAI frontend's chat requests never send the flag: the prompt stays out.
         assert!(c.defaults.exclude_input_in_output);
+        assert_eq!(
+            c.metrics,
+            MetricSets {
+                trtllm: true,
+                vllm: true
+            }
+        );
+        assert!(!o.report_timings, "set by the backend, not parsed");
         // Relative to the model folder when not in the version folder.
         let c =
             BackendConfig::from_model_config(&params(&[("model_path", "top.gguf")]), &loc(&dir))
@@ -707,6 +743,8 @@ mod tests {
                 ("cuda_warmup", "0"),
                 ("exclude_input_in_output", "FALSE"),
                 ("apply_chat_template", "1"),
+                ("enable_trtllm_metrics", "false"),
+                ("enable_vllm_metrics", "no"),
                 ("default_max_tokens", "7"),
                 ("default_temperature", "0.5"),
                 ("default_top_k", "40"),
@@ -722,6 +760,13 @@ mod tests {
         assert_eq!(c.gpu_device_ids, vec![2, 3]);
         assert!(!c.defaults.exclude_input_in_output && c.defaults.apply_chat_template);
         assert_eq!(c.defaults.max_tokens, 7);
+        assert_eq!(
+            c.metrics,
+            MetricSets {
+                trtllm: false,
+                vllm: false
+            }
+        );
         assert_eq!(c.defaults.sampling.top_k, 40);
         assert_eq!(c.defaults.sampling.repetition_penalty, 1.1);
         let o = &c.engine;
@@ -780,6 +825,14 @@ mod tests {
             ),
             (&[("cuda_graph_mode", "on")], &["cuda_graph_mode", "on"]),
             (&[("cuda_warmup", "2")], &["cuda_warmup", "2"]),
+            (
+                &[("enable_vllm_metrics", "all")],
+                &["enable_vllm_metrics", "all", "true or false"],
+            ),
+            (
+                &[("enable_trtllm_metrics", "off")],
+                &["enable_trtllm_metrics", "off"],
+            ),
             (&[("weight_format", "int4")], &["weight_format", "int4"]),
             (&[("dtype", "int8")], &["dtype", "int8", "bfloat16"]),
             (

@@ -1,6 +1,6 @@
 //! Engine behaviour on a tiny fixture model: in-flight batching invariance (with chunked prefill
-//! and preemption), aborts, seeds, stop conditions, request validation errors, and surviving a
-//! panicking step (rebuild, refusals meanwhile, failing closed).
+//! and preemption), aborts, seeds, stop conditions, request validation errors, surviving a
+//! panicking step (rebuild, refusals meanwhile, failing closed), and per-request timings.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::*;
 use triton_ferrum::engine::{
     Device, Engine, EngineHandle, EngineOptions, EngineSetup, FaultInjection, Incident, Recovery,
-    is_final, options,
+    RequestOutcome, RequestTimings, is_final, options,
 };
 use triton_ferrum::executor::Executor;
 use triton_ferrum::ops::linear::WeightFormat;
@@ -1032,6 +1032,7 @@ fn requests_are_refused_with_the_reason_while_rebuilding_and_after_a_failed_rebu
             faults: FaultInjection {
                 panic_token_id: Some(POISON),
             },
+            report_timings: false,
         },
     )
     .unwrap();
@@ -1174,6 +1175,7 @@ fn a_fail_closed_engine_refuses_every_request_after_a_panic() {
             faults: FaultInjection {
                 panic_token_id: Some(POISON),
             },
+            report_timings: false,
         },
     )
     .unwrap();
@@ -1325,4 +1327,148 @@ fn a_full_queue_refuses_at_once_as_busy_and_frees_its_places() {
     for s in again {
         assert_eq!(collect_stream(s.unwrap()).output_ids.len(), 2);
     }
+}
+
+// ---- per-request timings (EngineOptions::report_timings) ---------------------------------------
+
+/// An engine reporting timings, one request at a time, prompts chunked by a budget of 16 tokens;
+/// each step takes at least `step_time`, and with `on_device` a step's tokens are delivered
+/// while the next step runs.
+fn timed_engine(step_time: Duration, on_device: bool) -> Engine {
+    let mut opts = overlap_options();
+    opts.batching.max_num_seqs = 1;
+    opts.batching.max_num_batched_tokens = 16;
+    opts.kv.max_tokens = Some(256);
+    opts.max_model_len = Some(128);
+    let (cpu, info, scheduler) = cpu_executor(&opts);
+    Engine::start_with(
+        Box::new(TestExecutor {
+            step_time,
+            ..TestExecutor::new(cpu, on_device)
+        }),
+        info,
+        EngineSetup {
+            scheduler,
+            recovery: Recovery::FailClosed,
+            faults: FaultInjection::default(),
+            report_timings: true,
+        },
+    )
+    .unwrap()
+}
+
+fn next_timings(rx: &crossbeam_channel::Receiver<RequestTimings>) -> RequestTimings {
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("no timings within 60 s")
+}
+
+/// The parts of a completed request's timings fit together: queue <= first token <= end, and
+/// the first token plus the intervals between tokens is the whole latency (the last token and
+/// the final event go out in the same delivery).
+fn check_timings(t: &RequestTimings, num_prompt_tokens: usize, num_generated: usize) {
+    assert_eq!(t.outcome, RequestOutcome::Completed, "{t:?}");
+    assert_eq!(t.num_prompt_tokens, num_prompt_tokens, "{t:?}");
+    assert_eq!(t.num_generated_tokens, num_generated, "{t:?}");
+    assert_eq!(t.inter_token_latencies.len(), num_generated - 1, "{t:?}");
+    let queue = t.queue_time.unwrap();
+    let ttft = t.time_to_first_token.unwrap();
+    assert!(queue <= ttft && ttft <= t.e2e_latency, "{t:?}");
+    let decode: f64 = t.inter_token_latencies.iter().map(|&s| s as f64).sum();
+    let whole = ttft.as_secs_f64() + decode;
+    assert!(
+        (whole - t.e2e_latency.as_secs_f64()).abs() < 1e-3,
+        "ttft + intervals = {whole} s, e2e = {:?}: {t:?}",
+        t.e2e_latency
+    );
+}
+
+#[test]
+fn every_request_reports_consistent_timings_once() {
+    for on_device in [false, true] {
+        let step = Duration::from_millis(2);
+        let e = timed_engine(step, on_device);
+        let (handle, rx) = (e.handle(), e.request_timings().unwrap());
+        // A: a 40-token prompt, prefilled in three chunks of at most 16 tokens. B arrives with
+        // it but waits: one request runs at a time.
+        let a = submit(&handle, greedy(prompt(40, 1), 12, None)).unwrap();
+        let b = submit(&handle, greedy(prompt(5, 2), 7, None)).unwrap();
+        let (a_id, b_id) = (a.seq_id, b.seq_id);
+        let (ca, cb) = (collect_stream(a), collect_stream(b));
+        assert_eq!((ca.output_ids.len(), cb.output_ids.len()), (12, 7));
+        let (ta, tb) = (next_timings(&rx), next_timings(&rx));
+        assert_eq!(
+            (ta.seq_id, tb.seq_id),
+            (a_id, b_id),
+            "in the order they ended"
+        );
+        check_timings(&ta, 40, 12);
+        check_timings(&tb, 5, 7);
+        // A's queue time ends at its first chunk, two steps before its first token; every
+        // interval spans at least one step.
+        let (queue, ttft) = (ta.queue_time.unwrap(), ta.time_to_first_token.unwrap());
+        assert!(queue + 2 * step <= ttft, "on_device {on_device}: {ta:?}");
+        assert!(
+            ta.inter_token_latencies
+                .iter()
+                .all(|&s| s >= 0.9 * step.as_secs_f32())
+        );
+        // B was scheduled only once A had finished: it queued for (about) A's whole latency.
+        assert!(
+            tb.queue_time.unwrap() + Duration::from_millis(1) >= ta.e2e_latency,
+            "on_device {on_device}: B queued {:?}, A took {:?}",
+            tb.queue_time,
+            ta.e2e_latency
+        );
+        assert!(rx.try_recv().is_err(), "one timings per request");
+    }
+}
+
+#[test]
+fn aborted_requests_report_what_they_got() {
+    let e = timed_engine(Duration::from_millis(5), false);
+    let (handle, rx) = (e.handle(), e.request_timings().unwrap());
+    // A runs (100 tokens of at least 5 ms); B waits behind it and is aborted before it is ever
+    // scheduled.
+    let mut a = submit(&handle, greedy(prompt(6, 3), 100, None)).unwrap();
+    let b = submit(&handle, greedy(prompt(4, 4), 5, None)).unwrap();
+    let mut seen = 0;
+    while seen < 3 {
+        if let Some(TokenEvent::Token { .. }) = a.recv() {
+            seen += 1;
+        }
+    }
+    handle.abort(b.seq_id);
+    let tb = next_timings(&rx);
+    assert_eq!((tb.seq_id, tb.outcome), (b.seq_id, RequestOutcome::Aborted));
+    assert_eq!((tb.queue_time, tb.time_to_first_token), (None, None));
+    assert_eq!((tb.num_prompt_tokens, tb.num_generated_tokens), (4, 0));
+    // A, aborted mid-generation, reports its first token and the intervals it delivered.
+    handle.abort(a.seq_id);
+    let delivered = seen + collect_stream(a).output_ids.len();
+    assert!(delivered < 100);
+    let ta = next_timings(&rx);
+    assert_eq!(ta.outcome, RequestOutcome::Aborted);
+    assert_eq!(ta.num_generated_tokens, delivered, "{ta:?}");
+    assert_eq!(ta.inter_token_latencies.len(), delivered - 1);
+    assert!(ta.time_to_first_token.unwrap() <= ta.e2e_latency);
+    assert!(rx.try_recv().is_err());
+}
+
+#[test]
+fn report_timings_is_an_engine_option_and_off_by_default() {
+    let tweak = |on: bool| {
+        move |o: &mut EngineOptions| {
+            o.report_timings = on;
+            o.kv.max_tokens = Some(256);
+            o.max_model_len = Some(64);
+        }
+    };
+    let off = TestEngine::start(&model_dir(), Some(WeightFormat::F32), tweak(false));
+    assert!(off.engine.request_timings().is_none());
+    assert!(!EngineOptions::new(model_dir()).report_timings);
+    let on = TestEngine::start(&model_dir(), Some(WeightFormat::F32), tweak(true));
+    let rx = on.engine.request_timings().unwrap();
+    let c = collect(&on.handle(), greedy(prompt(5, 5), 3, None));
+    assert_eq!(c.output_ids.len(), 3);
+    check_timings(&next_timings(&rx), 5, 3);
 }

@@ -30,6 +30,7 @@ typedef struct TRITONBACKEND_Output TRITONBACKEND_Output;
 typedef struct TRITONSERVER_Parameter TRITONSERVER_Parameter;
 typedef struct TRITONSERVER_MetricFamily TRITONSERVER_MetricFamily;
 typedef struct TRITONSERVER_Metric TRITONSERVER_Metric;
+typedef struct TRITONSERVER_MetricArgs TRITONSERVER_MetricArgs;
 
 /* ---- enums (values as in tritonserver.h / tritonbackend.h r24.10) ---- */
 typedef enum TRITONSERVER_datatype_enum {
@@ -137,6 +138,20 @@ TRITONSERVER_Error* TRITONSERVER_MetricNew(
 TRITONSERVER_Error* TRITONSERVER_MetricDelete(TRITONSERVER_Metric* metric);
 /* Gauges only. */
 TRITONSERVER_Error* TRITONSERVER_MetricSet(TRITONSERVER_Metric* metric, double value);
+/* Gauges, and counters with value >= 0. */
+TRITONSERVER_Error* TRITONSERVER_MetricIncrement(TRITONSERVER_Metric* metric, double value);
+
+/* Histograms (TRITONSERVER API 1.34+): the args carry the bucket boundaries (copied by
+   SetHistogram) and may be deleted right after MetricNewWithArgs; Observe samples a value. */
+TRITONSERVER_Error* TRITONSERVER_MetricArgsNew(TRITONSERVER_MetricArgs** args);
+TRITONSERVER_Error* TRITONSERVER_MetricArgsSetHistogram(
+    TRITONSERVER_MetricArgs* args, const double* buckets, const uint64_t buckets_count);
+TRITONSERVER_Error* TRITONSERVER_MetricArgsDelete(TRITONSERVER_MetricArgs* args);
+TRITONSERVER_Error* TRITONSERVER_MetricNewWithArgs(
+    TRITONSERVER_Metric** metric, TRITONSERVER_MetricFamily* family,
+    const TRITONSERVER_Parameter** labels, const uint64_t label_count,
+    const TRITONSERVER_MetricArgs* args);
+TRITONSERVER_Error* TRITONSERVER_MetricObserve(TRITONSERVER_Metric* metric, double value);
 
 /* ---- TRITONBACKEND: backend ---- */
 TRITONSERVER_Error* TRITONBACKEND_ApiVersion(uint32_t* major, uint32_t* minor);

@@ -111,8 +111,13 @@ impl triton_api::entry::Backend for FerrumBackend {
             backend_config.engine.model.display(),
             backend_config.engine.device
         );
-        let loaded = crate::engine::options::start(&backend_config.engine)
-            .map_err(|e| model_error(&name, e))?;
+        // The engine times every request when the vLLM metrics (which observe the timings) are on.
+        let engine_options = crate::engine::EngineOptions {
+            report_timings: backend_config.metrics.vllm,
+            ..backend_config.engine.clone()
+        };
+        let loaded =
+            crate::engine::options::start(&engine_options).map_err(|e| model_error(&name, e))?;
         triton_log!(
             triton_api::log::Level::Info,
             "ferrum: model '{name}' ready on {}: {} weights ({:.1} MiB), {} KV blocks of {} tokens, context {} tokens, max_batch_size {}, decoupled {}",
@@ -132,20 +137,17 @@ impl triton_api::entry::Backend for FerrumBackend {
         );
         let handle = loaded.engine.handle();
         // Metrics are optional: a server started with --allow-metrics=false still serves.
-        let model_metrics = match metrics::ModelMetrics::new(&name, version) {
-            Ok(m) => Some(m),
-            Err(e) => {
-                triton_log!(
-                    triton_api::log::Level::Warn,
-                    "ferrum: model '{name}' serves without custom metrics: {e}"
-                );
-                None
-            }
-        };
+        let model_metrics = metrics::ModelMetrics::new(
+            &name,
+            version,
+            backend_config.metrics,
+            loaded.max_model_len,
+        );
         let responder = Responder::start(ResponderSetup {
             model_name: name.clone(),
             engine: handle.clone(),
             incidents: loaded.engine.incidents(),
+            timings: loaded.engine.request_timings(),
             batched: info.max_batch_size > 0,
             declared_outputs: info.outputs.clone(),
             tokenizer: handle.info().tokenizer.clone(),

@@ -40,6 +40,7 @@ use crate::tokenizer::{IncrementalDecoder, StopStringMatcher};
 
 mod handle;
 mod supervisor;
+mod timing;
 mod worker;
 
 use handle::{Admission, EventSink, EventTarget, Orphan};
@@ -48,6 +49,8 @@ use supervisor::*;
 pub use supervisor::{
     EngineSetup, Failure, FaultInjection, INJECT_PANIC_TOKEN_VAR, Incident, Recovery,
 };
+use timing::RequestClock;
+pub use timing::{RequestOutcome, RequestTimings};
 use worker::*;
 
 pub use crate::request::ModelInfo;
@@ -109,6 +112,8 @@ struct Submission {
     seq_id: SeqId,
     request: GenerateRequest,
     events: EventTarget,
+    /// When `submit` took the request (the start of its queue time and latency).
+    arrival: Instant,
 }
 
 /// Owns the engine thread; dropping it shuts the engine down (in-flight requests get a final
@@ -116,6 +121,7 @@ struct Submission {
 pub struct Engine {
     handle: EngineHandle,
     incidents: Receiver<Incident>,
+    timings: Option<Receiver<RequestTimings>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -139,6 +145,7 @@ impl Engine {
                 scheduler: scheduler_config,
                 recovery: Recovery::FailClosed,
                 faults: FaultInjection::from_env()?,
+                report_timings: false,
             },
         )
     }
@@ -153,6 +160,13 @@ impl Engine {
         let (tx, rx) = crossbeam_channel::unbounded();
         let (incidents_tx, incidents) = crossbeam_channel::unbounded();
         let (orphans_tx, orphans) = crossbeam_channel::unbounded();
+        let (timings_tx, timings) = match setup.report_timings {
+            true => {
+                let (tx, rx) = crossbeam_channel::unbounded();
+                (Some(tx), Some(rx))
+            }
+            false => (None, None),
+        };
         let info = Arc::new(info);
         let mut supervisor = Supervisor {
             info: info.clone(),
@@ -164,6 +178,7 @@ impl Engine {
             orphans_tx,
             orphans,
             incidents: incidents_tx,
+            timings: timings_tx,
         };
         let admission = Admission::new(
             setup.scheduler.batching.max_num_seqs,
@@ -182,6 +197,7 @@ impl Engine {
                 admission,
             },
             incidents,
+            timings,
             thread: Some(thread),
         })
     }
@@ -195,6 +211,14 @@ impl Engine {
     /// The engine's incidents, in order, for one reader (every clone reads the same channel).
     pub fn incidents(&self) -> Receiver<Incident> {
         self.incidents.clone()
+    }
+
+    /// The timings of every request the engine admitted, one `RequestTimings` each as its final
+    /// event goes out (not for a request refused at submission or failed by a panicking step);
+    /// None unless the engine was started with `EngineSetup::report_timings`. Unbounded: its
+    /// reader must keep draining it while the engine serves.
+    pub fn request_timings(&self) -> Option<Receiver<RequestTimings>> {
+        self.timings.clone()
     }
 
     /// Stops the engine thread and joins it. Every request submitted before the call gets its

@@ -68,6 +68,9 @@ pub struct EngineOptions {
     /// Write every step's named intermediates (per layer) as .npy files under this folder, for
     /// a layer-by-layer comparison with a reference (`executor::dump`; GPU: graphs off).
     pub dump_intermediates: Option<PathBuf>,
+    /// Time every request and report it on `Engine::request_timings` (the Triton backend sets
+    /// it when its vLLM metrics are on; default false: nothing is timed).
+    pub report_timings: bool,
 }
 
 impl EngineOptions {
@@ -91,6 +94,7 @@ impl EngineOptions {
             num_threads: 0,
             progress: false,
             dump_intermediates: None,
+            report_timings: false,
         }
     }
 
@@ -283,6 +287,7 @@ fn start_on(
             scheduler,
             recovery,
             faults,
+            report_timings: opts.report_timings,
         },
     )?;
     Ok(LoadedEngine {

@@ -24,6 +24,9 @@ pub struct EngineSetup {
     pub recovery: Recovery,
     /// Panics to cause on purpose (tests); `FaultInjection::default()` causes none.
     pub faults: FaultInjection,
+    /// Time every request and send its `RequestTimings` on `Engine::request_timings`
+    /// (`EngineOptions::report_timings`).
+    pub report_timings: bool,
 }
 
 /// The environment variable of `FaultInjection::panic_token_id`.
@@ -161,6 +164,8 @@ pub(super) struct Supervisor {
     pub(super) orphans_tx: Sender<Orphan>,
     pub(super) orphans: Receiver<Orphan>,
     pub(super) incidents: Sender<Incident>,
+    /// Where finished requests' timings go (`Engine::request_timings`); None: not timed.
+    pub(super) timings: Option<Sender<RequestTimings>>,
 }
 
 /// How a rebuild ended.
@@ -189,6 +194,7 @@ impl Supervisor {
             pending: Vec::new(),
             faults: self.faults,
             orphans: self.orphans_tx.clone(),
+            timings: self.timings.clone(),
         })
     }
 

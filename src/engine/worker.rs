@@ -22,6 +22,10 @@ pub(super) struct SeqState {
     pub(super) stop_ids: Vec<u32>,
     /// The prompt holds `FaultInjection::panic_token_id`: a step that schedules it panics.
     pub(super) injects_panic: bool,
+    /// Prompt length in tokens (for its timings).
+    pub(super) num_prompt_tokens: usize,
+    /// The request's timing, when the engine reports timings (`Worker::timings`).
+    pub(super) clock: Option<RequestClock>,
 }
 
 pub(super) struct Worker {
@@ -39,6 +43,9 @@ pub(super) struct Worker {
     pub(super) faults: FaultInjection,
     /// Where a request's sink goes when dropped before its final event (`EventSink`).
     pub(super) orphans: Sender<Orphan>,
+    /// Where each request's `RequestTimings` goes when its final event is sent; None: requests
+    /// are not timed.
+    pub(super) timings: Option<Sender<RequestTimings>>,
 }
 
 impl Worker {
@@ -151,6 +158,7 @@ impl Worker {
             seq_id,
             request,
             events,
+            arrival,
         } = sub;
         let prompt_ids = request.prompt_ids().to_vec();
         let (sampling, stop) = (request.sampling(), request.stop());
@@ -208,6 +216,8 @@ impl Worker {
                 max_tokens,
                 stop_ids,
                 injects_panic,
+                num_prompt_tokens: prompt_ids.len(),
+                clock: self.timings.as_ref().map(|_| RequestClock::new(arrival)),
             },
         );
     }
@@ -226,6 +236,7 @@ impl Worker {
                 &mut self.scheduler,
                 &mut self.stats,
                 &mut self.removed,
+                self.timings.as_ref(),
             );
             self.drop_removed();
         }
@@ -237,6 +248,13 @@ impl Worker {
                 text: String::new(),
                 reason: FinishReason::Abort,
             });
+            report_timings(
+                self.timings.as_ref(),
+                id,
+                &mut state,
+                RequestOutcome::Aborted,
+                None,
+            );
         }
     }
 
@@ -247,6 +265,21 @@ impl Worker {
     pub(super) fn step(&mut self, plan: SchedulePlan) {
         self.stats.num_steps += 1;
         self.stats.num_preemptions += plan.preempted.len() as u64;
+        // With timings: a request's queue time ends when a step first computes part of it. A
+        // chunk that samples is stamped in the loop below (which looks its state up anyway);
+        // only the earlier chunks of a chunked prompt are looked up here, never a decode.
+        let started = self.timings.as_ref().map(|_| Instant::now());
+        if let Some(at) = started {
+            for s in plan.seqs.iter().filter(|s| !s.sample) {
+                if let Some(clock) = self
+                    .seqs
+                    .get_mut(&s.seq_id)
+                    .and_then(|st| st.clock.as_mut())
+                {
+                    clock.scheduled(at);
+                }
+            }
+        }
         let outs = match self.sample_step(&plan) {
             Ok(outs) => outs,
             Err(e) => {
@@ -260,6 +293,13 @@ impl Worker {
                         state
                             .events
                             .send(TokenEvent::Error(format!("execution failed: {e}")));
+                        report_timings(
+                            self.timings.as_ref(),
+                            s.seq_id,
+                            &mut state,
+                            RequestOutcome::Failed,
+                            None,
+                        );
                     }
                 }
                 return;
@@ -273,6 +313,9 @@ impl Worker {
             let Some(state) = self.seqs.get_mut(&s.seq_id) else {
                 continue;
             };
+            if let (Some(clock), Some(at)) = (&mut state.clock, started) {
+                clock.scheduled(at);
+            }
             let Some(out) = out else {
                 continue;
             };
@@ -315,6 +358,7 @@ impl Worker {
             &mut self.scheduler,
             &mut self.stats,
             &mut self.removed,
+            self.timings.as_ref(),
         );
         self.drop_removed();
     }
@@ -344,14 +388,21 @@ pub(super) struct PendingToken {
 /// the scheduler and the map now, and that step's token for it is dropped (`Worker::step` skips
 /// sequences it no longer tracks). A request aborted since the step has no state: its token is
 /// dropped (its final event went out with the abort). Sequences it removes are listed in
-/// `removed` (the executor, busy with the step, drops their sampling state afterwards).
+/// `removed` (the executor, busy with the step, drops their sampling state afterwards). With
+/// `timings`, each token's delivery is timed (one clock read per call) and a request that ends
+/// here reports its timings.
 pub(super) fn deliver(
     pending: Vec<PendingToken>,
     seqs: &mut HashMap<SeqId, SeqState>,
     scheduler: &mut Scheduler,
     stats: &mut EngineStats,
     removed: &mut Vec<SeqId>,
+    timings: Option<&Sender<RequestTimings>>,
 ) {
+    let now = match (timings, pending.is_empty()) {
+        (Some(_), false) => Some(Instant::now()),
+        _ => None,
+    };
     for p in pending {
         let PendingToken {
             seq_id,
@@ -402,14 +453,20 @@ pub(super) fn deliver(
             logprobs,
             finish,
         };
+        if let (Some(clock), Some(at)) = (&mut state.clock, now) {
+            clock.token(at);
+        }
         let delivered = state.events.send(ev);
-        if finish.is_some() {
+        let outcome = if finish.is_some() {
             stats.num_finished += 1;
+            RequestOutcome::Completed
         } else if !delivered {
             stats.num_aborted += 1; // the client is gone: abort
+            RequestOutcome::Aborted
         } else {
             continue;
-        }
+        };
+        report_timings(timings, seq_id, state, outcome, now);
         if finished_state.is_none() {
             scheduler.remove(seq_id);
             seqs.remove(&seq_id);
@@ -448,7 +505,8 @@ impl Worker {
             &mut self.stats,
             &mut self.removed,
         );
-        let mut overlap = Some(move || deliver(pending, seqs, scheduler, stats, removed));
+        let timings = self.timings.as_ref();
+        let mut overlap = Some(move || deliver(pending, seqs, scheduler, stats, removed, timings));
         let outs = self.executor.execute(plan, &mut || {
             if let Some(f) = overlap.take() {
                 f();
@@ -466,4 +524,21 @@ impl Worker {
             .map(|(o, s)| self.seqs.contains_key(&s.seq_id).then_some(o))
             .collect())
     }
+}
+
+/// Sends the timings of a request that just got its final event (when requests are timed); `at`
+/// is when (None: now).
+pub(super) fn report_timings(
+    timings: Option<&Sender<RequestTimings>>,
+    seq_id: SeqId,
+    state: &mut SeqState,
+    outcome: RequestOutcome,
+    at: Option<Instant>,
+) {
+    let (Some(tx), Some(clock)) = (timings, state.clock.take()) else {
+        return;
+    };
+    let at = at.unwrap_or_else(Instant::now);
+    // Nobody listening any more (the model is unloading) is fine.
+    let _ = tx.send(clock.finish(seq_id, state.num_prompt_tokens, outcome, at));
 }

@@ -72,6 +72,11 @@ pub struct TRITONSERVER_MetricFamily {
 pub struct TRITONSERVER_Metric {
     _unused: [u8; 0],
 }
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct TRITONSERVER_MetricArgs {
+    _unused: [u8; 0],
+}
 pub const TRITONSERVER_TYPE_INVALID: TRITONSERVER_datatype_enum = 0;
 pub const TRITONSERVER_TYPE_BOOL: TRITONSERVER_datatype_enum = 1;
 pub const TRITONSERVER_TYPE_UINT8: TRITONSERVER_datatype_enum = 2;
@@ -185,6 +190,30 @@ pub struct TritonApi {
     pub TRITONSERVER_MetricDelete:
         unsafe extern "C" fn(metric: *mut TRITONSERVER_Metric) -> *mut TRITONSERVER_Error,
     pub TRITONSERVER_MetricSet: unsafe extern "C" fn(
+        metric: *mut TRITONSERVER_Metric,
+        value: f64,
+    ) -> *mut TRITONSERVER_Error,
+    pub TRITONSERVER_MetricIncrement: unsafe extern "C" fn(
+        metric: *mut TRITONSERVER_Metric,
+        value: f64,
+    ) -> *mut TRITONSERVER_Error,
+    pub TRITONSERVER_MetricArgsNew:
+        unsafe extern "C" fn(args: *mut *mut TRITONSERVER_MetricArgs) -> *mut TRITONSERVER_Error,
+    pub TRITONSERVER_MetricArgsSetHistogram: unsafe extern "C" fn(
+        args: *mut TRITONSERVER_MetricArgs,
+        buckets: *const f64,
+        buckets_count: u64,
+    ) -> *mut TRITONSERVER_Error,
+    pub TRITONSERVER_MetricArgsDelete:
+        unsafe extern "C" fn(args: *mut TRITONSERVER_MetricArgs) -> *mut TRITONSERVER_Error,
+    pub TRITONSERVER_MetricNewWithArgs: unsafe extern "C" fn(
+        metric: *mut *mut TRITONSERVER_Metric,
+        family: *mut TRITONSERVER_MetricFamily,
+        labels: *mut *const TRITONSERVER_Parameter,
+        label_count: u64,
+        args: *const TRITONSERVER_MetricArgs,
+    ) -> *mut TRITONSERVER_Error,
+    pub TRITONSERVER_MetricObserve: unsafe extern "C" fn(
         metric: *mut TRITONSERVER_Metric,
         value: f64,
     ) -> *mut TRITONSERVER_Error,
@@ -423,6 +452,24 @@ impl TritonApi {
             .get(b"TRITONSERVER_MetricDelete\0")
             .map(|sym| *sym)?;
         let TRITONSERVER_MetricSet = __library.get(b"TRITONSERVER_MetricSet\0").map(|sym| *sym)?;
+        let TRITONSERVER_MetricIncrement = __library
+            .get(b"TRITONSERVER_MetricIncrement\0")
+            .map(|sym| *sym)?;
+        let TRITONSERVER_MetricArgsNew = __library
+            .get(b"TRITONSERVER_MetricArgsNew\0")
+            .map(|sym| *sym)?;
+        let TRITONSERVER_MetricArgsSetHistogram = __library
+            .get(b"TRITONSERVER_MetricArgsSetHistogram\0")
+            .map(|sym| *sym)?;
+        let TRITONSERVER_MetricArgsDelete = __library
+            .get(b"TRITONSERVER_MetricArgsDelete\0")
+            .map(|sym| *sym)?;
+        let TRITONSERVER_MetricNewWithArgs = __library
+            .get(b"TRITONSERVER_MetricNewWithArgs\0")
+            .map(|sym| *sym)?;
+        let TRITONSERVER_MetricObserve = __library
+            .get(b"TRITONSERVER_MetricObserve\0")
+            .map(|sym| *sym)?;
         let TRITONBACKEND_ApiVersion = __library
             .get(b"TRITONBACKEND_ApiVersion\0")
             .map(|sym| *sym)?;
@@ -549,6 +596,12 @@ impl TritonApi {
             TRITONSERVER_MetricNew,
             TRITONSERVER_MetricDelete,
             TRITONSERVER_MetricSet,
+            TRITONSERVER_MetricIncrement,
+            TRITONSERVER_MetricArgsNew,
+            TRITONSERVER_MetricArgsSetHistogram,
+            TRITONSERVER_MetricArgsDelete,
+            TRITONSERVER_MetricNewWithArgs,
+            TRITONSERVER_MetricObserve,
             TRITONBACKEND_ApiVersion,
             TRITONBACKEND_BackendAttributeAddPreferredInstanceGroup,
             TRITONBACKEND_ModelName,
@@ -690,6 +743,50 @@ impl TritonApi {
         value: f64,
     ) -> *mut TRITONSERVER_Error {
         (self.TRITONSERVER_MetricSet)(metric, value)
+    }
+    pub unsafe fn TRITONSERVER_MetricIncrement(
+        &self,
+        metric: *mut TRITONSERVER_Metric,
+        value: f64,
+    ) -> *mut TRITONSERVER_Error {
+        (self.TRITONSERVER_MetricIncrement)(metric, value)
+    }
+    pub unsafe fn TRITONSERVER_MetricArgsNew(
+        &self,
+        args: *mut *mut TRITONSERVER_MetricArgs,
+    ) -> *mut TRITONSERVER_Error {
+        (self.TRITONSERVER_MetricArgsNew)(args)
+    }
+    pub unsafe fn TRITONSERVER_MetricArgsSetHistogram(
+        &self,
+        args: *mut TRITONSERVER_MetricArgs,
+        buckets: *const f64,
+        buckets_count: u64,
+    ) -> *mut TRITONSERVER_Error {
+        (self.TRITONSERVER_MetricArgsSetHistogram)(args, buckets, buckets_count)
+    }
+    pub unsafe fn TRITONSERVER_MetricArgsDelete(
+        &self,
+        args: *mut TRITONSERVER_MetricArgs,
+    ) -> *mut TRITONSERVER_Error {
+        (self.TRITONSERVER_MetricArgsDelete)(args)
+    }
+    pub unsafe fn TRITONSERVER_MetricNewWithArgs(
+        &self,
+        metric: *mut *mut TRITONSERVER_Metric,
+        family: *mut TRITONSERVER_MetricFamily,
+        labels: *mut *const TRITONSERVER_Parameter,
+        label_count: u64,
+        args: *const TRITONSERVER_MetricArgs,
+    ) -> *mut TRITONSERVER_Error {
+        (self.TRITONSERVER_MetricNewWithArgs)(metric, family, labels, label_count, args)
+    }
+    pub unsafe fn TRITONSERVER_MetricObserve(
+        &self,
+        metric: *mut TRITONSERVER_Metric,
+        value: f64,
+    ) -> *mut TRITONSERVER_Error {
+        (self.TRITONSERVER_MetricObserve)(metric, value)
     }
     pub unsafe fn TRITONBACKEND_ApiVersion(
         &self,

@@ -8,9 +8,16 @@
 //! come back on one shared channel tagged by `SeqId`), turns events into responses (a delta per
 //! response when streaming, one full response otherwise), polls Triton for cancellation every
 //! `CANCEL_POLL` and aborts cancelled requests in the engine, refreshes the model's custom
-//! metrics every `METRICS_INTERVAL` (and owns them: they are deleted when the thread ends), logs
-//! the engine's incidents (a panicked step, a rebuild), and drains an instance's requests before
-//! that instance is finalized. It never blocks Triton's Execute thread.
+//! metrics every `METRICS_INTERVAL` and observes the engine's request timings into them (and
+//! owns them: they are deleted when the thread ends), logs the engine's incidents (a panicked
+//! step, a rebuild), and drains an instance's requests before that instance is finalized. It
+//! never blocks Triton's Execute thread.
+//!
+//! Streaming, the first token always goes out as a response of its own, even when its text is
+//! held back (an incomplete UTF-8 character, a possible stop string) and the delta is empty:
+//! Triton's time-to-first-response histogram (`nv_inference_first_response_histogram_ms`, in
+//! Triton releases after 2.51) then measures the time to the first token. Later empty text
+//! deltas are not sent.
 //!
 //! Four files: `shape` (events → response content), `outputs` (response content → output
 //! tensors), `sender` (`ResponseSender` and `Job`, the release obligations) and this one (the
@@ -30,7 +37,7 @@ use triton_api::{ErrorCode, TritonError};
 
 use super::metrics::{METRICS_INTERVAL, ModelMetrics};
 use super::parse::ParsedRequest;
-use crate::engine::{EngineHandle, Incident};
+use crate::engine::{EngineHandle, Incident, RequestTimings};
 use crate::request::{FinishReason, RequestError, SeqId, TokenEvent};
 use crate::tokenizer::Tokenizer;
 pub use outputs::{OutputTensor, ResponseData, build_outputs, declared_only};
@@ -167,15 +174,18 @@ pub struct ResponderSetup {
     pub engine: EngineHandle,
     /// The engine's incidents (`Engine::incidents`), logged as they arrive.
     pub incidents: Receiver<Incident>,
+    /// The engine's request timings (`Engine::request_timings`), observed into the metrics (and
+    /// drained even when no metric takes them).
+    pub timings: Option<Receiver<RequestTimings>>,
     /// The model's outputs have a batch dimension.
     pub batched: bool,
     /// The outputs the model's configuration declares; responses carry only these.
     pub declared_outputs: Vec<String>,
     /// The model's tokenizer (names the tokens of the `logprobs` output).
     pub tokenizer: Option<Arc<Tokenizer>>,
-    /// The model's gauges, refreshed every `METRICS_INTERVAL` and dropped with the thread;
-    /// None: serve without them (metrics disabled on the server).
-    pub metrics: Option<ModelMetrics>,
+    /// The model's metrics, refreshed every `METRICS_INTERVAL` and dropped with the thread
+    /// (possibly with no set at all: switched off, or metrics disabled on the server).
+    pub metrics: ModelMetrics,
 }
 
 impl Responder {
@@ -247,14 +257,14 @@ fn log_incident(model_name: &str, incident: &Incident) {
     triton_api::triton_log!(level, "ferrum: model '{model_name}': {incident}");
 }
 
-/// Sets the metrics from the engine's current statistics; a failure is logged once, then the
-/// metrics are given up (dropped, so deleted) rather than logged every interval.
-fn refresh_metrics(engine: &EngineHandle, metrics: &mut Option<ModelMetrics>) {
-    let Some(m) = metrics else { return };
-    let Some(stats) = engine.stats() else { return };
-    if let Err(e) = m.update(&stats) {
-        triton_api::log::warn(&format!("ferrum: custom metrics disabled: {e}"));
-        *metrics = None;
+/// Sets the metrics from the engine's current statistics (`ModelMetrics::update` gives up a set
+/// Triton refuses); asks the engine nothing when no set is exported.
+fn refresh_metrics(engine: &EngineHandle, metrics: &mut ModelMetrics) {
+    if metrics.is_empty() {
+        return;
+    }
+    if let Some(stats) = engine.stats() {
+        metrics.update(&stats);
     }
 }
 
@@ -263,6 +273,7 @@ fn run(setup: ResponderSetup, intake: Receiver<Intake>) {
         model_name,
         engine,
         mut incidents,
+        timings,
         batched,
         declared_outputs,
         tokenizer,
@@ -272,6 +283,7 @@ fn run(setup: ResponderSetup, intake: Receiver<Intake>) {
         declared: declared_outputs,
         tokenizer,
     };
+    let mut timings = timings.unwrap_or_else(crossbeam_channel::never);
     let (events_tx, events_rx) = crossbeam_channel::unbounded::<(SeqId, TokenEvent)>();
     let mut active: HashMap<SeqId, Active> = HashMap::new();
     let mut last_poll = Instant::now();
@@ -320,6 +332,10 @@ fn run(setup: ResponderSetup, intake: Receiver<Intake>) {
                 Ok(incident) => log_incident(&model_name, &incident),
                 // The engine is gone (shutting down): stop selecting on a closed channel.
                 Err(_) => incidents = crossbeam_channel::never(),
+            },
+            recv(timings) -> msg => match msg {
+                Ok(t) => metrics.observe(&t),
+                Err(_) => timings = crossbeam_channel::never(),
             },
             default(CANCEL_POLL) => {},
         }

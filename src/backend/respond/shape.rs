@@ -73,8 +73,14 @@ impl Shaper {
             self.text.push_str(&text);
             return finish.map(|reason| (self.full(reason, tokenizer), true));
         }
-        // A text delta that is still empty waits (its token is reported with the next one).
-        if finish.is_none() && self.interface == Interface::Text && text.is_empty() {
+        // A text delta that is still empty waits (its token is reported with the next one),
+        // except the first token's: the first response always goes out at the first token, so
+        // it marks the time to first token (Triton's first-response latency, clients' TTFT).
+        if finish.is_none()
+            && self.interface == Interface::Text
+            && text.is_empty()
+            && self.output_ids.len() > 1
+        {
             return None;
         }
         Some((self.delta(text, finish, tokenizer), finish.is_some()))
@@ -243,6 +249,14 @@ mod tests {
             ..Default::default()
         };
         let mut s = shaper(Interface::Text, true, all);
+        // The first token always gets a response, even with its text held back (it marks the
+        // time to first token).
+        let (d, fin) = s.on_token(9, "".into(), lp(-2.0, &[]), None, None).unwrap();
+        assert!(!fin);
+        assert_eq!(
+            (d.text.as_deref(), d.num_output_tokens),
+            (Some(""), Some(1))
+        );
         // Token 10 completes no text yet (half a character): nothing is sent.
         assert!(
             s.on_token(10, "".into(), lp(-1.0, &[]), None, None)
@@ -256,7 +270,7 @@ mod tests {
         assert_eq!(d.num_output_tokens, Some(2));
         assert_eq!(d.num_input_tokens, Some(3));
         assert_eq!(d.logprobs, Some(vec![-1.0, -0.5]));
-        assert_eq!(d.cumulative_logprob, Some(-1.5));
+        assert_eq!(d.cumulative_logprob, Some(-3.5));
         assert_eq!(d.finish, None);
         let (d, fin) = s
             .on_token(
@@ -273,7 +287,7 @@ mod tests {
             (Some(""), Some(1), Some(FinishReason::Length))
         );
         assert_eq!(d.logprobs, Some(vec![-0.25]));
-        assert_eq!(d.cumulative_logprob, Some(-1.75));
+        assert_eq!(d.cumulative_logprob, Some(-3.75));
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! The model's custom Triton metrics, in tensorrtllm_backend's families so its dashboards and
-//! Triton's ORCA load reporting (which reads `nv_trt_llm_kv_cache_block_metrics` `used`, `max`
-//! and `tokens_per`) work unchanged:
+//! The model's gauges in tensorrtllm_backend's families (`enable_trtllm_metrics`), so its
+//! dashboards and Triton's ORCA load reporting (which reads `nv_trt_llm_kv_cache_block_metrics`
+//! `used`, `max` and `tokens_per`) work unchanged:
 //!
 //! - `nv_trt_llm_kv_cache_block_metrics{model, version, kv_cache_block_type}`: `max` (blocks in
 //!   the KV cache), `free`, `used`, `tokens_per` (tokens per block), `reused` (blocks taken from
@@ -9,20 +9,13 @@
 //! - `nv_trt_llm_request_metrics{model, version, request_type}`: `active` (requests in the
 //!   engine), `max` (`max_num_seqs`), `scheduled` (running: in every step's batch), `waiting`.
 //!
-//! `ModelMetrics` is created in ModelInitialize and owned by the model's response thread, which
-//! refreshes it from `EngineHandle::stats` every `METRICS_INTERVAL`; it is dropped with the
-//! model (metrics first, then their families), so nothing outlives an unload. It only mirrors
-//! engine statistics: it must never hold engine state or block on anything but `stats`.
-
-use std::time::Duration;
+//! `TrtllmMetrics` only mirrors engine statistics (`super::ModelMetrics` owns it): it must never
+//! hold engine state.
 
 use triton_api::TritonError;
 use triton_api::metrics::{Metric, MetricFamily};
 
 use crate::engine::EngineStats;
-
-/// How often the response thread refreshes the metrics.
-pub const METRICS_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The KV cache gauges' family, named as in tensorrtllm_backend (ORCA reads it); its categories
 /// are the `kv_cache_block_type` label.
@@ -64,13 +57,13 @@ pub fn gauge_values(stats: &EngineStats) -> [(&'static str, &'static str, f64); 
 }
 
 /// The gauges of one model (labels `model`, `version` and the family's category label).
-pub struct ModelMetrics {
+pub struct TrtllmMetrics {
     /// In `gauge_values` order. Declared before the families: dropped (deleted) first.
     gauges: Vec<Metric>,
     _families: [MetricFamily; 2],
 }
 
-impl ModelMetrics {
+impl TrtllmMetrics {
     /// Fails when the server has metrics disabled, or another backend registered a family of
     /// the same name differently; callers serve without metrics then.
     pub fn new(model: &str, version: u64) -> Result<Self, TritonError> {
@@ -90,14 +83,13 @@ impl ModelMetrics {
                 (label, category),
             ])?);
         }
-        Ok(ModelMetrics {
+        Ok(TrtllmMetrics {
             gauges,
             _families: [kv, req],
         })
     }
 
-    /// Sets every gauge from `stats` (`gauge_values`). An error is Triton refusing a value; the
-    /// response thread then drops the metrics rather than retry every interval.
+    /// Sets every gauge from `stats` (`gauge_values`). An error is Triton refusing a value.
     pub fn update(&self, stats: &EngineStats) -> Result<(), TritonError> {
         for (gauge, (_, _, value)) in self.gauges.iter().zip(gauge_values(stats)) {
             gauge.set(value)?;

@@ -4,41 +4,40 @@
 //! in place). `CpuStep` is its `DecoderBackend`: one step's view of the weights, the cache and
 //! the step buffers.
 
-use super::batch::{ExecutorError, StepBatch, StepLimits};
+mod rank;
+mod step;
+
+pub use rank::CpuRank;
+
+use super::batch::{StepBatch, StepLimits};
 use super::dump::Dumper;
+use super::tp::RankGroup;
 use super::{Executor, Logits, MinTokens, SamplingSetup, SeqStates, seq_state};
 use crate::model::DecoderSpec;
-use crate::model::decoder::{Act, Decoder, DecoderBackend, FfnAct, LinearSel, NormSel, Tap};
-use crate::model::spec::RopeStyle;
-use crate::model::weights::{DecoderWeights, NormWeights};
-use crate::ops::attention::{AttnParams, AttnSeq, KvLayerCache, paged_attention};
-use crate::ops::linear::{Weight, linear};
-use crate::ops::rope::RopeTable;
-use crate::ops::{activation, norm};
+use crate::model::tp::RankLayout;
+use crate::model::weights::DecoderWeights;
 use crate::request::SeqId;
 use crate::sampling::{Sampled, Sampler};
 use crate::scheduler::SchedulePlan;
 
 /// The CPU engine: runs the generic decoder over host weights (f32 or 8-bit blocks) and an f32
-/// paged KV cache per layer, inside its own rayon pool; the engine samples its logits on the host.
+/// paged KV cache per layer, on one rank or on `tensor_parallel_size` ranks in threads; samples
+/// the logits on the host (the engine thread).
 pub struct CpuExecutor {
-    decoder: Decoder,
-    weights: DecoderWeights,
-    /// [rotary_dim / 2] with scaling applied, and the pairing style (rope models)
-    rope: Option<(Vec<f32>, RopeStyle)>,
-    /// [num_heads] for ALiBi models
-    alibi_slopes: Option<Vec<f32>>,
-    /// Every step runs inside this pool: kernels called from a thread outside a rayon pool pay a
-    /// cross-thread injection (~20 µs) per parallel call, hundreds of times per step.
-    pool: rayon::ThreadPool,
-    /// One cache per layer.
-    kv: Vec<KvLayerCache>,
+    spec: DecoderSpec,
+    ranks: Ranks,
     num_blocks: usize,
     block_size: usize,
-    /// Writes each step's named intermediates (`--dump-intermediates`).
-    dumper: Option<Dumper>,
     /// Each request's sampler (RNG, filters, penalty history) and `min_tokens` rule.
     seqs: SeqStates<(Sampler, MinTokens)>,
+}
+
+/// Where the forward pass runs.
+enum Ranks {
+    /// One rank, on the engine thread.
+    One(Box<CpuRank>),
+    /// Tensor-parallel ranks, each on its own thread, rank 0's logits sampled.
+    Group(RankGroup),
 }
 
 impl CpuExecutor {
@@ -50,38 +49,69 @@ impl CpuExecutor {
         block_size: usize,
         num_threads: usize,
     ) -> crate::Result<Self> {
-        let kv_dim = spec.kv_dim();
-        let kv = (0..spec.num_layers)
-            .map(|_| KvLayerCache::new(num_blocks, block_size, kv_dim))
-            .collect();
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(num_threads)
-            .thread_name(|i| format!("ferrum-cpu-{i}"))
-            .build()
-            .map_err(|e| ExecutorError::Device(format!("cannot start the CPU thread pool: {e}")))?;
-        Ok(CpuExecutor {
-            rope: spec.rope().map(|r| (r.inv_freqs(), r.style)),
-            alibi_slopes: spec.alibi_slopes(),
-            decoder: Decoder::new(spec),
+        let rank = CpuRank::new(
+            &spec,
+            RankLayout::single(&spec),
             weights,
-            pool,
-            kv,
             num_blocks,
             block_size,
-            dumper: None,
+            num_threads,
+            None,
+        )?;
+        Ok(CpuExecutor {
+            spec,
+            ranks: Ranks::One(Box::new(rank)),
+            num_blocks,
+            block_size,
             seqs: SeqStates::new(),
         })
     }
 
-    /// Writes every step's named intermediates under `dumper`'s folder.
-    pub fn with_dumper(mut self, dumper: Dumper) -> Self {
-        self.dumper = Some(dumper);
-        self
+    /// A tensor-parallel executor: `weights[r]` is rank r's share (`DecoderWeights::load_rank`
+    /// with `RankLayout::new(spec, r of weights.len())`); each rank runs on its own thread with
+    /// `num_threads / ranks` threads of its own (at least one; 0: the cores shared out) and the
+    /// KV cache of its own heads, all addressed by the scheduler's one block table.
+    pub fn tensor_parallel(
+        spec: DecoderSpec,
+        weights: Vec<DecoderWeights>,
+        num_blocks: usize,
+        block_size: usize,
+        num_threads: usize,
+    ) -> crate::Result<Self> {
+        let world_size = weights.len();
+        let cores = match num_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let threads = (cores / world_size.max(1)).max(1);
+        let group = RankGroup::start_local(&spec, weights, num_blocks, block_size, threads)?;
+        Ok(CpuExecutor {
+            spec,
+            ranks: Ranks::Group(group),
+            num_blocks,
+            block_size,
+            seqs: SeqStates::new(),
+        })
     }
 
-    /// Bytes of KV cache per token position (all layers, K and V, f32).
-    pub fn kv_bytes_per_token(spec: &DecoderSpec) -> usize {
-        spec.num_layers * 2 * spec.kv_dim() * 4
+    /// Writes every step's named intermediates under `dumper`'s folder (rank 0's with tensor
+    /// parallelism: its own heads' q, k, v and attention; the residual stream is every rank's).
+    pub fn with_dumper(mut self, dumper: Dumper) -> crate::Result<Self> {
+        match &mut self.ranks {
+            Ranks::One(r) => r.set_dumper(dumper),
+            Ranks::Group(g) => g.set_dumper(dumper)?,
+        }
+        Ok(self)
+    }
+
+    /// Bytes of KV cache per token position (all layers, K and V, f32) over `world_size` ranks:
+    /// each holds its own KV heads (one each when they are replicated).
+    pub fn kv_bytes_per_token(spec: &DecoderSpec, world_size: usize) -> usize {
+        let per_rank_heads = match world_size <= spec.num_kv_heads {
+            true => spec.num_kv_heads / world_size.max(1),
+            false => 1,
+        };
+        spec.num_layers * 2 * per_rank_heads * world_size.max(1) * spec.head_dim * 4
     }
 
     fn limits(&self) -> StepLimits {
@@ -97,7 +127,14 @@ impl CpuExecutor {
 
 impl Executor for CpuExecutor {
     fn describe(&self) -> String {
-        format!("cpu ({} threads)", self.pool.current_num_threads())
+        match &self.ranks {
+            Ranks::One(r) => format!("cpu ({} threads)", r.num_threads()),
+            Ranks::Group(g) => format!(
+                "cpu, tensor_parallel_size {} ({} threads per rank)",
+                g.world_size(),
+                g.threads_per_rank()
+            ),
+        }
     }
 
     fn num_kv_blocks(&self) -> usize {
@@ -109,7 +146,7 @@ impl Executor for CpuExecutor {
     }
 
     fn vocab_size(&self) -> usize {
-        self.decoder.spec.vocab_size
+        self.spec.vocab_size
     }
 
     fn add_request(&mut self, seq_id: SeqId, setup: &SamplingSetup<'_>) -> crate::Result<()> {
@@ -117,7 +154,7 @@ impl Executor for CpuExecutor {
             setup.params,
             setup.seed,
             setup.prompt_ids,
-            self.decoder.spec.vocab_size,
+            self.spec.vocab_size,
         );
         self.seqs.insert(seq_id, (sampler, MinTokens::new(setup)));
         Ok(())
@@ -148,287 +185,16 @@ impl Executor for CpuExecutor {
     }
 
     fn logits(&mut self, plan: &SchedulePlan) -> crate::Result<Logits> {
+        // Checked and packed once, here: every rank runs the same batch (a bad plan never
+        // reaches a rank, so no rank fails a step the others run).
         let batch = StepBatch::pack(plan, &self.limits())?;
-        let spec = &self.decoder.spec;
-        let seqs: Vec<AttnSeq<'_>> = batch
-            .seqs
-            .iter()
-            .map(|s| AttnSeq {
-                q_start: s.q_start,
-                q_len: s.q_len,
-                context_len: s.context_len,
-                block_table: batch.table(s),
-            })
-            .collect();
-        let num_tokens = batch.num_tokens();
-        let num_rows = batch.logits_rows.len();
-        let mut step = CpuStep {
-            spec,
-            w: &self.weights,
-            kv: &mut self.kv,
-            batch: &batch,
-            seqs: &seqs,
-            rope: self
-                .rope
-                .as_ref()
-                .map(|(inv_freqs, style)| (RopeTable::new(inv_freqs, &batch.positions), *style)),
-            attn: AttnParams {
-                num_heads: spec.num_heads,
-                num_kv_heads: spec.num_kv_heads,
-                head_dim: spec.head_dim,
-                block_size: self.block_size,
-                scale: spec.attn_scale,
-                sliding_window: spec.sliding_window,
-                alibi_slopes: self.alibi_slopes.as_deref(),
-            },
-            acts: Act::ALL.map(|a| {
-                let rows = if a.per_token() { num_tokens } else { num_rows };
-                vec![0.0f32; rows * a.row_len(spec)]
-            }),
-            gate_up: vec![0.0; num_tokens * spec.gate_up_dim()],
-            ffn_act: vec![0.0; num_tokens * spec.intermediate_size],
-            dumper: self.dumper.as_mut(),
+        let data = match &mut self.ranks {
+            Ranks::One(r) => r.forward(&batch)?,
+            Ranks::Group(g) => g.step(batch)?,
         };
-        let decoder = &self.decoder;
-        self.pool.install(|| decoder.forward(&mut step, num_rows))?;
-        if let Some(d) = step.dumper {
-            d.next_step();
-        }
-        let logits = std::mem::take(&mut step.acts[Act::Logits.idx()]);
         Ok(Logits {
-            vocab_size: spec.vocab_size,
-            data: logits,
+            vocab_size: self.spec.vocab_size,
+            data,
         })
-    }
-}
-
-/// One CPU step: the forward pass's ops over the host weights, cache and buffers.
-struct CpuStep<'a> {
-    spec: &'a DecoderSpec,
-    w: &'a DecoderWeights,
-    kv: &'a mut [KvLayerCache],
-    batch: &'a StepBatch,
-    seqs: &'a [AttnSeq<'a>],
-    rope: Option<(RopeTable, RopeStyle)>,
-    attn: AttnParams<'a>,
-    acts: [Vec<f32>; Act::COUNT],
-    /// [tokens, gate_up_dim] MLP scratch
-    gate_up: Vec<f32>,
-    /// [tokens, intermediate] MLP scratch
-    ffn_act: Vec<f32>,
-    dumper: Option<&'a mut Dumper>,
-}
-
-impl<'a> CpuStep<'a> {
-    /// (out, x): two distinct step buffers.
-    fn out_in(
-        &mut self,
-        op: &'static str,
-        out: Act,
-        x: Act,
-    ) -> crate::Result<(&mut [f32], &[f32])> {
-        match self.acts.get_disjoint_mut([out.idx(), x.idx()]) {
-            Ok([o, i]) => Ok((o, i)),
-            Err(_) => Err(ExecutorError::aliased(op, out, x).into()),
-        }
-    }
-
-    fn norm_weights(&self, sel: NormSel) -> crate::Result<&'a NormWeights> {
-        let w = self.w;
-        let missing = |what: String| ExecutorError::MissingWeight { what };
-        Ok(match sel {
-            NormSel::Embedding => w
-                .embedding_norm
-                .as_ref()
-                .ok_or_else(|| missing("the embedding norm".into()))?,
-            NormSel::Attn(l) => &self.layer(l)?.attn_norm,
-            NormSel::Mlp(l) => self
-                .layer(l)?
-                .mlp_norm
-                .as_ref()
-                .ok_or_else(|| missing(format!("layer {l}'s MLP norm")))?,
-            NormSel::Final => &w.final_norm,
-        })
-    }
-
-    fn layer(&self, l: usize) -> crate::Result<&'a crate::model::weights::LayerWeights> {
-        let w = self.w;
-        w.layers.get(l).ok_or_else(|| {
-            ExecutorError::MissingWeight {
-                what: format!("layer {l}"),
-            }
-            .into()
-        })
-    }
-}
-
-fn add_into(x: &mut [f32], y: &[f32]) {
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += b;
-    }
-}
-
-impl DecoderBackend for CpuStep<'_> {
-    fn embed(&mut self, out: Act) -> crate::Result<()> {
-        let h = self.spec.hidden_size;
-        let w = self.w;
-        let x = &mut self.acts[out.idx()];
-        for (row, &id) in x.chunks_mut(h).zip(&self.batch.token_ids) {
-            w.embedding
-                .try_row_to_f32(id as usize, row)
-                .map_err(|e| ExecutorError::Device(format!("embedding of token {id}: {e}")))?;
-        }
-        if let Some(table) = &w.position_embedding {
-            for (row, &pos) in x.chunks_mut(h).zip(&self.batch.positions) {
-                let p = table.get(pos * h..(pos + 1) * h).ok_or_else(|| {
-                    ExecutorError::Device(format!(
-                        "position {pos} is past the learned position table"
-                    ))
-                })?;
-                add_into(row, p);
-            }
-        }
-        Ok(())
-    }
-
-    fn norm(&mut self, sel: NormSel, out: Act, x: Act, residual: Option<Act>) -> crate::Result<()> {
-        let n = self.norm_weights(sel)?;
-        let kind = self.spec.norm;
-        match residual {
-            Some(res) => {
-                let [o, i, r] = self
-                    .acts
-                    .get_disjoint_mut([out.idx(), x.idx(), res.idx()])
-                    .map_err(|_| crate::Error::from(ExecutorError::aliased("norm", out, res)))?;
-                add_into(r, i);
-                norm::norm_rows(kind, r, &n.weight, n.bias.as_deref(), o);
-            }
-            None => {
-                let (o, i) = self.out_in("norm", out, x)?;
-                norm::norm_rows(kind, i, &n.weight, n.bias.as_deref(), o);
-            }
-        }
-        Ok(())
-    }
-
-    fn linear(&mut self, layer: usize, sel: LinearSel, out: Act, x: Act) -> crate::Result<()> {
-        let lw = self.layer(layer)?;
-        let (w, bias) = match sel {
-            LinearSel::Qkv => (&lw.qkv, lw.qkv_bias.as_deref()),
-            LinearSel::AttnOut => (&lw.attn_out, lw.attn_out_bias.as_deref()),
-        };
-        let (o, i) = self.out_in("linear", out, x)?;
-        linear(i, i.len() / w.cols(), w, bias, o);
-        Ok(())
-    }
-
-    fn clamp(&mut self, buf: Act, limit: f32) -> crate::Result<()> {
-        self.acts[buf.idx()]
-            .iter_mut()
-            .for_each(|v| *v = v.clamp(-limit, limit));
-        Ok(())
-    }
-
-    fn rotary_kv_write(&mut self, layer: usize, qkv: Act) -> crate::Result<()> {
-        let spec = self.spec;
-        let (q_dim, kv_dim) = (spec.q_dim(), spec.kv_dim());
-        let qkv_dim = q_dim + 2 * kv_dim;
-        let buf = &mut self.acts[qkv.idx()];
-        if let Some((rope, style)) = &self.rope {
-            rope.apply(buf, qkv_dim, spec.num_heads, spec.head_dim, *style);
-            rope.apply(
-                &mut buf[q_dim..],
-                qkv_dim,
-                spec.num_kv_heads,
-                spec.head_dim,
-                *style,
-            );
-        }
-        let cache = self
-            .kv
-            .get_mut(layer)
-            .ok_or_else(|| ExecutorError::MissingWeight {
-                what: format!("layer {layer}'s KV cache"),
-            })?;
-        for (row, &slot) in buf.chunks(qkv_dim).zip(&self.batch.slots) {
-            cache.write(slot, &row[q_dim..q_dim + kv_dim], &row[q_dim + kv_dim..]);
-        }
-        Ok(())
-    }
-
-    fn attention(&mut self, layer: usize, out: Act, qkv: Act) -> crate::Result<()> {
-        let qkv_dim = Act::Qkv.row_len(self.spec);
-        let cache = self
-            .kv
-            .get(layer)
-            .ok_or_else(|| ExecutorError::MissingWeight {
-                what: format!("layer {layer}'s KV cache"),
-            })?;
-        let [o, i] = self
-            .acts
-            .get_disjoint_mut([out.idx(), qkv.idx()])
-            .map_err(|_| crate::Error::from(ExecutorError::aliased("attention", out, qkv)))?;
-        paged_attention(o, i, qkv_dim, cache, self.seqs, &self.attn);
-        Ok(())
-    }
-
-    fn mlp(&mut self, layer: usize, ffn: FfnAct, out: Act, x: Act) -> crate::Result<()> {
-        let lw = self.layer(layer)?;
-        let inter = self.spec.intermediate_size;
-        let (gate_up, act) = (&mut self.gate_up, &mut self.ffn_act);
-        let [o, i] = self
-            .acts
-            .get_disjoint_mut([out.idx(), x.idx()])
-            .map_err(|_| crate::Error::from(ExecutorError::aliased("mlp", out, x)))?;
-        let m = i.len() / lw.gate_up.cols();
-        linear(i, m, &lw.gate_up, lw.gate_up_bias.as_deref(), gate_up);
-        match ffn {
-            FfnAct::Gated(a) => activation::gated(a, gate_up, inter, act),
-            FfnAct::Plain(a) => {
-                act.copy_from_slice(&gate_up[..m * inter]);
-                activation::in_place(a, act);
-            }
-        }
-        linear(act, m, &lw.down, lw.down_bias.as_deref(), o);
-        Ok(())
-    }
-
-    fn add(&mut self, x: Act, a: Act, b: Option<Act>) -> crate::Result<()> {
-        let (dst, src) = self.out_in("add", x, a)?;
-        add_into(dst, src);
-        if let Some(b) = b {
-            let (dst, src) = self.out_in("add", x, b)?;
-            add_into(dst, src);
-        }
-        Ok(())
-    }
-
-    fn gather_rows(&mut self, out: Act, x: Act) -> crate::Result<()> {
-        let h = x.row_len(self.spec);
-        let rows = &self.batch.logits_rows;
-        let (o, i) = self.out_in("gather_rows", out, x)?;
-        for (dst, &t) in o.chunks_mut(h).zip(rows) {
-            dst.copy_from_slice(&i[t * h..(t + 1) * h]);
-        }
-        Ok(())
-    }
-
-    fn lm_head(&mut self, out: Act, x: Act) -> crate::Result<()> {
-        let w: &Weight = self.w.lm_head();
-        let bias = self.w.lm_head_bias.as_deref();
-        let (o, i) = self.out_in("lm_head", out, x)?;
-        linear(i, i.len() / w.cols(), w, bias, o);
-        Ok(())
-    }
-
-    fn all_reduce(&mut self, _buf: Act) -> crate::Result<()> {
-        Ok(())
-    }
-
-    fn tap(&mut self, tap: Tap) -> crate::Result<()> {
-        if let Some(d) = self.dumper.as_deref_mut() {
-            d.write(tap, &self.acts[tap.buf.idx()], tap.buf.row_len(self.spec))?;
-        }
-        Ok(())
     }
 }

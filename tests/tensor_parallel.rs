@@ -94,7 +94,11 @@ fn check_engine(path: &Path, golden_name: Option<&str>, format: WeightFormat, tp
 /// The raw last-position logits of one prefill through `CpuExecutor` (one rank, or `tp` ranks
 /// loaded with `DecoderWeights::load_rank`).
 fn last_logits(path: &Path, format: WeightFormat, tp: usize, prompt: &[u32]) -> Vec<f32> {
-    let ckpt = Checkpoint::open(path, None).unwrap();
+    logits_of(&Checkpoint::open(path, None).unwrap(), format, tp, prompt)
+}
+
+fn logits_of(ckpt: &Checkpoint, format: WeightFormat, tp: usize, prompt: &[u32]) -> Vec<f32> {
+    let path = ckpt.source.describe();
     let spec = ckpt.arch.spec.clone();
     let block_size = 4;
     let num_blocks = prompt.len().div_ceil(block_size);
@@ -141,7 +145,7 @@ fn last_logits(path: &Path, format: WeightFormat, tp: usize, prompt: &[u32]) -> 
         num_batched_tokens: prompt.len(),
     };
     let logits = exec.logits(&plan).unwrap().data;
-    assert_eq!(logits.len(), spec.vocab_size, "{}", path.display());
+    assert_eq!(logits.len(), spec.vocab_size, "{path}");
     logits
 }
 
@@ -251,6 +255,41 @@ fn mpt_alibi_clip_qkv_two_ranks() {
 #[test]
 fn bloom_per_head_qkv_and_embedding_norm_two_ranks() {
     check(&model("bloom"), Some("bloom"), WeightFormat::F32, &[2]);
+}
+
+/// Every tiny preset on random weights (read per rank from the random source, whose values are a
+/// function of their index) at each rank count its heads allow: GPT-J's untied LM head with
+/// its bias split by vocabulary rows, the Falcon and BLOOM fused layouts, MPT.
+#[test]
+fn random_presets_of_every_architecture() {
+    let mut num_checked = 0;
+    for name in triton_ferrum::model::presets::PRESETS
+        .iter()
+        .filter(|p| p.starts_with("tiny-"))
+    {
+        let ckpt = Checkpoint::random(name, 7).unwrap();
+        let spec = &ckpt.arch.spec;
+        let prompt = [3, 50, 8, 96, 11, 2];
+        let one = logits_of(&ckpt, WeightFormat::F32, 1, &prompt);
+        for tp in [2, 4] {
+            if triton_ferrum::model::tp::check(spec, tp).is_err() {
+                continue;
+            }
+            let many = logits_of(&ckpt, WeightFormat::F32, tp, &prompt);
+            let max_diff = one
+                .iter()
+                .zip(&many)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max);
+            assert!(
+                max_diff <= TOL,
+                "{name} tp {tp}: max |logit diff| {max_diff}"
+            );
+            num_checked += 1;
+        }
+    }
+    // tiny-llama, -qwen2, -gpt2, -gptj, -falcon at 2 and 4; -falcon-new, -mpt, -bloom at 2.
+    assert_eq!(num_checked, 13);
 }
 
 #[test]

@@ -547,3 +547,37 @@ fn a_failing_rank_fails_the_step_instead_of_hanging_the_others() {
         "{again}"
     );
 }
+
+/// The real SmolLM2-135M (Q4_1 GGUF, 30 layers, 9 heads, 3 KV heads, MLP 1536) at 3 ranks.
+/// In f32 (each rank dequantizing its slices of the Q4_1 file) the tokens and logprobs are one
+/// rank's within 1e-4. In the q8 format each rank reads its rows and whole 32-blocks of input
+/// columns exactly from the file (192 attention inputs, 512 MLP inputs per rank), but the
+/// activations are re-quantized to 8 bits after every layer, and a last-bit difference from the
+/// all-reduce's summation order can flip one rounding there: over 30 layers that is the q8
+/// format's own noise (measured here: last logits up to 0.6 apart and top-5 logprobs up to 0.33,
+/// about as far as q8 is from f32 on this model), so q8 is held to the greedy rule of the
+/// Hugging Face comparisons (tokens equal; at a first divergence each side's token in the
+/// other's top-5) with a logprob tolerance of 0.5. (The 2-layer falcon_mq fixture holds q8 at
+/// 1e-4: `q8_weights_shard_on_block_boundaries`.)
+#[test]
+fn smollm2_gguf_three_ranks() {
+    let path = smollm2_gguf();
+    check_engine(&path, None, WeightFormat::F32, 3);
+    let one = engine(&path, WeightFormat::Q8, 1);
+    let three = engine(&path, WeightFormat::Q8, 3);
+    for (i, prompt) in prompts(None).into_iter().enumerate() {
+        let req = || greedy(prompt.clone(), 8, Some(5));
+        let a = collect(&one.handle(), req());
+        let b = collect(&three.handle(), req());
+        let want_top: Vec<Vec<(u32, f32)>> = a.logprobs.iter().map(|l| l.top.clone()).collect();
+        let matched = compare_greedy(
+            &format!("smollm2 q8 tp 3 case {i}"),
+            &b.output_ids,
+            &b.logprobs,
+            &a.output_ids,
+            &want_top,
+            0.5,
+        );
+        eprintln!("smollm2 q8 tp 3 case {i}: {matched} of 8 tokens equal");
+    }
+}

@@ -581,3 +581,66 @@ fn smollm2_gguf_three_ranks() {
         eprintln!("smollm2 q8 tp 3 case {i}: {matched} of 8 tokens equal");
     }
 }
+
+/// A rank that panics (here: rank 1's down projection has the wrong width, and `linear` panics
+/// on it) aborts the group and its panic is raised again on the calling (engine) thread, which
+/// recovers from it as from any panicking step; rank 0 does not hang in its all-reduce.
+#[test]
+fn a_panicking_rank_raises_its_panic_on_the_engine_thread() {
+    use triton_ferrum::loader::HostTensor;
+    use triton_ferrum::ops::linear::Weight;
+    let path = model("llama_gqa_llama3");
+    let ckpt = Checkpoint::open(&path, None).unwrap();
+    let spec = ckpt.arch.spec.clone();
+    let mut shares: Vec<DecoderWeights> = (0..2)
+        .map(|rank| {
+            let layout = RankLayout::new(
+                &spec,
+                TpRank {
+                    rank,
+                    world_size: 2,
+                },
+            )
+            .unwrap();
+            DecoderWeights::load_rank(
+                ckpt.source.as_ref(),
+                &ckpt.arch,
+                WeightFormat::F32,
+                layout,
+                |_| {},
+            )
+            .unwrap()
+        })
+        .collect();
+    let h = spec.hidden_size;
+    shares[1].layers[0].down = Weight::from_f32(
+        HostTensor {
+            shape: vec![h, 3],
+            data: vec![0.0; h * 3],
+        },
+        WeightFormat::F32,
+    )
+    .unwrap();
+    let mut exec = CpuExecutor::tensor_parallel(spec.clone(), shares, 4, 4, 1).unwrap();
+    let plan = SchedulePlan {
+        seqs: vec![ScheduledSeq {
+            seq_id: SeqId(1),
+            token_ids: vec![5, 6, 7],
+            start_pos: 0,
+            block_table: vec![BlockId(0)],
+            sample: true,
+        }],
+        preempted: vec![],
+        num_batched_tokens: 3,
+    };
+    let payload = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| exec.logits(&plan)))
+        .err()
+        .expect("rank 1's panic must reach the caller");
+    let msg = payload
+        .downcast_ref::<String>()
+        .cloned()
+        .unwrap_or_default();
+    assert!(msg.contains("linear"), "{msg}");
+    // Dropping the executor joins every rank thread (none is left waiting).
+    drop(exec);
+}

@@ -644,3 +644,31 @@ fn a_panicking_rank_raises_its_panic_on_the_engine_thread() {
     // Dropping the executor joins every rank thread (none is left waiting).
     drop(exec);
 }
+
+/// `quantization: fp8` at two ranks: column-parallel rows are quantized per row as one rank
+/// does, and a row-parallel rank takes its columns of the one-rank quantized weight (the scale
+/// of a row from all its columns), so two ranks compute what one does within 1e-4.
+#[test]
+fn online_fp8_quantization_is_that_of_one_rank() {
+    let path = model("llama_gqa_llama3");
+    let start = |tp| {
+        TestEngine::start(&path, None, |o: &mut EngineOptions| {
+            o.device = Device::Cpu;
+            o.parallel.tensor_parallel_size = tp;
+            o.quantization = triton_ferrum::model::quant::QuantizationOption::Fp8;
+        })
+    };
+    let (one, two) = (start(1), start(2));
+    for (i, prompt) in prompts(Some("llama_gqa_llama3")).into_iter().enumerate() {
+        let req = || greedy(prompt.clone(), 8, Some(5));
+        let a = collect(&one.handle(), req());
+        let b = collect(&two.handle(), req());
+        assert_eq!(a.output_ids, b.output_ids, "case {i}");
+        for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
+            assert!(
+                (x.logprob - y.logprob).abs() <= TOL,
+                "case {i}: {x:?} vs {y:?}"
+            );
+        }
+    }
+}

@@ -6,8 +6,10 @@ use super::pieces::{Cut, Piece, transpose};
 use super::{LayerLinear, LayerWeights, Linear, NormWeights};
 use crate::loader::{HostTensor, LoadError, Q8Tensor, Shard, TensorSource};
 use crate::model::arch::{ArchInfo, GlobalTensor, LayerTensor};
+use crate::model::quant::Quantization;
 use crate::model::spec::{DecoderSpec, Mlp, Norm, QkvLayout, Residual};
 use crate::model::tp::RankLayout;
+use crate::ops::fp8::Fp8Weight;
 use crate::ops::linear::{Weight, WeightFormat};
 use crate::ops::quant::{BlockQ8, QK};
 
@@ -475,8 +477,48 @@ impl Loader<'_> {
     /// Linear `which` of layer `i`: as stored, or quantized to FP8 when the checkpoint is
     /// quantized at load (`Quantization::Fp8Online`).
     pub(super) fn layer_linear(&self, i: usize, which: LayerLinear) -> Result<Linear, LoadError> {
+        let row_parallel = matches!(which, LayerLinear::AttnOut | LayerLinear::Down);
+        if row_parallel
+            && !self.rank.is_single()
+            && matches!(self.arch.quant, Quantization::Fp8Online)
+        {
+            return self.online_fp8_columns(i, which);
+        }
         self.stored_linear(i, which)
             .map(|w| self.quantize_online(w))
+    }
+
+    /// A row-parallel linear quantized to FP8 at load with one rank's per-row scales: each
+    /// row's scale comes from its maximum over all its columns, so the rank's columns are
+    /// exactly those of the one-rank weight and N ranks compute what one does. This reads the
+    /// whole tensor (only in this mode: the scales need every column).
+    fn online_fp8_columns(&self, i: usize, which: LayerLinear) -> Result<Linear, LoadError> {
+        let whole = Loader {
+            src: self.src,
+            arch: self.arch,
+            format: self.format,
+            rank: RankLayout::single(self.spec()),
+        };
+        let Linear::Fp8(w) = whole.quantize_online(whole.stored_linear(i, which)?) else {
+            return Err(self.bad(&format!("layer {i} {which:?}"), "was not quantized to FP8"));
+        };
+        let (spec, r) = (self.spec(), &self.rank);
+        let (start, len) = match which {
+            LayerLinear::AttnOut => (r.head_start * spec.head_dim, r.num_heads * spec.head_dim),
+            _ => (r.inter_start, r.intermediate_size),
+        };
+        let codes = w
+            .codes
+            .chunks(w.cols.max(1))
+            .flat_map(|row| row[start..start + len].iter().copied())
+            .collect();
+        Ok(Linear::Fp8(Fp8Weight {
+            rows: w.rows,
+            cols: len,
+            codes,
+            scale: w.scale,
+            input_scale: w.input_scale,
+        }))
     }
 
     /// This rank's part of linear `which` of layer `i` as the checkpoint stores it: q | k | v

@@ -63,7 +63,8 @@ pub struct EngineOptions {
     pub cuda: CudaExecOptions,
     /// Tensor parallelism: ranks and their GPUs (`tensor_parallel_size`, `gpu_device_ids`).
     pub parallel: ParallelOptions,
-    /// CPU threads for the CPU engine (0: one per core).
+    /// CPU threads for the CPU engine (0: one per core), shared out among its tensor-parallel
+    /// ranks (at least one each).
     pub num_threads: usize,
     /// Show a progress bar while loading weights (only when stderr is a terminal).
     pub progress: bool,

@@ -496,20 +496,60 @@ fn bad_configurations_fail_the_load_with_their_reason() {
 }
 
 /// A rank whose step fails (here: rank 1 lacks its last layer) aborts the group, so rank 0 does
-/// not wait forever in its all-reduce: the step fails with the reason, and so does every later
-/// step (the group is broken; the engine's rebuild starts a new one).
+/// not wait forever in its all-reduce: the step fails with the reason; the group is reset and
+/// runs the next step (which fails again here, for the same reason, without hanging).
 #[test]
 fn a_failing_rank_fails_the_step_instead_of_hanging_the_others() {
     let path = model("llama_gqa_llama3");
     let ckpt = Checkpoint::open(&path, None).unwrap();
     let spec = ckpt.arch.spec.clone();
-    let mut shares: Vec<DecoderWeights> = (0..2)
+    let mut shares = rank_shares(&ckpt, 2);
+    shares[1].layers.pop();
+    let mut exec = CpuExecutor::tensor_parallel(spec.clone(), shares, 4, 4, 1).unwrap();
+    for _ in 0..2 {
+        let err = exec
+            .logits(&one_seq(vec![5, 6, 7]))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("rank 1 failed") && err.contains("layer 2"),
+            "{err}"
+        );
+    }
+}
+
+/// A step every rank fails alike (a token id past the vocabulary, which the engine's request
+/// checks never let through) fails, and the group serves the next step as one rank would.
+#[test]
+fn after_a_failed_step_the_group_runs_the_next_one() {
+    let path = model("llama_gqa_llama3");
+    let ckpt = Checkpoint::open(&path, None).unwrap();
+    let spec = ckpt.arch.spec.clone();
+    let mut exec =
+        CpuExecutor::tensor_parallel(spec.clone(), rank_shares(&ckpt, 2), 4, 4, 1).unwrap();
+    let err = exec
+        .logits(&one_seq(vec![5, 999_999, 7]))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("token 999999 is not below the vocabulary size 311"),
+        "{err}"
+    );
+    let got = exec.logits(&one_seq(vec![5, 6, 7])).unwrap().data;
+    assert_eq!(got, last_logits(&path, WeightFormat::F32, 2, &[5, 6, 7]));
+}
+
+/// Every rank's share of `ckpt` at `tp` ranks, in f32.
+fn rank_shares(ckpt: &Checkpoint, tp: usize) -> Vec<DecoderWeights> {
+    (0..tp)
         .map(|rank| {
             let layout = RankLayout::new(
-                &spec,
+                &ckpt.arch.spec,
                 TpRank {
                     rank,
-                    world_size: 2,
+                    world_size: tp,
                 },
             )
             .unwrap();
@@ -522,30 +562,23 @@ fn a_failing_rank_fails_the_step_instead_of_hanging_the_others() {
             )
             .unwrap()
         })
-        .collect();
-    shares[1].layers.pop();
-    let mut exec = CpuExecutor::tensor_parallel(spec.clone(), shares, 4, 4, 1).unwrap();
-    let plan = SchedulePlan {
+        .collect()
+}
+
+/// A prefill of `prompt` as sequence 1 in block 0 (blocks of 4).
+fn one_seq(prompt: Vec<u32>) -> SchedulePlan {
+    let n = prompt.len();
+    SchedulePlan {
         seqs: vec![ScheduledSeq {
             seq_id: SeqId(1),
-            token_ids: vec![5, 6, 7],
+            token_ids: prompt,
             start_pos: 0,
-            block_table: vec![BlockId(0)],
+            block_table: (0..n.div_ceil(4) as u32).map(BlockId).collect(),
             sample: true,
         }],
         preempted: vec![],
-        num_batched_tokens: 3,
-    };
-    let err = exec.logits(&plan).err().unwrap().to_string();
-    assert!(
-        err.contains("rank 1 failed") && err.contains("layer 2"),
-        "{err}"
-    );
-    let again = exec.logits(&plan).err().unwrap().to_string();
-    assert!(
-        again.starts_with("the tensor-parallel group cannot run steps any more"),
-        "{again}"
-    );
+        num_batched_tokens: n,
+    }
 }
 
 /// The real SmolLM2-135M (Q4_1 GGUF, 30 layers, 9 heads, 3 KV heads, MLP 1536) at 3 ranks.
@@ -592,26 +625,7 @@ fn a_panicking_rank_raises_its_panic_on_the_engine_thread() {
     let path = model("llama_gqa_llama3");
     let ckpt = Checkpoint::open(&path, None).unwrap();
     let spec = ckpt.arch.spec.clone();
-    let mut shares: Vec<DecoderWeights> = (0..2)
-        .map(|rank| {
-            let layout = RankLayout::new(
-                &spec,
-                TpRank {
-                    rank,
-                    world_size: 2,
-                },
-            )
-            .unwrap();
-            DecoderWeights::load_rank(
-                ckpt.source.as_ref(),
-                &ckpt.arch,
-                WeightFormat::F32,
-                layout,
-                |_| {},
-            )
-            .unwrap()
-        })
-        .collect();
+    let mut shares = rank_shares(&ckpt, 2);
     let h = spec.hidden_size;
     shares[1].layers[0].down = Weight::from_f32(
         HostTensor {
@@ -622,17 +636,7 @@ fn a_panicking_rank_raises_its_panic_on_the_engine_thread() {
     )
     .unwrap();
     let mut exec = CpuExecutor::tensor_parallel(spec.clone(), shares, 4, 4, 1).unwrap();
-    let plan = SchedulePlan {
-        seqs: vec![ScheduledSeq {
-            seq_id: SeqId(1),
-            token_ids: vec![5, 6, 7],
-            start_pos: 0,
-            block_table: vec![BlockId(0)],
-            sample: true,
-        }],
-        preempted: vec![],
-        num_batched_tokens: 3,
-    };
+    let plan = one_seq(vec![5, 6, 7]);
     let payload = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| exec.logits(&plan)))
         .err()
         .expect("rank 1's panic must reach the caller");

@@ -98,6 +98,14 @@ impl DecoderBackend for CpuStep<'_> {
         for (row, &id) in x.chunks_mut(h).zip(&self.batch.token_ids) {
             // Vocabulary-parallel: a rank holds rows start..start + len; other ids are the
             // other ranks' (zero here), and the all-reduce below adds exactly one row.
+            if id as usize >= self.spec.vocab_size {
+                // Every rank fails here alike, before any collective.
+                return Err(ExecutorError::Device(format!(
+                    "token {id} is not below the vocabulary size {}",
+                    self.spec.vocab_size
+                ))
+                .into());
+            }
             let local = (id as usize).wrapping_sub(start);
             if self.comm.is_some() && local >= len {
                 row.fill(0.0);

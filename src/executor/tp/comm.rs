@@ -109,15 +109,29 @@ pub fn local_group(world_size: usize) -> Vec<LocalComm> {
         .collect()
 }
 
-/// Aborts a local group from outside it (the executor, when a rank cannot be reached).
-pub struct LocalAborter {
+/// Controls a local group from outside it (the executor): abort it when a rank cannot be
+/// reached, reset it after a failed step.
+pub struct LocalGroupControl {
     shared: Arc<Shared>,
 }
 
-impl LocalAborter {
+impl LocalGroupControl {
     /// Makes every current and later collective of the group fail with `reason`.
     pub fn abort(&self, reason: &str) {
         abort_shared(&self.shared, reason);
+    }
+
+    /// Clears an abort and any half-assembled collective, so the group runs again. Only when
+    /// no rank is inside a collective: after every rank has answered the failed step.
+    pub fn reset(&self) {
+        let mut round = self
+            .shared
+            .round
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        round.aborted = None;
+        round.arrived = 0;
+        round.inputs.iter_mut().for_each(|i| *i = None);
     }
 }
 
@@ -133,9 +147,9 @@ fn abort_shared(shared: &Shared, reason: &str) {
 }
 
 impl LocalComm {
-    /// A handle that aborts this communicator's group.
-    pub fn aborter(&self) -> LocalAborter {
-        LocalAborter {
+    /// A handle that aborts or resets this communicator's group.
+    pub fn control(&self) -> LocalGroupControl {
+        LocalGroupControl {
             shared: self.shared.clone(),
         }
     }
@@ -324,16 +338,29 @@ mod tests {
         }
         // The group aborted from outside (the executor) fails a collective already waiting.
         let group = local_group(2);
-        let aborter = group[0].aborter();
+        let control = group[0].control();
         let mut ranks = group.into_iter();
-        let mut waiting = ranks.next().unwrap();
-        let t = std::thread::spawn(move || waiting.all_reduce_sum(&mut [1.0]));
+        let (mut r0, mut r1) = (ranks.next().unwrap(), ranks.next().unwrap());
+        let t = std::thread::spawn(move || {
+            let res = r0.all_reduce_sum(&mut [1.0]);
+            (r0, res)
+        });
         std::thread::sleep(std::time::Duration::from_millis(20));
-        aborter.abort("rank 1 is unreachable");
+        control.abort("rank 1 is unreachable");
+        let (mut r0, res) = t.join().unwrap();
         assert_eq!(
-            t.join().unwrap().unwrap_err(),
+            res.unwrap_err(),
             CommError::Aborted("rank 1 is unreachable".into())
         );
+        // Reset (no rank inside a collective), the group sums again.
+        control.reset();
+        let t = std::thread::spawn(move || {
+            let mut buf = [1.0];
+            r0.all_reduce_sum(&mut buf).map(|()| buf)
+        });
+        let mut buf = [2.0];
+        r1.all_reduce_sum(&mut buf).unwrap();
+        assert_eq!((buf, t.join().unwrap().unwrap()), ([3.0], [3.0]));
         // Buffers of different lengths are an error on every rank, not a wrong sum.
         let results = on_ranks(2, |c| {
             let mut buf = vec![1.0; 1 + c.rank()];

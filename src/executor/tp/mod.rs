@@ -10,9 +10,11 @@
 //! knows where a rank runs.
 //!
 //! Failure: a rank whose step fails aborts the group's communicator, so no peer waits forever
-//! in a collective; the step fails and the group stays broken (every later step fails with the
-//! reason). A rank that panics hands its panic to the engine thread, which recovers as from any
-//! panicking step (the executor is rebuilt).
+//! in a collective; the step fails (the engine fails its requests, as with one rank) and, once
+//! every rank has answered, the communicator is reset for the next step. A rank that is gone
+//! (its thread ended) breaks the group: every later step fails with the reason. A rank that
+//! panics hands its panic to the engine thread, which recovers as from any panicking step (the
+//! executor is rebuilt).
 
 pub mod comm;
 
@@ -21,7 +23,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
 
-use comm::{HostComm, LocalAborter, local_group};
+use comm::{HostComm, LocalGroupControl, local_group};
 
 use crate::executor::batch::{ExecutorError, StepBatch};
 use crate::executor::cpu::CpuRank;
@@ -37,6 +39,8 @@ pub enum RankReply {
     Done(crate::Result<Vec<f32>>),
     /// The step panicked on the rank: the payload, re-raised on the engine thread.
     Panicked(Box<dyn Any + Send>),
+    /// The rank is gone (its thread or process ended): the group can run no more steps.
+    Gone(crate::Error),
 }
 
 /// One rank as the executor drives it: start a step, then wait for its end. Every rank gets
@@ -128,7 +132,7 @@ impl RankWorker for ThreadRank {
     fn finish(&mut self) -> RankReply {
         self.replies
             .recv()
-            .unwrap_or_else(|_| RankReply::Done(Err(self.gone())))
+            .unwrap_or_else(|_| RankReply::Gone(self.gone()))
     }
 }
 
@@ -148,8 +152,8 @@ pub struct RankGroup {
     workers: Vec<Box<dyn RankWorker>>,
     threads_per_rank: usize,
     /// Aborts the group's collectives when a rank cannot be given a step (so the ranks that
-    /// were given it do not wait for it forever).
-    aborter: Option<LocalAborter>,
+    /// were given it do not wait for it forever); resets them after a failed step.
+    control: Option<LocalGroupControl>,
     /// Hands rank 0's thread a dumper (taken before its next step).
     rank0_dumper: Option<Sender<Dumper>>,
     /// Why the group can run no more steps (a rank failed and aborted the communicator).
@@ -168,7 +172,7 @@ impl RankGroup {
     ) -> crate::Result<Self> {
         let world_size = weights.len();
         let comms = local_group(world_size);
-        let aborter = comms.first().map(|c| c.aborter());
+        let control = comms.first().map(|c| c.control());
         let mut workers: Vec<Box<dyn RankWorker>> = Vec::with_capacity(world_size);
         let mut rank0_dumper = None;
         for (idx, (w, c)) in weights.into_iter().zip(comms).enumerate() {
@@ -191,7 +195,7 @@ impl RankGroup {
         Ok(RankGroup {
             workers,
             threads_per_rank: threads,
-            aborter,
+            control,
             rank0_dumper,
             broken: None,
         })
@@ -234,9 +238,11 @@ impl RankGroup {
             match w.start(batch.clone()) {
                 Ok(()) => started += 1,
                 Err(e) => {
-                    if let Some(a) = &self.aborter {
-                        a.abort(&e.to_string());
+                    if let Some(c) = &self.control {
+                        c.abort(&e.to_string());
                     }
+                    // A rank that cannot take a step is gone for good.
+                    self.broken = Some(e.to_string());
                     first_err = Some(e);
                     break;
                 }
@@ -257,13 +263,23 @@ impl RankGroup {
                 RankReply::Panicked(p) => {
                     panic.get_or_insert(p);
                 }
+                RankReply::Gone(e) => {
+                    self.broken = Some(e.to_string());
+                    first_err.get_or_insert(e);
+                }
             }
         }
         if let Some(p) = panic {
             std::panic::resume_unwind(p);
         }
         if let Some(e) = first_err {
-            self.broken = Some(e.to_string());
+            // Every rank has answered, so none is inside a collective: the group can run the
+            // next step (the failed step's requests are failed by the engine, as on one rank).
+            if self.broken.is_none()
+                && let Some(c) = &self.control
+            {
+                c.reset();
+            }
             return Err(e);
         }
         logits.ok_or_else(|| {

@@ -1,8 +1,11 @@
-//! The CPU executor: owns the host weights and a host paged KV cache, packs a `SchedulePlan`
-//! into one batch (`batch::StepBatch`, checked once) and runs the one forward pass
-//! (`model::decoder`) over it with the CPU ops of `crate::ops` (attention reads the cache blocks
-//! in place). `CpuStep` is its `DecoderBackend`: one step's view of the weights, the cache and
-//! the step buffers.
+//! The CPU executor: packs a `SchedulePlan` into one batch (`batch::StepBatch`, checked once),
+//! runs the one forward pass (`model::decoder`) over it on its rank(s) and samples the logits on
+//! the engine thread. A `CpuRank` (`rank.rs`) owns host weights and a host paged KV cache and
+//! runs the pass with the CPU ops of `crate::ops` (attention reads the cache blocks in place);
+//! `CpuStep` (`step.rs`) is its `DecoderBackend`: one step's view of the weights, the cache and
+//! the step buffers. One rank runs on the engine thread; `tensor_parallel_size` ranks run on
+//! threads of their own (`executor::tp`), each with its share of the weights and the KV cache of
+//! its own heads, under the scheduler's one block table.
 
 mod rank;
 mod step;

@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use crate::dtype::DType;
 use crate::engine::{Device, EngineOptions};
-use crate::executor::CudaExecOptions;
+use crate::executor::{CudaExecOptions, ParallelOptions};
 use crate::kv_cache::{KvCacheDtype, KvCacheOptions};
 use crate::model::quant::QuantizationOption;
 use crate::ops::linear::WeightFormat;
@@ -79,6 +79,7 @@ struct RawParameters {
     tokenizer_path: Option<String>,
     device: Option<String>,
     gpu_device_ids: Option<String>,
+    tensor_parallel_size: Option<String>,
     weight_format: Option<String>,
     dtype: Option<String>,
     quantization: Option<String>,
@@ -114,6 +115,7 @@ pub const PARAMETER_KEYS: &[&str] = &[
     "tokenizer_path",
     "device",
     "gpu_device_ids",
+    "tensor_parallel_size",
     "weight_format",
     "dtype",
     "quantization",
@@ -167,12 +169,10 @@ pub struct RequestDefaults {
 pub struct BackendConfig {
     /// How to load and run the model. `model` is the resolved `model_path` (.gguf file, folder
     /// with one .gguf, or HF folder; default: the version folder), `tokenizer` the resolved
-    /// `tokenizer_path`; a plain `cuda` device takes its ordinal from `gpu_device_ids[0]`. Every
-    /// other field is named after its key in `EngineOptions`'s docs.
+    /// `tokenizer_path`; a plain `cuda` device takes its ordinal from `gpu_device_ids[0]`
+    /// (kept in `engine.parallel`, empty with `cpu`). Every other field is named after its key
+    /// in `EngineOptions`'s docs.
     pub engine: EngineOptions,
-    /// GPU ordinals from `gpu_device_ids`; the first picks the ordinal for a plain `cuda`. Empty
-    /// with `cpu`.
-    pub gpu_device_ids: Vec<usize>,
     /// What a request gets for the fields it leaves out.
     pub defaults: RequestDefaults,
     /// Request parameters ignored besides Triton's `triton_*` keys (`ignored_request_parameters`,
@@ -220,6 +220,9 @@ pub struct ModelLocation {
 
 /// `max_queue_size` of a model that sets none: this many waiting requests per `max_num_seqs`.
 pub const DEFAULT_QUEUE_PER_SEQ: usize = 4;
+
+/// The most ranks `tensor_parallel_size` may ask for.
+pub const MAX_TENSOR_PARALLEL_SIZE: usize = 64;
 
 /// `max_tokens` of a request that sends none, unless `default_max_tokens` says otherwise.
 pub const DEFAULT_MAX_TOKENS: usize = 128;
@@ -285,6 +288,13 @@ impl BackendConfig {
                 "must be empty when device is cpu",
             ));
         }
+        let tensor_parallel_size = parse_count(
+            "tensor_parallel_size",
+            raw.tensor_parallel_size.as_deref(),
+            defaults.parallel.tensor_parallel_size,
+            1,
+            MAX_TENSOR_PARALLEL_SIZE,
+        )?;
         let weight_format = match raw.weight_format.as_deref() {
             None | Some("auto") => None,
             Some("f32") => Some(WeightFormat::F32),
@@ -537,9 +547,12 @@ impl BackendConfig {
                     warm_up: cuda_warmup,
                     ..defaults.cuda
                 },
+                parallel: ParallelOptions {
+                    tensor_parallel_size,
+                    gpu_device_ids,
+                },
                 ..defaults
             },
-            gpu_device_ids,
             defaults: RequestDefaults {
                 max_tokens,
                 sampling,
@@ -725,6 +738,7 @@ mod tests {
                 ("tokenizer_path", "."),
                 ("device", "cuda"),
                 ("gpu_device_ids", "2, 3"),
+                ("tensor_parallel_size", "2"),
                 ("weight_format", "f32"),
                 ("dtype", "float16"),
                 ("quantization", "fp8"),
@@ -757,7 +771,8 @@ mod tests {
         .unwrap();
         assert_eq!(c.engine.model, abs);
         assert_eq!(c.engine.tokenizer, Some(dir.join("1/.")));
-        assert_eq!(c.gpu_device_ids, vec![2, 3]);
+        assert_eq!(c.engine.parallel.gpu_device_ids, vec![2, 3]);
+        assert_eq!(c.engine.parallel.tensor_parallel_size, 2);
         assert!(!c.defaults.exclude_input_in_output && c.defaults.apply_chat_template);
         assert_eq!(c.defaults.max_tokens, 7);
         assert_eq!(
@@ -857,6 +872,14 @@ mod tests {
                 &["model_path", "missing.gguf", "1/missing.gguf"],
             ),
             (&[("gpu_device_ids", "a,b")], &["gpu_device_ids", "a,b"]),
+            (
+                &[("tensor_parallel_size", "0")],
+                &["tensor_parallel_size", "'0'", "1", "64"],
+            ),
+            (
+                &[("tensor_parallel_size", "two")],
+                &["tensor_parallel_size", "two"],
+            ),
             (
                 &[("device", "cpu"), ("gpu_device_ids", "0")],
                 &["gpu_device_ids", "cpu"],

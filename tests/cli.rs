@@ -663,3 +663,58 @@ fn quantization_fp8_quantizes_at_load_and_a_bad_value_is_named() {
     let (ok, _, err) = run("int4");
     assert!(!ok && err.contains("int4") && err.contains("fp8"), "{err}");
 }
+
+/// `--tensor-parallel-size 2` on the CPU runs two ranks and generates what one rank does; a
+/// rank count the model's heads do not allow fails with the reason, naming the values.
+#[test]
+fn generate_with_tensor_parallel_ranks() {
+    let run = |tp: &str| {
+        ferrum(&[
+            "generate",
+            "--model",
+            &tiny(),
+            "--device",
+            "cpu",
+            "--tensor-parallel-size",
+            tp,
+            "--prompt-ids",
+            "5,6,7,40",
+            "--max-tokens",
+            "6",
+            "--logprobs",
+            "1",
+            "--json",
+        ])
+    };
+    let (ok, one, err) = run("1");
+    assert!(ok, "{err}");
+    let (ok, two, err) = run("2");
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("tensor_parallel_size 2: 2 CPU ranks in threads"),
+        "{err}"
+    );
+    let (one, two): (Value, Value) = (
+        serde_json::from_str(one.trim()).unwrap(),
+        serde_json::from_str(two.trim()).unwrap(),
+    );
+    assert_eq!(one["output_ids"], two["output_ids"]);
+    assert_eq!(two["output_ids"].as_array().unwrap().len(), 6);
+    for (a, b) in one["logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(two["logprobs"].as_array().unwrap())
+    {
+        let (a, b) = (a[0][1].as_f64().unwrap(), b[0][1].as_f64().unwrap());
+        assert!((a - b).abs() <= 1e-4, "{a} vs {b}");
+    }
+    let (ok, _, err) = run("4");
+    assert!(!ok);
+    assert!(
+        err.contains(
+            "tensor_parallel_size = 4 must divide the model's num_heads (query heads) (6)"
+        ),
+        "{err}"
+    );
+}

@@ -367,6 +367,9 @@ fn get_q8_is_exactly_get_for_every_convertible_type() {
                 rank: 5,
                 world_size: 16,
             },
+            // A tensor-parallel rank's rows (a vocabulary slice) and input columns.
+            Shard::OutRange { start: 1, len: 3 },
+            Shard::InRange { start: 96, len: 64 },
         ] {
             let got = file.get(name, shard).unwrap();
             let q8 = file.get_q8(name, shard).unwrap().unwrap();

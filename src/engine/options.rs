@@ -9,11 +9,11 @@ use std::path::PathBuf;
 
 use super::{Engine, EngineSetup, FaultInjection, ModelInfo, Recovery};
 use crate::dtype::DType;
-use crate::executor::CudaExecOptions;
 use crate::executor::build::{self, Target};
 pub use crate::executor::build::{
     DEFAULT_CPU_KV_BYTES, Device, default_weight_format, load_weights,
 };
+use crate::executor::{CudaExecOptions, ParallelOptions};
 use crate::kv_cache::KvCacheOptions;
 use crate::model::quant::QuantizationOption;
 use crate::model::{Checkpoint, CheckpointFormat};
@@ -61,7 +61,10 @@ pub struct EngineOptions {
     pub kv: KvCacheOptions,
     /// GPU engine: graphs, warm-up, profiling (`cuda_graph_mode`, `cuda_warmup`).
     pub cuda: CudaExecOptions,
-    /// CPU threads for the CPU engine (0: one per core).
+    /// Tensor parallelism: ranks and their GPUs (`tensor_parallel_size`, `gpu_device_ids`).
+    pub parallel: ParallelOptions,
+    /// CPU threads for the CPU engine (0: one per core), shared out among its tensor-parallel
+    /// ranks (at least one each).
     pub num_threads: usize,
     /// Show a progress bar while loading weights (only when stderr is a terminal).
     pub progress: bool,
@@ -91,6 +94,7 @@ impl EngineOptions {
             batching: BatchingOptions::default(),
             kv: KvCacheOptions::default(),
             cuda: CudaExecOptions::default(),
+            parallel: ParallelOptions::default(),
             num_threads: 0,
             progress: false,
             dump_intermediates: None,
@@ -171,6 +175,7 @@ pub fn start_checkpoint(ckpt: Checkpoint, opts: &EngineOptions) -> crate::Result
 
 /// Option combinations refused before anything is opened.
 fn check_options(opts: &EngineOptions) -> crate::Result<()> {
+    crate::executor::parallel::check_options(&opts.parallel, opts.device)?;
     if opts.device == Device::Cpu && matches!(opts.dtype, Some(DType::BF16 | DType::F16)) {
         return Err(crate::Error::Device(format!(
             "dtype {} needs the GPU engine: the CPU engine computes in float32 (use dtype auto or \

@@ -15,6 +15,7 @@ use crate::dtype::DType;
 use crate::engine::options::{EngineOptions, dtype_name};
 use crate::kv_cache::KvCacheDtype;
 use crate::model::quant::Quantization;
+use crate::model::tp::{RankLayout, TpRank};
 use crate::model::weights::{DecoderWeights, KvScales, WeightReader};
 use crate::model::{Checkpoint, CheckpointFormat};
 use crate::ops::linear::WeightFormat;
@@ -142,6 +143,8 @@ pub fn build(
     log: &mut Vec<String>,
 ) -> crate::Result<BuiltExecutor> {
     let spec = &ckpt.arch.spec;
+    super::parallel::check_model(&opts.parallel, spec)?;
+    let tp = opts.parallel.tensor_parallel_size;
     Ok(match target.0 {
         TargetKind::Cpu { fallback } => {
             if let Some(reason) = fallback {
@@ -156,27 +159,63 @@ pub fn build(
             let format = opts
                 .weight_format
                 .unwrap_or_else(|| default_weight_format(ckpt));
-            let weights = load_weights(ckpt, format, opts.progress)?;
-            let bytes_per_token = CpuExecutor::kv_bytes_per_token(spec, opts.kv.dtype);
+            let bytes_per_token = CpuExecutor::kv_bytes_per_token(spec, tp, opts.kv.dtype);
             let kv_tokens = opts.kv.max_tokens.unwrap_or_else(|| {
                 (DEFAULT_CPU_KV_BYTES / bytes_per_token)
                     .min(opts.batching.max_num_seqs * max_model_len)
                     .max(max_model_len)
             });
             let num_kv_blocks = kv_tokens.div_ceil(opts.kv.block_size);
-            let weight_bytes = weights.size_in_bytes();
-            let mut executor = CpuExecutor::new(
-                spec.clone(),
-                weights,
-                num_kv_blocks,
-                opts.kv.block_size,
-                opts.num_threads,
-            )?;
+            let (mut executor, weight_bytes) = if tp == 1 {
+                let weights = load_weights(ckpt, format, opts.progress)?;
+                let bytes = weights.size_in_bytes();
+                let executor = CpuExecutor::new(
+                    spec.clone(),
+                    weights,
+                    num_kv_blocks,
+                    opts.kv.block_size,
+                    opts.num_threads,
+                )?;
+                (executor, bytes)
+            } else {
+                // Each rank reads only its slices of the checkpoint.
+                let mut shares = Vec::with_capacity(tp);
+                for rank in 0..tp {
+                    let layout = RankLayout::new(
+                        spec,
+                        TpRank {
+                            rank,
+                            world_size: tp,
+                        },
+                    )
+                    .map_err(crate::model::ModelError::TensorParallel)?;
+                    shares.push(DecoderWeights::load_rank(
+                        ckpt.source.as_ref(),
+                        &ckpt.arch,
+                        format,
+                        layout,
+                        |_| {},
+                    )?);
+                }
+                let bytes = shares.iter().map(DecoderWeights::size_in_bytes).sum();
+                log.push(format!(
+                    "tensor_parallel_size {tp}: {tp} CPU ranks in threads, each with its share of \
+                     the weights and the KV cache of its own heads"
+                ));
+                let executor = CpuExecutor::tensor_parallel(
+                    spec.clone(),
+                    shares,
+                    num_kv_blocks,
+                    opts.kv.block_size,
+                    opts.num_threads,
+                )?;
+                (executor, bytes)
+            };
             if opts.kv.dtype == KvCacheDtype::Fp8 {
                 log.push(use_fp8_kv(&mut executor, ckpt)?);
             }
             if let Some(dir) = &opts.dump_intermediates {
-                executor = executor.with_dumper(Dumper::new(dir)?);
+                executor = executor.with_dumper(Dumper::new(dir)?)?;
             }
             BuiltExecutor {
                 executor: Box::new(executor),
@@ -187,6 +226,12 @@ pub fn build(
             }
         }
         TargetKind::Cuda(dev) => {
+            // The NCCL path is the other engineer's half of this work: refuse several ranks
+            // clearly (placement first), never run them as one.
+            if tp > 1 {
+                let visible = crate::cuda::device::device_count().unwrap_or(0);
+                super::parallel::check_cuda(&opts.parallel, visible)?;
+            }
             let dtype = opts.dtype.unwrap_or(DType::BF16);
             if opts.kv.dtype == KvCacheDtype::Fp8 {
                 return Err(crate::Error::Device(

@@ -18,8 +18,11 @@ pub mod cpu;
 pub mod cuda;
 pub mod dump;
 pub mod options;
+pub mod parallel;
+pub mod tp;
 
 pub use options::CudaExecOptions;
+pub use parallel::ParallelOptions;
 
 /// Logits of the sampling sequences of one step, in plan order: `[num_rows, vocab_size]`.
 pub struct Logits {

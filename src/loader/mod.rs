@@ -44,6 +44,22 @@ pub enum Shard {
         /// Ranks the tensor is split across; must divide the last dim.
         world_size: usize,
     },
+    /// Indices `start..start + len` of dim 0: a column-parallel rank's rows where they are not
+    /// one equal part of the tensor (a head group of a fused q/k/v tensor, a vocabulary slice).
+    OutRange {
+        /// First index of dim 0.
+        start: usize,
+        /// Indices taken.
+        len: usize,
+    },
+    /// Indices `start..start + len` of the last dim (an `[in, out]` linear's output columns). A
+    /// 1-D tensor is sliced too.
+    InRange {
+        /// First index of the last dim.
+        start: usize,
+        /// Indices taken.
+        len: usize,
+    },
 }
 
 /// Storage type of a tensor in its source file.

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use super::shard::plan_shard;
 use super::{
     E4m3Tensor, HostTensor, LoadError, Q8Tensor, Shard, SourceDType, TensorInfo, TensorSource,
 };
@@ -42,6 +43,23 @@ fn value(name_hash: u64, i: u64) -> f32 {
     (u1 + u2 - 1.0) * 0.049
 }
 
+/// `out[i]` = the value of element `first + i`, filled in parallel chunks (a 7B model is 7e9
+/// values: minutes on one thread).
+fn fill(name_hash: u64, first: u64, out: &mut [f32]) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = out.len().div_ceil(threads).max(1 << 16);
+    std::thread::scope(|s| {
+        for (c, part) in out.chunks_mut(chunk).enumerate() {
+            s.spawn(move || {
+                let start = first + (c * chunk) as u64;
+                for (i, v) in part.iter_mut().enumerate() {
+                    *v = value(name_hash, start + i as u64);
+                }
+            });
+        }
+    });
+}
+
 impl TensorSource for RandomSource {
     fn describe(&self) -> String {
         format!("random weights (seed {})", self.seed)
@@ -66,41 +84,22 @@ impl TensorSource for RandomSource {
                 path: self.describe().into(),
                 tensor: name.to_string(),
             })?;
-        if shard != Shard::Replicated {
-            return Err(LoadError::BadShard {
-                path: self.describe().into(),
-                tensor: name.into(),
-                shape: shape.clone(),
-                shard,
-            });
-        }
-        let numel: usize = shape.iter().product();
+        // Every value is a function of its index alone, so a shard computes only its runs.
+        let plan = plan_shard(std::path::Path::new(&self.describe()), name, shape, shard)?;
         let is_norm = name.contains("norm") && name.ends_with("weight");
-        let data = if is_norm {
-            vec![1.0; numel]
-        } else {
+        let mut data = vec![1.0f32; plan.numel()];
+        if !is_norm {
             let name_hash = name
                 .bytes()
                 .fold(self.seed, |h, b| splitmix(h ^ u64::from(b)));
-            let mut data = vec![0.0f32; numel];
-            // A function of the index alone, so filled in parallel chunks (a 7B model is 7e9
-            // values: minutes on one thread).
-            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let chunk = numel.div_ceil(threads).max(1 << 16);
-            std::thread::scope(|s| {
-                for (c, out) in data.chunks_mut(chunk).enumerate() {
-                    s.spawn(move || {
-                        let first = (c * chunk) as u64;
-                        for (i, v) in out.iter_mut().enumerate() {
-                            *v = value(name_hash, first + i as u64);
-                        }
-                    });
-                }
-            });
-            data
-        };
+            let mut pos = 0;
+            for run in &plan.runs {
+                fill(name_hash, run.start as u64, &mut data[pos..pos + run.len]);
+                pos += run.len;
+            }
+        }
         Ok(HostTensor {
-            shape: shape.clone(),
+            shape: plan.shape,
             data,
         })
     }
@@ -123,6 +122,37 @@ impl TensorSource for RandomSource {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shard_is_the_slice_of_the_whole_tensor() {
+        let src = RandomSource::new([("w".to_string(), vec![6, 5])], 3);
+        let whole = src.get("w", Shard::Replicated).unwrap().data;
+        let rows = src.get("w", Shard::OutRange { start: 2, len: 3 }).unwrap();
+        assert_eq!(rows.shape, [3, 5]);
+        assert_eq!(rows.data, whole[10..25]);
+        let cols = src
+            .get(
+                "w",
+                Shard::Row {
+                    rank: 1,
+                    world_size: 5,
+                },
+            )
+            .unwrap();
+        assert_eq!(cols.shape, [6, 1]);
+        let want: Vec<f32> = (0..6).map(|r| whole[r * 5 + 1]).collect();
+        assert_eq!(cols.data, want);
+        assert!(
+            src.get(
+                "w",
+                Shard::Column {
+                    rank: 0,
+                    world_size: 4
+                }
+            )
+            .is_err()
+        );
+    }
 
     #[test]
     fn values_depend_on_name_seed_and_index_only_not_on_the_parallel_chunks() {

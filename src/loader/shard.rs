@@ -60,24 +60,67 @@ pub(crate) fn plan_shard(
         let part = dim / world_size;
         Ok((rank * part, part))
     };
+    let range = |dim: usize, start: usize, len: usize| -> Result<(usize, usize), LoadError> {
+        match start.checked_add(len) {
+            Some(end) if end <= dim => Ok((start, len)),
+            _ => Err(bad()),
+        }
+    };
+    let columns = |first: usize, part: usize| -> Result<ShardPlan, LoadError> {
+        let last = shape.len().checked_sub(1).ok_or_else(bad)?;
+        let cols = shape[last];
+        let num_rows: usize = shape[..last].iter().product();
+        let mut out_shape = shape.to_vec();
+        out_shape[last] = part;
+        let runs = if part == cols {
+            vec![Run {
+                start: 0,
+                len: numel,
+            }]
+        } else {
+            (0..num_rows)
+                .map(|row_idx| Run {
+                    start: row_idx * cols + first,
+                    len: part,
+                })
+                .collect()
+        };
+        Ok(ShardPlan {
+            shape: out_shape,
+            runs,
+        })
+    };
+    let rows = |first: usize, part: usize| -> ShardPlan {
+        // Elements per index of dim 0.
+        let inner: usize = shape[1..].iter().product();
+        let mut out_shape = shape.to_vec();
+        out_shape[0] = part;
+        ShardPlan {
+            shape: out_shape,
+            runs: vec![Run {
+                start: first * inner,
+                len: part * inner,
+            }],
+        }
+    };
     match shard {
         Shard::Replicated => Ok(whole()),
+        Shard::OutRange { start, len } => {
+            let &dim0 = shape.first().ok_or_else(bad)?;
+            let (first, part) = range(dim0, start, len)?;
+            Ok(rows(first, part))
+        }
+        Shard::InRange { start, len } => {
+            let &cols = shape.last().ok_or_else(bad)?;
+            let (first, part) = range(cols, start, len)?;
+            columns(first, part)
+        }
         Shard::Column { rank, world_size } => {
             let Some(&dim0) = shape.first() else {
                 return Err(bad());
             };
             let (first, part) = split(dim0, rank, world_size)?;
-            // Elements per index of dim 0.
-            let inner: usize = shape[1..].iter().product();
-            let mut out_shape = shape.to_vec();
-            out_shape[0] = part;
-            Ok(ShardPlan {
-                shape: out_shape,
-                runs: vec![Run {
-                    start: first * inner,
-                    len: part * inner,
-                }],
-            })
+            Ok(rows(first, part))
         }
         Shard::Row { rank, world_size } => {
             if shape.len() < 2 {
@@ -85,29 +128,9 @@ pub(crate) fn plan_shard(
                 split(0, rank, world_size)?;
                 return Ok(whole());
             }
-            let last = shape.len() - 1;
-            let cols = shape[last];
+            let cols = shape[shape.len() - 1];
             let (first, part) = split(cols, rank, world_size)?;
-            let num_rows: usize = shape[..last].iter().product();
-            let mut out_shape = shape.to_vec();
-            out_shape[last] = part;
-            let runs = if part == cols {
-                vec![Run {
-                    start: 0,
-                    len: numel,
-                }]
-            } else {
-                (0..num_rows)
-                    .map(|row_idx| Run {
-                        start: row_idx * cols + first,
-                        len: part,
-                    })
-                    .collect()
-            };
-            Ok(ShardPlan {
-                shape: out_shape,
-                runs,
-            })
+            columns(first, part)
         }
     }
 }
@@ -184,6 +207,35 @@ mod tests {
         .unwrap();
         assert_eq!(s, vec![2, 2, 2]);
         assert_eq!(d, vec![2, 3, 6, 7, 10, 11, 14, 15]);
+    }
+
+    #[test]
+    fn ranges_take_any_slice_of_the_first_or_last_dim() {
+        // w: [4, 6]: rows 1..3, then columns 2..5.
+        let (s, d) = gather(&[4, 6], Shard::OutRange { start: 1, len: 2 }).unwrap();
+        assert_eq!((s, d), (vec![2, 6], (6..18).collect()));
+        let (s, d) = gather(&[4, 6], Shard::InRange { start: 2, len: 3 }).unwrap();
+        assert_eq!(s, vec![4, 3]);
+        assert_eq!(d, vec![2, 3, 4, 8, 9, 10, 14, 15, 16, 20, 21, 22]);
+        // A 1-D tensor (a bias) is sliced by either.
+        let (s, d) = gather(&[6], Shard::InRange { start: 4, len: 2 }).unwrap();
+        assert_eq!((s, d), (vec![2], vec![4, 5]));
+        let (s, d) = gather(&[6], Shard::OutRange { start: 0, len: 0 }).unwrap();
+        assert_eq!((s, d), (vec![0], vec![]));
+        for shard in [
+            Shard::OutRange { start: 3, len: 2 },
+            Shard::InRange { start: 5, len: 2 },
+            Shard::OutRange {
+                start: usize::MAX,
+                len: 2,
+            },
+        ] {
+            assert!(
+                matches!(gather(&[4, 6], shard), Err(LoadError::BadShard { .. })),
+                "{shard:?}"
+            );
+        }
+        assert!(gather(&[], Shard::InRange { start: 0, len: 0 }).is_err());
     }
 
     #[test]

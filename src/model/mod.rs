@@ -16,6 +16,7 @@ pub mod decoder;
 pub mod presets;
 pub mod quant;
 pub mod spec;
+pub mod tp;
 pub mod weights;
 
 pub use arch::{ArchInfo, GlobalTensor, LayerTensor, TensorNames};
@@ -33,6 +34,10 @@ pub enum ModelError {
     /// the message names the file and field.
     #[error("{0}")]
     Config(String),
+    /// The model cannot be split over `tensor_parallel_size` ranks (or the ranks cannot be placed
+    /// on the devices asked for); the message names the setting, the bound and the values.
+    #[error("{0}")]
+    TensorParallel(String),
     /// The path is neither a `.gguf` file, a folder with exactly one `.gguf`, nor a folder with
     /// config.json.
     #[error("{path}: no model found: expected a .gguf file or a folder with config.json")]

@@ -11,7 +11,7 @@ use serde_json::json;
 use triton_ferrum::config::DEFAULT_MAX_TOKENS;
 use triton_ferrum::dtype::DType;
 use triton_ferrum::engine::{Device, EngineOptions, is_final};
-use triton_ferrum::executor::CudaExecOptions;
+use triton_ferrum::executor::{CudaExecOptions, ParallelOptions};
 use triton_ferrum::kv_cache::{KvCacheDtype, KvCacheOptions};
 use triton_ferrum::model::Checkpoint;
 use triton_ferrum::model::quant::{self as quant, Quantization, QuantizationOption};
@@ -85,9 +85,17 @@ pub struct EngineArgs {
     /// KV cache capacity in tokens (default: 1 GiB worth on the CPU).
     #[arg(long)]
     max_tokens_in_paged_kv_cache: Option<usize>,
-    /// CPU threads (0: one per core).
+    /// CPU threads (0: one per core), shared out among the tensor-parallel ranks.
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Ranks the model is split over (the `tensor_parallel_size` parameter; on the CPU, threads
+    /// of this process each holding a share of the weights).
+    #[arg(long, default_value_t = 1)]
+    tensor_parallel_size: usize,
+    /// GPUs of the ranks, comma-separated ordinals (the `gpu_device_ids` parameter; default the
+    /// first tensor-parallel-size visible GPUs).
+    #[arg(long, value_delimiter = ',')]
+    gpu_device_ids: Vec<usize>,
     /// Admission policy: max_utilization (admit while prompts fit; preempt and recompute the
     /// newest when the cache runs out) | guaranteed_no_evict (admit only what can run to its
     /// max_tokens; never preempt).
@@ -140,6 +148,10 @@ impl EngineArgs {
                 cuda_graphs: self.cuda_graph_mode,
                 warm_up: self.cuda_warmup,
                 ..defaults.cuda
+            },
+            parallel: ParallelOptions {
+                tensor_parallel_size: self.tensor_parallel_size,
+                gpu_device_ids: self.gpu_device_ids.clone(),
             },
             num_threads: self.threads,
             progress: true,
@@ -415,7 +427,7 @@ fn inspect(a: InspectArgs) -> CliResult {
     let num_params = spec.num_params();
     let tensors = ckpt.source.names().len();
     let kv_per_token_f32 =
-        triton_ferrum::executor::cpu::CpuExecutor::kv_bytes_per_token(spec, KvCacheDtype::Auto);
+        triton_ferrum::executor::cpu::CpuExecutor::kv_bytes_per_token(spec, 1, KvCacheDtype::Auto);
     let memory = json!({
         "f32": num_params * 4,
         "f16": num_params * 2,

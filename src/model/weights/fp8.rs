@@ -3,6 +3,7 @@
 //! and the FP8 KV-cache scales (`model::quant` says which tensors hold them).
 
 use super::loader::Loader;
+use super::pieces::Piece;
 use super::{KvScales, Linear};
 use crate::loader::{LoadError, Shard, SourceDType};
 use crate::model::arch::LayerTensor;
@@ -18,14 +19,10 @@ impl Loader<'_> {
         }
     }
 
-    /// Linear `name` (`[rows, cols]` as stored) with its scales when it is stored in F8_E4M3;
-    /// None when it is stored in a float type.
-    pub(super) fn fp8_part(
-        &self,
-        name: &str,
-        rows: usize,
-        cols: usize,
-    ) -> Result<Option<Fp8Weight>, LoadError> {
+    /// The read `piece` of a linear (`[rows, cols]` as stored) with its scales (sliced with
+    /// it) when it is stored in F8_E4M3; None when it is stored in a float type.
+    pub(super) fn fp8_part(&self, piece: &Piece) -> Result<Option<Fp8Weight>, LoadError> {
+        let (name, rows, cols) = (piece.name.as_str(), piece.rows, piece.cols);
         let dtype = self.src.info(name).map(|i| i.dtype);
         match dtype {
             Some(SourceDType::F8E4M3) => {}
@@ -54,8 +51,10 @@ impl Loader<'_> {
             ));
         }
         self.check_shape(name, &[rows, cols])?;
-        let codes = self.src.get_e4m3(name, Shard::Replicated)?.codes;
-        let scale = self.weight_scale(scheme, module, rows, cols)?;
+        let codes = self.src.get_e4m3(name, piece.shard)?.codes;
+        let scale = piece
+            .slice_scale(&self.weight_scale(scheme, module, rows, cols)?)
+            .map_err(|e| self.bad(name, &e))?;
         let input_name = scheme.input_scale_name(module);
         let input_scale = match self.src.contains(&input_name) {
             true => Some(self.scalar(&input_name)?),
@@ -68,8 +67,8 @@ impl Loader<'_> {
             false => None,
         };
         let w = Fp8Weight {
-            rows,
-            cols,
+            rows: piece.local_rows(),
+            cols: piece.local_cols(),
             codes,
             scale,
             input_scale,
@@ -132,35 +131,33 @@ impl Loader<'_> {
         })
     }
 
-    /// Row-concatenation of the linears `names[j]: [rows[j], cols]`: FP8 when every part is
-    /// stored in FP8 and their scales share one form (`Fp8Weight::concat_rows`), else dense (FP8
-    /// parts dequantized exactly).
-    pub(super) fn linear_rows(
-        &self,
-        names: &[String],
-        rows: &[usize],
-        cols: usize,
-    ) -> Result<Linear, LoadError> {
-        let mut parts = Vec::with_capacity(names.len());
-        for (name, &r) in names.iter().zip(rows) {
-            parts.push(self.fp8_part(name, r, cols)?);
+    /// Row-concatenation of the reads `pieces` of linears: FP8 when every part is stored in FP8
+    /// and their scales share one form (`Fp8Weight::concat_rows`), else dense (FP8 parts
+    /// dequantized exactly).
+    pub(super) fn linear_rows(&self, pieces: &[Piece]) -> Result<Linear, LoadError> {
+        let mut parts = Vec::with_capacity(pieces.len());
+        for p in pieces {
+            parts.push(self.fp8_part(p)?);
         }
         if parts.iter().all(Option::is_none) {
-            return self.matrix(names, rows, cols).map(Linear::Dense);
+            return self.matrix(pieces).map(Linear::Dense);
         }
         if let Some(all) = parts.iter().cloned().collect::<Option<Vec<Fp8Weight>>>()
             && let Some(w) = Fp8Weight::concat_rows(&all)
         {
             return Ok(Linear::Fp8(w));
         }
-        let total: usize = rows.iter().sum();
+        let total: usize = pieces.iter().map(Piece::local_rows).sum();
+        let cols = pieces.first().map_or(0, Piece::local_cols);
         let mut data = Vec::with_capacity(total * cols);
-        for (name, part) in names.iter().zip(parts) {
+        for (p, part) in pieces.iter().zip(parts) {
             match part {
                 Some(w) => data.extend(w.dequantize()),
-                None => data.extend(self.src.get(name, Shard::Replicated)?.data),
+                None => data.extend(self.src.get(&p.name, p.shard)?.data),
             }
         }
+        let mut names: Vec<&str> = pieces.iter().map(|p| p.name.as_str()).collect();
+        names.dedup();
         self.weight_from_f32(&names.join("+"), total, cols, data)
             .map(Linear::Dense)
     }

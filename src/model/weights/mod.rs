@@ -24,13 +24,16 @@
 mod fp8;
 mod layout;
 mod loader;
+mod pieces;
 
 pub use layout::{expected_tensors, fused_qkv_source_rows};
 use loader::Loader;
+use pieces::{Cut, Piece};
 
 use crate::loader::{HostTensor, LoadError, TensorSource};
 use crate::model::arch::{ArchInfo, GlobalTensor};
 use crate::model::spec::PosEmbedding;
+use crate::model::tp::RankLayout;
 use crate::ops::fp8::Fp8Weight;
 use crate::ops::linear::{Weight, WeightFormat};
 
@@ -201,9 +204,20 @@ impl DecoderWeights {
         src: &dyn TensorSource,
         arch: &ArchInfo,
         format: WeightFormat,
+        on_layer: impl FnMut(usize),
+    ) -> Result<DecoderWeights, LoadError> {
+        Self::load_rank(src, arch, format, RankLayout::single(&arch.spec), on_layer)
+    }
+
+    /// Reads the weights tensor-parallel rank `rank` holds (`WeightReader::for_rank`).
+    pub fn load_rank(
+        src: &dyn TensorSource,
+        arch: &ArchInfo,
+        format: WeightFormat,
+        rank: RankLayout,
         mut on_layer: impl FnMut(usize),
     ) -> Result<DecoderWeights, LoadError> {
-        let r = WeightReader::new(src, arch, format);
+        let r = WeightReader::for_rank(src, arch, format, rank);
         let embedding = r.embedding()?;
         let position_embedding = r.position_embedding()?;
         let embedding_norm = r.embedding_norm()?;
@@ -238,19 +252,47 @@ impl<'a> WeightReader<'a> {
     /// A reader of `arch`'s weights from `src`, converting matrices to `format` (f32 or compact
     /// 8-bit blocks) as they are read.
     pub fn new(src: &'a dyn TensorSource, arch: &'a ArchInfo, format: WeightFormat) -> Self {
+        Self::for_rank(src, arch, format, RankLayout::single(&arch.spec))
+    }
+
+    /// A reader of the slices tensor-parallel rank `rank` holds: its query and KV heads of
+    /// q | k | v and the matching input columns of the attention output, its MLP columns of
+    /// gate | up and of down, its vocabulary rows of the embedding and LM head (each read from
+    /// the file as a slice); norms and positions whole; row-parallel biases on rank 0 only.
+    pub fn for_rank(
+        src: &'a dyn TensorSource,
+        arch: &'a ArchInfo,
+        format: WeightFormat,
+        rank: RankLayout,
+    ) -> Self {
         WeightReader {
-            l: Loader { src, arch, format },
+            l: Loader {
+                src,
+                arch,
+                format,
+                rank,
+            },
         }
     }
 
-    /// [vocab, hidden]; also the LM head when embeddings are tied.
+    /// This rank's rows of the vocabulary.
+    fn vocab_cut(&self) -> Cut {
+        let r = &self.l.rank;
+        Cut::rows(
+            r.vocab_start..r.vocab_start + r.vocab_len,
+            self.l.spec().vocab_size,
+        )
+    }
+
+    /// [vocab, hidden] (this rank's vocabulary rows); also the LM head when embeddings are tied.
     pub fn embedding(&self) -> Result<Weight, LoadError> {
         let (l, spec) = (&self.l, self.l.spec());
-        l.matrix(
-            &[l.global(GlobalTensor::TokenEmbedding)?],
-            &[spec.vocab_size],
+        l.matrix(&Piece::of(
+            &l.global(GlobalTensor::TokenEmbedding)?,
+            spec.vocab_size,
             spec.hidden_size,
-        )
+            &self.vocab_cut(),
+        ))
     }
 
     /// [num_positions, hidden] for learned positions (GPT-2), else None.
@@ -289,11 +331,12 @@ impl<'a> WeightReader<'a> {
             true => Ok(None),
             false => {
                 let name = l.global(GlobalTensor::LmHead)?;
-                let w = l.linear_rows(
-                    std::slice::from_ref(&name),
-                    &[spec.vocab_size],
+                let w = l.linear_rows(&Piece::of(
+                    &name,
+                    spec.vocab_size,
                     spec.hidden_size,
-                )?;
+                    &self.vocab_cut(),
+                ))?;
                 Ok(Some(l.to_format(&name, w)?))
             }
         }
@@ -303,9 +346,11 @@ impl<'a> WeightReader<'a> {
     pub fn lm_head_bias(&self) -> Result<Option<Vec<f32>>, LoadError> {
         let (l, spec) = (&self.l, self.l.spec());
         match spec.biases.lm_head {
-            true => Ok(Some(
-                l.vector(&l.global(GlobalTensor::LmHeadBias)?, spec.vocab_size)?,
-            )),
+            true => Ok(Some(l.vector_cut(
+                &l.global(GlobalTensor::LmHeadBias)?,
+                spec.vocab_size,
+                &self.vocab_cut(),
+            )?)),
             false => Ok(None),
         }
     }

@@ -12,7 +12,9 @@ gpt2/bloom/mpt are written by scripts/make_gguf_arch_fixtures.py.
 Tiny architectures: llama (GQA + llama3 rope; MHA + tied + linear rope),
 mistral (sliding window), qwen2 (qkv bias, sharded), gpt2, gptj (partial
 rotary), falcon (multi-query; new decoder architecture; RW-style ALiBi), mpt
-(ALiBi, clip_qkv), bloom (ALiBi, embedding LayerNorm).
+(ALiBi, clip_qkv), bloom (ALiBi, embedding LayerNorm); llama_aligned16 (every
+linear a multiple of 16: the base of the GPU-shaped FP8 checkpoints that
+scripts/make_fp8_fixtures.py writes).
 
 transformers 5.24 quirks handled here (details at the helpers below):
 - Falcon's eager attention adds ALiBi twice; the SDPA path adds it once (the
@@ -435,6 +437,33 @@ def tiny_specs():
                 apply_residual_connection_post_layernorm=False,
                 hidden_dropout=0.0,
                 attention_dropout=0.0,
+                tie_word_embeddings=False,
+                **special_ids,
+            ),
+        },
+        # ---- issue 18 ([fp8]): the base of the GPU-shaped FP8 checkpoints ----
+        {
+            "name": "llama_aligned16",
+            "seed": 1012,
+            **WEIGHT_INIT,
+            "cls": LlamaForCausalLM,
+            "dtype": torch.bfloat16,
+            "max_shard_size": None,
+            # Every linear's input and output features are multiples of 16 (q 64x64, k/v
+            # 32x64, o 64x64, gate/up 128x64, down 64x128, lm_head 320x64): the shapes the
+            # GPU's FP8 products take, so scripts/make_fp8_fixtures.py's checkpoints of it run
+            # their real FP8 GEMMs there (llama_gqa_llama3's 72/100 get dequantized).
+            "config": LlamaConfig(
+                vocab_size=320,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+                max_position_embeddings=128,
+                rms_norm_eps=1e-5,
+                rope_theta=10000.0,
                 tie_word_embeddings=False,
                 **special_ids,
             ),

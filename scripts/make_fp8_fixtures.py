@@ -1,15 +1,25 @@
 #!/usr/bin/env python3
 """Generate ferrum's FP8 checkpoint fixtures: tests/fixtures/fp8/<name>/.
 
-Owns tests/fixtures/fp8/. Takes tiny F32 checkpoints of tests/fixtures/models/ and writes, for each
-FP8 format ferrum detects, a tiny pre-quantized checkpoint laid out as its producer writes it
-(config keys, tensor names, scale shapes and dtypes), plus the *dequantized twins*: ordinary F32
-checkpoints holding exactly the values ferrum must dequantize to (`e4m3(code) * scale`, one f32
-rounding). tests/fp8_checkpoints.rs loads each FP8 checkpoint and its twin on the CPU engine and
-requires identical logits and greedy tokens.
+Owns tests/fixtures/fp8/ and tests/fixtures/golden/fp8_*.json. Takes tiny checkpoints of
+tests/fixtures/models/ and writes, for each FP8 format ferrum detects, a tiny pre-quantized
+checkpoint laid out as its producer writes it (config keys, tensor names, scale shapes and
+dtypes), plus the *dequantized twins*: ordinary F32 checkpoints holding exactly the values ferrum
+must dequantize to (`e4m3(code) * scale`, one f32 rounding). tests/fp8_checkpoints.rs loads each
+FP8 checkpoint and its twin on the CPU engine and requires identical logits and greedy tokens, and
+matches each against the twin's transformers golden.
 
-numpy only; it never downloads anything and needs no torch. Deterministic: rerunning it rewrites
-the same bytes.
+Fixtures are `<base>_<kind>` (FIXTURES below), twins `<base>_twin_<granularity>`:
+- base `llama` (models/llama_gqa_llama3, hidden 72, intermediate 100): every kind
+  (ct_tensor_static, ct_channel_dynamic, modelopt_kv, fp8_dynamic, fp8_block, fbgemm);
+- base `falcon` (models/falcon_new): ct_channel_dynamic, on Falcon's fused query_key_value;
+- base `llama16` (models/llama_aligned16: hidden 64, 4 q heads and 2 kv heads of 16, intermediate
+  128): ct_channel_dynamic, modelopt_kv (per-tensor, static input scales, KV scales) and fbgemm.
+  Every linear's input and output features are multiples of 16, so the GPU runs these as real
+  FP8 products (tests/cuda_fp8.rs); the other bases' linears are dequantized there.
+
+numpy only (without --goldens); it never downloads anything. Deterministic: rerunning it
+rewrites the same bytes.
 
 Quantization, as each producer does it:
 - scales are amax / 448 (per tensor, per output row, or per block tile), in f32;
@@ -21,14 +31,19 @@ Quantization, as each producer does it:
 - every unquantized tensor (embeddings, norms, lm_head, the ignored linear) is stored in BF16 in the
   FP8 checkpoints, as real ones are; the twins hold the same values in F32.
 
-Hugging Face goldens for the twins: `--goldens` loads each twin with transformers (float32, eager)
-and writes tests/fixtures/golden/fp8_<twin>.json in the format of scripts/make_fixtures.py, for
-the prompts of the base model's golden. Run it where torch and transformers are installed (the GPU
-machine); it is not needed by the Rust tests, which compare against the twins.
+Hugging Face goldens of the twins: `--goldens` loads each twin with transformers (float32, eager;
+scripts/make_fixtures.py's load_reference and make_case, so the same format and checks) and
+writes tests/fixtures/golden/fp8_<twin>.json for the prompts of the base model's golden, with a
+top-level `note` naming the FP8 fixtures it stands for. It needs the environment of
+scripts/make_fixtures.py (torch 2.15 and transformers 5.24, CPU; any venv with them, e.g. one
+made by `python3.11 -m venv /work/hf-venv && /work/hf-venv/bin/pip install torch==2.15.0
+transformers==5.24.0 numpy==1.26.4`, kept outside the repository). Its base model must exist
+first: `scripts/make_fixtures.py --only llama_aligned16`. Reruns on one machine give the same
+bytes; another CPU may move the last of the 6 significant digits of a logprob.
 
 Usage:
-    .venv/bin/python scripts/make_fp8_fixtures.py            # writes tests/fixtures/fp8/
-    python scripts/make_fp8_fixtures.py --goldens            # also the HF goldens (transformers)
+    .venv/bin/python scripts/make_fp8_fixtures.py                    # tests/fixtures/fp8/
+    /work/hf-venv/bin/python scripts/make_fp8_fixtures.py --goldens  # also golden/fp8_<twin>.json
 """
 import argparse
 import json
@@ -198,6 +213,14 @@ BASES = {
         "ignored": ["lm_head", "model.layers.0.mlp.down_proj"],
         "kv": ("self_attn.k_proj", "self_attn.v_proj"),
     },
+    # Every linear a multiple of 16 (hidden 64, q 4 x 16, k/v 2 x 16, intermediate 128): the GPU
+    # runs these checkpoints' linears as real FP8 products instead of dequantizing them.
+    "llama16": {
+        "model": "llama_aligned16",
+        "linears": llama_linears,
+        "ignored": ["lm_head", "model.layers.0.mlp.down_proj"],
+        "kv": ("self_attn.k_proj", "self_attn.v_proj"),
+    },
     "falcon": {
         "model": "falcon_new",
         "linears": falcon_linears,
@@ -219,26 +242,45 @@ def ct_config(strategy, acts, ignore, block=None, kv=False):
     return qc
 
 
-# name -> (base, twin, granularity, description). Each entry's `make` adds config keys and scales.
-FORMATS = {
-    "llama_ct_tensor_static": ("llama", "tensor", "compressed-tensors FP8: per-tensor BF16 weight_scale [1], static BF16 input_scale [1], kv_cache_scheme with k_proj/v_proj.output_scale, plain-name ignore list"),
-    "llama_ct_channel_dynamic": ("llama", "channel", "compressed-tensors FP8_DYNAMIC: per-channel BF16 weight_scale [out, 1], dynamic per-token activations (no input_scale), `re:` regex in ignore"),
-    "llama_modelopt_kv": ("llama", "tensor", "ModelOpt FP8: hf_quant_config.json, scalar F32 weight_scale and input_scale, kv_cache_quant_algo FP8 with k_proj.k_scale / v_proj.v_scale, glob in exclude_modules"),
-    "llama_fp8_dynamic": ("llama", "tensor", "quant_method fp8, activation_scheme dynamic: scalar F32 weight_scale, ignored_layers"),
-    "llama_fp8_block": ("llama", "block", f"quant_method fp8 with weight_block_size {list(BLOCK)}: F32 weight_scale_inv tiles, ragged edge tiles; fused qkv keeps blocks, gate|up (100 rows) is dequantized"),
-    "llama_fbgemm": ("llama", "channel", "fbgemm_fp8: per-row F32 weight_scale [out, 1], modules_to_not_convert"),
-    "falcon_ct_channel_dynamic": ("falcon", "channel", "compressed-tensors per-channel on Falcon's fused query_key_value ([kv_groups, q + k + v, head_dim] rows re-ordered with their scales)"),
+# kind -> (granularity, description). A fixture is `<base>_<kind>`; its twin `<base>_twin_<granularity>`.
+KINDS = {
+    "ct_tensor_static": ("tensor", "compressed-tensors FP8: per-tensor BF16 weight_scale [1], static BF16 input_scale [1], kv_cache_scheme with k_proj/v_proj.output_scale, plain-name ignore list"),
+    "ct_channel_dynamic": ("channel", "compressed-tensors FP8_DYNAMIC: per-channel BF16 weight_scale [out, 1], dynamic per-token activations (no input_scale), `re:` regex in ignore"),
+    "modelopt_kv": ("tensor", "ModelOpt FP8: hf_quant_config.json, scalar F32 weight_scale and input_scale, kv_cache_quant_algo FP8 with k_proj.k_scale / v_proj.v_scale, glob in exclude_modules"),
+    "fp8_dynamic": ("tensor", "quant_method fp8, activation_scheme dynamic: scalar F32 weight_scale, ignored_layers"),
+    "fp8_block": ("block", f"quant_method fp8 with weight_block_size {list(BLOCK)}: F32 weight_scale_inv tiles, ragged edge tiles; fused qkv keeps blocks, gate|up (100 rows) is dequantized"),
+    "fbgemm": ("channel", "fbgemm_fp8: per-row F32 weight_scale [out, 1], modules_to_not_convert"),
 }
 
+# (base, kind) of every fixture written. falcon's compressed-tensors per-channel checkpoint
+# exercises the fused query_key_value ([kv_groups, q + k + v, head_dim] rows re-ordered with their
+# scales); the llama16 ones are the formats the GPU test runs as real FP8 products (per-channel
+# dynamic, per-tensor static with KV scales, per-row fbgemm).
+FIXTURES = [
+    ("llama", "ct_tensor_static"),
+    ("llama", "ct_channel_dynamic"),
+    ("llama", "modelopt_kv"),
+    ("llama", "fp8_dynamic"),
+    ("llama", "fp8_block"),
+    ("llama", "fbgemm"),
+    ("falcon", "ct_channel_dynamic"),
+    ("llama16", "ct_channel_dynamic"),
+    ("llama16", "modelopt_kv"),
+    ("llama16", "fbgemm"),
+]
 
-def make_format(name: str, base_key: str, granularity_name: str, tensors: dict, config: dict):
+
+def make_format(base_key: str, kind: str, tensors: dict, config: dict, seed_name: str):
     """(files {name: (dtype, array)}, config.json dict, extra files {name: json}, dequantized twin weights)."""
     base = BASES[base_key]
     ignored = set(n + ".weight" for n in base["ignored"])
     linears = [n for n in base["linears"](tensors) if n not in ignored]
+    granularity_name = KINDS[kind][0]
     gran = {"tensor": "tensor", "channel": "channel", "block": BLOCK}[granularity_name]
-    scale_dtype = "BF16" if name.startswith(("llama_ct", "falcon_ct")) else "F32"
-    rng = np.random.default_rng(sum(map(ord, name)))
+    compressed = kind.startswith("ct_")
+    scale_dtype = "BF16" if compressed else "F32"
+    static_acts = kind in ("ct_tensor_static", "modelopt_kv")
+    rng = np.random.default_rng(sum(map(ord, seed_name)))
     files, twin = {}, {}
     for n, w in tensors.items():
         if n in linears:
@@ -253,45 +295,45 @@ def make_format(name: str, base_key: str, granularity_name: str, tensors: dict, 
         twin[n] = deq
         store = (lambda a: ("BF16", to_bf16_bits(a))) if scale_dtype == "BF16" else (lambda a: ("F32", a))
         if gran == "tensor":
-            shape = (1,) if name.startswith("llama_ct") else ()
+            shape = (1,) if compressed else ()
             files[module + ".weight_scale"] = store(scales.reshape(shape))
         elif gran == "channel":
             files[module + ".weight_scale"] = store(scales.reshape(-1, 1))
         else:
             files[module + ".weight_scale_inv"] = ("F32", scales)
-        if name in ("llama_ct_tensor_static", "llama_modelopt_kv"):
+        if static_acts:
             # A calibrated activation amax / 448 (any positive value: the CPU engine ignores it).
             act = np.float32(rng.uniform(2.0, 6.0)) / E4M3_MAX
             files[module + ".input_scale"] = store(np.array(act, dtype=np.float32).reshape((1,) if scale_dtype == "BF16" else ()))
     extra = {}
     qc = None
     ign = base["ignored"]
-    if name == "llama_ct_tensor_static":
+    if kind == "ct_tensor_static":
         acts = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
         qc = ct_config("tensor", acts, ign, kv=True)
-    elif name in ("llama_ct_channel_dynamic", "falcon_ct_channel_dynamic"):
+    elif kind == "ct_channel_dynamic":
         acts = {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True, "symmetric": True}
         regex = "re:.*" + ign[1].split(".", 1)[1].replace(".", r"\.") + "$"
         qc = ct_config("channel", acts, [ign[0], regex])
-    elif name == "llama_modelopt_kv":
+    elif kind == "modelopt_kv":
         extra["hf_quant_config.json"] = {
             "producer": {"name": "modelopt", "version": "0.19.0"},
             "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8",
                              "exclude_modules": [ign[0], "*" + ign[1].split(".", 1)[1]]},
         }
-    elif name == "llama_fp8_dynamic":
+    elif kind == "fp8_dynamic":
         qc = {"quant_method": "fp8", "activation_scheme": "dynamic", "ignored_layers": ign}
-    elif name == "llama_fp8_block":
+    elif kind == "fp8_block":
         qc = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
               "weight_block_size": list(BLOCK), "ignored_layers": ign}
-    elif name == "llama_fbgemm":
+    elif kind == "fbgemm":
         qc = {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0, "modules_to_not_convert": ign}
-    if base["kv"] and name in ("llama_ct_tensor_static", "llama_modelopt_kv"):
+    if base["kv"] and static_acts:
         k_mod, v_mod = base["kv"]
         for i in range(config["num_hidden_layers"]):
             k, v = (np.float32(rng.uniform(0.05, 0.2)) for _ in range(2))
             pre = f"model.layers.{i}."
-            if name == "llama_modelopt_kv":
+            if kind == "modelopt_kv":
                 files[pre + k_mod + ".k_scale"] = ("F32", np.array(k, dtype=np.float32))
                 files[pre + v_mod + ".v_scale"] = ("F32", np.array(v, dtype=np.float32))
             else:
@@ -315,61 +357,81 @@ def write_dir(d: Path, base_dir: Path, cfg: dict, files: dict, extra: dict) -> N
     write_safetensors(d / "model.safetensors", files)
 
 
-def twin_name(name: str, base_key: str, granularity: str) -> str:
-    return f"{BASES[base_key]['model'].split('_')[0]}_twin_{granularity}"
-
-
 def make_all() -> dict:
+    """Writes every fixture and twin; returns {twin name: (base model dir, [its FP8 fixtures])}."""
     self_check()
     OUT.mkdir(parents=True, exist_ok=True)
     twins = {}
-    for name, (base_key, gran, _desc) in FORMATS.items():
+    for base_key, kind in FIXTURES:
+        name = f"{base_key}_{kind}"
+        gran = KINDS[kind][0]
         base_dir = MODELS / BASES[base_key]["model"]
         config = json.loads((base_dir / "config.json").read_text())
         tensors = read_safetensors(base_dir / "model.safetensors")
-        files, cfg, extra, twin = make_format(name, base_key, gran, tensors, config)
+        files, cfg, extra, twin = make_format(base_key, kind, tensors, config, seed_name=name)
         write_dir(OUT / name, base_dir, cfg, files, extra)
-        tname = twin_name(name, base_key, gran)
+        tname = f"{base_key}_twin_{gran}"
         if tname in twins:
             prev = twins[tname][0]
             same = prev.keys() == twin.keys() and all(np.array_equal(prev[k], twin[k]) for k in twin)
             if not same:
                 raise SystemExit(f"{name}: dequantized weights differ from the other {tname} formats")
+            twins[tname][2].append(name)
         else:
             tcfg = dict(config)
-            twins[tname] = (twin, tcfg, base_dir)
+            tcfg["dtype"] = "float32"  # stored F32, whatever the base's dtype
+            twins[tname] = (twin, base_dir, [name])
             write_dir(OUT / tname, base_dir, tcfg, {k: ("F32", v) for k, v in twin.items()}, {})
         print(f"{name}: twin {tname}, {(OUT / name / 'model.safetensors').stat().st_size} bytes")
-    return {t: v[2] for t, v in twins.items()}
+    return {t: (v[1], v[2]) for t, v in twins.items()}
 
 
-def make_goldens(twins: dict) -> None:
-    """HF goldens of each twin (float32, eager), prompts of the base model's golden."""
+def make_goldens(twins: dict, threads: int) -> None:
+    """HF goldens of each twin (float32, eager), for the prompts of the base model's golden.
+
+    Same computation and format as scripts/make_fixtures.py (its load_reference and make_case:
+    greedy by full recomputation, cross-checked against generate() with a KV cache); the
+    prompts are not redrawn, so the smallest top1 - top2 logit gap is printed, not enforced.
+    """
     try:
-        import torch  # noqa: F401
+        import torch
         import transformers  # noqa: F401
     except ImportError:
-        raise SystemExit("--goldens needs torch and transformers (run it on the GPU machine)")
+        raise SystemExit("--goldens needs torch and transformers (scripts/make_fixtures.py's environment)")
     sys.path.insert(0, str(ROOT / "scripts"))
     import make_fixtures as mf
 
-    for tname, base_dir in twins.items():
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    for tname, (base_dir, fixtures) in twins.items():
         base_golden = json.loads((GOLDEN_DIR / f"{base_dir.name}.json").read_text())
         model = mf.load_reference(OUT / tname, {})
-        cases = [mf.make_case(model, c["prompt_ids"], c["max_new_tokens"])[0] for c in base_golden["cases"]]
-        obj = {"model": f"fp8/{tname}", "source_dtype": "float32", "vocab_size": base_golden["vocab_size"],
-               "cases": cases}
-        (GOLDEN_DIR / f"fp8_{tname}.json").write_text(json.dumps(obj, separators=(",", ":")) + "\n")
-        print(f"golden/fp8_{tname}.json")
+        cases, margins = [], []
+        for c in base_golden["cases"]:
+            case, step_logits = mf.make_case(model, c["prompt_ids"], c["max_new_tokens"])
+            cases.append(case)
+            margins.append(mf.min_margin(step_logits))
+        obj = {
+            "model": f"fp8/{tname}",
+            "source_dtype": "float32",
+            "vocab_size": model.config.vocab_size,
+            "note": f"transformers on fp8/{tname}, the dequantized weights of "
+            + ", ".join(f"fp8/{f}" for f in fixtures)
+            + f"; prompts of golden/{base_dir.name}.json",
+            "cases": cases,
+        }
+        mf.write_json(GOLDEN_DIR / f"fp8_{tname}.json", obj)
+        print(f"  smallest greedy margin per case: {', '.join(f'{m:.3f}' for m in margins)}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--goldens", action="store_true", help="also write HF goldens of the twins (needs transformers)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for --goldens")
     args = ap.parse_args()
     twins = make_all()
     if args.goldens:
-        make_goldens(twins)
+        make_goldens(twins, args.threads)
 
 
 if __name__ == "__main__":

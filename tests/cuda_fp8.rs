@@ -425,9 +425,12 @@ const FP8_MIN_MATCHED_PCT: usize = 85;
 #[test]
 #[ignore = "needs an NVIDIA GPU with FP8: run ci/gpu.sh"]
 fn quantized_models_on_the_gpu_follow_the_cpu_engine() {
-    // falcon_mq and falcon_rw_alibi have every linear a multiple of 16 (all FP8 on the GPU);
-    // llama_gqa_llama3 (hidden 72) keeps its linears dequantized; the FP8 checkpoints load as
-    // they are.
+    // falcon_mq, falcon_rw_alibi and llama_aligned16 have every linear a multiple of 16 (all FP8
+    // on the GPU); llama_gqa_llama3 (hidden 72) and falcon_new (hidden 48, ffn 100) keep their
+    // linears dequantized. The FP8 checkpoints load as they are: the llama16_* ones (quantized
+    // from llama_aligned16 by scripts/make_fp8_fixtures.py) run their own scales through the FP8
+    // products: per-channel with dynamic activations, per-tensor with static input scales (and
+    // KV scales), per-row fbgemm.
     let models = [
         ("models/falcon_mq", QuantizationOption::Fp8, "falcon_mq"),
         (
@@ -449,6 +452,26 @@ fn quantized_models_on_the_gpu_follow_the_cpu_engine() {
             "fp8/falcon_ct_channel_dynamic",
             QuantizationOption::Auto,
             "falcon_new",
+        ),
+        (
+            "models/llama_aligned16",
+            QuantizationOption::Fp8,
+            "llama_aligned16",
+        ),
+        (
+            "fp8/llama16_ct_channel_dynamic",
+            QuantizationOption::Auto,
+            "llama_aligned16",
+        ),
+        (
+            "fp8/llama16_modelopt_kv",
+            QuantizationOption::Auto,
+            "llama_aligned16",
+        ),
+        (
+            "fp8/llama16_fbgemm",
+            QuantizationOption::Auto,
+            "llama_aligned16",
         ),
     ];
     let (mut matched_all, mut total_all) = (0, 0);

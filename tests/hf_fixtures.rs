@@ -2,7 +2,8 @@
 //! tokens, top-5 logprobs and last-position logits: Llama GQA + llama3 rope (f32), Llama MHA
 //! tied + linear rope + explicit head_dim (bf16), Mistral with sliding window (f16), Qwen2 with
 //! qkv bias (f32, sharded safetensors); GPT-2, GPT-J, Falcon (multi-query, new architecture,
-//! RW with ALiBi), MPT (ALiBi, clip_qkv) and BLOOM (ALiBi, 6 heads). GGUF files converted from
+//! RW with ALiBi), MPT (ALiBi, clip_qkv), BLOOM (ALiBi, 6 heads) and a Llama whose every linear is
+//! a multiple of 16 (bf16, the base of the GPU-shaped FP8 fixtures). GGUF files converted from
 //! some of them the way llama.cpp does (tests/fixtures/gguf/) reuse the same goldens.
 #![allow(clippy::unwrap_used)]
 
@@ -17,39 +18,13 @@ use triton_ferrum::ops::linear::WeightFormat;
 use triton_ferrum::request::SeqId;
 use triton_ferrum::scheduler::{SchedulePlan, ScheduledSeq};
 
-/// Logprob tolerance: both sides compute in f32 from identical weights; differences come from
-/// summation order only.
-const LOGPROB_TOL: f32 = 2e-3;
-const LOGIT_TOL: f32 = 2e-3;
-
 fn check_model(name: &str) {
-    check_model_at(
+    check_golden_greedy(
         &fixtures().join("models").join(name),
         name,
         WeightFormat::F32,
-        LOGPROB_TOL,
+        HF_LOGPROB_TOL,
     );
-}
-
-/// Greedy tokens and top-5 logprobs of the checkpoint at `path` against golden `name`.
-fn check_model_at(path: &std::path::Path, name: &str, format: WeightFormat, tol: f32) {
-    let g = golden(name);
-    let engine = TestEngine::start(path, Some(format), |_| {});
-    let handle = engine.handle();
-    for (i, case) in g["cases"].as_array().unwrap().iter().enumerate() {
-        let prompt = ids(&case["prompt_ids"]);
-        let want = ids(&case["greedy_ids"]);
-        let got = collect(&handle, greedy(prompt, want.len(), Some(5)));
-        assert_eq!(got.num_final_events, 1);
-        compare_greedy(
-            &format!("{name} case {i}"),
-            &got.output_ids,
-            &got.logprobs,
-            &want,
-            &top5(&case["top5"]),
-            tol,
-        );
-    }
 }
 
 /// Full last-position logits of each prompt, through the CPU executor (one prefill step).
@@ -93,22 +68,7 @@ fn check_last_logits_at(path: &std::path::Path, name: &str) {
             num_batched_tokens: n,
         };
         let logits = exec.logits(&plan).unwrap().data;
-        let want: Vec<f32> = case["last_logits"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap() as f32)
-            .collect();
-        assert_eq!(logits.len(), want.len());
-        let max_diff = logits
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
-        assert!(
-            max_diff <= LOGIT_TOL,
-            "{name} case {i}: max |logit diff| {max_diff} > {LOGIT_TOL}"
-        );
+        let max_diff = check_golden_logits(&format!("{name} case {i}"), &logits, case);
         eprintln!(
             "{name} ({}) case {i}: max |logit diff| {max_diff:.2e}",
             path.display()
@@ -182,13 +142,25 @@ fn bloom_alibi_non_power_of_two_heads() {
     check_last_logits("bloom");
 }
 
+/// The base of the GPU-shaped FP8 fixtures (every linear a multiple of 16; tests/fp8_checkpoints.rs).
+#[test]
+fn llama_aligned16_bf16() {
+    check_model("llama_aligned16");
+    check_last_logits("llama_aligned16");
+}
+
 fn gguf(file: &str) -> std::path::PathBuf {
     fixtures().join("gguf").join(file)
 }
 
 #[test]
 fn gguf_gpt2_matches_transformers() {
-    check_model_at(&gguf("gpt2.gguf"), "gpt2", WeightFormat::F32, LOGPROB_TOL);
+    check_golden_greedy(
+        &gguf("gpt2.gguf"),
+        "gpt2",
+        WeightFormat::F32,
+        HF_LOGPROB_TOL,
+    );
     check_last_logits_at(&gguf("gpt2.gguf"), "gpt2");
 }
 
@@ -199,20 +171,25 @@ fn gguf_gpt2_matches_transformers() {
 #[test]
 fn gguf_gpt2_q8_0_matches_transformers() {
     let path = gguf("gpt2_q8_0.gguf");
-    check_model_at(&path, "gpt2_q8_0", WeightFormat::F32, LOGPROB_TOL);
+    check_golden_greedy(&path, "gpt2_q8_0", WeightFormat::F32, HF_LOGPROB_TOL);
     check_last_logits_at(&path, "gpt2_q8_0");
-    check_model_at(&path, "gpt2_q8_0", WeightFormat::Q8, 0.1);
+    check_golden_greedy(&path, "gpt2_q8_0", WeightFormat::Q8, 0.1);
 }
 
 #[test]
 fn gguf_bloom_alibi_matches_transformers() {
-    check_model_at(&gguf("bloom.gguf"), "bloom", WeightFormat::F32, LOGPROB_TOL);
+    check_golden_greedy(
+        &gguf("bloom.gguf"),
+        "bloom",
+        WeightFormat::F32,
+        HF_LOGPROB_TOL,
+    );
     check_last_logits_at(&gguf("bloom.gguf"), "bloom");
 }
 
 #[test]
 fn gguf_mpt_alibi_matches_transformers() {
-    check_model_at(&gguf("mpt.gguf"), "mpt", WeightFormat::F32, LOGPROB_TOL);
+    check_golden_greedy(&gguf("mpt.gguf"), "mpt", WeightFormat::F32, HF_LOGPROB_TOL);
     check_last_logits_at(&gguf("mpt.gguf"), "mpt");
 }
 

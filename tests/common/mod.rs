@@ -188,6 +188,61 @@ pub fn compare_greedy(
     want.len()
 }
 
+/// The Hugging Face fixture rule's logprob tolerance (`compare_greedy`): both sides compute in
+/// f32 from identical weights; differences come from summation order only.
+pub const HF_LOGPROB_TOL: f32 = 2e-3;
+/// The Hugging Face fixture rule's tolerance on a golden's `last_logits`.
+pub const HF_LOGIT_TOL: f32 = 2e-3;
+
+/// Greedy tokens and top-5 logprobs of the checkpoint at `path` (CPU engine, weights in
+/// `format`) against golden `name`, case by case, by `compare_greedy` with `tol`.
+pub fn check_golden_greedy(path: &Path, name: &str, format: WeightFormat, tol: f32) {
+    let g = golden(name);
+    let engine = TestEngine::start(path, Some(format), |_| {});
+    let handle = engine.handle();
+    for (i, case) in g["cases"].as_array().unwrap().iter().enumerate() {
+        let prompt = ids(&case["prompt_ids"]);
+        let want = ids(&case["greedy_ids"]);
+        let got = collect(&handle, greedy(prompt, want.len(), Some(5)));
+        assert_eq!(got.num_final_events, 1);
+        let matched = compare_greedy(
+            &format!("{name} case {i}"),
+            &got.output_ids,
+            &got.logprobs,
+            &want,
+            &top5(&case["top5"]),
+            tol,
+        );
+        eprintln!(
+            "{name} ({}) case {i}: {matched}/{} greedy tokens equal",
+            path.display(),
+            want.len()
+        );
+    }
+}
+
+/// Asserts that `logits` (one prompt's last-position logits) are within `HF_LOGIT_TOL` of a
+/// golden case's `last_logits`; returns the largest difference.
+pub fn check_golden_logits(what: &str, logits: &[f32], case: &serde_json::Value) -> f32 {
+    let want: Vec<f32> = case["last_logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    assert_eq!(logits.len(), want.len(), "{what}");
+    let max_diff = logits
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        max_diff <= HF_LOGIT_TOL,
+        "{what}: max |logit diff| {max_diff} > {HF_LOGIT_TOL}"
+    );
+    max_diff
+}
+
 /// A golden file of scripts/make_fixtures.py: `tests/fixtures/golden/<name>.json`.
 pub fn golden(name: &str) -> serde_json::Value {
     let p = fixtures().join(format!("golden/{name}.json"));

@@ -270,6 +270,14 @@ pub struct ModelInfo {
     pub tokenizer: Option<Arc<Tokenizer>>,
 }
 
+/// Where a request waits for the engine. Defaults: priority 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueParams {
+    /// Scheduling level: higher levels are admitted first, FIFO within a level, and the lowest
+    /// running level is preempted first (0 is the default level; any value).
+    pub priority: i64,
+}
+
 /// What a caller asks for, not yet checked: `GenerateRequest::new` validates it against a model.
 #[derive(Debug, Clone)]
 pub struct RequestSpec {
@@ -281,6 +289,8 @@ pub struct RequestSpec {
     pub stop: StopCriteria,
     /// Produce incremental text deltas (UTF-8 safe) with each token event.
     pub detokenize: bool,
+    /// Priority (and, later, limits on waiting).
+    pub queue: QueueParams,
 }
 
 /// The allowed range of `max_tokens` for a model whose context is `max_model_len` tokens (at
@@ -300,6 +310,7 @@ pub struct GenerateRequest {
     sampling: SamplingParams,
     stop: StopCriteria,
     detokenize: bool,
+    queue: QueueParams,
     /// `(vocab_size, max_model_len)` of the model it was validated for: the engine refuses a
     /// request built for another model instead of checking it again.
     validated_for: (usize, usize),
@@ -318,6 +329,7 @@ impl GenerateRequest {
             sampling,
             stop,
             detokenize,
+            queue,
         } = spec;
         let tokenizer = |field| {
             model
@@ -381,6 +393,7 @@ impl GenerateRequest {
             sampling,
             stop,
             detokenize,
+            queue,
             validated_for: (model.vocab_size, model.max_model_len),
         })
     }
@@ -403,6 +416,11 @@ impl GenerateRequest {
     /// Whether token events carry text deltas.
     pub fn detokenize(&self) -> bool {
         self.detokenize
+    }
+
+    /// Its priority.
+    pub fn queue(&self) -> &QueueParams {
+        &self.queue
     }
 
     /// Whether this request was validated for a model with `model`'s vocabulary and context.

@@ -192,12 +192,7 @@ fn abort_ends_stream_and_frees_blocks() {
     opts.kv.max_tokens = Some(64);
     opts.max_model_len = Some(64);
     // 50 tokens of at least 2 ms each: the abort lands long before the request could end.
-    let e = engine_with(&opts, |cpu| {
-        Box::new(TestExecutor {
-            step_time: Duration::from_millis(2),
-            ..TestExecutor::new(cpu, false)
-        })
-    });
+    let e = slow_engine(&opts, Duration::from_millis(2));
     let handle = e.handle();
     let idle = handle.stats().unwrap();
     assert_eq!(
@@ -521,6 +516,20 @@ fn cpu_executor(
         max_model_len,
     };
     (cpu, info, scheduler)
+}
+
+/// An engine with the limits of `opts` whose host-sampling `TestExecutor` stretches every step
+/// to at least `step_time`, so that a test acts while requests run or wait.
+fn slow_engine(
+    opts: &triton_ferrum::engine::EngineOptions,
+    step_time: Duration,
+) -> triton_ferrum::engine::Engine {
+    engine_with(opts, |cpu| {
+        Box::new(TestExecutor {
+            step_time,
+            ..TestExecutor::new(cpu, false)
+        })
+    })
 }
 
 /// An engine on a device-sampling `TestExecutor` with the limits of `overlap_options`.
@@ -1292,12 +1301,7 @@ fn a_full_queue_refuses_at_once_as_busy_and_frees_its_places() {
     opts.kv.max_tokens = Some(256);
     opts.max_model_len = Some(64);
     // 30 tokens of at least 5 ms each: nothing ends while the burst is submitted.
-    let e = engine_with(&opts, |cpu| {
-        Box::new(TestExecutor {
-            step_time: Duration::from_millis(5),
-            ..TestExecutor::new(cpu, false)
-        })
-    });
+    let e = slow_engine(&opts, Duration::from_millis(5));
     let handle = e.handle();
     let results: Vec<_> = (0..8)
         .map(|i| submit(&handle, greedy(prompt(4, i), 30, None)))
@@ -1325,4 +1329,74 @@ fn a_full_queue_refuses_at_once_as_busy_and_frees_its_places() {
     for s in again {
         assert_eq!(collect_stream(s.unwrap()).output_ids.len(), 2);
     }
+}
+
+/// Options of a slow engine with one seat and `max_queue_size` places behind it.
+fn one_seat_options(max_queue_size: Option<usize>) -> triton_ferrum::engine::EngineOptions {
+    let mut opts = triton_ferrum::engine::EngineOptions::new(model_dir());
+    opts.batching.max_num_seqs = 1;
+    opts.batching.max_queue_size = max_queue_size;
+    opts.kv.block_size = 4;
+    opts.kv.max_tokens = Some(256);
+    opts.max_model_len = Some(64);
+    opts
+}
+
+/// `greedy` at a priority level.
+fn at_priority(mut spec: RequestSpec, priority: i64) -> RequestSpec {
+    spec.queue.priority = priority;
+    spec
+}
+
+/// Under saturation (one seat, held by a long request), requests of priority 5 finish before
+/// every request of priority 0 submitted before them, each level in arrival order; priority -2
+/// comes last.
+#[test]
+fn higher_priority_requests_finish_first_under_saturation() {
+    let e = slow_engine(&one_seat_options(None), Duration::from_millis(5));
+    let handle = e.handle();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let submit_at = |salt: u32, max_tokens: usize, priority: i64| {
+        let spec = at_priority(greedy(prompt(4, salt), max_tokens, None), priority);
+        let req = GenerateRequest::new(spec, handle.info()).unwrap();
+        handle.submit_to(req, tx.clone()).unwrap().0
+    };
+    // 20 steps of at least 5 ms: the others all arrive while it runs.
+    let blocker = submit_at(0, 20, 0);
+    while rx.recv().unwrap()
+        != (
+            blocker,
+            TokenEvent::Started {
+                prompt_ids: prompt(4, 0),
+            },
+        )
+    {}
+    let levels = [0, 5, -2, 0, 5, 0, 5];
+    let ids: Vec<_> = levels
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| submit_at(1 + i as u32, 2, p))
+        .collect();
+    let mut finish_order = Vec::new();
+    while finish_order.len() < 1 + ids.len() {
+        let (id, ev) = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        if is_final(&ev) {
+            assert!(
+                matches!(
+                    ev,
+                    TokenEvent::Token {
+                        finish: Some(FinishReason::Length),
+                        ..
+                    }
+                ),
+                "{id}: {ev:?}"
+            );
+            finish_order.push(id);
+        }
+    }
+    // Arrival index of each level: 5 at 1, 4, 6; 0 at 0, 3, 5; -2 at 2.
+    let expected: Vec<_> = std::iter::once(blocker)
+        .chain([1, 4, 6, 0, 3, 5, 2].map(|i| ids[i]))
+        .collect();
+    assert_eq!(finish_order, expected);
 }

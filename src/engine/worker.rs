@@ -161,7 +161,11 @@ impl Worker {
         };
         let info = &self.info;
         let max_tokens = stop.max_tokens.min(info.max_model_len - prompt_ids.len());
-        if let Err(e) = self.scheduler.add(seq_id, prompt_ids.clone(), max_tokens) {
+        let priority = request.queue().priority;
+        if let Err(e) =
+            self.scheduler
+                .add_with_priority(seq_id, prompt_ids.clone(), max_tokens, priority)
+        {
             events.send(TokenEvent::Error(e.to_string()));
             return;
         }

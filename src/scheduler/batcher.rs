@@ -2,7 +2,15 @@
 //! and `num_computed_tokens`, the waiting queue, the running list and the `KvCacheManager`.
 //! It never samples, detokenizes or decides when a sequence stops (the engine does, keyed by
 //! `SeqId`), and never touches a device.
+//!
+//! Order: both lists are kept sorted by `QueueKey` — higher `priority` first, then earlier
+//! arrival (FIFO within a level). The waiting queue's head is admitted first; the running list's
+//! last sequence (lowest level, latest arrival) is the preemption victim, and a preempted
+//! sequence goes back to the waiting queue at its own key, so it keeps its place among the
+//! requests of its level. With every priority equal this is plain FIFO with the newest running
+//! sequence preempted first.
 
+use std::cmp::Reverse;
 use std::collections::{HashMap, VecDeque};
 
 use super::{ScheduleError, SchedulePlan, ScheduledSeq, SchedulerConfig, SchedulerPolicy};
@@ -32,6 +40,18 @@ struct Sequence {
     /// Positions `0 .. num_computed_tokens` have their K/V in the cache. Always < `tokens.len()`.
     num_computed_tokens: usize,
     status: SeqStatus,
+    /// Where it is served: `priority` level and arrival order.
+    key: QueueKey,
+    /// It has been admitted at least once (so it is no longer a new request; a preempted
+    /// sequence waits again but is not new).
+    was_admitted: bool,
+}
+
+/// The order of service: higher `priority` first, then earlier arrival. Unique per sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct QueueKey {
+    level: Reverse<i64>,
+    arrival: u64,
 }
 
 impl Sequence {
@@ -47,10 +67,13 @@ pub struct Scheduler {
     cfg: SchedulerConfig,
     kv: KvCacheManager,
     seqs: HashMap<SeqId, Sequence>,
-    /// FIFO of sequences to admit; preempted sequences are pushed at the front.
+    /// Sequences to admit, sorted by `QueueKey` (the head is admitted first); preempted
+    /// sequences go back at their own key.
     waiting: VecDeque<SeqId>,
-    /// Admitted sequences, oldest admission first (the last one is the preemption victim).
+    /// Admitted sequences, sorted by `QueueKey` (the last one is the preemption victim).
     running: Vec<SeqId>,
+    /// Arrival number of the next `add`.
+    num_arrivals: u64,
     num_preemptions: u64,
     /// Tokens of admitted sequences (prompts, and prompt + generated on a recompute), and how
     /// many of them came from the prefix cache instead of being computed.
@@ -71,6 +94,7 @@ impl Scheduler {
             seqs: HashMap::new(),
             waiting: VecDeque::new(),
             running: Vec::new(),
+            num_arrivals: 0,
             num_preemptions: 0,
             num_admitted_tokens: 0,
             num_reused_tokens: 0,
@@ -82,17 +106,29 @@ impl Scheduler {
         &self.cfg
     }
 
-    /// Queues a new request. Errors (never panics) when the id is already in use, the prompt is
-    /// empty, `max_tokens` is 0, or the prompt leaves no room for a generated token
-    /// (`prompt_len >= max_model_len`). The validated config makes that last check also cover
-    /// "needs more blocks than num_blocks" and, without chunked prefill, "longer than
-    /// max_num_batched_tokens", since both limits are >= max_model_len.
-    /// The sequence never grows beyond `min(prompt_len + max_tokens, max_model_len)` tokens.
+    /// Queues a new request at priority 0 (`add_with_priority`).
     pub fn add(
         &mut self,
         seq_id: SeqId,
         prompt_ids: Vec<u32>,
         max_tokens: usize,
+    ) -> Result<(), ScheduleError> {
+        self.add_with_priority(seq_id, prompt_ids, max_tokens, 0)
+    }
+
+    /// Queues a new request behind every waiting request of its `priority` level or a higher
+    /// one (higher levels are admitted first, FIFO within a level). Errors (never panics) when the id is already in use, the prompt is
+    /// empty, `max_tokens` is 0, or the prompt leaves no room for a generated token
+    /// (`prompt_len >= max_model_len`). The validated config makes that last check also cover
+    /// "needs more blocks than num_blocks" and, without chunked prefill, "longer than
+    /// max_num_batched_tokens", since both limits are >= max_model_len.
+    /// The sequence never grows beyond `min(prompt_len + max_tokens, max_model_len)` tokens.
+    pub fn add_with_priority(
+        &mut self,
+        seq_id: SeqId,
+        prompt_ids: Vec<u32>,
+        max_tokens: usize,
+        priority: i64,
     ) -> Result<(), ScheduleError> {
         if self.seqs.contains_key(&seq_id) {
             return Err(ScheduleError::DuplicateSeqId { seq_id });
@@ -131,9 +167,15 @@ impl Scheduler {
                 max_num_tokens,
                 num_computed_tokens: 0,
                 status: SeqStatus::Waiting,
+                key: QueueKey {
+                    level: Reverse(priority),
+                    arrival: self.num_arrivals,
+                },
+                was_admitted: false,
             },
         );
-        self.waiting.push_back(seq_id);
+        self.num_arrivals += 1;
+        self.insert_waiting(seq_id);
         Ok(())
     }
 
@@ -154,12 +196,13 @@ impl Scheduler {
 
     /// Plans one step.
     ///
-    /// 1. Running sequences, oldest admission first, each get their uncomputed tokens (normally
-    ///    1), chunked to the remaining budget when chunked prefill is on. If KV blocks run out,
-    ///    the newest running sequence is preempted (blocks freed, `num_computed_tokens = 0`,
-    ///    generated tokens kept, pushed to the front of the waiting queue) until the allocation
-    ///    succeeds or the sequence itself was the newest and got preempted.
-    /// 2. Only if nobody was preempted: waiting sequences in FIFO order while the budget,
+    /// 1. Running sequences, in `QueueKey` order (highest priority, then earliest arrival), each
+    ///    get their uncomputed tokens (normally 1), chunked to the remaining budget when chunked
+    ///    prefill is on. If KV blocks run out, the last running sequence (lowest priority, latest
+    ///    arrival) is preempted (blocks freed, `num_computed_tokens = 0`, generated tokens kept,
+    ///    back in the waiting queue at its own key) until the allocation succeeds or the sequence
+    ///    itself was the last and got preempted.
+    /// 2. Only if nobody was preempted: waiting sequences in `QueueKey` order while the budget,
     ///    `max_num_seqs` and free blocks allow (under `GuaranteedNoEvict`, the blocks of the
     ///    sequence's whole length beyond what running sequences may still claim, so step 1
     ///    never has to preempt). A prompt longer than the remaining budget is
@@ -185,8 +228,8 @@ impl Scheduler {
                     allocated = true;
                     break;
                 }
-                // The victim is the newest running sequence; it is at index >= run_idx, so it
-                // has not been scheduled in this step.
+                // The victim is the last running sequence; it is at index >= run_idx, so it has
+                // not been scheduled in this step.
                 let Some(victim_id) = self.running.pop() else {
                     break;
                 };
@@ -226,7 +269,7 @@ impl Scheduler {
                     && self.unclaimed_blocks(seq_id) > self.unpromised_blocks()
                 {
                     self.undo_reuse(seq_id, reused);
-                    break; // FIFO: the head waits until running sequences end
+                    break; // in order: the head waits until running sequences end
                 }
                 if !self.kv.allocate_slots(seq_id, start_pos + chunk_len) {
                     self.undo_reuse(seq_id, reused);
@@ -237,10 +280,11 @@ impl Scheduler {
                     self.num_reused_tokens += reused as u64;
                 }
                 self.waiting.pop_front();
-                self.running.push(seq_id);
                 if let Some(seq) = self.seqs.get_mut(&seq_id) {
                     seq.status = SeqStatus::Running;
+                    seq.was_admitted = true;
                 }
+                self.insert_running(seq_id);
                 if let Some(s) = self.scheduled_seq(seq_id, start_pos, chunk_len) {
                     budget -= s.token_ids.len();
                     scheduled.push(s);
@@ -248,9 +292,8 @@ impl Scheduler {
             }
         }
 
-        // Running sequences first, in admission order: decodes, and at most one sequence still
-        // prefilling, which is the newest (it took the whole remaining budget, so nothing was
-        // admitted after it). Then this step's admissions, all prefill chunks.
+        // Running sequences first, in key order (decodes, and sequences still prefilling), then
+        // this step's admissions, all prefill chunks.
         let seqs = scheduled;
         let num_batched_tokens = seqs.iter().map(|s| s.token_ids.len()).sum();
         SchedulePlan {
@@ -346,6 +389,14 @@ impl Scheduler {
         self.num_reused_tokens
     }
 
+    /// True while the sequence waits and has never been admitted (a new request that no step has
+    /// computed anything of yet); false once admitted (also when preempted later) or unknown.
+    pub fn is_new(&self, seq_id: SeqId) -> bool {
+        self.seqs
+            .get(&seq_id)
+            .is_some_and(|s| s.status == SeqStatus::Waiting && !s.was_admitted)
+    }
+
     /// Prompt + generated tokens of a sequence, or None if unknown.
     pub fn tokens(&self, seq_id: SeqId) -> Option<&[u32]> {
         self.seqs.get(&seq_id).map(|s| s.tokens.as_slice())
@@ -370,9 +421,21 @@ impl Scheduler {
     /// and have nothing computed; running ones hold between `ceil(num_computed / block_size)`
     /// and `ceil(tokens.len() / block_size)` blocks; only running sequences hold blocks; and
     /// the KV manager's own checks (ref counts match block-table membership, no block owned
-    /// twice, free + used == total).
+    /// twice, free + used == total); both lists are sorted by `QueueKey` (priority, then arrival).
     pub fn check_invariants(&self) -> Result<(), String> {
         self.kv.check_invariants()?;
+        for (name, ids) in [
+            ("waiting", self.waiting.iter().copied().collect::<Vec<_>>()),
+            ("running", self.running.clone()),
+        ] {
+            let keys: Vec<_> = ids.iter().map(|&id| self.key(id)).collect();
+            if let Some(w) = keys.windows(2).find(|w| w[0] >= w[1]) {
+                return Err(format!(
+                    "{name} is not in (priority, arrival) order: {:?} before {:?}",
+                    w[0], w[1]
+                ));
+            }
+        }
         if self.running.len() > self.cfg.batching.max_num_seqs {
             return Err(format!(
                 "{} running > max_num_seqs {}",
@@ -496,8 +559,31 @@ impl Scheduler {
         })
     }
 
-    /// Preemption by recompute: free all blocks, forget computed positions, keep the tokens, and
-    /// put the sequence at the front of the waiting queue. The caller removed it from `running`.
+    /// A sequence's `QueueKey` (an unknown one sorts first; lists hold only known ones).
+    fn key(&self, seq_id: SeqId) -> QueueKey {
+        self.seqs.get(&seq_id).map_or(
+            QueueKey {
+                level: Reverse(i64::MAX),
+                arrival: 0,
+            },
+            |s| s.key,
+        )
+    }
+
+    /// Puts `seq_id` into the waiting queue at its key.
+    fn insert_waiting(&mut self, seq_id: SeqId) {
+        let key = self.key(seq_id);
+        let idx = self.waiting.partition_point(|&id| self.key(id) < key);
+        self.waiting.insert(idx, seq_id);
+    }
+
+    /// Puts `seq_id` into the running list at its key.
+    fn insert_running(&mut self, seq_id: SeqId) {
+        let key = self.key(seq_id);
+        let idx = self.running.partition_point(|&id| self.key(id) < key);
+        self.running.insert(idx, seq_id);
+    }
+
     /// Blocks sequence `seq_id` may ever hold: those of its `max_num_tokens`.
     fn worst_case_blocks(&self, seq_id: SeqId) -> usize {
         self.seqs
@@ -548,13 +634,16 @@ impl Scheduler {
         }
     }
 
+    /// Preemption by recompute: free all blocks, forget computed positions, keep the tokens, and
+    /// put the sequence back in the waiting queue at its key (its place among its level). The
+    /// caller removed it from `running`.
     fn preempt(&mut self, seq_id: SeqId) {
         self.kv.free(seq_id);
         if let Some(seq) = self.seqs.get_mut(&seq_id) {
             seq.num_computed_tokens = 0;
             seq.status = SeqStatus::Waiting;
         }
-        self.waiting.push_front(seq_id);
+        self.insert_waiting(seq_id);
         self.num_preemptions += 1;
     }
 }

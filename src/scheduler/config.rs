@@ -65,7 +65,8 @@ pub struct SchedulerConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SchedulerPolicy {
     /// Admit while the prompt's blocks are free (vLLM's policy): the most sequences at once;
-    /// when the cache runs out, the newest running sequence is preempted and recomputed later.
+    /// when the cache runs out, the last running sequence (lowest priority, then newest) is
+    /// preempted and recomputed later.
     #[default]
     MaxUtilization,
     /// Admit a sequence only if the blocks for its whole length (prompt + max_tokens, capped

@@ -493,3 +493,5 @@ fn guaranteed_no_evict_charges_a_sequence_only_for_blocks_beyond_its_cached_pref
         }
     }
 }
+
+mod priority;

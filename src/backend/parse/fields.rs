@@ -8,7 +8,7 @@ use serde_json::Value;
 use triton_api::DataType;
 
 use super::tensor::{Given, word_list};
-use super::{Draft, invalid};
+use super::{Draft, PriorityOrder, invalid};
 use crate::request::RequestError;
 use crate::tokenizer::Tokenizer;
 
@@ -87,6 +87,9 @@ pub(super) enum Keys {
     Sampling(&'static [&'static str]),
     /// Request parameters only: `sampling_parameters` rejects them, as vLLM has no such key.
     Parameter(&'static [&'static str]),
+    /// Keys of `sampling_parameters` only, read by vLLM's convention where it differs from the
+    /// request parameter of the same name (`priority`).
+    SamplingOnly(&'static [&'static str]),
 }
 
 /// How a field's value is read from a tensor or a JSON value, and the setter that stores it in
@@ -159,7 +162,7 @@ const NO_BAD_WORDS: &str = "bad words are not supported by ferrum; send an empty
 /// error for an unknown `sampling_parameters` key.
 #[rustfmt::skip]
 pub(super) const FIELDS: &[Field] = {
-    use Keys::{Parameter, Sampling, TensorOnly};
+    use Keys::{Parameter, Sampling, SamplingOnly, TensorOnly};
     use Kind::*;
     &[
     //    tensors: canonical name, aliases          dtype/dims JSON keys
@@ -222,6 +225,12 @@ pub(super) const FIELDS: &[Field] = {
           MustBeOne("must be 1: beam search and multiple sequences are not supported")),
     field(&[],                                      NO_TENSOR, Sampling(&["n", "best_of"]),
           MustBeOne("must be 1: multiple sequences per request are not supported")),
+    // Higher is scheduled first (ferrum's and TensorRT-LLM's order); in `sampling_parameters`,
+    // vLLM's order: lower first.
+    field(&["priority"],                            INT,       Parameter(&["priority"]),
+          Int(|d, name, n| d.priority = Some((name, n, PriorityOrder::HigherFirst)))),
+    field(&[],                                      NO_TENSOR, SamplingOnly(&["priority"]),
+          Int(|d, name, n| d.priority = Some((name, n, PriorityOrder::LowerFirst)))),
     field(&["sampling_parameters"],                 STRING,    TensorOnly,
           SamplingParameters),
     ]
@@ -231,7 +240,7 @@ impl Keys {
     /// The keys accepted inside `sampling_parameters`.
     pub(super) fn in_sampling_parameters(self) -> &'static [&'static str] {
         match self {
-            Keys::Sampling(keys) => keys,
+            Keys::Sampling(keys) | Keys::SamplingOnly(keys) => keys,
             Keys::Parameter(_) | Keys::TensorOnly => &[],
         }
     }
@@ -240,7 +249,7 @@ impl Keys {
     pub(super) fn in_parameters(self) -> &'static [&'static str] {
         match self {
             Keys::Sampling(keys) | Keys::Parameter(keys) => keys,
-            Keys::TensorOnly => &[],
+            Keys::SamplingOnly(_) | Keys::TensorOnly => &[],
         }
     }
 }

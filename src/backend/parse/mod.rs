@@ -26,7 +26,8 @@ use triton_api::{InputTensor, ParamValue};
 
 use crate::config::RequestDefaults;
 use crate::request::{
-    GenerateRequest, ModelInfo, Prompt, RequestError, RequestSpec, SamplingParams, StopCriteria,
+    GenerateRequest, ModelInfo, Prompt, QueueParams, RequestError, RequestSpec, SamplingParams,
+    StopCriteria,
 };
 use crate::tokenizer::ChatMessage;
 use fields::{FIELDS, Field, Kind, find};
@@ -110,10 +111,46 @@ struct Draft {
     exclude_input_in_output: bool,
     apply_chat_template: bool,
     return_log_probs: bool,
+    /// The priority as the client sent it, and which order it is in.
+    priority: Option<(&'static str, i64, PriorityOrder)>,
     /// Each field read and the name it came under, in the order applied (the last one of a
     /// field is the value that counts): errors of `GenerateRequest::new` name the field as the
     /// client did.
     used: Vec<(&'static Field, &'static str)>,
+}
+
+/// Which way a client's `priority` value reads.
+#[derive(Debug, Clone, Copy)]
+enum PriorityOrder {
+    /// Higher is scheduled first: the `priority` tensor and request parameter (the order the
+    /// engine uses, as TensorRT-LLM's).
+    HigherFirst,
+    /// Lower is scheduled first: `priority` in `sampling_parameters` (vLLM's order).
+    LowerFirst,
+}
+
+impl PriorityOrder {
+    /// The engine's level (higher first) for a value checked to fit an i32, or the error naming
+    /// the range and the order.
+    fn level(self, name: &'static str, value: i64) -> Result<i64, RequestError> {
+        let order = match self {
+            PriorityOrder::HigherFirst => "higher is scheduled first",
+            PriorityOrder::LowerFirst => {
+                "in sampling_parameters, vLLM's order: lower is scheduled first"
+            }
+        };
+        if i32::try_from(value).is_err() {
+            return Err(invalid(
+                name,
+                value,
+                format!("must be in [{}, {}]; {order}", i32::MIN, i32::MAX),
+            ));
+        }
+        Ok(match self {
+            PriorityOrder::HigherFirst => value,
+            PriorityOrder::LowerFirst => -value,
+        })
+    }
 }
 
 fn invalid(
@@ -331,11 +368,18 @@ impl Draft {
         self.stop.min_tokens = min_tokens;
         let detokenize = interface == Interface::Text || !self.stop.stop_strings.is_empty();
         let return_log_probs = self.sampling.logprobs.is_some();
+        let queue = QueueParams {
+            priority: match self.priority {
+                Some((name, value, order)) => order.level(name, value)?,
+                None => 0,
+            },
+        };
         let spec = RequestSpec {
             prompt,
             sampling: self.sampling,
             stop: self.stop,
             detokenize,
+            queue,
         };
         let used = self.used;
         let generate = GenerateRequest::new(spec, ctx.model).map_err(|e| match e {
@@ -1180,7 +1224,7 @@ mod tests {
             "invalid value for 'sampling_parameters': unknown key 'temprature' (accepted keys: \
              max_tokens, min_tokens, temperature, top_k, top_p, min_p, repetition_penalty, \
              presence_penalty, frequency_penalty, seed, stop, stop_token_ids, ignore_eos, \
-             logprobs, n, best_of)"
+             logprobs, n, best_of, priority)"
         );
         // Request-parameter keys and tensor aliases are not sampling_parameters keys.
         for key in ["stream", "streaming", "random_seed"] {
@@ -1222,6 +1266,8 @@ mod tests {
         let e = err_text(vec![text("x"), i32s("top_k", vec![1], &[-1])]);
         assert!(e.contains("'top_k': -1"), "{e}");
     }
+
+    mod queue;
 
     #[test]
     fn the_table_is_consistent() {

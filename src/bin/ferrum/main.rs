@@ -316,6 +316,7 @@ fn generate(a: GenerateArgs) -> CliResult {
             ignore_eos: a.ignore_eos,
         },
         detokenize: has_tokenizer,
+        queue: Default::default(),
     };
     let request = GenerateRequest::new(spec, handle.info()).map_err(|e| match e {
         RequestError::NoTokenizer {

@@ -270,12 +270,16 @@ pub struct ModelInfo {
     pub tokenizer: Option<Arc<Tokenizer>>,
 }
 
-/// Where a request waits for the engine. Defaults: priority 0.
+/// Where a request waits for the engine. Defaults: priority 0, the engine's queue timeout.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct QueueParams {
     /// Scheduling level: higher levels are admitted first, FIFO within a level, and the lowest
     /// running level is preempted first (0 is the default level; any value).
     pub priority: i64,
+    /// Longest wait from submission to the request's first step, replacing the engine's
+    /// (`BatchingOptions::queue_timeout`); past it, a request never scheduled ends with
+    /// `TokenEvent::Unavailable`. None: the engine's.
+    pub queue_timeout: Option<std::time::Duration>,
 }
 
 /// What a caller asks for, not yet checked: `GenerateRequest::new` validates it against a model.
@@ -289,7 +293,7 @@ pub struct RequestSpec {
     pub stop: StopCriteria,
     /// Produce incremental text deltas (UTF-8 safe) with each token event.
     pub detokenize: bool,
-    /// Priority (and, later, limits on waiting).
+    /// Priority and how long it may wait for its first step.
     pub queue: QueueParams,
 }
 
@@ -418,7 +422,7 @@ impl GenerateRequest {
         self.detokenize
     }
 
-    /// Its priority.
+    /// Its priority and queue timeout.
     pub fn queue(&self) -> &QueueParams {
         &self.queue
     }
@@ -488,8 +492,9 @@ pub enum TokenEvent {
     },
     /// The request failed; no more events follow.
     Error(String),
-    /// The engine did not take the request: it is not serving (restarting after a failure, or
-    /// failed for good). The message says since when, why, and what to do (retry or reload the
-    /// model). No more events follow.
+    /// The engine did not serve the request: it is not serving (restarting after a failure, or
+    /// failed for good), or the request waited past its queue timeout before its first step.
+    /// Holds the whole message, which says why and what to do (retry, or reload the model). No
+    /// more events follow.
     Unavailable(String),
 }

@@ -1095,7 +1095,7 @@ fn requests_are_refused_with_the_reason_while_rebuilding_and_after_a_failed_rebu
     let evs = request_events(&handle, greedy(prompt(6, 1), 4, None));
     match &evs[..] {
         [TokenEvent::Unavailable(e)] => assert!(
-            e.starts_with("the engine is restarting after it failed at ")
+            e.starts_with("the model is not serving: the engine is restarting after it failed at ")
                 && e.contains(" UTC: panic in step: test executor panics in step 12; retry"),
             "{e}"
         ),
@@ -1153,7 +1153,7 @@ fn requests_are_refused_with_the_reason_while_rebuilding_and_after_a_failed_rebu
         let evs = request_events(&handle, greedy(prompt(6, 1), 4, None));
         match &evs[..] {
             [TokenEvent::Unavailable(e)] => assert!(
-                e.starts_with("the engine failed at ")
+                e.starts_with("the model is not serving: the engine failed at ")
                     && e.contains(" UTC: panic in step: injected panic")
                     && e.ends_with(
                         "; rebuilding it failed: engine error: no device left; reload the model"
@@ -1217,7 +1217,7 @@ fn a_fail_closed_engine_refuses_every_request_after_a_panic() {
     let evs = request_events(&handle, greedy(prompt(5, 1), 10, None));
     match &evs[..] {
         [TokenEvent::Unavailable(e)] => assert!(
-            e.starts_with("the engine failed at ")
+            e.starts_with("the model is not serving: the engine failed at ")
                 && e.contains(" UTC: panic in step: injected panic")
                 && e.ends_with("; reload the model"),
             "{e}"
@@ -1399,4 +1399,86 @@ fn higher_priority_requests_finish_first_under_saturation() {
         .chain([1, 4, 6, 0, 3, 5, 2].map(|i| ids[i]))
         .collect();
     assert_eq!(finish_order, expected);
+}
+
+/// `spec` with its own queue timeout.
+fn with_queue_timeout(mut spec: RequestSpec, timeout: Duration) -> RequestSpec {
+    spec.queue.queue_timeout = Some(timeout);
+    spec
+}
+
+/// The queue timeout: while one slow request holds the only seat, a request waiting past the
+/// model's bound (30 ms) or its own (10 ms) ends with one `Unavailable` naming the bound and how
+/// long it waited; one with a longer bound of its own waits and completes, and so does the
+/// running request, which has been in the engine far longer than 30 ms. The places of the
+/// timed-out requests are free at once (`max_queue_size`).
+#[test]
+fn a_request_waiting_past_its_queue_timeout_gets_one_unavailable_naming_the_bound() {
+    let mut opts = one_seat_options(Some(3));
+    opts.batching.queue_timeout = Some(Duration::from_millis(30));
+    let e = slow_engine(&opts, Duration::from_millis(5));
+    let handle = e.handle();
+    let hour = Duration::from_secs(3600);
+    // 40 steps of at least 5 ms: everything below happens while it runs.
+    let mut blocker = submit(&handle, greedy(prompt(4, 0), 40, None)).unwrap();
+    assert!(matches!(blocker.recv(), Some(TokenEvent::Started { .. })));
+    let model_bound = submit(&handle, greedy(prompt(4, 1), 2, None)).unwrap();
+    let own_bound = submit(
+        &handle,
+        with_queue_timeout(greedy(prompt(4, 2), 2, None), Duration::from_millis(10)),
+    )
+    .unwrap();
+    let patient = submit(
+        &handle,
+        with_queue_timeout(greedy(prompt(4, 3), 2, None), hour),
+    )
+    .unwrap();
+    for (stream, bound, whose) in [
+        (model_bound, 30_000, "model's"),
+        (own_bound, 10_000, "request's"),
+    ] {
+        let events: Vec<TokenEvent> = stream.collect();
+        let [TokenEvent::Started { .. }, TokenEvent::Unavailable(msg)] = events.as_slice() else {
+            panic!("{events:?}");
+        };
+        assert!(
+            msg.contains(&format!("the {whose} queue_timeout_microseconds ({bound})"))
+                && msg.contains("without being scheduled"),
+            "{msg}"
+        );
+        let waited_ms: f64 = msg
+            .split("waited ")
+            .nth(1)
+            .and_then(|rest| rest.split(" ms").next())
+            .and_then(|ms| ms.parse().ok())
+            .unwrap_or_else(|| panic!("no wait in {msg}"));
+        assert!(waited_ms >= bound as f64 / 1000.0, "{msg}");
+    }
+    let stats = handle.stats().unwrap();
+    assert_eq!(stats.num_queue_timeouts, 2, "{stats:?}");
+    assert_eq!((stats.num_running, stats.num_waiting), (1, 1), "{stats:?}");
+    // Two places are free again: two more are admitted, a third is busy.
+    let more: Vec<_> = (4..6)
+        .map(|i| {
+            submit(
+                &handle,
+                with_queue_timeout(greedy(prompt(4, i), 2, None), hour),
+            )
+            .unwrap()
+        })
+        .collect();
+    let busy = submit(&handle, greedy(prompt(4, 6), 2, None))
+        .err()
+        .unwrap();
+    assert!(busy.to_string().contains("busy"), "{busy}");
+    let blocker = collect_stream(blocker);
+    assert_eq!(
+        (blocker.output_ids.len(), blocker.num_final_events),
+        (40, 1)
+    );
+    for s in std::iter::once(patient).chain(more) {
+        let c = collect_stream(s);
+        assert_eq!((c.output_ids.len(), c.num_final_events), (2, 1));
+    }
+    assert_eq!(handle.stats().unwrap().num_queue_timeouts, 2);
 }

@@ -241,6 +241,7 @@ impl EngineHandle {
             seq_id,
             request,
             events,
+            submitted_at: Instant::now(),
         };
         self.commands
             .send(Command::Submit(Box::new(sub)))

@@ -22,7 +22,8 @@
 //! purpose, for tests.
 
 use std::any::Any;
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::ffi::OsString;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -96,6 +97,9 @@ pub struct EngineStats {
     /// Steps that panicked. Each failed every request in flight and discarded the engine's state
     /// (`Recovery`).
     pub num_engine_failures: u64,
+    /// Requests that waited past their queue timeout before their first step and ended with
+    /// `Unavailable` (`BatchingOptions::queue_timeout`, `QueueParams::queue_timeout`).
+    pub num_queue_timeouts: u64,
 }
 
 enum Command {
@@ -109,6 +113,8 @@ struct Submission {
     seq_id: SeqId,
     request: GenerateRequest,
     events: EventTarget,
+    /// When `submit` took it: a queue timeout counts from here.
+    submitted_at: Instant,
 }
 
 /// Owns the engine thread; dropping it shuts the engine down (in-flight requests get a final

@@ -231,6 +231,8 @@ pub(super) const FIELDS: &[Field] = {
           Int(|d, name, n| d.priority = Some((name, n, PriorityOrder::HigherFirst)))),
     field(&[],                                      NO_TENSOR, SamplingOnly(&["priority"]),
           Int(|d, name, n| d.priority = Some((name, n, PriorityOrder::LowerFirst)))),
+    field(&[],                                      NO_TENSOR, Parameter(&["queue_timeout_microseconds"]),
+          Int(|d, name, n| d.queue_timeout = Some((name, n)))),
     field(&["sampling_parameters"],                 STRING,    TensorOnly,
           SamplingParameters),
     ]

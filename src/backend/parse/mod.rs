@@ -113,6 +113,8 @@ struct Draft {
     return_log_probs: bool,
     /// The priority as the client sent it, and which order it is in.
     priority: Option<(&'static str, i64, PriorityOrder)>,
+    /// Microseconds, as sent.
+    queue_timeout: Option<(&'static str, i64)>,
     /// Each field read and the name it came under, in the order applied (the last one of a
     /// field is the value that counts): errors of `GenerateRequest::new` name the field as the
     /// client did.
@@ -373,6 +375,10 @@ impl Draft {
                 Some((name, value, order)) => order.level(name, value)?,
                 None => 0,
             },
+            queue_timeout: match self.queue_timeout {
+                Some((name, us)) => Some(queue_timeout(name, us)?),
+                None => None,
+            },
         };
         let spec = RequestSpec {
             prompt,
@@ -414,6 +420,22 @@ fn client_name(used: &[(&'static Field, &'static str)], canonical: &'static str)
             f.tensors.contains(&canonical) || f.keys.in_parameters().contains(&canonical)
         })
         .map_or(canonical, |&(_, name)| name)
+}
+
+/// A request's `queue_timeout_microseconds`: 1 µs to an hour.
+fn queue_timeout(name: &'static str, us: i64) -> Result<std::time::Duration, RequestError> {
+    let max = crate::config::MAX_QUEUE_TIMEOUT_MICROSECONDS;
+    match u64::try_from(us) {
+        Ok(n) if (1..=max).contains(&n) => Ok(std::time::Duration::from_micros(n)),
+        _ => Err(invalid(
+            name,
+            us,
+            format!(
+                "must be in [1, {max}] microseconds (leave it out for the model's \
+                 queue_timeout_microseconds)"
+            ),
+        )),
+    }
 }
 
 fn token_id(field: &'static str, id: i64) -> Result<u32, RequestError> {

@@ -1,5 +1,5 @@
 //! Where a request waits: `priority` (tensor, request parameter, and vLLM's order inside
-//! `sampling_parameters`).
+//! `sampling_parameters`) and `queue_timeout_microseconds`.
 
 use super::*;
 
@@ -76,4 +76,42 @@ fn a_priority_out_of_range_is_an_error_naming_the_order() {
     );
     let e = err_text(vec![text("x"), sampling_json(r#"{"priority": "high"}"#)]);
     assert!(e.contains("priority"), "{e}");
+}
+
+#[test]
+fn queue_timeout_microseconds_is_a_request_parameter_of_one_microsecond_to_an_hour() {
+    let with = |v: ParamValue| {
+        run_with(
+            vec![text("x")],
+            vec![("queue_timeout_microseconds".into(), v)],
+            0,
+            false,
+        )
+    };
+    let p = with(ParamValue::Int(250_000)).unwrap();
+    assert_eq!(
+        p.generate.queue().queue_timeout,
+        Some(std::time::Duration::from_millis(250))
+    );
+    assert_eq!(
+        run(vec![text("x")]).unwrap().generate.queue().queue_timeout,
+        None
+    );
+    for bad in [0, -5, 3_600_000_001] {
+        let e = with(ParamValue::Int(bad)).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("'queue_timeout_microseconds': {bad}"))
+                && e.contains("[1, 3600000000] microseconds"),
+            "{e}"
+        );
+    }
+    // Not a sampling_parameters key (vLLM has none).
+    let e = err_text(vec![
+        text("x"),
+        sampling_json(r#"{"queue_timeout_microseconds": 5}"#),
+    ]);
+    assert!(
+        e.contains("unknown key 'queue_timeout_microseconds'"),
+        "{e}"
+    );
 }

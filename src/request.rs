@@ -115,6 +115,11 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     /// Number of top log-probabilities to return per generated token (None: no logprobs).
     pub logprobs: Option<usize>,
+    /// Token sequences never to generate (`bad_words`, `bad_words_list`): a word's last id is
+    /// banned at a step where the generated tokens end with the word's other ids (a one-id
+    /// word is banned always). Each word holds at least one id of the vocabulary
+    /// (`GenerateRequest::new` checks). The CUDA executor refuses a request with any.
+    pub bad_words: Vec<Vec<u32>>,
 }
 
 impl Default for SamplingParams {
@@ -129,6 +134,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             seed: None,
             logprobs: None,
+            bad_words: Vec::new(),
         }
     }
 }
@@ -388,6 +394,25 @@ impl GenerateRequest {
             ));
         }
         sampling.validate()?;
+        if sampling.bad_words.iter().any(Vec::is_empty) {
+            return Err(RequestError::invalid(
+                "bad_words",
+                "an empty word",
+                "every word must hold at least one token id",
+            ));
+        }
+        if let Some(&bad) = sampling
+            .bad_words
+            .iter()
+            .flatten()
+            .find(|&&id| id as usize >= model.vocab_size)
+        {
+            return Err(RequestError::TokenOutOfRange {
+                field: "bad_words",
+                token_id: bad.into(),
+                vocab_size: model.vocab_size,
+            });
+        }
         stop.validate()?;
         if detokenize && model.tokenizer.is_none() && !stop.stop_strings.is_empty() {
             return Err(RequestError::NoTokenizer { field: "stop" });

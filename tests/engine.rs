@@ -1482,3 +1482,39 @@ fn a_request_waiting_past_its_queue_timeout_gets_one_unavailable_naming_the_boun
     }
     assert_eq!(handle.stats().unwrap().num_queue_timeouts, 2);
 }
+
+/// `bad_words` on the CPU engine: a one-id word never appears; a two-id word [a, b] lets `a`
+/// through but never `b` right after it; the greedy output without them has both.
+#[test]
+fn bad_words_are_never_generated_and_a_longer_word_only_when_complete() {
+    let e = TestEngine::start(&model_dir(), Some(WeightFormat::F32), |_| {});
+    let handle = e.handle();
+    let with_bad_words = |words: Vec<Vec<u32>>| {
+        let mut spec = greedy(prompt(6, 9), 16, None);
+        spec.sampling.bad_words = words;
+        collect(&handle, spec).output_ids
+    };
+    let free = with_bad_words(vec![]);
+    assert_eq!(free.len(), 16);
+    let single = free[3];
+    let out = with_bad_words(vec![vec![single]]);
+    assert_eq!(
+        out[..3],
+        free[..3],
+        "nothing changes before the banned token"
+    );
+    assert!(!out.contains(&single), "{single} in {out:?}");
+    let (a, b) = (free[0], free[1]);
+    let out = with_bad_words(vec![vec![a, b]]);
+    assert_eq!(out[0], a, "the word's first id alone is allowed");
+    assert_ne!(out[1], b);
+    assert!(
+        !out.windows(2).any(|w| w == [a, b]),
+        "[{a}, {b}] completed in {out:?}"
+    );
+    // An id outside the vocabulary is refused, naming the field.
+    let mut spec = greedy(prompt(6, 9), 4, None);
+    spec.sampling.bad_words = vec![vec![1, 1 << 30]];
+    let err = GenerateRequest::new(spec, handle.info()).unwrap_err();
+    assert!(err.to_string().contains("bad_words"), "{err}");
+}

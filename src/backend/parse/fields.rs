@@ -8,7 +8,7 @@ use serde_json::Value;
 use triton_api::DataType;
 
 use super::tensor::{Given, word_list};
-use super::{Draft, PriorityOrder, invalid};
+use super::{BadWordForm, Draft, PriorityOrder, invalid};
 use crate::request::RequestError;
 use crate::tokenizer::Tokenizer;
 
@@ -119,9 +119,8 @@ pub(super) enum Kind {
     /// tensorrtllm's `[2, N]` word list: a one-token word is a stop id, a longer one is decoded
     /// into a stop string.
     StopWordList,
-    /// Accepted only when it holds no word (a BYTES list or a `[2, N]` word list); the bound says
-    /// why.
-    MustBeEmpty(&'static str),
+    /// tensorrtllm's `[2, N]` word list, as token id sequences.
+    WordList(fn(&mut Draft, Vec<Vec<u32>>)),
     /// Accepted only when 1; the bound says why.
     MustBeOne(&'static str),
     /// The `sampling_parameters` JSON, whose keys are read as their fields (before every other
@@ -155,8 +154,6 @@ const fn field(
         kind,
     }
 }
-
-const NO_BAD_WORDS: &str = "bad words are not supported by ferrum; send an empty list";
 
 /// Everything a request may carry. The order is that of `INPUTS` and of the keys listed by the
 /// error for an unknown `sampling_parameters` key.
@@ -205,12 +202,16 @@ pub(super) const FIELDS: &[Field] = {
           Strings(|d, s| d.stop.stop_strings.extend(s))),
     field(&[],                                      NO_TENSOR, Sampling(&["stop_token_ids"]),
           TokenIds(|d, ids| d.stop.stop_token_ids.extend(ids))),
+    // Words never to generate: tensorrtllm's strings (tokenized as written) and word list, and
+    // vLLM's strings (tokenized as written and after a space).
     field(&["bad_words"],                           STRINGS,   TensorOnly,
-          MustBeEmpty(NO_BAD_WORDS)),
+          Strings(|d, s| d.bad_words.extend(s.into_iter().map(|w| (w, BadWordForm::AsWritten))))),
+    field(&[],                                      NO_TENSOR, SamplingOnly(&["bad_words"]),
+          Strings(|d, s| d.bad_words.extend(s.into_iter().map(|w| (w, BadWordForm::AlsoAfterSpace))))),
     field(&["stop_words_list"],                     WORD_LIST, TensorOnly,
           StopWordList),
     field(&["bad_words_list"],                      WORD_LIST, TensorOnly,
-          MustBeEmpty(NO_BAD_WORDS)),
+          WordList(|d, words| d.sampling.bad_words.extend(words))),
     field(&["ignore_eos"],                          BOOL,      Sampling(&["ignore_eos"]),
           Bool(|d, b| d.stop.ignore_eos = b)),
     field(&["apply_chat_template"],                 BOOL,      Parameter(&["apply_chat_template"]),
@@ -319,18 +320,7 @@ impl Field {
                     }
                 }
             }
-            Kind::MustBeEmpty(bound) => {
-                // Read as declared: an INT32 `bad_words` fails as "expected TYPE_STRING".
-                let first_word = match self.dtype {
-                    DataType::Bytes => given.strings()?.first().map(|w| format!("{w:?}")),
-                    _ => word_list(given.tensor()?)?
-                        .first()
-                        .map(|w| format!("{w:?}")),
-                };
-                if let Some(w) = first_word {
-                    return Err(invalid(name, w, bound));
-                }
-            }
+            Kind::WordList(set) => set(d, word_list(given.tensor()?)?),
             // vLLM's JSON: strict, an unknown key is an error (a null value is skipped, whatever
             // its key).
             Kind::SamplingParameters => {

@@ -115,10 +115,58 @@ struct Draft {
     priority: Option<(&'static str, i64, PriorityOrder)>,
     /// Microseconds, as sent.
     queue_timeout: Option<(&'static str, i64)>,
+    /// Bad words as text, tokenized by `finish` (`bad_words_list` ids go straight to
+    /// `sampling.bad_words`).
+    bad_words: Vec<(String, BadWordForm)>,
     /// Each field read and the name it came under, in the order applied (the last one of a
     /// field is the value that counts): errors of `GenerateRequest::new` name the field as the
     /// client did.
     used: Vec<(&'static Field, &'static str)>,
+}
+
+/// How a bad word given as text becomes token sequences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BadWordForm {
+    /// Tokenized as written (tensorrtllm's `bad_words` tensor, as its preprocessing does).
+    AsWritten,
+    /// Tokenized as written without leading spaces, and again after one space, so the word is
+    /// banned at the start of the text and inside it (vLLM's `bad_words` sampling parameter).
+    AlsoAfterSpace,
+}
+
+/// The token sequences of the bad words given as text (without special tokens; duplicates and
+/// words that tokenize to nothing dropped).
+fn tokenize_bad_words(
+    words: &[(String, BadWordForm)],
+    model: &ModelInfo,
+) -> Result<Vec<Vec<u32>>, RequestError> {
+    if words.is_empty() {
+        return Ok(vec![]);
+    }
+    let tok = model
+        .tokenizer
+        .as_deref()
+        .ok_or(RequestError::NoTokenizer { field: "bad_words" })?;
+    let encode = |s: &str| {
+        tok.encode(s, false)
+            .map_err(|e| RequestError::Tokenizer(e.to_string()))
+    };
+    let mut out: Vec<Vec<u32>> = Vec::new();
+    for (word, form) in words {
+        let forms = match form {
+            BadWordForm::AsWritten => vec![encode(word)?],
+            BadWordForm::AlsoAfterSpace => {
+                let bare = word.trim_start();
+                vec![encode(bare)?, encode(&format!(" {bare}"))?]
+            }
+        };
+        for ids in forms {
+            if !ids.is_empty() && !out.contains(&ids) {
+                out.push(ids);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Which way a client's `priority` value reads.
@@ -368,6 +416,12 @@ impl Draft {
         }
         self.stop.max_tokens = max_tokens;
         self.stop.min_tokens = min_tokens;
+        let text_bad_words = tokenize_bad_words(&self.bad_words, ctx.model)?;
+        for ids in text_bad_words {
+            if !self.sampling.bad_words.contains(&ids) {
+                self.sampling.bad_words.push(ids);
+            }
+        }
         let detokenize = interface == Interface::Text || !self.stop.stop_strings.is_empty();
         let return_log_probs = self.sampling.logprobs.is_some();
         let queue = QueueParams {
@@ -811,8 +865,8 @@ mod tests {
                 &["input_ids", "-5"],
             ),
             (
-                vec![text("x"), bytes_tensor("bad_words", vec![1], &[b"no"])],
-                &["bad_words", "not supported"],
+                vec![text("x"), i32s("bad_words_list", vec![2, 2], &[1, 2, 3, 5])],
+                &["bad_words_list", "offset 3", "<= 2"],
             ),
             (
                 vec![text("x"), i32s("min_tokens", vec![1], &[-1])],
@@ -1245,8 +1299,8 @@ mod tests {
             err_text(vec![text("x"), sp(r#"{"temprature": 1}"#)]),
             "invalid value for 'sampling_parameters': unknown key 'temprature' (accepted keys: \
              max_tokens, min_tokens, temperature, top_k, top_p, min_p, repetition_penalty, \
-             presence_penalty, frequency_penalty, seed, stop, stop_token_ids, ignore_eos, \
-             logprobs, n, best_of, priority)"
+             presence_penalty, frequency_penalty, seed, stop, stop_token_ids, bad_words, \
+             ignore_eos, logprobs, n, best_of, priority)"
         );
         // Request-parameter keys and tensor aliases are not sampling_parameters keys.
         for key in ["stream", "streaming", "random_seed"] {
@@ -1289,6 +1343,7 @@ mod tests {
         assert!(e.contains("'top_k': -1"), "{e}");
     }
 
+    mod bad_words;
     mod queue;
 
     #[test]

@@ -305,6 +305,7 @@ fn generate(a: GenerateArgs) -> CliResult {
             frequency_penalty: a.frequency_penalty,
             seed: a.seed,
             logprobs: a.logprobs,
+            bad_words: Vec::new(),
         },
         stop: StopCriteria {
             max_tokens: a

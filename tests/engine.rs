@@ -1338,7 +1338,7 @@ fn one_seat_options(max_queue_size: Option<usize>) -> triton_ferrum::engine::Eng
     opts.batching.max_queue_size = max_queue_size;
     opts.kv.block_size = 4;
     opts.kv.max_tokens = Some(256);
-    opts.max_model_len = Some(64);
+    opts.max_model_len = Some(128);
     opts
 }
 
@@ -1361,16 +1361,10 @@ fn higher_priority_requests_finish_first_under_saturation() {
         let req = GenerateRequest::new(spec, handle.info()).unwrap();
         handle.submit_to(req, tx.clone()).unwrap().0
     };
-    // 20 steps of at least 5 ms: the others all arrive while it runs.
+    // 20 steps of at least 5 ms: the others all arrive while it runs (its first token is out, so
+    // it holds the seat; before its first step it would compete with them by priority).
     let blocker = submit_at(0, 20, 0);
-    while rx.recv().unwrap()
-        != (
-            blocker,
-            TokenEvent::Started {
-                prompt_ids: prompt(4, 0),
-            },
-        )
-    {}
+    while !matches!(rx.recv().unwrap(), (id, TokenEvent::Token { .. }) if id == blocker) {}
     let levels = [0, 5, -2, 0, 5, 0, 5];
     let ids: Vec<_> = levels
         .iter()
@@ -1419,8 +1413,8 @@ fn a_request_waiting_past_its_queue_timeout_gets_one_unavailable_naming_the_boun
     let e = slow_engine(&opts, Duration::from_millis(5));
     let handle = e.handle();
     let hour = Duration::from_secs(3600);
-    // 40 steps of at least 5 ms: everything below happens while it runs.
-    let mut blocker = submit(&handle, greedy(prompt(4, 0), 40, None)).unwrap();
+    // 100 steps of at least 5 ms: everything below happens while it runs.
+    let mut blocker = submit(&handle, greedy(prompt(4, 0), 100, None)).unwrap();
     assert!(matches!(blocker.recv(), Some(TokenEvent::Started { .. })));
     let model_bound = submit(&handle, greedy(prompt(4, 1), 2, None)).unwrap();
     let own_bound = submit(
@@ -1474,7 +1468,7 @@ fn a_request_waiting_past_its_queue_timeout_gets_one_unavailable_naming_the_boun
     let blocker = collect_stream(blocker);
     assert_eq!(
         (blocker.output_ids.len(), blocker.num_final_events),
-        (40, 1)
+        (100, 1)
     );
     for s in std::iter::once(patient).chain(more) {
         let c = collect_stream(s);

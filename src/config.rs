@@ -85,6 +85,7 @@ struct RawParameters {
     quantization: Option<String>,
     max_num_seqs: Option<String>,
     max_queue_size: Option<String>,
+    queue_timeout_microseconds: Option<String>,
     max_num_batched_tokens: Option<String>,
     max_tokens_in_paged_kv_cache: Option<String>,
     kv_cache_free_gpu_mem_fraction: Option<String>,
@@ -121,6 +122,7 @@ pub const PARAMETER_KEYS: &[&str] = &[
     "quantization",
     "max_num_seqs",
     "max_queue_size",
+    "queue_timeout_microseconds",
     "max_num_batched_tokens",
     "max_tokens_in_paged_kv_cache",
     "kv_cache_free_gpu_mem_fraction",
@@ -223,6 +225,9 @@ pub const DEFAULT_QUEUE_PER_SEQ: usize = 4;
 
 /// The most ranks `tensor_parallel_size` may ask for.
 pub const MAX_TENSOR_PARALLEL_SIZE: usize = 64;
+/// The longest `queue_timeout_microseconds` (an hour), for the model key and the request
+/// parameter alike.
+pub const MAX_QUEUE_TIMEOUT_MICROSECONDS: u64 = 3_600_000_000;
 
 /// `max_tokens` of a request that sends none, unless `default_max_tokens` says otherwise.
 pub const DEFAULT_MAX_TOKENS: usize = 128;
@@ -354,6 +359,16 @@ impl BackendConfig {
             0,
             1 << 20,
         )?;
+        // 0: no limit on how long a new request waits for its first step.
+        let queue_timeout = parse_count(
+            "queue_timeout_microseconds",
+            raw.queue_timeout_microseconds.as_deref(),
+            0,
+            0,
+            MAX_QUEUE_TIMEOUT_MICROSECONDS as usize,
+        )?;
+        let queue_timeout =
+            (queue_timeout > 0).then(|| std::time::Duration::from_micros(queue_timeout as u64));
         let max_num_batched_tokens = parse_count(
             "max_num_batched_tokens",
             raw.max_num_batched_tokens.as_deref(),
@@ -531,6 +546,7 @@ impl BackendConfig {
                 batching: BatchingOptions {
                     max_num_seqs,
                     max_queue_size: Some(max_queue_size),
+                    queue_timeout,
                     max_num_batched_tokens,
                     enable_chunked_prefill: enable_chunked_context,
                     policy: batch_scheduler_policy,
@@ -696,6 +712,7 @@ mod tests {
         assert_eq!(o.device, Device::Auto);
         assert_eq!(o.batching.max_num_seqs, 64);
         assert_eq!(o.batching.max_queue_size, Some(DEFAULT_QUEUE_PER_SEQ * 64));
+        assert_eq!(o.batching.queue_timeout, None);
         assert_eq!(o.batching.max_num_batched_tokens, 2048);
         assert_eq!(o.kv.block_size, 16);
         assert_eq!(o.kv.free_gpu_mem_fraction, 0.9);
@@ -745,6 +762,7 @@ mod tests {
                 ("kv_cache_dtype", "fp8"),
                 ("max_num_seqs", "8"),
                 ("max_queue_size", "16"),
+                ("queue_timeout_microseconds", "250000"),
                 ("max_num_batched_tokens", "512"),
                 ("max_tokens_in_paged_kv_cache", "4096"),
                 ("kv_cache_free_gpu_mem_fraction", "0.5"),
@@ -802,6 +820,10 @@ mod tests {
         assert_eq!(o.kv.max_tokens, Some(4096));
         assert_eq!(o.max_model_len, Some(1024));
         assert_eq!(o.batching.max_queue_size, Some(16));
+        assert_eq!(
+            o.batching.queue_timeout,
+            Some(std::time::Duration::from_millis(250))
+        );
         assert!(!o.batching.enable_chunked_prefill);
         assert_eq!(o.batching.policy, SchedulerPolicy::GuaranteedNoEvict);
         assert!(o.batching.enable_prefix_caching);
@@ -826,6 +848,14 @@ mod tests {
             (&[("max_num_seqs", "0")], &["max_num_seqs", "'0'"]),
             (&[("max_num_seqs", "lots")], &["max_num_seqs", "lots"]),
             (&[("max_queue_size", "-1")], &["max_queue_size", "-1"]),
+            (
+                &[("queue_timeout_microseconds", "3600000001")],
+                &[
+                    "queue_timeout_microseconds",
+                    "3600000001",
+                    "[0, 3600000000]",
+                ],
+            ),
             (
                 &[("block_size", "24")],
                 &["block_size", "24", "power of two"],

@@ -115,6 +115,11 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     /// Number of top log-probabilities to return per generated token (None: no logprobs).
     pub logprobs: Option<usize>,
+    /// Token sequences never to generate (`bad_words`, `bad_words_list`): a word's last id is
+    /// banned at a step where the generated tokens end with the word's other ids (a one-id
+    /// word is banned always). Each word holds at least one id of the vocabulary
+    /// (`GenerateRequest::new` checks). The CUDA executor refuses a request with any.
+    pub bad_words: Vec<Vec<u32>>,
 }
 
 impl Default for SamplingParams {
@@ -129,6 +134,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             seed: None,
             logprobs: None,
+            bad_words: Vec::new(),
         }
     }
 }
@@ -270,6 +276,18 @@ pub struct ModelInfo {
     pub tokenizer: Option<Arc<Tokenizer>>,
 }
 
+/// Where a request waits for the engine. Defaults: priority 0, the engine's queue timeout.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueParams {
+    /// Scheduling level: higher levels are admitted first, FIFO within a level, and the lowest
+    /// running level is preempted first (0 is the default level; any value).
+    pub priority: i64,
+    /// Longest wait from submission to the request's first step, replacing the engine's
+    /// (`BatchingOptions::queue_timeout`); past it, a request never scheduled ends with
+    /// `TokenEvent::Unavailable`. None: the engine's.
+    pub queue_timeout: Option<std::time::Duration>,
+}
+
 /// What a caller asks for, not yet checked: `GenerateRequest::new` validates it against a model.
 #[derive(Debug, Clone)]
 pub struct RequestSpec {
@@ -281,6 +299,8 @@ pub struct RequestSpec {
     pub stop: StopCriteria,
     /// Produce incremental text deltas (UTF-8 safe) with each token event.
     pub detokenize: bool,
+    /// Priority and how long it may wait for its first step.
+    pub queue: QueueParams,
 }
 
 /// The allowed range of `max_tokens` for a model whose context is `max_model_len` tokens (at
@@ -300,6 +320,7 @@ pub struct GenerateRequest {
     sampling: SamplingParams,
     stop: StopCriteria,
     detokenize: bool,
+    queue: QueueParams,
     /// `(vocab_size, max_model_len)` of the model it was validated for: the engine refuses a
     /// request built for another model instead of checking it again.
     validated_for: (usize, usize),
@@ -318,6 +339,7 @@ impl GenerateRequest {
             sampling,
             stop,
             detokenize,
+            queue,
         } = spec;
         let tokenizer = |field| {
             model
@@ -372,6 +394,25 @@ impl GenerateRequest {
             ));
         }
         sampling.validate()?;
+        if sampling.bad_words.iter().any(Vec::is_empty) {
+            return Err(RequestError::invalid(
+                "bad_words",
+                "an empty word",
+                "every word must hold at least one token id",
+            ));
+        }
+        if let Some(&bad) = sampling
+            .bad_words
+            .iter()
+            .flatten()
+            .find(|&&id| id as usize >= model.vocab_size)
+        {
+            return Err(RequestError::TokenOutOfRange {
+                field: "bad_words",
+                token_id: bad.into(),
+                vocab_size: model.vocab_size,
+            });
+        }
         stop.validate()?;
         if detokenize && model.tokenizer.is_none() && !stop.stop_strings.is_empty() {
             return Err(RequestError::NoTokenizer { field: "stop" });
@@ -381,6 +422,7 @@ impl GenerateRequest {
             sampling,
             stop,
             detokenize,
+            queue,
             validated_for: (model.vocab_size, model.max_model_len),
         })
     }
@@ -403,6 +445,11 @@ impl GenerateRequest {
     /// Whether token events carry text deltas.
     pub fn detokenize(&self) -> bool {
         self.detokenize
+    }
+
+    /// Its priority and queue timeout.
+    pub fn queue(&self) -> &QueueParams {
+        &self.queue
     }
 
     /// Whether this request was validated for a model with `model`'s vocabulary and context.
@@ -470,8 +517,9 @@ pub enum TokenEvent {
     },
     /// The request failed; no more events follow.
     Error(String),
-    /// The engine did not take the request: it is not serving (restarting after a failure, or
-    /// failed for good). The message says since when, why, and what to do (retry or reload the
-    /// model). No more events follow.
+    /// The engine did not serve the request: it is not serving (restarting after a failure, or
+    /// failed for good), or the request waited past its queue timeout before its first step.
+    /// Holds the whole message, which says why and what to do (retry, or reload the model). No
+    /// more events follow.
     Unavailable(String),
 }

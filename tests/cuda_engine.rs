@@ -1185,3 +1185,33 @@ fn seeded_gpu_sampling_matches_cpu_engine() {
     println!("SEEDED GPU SAMPLING: {same}/8 requests identical to the CPU engine");
     assert!(same >= 7, "{same}/8 seeded requests match the CPU engine");
 }
+
+/// The CUDA executor samples on the device from a per-sequence table that has no bad words: a
+/// request with `bad_words` gets one error saying so (never a silently ignored ban), and the
+/// engine serves the next request.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run ci/gpu.sh"]
+fn the_cuda_engine_refuses_bad_words_clearly() {
+    let engine = gpu_engine(
+        &fixtures().join("models/llama_gqa_llama3"),
+        DType::F32,
+        |_| {},
+    );
+    let handle = engine.handle();
+    let mut spec = greedy(vec![5, 6, 7], 4, None);
+    spec.sampling.bad_words = vec![vec![9], vec![3, 4]];
+    let events: Vec<_> = submit(&handle, spec).unwrap().collect();
+    match events.as_slice() {
+        [triton_ferrum::request::TokenEvent::Error(e)] => assert!(
+            e.contains("bad_words (2 word(s)) is not supported on the GPU"),
+            "{e}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        collect(&handle, greedy(vec![5, 6, 7], 4, None))
+            .output_ids
+            .len(),
+        4
+    );
+}

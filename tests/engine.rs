@@ -192,12 +192,7 @@ fn abort_ends_stream_and_frees_blocks() {
     opts.kv.max_tokens = Some(64);
     opts.max_model_len = Some(64);
     // 50 tokens of at least 2 ms each: the abort lands long before the request could end.
-    let e = engine_with(&opts, |cpu| {
-        Box::new(TestExecutor {
-            step_time: Duration::from_millis(2),
-            ..TestExecutor::new(cpu, false)
-        })
-    });
+    let e = slow_engine(&opts, Duration::from_millis(2));
     let handle = e.handle();
     let idle = handle.stats().unwrap();
     assert_eq!(
@@ -521,6 +516,20 @@ fn cpu_executor(
         max_model_len,
     };
     (cpu, info, scheduler)
+}
+
+/// An engine with the limits of `opts` whose host-sampling `TestExecutor` stretches every step
+/// to at least `step_time`, so that a test acts while requests run or wait.
+fn slow_engine(
+    opts: &triton_ferrum::engine::EngineOptions,
+    step_time: Duration,
+) -> triton_ferrum::engine::Engine {
+    engine_with(opts, |cpu| {
+        Box::new(TestExecutor {
+            step_time,
+            ..TestExecutor::new(cpu, false)
+        })
+    })
 }
 
 /// An engine on a device-sampling `TestExecutor` with the limits of `overlap_options`.
@@ -1087,7 +1096,7 @@ fn requests_are_refused_with_the_reason_while_rebuilding_and_after_a_failed_rebu
     let evs = request_events(&handle, greedy(prompt(6, 1), 4, None));
     match &evs[..] {
         [TokenEvent::Unavailable(e)] => assert!(
-            e.starts_with("the engine is restarting after it failed at ")
+            e.starts_with("the model is not serving: the engine is restarting after it failed at ")
                 && e.contains(" UTC: panic in step: test executor panics in step 12; retry"),
             "{e}"
         ),
@@ -1145,7 +1154,7 @@ fn requests_are_refused_with_the_reason_while_rebuilding_and_after_a_failed_rebu
         let evs = request_events(&handle, greedy(prompt(6, 1), 4, None));
         match &evs[..] {
             [TokenEvent::Unavailable(e)] => assert!(
-                e.starts_with("the engine failed at ")
+                e.starts_with("the model is not serving: the engine failed at ")
                     && e.contains(" UTC: panic in step: injected panic")
                     && e.ends_with(
                         "; rebuilding it failed: engine error: no device left; reload the model"
@@ -1210,7 +1219,7 @@ fn a_fail_closed_engine_refuses_every_request_after_a_panic() {
     let evs = request_events(&handle, greedy(prompt(5, 1), 10, None));
     match &evs[..] {
         [TokenEvent::Unavailable(e)] => assert!(
-            e.starts_with("the engine failed at ")
+            e.starts_with("the model is not serving: the engine failed at ")
                 && e.contains(" UTC: panic in step: injected panic")
                 && e.ends_with("; reload the model"),
             "{e}"
@@ -1294,12 +1303,7 @@ fn a_full_queue_refuses_at_once_as_busy_and_frees_its_places() {
     opts.kv.max_tokens = Some(256);
     opts.max_model_len = Some(64);
     // 30 tokens of at least 5 ms each: nothing ends while the burst is submitted.
-    let e = engine_with(&opts, |cpu| {
-        Box::new(TestExecutor {
-            step_time: Duration::from_millis(5),
-            ..TestExecutor::new(cpu, false)
-        })
-    });
+    let e = slow_engine(&opts, Duration::from_millis(5));
     let handle = e.handle();
     let results: Vec<_> = (0..8)
         .map(|i| submit(&handle, greedy(prompt(4, i), 30, None)))
@@ -1471,4 +1475,186 @@ fn report_timings_is_an_engine_option_and_off_by_default() {
     let c = collect(&on.handle(), greedy(prompt(5, 5), 3, None));
     assert_eq!(c.output_ids.len(), 3);
     check_timings(&next_timings(&rx), 5, 3);
+}
+
+/// Options of a slow engine with one seat and `max_queue_size` places behind it.
+fn one_seat_options(max_queue_size: Option<usize>) -> triton_ferrum::engine::EngineOptions {
+    let mut opts = triton_ferrum::engine::EngineOptions::new(model_dir());
+    opts.batching.max_num_seqs = 1;
+    opts.batching.max_queue_size = max_queue_size;
+    opts.kv.block_size = 4;
+    opts.kv.max_tokens = Some(256);
+    opts.max_model_len = Some(128);
+    opts
+}
+
+/// `greedy` at a priority level.
+fn at_priority(mut spec: RequestSpec, priority: i64) -> RequestSpec {
+    spec.queue.priority = priority;
+    spec
+}
+
+/// Under saturation (one seat, held by a long request), requests of priority 5 finish before
+/// every request of priority 0 submitted before them, each level in arrival order; priority -2
+/// comes last.
+#[test]
+fn higher_priority_requests_finish_first_under_saturation() {
+    let e = slow_engine(&one_seat_options(None), Duration::from_millis(5));
+    let handle = e.handle();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let submit_at = |salt: u32, max_tokens: usize, priority: i64| {
+        let spec = at_priority(greedy(prompt(4, salt), max_tokens, None), priority);
+        let req = GenerateRequest::new(spec, handle.info()).unwrap();
+        handle.submit_to(req, tx.clone()).unwrap().0
+    };
+    // 20 steps of at least 5 ms: the others all arrive while it runs (its first token is out, so
+    // it holds the seat; before its first step it would compete with them by priority).
+    let blocker = submit_at(0, 20, 0);
+    while !matches!(rx.recv().unwrap(), (id, TokenEvent::Token { .. }) if id == blocker) {}
+    let levels = [0, 5, -2, 0, 5, 0, 5];
+    let ids: Vec<_> = levels
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| submit_at(1 + i as u32, 2, p))
+        .collect();
+    let mut finish_order = Vec::new();
+    while finish_order.len() < 1 + ids.len() {
+        let (id, ev) = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        if is_final(&ev) {
+            assert!(
+                matches!(
+                    ev,
+                    TokenEvent::Token {
+                        finish: Some(FinishReason::Length),
+                        ..
+                    }
+                ),
+                "{id}: {ev:?}"
+            );
+            finish_order.push(id);
+        }
+    }
+    // Arrival index of each level: 5 at 1, 4, 6; 0 at 0, 3, 5; -2 at 2.
+    let expected: Vec<_> = std::iter::once(blocker)
+        .chain([1, 4, 6, 0, 3, 5, 2].map(|i| ids[i]))
+        .collect();
+    assert_eq!(finish_order, expected);
+}
+
+/// `spec` with its own queue timeout.
+fn with_queue_timeout(mut spec: RequestSpec, timeout: Duration) -> RequestSpec {
+    spec.queue.queue_timeout = Some(timeout);
+    spec
+}
+
+/// The queue timeout: while one slow request holds the only seat, a request waiting past the
+/// model's bound (30 ms) or its own (10 ms) ends with one `Unavailable` naming the bound and how
+/// long it waited; one with a longer bound of its own waits and completes, and so does the
+/// running request, which has been in the engine far longer than 30 ms. The places of the
+/// timed-out requests are free at once (`max_queue_size`).
+#[test]
+fn a_request_waiting_past_its_queue_timeout_gets_one_unavailable_naming_the_bound() {
+    let mut opts = one_seat_options(Some(3));
+    opts.batching.queue_timeout = Some(Duration::from_millis(30));
+    let e = slow_engine(&opts, Duration::from_millis(5));
+    let handle = e.handle();
+    let hour = Duration::from_secs(3600);
+    // 100 steps of at least 5 ms: everything below happens while it runs.
+    let mut blocker = submit(&handle, greedy(prompt(4, 0), 100, None)).unwrap();
+    assert!(matches!(blocker.recv(), Some(TokenEvent::Started { .. })));
+    let model_bound = submit(&handle, greedy(prompt(4, 1), 2, None)).unwrap();
+    let own_bound = submit(
+        &handle,
+        with_queue_timeout(greedy(prompt(4, 2), 2, None), Duration::from_millis(10)),
+    )
+    .unwrap();
+    let patient = submit(
+        &handle,
+        with_queue_timeout(greedy(prompt(4, 3), 2, None), hour),
+    )
+    .unwrap();
+    for (stream, bound, whose) in [
+        (model_bound, 30_000, "model's"),
+        (own_bound, 10_000, "request's"),
+    ] {
+        let events: Vec<TokenEvent> = stream.collect();
+        let [TokenEvent::Started { .. }, TokenEvent::Unavailable(msg)] = events.as_slice() else {
+            panic!("{events:?}");
+        };
+        assert!(
+            msg.contains(&format!("the {whose} queue_timeout_microseconds ({bound})"))
+                && msg.contains("without being scheduled"),
+            "{msg}"
+        );
+        let waited_ms: f64 = msg
+            .split("waited ")
+            .nth(1)
+            .and_then(|rest| rest.split(" ms").next())
+            .and_then(|ms| ms.parse().ok())
+            .unwrap_or_else(|| panic!("no wait in {msg}"));
+        assert!(waited_ms >= bound as f64 / 1000.0, "{msg}");
+    }
+    let stats = handle.stats().unwrap();
+    assert_eq!(stats.num_queue_timeouts, 2, "{stats:?}");
+    assert_eq!((stats.num_running, stats.num_waiting), (1, 1), "{stats:?}");
+    // Two places are free again: two more are admitted, a third is busy.
+    let more: Vec<_> = (4..6)
+        .map(|i| {
+            submit(
+                &handle,
+                with_queue_timeout(greedy(prompt(4, i), 2, None), hour),
+            )
+            .unwrap()
+        })
+        .collect();
+    let busy = submit(&handle, greedy(prompt(4, 6), 2, None))
+        .err()
+        .unwrap();
+    assert!(busy.to_string().contains("busy"), "{busy}");
+    let blocker = collect_stream(blocker);
+    assert_eq!(
+        (blocker.output_ids.len(), blocker.num_final_events),
+        (100, 1)
+    );
+    for s in std::iter::once(patient).chain(more) {
+        let c = collect_stream(s);
+        assert_eq!((c.output_ids.len(), c.num_final_events), (2, 1));
+    }
+    assert_eq!(handle.stats().unwrap().num_queue_timeouts, 2);
+}
+
+/// `bad_words` on the CPU engine: a one-id word never appears; a two-id word [a, b] lets `a`
+/// through but never `b` right after it; the greedy output without them has both.
+#[test]
+fn bad_words_are_never_generated_and_a_longer_word_only_when_complete() {
+    let e = TestEngine::start(&model_dir(), Some(WeightFormat::F32), |_| {});
+    let handle = e.handle();
+    let with_bad_words = |words: Vec<Vec<u32>>| {
+        let mut spec = greedy(prompt(6, 9), 16, None);
+        spec.sampling.bad_words = words;
+        collect(&handle, spec).output_ids
+    };
+    let free = with_bad_words(vec![]);
+    assert_eq!(free.len(), 16);
+    let single = free[3];
+    let out = with_bad_words(vec![vec![single]]);
+    assert_eq!(
+        out[..3],
+        free[..3],
+        "nothing changes before the banned token"
+    );
+    assert!(!out.contains(&single), "{single} in {out:?}");
+    let (a, b) = (free[0], free[1]);
+    let out = with_bad_words(vec![vec![a, b]]);
+    assert_eq!(out[0], a, "the word's first id alone is allowed");
+    assert_ne!(out[1], b);
+    assert!(
+        !out.windows(2).any(|w| w == [a, b]),
+        "[{a}, {b}] completed in {out:?}"
+    );
+    // An id outside the vocabulary is refused, naming the field.
+    let mut spec = greedy(prompt(6, 9), 4, None);
+    spec.sampling.bad_words = vec![vec![1, 1 << 30]];
+    let err = GenerateRequest::new(spec, handle.info()).unwrap_err();
+    assert!(err.to_string().contains("bad_words"), "{err}");
 }

@@ -7,7 +7,9 @@
 //! simulates the KV cache's contents: each computed slot records which prefix it holds (a hash
 //! of the tokens up to its position), and every position a chunk attends to but does not compute
 //! must hold its own sequence's prefix. With prefix caching on, prompts often share prefixes, so
-//! shared blocks and reuse after eviction and preemption are checked the same way.
+//! shared blocks and reuse after eviction and preemption are checked the same way. Requests
+//! carry random priorities: admission follows (priority, arrival) order and the preemption
+//! victims are the running sequences last in that order.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -16,6 +18,9 @@ use triton_ferrum::request::SeqId;
 use triton_ferrum::scheduler::{
     BatchingOptions, SchedulePlan, Scheduler, SchedulerConfig, SchedulerPolicy,
 };
+
+/// The highest priority level a random request gets.
+const TOP_PRIORITY: i64 = 7;
 
 /// SplitMix64: small, seeded, good enough for test traffic.
 struct Rng(u64);
@@ -49,6 +54,17 @@ struct Mirror {
     /// Expected `start_pos` of the next chunk (0 after a preemption).
     num_computed: usize,
     arrival_step: usize,
+    /// Higher is served first; arrival order within a level is the id order.
+    priority: i64,
+    /// Admitted and not preempted since (as the plans say).
+    running: bool,
+}
+
+impl Mirror {
+    /// The order of service the scheduler must follow: higher priority, then earlier arrival.
+    fn key(&self, seq_id: SeqId) -> (std::cmp::Reverse<i64>, SeqId) {
+        (std::cmp::Reverse(self.priority), seq_id)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -65,12 +81,21 @@ struct Stats {
     num_partial_prefill_chunks: usize,
     num_missing_samples: usize,
     num_near_full_budget_steps: usize,
+    /// Longest life of a request of the top priority level (FIFO among themselves, ahead of
+    /// everyone else).
     max_age_steps: usize,
+    /// Longest life of any request (lower levels wait while higher ones keep arriving).
+    max_age_steps_any_level: usize,
     /// Tokens a chunk started past because the prefix cache held them.
     num_reused_tokens: usize,
     num_admissions_with_reuse: usize,
     /// Preempted sequences with generated tokens that resumed from cached blocks (their own).
     num_recomputes_from_cache: usize,
+    /// Preemptions that spared a newer running sequence of a higher priority (the victim is the
+    /// lowest level, not the newest).
+    num_preemptions_below_others: usize,
+    /// Admissions of a sequence that arrived after one still waiting (a higher level first).
+    num_admissions_ahead: usize,
 }
 
 struct Harness {
@@ -166,7 +191,16 @@ impl Harness {
         while prompt.len() < num_prompt_tokens {
             prompt.push(self.rng.next_u64() as u32 % 50_000);
         }
-        self.sched.add(seq_id, prompt.clone(), max_tokens).unwrap();
+        // Mostly the default level, some above and below it.
+        let priority = match self.rng.range(0, 9) {
+            0..=5 => 0,
+            6 | 7 => 1,
+            8 => -1,
+            _ => TOP_PRIORITY,
+        };
+        self.sched
+            .add_with_priority(seq_id, prompt.clone(), max_tokens, priority)
+            .unwrap();
         let cap = (num_prompt_tokens + max_tokens).min(self.cfg.max_model_len);
         self.live.insert(
             seq_id,
@@ -176,6 +210,8 @@ impl Harness {
                 cap,
                 num_computed: 0,
                 arrival_step: self.step_idx,
+                priority,
+                running: false,
             },
         );
         self.stats.num_added += 1;
@@ -245,6 +281,7 @@ impl Harness {
         let plan = self.sched.schedule();
         self.check("after schedule");
         self.check_plan(&plan, had_work);
+        self.check_order(&plan);
 
         // The fake model: a random token per sampled entry, occasionally none.
         let mut sampled = Vec::new();
@@ -463,6 +500,60 @@ impl Harness {
         }
     }
 
+    /// Admissions follow (priority, arrival) order: everything admitted in this step comes
+    /// before everything still waiting; each preempted sequence comes after every sequence still
+    /// running. Then updates the mirrors' running flags.
+    fn check_order(&mut self, plan: &SchedulePlan) {
+        let step = self.step_idx;
+        for &seq_id in &plan.preempted {
+            self.live.get_mut(&seq_id).unwrap().running = false;
+        }
+        let admitted: Vec<SeqId> = plan
+            .seqs
+            .iter()
+            .map(|s| s.seq_id)
+            .filter(|id| !self.live[id].running)
+            .collect();
+        for s in &plan.seqs {
+            self.live.get_mut(&s.seq_id).unwrap().running = true;
+        }
+        let key = |id: &SeqId| self.live[id].key(*id);
+        let last_admitted = admitted.iter().map(key).max();
+        let first_waiting = self
+            .live
+            .iter()
+            .filter(|(_, m)| !m.running)
+            .map(|(id, _)| key(id))
+            .min();
+        if let (Some(a), Some(w)) = (last_admitted, first_waiting) {
+            assert!(a < w, "step {step}: admitted {a:?} while {w:?} waits");
+        }
+        let first_waiting_id = self
+            .live
+            .iter()
+            .find(|(_, m)| !m.running)
+            .map(|(id, _)| *id);
+        if let Some(w) = first_waiting_id {
+            self.stats.num_admissions_ahead += admitted.iter().filter(|&&id| id > w).count();
+        }
+        let last_running = self
+            .live
+            .iter()
+            .filter(|(_, m)| m.running)
+            .map(|(id, _)| key(id))
+            .max();
+        for p in &plan.preempted {
+            if let Some(r) = last_running {
+                assert!(key(p) > r, "step {step}: preempted {p} while {r:?} runs");
+            }
+            self.stats.num_preemptions_below_others += usize::from(
+                self.live
+                    .iter()
+                    .any(|(id, m)| m.running && m.priority > self.live[p].priority && id > p),
+            );
+        }
+    }
+
     fn compare_mirrors(&self) {
         for (&seq_id, mirror) in &self.live {
             assert_eq!(
@@ -486,7 +577,10 @@ impl Harness {
         for seq_id in ids {
             let mirror = &self.live[&seq_id];
             let age = self.step_idx - mirror.arrival_step;
-            self.stats.max_age_steps = self.stats.max_age_steps.max(age);
+            self.stats.max_age_steps_any_level = self.stats.max_age_steps_any_level.max(age);
+            if mirror.priority == TOP_PRIORITY {
+                self.stats.max_age_steps = self.stats.max_age_steps.max(age);
+            }
             let at_cap = mirror.tokens.len() >= mirror.cap;
             let has_generated = mirror.tokens.len() > mirror.num_prompt_tokens;
             if at_cap {
@@ -546,13 +640,18 @@ fn assert_traffic(stats: &Stats, chunked: bool) {
     assert!(stats.num_finished_at_cap > 300);
     assert!(stats.num_finished_eos > 50);
     assert!(stats.num_aborted > 100 && stats.num_aborted_after_schedule > 50);
+    assert!(
+        stats.num_admissions_ahead > 50,
+        "priorities never reordered admissions"
+    );
     if chunked {
         assert!(
             stats.num_partial_prefill_chunks > 100,
             "chunked prefill not exercised"
         );
     }
-    // FIFO admission and oldest-first growth: nobody waits forever.
+    // In-order admission and growth: nobody of the top level waits long (lower levels wait
+    // behind higher ones, and all drain once arrivals stop: `Harness::run`).
     assert!(
         stats.max_age_steps < 3000,
         "a request lived {} steps",
@@ -564,6 +663,10 @@ fn assert_traffic(stats: &Stats, chunked: bool) {
 fn assert_busy(stats: &Stats, chunked: bool) {
     assert_traffic(stats, chunked);
     assert!(stats.num_preemptions > 50, "preemption was not exercised");
+    assert!(
+        stats.num_preemptions_below_others > 5,
+        "no preemption spared a newer sequence of a higher priority"
+    );
     assert!(
         stats.num_recomputes_with_generated > 20,
         "recompute of generated tokens not exercised"
@@ -589,6 +692,7 @@ fn chunked_config(policy: SchedulerPolicy, enable_prefix_caching: bool) -> Sched
             policy,
             enable_prefix_caching,
             max_queue_size: None,
+            queue_timeout: None,
         },
         block_size: 4,
         num_blocks: 24,
@@ -613,6 +717,7 @@ fn randomized_invariants_without_chunked_prefill() {
             policy: SchedulerPolicy::MaxUtilization,
             enable_prefix_caching: false,
             max_queue_size: None,
+            queue_timeout: None,
         },
         block_size: 8,
         num_blocks: 10,
@@ -659,6 +764,7 @@ fn randomized_invariants_with_prefix_caching_without_chunking_under_no_evict() {
                 policy,
                 enable_prefix_caching: true,
                 max_queue_size: None,
+                queue_timeout: None,
             },
             block_size: 8,
             num_blocks: 12,

@@ -127,6 +127,7 @@ fn chat_prompt_gives_a_sensible_answer() {
             ..StopCriteria::default()
         },
         detokenize: true,
+        queue: Default::default(),
     };
     let c = collect(&handle, req);
     assert!(c.text.contains("Paris"), "answer: {:?}", c.text);
@@ -152,6 +153,7 @@ fn stop_strings_and_streamed_text() {
             ..StopCriteria::default()
         },
         detokenize: true,
+        queue: Default::default(),
     };
     let free = collect(&handle, req(vec![]));
     assert!(free.text.starts_with(" Paris."), "{:?}", free.text);

@@ -22,7 +22,8 @@
 //! purpose, for tests.
 
 use std::any::Any;
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::ffi::OsString;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -99,6 +100,9 @@ pub struct EngineStats {
     /// Steps that panicked. Each failed every request in flight and discarded the engine's state
     /// (`Recovery`).
     pub num_engine_failures: u64,
+    /// Requests that waited past their queue timeout before their first step and ended with
+    /// `Unavailable` (`BatchingOptions::queue_timeout`, `QueueParams::queue_timeout`).
+    pub num_queue_timeouts: u64,
 }
 
 enum Command {

@@ -192,6 +192,7 @@ impl Supervisor {
             seed_base: self.seed_base,
             removed: Vec::new(),
             pending: Vec::new(),
+            queue_deadlines: BinaryHeap::new(),
             faults: self.faults,
             orphans: self.orphans_tx.clone(),
             timings: self.timings.clone(),
@@ -393,8 +394,10 @@ impl Supervisor {
     pub(super) fn refuse(&self, cmd: Command, refusal: &str) {
         match cmd {
             Command::Submit(mut sub) => {
-                sub.events
-                    .send(sub.seq_id, TokenEvent::Unavailable(refusal.to_string()));
+                sub.events.send(
+                    sub.seq_id,
+                    TokenEvent::Unavailable(format!("the model is not serving: {refusal}")),
+                );
             }
             Command::Stats(tx) => {
                 let _ = tx.send(EngineStats {

@@ -26,6 +26,16 @@ pub(super) struct SeqState {
     pub(super) num_prompt_tokens: usize,
     /// The request's timing, when the engine reports timings (`Worker::timings`).
     pub(super) clock: Option<RequestClock>,
+    /// How long it may wait for its first step, if bounded.
+    pub(super) queue_limit: Option<QueueLimit>,
+}
+
+/// A request's bound on waiting for its first step.
+pub(super) struct QueueLimit {
+    pub(super) submitted_at: Instant,
+    pub(super) timeout: Duration,
+    /// The request set it (else it is the model's `queue_timeout_microseconds`).
+    pub(super) from_request: bool,
 }
 
 pub(super) struct Worker {
@@ -46,6 +56,9 @@ pub(super) struct Worker {
     /// Where each request's `RequestTimings` goes when its final event is sent; None: requests
     /// are not timed.
     pub(super) timings: Option<Sender<RequestTimings>>,
+    /// Queue deadlines of requests with a `QueueLimit`, earliest first; an entry whose request
+    /// has been scheduled (or has left) by then is dropped when it comes up (`expire_waiting`).
+    pub(super) queue_deadlines: BinaryHeap<Reverse<(Instant, SeqId)>>,
 }
 
 impl Worker {
@@ -94,6 +107,10 @@ impl Worker {
                 if !self.scheduler.has_work() {
                     continue;
                 }
+            }
+            self.expire_waiting();
+            if !self.scheduler.has_work() {
+                continue;
             }
             let plan = self.scheduler.schedule();
             if plan.seqs.is_empty() {
@@ -169,7 +186,11 @@ impl Worker {
         };
         let info = &self.info;
         let max_tokens = stop.max_tokens.min(info.max_model_len - prompt_ids.len());
-        if let Err(e) = self.scheduler.add(seq_id, prompt_ids.clone(), max_tokens) {
+        let priority = request.queue().priority;
+        if let Err(e) =
+            self.scheduler
+                .add_with_priority(seq_id, prompt_ids.clone(), max_tokens, priority)
+        {
             events.send(TokenEvent::Error(e.to_string()));
             return;
         }
@@ -206,6 +227,20 @@ impl Worker {
         events.send(TokenEvent::Started {
             prompt_ids: prompt_ids.clone(),
         });
+        let own_timeout = request.queue().queue_timeout;
+        let queue_limit = own_timeout
+            .or(self.scheduler.config().batching.queue_timeout)
+            .map(|timeout| QueueLimit {
+                submitted_at: arrival,
+                timeout,
+                from_request: own_timeout.is_some(),
+            });
+        if let Some(deadline) = queue_limit
+            .as_ref()
+            .and_then(|l| l.submitted_at.checked_add(l.timeout))
+        {
+            self.queue_deadlines.push(Reverse((deadline, seq_id)));
+        }
         self.seqs.insert(
             seq_id,
             SeqState {
@@ -218,8 +253,53 @@ impl Worker {
                 injects_panic,
                 num_prompt_tokens: prompt_ids.len(),
                 clock: self.timings.as_ref().map(|_| RequestClock::new(arrival)),
+                queue_limit,
             },
         );
+    }
+
+    /// Ends every request whose queue deadline has passed while it still waits for its first
+    /// step: it leaves the scheduler and the executor, and gets one `Unavailable` naming the
+    /// bound and how long it waited. Runs before every schedule.
+    pub(super) fn expire_waiting(&mut self) {
+        let now = Instant::now();
+        while let Some(&Reverse((deadline, seq_id))) = self.queue_deadlines.peek() {
+            if deadline > now {
+                break;
+            }
+            self.queue_deadlines.pop();
+            if !self.scheduler.is_new(seq_id) {
+                continue; // scheduled (or gone) in time
+            }
+            self.scheduler.remove(seq_id);
+            self.executor.remove_request(seq_id);
+            let Some(mut state) = self.seqs.remove(&seq_id) else {
+                continue;
+            };
+            self.stats.num_queue_timeouts += 1;
+            let msg = match &state.queue_limit {
+                Some(l) => format!(
+                    "queue timeout: the request waited {:.1} ms without being scheduled, the most \
+                     is the {} queue_timeout_microseconds ({}); retry later",
+                    now.duration_since(l.submitted_at).as_secs_f64() * 1e3,
+                    if l.from_request {
+                        "request's"
+                    } else {
+                        "model's"
+                    },
+                    l.timeout.as_micros()
+                ),
+                None => "queue timeout".into(),
+            };
+            state.events.send(TokenEvent::Unavailable(msg));
+        }
+        // Entries of requests scheduled long before their deadline: keep the heap near the
+        // number of requests held.
+        if self.queue_deadlines.len() > 2 * self.seqs.len() + 64 {
+            let scheduler = &self.scheduler;
+            self.queue_deadlines
+                .retain(|Reverse((_, id))| scheduler.is_new(*id));
+        }
     }
 
     pub(super) fn finish_aborted(&mut self, id: SeqId) {

@@ -87,6 +87,53 @@ impl MinTokens {
     }
 }
 
+/// The `bad_words` rule of one request (`SamplingParams::bad_words`), kept by the CPU executor
+/// beside its sampler: a word's last id is banned at a step where the generated tokens end with
+/// the word's other ids, so a word that tokenizes to several ids is never completed, while its
+/// first ids alone stay allowed.
+#[derive(Debug, Clone, Default)]
+pub struct BadWords {
+    words: Vec<Vec<u32>>,
+    /// The last generated ids: as many as the longest word's prefix (all but its last id).
+    tail: Vec<u32>,
+    max_prefix_len: usize,
+}
+
+impl BadWords {
+    /// The rule of `setup`, with nothing generated yet.
+    pub fn new(setup: &SamplingSetup<'_>) -> Self {
+        let words = setup.params.bad_words.clone();
+        let max_prefix_len = words.iter().map(|w| w.len().saturating_sub(1)).max();
+        BadWords {
+            words,
+            tail: Vec::new(),
+            max_prefix_len: max_prefix_len.unwrap_or(0),
+        }
+    }
+
+    /// Appends the ids this step may not sample to `banned`.
+    pub fn extend_banned(&self, banned: &mut Vec<u32>) {
+        for word in &self.words {
+            if let Some((&last, prefix)) = word.split_last()
+                && self.tail.ends_with(prefix)
+            {
+                banned.push(last);
+            }
+        }
+    }
+
+    /// One more token generated.
+    pub fn accept(&mut self, token_id: u32) {
+        if self.max_prefix_len == 0 {
+            return;
+        }
+        if self.tail.len() == self.max_prefix_len {
+            self.tail.remove(0);
+        }
+        self.tail.push(token_id);
+    }
+}
+
 /// The per-request states of an executor, by sequence.
 pub type SeqStates<S> = HashMap<SeqId, S>;
 
@@ -167,5 +214,38 @@ mod tests {
             ..setup
         });
         assert!(none.suppressed().is_empty());
+    }
+
+    #[test]
+    fn bad_words_ban_a_last_id_only_after_the_rest_of_the_word() {
+        let params = SamplingParams {
+            bad_words: vec![vec![5], vec![1, 2, 3], vec![2, 4]],
+            ..SamplingParams::default()
+        };
+        let setup = SamplingSetup {
+            params: &params,
+            seed: 1,
+            prompt_ids: &[1, 2],
+            suppressed_ids: &[],
+            min_tokens: 0,
+        };
+        let mut b = BadWords::new(&setup);
+        let banned = |b: &BadWords| {
+            let mut v = Vec::new();
+            b.extend_banned(&mut v);
+            v.sort_unstable();
+            v
+        };
+        // The prompt's [1, 2] does not count: only generated tokens complete a word.
+        assert_eq!(banned(&b), vec![5]);
+        b.accept(1);
+        assert_eq!(banned(&b), vec![5]);
+        b.accept(2);
+        assert_eq!(banned(&b), vec![3, 4, 5]);
+        b.accept(4);
+        assert_eq!(banned(&b), vec![5]);
+        b.accept(1);
+        b.accept(2);
+        assert_eq!(banned(&b), vec![3, 4, 5], "the tail is the last two ids");
     }
 }

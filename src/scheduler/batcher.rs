@@ -2,12 +2,22 @@
 //! and `num_computed_tokens`, the waiting queue, the running list and the `KvCacheManager`.
 //! It never samples, detokenizes or decides when a sequence stops (the engine does, keyed by
 //! `SeqId`), and never touches a device.
+//!
+//! Order: both lists are kept sorted by `QueueKey` — higher `priority` first, then earlier
+//! arrival (FIFO within a level). The waiting queue's head is admitted first; the running list's
+//! last sequence (lowest level, latest arrival) is the preemption victim, and a preempted
+//! sequence goes back to the waiting queue at its own key, so it keeps its place among the
+//! requests of its level. With every priority equal this is plain FIFO with the newest running
+//! sequence preempted first.
 
+use std::cmp::Reverse;
 use std::collections::{HashMap, VecDeque};
 
 use super::{ScheduleError, SchedulePlan, ScheduledSeq, SchedulerConfig, SchedulerPolicy};
 use crate::kv_cache::KvCacheManager;
 use crate::request::SeqId;
+
+mod invariants;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SeqStatus {
@@ -32,6 +42,18 @@ struct Sequence {
     /// Positions `0 .. num_computed_tokens` have their K/V in the cache. Always < `tokens.len()`.
     num_computed_tokens: usize,
     status: SeqStatus,
+    /// Where it is served: `priority` level and arrival order.
+    key: QueueKey,
+    /// It has been admitted at least once (so it is no longer a new request; a preempted
+    /// sequence waits again but is not new).
+    was_admitted: bool,
+}
+
+/// The order of service: higher `priority` first, then earlier arrival. Unique per sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct QueueKey {
+    level: Reverse<i64>,
+    arrival: u64,
 }
 
 impl Sequence {
@@ -47,10 +69,13 @@ pub struct Scheduler {
     cfg: SchedulerConfig,
     kv: KvCacheManager,
     seqs: HashMap<SeqId, Sequence>,
-    /// FIFO of sequences to admit; preempted sequences are pushed at the front.
+    /// Sequences to admit, sorted by `QueueKey` (the head is admitted first); preempted
+    /// sequences go back at their own key.
     waiting: VecDeque<SeqId>,
-    /// Admitted sequences, oldest admission first (the last one is the preemption victim).
+    /// Admitted sequences, sorted by `QueueKey` (the last one is the preemption victim).
     running: Vec<SeqId>,
+    /// Arrival number of the next `add`.
+    num_arrivals: u64,
     num_preemptions: u64,
     /// Tokens of admitted sequences (prompts, and prompt + generated on a recompute), and how
     /// many of them came from the prefix cache instead of being computed.
@@ -71,6 +96,7 @@ impl Scheduler {
             seqs: HashMap::new(),
             waiting: VecDeque::new(),
             running: Vec::new(),
+            num_arrivals: 0,
             num_preemptions: 0,
             num_admitted_tokens: 0,
             num_reused_tokens: 0,
@@ -82,17 +108,30 @@ impl Scheduler {
         &self.cfg
     }
 
-    /// Queues a new request. Errors (never panics) when the id is already in use, the prompt is
-    /// empty, `max_tokens` is 0, or the prompt leaves no room for a generated token
-    /// (`prompt_len >= max_model_len`). The validated config makes that last check also cover
-    /// "needs more blocks than num_blocks" and, without chunked prefill, "longer than
-    /// max_num_batched_tokens", since both limits are >= max_model_len.
-    /// The sequence never grows beyond `min(prompt_len + max_tokens, max_model_len)` tokens.
+    /// Queues a new request at priority 0 (`add_with_priority`).
     pub fn add(
         &mut self,
         seq_id: SeqId,
         prompt_ids: Vec<u32>,
         max_tokens: usize,
+    ) -> Result<(), ScheduleError> {
+        self.add_with_priority(seq_id, prompt_ids, max_tokens, 0)
+    }
+
+    /// Queues a new request behind every waiting request of its `priority` level or a higher
+    /// one (higher levels are admitted first, FIFO within a level). Errors (never panics) when
+    /// the id is already in use, the prompt is empty, `max_tokens` is 0, or the prompt leaves no
+    /// room for a generated token
+    /// (`prompt_len >= max_model_len`). The validated config makes that last check also cover
+    /// "needs more blocks than num_blocks" and, without chunked prefill, "longer than
+    /// max_num_batched_tokens", since both limits are >= max_model_len.
+    /// The sequence never grows beyond `min(prompt_len + max_tokens, max_model_len)` tokens.
+    pub fn add_with_priority(
+        &mut self,
+        seq_id: SeqId,
+        prompt_ids: Vec<u32>,
+        max_tokens: usize,
+        priority: i64,
     ) -> Result<(), ScheduleError> {
         if self.seqs.contains_key(&seq_id) {
             return Err(ScheduleError::DuplicateSeqId { seq_id });
@@ -131,9 +170,15 @@ impl Scheduler {
                 max_num_tokens,
                 num_computed_tokens: 0,
                 status: SeqStatus::Waiting,
+                key: QueueKey {
+                    level: Reverse(priority),
+                    arrival: self.num_arrivals,
+                },
+                was_admitted: false,
             },
         );
-        self.waiting.push_back(seq_id);
+        self.num_arrivals += 1;
+        self.insert_waiting(seq_id);
         Ok(())
     }
 
@@ -154,12 +199,13 @@ impl Scheduler {
 
     /// Plans one step.
     ///
-    /// 1. Running sequences, oldest admission first, each get their uncomputed tokens (normally
-    ///    1), chunked to the remaining budget when chunked prefill is on. If KV blocks run out,
-    ///    the newest running sequence is preempted (blocks freed, `num_computed_tokens = 0`,
-    ///    generated tokens kept, pushed to the front of the waiting queue) until the allocation
-    ///    succeeds or the sequence itself was the newest and got preempted.
-    /// 2. Only if nobody was preempted: waiting sequences in FIFO order while the budget,
+    /// 1. Running sequences, in `QueueKey` order (highest priority, then earliest arrival), each
+    ///    get their uncomputed tokens (normally 1), chunked to the remaining budget when chunked
+    ///    prefill is on. If KV blocks run out, the last running sequence (lowest priority, latest
+    ///    arrival) is preempted (blocks freed, `num_computed_tokens = 0`, generated tokens kept,
+    ///    back in the waiting queue at its own key) until the allocation succeeds or the sequence
+    ///    itself was the last and got preempted.
+    /// 2. Only if nobody was preempted: waiting sequences in `QueueKey` order while the budget,
     ///    `max_num_seqs` and free blocks allow (under `GuaranteedNoEvict`, the blocks of the
     ///    sequence's whole length beyond what running sequences may still claim, so step 1
     ///    never has to preempt). A prompt longer than the remaining budget is
@@ -185,8 +231,8 @@ impl Scheduler {
                     allocated = true;
                     break;
                 }
-                // The victim is the newest running sequence; it is at index >= run_idx, so it
-                // has not been scheduled in this step.
+                // The victim is the last running sequence; it is at index >= run_idx, so it has
+                // not been scheduled in this step.
                 let Some(victim_id) = self.running.pop() else {
                     break;
                 };
@@ -226,7 +272,7 @@ impl Scheduler {
                     && self.unclaimed_blocks(seq_id) > self.unpromised_blocks()
                 {
                     self.undo_reuse(seq_id, reused);
-                    break; // FIFO: the head waits until running sequences end
+                    break; // in order: the head waits until running sequences end
                 }
                 if !self.kv.allocate_slots(seq_id, start_pos + chunk_len) {
                     self.undo_reuse(seq_id, reused);
@@ -237,10 +283,11 @@ impl Scheduler {
                     self.num_reused_tokens += reused as u64;
                 }
                 self.waiting.pop_front();
-                self.running.push(seq_id);
                 if let Some(seq) = self.seqs.get_mut(&seq_id) {
                     seq.status = SeqStatus::Running;
+                    seq.was_admitted = true;
                 }
+                self.insert_running(seq_id);
                 if let Some(s) = self.scheduled_seq(seq_id, start_pos, chunk_len) {
                     budget -= s.token_ids.len();
                     scheduled.push(s);
@@ -248,9 +295,8 @@ impl Scheduler {
             }
         }
 
-        // Running sequences first, in admission order: decodes, and at most one sequence still
-        // prefilling, which is the newest (it took the whole remaining budget, so nothing was
-        // admitted after it). Then this step's admissions, all prefill chunks.
+        // Running sequences first, in key order (decodes, and sequences still prefilling), then
+        // this step's admissions, all prefill chunks.
         let seqs = scheduled;
         let num_batched_tokens = seqs.iter().map(|s| s.token_ids.len()).sum();
         SchedulePlan {
@@ -346,6 +392,14 @@ impl Scheduler {
         self.num_reused_tokens
     }
 
+    /// True while the sequence waits and has never been admitted (a new request that no step has
+    /// computed anything of yet); false once admitted (also when preempted later) or unknown.
+    pub fn is_new(&self, seq_id: SeqId) -> bool {
+        self.seqs
+            .get(&seq_id)
+            .is_some_and(|s| s.status == SeqStatus::Waiting && !s.was_admitted)
+    }
+
     /// Prompt + generated tokens of a sequence, or None if unknown.
     pub fn tokens(&self, seq_id: SeqId) -> Option<&[u32]> {
         self.seqs.get(&seq_id).map(|s| s.tokens.as_slice())
@@ -361,104 +415,6 @@ impl Scheduler {
     /// (reason "length") and `remove` it.
     pub fn reached_cap(&self, seq_id: SeqId) -> bool {
         self.seqs.get(&seq_id).is_some_and(Sequence::reached_cap)
-    }
-
-    /// Checks every invariant: each sequence is in at most one of waiting/running, with the
-    /// matching status, and in neither exactly when it reached its cap (then it holds no
-    /// blocks); `running.len() <= max_num_seqs`; `num_prompt_tokens <= tokens.len() <= cap <=
-    /// max_model_len`; `num_computed_tokens < tokens.len()`; waiting sequences hold no blocks
-    /// and have nothing computed; running ones hold between `ceil(num_computed / block_size)`
-    /// and `ceil(tokens.len() / block_size)` blocks; only running sequences hold blocks; and
-    /// the KV manager's own checks (ref counts match block-table membership, no block owned
-    /// twice, free + used == total).
-    pub fn check_invariants(&self) -> Result<(), String> {
-        self.kv.check_invariants()?;
-        if self.running.len() > self.cfg.batching.max_num_seqs {
-            return Err(format!(
-                "{} running > max_num_seqs {}",
-                self.running.len(),
-                self.cfg.batching.max_num_seqs
-            ));
-        }
-        let mut seen: HashMap<SeqId, SeqStatus> = HashMap::with_capacity(self.seqs.len());
-        let queued = self.waiting.iter().map(|&id| (id, SeqStatus::Waiting));
-        for (seq_id, status) in
-            queued.chain(self.running.iter().map(|&id| (id, SeqStatus::Running)))
-        {
-            if seen.insert(seq_id, status).is_some() {
-                return Err(format!("{seq_id} is queued twice"));
-            }
-            if !self.seqs.contains_key(&seq_id) {
-                return Err(format!("{seq_id} is queued but unknown"));
-            }
-        }
-        for (&seq_id, seq) in &self.seqs {
-            let listed = seen.get(&seq_id).copied().unwrap_or(SeqStatus::Capped);
-            if seq.status != listed {
-                return Err(format!(
-                    "{seq_id} has status {:?} but is listed as {listed:?}",
-                    seq.status
-                ));
-            }
-            if (seq.status == SeqStatus::Capped) != seq.reached_cap() {
-                return Err(format!(
-                    "{seq_id} has status {:?} with {} of at most {} tokens",
-                    seq.status,
-                    seq.tokens.len(),
-                    seq.max_num_tokens
-                ));
-            }
-            self.check_sequence(seq_id, seq)?;
-        }
-        for (seq_id, _) in self.kv.tables() {
-            if seen.get(&seq_id) != Some(&SeqStatus::Running) {
-                return Err(format!("{seq_id} holds KV blocks but is not running"));
-            }
-        }
-        Ok(())
-    }
-
-    fn check_sequence(&self, seq_id: SeqId, seq: &Sequence) -> Result<(), String> {
-        let num_tokens = seq.tokens.len();
-        if !(seq.num_prompt_tokens <= num_tokens
-            && num_tokens <= seq.max_num_tokens
-            && seq.max_num_tokens <= self.cfg.max_model_len)
-        {
-            return Err(format!(
-                "{seq_id}: prompt {} <= tokens {num_tokens} <= cap {} <= max_model_len {} violated",
-                seq.num_prompt_tokens, seq.max_num_tokens, self.cfg.max_model_len
-            ));
-        }
-        if seq.num_computed_tokens >= num_tokens {
-            return Err(format!(
-                "{seq_id}: {} computed of {num_tokens} tokens",
-                seq.num_computed_tokens
-            ));
-        }
-        let num_held = self.kv.block_table(seq_id).len();
-        match seq.status {
-            SeqStatus::Capped if num_held != 0 => {
-                Err(format!("{seq_id} is capped but holds {num_held} blocks"))
-            }
-            SeqStatus::Waiting if seq.num_computed_tokens != 0 || num_held != 0 => Err(format!(
-                "{seq_id} is waiting with {} computed tokens and {num_held} blocks",
-                seq.num_computed_tokens
-            )),
-            SeqStatus::Running => {
-                let min_blocks = self.kv.num_blocks_for(seq.num_computed_tokens);
-                let max_blocks = self.kv.num_blocks_for(num_tokens);
-                if (min_blocks..=max_blocks).contains(&num_held) {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "{seq_id}: holds {num_held} blocks, expected {min_blocks}..={max_blocks} for \
-                         {} computed of {num_tokens} tokens",
-                        seq.num_computed_tokens
-                    ))
-                }
-            }
-            SeqStatus::Waiting | SeqStatus::Capped => Ok(()),
-        }
     }
 
     /// The chunk `seq_id` would compute next under `budget`: (start_pos, chunk_len), or None if
@@ -496,8 +452,31 @@ impl Scheduler {
         })
     }
 
-    /// Preemption by recompute: free all blocks, forget computed positions, keep the tokens, and
-    /// put the sequence at the front of the waiting queue. The caller removed it from `running`.
+    /// A sequence's `QueueKey` (an unknown one sorts first; lists hold only known ones).
+    fn key(&self, seq_id: SeqId) -> QueueKey {
+        self.seqs.get(&seq_id).map_or(
+            QueueKey {
+                level: Reverse(i64::MAX),
+                arrival: 0,
+            },
+            |s| s.key,
+        )
+    }
+
+    /// Puts `seq_id` into the waiting queue at its key.
+    fn insert_waiting(&mut self, seq_id: SeqId) {
+        let key = self.key(seq_id);
+        let idx = self.waiting.partition_point(|&id| self.key(id) < key);
+        self.waiting.insert(idx, seq_id);
+    }
+
+    /// Puts `seq_id` into the running list at its key.
+    fn insert_running(&mut self, seq_id: SeqId) {
+        let key = self.key(seq_id);
+        let idx = self.running.partition_point(|&id| self.key(id) < key);
+        self.running.insert(idx, seq_id);
+    }
+
     /// Blocks sequence `seq_id` may ever hold: those of its `max_num_tokens`.
     fn worst_case_blocks(&self, seq_id: SeqId) -> usize {
         self.seqs
@@ -548,13 +527,16 @@ impl Scheduler {
         }
     }
 
+    /// Preemption by recompute: free all blocks, forget computed positions, keep the tokens, and
+    /// put the sequence back in the waiting queue at its key (its place among its level). The
+    /// caller removed it from `running`.
     fn preempt(&mut self, seq_id: SeqId) {
         self.kv.free(seq_id);
         if let Some(seq) = self.seqs.get_mut(&seq_id) {
             seq.num_computed_tokens = 0;
             seq.status = SeqStatus::Waiting;
         }
-        self.waiting.push_front(seq_id);
+        self.insert_waiting(seq_id);
         self.num_preemptions += 1;
     }
 }

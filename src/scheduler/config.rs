@@ -31,6 +31,11 @@ pub struct BatchingOptions {
     /// None: unbounded (the library and CLI default; a Triton model defaults to
     /// `4 * max_num_seqs`).
     pub max_queue_size: Option<usize>,
+    /// Longest a new request may wait for its first step (`queue_timeout_microseconds`; None,
+    /// the default: no limit). A request still waiting past it, never scheduled, ends with one
+    /// `Unavailable` event naming the bound and how long it waited (a request's own
+    /// `QueueParams::queue_timeout` replaces it). Enforced by the engine before every step.
+    pub queue_timeout: Option<std::time::Duration>,
 }
 
 impl Default for BatchingOptions {
@@ -43,6 +48,7 @@ impl Default for BatchingOptions {
             policy: SchedulerPolicy::default(),
             enable_prefix_caching: false,
             max_queue_size: None,
+            queue_timeout: None,
         }
     }
 }
@@ -65,7 +71,8 @@ pub struct SchedulerConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SchedulerPolicy {
     /// Admit while the prompt's blocks are free (vLLM's policy): the most sequences at once;
-    /// when the cache runs out, the newest running sequence is preempted and recomputed later.
+    /// when the cache runs out, the last running sequence (lowest priority, then newest) is
+    /// preempted and recomputed later.
     #[default]
     MaxUtilization,
     /// Admit a sequence only if the blocks for its whole length (prompt + max_tokens, capped

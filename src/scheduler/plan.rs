@@ -3,10 +3,10 @@
 use crate::kv_cache::BlockId;
 use crate::request::SeqId;
 
-/// The work of one step. Running sequences come first, in admission order (decodes, and last
-/// possibly the newest one continuing a chunked prompt), then sequences admitted in this step
-/// (new prompts and recomputes after preemption, possibly chunked). A sequence appears at most
-/// once. The executor should treat every entry as a generic chunk: `token_ids` at positions
+/// The work of one step. Running sequences come first, in the scheduler's order (priority, then
+/// arrival: decodes, and sequences continuing a chunked prompt), then sequences admitted in this
+/// step (new prompts and recomputes after preemption, possibly chunked). A sequence appears at
+/// most once. The executor should treat every entry as a generic chunk: `token_ids` at positions
 /// `start_pos ..`, attending to positions `0 .. end_pos()`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SchedulePlan {

@@ -17,6 +17,7 @@ fn cfg(
             policy: SchedulerPolicy::MaxUtilization,
             enable_prefix_caching: false,
             max_queue_size: None,
+            queue_timeout: None,
         },
         block_size,
         num_blocks,
@@ -144,6 +145,7 @@ fn without_chunked_prefill_a_prompt_waits_for_enough_budget() {
             policy: SchedulerPolicy::MaxUtilization,
             enable_prefix_caching: false,
             max_queue_size: None,
+            queue_timeout: None,
         },
         block_size: 4,
         num_blocks: 16,
@@ -493,3 +495,5 @@ fn guaranteed_no_evict_charges_a_sequence_only_for_blocks_beyond_its_cached_pref
         }
     }
 }
+
+mod priority;

@@ -85,6 +85,7 @@ pub fn greedy(prompt: Vec<u32>, max_tokens: usize, logprobs: Option<usize>) -> R
             ..StopCriteria::default()
         },
         detokenize: false,
+        queue: Default::default(),
     }
 }
 

@@ -6,7 +6,10 @@ libtriton_ferrum.so on free loopback ports, with a temporary model repository:
 - ``smollm2_nb``: non-decoupled, max_batch_size 0 (vLLM backend shapes), with prefix caching
   (``enable_kv_cache_reuse``) on, so its answers are checked against ``smollm2``'s (off);
 - ``bad_missing`` / ``bad_corrupt``: model folders with a missing / corrupt weight file (not loaded
-  at startup; tests load them and expect a clear failure).
+  at startup; tests load them and expect a clear failure);
+- ``smollm2_busy``: decoupled, 2 seats (``max_num_seqs``) and 2 places behind them
+  (``max_queue_size``), and ``smollm2_busy_nb``: not decoupled, one seat and no place behind it,
+  for the overload tests (not loaded at startup: test_overload.py loads and unloads them).
 
 The server runs with ``--model-control-mode=explicit`` so tests can unload and reload models.
 
@@ -252,6 +255,8 @@ parameters [
 ]
 """,
         )
+    _write_model(repo, BUSY_MODEL, busy_model_config(gguf))
+    _write_model(repo, BUSY_MODEL_NB, busy_model_config(gguf, decoupled=False))
     _write_model(
         repo,
         "bad_missing",
@@ -282,6 +287,32 @@ parameters [
         root, repo, load=["smollm2", "smollm2_nb", *TINY_ARCH_MODELS], ready=["smollm2", "smollm2_nb"]
     ) as srv:
         yield srv
+
+
+BUSY_MODEL = "smollm2_busy"
+BUSY_MODEL_NB = "smollm2_busy_nb"
+BUSY_MAX_NUM_SEQS = 2
+BUSY_MAX_QUEUE_SIZE = 2
+
+
+def busy_model_config(gguf: Path, decoupled: bool = True) -> str:
+    """Decoupled with tensorrtllm shapes, 2 seats and 2 places; or not decoupled with vLLM
+    shapes, one seat and no place."""
+    seats, places = (BUSY_MAX_NUM_SEQS, BUSY_MAX_QUEUE_SIZE) if decoupled else (1, 0)
+    return f"""backend: "ferrum"
+max_batch_size: {64 if decoupled else 0}
+model_transaction_policy {{ decoupled: {str(decoupled).lower()} }}
+parameters [
+  {{ key: "model_path", value: {{ string_value: "{gguf}" }} }},
+  {{ key: "device", value: {{ string_value: "cpu" }} }},
+  {{ key: "weight_format", value: {{ string_value: "f32" }} }},
+  {{ key: "max_num_seqs", value: {{ string_value: "{seats}" }} }},
+  {{ key: "max_queue_size", value: {{ string_value: "{places}" }} }},
+  {{ key: "max_model_len", value: {{ string_value: "1024" }} }},
+  {{ key: "max_tokens_in_paged_kv_cache", value: {{ string_value: "4096" }} }},
+  {{ key: "exclude_input_in_output", value: {{ string_value: "true" }} }}
+]
+"""
 
 
 # A SmolLM2 token id (of 49152) that none of the tests' text prompts holds.

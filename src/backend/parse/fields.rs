@@ -8,7 +8,7 @@ use serde_json::Value;
 use triton_api::DataType;
 
 use super::tensor::{Given, word_list};
-use super::{Draft, invalid};
+use super::{BadWordForm, Draft, PriorityOrder, invalid};
 use crate::request::RequestError;
 use crate::tokenizer::Tokenizer;
 
@@ -89,6 +89,9 @@ pub(super) enum Keys {
     Sampling(&'static [&'static str]),
     /// Request parameters only: `sampling_parameters` rejects them, as vLLM has no such key.
     Parameter(&'static [&'static str]),
+    /// Keys of `sampling_parameters` only, read by vLLM's convention where it differs from the
+    /// request parameter of the same name (`priority`).
+    SamplingOnly(&'static [&'static str]),
 }
 
 /// How a field's value is read from a tensor or a JSON value, and the setter that stores it in
@@ -118,9 +121,8 @@ pub(super) enum Kind {
     /// tensorrtllm's `[2, N]` word list: a one-token word is a stop id, a longer one is decoded
     /// into a stop string.
     StopWordList,
-    /// Accepted only when it holds no word (a BYTES list or a `[2, N]` word list); the bound says
-    /// why.
-    MustBeEmpty(&'static str),
+    /// tensorrtllm's `[2, N]` word list, as token id sequences.
+    WordList(fn(&mut Draft, Vec<Vec<u32>>)),
     /// Accepted only when 1; the bound says why.
     MustBeOne(&'static str),
     /// A feature ferrum does not have (guided decoding, LoRA): refused whenever given, with the
@@ -161,7 +163,6 @@ const fn field(
     }
 }
 
-const NO_BAD_WORDS: &str = "bad words are not supported by ferrum; send an empty list";
 const NO_GUIDED_DECODING: &str = "guided decoding (structured output, JSON schema, named tool choice) is not supported by ferrum; leave it out";
 const NO_LORA: &str = "LoRA adapters are not supported by ferrum; leave it out";
 
@@ -169,7 +170,7 @@ const NO_LORA: &str = "LoRA adapters are not supported by ferrum; leave it out";
 /// error for an unknown `sampling_parameters` key.
 #[rustfmt::skip]
 pub(super) const FIELDS: &[Field] = {
-    use Keys::{Parameter, Sampling, TensorOnly};
+    use Keys::{Parameter, Sampling, SamplingOnly, TensorOnly};
     use Kind::*;
     &[
     //    tensors: canonical name, aliases          dtype/dims JSON keys
@@ -220,12 +221,16 @@ pub(super) const FIELDS: &[Field] = {
           Strings(|d, s| d.stop.stop_strings.extend(s))),
     field(&[],                                      NO_TENSOR, Sampling(&["stop_token_ids"]),
           TokenIds(|d, ids| d.stop.stop_token_ids.extend(ids))),
+    // Words never to generate: tensorrtllm's strings (tokenized as written) and word list, and
+    // vLLM's strings (tokenized as written and after a space).
     field(&["bad_words"],                           STRINGS,   TensorOnly,
-          MustBeEmpty(NO_BAD_WORDS)),
+          Strings(|d, s| d.bad_words.extend(s.into_iter().map(|w| (w, BadWordForm::AsWritten))))),
+    field(&[],                                      NO_TENSOR, SamplingOnly(&["bad_words"]),
+          Strings(|d, s| d.bad_words.extend(s.into_iter().map(|w| (w, BadWordForm::AlsoAfterSpace))))),
     field(&["stop_words_list"],                     WORD_LIST, TensorOnly,
           StopWordList),
     field(&["bad_words_list"],                      WORD_LIST, TensorOnly,
-          MustBeEmpty(NO_BAD_WORDS)),
+          WordList(|d, words| d.sampling.bad_words.extend(words))),
     field(&["ignore_eos"],                          BOOL,      Sampling(&["ignore_eos"]),
           Bool(|d, b| d.stop.ignore_eos = b)),
     field(&["apply_chat_template"],                 BOOL,      Parameter(&["apply_chat_template"]),
@@ -265,6 +270,14 @@ pub(super) const FIELDS: &[Field] = {
           Unsupported(NO_LORA)),
     field(&["lora_config"],                         LORA_CONFIG, TensorOnly,
           Unsupported(NO_LORA)),
+    // Higher is scheduled first (ferrum's and TensorRT-LLM's order); in `sampling_parameters`,
+    // vLLM's order: lower first.
+    field(&["priority"],                            INT,       Parameter(&["priority"]),
+          Int(|d, name, n| d.priority = Some((name, n, PriorityOrder::HigherFirst)))),
+    field(&[],                                      NO_TENSOR, SamplingOnly(&["priority"]),
+          Int(|d, name, n| d.priority = Some((name, n, PriorityOrder::LowerFirst)))),
+    field(&[],                                      NO_TENSOR, Parameter(&["queue_timeout_microseconds"]),
+          Int(|d, name, n| d.queue_timeout = Some((name, n)))),
     field(&["sampling_parameters"],                 STRING,    TensorOnly,
           SamplingParameters),
     ]
@@ -274,7 +287,7 @@ impl Keys {
     /// The keys accepted inside `sampling_parameters`.
     pub(super) fn in_sampling_parameters(self) -> &'static [&'static str] {
         match self {
-            Keys::Sampling(keys) => keys,
+            Keys::Sampling(keys) | Keys::SamplingOnly(keys) => keys,
             Keys::Parameter(_) | Keys::TensorOnly => &[],
         }
     }
@@ -283,7 +296,7 @@ impl Keys {
     pub(super) fn in_parameters(self) -> &'static [&'static str] {
         match self {
             Keys::Sampling(keys) | Keys::Parameter(keys) => keys,
-            Keys::TensorOnly => &[],
+            Keys::SamplingOnly(_) | Keys::TensorOnly => &[],
         }
     }
 }
@@ -364,18 +377,7 @@ impl Field {
                     }
                 }
             }
-            Kind::MustBeEmpty(bound) => {
-                // Read as declared: an INT32 `bad_words` fails as "expected TYPE_STRING".
-                let first_word = match self.dtype {
-                    DataType::Bytes => given.strings()?.first().map(|w| format!("{w:?}")),
-                    _ => word_list(given.tensor()?)?
-                        .first()
-                        .map(|w| format!("{w:?}")),
-                };
-                if let Some(w) = first_word {
-                    return Err(invalid(name, w, bound));
-                }
-            }
+            Kind::WordList(set) => set(d, word_list(given.tensor()?)?),
             // vLLM's JSON: strict, an unknown key is an error (a null value is skipped, whatever
             // its key).
             Kind::SamplingParameters => {

@@ -30,7 +30,8 @@ use triton_api::{InputTensor, ParamValue};
 
 use crate::config::RequestDefaults;
 use crate::request::{
-    GenerateRequest, ModelInfo, Prompt, RequestError, RequestSpec, SamplingParams, StopCriteria,
+    GenerateRequest, ModelInfo, Prompt, QueueParams, RequestError, RequestSpec, SamplingParams,
+    StopCriteria,
 };
 use crate::tokenizer::ChatMessage;
 use fields::{FIELDS, Field, Kind, find};
@@ -149,10 +150,96 @@ struct Draft {
     return_log_probs: bool,
     /// `log_probs` is derived in `finish`; the other flags are final.
     outputs: OutputSelection,
+    /// The priority as the client sent it, and which order it is in.
+    priority: Option<(&'static str, i64, PriorityOrder)>,
+    /// Microseconds, as sent.
+    queue_timeout: Option<(&'static str, i64)>,
+    /// Bad words as text, tokenized by `finish` (`bad_words_list` ids go straight to
+    /// `sampling.bad_words`).
+    bad_words: Vec<(String, BadWordForm)>,
     /// Each field read and the name it came under, in the order applied (the last one of a
     /// field is the value that counts): errors of `GenerateRequest::new` name the field as the
     /// client did.
     used: Vec<(&'static Field, &'static str)>,
+}
+
+/// How a bad word given as text becomes token sequences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BadWordForm {
+    /// Tokenized as written (tensorrtllm's `bad_words` tensor, as its preprocessing does).
+    AsWritten,
+    /// Tokenized as written without leading spaces, and again after one space, so the word is
+    /// banned at the start of the text and inside it (vLLM's `bad_words` sampling parameter).
+    AlsoAfterSpace,
+}
+
+/// The token sequences of the bad words given as text (without special tokens; duplicates and
+/// words that tokenize to nothing dropped).
+fn tokenize_bad_words(
+    words: &[(String, BadWordForm)],
+    model: &ModelInfo,
+) -> Result<Vec<Vec<u32>>, RequestError> {
+    if words.is_empty() {
+        return Ok(vec![]);
+    }
+    let tok = model
+        .tokenizer
+        .as_deref()
+        .ok_or(RequestError::NoTokenizer { field: "bad_words" })?;
+    let encode = |s: &str| {
+        tok.encode(s, false)
+            .map_err(|e| RequestError::Tokenizer(e.to_string()))
+    };
+    let mut out: Vec<Vec<u32>> = Vec::new();
+    for (word, form) in words {
+        let forms = match form {
+            BadWordForm::AsWritten => vec![encode(word)?],
+            BadWordForm::AlsoAfterSpace => {
+                let bare = word.trim_start();
+                vec![encode(bare)?, encode(&format!(" {bare}"))?]
+            }
+        };
+        for ids in forms {
+            if !ids.is_empty() && !out.contains(&ids) {
+                out.push(ids);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Which way a client's `priority` value reads.
+#[derive(Debug, Clone, Copy)]
+enum PriorityOrder {
+    /// Higher is scheduled first: the `priority` tensor and request parameter (the order the
+    /// engine uses, as TensorRT-LLM's).
+    HigherFirst,
+    /// Lower is scheduled first: `priority` in `sampling_parameters` (vLLM's order).
+    LowerFirst,
+}
+
+impl PriorityOrder {
+    /// The engine's level (higher first) for a value checked to fit an i32, or the error naming
+    /// the range and the order.
+    fn level(self, name: &'static str, value: i64) -> Result<i64, RequestError> {
+        let order = match self {
+            PriorityOrder::HigherFirst => "higher is scheduled first",
+            PriorityOrder::LowerFirst => {
+                "in sampling_parameters, vLLM's order: lower is scheduled first"
+            }
+        };
+        if i32::try_from(value).is_err() {
+            return Err(invalid(
+                name,
+                value,
+                format!("must be in [{}, {}]; {order}", i32::MIN, i32::MAX),
+            ));
+        }
+        Ok(match self {
+            PriorityOrder::HigherFirst => value,
+            PriorityOrder::LowerFirst => -value,
+        })
+    }
 }
 
 fn invalid(
@@ -379,12 +466,29 @@ impl Draft {
         }
         self.stop.max_tokens = max_tokens;
         self.stop.min_tokens = min_tokens;
+        let text_bad_words = tokenize_bad_words(&self.bad_words, ctx.model)?;
+        for ids in text_bad_words {
+            if !self.sampling.bad_words.contains(&ids) {
+                self.sampling.bad_words.push(ids);
+            }
+        }
         let detokenize = interface == Interface::Text || !self.stop.stop_strings.is_empty();
+        let queue = QueueParams {
+            priority: match self.priority {
+                Some((name, value, order)) => order.level(name, value)?,
+                None => 0,
+            },
+            queue_timeout: match self.queue_timeout {
+                Some((name, us)) => Some(queue_timeout(name, us)?),
+                None => None,
+            },
+        };
         let spec = RequestSpec {
             prompt,
             sampling: self.sampling,
             stop: self.stop,
             detokenize,
+            queue,
         };
         let used = self.used;
         let generate = GenerateRequest::new(spec, ctx.model).map_err(|e| match e {
@@ -419,6 +523,22 @@ fn client_name(used: &[(&'static Field, &'static str)], canonical: &'static str)
             f.tensors.contains(&canonical) || f.keys.in_parameters().contains(&canonical)
         })
         .map_or(canonical, |&(_, name)| name)
+}
+
+/// A request's `queue_timeout_microseconds`: 1 µs to an hour.
+fn queue_timeout(name: &'static str, us: i64) -> Result<std::time::Duration, RequestError> {
+    let max = crate::config::MAX_QUEUE_TIMEOUT_MICROSECONDS;
+    match u64::try_from(us) {
+        Ok(n) if (1..=max).contains(&n) => Ok(std::time::Duration::from_micros(n)),
+        _ => Err(invalid(
+            name,
+            us,
+            format!(
+                "must be in [1, {max}] microseconds (leave it out for the model's \
+                 queue_timeout_microseconds)"
+            ),
+        )),
+    }
 }
 
 fn token_id(field: &'static str, id: i64) -> Result<u32, RequestError> {
@@ -794,8 +914,8 @@ mod tests {
                 &["input_ids", "-5"],
             ),
             (
-                vec![text("x"), bytes_tensor("bad_words", vec![1], &[b"no"])],
-                &["bad_words", "not supported"],
+                vec![text("x"), i32s("bad_words_list", vec![2, 2], &[1, 2, 3, 5])],
+                &["bad_words_list", "offset 3", "<= 2"],
             ),
             (
                 vec![text("x"), i32s("min_tokens", vec![1], &[-1])],
@@ -1241,8 +1361,8 @@ mod tests {
             err_text(vec![text("x"), sp(r#"{"temprature": 1}"#)]),
             "invalid value for 'sampling_parameters': unknown key 'temprature' (accepted keys: \
              max_tokens, min_tokens, temperature, top_k, top_p, min_p, repetition_penalty, \
-             presence_penalty, frequency_penalty, seed, stop, stop_token_ids, ignore_eos, \
-             logprobs, n, best_of)"
+             presence_penalty, frequency_penalty, seed, stop, stop_token_ids, bad_words, \
+             ignore_eos, logprobs, n, best_of, priority)"
         );
         // Request-parameter keys and tensor aliases are not sampling_parameters keys.
         for key in ["stream", "streaming", "random_seed"] {
@@ -1284,6 +1404,9 @@ mod tests {
         let e = err_text(vec![text("x"), i32s("top_k", vec![1], &[-1])]);
         assert!(e.contains("'top_k': -1"), "{e}");
     }
+
+    mod bad_words;
+    mod queue;
 
     #[test]
     fn the_table_is_consistent() {

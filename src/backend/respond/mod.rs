@@ -123,10 +123,9 @@ impl Active {
             // UNAVAILABLE: the request itself is fine; the client may retry (or an operator has
             // to reload the model, as the message says).
             TokenEvent::Unavailable(msg) => {
-                self.job.sender.send_error(&TritonError::new(
-                    ErrorCode::Unavailable,
-                    format!("the model is not serving: {msg}"),
-                ));
+                self.job
+                    .sender
+                    .send_error(&TritonError::new(ErrorCode::Unavailable, msg));
                 true
             }
         }

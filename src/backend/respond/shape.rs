@@ -397,6 +397,7 @@ mod tests {
                 ..Default::default()
             },
             detokenize: false,
+            queue: Default::default(),
         };
         let parsed = ParsedRequest {
             generate: GenerateRequest::new(spec, &model).unwrap(),

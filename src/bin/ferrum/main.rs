@@ -325,6 +325,7 @@ fn generate(a: GenerateArgs) -> CliResult {
             frequency_penalty: a.frequency_penalty,
             seed: a.seed,
             logprobs: a.logprobs,
+            bad_words: Vec::new(),
         },
         stop: StopCriteria {
             max_tokens: a
@@ -336,6 +337,7 @@ fn generate(a: GenerateArgs) -> CliResult {
             ignore_eos: a.ignore_eos,
         },
         detokenize: has_tokenizer,
+        queue: Default::default(),
     };
     let request = GenerateRequest::new(spec, handle.info()).map_err(|e| match e {
         RequestError::NoTokenizer {

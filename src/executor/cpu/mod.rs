@@ -15,7 +15,7 @@ pub use rank::CpuRank;
 use super::batch::{ExecutorError, StepBatch, StepLimits};
 use super::dump::Dumper;
 use super::tp::RankGroup;
-use super::{Executor, Logits, MinTokens, SamplingSetup, SeqStates, seq_state};
+use super::{BadWords, Executor, Logits, MinTokens, SamplingSetup, SeqStates, seq_state};
 use crate::kv_cache::{BlockId, KvCacheDtype};
 use crate::model::DecoderSpec;
 use crate::model::tp::RankLayout;
@@ -50,8 +50,9 @@ pub struct CpuExecutor {
     ranks: Ranks,
     num_blocks: usize,
     block_size: usize,
-    /// Each request's sampler (RNG, filters, penalty history) and `min_tokens` rule.
-    seqs: SeqStates<(Sampler, MinTokens)>,
+    /// Each request's sampler (RNG, filters, penalty history), `min_tokens` and `bad_words`
+    /// rules.
+    seqs: SeqStates<(Sampler, MinTokens, BadWords)>,
 }
 
 /// Where the forward pass runs.
@@ -252,7 +253,10 @@ impl Executor for CpuExecutor {
             setup.prompt_ids,
             self.spec.vocab_size,
         );
-        self.seqs.insert(seq_id, (sampler, MinTokens::new(setup)));
+        self.seqs.insert(
+            seq_id,
+            (sampler, MinTokens::new(setup), BadWords::new(setup)),
+        );
         Ok(())
     }
 
@@ -270,11 +274,16 @@ impl Executor for CpuExecutor {
         overlap();
         let mut logits = self.logits(plan)?;
         let mut out = Vec::with_capacity(logits.data.len() / logits.vocab_size.max(1));
+        let mut banned = Vec::new();
         for (row_idx, s) in plan.seqs.iter().filter(|s| s.sample).enumerate() {
-            let (sampler, min) = seq_state(&mut self.seqs, s.seq_id)?;
-            let sampled = sampler.sample(logits.row_mut(row_idx), min.suppressed());
+            let (sampler, min, bad_words) = seq_state(&mut self.seqs, s.seq_id)?;
+            banned.clear();
+            banned.extend_from_slice(min.suppressed());
+            bad_words.extend_banned(&mut banned);
+            let sampled = sampler.sample(logits.row_mut(row_idx), &banned);
             sampler.accept(sampled.token_id);
             min.accept();
+            bad_words.accept(sampled.token_id);
             out.push(sampled);
         }
         Ok(out)

@@ -413,6 +413,15 @@ impl<T: FloatElem> Executor for CudaExecutor<T> {
 
     fn add_request(&mut self, seq_id: SeqId, setup: &SamplingSetup<'_>) -> crate::Result<()> {
         let p = setup.params;
+        // The device sampler's per-sequence table has no bad-word rows yet: refuse rather than
+        // generate a word the client banned.
+        if !p.bad_words.is_empty() {
+            return Err(crate::Error::Engine(format!(
+                "bad_words ({} word(s)) is not supported on the GPU yet: the CUDA sampler cannot \
+                 ban them; serve the model with device cpu for bad_words, or send none",
+                p.bad_words.len()
+            )));
+        }
         let penalties = Penalties {
             repetition: p.repetition_penalty,
             presence: p.presence_penalty,

@@ -83,6 +83,7 @@ pub fn submit_and_time(
                 ..StopCriteria::default()
             },
             detokenize: false,
+            queue: Default::default(),
         };
         let submitted = GenerateRequest::new(spec, handle.info())
             .and_then(|req| handle.submit_to(req, tx.clone()));

@@ -18,7 +18,7 @@ fixture checkpoints are rebuilt with the same metadata, tensor names and dtypes 
   request      Triton generate-endpoint bodies and KServe v2 infer bodies: the e2e tests' good
                and bad requests, the vLLM sampling_parameters contract, the token interface
 
-Run: python3 fuzz/make_seeds.py   (then `ci/fuzz.sh` merges them into fuzz/corpus/)
+Run: python3 fuzz/make_seeds.py   (ci/fuzz.sh fuzzes from them; tests/fuzz_corpus.rs replays them)
 """
 
 import json

@@ -10,8 +10,8 @@ use triton_ferrum::loader::{Shard, TensorSource};
 use triton_ferrum::model::arch;
 use triton_ferrum::tokenizer::Tokenizer;
 
-/// The splits a model load asks for: whole, both ranks of 2 along either dimension, a rank of 3,
-/// and a rank out of range (an error, never a panic).
+/// The splits a model load asks for: whole, column ranks 0 and 1 of 2, row rank 1 of 2, row rank
+/// 2 of 3, and a rank out of range (an error, never a panic).
 const SHARDS: [Shard; 6] = [
     Shard::Replicated,
     Shard::Column {

@@ -28,30 +28,35 @@ impl ShardPlan {
     }
 }
 
-/// Plans the read of `shard` from a tensor of `shape` (PyTorch order, whose element count is
-/// known to fit `usize`).
+/// Plans the read of `shard` from a tensor of `shape` (PyTorch order; a shape whose element count
+/// does not fit `usize` is a `BadShard`, though the loaders refuse one at open).
 ///
 /// `Column` splits dim 0 (one contiguous run); `Row` splits the last dim (one run per row) and
-/// leaves 0-D and 1-D tensors whole.
+/// leaves 0-D and 1-D tensors whole. The partial products (elements per index of dim 0, rows)
+/// are quotients of the element count, never products of their own: with a zero dimension the
+/// count is 0 while the other dimensions' product may overflow (`[0, 2^40, 2^40]`).
 pub(crate) fn plan_shard(
     path: &Path,
     tensor: &str,
     shape: &[usize],
     shard: Shard,
 ) -> Result<ShardPlan, LoadError> {
-    let numel: usize = shape.iter().product();
+    let bad = || LoadError::BadShard {
+        path: path.to_path_buf(),
+        tensor: tensor.to_string(),
+        shape: shape.to_vec(),
+        shard,
+    };
+    let numel = shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(bad)?;
     let whole = || ShardPlan {
         shape: shape.to_vec(),
         runs: vec![Run {
             start: 0,
             len: numel,
         }],
-    };
-    let bad = || LoadError::BadShard {
-        path: path.to_path_buf(),
-        tensor: tensor.to_string(),
-        shape: shape.to_vec(),
-        shard,
     };
     let split = |dim: usize, rank: usize, world_size: usize| -> Result<(usize, usize), LoadError> {
         if world_size == 0 || rank >= world_size || !dim.is_multiple_of(world_size) {
@@ -69,7 +74,8 @@ pub(crate) fn plan_shard(
     let columns = |first: usize, part: usize| -> Result<ShardPlan, LoadError> {
         let last = shape.len().checked_sub(1).ok_or_else(bad)?;
         let cols = shape[last];
-        let num_rows: usize = shape[..last].iter().product();
+        // cols > 0 when part < cols (a split of a 0-wide dim is the whole, empty tensor).
+        let num_rows = numel.checked_div(cols).unwrap_or(0);
         let mut out_shape = shape.to_vec();
         out_shape[last] = part;
         let runs = if part == cols {
@@ -91,8 +97,8 @@ pub(crate) fn plan_shard(
         })
     };
     let rows = |first: usize, part: usize| -> ShardPlan {
-        // Elements per index of dim 0.
-        let inner: usize = shape[1..].iter().product();
+        // Elements per index of dim 0 (none to read when dim 0 is 0).
+        let inner = numel.checked_div(shape[0]).unwrap_or(0);
         let mut out_shape = shape.to_vec();
         out_shape[0] = part;
         ShardPlan {
@@ -236,6 +242,40 @@ mod tests {
             );
         }
         assert!(gather(&[], Shard::InRange { start: 0, len: 0 }).is_err());
+    }
+
+    #[test]
+    fn zero_sized_tensors_with_huge_dims_plan_without_overflow() {
+        // Found by the GGUF fuzz target (fuzz/corpus/gguf/crash-zero-dim-shard): [0, 2^40, 2^40]
+        // has 0 elements, so the loaders accept it, but the product of its last two dimensions
+        // (a Column split's elements per row) overflowed.
+        let huge = 1usize << 40;
+        for shape in [
+            vec![0, huge, huge],
+            vec![huge, huge, 0],
+            vec![huge, 0, huge, 4],
+        ] {
+            for shard in [
+                Shard::Replicated,
+                Shard::Column {
+                    rank: 0,
+                    world_size: 2,
+                },
+                Shard::Row {
+                    rank: 1,
+                    world_size: 2,
+                },
+            ] {
+                match gather(&shape, shard) {
+                    Ok((_, data)) => assert!(data.is_empty(), "{shape:?} {shard:?}"),
+                    // A dimension the world size does not divide.
+                    Err(e) => assert!(matches!(e, LoadError::BadShard { .. }), "{e}"),
+                }
+            }
+        }
+        // A shape whose element count overflows is refused, whatever the split.
+        let err = gather(&[huge, huge], Shard::Replicated).unwrap_err();
+        assert!(matches!(err, LoadError::BadShard { .. }), "{err}");
     }
 
     #[test]

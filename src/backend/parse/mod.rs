@@ -783,6 +783,55 @@ mod tests {
     }
 
     #[test]
+    fn shapes_whose_byte_count_overflows_are_refused() {
+        // Found by the request fuzz target (fuzz/corpus/request/crash-shape-overflow): the
+        // shape's element count times the element size wrapped, so a short buffer could pass the
+        // size check, and `stop_words_list` then split its ids past their end.
+        let fp32 = |name: &str, shape: Vec<i64>| InputTensor {
+            name: name.into(),
+            dtype: DataType::Fp32,
+            shape,
+            data: 1.0f32.to_le_bytes().to_vec(),
+        };
+        let prompt = || i32s("input_ids", vec![1, 2], &[1, 2]);
+        for (bad, field) in [
+            (i32s("input_ids", vec![1, i64::MAX], &[5, 6]), "input_ids"),
+            // [2, 2^61 + 1] INT32 elements are 2^64 + 8 bytes: unchecked, the 8 bytes given.
+            (
+                i32s("stop_words_list", vec![1, 2, (1 << 61) + 1], &[5, 1]),
+                "stop_words_list",
+            ),
+            (fp32("temperature", vec![1, 1 << 62, 4]), "temperature"),
+        ] {
+            let inputs = if field == "input_ids" {
+                vec![bad]
+            } else {
+                vec![prompt(), bad]
+            };
+            let e = run_with(inputs, vec![], 8, true).unwrap_err().to_string();
+            assert!(
+                e.contains(field) && e.contains("byte count overflows"),
+                "{field}: {e}"
+            );
+        }
+        // A shape that fits but does not match the data says how many bytes it needs.
+        let e = run_with(
+            vec![i32s("input_ids", vec![1, 3], &[1, 2])],
+            vec![],
+            8,
+            true,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("input_ids")
+                && e.contains("8 bytes for shape [3]")
+                && e.contains("needs 12 bytes"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn vllm_sampling_parameters_and_request_parameters() {
         let sp = r#"{"temperature": 0.5, "top_k": -1, "max_tokens": 7, "stop": ["END"], "seed": 3, "ignore_eos": false, "n": 1, "min_p": 0.1, "logprobs": 2}"#;
         let params = vec![

@@ -54,8 +54,25 @@ impl<'a> Tensor<'a> {
         })
     }
 
-    fn num_elements(&self) -> usize {
-        self.shape.iter().map(|&d| d.max(0) as usize).product()
+    /// Checks that the data holds exactly the shape's elements of `elem` bytes. A shape whose
+    /// byte count does not fit a `usize` (`[1, i64::MAX]`) is refused like any other mismatch:
+    /// unchecked, its product would wrap and could match a short buffer.
+    fn check_size(&self, elem: usize) -> Result<(), RequestError> {
+        let expected = self
+            .shape
+            .iter()
+            .try_fold(elem, |n, &d| n.checked_mul(usize::try_from(d.max(0)).ok()?));
+        if expected == Some(self.data.len()) {
+            return Ok(());
+        }
+        Err(invalid(
+            self.field,
+            format!("{} bytes for shape {:?}", self.data.len(), self.shape),
+            match expected {
+                Some(n) => format!("size mismatch: the shape needs {n} bytes"),
+                None => "size mismatch: the shape's byte count overflows".to_string(),
+            },
+        ))
     }
 
     fn wrong_dtype(&self, bound: &str) -> RequestError {
@@ -85,13 +102,7 @@ impl<'a> Tensor<'a> {
         let Some(elem) = elem else {
             return Err(self.wrong_dtype("expected an integer tensor"));
         };
-        if self.data.len() != self.num_elements() * elem {
-            return Err(invalid(
-                self.field,
-                format!("{} bytes for shape {:?}", self.data.len(), self.shape),
-                "size mismatch",
-            ));
-        }
+        self.check_size(elem)?;
         let sign_extend = |w: u64| match self.dtype {
             DataType::Int8 => w as i8 as i64,
             DataType::Int16 => w as i16 as i64,
@@ -111,13 +122,7 @@ impl<'a> Tensor<'a> {
             }
             _ => return Ok(self.ints()?.into_iter().map(|i| i as f64).collect()),
         };
-        if self.data.len() != self.num_elements() * elem {
-            return Err(invalid(
-                self.field,
-                format!("{} bytes", self.data.len()),
-                "size mismatch",
-            ));
-        }
+        self.check_size(elem)?;
         let float = |w: u64| match elem {
             4 => f32::from_bits(w as u32) as f64,
             _ => f64::from_bits(w),
@@ -326,8 +331,15 @@ pub(super) fn word_list(t: &Tensor<'_>) -> Result<Vec<Vec<u32>>, RequestError> {
             "must be [2, N]: row 0 token ids, row 1 end offsets",
         ));
     }
+    // `ints` checked that `v` holds 2 x shape[1] elements.
     let n = t.shape[1].max(0) as usize;
-    let (ids, offsets) = v.split_at(n);
+    let Some((ids, offsets)) = v.split_at_checked(n) else {
+        return Err(invalid(
+            t.field,
+            format!("{} elements for shape {:?}", v.len(), t.shape),
+            "size mismatch",
+        ));
+    };
     let mut words = Vec::new();
     let mut start = 0usize;
     for &end in offsets.iter().take_while(|&&o| o >= 0) {

@@ -19,7 +19,7 @@
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use super::lt::{PointerAttr, set_pointer};
-use super::{BiasPath, Gemm, GemmBackend, GemmPath, GemmShape, Operands, tuned_m};
+use super::{BiasPath, Gemm, GemmBackend, GemmPath, GemmShape, Operands};
 use crate::cuda::buffer::{DeviceBuffer, FloatElem};
 use crate::cuda::device::CudaDevice;
 use crate::cuda::error::{CudaError, CudaLibrary};
@@ -424,14 +424,7 @@ impl Gemm {
         };
         if use_gemv {
             fp8_gemv(dev, y, x, w, bias, m)?;
-            return Ok(GemmPath {
-                library: CudaLibrary::Nvrtc,
-                bias: if bias.is_some() {
-                    BiasPath::Epilogue
-                } else {
-                    BiasPath::None
-                },
-            });
+            return Ok(GemmPath::own_kernel(bias.is_some()));
         }
         quantize_rows(dev, acts, x, m, w.k, w.input_scale)?;
         self.stream
@@ -457,21 +450,21 @@ impl Gemm {
             };
             let key = (ops, shape, fused);
             let b = if fused { bias } else { None };
-            if let std::collections::hash_map::Entry::Vacant(e) = state.plans.entry(key) {
-                let mut plan = self.lt_plan(ops, shape, fused)?;
-                if let Some(p) = &mut plan
-                    && tuned_m(m)
-                    && self.tuning
-                    && !self.capturing()?
-                {
-                    self.tune(p, &mut |p| self.run_fp8(p, ops, y, &*acts, w, b, shape))?;
-                }
-                e.insert(plan);
-            }
+            self.ensure_plan(&mut state.plans, key, &mut |p| {
+                self.run_fp8(p, ops, y, &*acts, w, b, shape)
+            })?;
             let Some(Some(plan)) = state.plans.get(&key) else {
                 continue;
             };
-            self.run_fp8(plan, ops, y, acts, w, b, shape)?;
+            if let Err(e) = self.run_fp8(plan, ops, y, acts, w, b, shape) {
+                // A library whose heuristic offers the outer-vector mode but whose matmul then
+                // refuses it: remember that, and take the unit-scale form.
+                if outer_vec {
+                    state.plans.insert(key, None);
+                    continue;
+                }
+                return Err(e);
+            }
             if !outer_vec {
                 scale_rows(dev, y, &acts.scales, w, bias, m)?;
                 return Ok(GemmPath {

@@ -105,6 +105,20 @@ pub struct GemmPath {
     pub bias: BiasPath,
 }
 
+impl GemmPath {
+    /// A product run by one of ferrum's own kernels (NVRTC), the bias (if any) fused.
+    fn own_kernel(bias: bool) -> Self {
+        GemmPath {
+            library: CudaLibrary::Nvrtc,
+            bias: if bias {
+                BiasPath::Epilogue
+            } else {
+                BiasPath::None
+            },
+        }
+    }
+}
+
 fn describe(dtype: DType, s: GemmShape, bias: bool) -> String {
     Operands::Float(dtype).describe(s, bias)
 }
@@ -233,6 +247,30 @@ impl Gemm {
             .len()
     }
 
+    /// Makes sure `plans` holds the plan of `key` (None where cuBLASLt has no algorithm): created
+    /// on first use and, for a `tuned_m` shape outside graph capture with tuning on, its
+    /// candidates timed with `run` (the call's own operands).
+    fn ensure_plan(
+        &self,
+        plans: &mut HashMap<PlanKey, Option<LtPlan>>,
+        key: PlanKey,
+        run: &mut dyn FnMut(&LtPlan) -> Result<(), CudaError>,
+    ) -> Result<(), CudaError> {
+        let (operands, shape, fused) = key;
+        if let std::collections::hash_map::Entry::Vacant(e) = plans.entry(key) {
+            let mut plan = self.lt_plan(operands, shape, fused)?;
+            if let Some(p) = &mut plan
+                && tuned_m(shape.m)
+                && self.tuning
+                && !self.capturing()?
+            {
+                self.tune(p, run)?;
+            }
+            e.insert(plan);
+        }
+        Ok(())
+    }
+
     /// The cuBLASLt plans created so far, described (operand types, per-row scales, shape,
     /// bias; `none` where cuBLASLt had no algorithm), sorted: what tests and logs print to show
     /// which variant ran.
@@ -342,14 +380,7 @@ impl Gemm {
         };
         if use_gemv {
             gemv(dev, y, x, w, bias, shape)?;
-            return Ok(GemmPath {
-                library: CudaLibrary::Nvrtc,
-                bias: if bias.is_some() {
-                    BiasPath::Epilogue
-                } else {
-                    BiasPath::None
-                },
-            });
+            return Ok(GemmPath::own_kernel(bias.is_some()));
         }
         self.stream
             .context()
@@ -369,28 +400,12 @@ impl Gemm {
             tries.push(false);
             for fused in tries {
                 let key = (Operands::Float(T::DTYPE), shape, fused);
-                if let std::collections::hash_map::Entry::Vacant(e) = state.plans.entry(key) {
-                    let mut plan = self.lt_plan(key.0, shape, fused)?;
-                    if let Some(p) = &mut plan
-                        && tuned_m(m)
-                        && self.tuning
-                        && !self.capturing()?
-                    {
-                        let b = if fused { bias } else { None };
-                        self.tune(p, &mut |p| self.run_lt(p, y, x, w, b, T::DTYPE, shape))?;
-                    }
-                    e.insert(plan);
-                }
+                let b = if fused { bias } else { None };
+                self.ensure_plan(&mut state.plans, key, &mut |p| {
+                    self.run_lt(p, y, x, w, b, T::DTYPE, shape)
+                })?;
                 if let Some(Some(plan)) = state.plans.get(&key) {
-                    self.run_lt(
-                        plan,
-                        y,
-                        x,
-                        w,
-                        if fused { bias } else { None },
-                        T::DTYPE,
-                        shape,
-                    )?;
+                    self.run_lt(plan, y, x, w, b, T::DTYPE, shape)?;
                     let bias_path = match (fused, bias) {
                         (true, _) => BiasPath::Epilogue,
                         (false, Some(b)) => {

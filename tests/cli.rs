@@ -254,6 +254,10 @@ fn inspect_reports_fp8_storage_and_quantization_at_load() {
     let v: Value = serde_json::from_str(out.trim()).unwrap();
     let q = v["quantization"].as_str().unwrap();
     assert!(q.contains("compressed-tensors"), "{q}");
+    assert_eq!(
+        v["kv_cache_bytes_per_token_f32"].as_u64().unwrap(),
+        4 * v["kv_cache_bytes_per_token_fp8"].as_u64().unwrap()
+    );
     let plain = fixtures().join("models/llama_gqa_llama3");
     let (ok, out, err) = ferrum(&[
         "inspect",

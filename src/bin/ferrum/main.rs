@@ -430,6 +430,8 @@ fn inspect(a: InspectArgs) -> CliResult {
     let tensors = ckpt.source.names().len();
     let kv_per_token_f32 =
         triton_ferrum::executor::cpu::CpuExecutor::kv_bytes_per_token(spec, 1, KvCacheDtype::Auto);
+    let kv_per_token_fp8 =
+        triton_ferrum::executor::cpu::CpuExecutor::kv_bytes_per_token(spec, 1, KvCacheDtype::Fp8);
     let memory = json!({
         "f32": num_params * 4,
         "f16": num_params * 2,
@@ -489,6 +491,7 @@ fn inspect(a: InspectArgs) -> CliResult {
         "default_weight_format": format!("{default_format:?}").to_lowercase(),
         "quantization": quantization,
         "kv_cache_bytes_per_token_f32": kv_per_token_f32,
+        "kv_cache_bytes_per_token_fp8": kv_per_token_fp8,
         "tokenizer": tokenizer,
         "loaded": loaded,
     });
@@ -512,7 +515,9 @@ fn inspect(a: InspectArgs) -> CliResult {
         format!("{default_format:?}").to_lowercase()
     );
     println!("quantization:  {quantization}");
-    println!("kv cache:      {kv_per_token_f32} bytes/token (f32)");
+    println!(
+        "kv cache:      {kv_per_token_f32} bytes/token (f32), {kv_per_token_fp8} (kv_cache_dtype fp8)"
+    );
     match &tokenizer {
         Some(t) => println!("tokenizer:     {t}"),
         None => println!("tokenizer:     none (use --prompt-ids)"),

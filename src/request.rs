@@ -274,6 +274,9 @@ pub struct ModelInfo {
     /// None: text prompts, and stop strings of a detokenizing request, are refused
     /// (`RequestError::NoTokenizer`).
     pub tokenizer: Option<Arc<Tokenizer>>,
+    /// The engine's sampler bans `bad_words` (the CPU engine's does; the GPU sampler does not
+    /// yet): false refuses a request with bad words, naming the field.
+    pub bans_words: bool,
 }
 
 /// Where a request waits for the engine. Defaults: priority 0, the engine's queue timeout.
@@ -394,6 +397,14 @@ impl GenerateRequest {
             ));
         }
         sampling.validate()?;
+        if !model.bans_words && !sampling.bad_words.is_empty() {
+            return Err(RequestError::invalid(
+                "bad_words",
+                format!("{} word(s)", sampling.bad_words.len()),
+                "this model's engine cannot ban words (the GPU sampler has no bad-word rows yet); \
+                 serve it on the CPU engine for bad_words, or send none",
+            ));
+        }
         if sampling.bad_words.iter().any(Vec::is_empty) {
             return Err(RequestError::invalid(
                 "bad_words",

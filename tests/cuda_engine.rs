@@ -37,7 +37,7 @@ use triton_ferrum::model::Checkpoint;
 use triton_ferrum::model::spec::Activation;
 use triton_ferrum::model::weights::WeightReader;
 use triton_ferrum::ops::linear::{Weight, WeightFormat, linear};
-use triton_ferrum::request::{SeqId, TokenLogprobs};
+use triton_ferrum::request::{GenerateRequest, SeqId, TokenLogprobs};
 use triton_ferrum::scheduler::{BatchingOptions, SchedulePlan, ScheduledSeq};
 
 // ---------------------------------------------------------------------------------------------
@@ -1200,14 +1200,15 @@ fn the_cuda_engine_refuses_bad_words_clearly() {
     let handle = engine.handle();
     let mut spec = greedy(vec![5, 6, 7], 4, None);
     spec.sampling.bad_words = vec![vec![9], vec![3, 4]];
-    let events: Vec<_> = submit(&handle, spec).unwrap().collect();
-    match events.as_slice() {
-        [triton_ferrum::request::TokenEvent::Error(e)] => assert!(
-            e.contains("bad_words (2 word(s)) is not supported on the GPU"),
-            "{e}"
-        ),
-        other => panic!("{other:?}"),
-    }
+    // Refused when the request is built (INVALID_ARG through Triton), naming the field.
+    assert!(!handle.info().bans_words);
+    let err = GenerateRequest::new(spec, handle.info())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("bad_words") && err.contains("2 word(s)") && err.contains("GPU"),
+        "{err}"
+    );
     assert_eq!(
         collect(&handle, greedy(vec![5, 6, 7], 4, None))
             .output_ids

@@ -504,6 +504,7 @@ fn cpu_executor(
         max_model_len,
         eos_token_ids: ckpt.eos_token_ids(),
         tokenizer: ckpt.tokenizer.clone(),
+        bans_words: true,
     };
     let scheduler = SchedulerConfig {
         batching: BatchingOptions {
@@ -1657,4 +1658,24 @@ fn bad_words_are_never_generated_and_a_longer_word_only_when_complete() {
     spec.sampling.bad_words = vec![vec![1, 1 << 30]];
     let err = GenerateRequest::new(spec, handle.info()).unwrap_err();
     assert!(err.to_string().contains("bad_words"), "{err}");
+    // An engine whose sampler cannot ban words (the GPU's) refuses them when the request is
+    // built, naming the field; the CPU engine's can.
+    assert!(handle.info().bans_words);
+    let no_bans = ModelInfo {
+        bans_words: false,
+        ..handle.info().clone()
+    };
+    let mut spec = greedy(prompt(6, 9), 4, None);
+    spec.sampling.bad_words = vec![vec![7]];
+    let err = GenerateRequest::new(spec, &no_bans).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RequestError::InvalidValue {
+                field: "bad_words",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }

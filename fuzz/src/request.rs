@@ -257,6 +257,7 @@ pub fn run(data: &[u8]) -> bool {
             .map(|t| t.eos_token_ids().to_vec())
             .unwrap_or_default(),
         tokenizer,
+        bans_words: get_b("bans_words", true),
     };
     let defaults = RequestDefaults {
         max_tokens: get_u("default_max_tokens", 16, 1 << 20).max(1),

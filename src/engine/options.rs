@@ -251,6 +251,7 @@ fn start_on(
         max_model_len,
         eos_token_ids: ckpt.eos_token_ids(),
         tokenizer: ckpt.tokenizer.clone(),
+        bans_words: built.executor.bans_words(),
     };
     let recovery = match rebuild_from {
         RebuildFrom::ModelPath => {

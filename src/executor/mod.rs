@@ -184,6 +184,11 @@ pub trait Executor: Send {
     fn overlaps(&self) -> bool {
         false
     }
+    /// Whether the executor's sampler bans `bad_words`; a model whose executor cannot has its
+    /// requests with bad words refused when they are built (`ModelInfo::bans_words`).
+    fn bans_words(&self) -> bool {
+        true
+    }
     /// The raw logits of the plan's sampling rows (tests and tools; no sampling state is read
     /// or changed).
     fn logits(&mut self, plan: &SchedulePlan) -> crate::Result<Logits>;

@@ -629,6 +629,7 @@ mod tests {
             max_model_len: 2048,
             eos_token_ids: vec![],
             tokenizer,
+            bans_words: true,
         }
     }
 

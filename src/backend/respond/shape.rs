@@ -388,6 +388,7 @@ mod tests {
             max_model_len: 64,
             eos_token_ids: vec![],
             tokenizer: None,
+            bans_words: true,
         };
         let spec = crate::request::RequestSpec {
             prompt: crate::request::Prompt::TokenIds(vec![1, 2]),

@@ -411,6 +411,11 @@ impl<T: FloatElem> Executor for CudaExecutor<T> {
         self.decoder.spec.vocab_size
     }
 
+    /// The device sampler's per-sequence table has no bad-word rows yet.
+    fn bans_words(&self) -> bool {
+        false
+    }
+
     fn add_request(&mut self, seq_id: SeqId, setup: &SamplingSetup<'_>) -> crate::Result<()> {
         let p = setup.params;
         // The device sampler's per-sequence table has no bad-word rows yet: refuse rather than

@@ -413,6 +413,24 @@ mod tests {
         out.into_iter().map(|v| v as f32).collect()
     }
 
+    /// The batch of `(context_len, q_len, block_table)` sequences, queries packed in order.
+    fn attn_seqs(specs: &[(usize, usize, Vec<u32>)]) -> Vec<AttnSeq<'_>> {
+        let mut q_start = 0;
+        specs
+            .iter()
+            .map(|(ctx, q_len, table)| {
+                let s = AttnSeq {
+                    q_start,
+                    q_len: *q_len,
+                    context_len: *ctx,
+                    block_table: table,
+                };
+                q_start += q_len;
+                s
+            })
+            .collect()
+    }
+
     fn lcg(state: &mut u64) -> f32 {
         *state = state
             .wrapping_mul(6364136223846793005)
@@ -465,17 +483,7 @@ mod tests {
             let num_tokens: usize = specs.iter().map(|s| s.1).sum();
             let q_dim = num_heads * head_dim;
             let q: Vec<f32> = (0..num_tokens * q_dim).map(|_| lcg(&mut rng)).collect();
-            let mut seqs = vec![];
-            let mut q_start = 0;
-            for (ctx, q_len, table) in &specs {
-                seqs.push(AttnSeq {
-                    q_start,
-                    q_len: *q_len,
-                    context_len: *ctx,
-                    block_table: table,
-                });
-                q_start += q_len;
-            }
+            let seqs = attn_seqs(&specs);
             let mut out = vec![0.0; num_tokens * q_dim];
             paged_attention(&mut out, &q, q_dim, &cache, &seqs, &p);
             for (s_idx, s) in seqs.iter().enumerate() {
@@ -533,17 +541,8 @@ mod tests {
                 f32c.write(slot, &deq(&k, k_scale), &deq(&v, v_scale));
             }
         }
-        let mut seqs = vec![];
-        let mut q_start = 0;
-        for (ctx, q_len, table) in &specs {
-            seqs.push(AttnSeq {
-                q_start,
-                q_len: *q_len,
-                context_len: *ctx,
-                block_table: table,
-            });
-            q_start += q_len;
-        }
+        let seqs = attn_seqs(&specs);
+        let q_start: usize = specs.iter().map(|s| s.1).sum();
         let q_dim = num_heads * head_dim;
         let q: Vec<f32> = (0..q_start * q_dim).map(|_| lcg(&mut rng)).collect();
         let p = AttnParams {

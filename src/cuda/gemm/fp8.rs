@@ -373,14 +373,7 @@ impl Gemm {
     ) -> Result<GemmPath, CudaError> {
         const OP: &str = "fp8 gemm";
         let shape = GemmShape { m, n: w.n, k: w.k };
-        if dev.ordinal() != self.ordinal {
-            return Err(CudaError::invalid(
-                OP,
-                "device",
-                dev.ordinal(),
-                format!("this Gemm belongs to device {}", self.ordinal),
-            ));
-        }
+        self.check_device(OP, dev)?;
         check_fp8_operands(OP, dev, y, x, w, bias, m, w.n)?;
         if !fp8_supported(w.n, w.k) {
             return Err(CudaError::invalid(
@@ -427,14 +420,7 @@ impl Gemm {
             return Ok(GemmPath::own_kernel(bias.is_some()));
         }
         quantize_rows(dev, acts, x, m, w.k, w.input_scale)?;
-        self.stream
-            .context()
-            .bind_to_thread()
-            .map_err(|e| CudaError::driver("binding the context for a GEMM", e))?;
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = self.begin_call()?;
         // Per-row scales in cuBLASLt (bias fused, then bias kernel), else unit scales and
         // scale_rows (which adds the bias after the scales, so never a fused one there).
         let mut tries = vec![];

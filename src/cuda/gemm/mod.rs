@@ -247,6 +247,32 @@ impl Gemm {
             .len()
     }
 
+    /// Refuses a device other than this Gemm's.
+    fn check_device(&self, op: &'static str, dev: &CudaDevice) -> Result<(), CudaError> {
+        if dev.ordinal() != self.ordinal {
+            return Err(CudaError::invalid(
+                op,
+                "device",
+                dev.ordinal(),
+                format!("this Gemm belongs to device {}", self.ordinal),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Binds the device's context to this thread and takes the lock every cuBLAS(Lt) call runs
+    /// under. A poisoned lock only means a panic elsewhere while holding it; the maps stay valid.
+    fn begin_call(&self) -> Result<std::sync::MutexGuard<'_, GemmState>, CudaError> {
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| CudaError::driver("binding the context for a GEMM", e))?;
+        Ok(self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
     /// Makes sure `plans` holds the plan of `key` (None where cuBLASLt has no algorithm): created
     /// on first use and, for a `tuned_m` shape outside graph capture with tuning on, its
     /// candidates timed with `run` (the call's own operands).
@@ -323,14 +349,7 @@ impl Gemm {
     ) -> Result<GemmPath, CudaError> {
         const OP: &str = "gemm";
         let GemmShape { m, n, k } = shape;
-        if dev.ordinal() != self.ordinal {
-            return Err(CudaError::invalid(
-                OP,
-                "device",
-                dev.ordinal(),
-                format!("this Gemm belongs to device {}", self.ordinal),
-            ));
-        }
+        self.check_device(OP, dev)?;
         dev.check_buffer(OP, "y", y)?;
         dev.check_buffer(OP, "x", x)?;
         dev.check_buffer(OP, "w", w)?;
@@ -382,15 +401,7 @@ impl Gemm {
             gemv(dev, y, x, w, bias, shape)?;
             return Ok(GemmPath::own_kernel(bias.is_some()));
         }
-        self.stream
-            .context()
-            .bind_to_thread()
-            .map_err(|e| CudaError::driver("binding the context for a GEMM", e))?;
-        // A poisoned lock only means a panic elsewhere while holding it; the maps stay valid.
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = self.begin_call()?;
         if backend != GemmBackend::Cublas {
             // Fused bias first, then the plain product (+ bias kernel).
             let mut tries = vec![];

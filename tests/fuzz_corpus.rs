@@ -15,6 +15,8 @@ mod gguf;
 mod request;
 #[path = "../fuzz/src/safetensors.rs"]
 mod safetensors;
+#[path = "../fuzz/src/shards.rs"]
+mod shards;
 
 use std::path::{Path, PathBuf};
 

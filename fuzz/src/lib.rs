@@ -8,3 +8,4 @@ pub mod config;
 pub mod gguf;
 pub mod request;
 pub mod safetensors;
+pub mod shards;

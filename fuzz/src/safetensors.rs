@@ -3,34 +3,9 @@
 //! reads, whole and sharded for tensor parallelism) and the header's metadata. Errors are
 //! expected; a panic, abort, hang or out-of-memory is a bug.
 
+use crate::shards::SHARDS;
 use triton_ferrum::loader::safetensors::SafetensorsSource;
 use triton_ferrum::loader::{Shard, TensorSource};
-
-/// The splits a model load asks for: whole, column ranks 0 and 1 of 2, row rank 1 of 2, row rank
-/// 2 of 3, and a rank out of range (an error, never a panic).
-const SHARDS: [Shard; 6] = [
-    Shard::Replicated,
-    Shard::Column {
-        rank: 0,
-        world_size: 2,
-    },
-    Shard::Column {
-        rank: 1,
-        world_size: 2,
-    },
-    Shard::Row {
-        rank: 1,
-        world_size: 2,
-    },
-    Shard::Row {
-        rank: 2,
-        world_size: 3,
-    },
-    Shard::Column {
-        rank: 2,
-        world_size: 2,
-    },
-];
 
 /// Runs one input; true when it opened as a safetensors file (what the corpus replay test
 /// checks of the seeds).

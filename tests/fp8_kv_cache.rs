@@ -137,3 +137,16 @@ fn kv_cache_dtype_fp8_on_the_gpu_engine_is_refused_clearly() {
         "{err}"
     );
 }
+
+#[test]
+fn an_fp8_kv_cache_with_several_ranks_is_refused_before_any_calibration() {
+    let mut opts = EngineOptions::new(fixtures().join("models/llama_gqa_llama3"));
+    opts.device = Device::Cpu;
+    opts.kv.dtype = KvCacheDtype::Fp8;
+    opts.parallel.tensor_parallel_size = 2;
+    let err = options::start(&opts).err().unwrap().to_string();
+    assert!(
+        err.contains("kv_cache_dtype fp8") && err.contains("tensor_parallel_size"),
+        "{err}"
+    );
+}

@@ -150,6 +150,9 @@ impl CpuExecutor {
     /// calibration's largest stay unsaturated. The cache's contents are overwritten later like
     /// any freed block's. One rank only (tensor parallelism with an FP8 cache is refused at load).
     pub fn measure_kv_scales(&mut self, first: Option<u32>) -> crate::Result<Vec<KvScales>> {
+        if matches!(self.ranks, Ranks::Group(_)) {
+            return Err(fp8_kv_with_ranks());
+        }
         let n = KV_CALIBRATION_TOKENS
             .min(self.num_blocks * self.block_size)
             .max(1);
